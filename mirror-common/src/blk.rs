@@ -1,0 +1,252 @@
+//! Block-layer latency: the `block_rq_issue` / `block_rq_complete` tracepoint programs and their maps.
+//!
+//! Map `blk_start` (hash, [`BlkStartKey`] -> [`BlkStart`]): requests in flight, keyed by device and
+//! start sector, written at issue and removed at completion.
+//! Map `blk_stats` (per-CPU hash, [`BlkStatsKey`] -> [`BlkStats`]): cumulative counters and a log2
+//! latency histogram per device and operation. Userspace sums the per-CPU copies.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Name of the in-flight map (also its pin name under [`crate::PIN_DIR`]).
+pub const MAP_BLK_START: &str = "blk_start";
+/// Name of the statistics map (also its pin name under [`crate::PIN_DIR`]).
+pub const MAP_BLK_STATS: &str = "blk_stats";
+/// Name of the global holding the tracepoint field offsets.
+pub const GLOBAL_BLK_OFFSETS: &str = "BLK_OFFSETS";
+
+/// Capacity of the in-flight map.
+pub const BLK_START_ENTRIES: u32 = 16384;
+/// Capacity of the statistics map (devices x operations).
+pub const BLK_STATS_ENTRIES: u32 = 1024;
+
+/// Number of log2 latency buckets: bucket `i` counts latencies `l` (in microseconds) with
+/// `floor(log2(l)) == i` (bucket 0 also holds 0 us). 32 buckets reach past an hour.
+pub const BLK_HIST_SLOTS: usize = 32;
+
+/// Operation classes, the `op` of [`BlkStatsKey`].
+pub const BLK_OP_READ: u32 = 0;
+pub const BLK_OP_WRITE: u32 = 1;
+pub const BLK_OP_FLUSH: u32 = 2;
+pub const BLK_OP_DISCARD: u32 = 3;
+pub const BLK_OP_OTHER: u32 = 4;
+/// Number of operation classes.
+pub const BLK_OPS: u32 = 5;
+
+/// Human names of the operation classes, indexed by op.
+pub const BLK_OP_NAMES: [&str; BLK_OPS as usize] = ["read", "write", "flush", "discard", "other"];
+
+/// Offsets of the fields the programs read in the two tracepoints' records. Userspace parses them
+/// from tracefs (`events/block/<tp>/format`) because they differ between kernel versions, and
+/// stores them in the read-only global [`GLOBAL_BLK_OFFSETS`] before loading. `valid == 0` makes
+/// the programs ignore every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BlkTpOffsets {
+    pub issue_dev: u32,
+    pub issue_sector: u32,
+    pub issue_bytes: u32,
+    pub issue_rwbs: u32,
+    pub complete_dev: u32,
+    pub complete_sector: u32,
+    pub complete_error: u32,
+    pub complete_rwbs: u32,
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+/// Key of the in-flight map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BlkStartKey {
+    /// Kernel-internal `dev_t` (major << 20 | minor).
+    pub dev: u32,
+    pub _pad: u32,
+    pub sector: u64,
+}
+
+/// Value of the in-flight map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BlkStart {
+    /// `bpf_ktime_get_ns()` at issue.
+    pub issue_ns: u64,
+    pub bytes: u32,
+    pub op: u32,
+}
+
+/// Key of the statistics map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct BlkStatsKey {
+    /// Kernel-internal `dev_t` (major << 20 | minor).
+    pub dev: u32,
+    /// One of the `BLK_OP_*` classes.
+    pub op: u32,
+}
+
+/// Value of the statistics map: cumulative since the map was created.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct BlkStats {
+    /// Completed requests.
+    pub ios: u64,
+    /// Bytes of completed requests (as issued).
+    pub bytes: u64,
+    /// Completions with a non-zero error.
+    pub errors: u64,
+    /// Sum of issue-to-complete latencies.
+    pub lat_sum_ns: u64,
+    /// Largest single latency seen.
+    pub lat_max_ns: u64,
+    /// log2 histogram of latencies in microseconds, see [`BLK_HIST_SLOTS`].
+    pub hist_us: [u64; BLK_HIST_SLOTS],
+}
+
+impl Default for BlkStats {
+    fn default() -> Self {
+        Self::zeroed()
+    }
+}
+
+impl BlkStats {
+    /// Adds another per-CPU copy into this one.
+    pub fn accumulate(&mut self, other: &BlkStats) {
+        self.ios += other.ios;
+        self.bytes += other.bytes;
+        self.errors += other.errors;
+        self.lat_sum_ns += other.lat_sum_ns;
+        if other.lat_max_ns > self.lat_max_ns {
+            self.lat_max_ns = other.lat_max_ns;
+        }
+        let mut i = 0;
+        while i < BLK_HIST_SLOTS {
+            self.hist_us[i] += other.hist_us[i];
+            i += 1;
+        }
+    }
+}
+
+/// Histogram bucket of a latency in nanoseconds.
+#[inline(always)]
+pub const fn hist_slot(lat_ns: u64) -> usize {
+    let s = crate::log2_u64(lat_ns / 1000) as usize;
+    let s = if s >= BLK_HIST_SLOTS {
+        BLK_HIST_SLOTS - 1
+    } else {
+        s
+    };
+    // The mask is a no-op after the clamp; it lets the verifier see the bound.
+    s & (BLK_HIST_SLOTS - 1)
+}
+
+/// Classifies the tracepoint's `rwbs` string (see the kernel's `blk_fill_rwbs`): the operation
+/// letter wins over a leading `F` (preflush), a request that is only `F` is a flush.
+#[inline(always)]
+pub fn classify_rwbs(rwbs: &[u8; 4]) -> u32 {
+    let mut flush = false;
+    let mut i = 0;
+    while i < 4 {
+        match rwbs[i] {
+            b'R' => return BLK_OP_READ,
+            b'W' => return BLK_OP_WRITE,
+            b'D' | b'E' => return BLK_OP_DISCARD,
+            b'F' => flush = true,
+            0 => break,
+            _ => {}
+        }
+        i += 1;
+    }
+    if flush {
+        BLK_OP_FLUSH
+    } else {
+        BLK_OP_OTHER
+    }
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<BlkTpOffsets>() == 40);
+    assert!(core::mem::size_of::<BlkStartKey>() == 16);
+    assert!(core::mem::align_of::<BlkStartKey>() == 8);
+    assert!(core::mem::size_of::<BlkStart>() == 16);
+    assert!(core::mem::size_of::<BlkStatsKey>() == 8);
+    assert!(core::mem::size_of::<BlkStats>() == 8 * (5 + BLK_HIST_SLOTS));
+    assert!(core::mem::align_of::<BlkStats>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: each type is #[repr(C)], has no padding (bytemuck's Pod derive checks that) and
+    // every bit pattern is valid, which is what aya::Pod requires.
+    unsafe impl aya::Pod for BlkTpOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BlkStartKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BlkStart {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BlkStatsKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BlkStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rwbs_classes() {
+        let c = |s: &[u8]| {
+            let mut b = [0u8; 4];
+            b[..s.len()].copy_from_slice(s);
+            classify_rwbs(&b)
+        };
+        assert_eq!(c(b"R"), BLK_OP_READ);
+        assert_eq!(c(b"RA"), BLK_OP_READ);
+        assert_eq!(c(b"RM"), BLK_OP_READ);
+        assert_eq!(c(b"W"), BLK_OP_WRITE);
+        assert_eq!(c(b"WS"), BLK_OP_WRITE);
+        assert_eq!(c(b"FWS"), BLK_OP_WRITE);
+        assert_eq!(c(b"WFS"), BLK_OP_WRITE);
+        assert_eq!(c(b"F"), BLK_OP_FLUSH);
+        assert_eq!(c(b"FF"), BLK_OP_FLUSH);
+        assert_eq!(c(b"D"), BLK_OP_DISCARD);
+        assert_eq!(c(b"DS"), BLK_OP_DISCARD);
+        assert_eq!(c(b"N"), BLK_OP_OTHER);
+        assert_eq!(c(b""), BLK_OP_OTHER);
+    }
+
+    #[test]
+    fn hist_slots() {
+        assert_eq!(hist_slot(0), 0);
+        assert_eq!(hist_slot(999), 0);
+        assert_eq!(hist_slot(1_000), 0);
+        assert_eq!(hist_slot(2_000), 1);
+        assert_eq!(hist_slot(1_000_000), 9); // 1 ms = 1000 us, log2 = 9.97
+        assert_eq!(hist_slot(u64::MAX), 31);
+    }
+
+    #[test]
+    fn accumulate_sums_and_maxes() {
+        let mut a = BlkStats {
+            ios: 1,
+            bytes: 4096,
+            lat_max_ns: 10,
+            ..Default::default()
+        };
+        a.hist_us[3] = 1;
+        let mut b = BlkStats {
+            ios: 2,
+            bytes: 8192,
+            errors: 1,
+            lat_max_ns: 5,
+            ..Default::default()
+        };
+        b.hist_us[3] = 2;
+        a.accumulate(&b);
+        assert_eq!(
+            (a.ios, a.bytes, a.errors, a.lat_max_ns, a.hist_us[3]),
+            (3, 12288, 1, 10, 3)
+        );
+    }
+}
