@@ -1,1 +1,182 @@
-fn main() {}
+//! `cargo xtask`: the project's build, setup, test and demo driver.
+
+mod build;
+mod setup;
+mod util;
+mod vm;
+
+use std::{
+    process::{Command, ExitCode},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use util::{is_root, run, run_tally, Tally};
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", about = "Build, set up, test and demo mirror")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Install what the build, tests and benchmarks need (root, Debian; idempotent).
+    Setup,
+    /// Build the eBPF object, then the userspace binaries that embed it.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Lint, run unit + integration tests on the host, then the VM tests; prints a summary.
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy -D warnings`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Skip the VM tests.
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Boot the Debian 6.12 kernel with virtme-ng and run the tests that need it (ublk, ...).
+    VmTest,
+    /// The main job on embedded defaults, on this machine.
+    Demo {
+        /// How long the live part runs.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build { release } => build::build(release),
+        Cmd::Test { no_lint, no_vm } => test(no_lint, no_vm),
+        Cmd::VmTest => vm_test_only(),
+        Cmd::Demo { seconds } => demo(seconds),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs setup when this machine allows it; otherwise says what will be missing.
+fn setup_if_possible() -> Result<()> {
+    if setup::can_setup() {
+        setup::setup()
+    } else {
+        eprintln!(
+            "xtask: not root on Debian: skipping `cargo xtask setup`; tests needing root, BPF or \
+             the VM will say `skipped:`"
+        );
+        Ok(())
+    }
+}
+
+/// Mounts tracefs and bpffs for the BPF tests (root only; harmless when already mounted).
+fn mount_kernel_fs() {
+    if !is_root() {
+        return;
+    }
+    for (fs, path) in [("tracefs", "/sys/kernel/tracing"), ("bpf", "/sys/fs/bpf")] {
+        let mounted = std::fs::read_to_string("/proc/mounts")
+            .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(path)))
+            .unwrap_or(false);
+        if !mounted {
+            let _ = run(Command::new("mount").args(["-t", fs, fs, path]));
+        }
+    }
+}
+
+fn print_summary(host: Tally, vm: Option<Tally>) -> Tally {
+    let mut all = host;
+    eprintln!("xtask: host: {} passed, {} failed, {} skipped, {} ignored",
+        host.passed - host.skipped, host.failed, host.skipped, host.ignored);
+    if let Some(vm) = vm {
+        eprintln!("xtask: vm:   {} passed, {} failed, {} skipped, {} ignored",
+            vm.passed.saturating_sub(vm.skipped), vm.failed, vm.skipped, vm.ignored);
+        all.add(vm);
+    }
+    all
+}
+
+fn test(no_lint: bool, no_vm: bool) -> Result<()> {
+    setup_if_possible()?;
+    build::build(false)?;
+    if !no_lint {
+        run(&mut build::cargo(&["fmt", "--all", "--check"]))
+            .context("formatting differs: run `cargo fmt --all`")?;
+        run(&mut build::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    mount_kernel_fs();
+    let (host, host_ok) = run_tally(
+        build::cargo(&["test", "--workspace"]).env("MIRROR_BIN", build::mirror_bin(false)),
+    )?;
+    let vm = if no_vm { None } else { Some(vm::vm_test()?) };
+    let all = print_summary(host, vm.map(|(t, _)| t));
+    let ok = host_ok && vm.is_none_or(|(_, ok)| ok) && all.failed == 0;
+    println!(
+        "{} passed, {} failed, {} skipped",
+        all.passed.saturating_sub(all.skipped),
+        all.failed,
+        all.skipped
+    );
+    anyhow::ensure!(ok, "tests failed");
+    Ok(())
+}
+
+fn vm_test_only() -> Result<()> {
+    build::build(false)?;
+    let (t, ok) = vm::vm_test()?;
+    print_summary(Tally::default(), Some(t));
+    println!("{} passed, {} failed, {} skipped", t.passed.saturating_sub(t.skipped), t.failed, t.skipped);
+    anyhow::ensure!(ok && t.failed == 0, "VM tests failed");
+    Ok(())
+}
+
+/// Until the mirrored volume lands, the main job is the node telemetry, live: the daemon attaches
+/// the eBPF programs while a real workload runs on a loop device.
+fn demo(seconds: u64) -> Result<()> {
+    setup_if_possible()?;
+    build::build(false)?;
+    let bin = build::mirror_bin(false);
+    if !is_root() {
+        eprintln!("xtask: demo: not root, so no loop device and no eBPF: showing /proc/diskstats");
+        return run(Command::new(&bin).args(["daemon", "--no-bpf", "--for"]).arg(format!("{seconds}s")));
+    }
+    mount_kernel_fs();
+    let dir = std::path::Path::new("/tmp/mirror-demo");
+    std::fs::create_dir_all(dir)?;
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)?.set_len(256 << 20)?;
+    let out = Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&img).output()?;
+    anyhow::ensure!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    eprintln!("xtask: demo: {dev} backed by {}; daemon live view for {seconds}s", img.display());
+    let mut daemon = Command::new(&bin)
+        .args(["daemon", "--interval", "1s", "--for"])
+        .arg(format!("{}s", seconds + 1))
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let workload = if util::which("fio").is_some() {
+        run(Command::new("fio").args([
+            "--name=demo", "--ioengine=io_uring", "--direct=1", "--rw=randrw", "--rwmixread=70",
+            "--bs=4k", "--iodepth=16", "--time_based", "--group_reporting",
+            "--filename", &dev, "--runtime", &format!("{}", seconds.saturating_sub(2).max(1)),
+        ]))
+    } else {
+        run(Command::new("dd").args(["if=/dev/zero", &format!("of={dev}"), "bs=4k", "count=20000", "oflag=direct"]))
+    };
+    let status = daemon.wait()?;
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    workload?;
+    anyhow::ensure!(status.success(), "daemon exited with {status}");
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! `cargo xtask vm-test`: runs the VM test binaries inside the Debian 6.12 kernel under
+//! virtme-ng (TCG), where ublk_drv, loop, nbd and netem are loadable.
+
+use std::{io::BufRead, path::PathBuf, process::Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{build, setup, util::{root, run_tally, Tally}};
+
+/// Test targets of the `mirror-tests` crate that run inside the VM.
+const VM_TARGETS: &[&str] = &["vm", "bpf_blk"];
+
+fn required() -> bool {
+    std::env::var_os("MIRROR_REQUIRE_VM").is_some_and(|v| v == "1")
+}
+
+/// Builds the VM test binaries and returns their paths.
+fn test_executables() -> Result<Vec<PathBuf>> {
+    let mut cmd = build::cargo(&["test", "-p", "mirror-tests", "--no-run", "--message-format=json"]);
+    let mut child = cmd.stdout(Stdio::piped()).spawn().context("cargo test --no-run")?;
+    let mut exes = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        if v["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let name = v["target"]["name"].as_str().unwrap_or("");
+        if let (true, Some(exe)) = (VM_TARGETS.contains(&name), v["executable"].as_str()) {
+            exes.push(PathBuf::from(exe));
+        }
+    }
+    if !child.wait()?.success() {
+        bail!("building the VM test binaries failed");
+    }
+    if exes.len() != VM_TARGETS.len() {
+        bail!("expected test binaries {VM_TARGETS:?}, found {exes:?}");
+    }
+    Ok(exes)
+}
+
+fn skip(why: &str) -> Result<(Tally, bool)> {
+    if required() {
+        bail!("VM tests required (MIRROR_REQUIRE_VM=1) but cannot run: {why}");
+    }
+    eprintln!("skipped: vm-test: {why}");
+    Ok((Tally { skipped: 1, passed: 1, ..Default::default() }, true))
+}
+
+pub fn vm_test() -> Result<(Tally, bool)> {
+    let Some(vng) = setup::vng() else {
+        return skip("virtme-ng (vng) is not installed: run `cargo xtask setup` as root");
+    };
+    let Some((version, vmlinuz)) = setup::vm_kernel_installed() else {
+        return skip("the Debian 6.12 VM kernel is not set up: run `cargo xtask setup` as root");
+    };
+    if crate::util::which("qemu-system-x86_64").is_none() {
+        return skip("qemu-system-x86_64 is not installed: run `cargo xtask setup` as root");
+    }
+    let exes = test_executables()?;
+    let mut script = String::from(
+        "set -u; modprobe ublk_drv; modprobe loop; \
+         mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; \
+         mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing; \
+         export MIRROR_IN_VM=1; ",
+    );
+    script.push_str(&format!("export MIRROR_BIN={}; ", build::mirror_bin(false).display()));
+    for var in ["MIRROR_REQUIRE_BPF", "MIRROR_REQUIRE_VM", "RUST_BACKTRACE"] {
+        if let Ok(v) = std::env::var(var) {
+            script.push_str(&format!("export {var}={v}; "));
+        }
+    }
+    script.push_str("echo \"vm: kernel $(uname -r), $(nproc) cpus\"; rc=0; ");
+    for exe in &exes {
+        script.push_str(&format!("{} --test-threads=1 || rc=1; ", exe.display()));
+    }
+    script.push_str("exit $rc");
+    eprintln!("xtask: booting {version} under virtme-ng (TCG, ~15-30 s)");
+    let mut cmd = std::process::Command::new(vng);
+    cmd.current_dir(root())
+        .arg("-r")
+        .arg(&vmlinuz)
+        .args(["--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2", "--exec"])
+        .arg(&script);
+    run_tally(&mut cmd)
+}
