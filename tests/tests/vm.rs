@@ -3,16 +3,19 @@
 
 mod support;
 
-use support::{in_vm, skip};
+use support::not_in_vm;
 
 #[test]
 fn ublk_driver_is_loadable_in_the_vm() {
     const T: &str = "vm::ublk_driver_is_loadable_in_the_vm";
-    if !in_vm() {
-        return skip(T, "VM", "runs only inside `cargo xtask vm-test`");
+    if not_in_vm(T) {
+        return;
     }
     let ctl = std::path::Path::new("/dev/ublk-control");
-    assert!(ctl.exists(), "/dev/ublk-control missing after modprobe ublk_drv");
+    assert!(
+        ctl.exists(),
+        "/dev/ublk-control missing after modprobe ublk_drv"
+    );
     // Opening the control device proves the driver answers (ublk's server side needs it).
     let f = std::fs::OpenOptions::new().read(true).write(true).open(ctl);
     assert!(f.is_ok(), "open /dev/ublk-control: {:?}", f.err());
@@ -21,11 +24,12 @@ fn ublk_driver_is_loadable_in_the_vm() {
 #[test]
 fn vm_kernel_has_the_block_tracepoints_and_btf() {
     const T: &str = "vm::vm_kernel_has_the_block_tracepoints_and_btf";
-    if !in_vm() {
-        return skip(T, "VM", "runs only inside `cargo xtask vm-test`");
+    if not_in_vm(T) {
+        return;
     }
     assert!(std::path::Path::new("/sys/kernel/btf/vmlinux").exists());
-    let offsets = mirror::telemetry::tracefs::blk_offsets(std::path::Path::new("/sys/kernel/tracing"))
-        .expect("block tracepoint formats parse on the VM kernel");
+    let offsets =
+        mirror::telemetry::tracefs::blk_offsets(std::path::Path::new("/sys/kernel/tracing"))
+            .expect("block tracepoint formats parse on the VM kernel");
     assert_eq!(offsets.valid, 1);
 }

@@ -97,11 +97,21 @@ fn mount_kernel_fs() {
 
 fn print_summary(host: Tally, vm: Option<Tally>) -> Tally {
     let mut all = host;
-    eprintln!("xtask: host: {} passed, {} failed, {} skipped, {} ignored",
-        host.passed - host.skipped, host.failed, host.skipped, host.ignored);
+    eprintln!(
+        "xtask: host: {} passed, {} failed, {} skipped, {} ignored",
+        host.passed.saturating_sub(host.skipped),
+        host.failed,
+        host.skipped,
+        host.ignored
+    );
     if let Some(vm) = vm {
-        eprintln!("xtask: vm:   {} passed, {} failed, {} skipped, {} ignored",
-            vm.passed.saturating_sub(vm.skipped), vm.failed, vm.skipped, vm.ignored);
+        eprintln!(
+            "xtask: vm:   {} passed, {} failed, {} skipped, {} ignored",
+            vm.passed.saturating_sub(vm.skipped),
+            vm.failed,
+            vm.skipped,
+            vm.ignored
+        );
         all.add(vm);
     }
     all
@@ -113,7 +123,14 @@ fn test(no_lint: bool, no_vm: bool) -> Result<()> {
     if !no_lint {
         run(&mut build::cargo(&["fmt", "--all", "--check"]))
             .context("formatting differs: run `cargo fmt --all`")?;
-        run(&mut build::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        run(&mut build::cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     mount_kernel_fs();
     let (host, host_ok) = run_tally(
@@ -136,7 +153,12 @@ fn vm_test_only() -> Result<()> {
     build::build(false)?;
     let (t, ok) = vm::vm_test()?;
     print_summary(Tally::default(), Some(t));
-    println!("{} passed, {} failed, {} skipped", t.passed.saturating_sub(t.skipped), t.failed, t.skipped);
+    println!(
+        "{} passed, {} failed, {} skipped",
+        t.passed.saturating_sub(t.skipped),
+        t.failed,
+        t.skipped
+    );
     anyhow::ensure!(ok && t.failed == 0, "VM tests failed");
     Ok(())
 }
@@ -149,17 +171,29 @@ fn demo(seconds: u64) -> Result<()> {
     let bin = build::mirror_bin(false);
     if !is_root() {
         eprintln!("xtask: demo: not root, so no loop device and no eBPF: showing /proc/diskstats");
-        return run(Command::new(&bin).args(["daemon", "--no-bpf", "--for"]).arg(format!("{seconds}s")));
+        return run(Command::new(&bin)
+            .args(["daemon", "--no-bpf", "--for"])
+            .arg(format!("{seconds}s")));
     }
     mount_kernel_fs();
     let dir = std::path::Path::new("/tmp/mirror-demo");
     std::fs::create_dir_all(dir)?;
     let img = dir.join("disk.img");
     std::fs::File::create(&img)?.set_len(256 << 20)?;
-    let out = Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&img).output()?;
-    anyhow::ensure!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("losetup")
+        .args(["-f", "--show", "--direct-io=on"])
+        .arg(&img)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    eprintln!("xtask: demo: {dev} backed by {}; daemon live view for {seconds}s", img.display());
+    eprintln!(
+        "xtask: demo: {dev} backed by {}; daemon live view for {seconds}s",
+        img.display()
+    );
     let mut daemon = Command::new(&bin)
         .args(["daemon", "--interval", "1s", "--for"])
         .arg(format!("{}s", seconds + 1))
@@ -167,12 +201,28 @@ fn demo(seconds: u64) -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let workload = if util::which("fio").is_some() {
         run(Command::new("fio").args([
-            "--name=demo", "--ioengine=io_uring", "--direct=1", "--rw=randrw", "--rwmixread=70",
-            "--bs=4k", "--iodepth=16", "--time_based", "--group_reporting",
-            "--filename", &dev, "--runtime", &format!("{}", seconds.saturating_sub(2).max(1)),
+            "--name=demo",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=randrw",
+            "--rwmixread=70",
+            "--bs=4k",
+            "--iodepth=16",
+            "--time_based",
+            "--group_reporting",
+            "--filename",
+            &dev,
+            "--runtime",
+            &format!("{}", seconds.saturating_sub(2).max(1)),
         ]))
     } else {
-        run(Command::new("dd").args(["if=/dev/zero", &format!("of={dev}"), "bs=4k", "count=20000", "oflag=direct"]))
+        run(Command::new("dd").args([
+            "if=/dev/zero",
+            &format!("of={dev}"),
+            "bs=4k",
+            "count=20000",
+            "oflag=direct",
+        ]))
     };
     let status = daemon.wait()?;
     let _ = Command::new("losetup").args(["-d", &dev]).status();
