@@ -130,11 +130,7 @@ impl BlkStats {
 #[inline(always)]
 pub const fn hist_slot(lat_ns: u64) -> usize {
     let s = crate::log2_u64(lat_ns / 1000) as usize;
-    let s = if s >= BLK_HIST_SLOTS {
-        BLK_HIST_SLOTS - 1
-    } else {
-        s
-    };
+    let s = if s >= BLK_HIST_SLOTS { BLK_HIST_SLOTS - 1 } else { s };
     // The mask is a no-op after the clamp; it lets the verifier see the bound.
     s & (BLK_HIST_SLOTS - 1)
 }
@@ -228,25 +224,11 @@ mod tests {
 
     #[test]
     fn accumulate_sums_and_maxes() {
-        let mut a = BlkStats {
-            ios: 1,
-            bytes: 4096,
-            lat_max_ns: 10,
-            ..Default::default()
-        };
+        let mut a = BlkStats { ios: 1, bytes: 4096, lat_max_ns: 10, ..Default::default() };
         a.hist_us[3] = 1;
-        let mut b = BlkStats {
-            ios: 2,
-            bytes: 8192,
-            errors: 1,
-            lat_max_ns: 5,
-            ..Default::default()
-        };
+        let mut b = BlkStats { ios: 2, bytes: 8192, errors: 1, lat_max_ns: 5, ..Default::default() };
         b.hist_us[3] = 2;
         a.accumulate(&b);
-        assert_eq!(
-            (a.ios, a.bytes, a.errors, a.lat_max_ns, a.hist_us[3]),
-            (3, 12288, 1, 10, 3)
-        );
+        assert_eq!((a.ios, a.bytes, a.errors, a.lat_max_ns, a.hist_us[3]), (3, 12288, 1, 10, 3));
     }
 }

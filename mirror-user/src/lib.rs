@@ -1,8 +1,50 @@
 //! mirror: adaptive block-storage mirroring with predictive failover.
 //!
-//! Rooms: [`telemetry`] (eBPF programs, pinned maps, /proc fallback: what the node measures).
+//! Rooms: [`telemetry`] (eBPF programs, pinned maps, /proc fallback: what the node measures),
+//! [`replication`] (replica servers, the protocol, sync / resync / verify).
 
+pub mod replication;
 pub mod telemetry;
+
+/// Parses sizes such as `4096`, `64K`, `256M`, `1G`, `1GiB`, `10MiB/s` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s");
+    let t = t.trim_end_matches(['B', 'b']).trim_end_matches('i');
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mul = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("`{s}`: unknown unit (use K, M, G, T)")),
+            };
+            (&t[..i], mul)
+        }
+        _ => (t, 1),
+    };
+    let n: f64 =
+        num.trim().parse().map_err(|_| format!("`{s}` is not a size (examples: 4096, 64K, 256M, 1G)"))?;
+    if !(n >= 0.0 && n.is_finite()) {
+        return Err(format!("`{s}` is not a size"));
+    }
+    Ok((n * mul as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("4096"), Ok(4096));
+        assert_eq!(super::parse_size("64K"), Ok(65536));
+        assert_eq!(super::parse_size("256M"), Ok(256 << 20));
+        assert_eq!(super::parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(super::parse_size("10MiB/s"), Ok(10 << 20));
+        assert_eq!(super::parse_size("1.5G"), Ok(3 << 29));
+        assert!(super::parse_size("lots").is_err());
+        assert!(super::parse_size("5X").is_err());
+    }
+}
 
 /// Parses durations such as `500ms`, `2s`, `10m` for command-line flags.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -7,7 +7,16 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use mirror::telemetry::{blk, bpf, view, BlkSource};
+use mirror::{
+    replication::{
+        auth::load_secret,
+        client::Client,
+        protocol::{JobKind, Message},
+        rate::SyncRate,
+        server::{Server, ServerConfig, VolumeSpec},
+    },
+    telemetry::{blk, bpf, view, BlkSource},
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -56,6 +65,77 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Run a replica server: serve volumes (files or block devices) to authenticated peers over
+    /// TCP, and run sync / verify jobs that push this replica's data to a peer.
+    Replica {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: String,
+        /// A volume to serve, NAME=PATH[:SIZE]; the file is created sparse with SIZE when missing.
+        /// Metadata (generations, dirty bitmap) lives in PATH.meta. Repeatable.
+        #[arg(long = "volume", value_parser = VolumeSpec::parse, required = true)]
+        volumes: Vec<VolumeSpec>,
+        /// File holding the shared secret (>= 16 bytes) peers authenticate with.
+        #[arg(long, env = "MIRROR_SECRET_FILE")]
+        secret_file: PathBuf,
+        /// Sync rate while the volume serves application I/O (bytes/s, e.g. 16M).
+        #[arg(long, default_value = "16M", value_parser = mirror::parse_size)]
+        sync_min_rate: u64,
+        /// Sync rate when the volume is idle (bytes/s; 0 = unlimited).
+        #[arg(long, default_value = "0", value_parser = mirror::parse_size)]
+        sync_max_rate: u64,
+        /// Bitmap grain in bytes (power of two, 512..=65536).
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+    },
+    /// Bring a peer up to date from a replica (`--node` pushes to `--peer`), or verify them.
+    /// Shows progress; exits non-zero when refused (split brain, peer newer) or failed.
+    Sync {
+        /// The replica server that holds the data to push (it runs the job).
+        #[arg(long)]
+        node: String,
+        /// The replica server to bring up to date, as `--node` reaches it.
+        #[arg(long)]
+        peer: String,
+        #[arg(long)]
+        volume: String,
+        #[arg(long, env = "MIRROR_SECRET_FILE")]
+        secret_file: PathBuf,
+        /// Compare digests of the whole volume and report mismatching ranges instead of syncing.
+        #[arg(long)]
+        verify: bool,
+        /// With --verify: resync the mismatching ranges from --node to --peer.
+        #[arg(long, requires = "verify")]
+        repair: bool,
+        /// Start the job and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// No progress bar; print the final JSON status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a replica's volume status (generation, dirty bytes, counters, job).
+    Status {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        volume: String,
+        #[arg(long, env = "MIRROR_SECRET_FILE")]
+        secret_file: PathBuf,
+    },
+    /// Resolve a split brain: discard this replica's data (the next sync onto it is a full one).
+    Resolve {
+        /// The replica whose writes are discarded.
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        volume: String,
+        #[arg(long, env = "MIRROR_SECRET_FILE")]
+        secret_file: PathBuf,
+        /// Required: confirms that this replica's divergent writes are thrown away.
+        #[arg(long, required = true)]
+        discard: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -67,22 +147,47 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Daemon {
-            pin_dir,
-            interval,
-            run_for,
-            no_bpf,
-            quiet,
-        } => rt.block_on(daemon(pin_dir, interval, run_for, !no_bpf, quiet)),
-        Command::Top {
-            pin_dir,
-            interval,
-            count,
-        } => rt.block_on(top(pin_dir, interval, count)),
+        Command::Daemon { pin_dir, interval, run_for, no_bpf, quiet } => {
+            rt.block_on(daemon(pin_dir, interval, run_for, !no_bpf, quiet))
+        }
+        Command::Top { pin_dir, interval, count } => rt.block_on(top(pin_dir, interval, count)),
+        Command::Replica { listen, volumes, secret_file, sync_min_rate, sync_max_rate, block_size } => {
+            let volumes = volumes.into_iter().map(|v| VolumeSpec { block_size, ..v }).collect();
+            let cfg = ServerConfig {
+                listen,
+                volumes,
+                secret: load_secret(&secret_file)?,
+                rate: SyncRate { min_bps: sync_min_rate, max_bps: sync_max_rate },
+                health: std::sync::Arc::new(std::sync::atomic::AtomicU8::new(100)),
+            };
+            let server = Server::start(cfg)?;
+            rt.block_on(shutdown_signal());
+            tracing::info!("signal received: flushing volumes and exiting");
+            server.shutdown();
+            Ok(())
+        }
+        Command::Sync { node, peer, volume, secret_file, verify, repair, no_wait, json } => {
+            let kind = match (verify, repair) {
+                (false, _) => JobKind::Sync,
+                (true, false) => JobKind::Verify,
+                (true, true) => JobKind::VerifyRepair,
+            };
+            sync_cmd(&node, &peer, &volume, &load_secret(&secret_file)?, kind, no_wait, json)
+        }
+        Command::Status { node, volume, secret_file } => {
+            let mut c = Client::connect(&node, &volume, &load_secret(&secret_file)?)?;
+            println!("{}", serde_json::to_string_pretty(&c.json(&Message::Status)?)?);
+            Ok(())
+        }
+        Command::Resolve { node, volume, secret_file, discard } => {
+            anyhow::ensure!(discard, "--discard is required");
+            let mut c = Client::connect(&node, &volume, &load_secret(&secret_file)?)?;
+            c.call_ok(&Message::ResolveDiscard)?;
+            println!("{volume} on {node}: data discarded; sync onto it from the other replica (a full, digest-compared sync)");
+            Ok(())
+        }
     }
 }
 
@@ -102,10 +207,7 @@ async fn daemon(
     allow_bpf: bool,
     quiet: bool,
 ) -> Result<()> {
-    anyhow::ensure!(
-        interval >= Duration::from_millis(10),
-        "--interval must be at least 10ms"
-    );
+    anyhow::ensure!(interval >= Duration::from_millis(10), "--interval must be at least 10ms");
     let source = BlkSource::open(&pin_dir, allow_bpf);
     if let BlkSource::Bpf(p) = &source {
         for pin in p.pins() {
@@ -128,11 +230,7 @@ async fn daemon(
         let now = Instant::now();
         let rows = blk::interval(&prev, &cur, now.duration_since(prev_t).as_secs_f64());
         if !quiet {
-            println!(
-                "--- block latency ({}, {:.1}s interval)",
-                source.name(),
-                interval.as_secs_f64()
-            );
+            println!("--- block latency ({}, {:.1}s interval)", source.name(), interval.as_secs_f64());
             print!("{}", view::table(&rows));
         }
         prev = cur;
@@ -160,4 +258,74 @@ async fn top(pin_dir: PathBuf, interval: Duration, count: Option<u64>) -> Result
         shown += 1;
     }
     Ok(())
+}
+
+fn sync_cmd(
+    node: &str,
+    peer: &str,
+    volume: &str,
+    secret: &[u8],
+    kind: JobKind,
+    no_wait: bool,
+    json: bool,
+) -> Result<()> {
+    let mut c = Client::connect(node, volume, secret)?;
+    c.call_ok(&Message::StartJob { kind, peer: peer.into() })?;
+    if no_wait {
+        println!("{kind:?} of {volume} from {node} to {peer} started; `mirror status` shows progress");
+        return Ok(());
+    }
+    let bar = if json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    };
+    let status = loop {
+        let s = c.json(&Message::JobStatus)?;
+        bar.set_length(s["total_bytes"].as_u64().unwrap_or(0));
+        bar.set_position(s["done_bytes"].as_u64().unwrap_or(0));
+        bar.set_message(s["state"].as_str().unwrap_or("?").to_string());
+        if !matches!(s["state"].as_str(), Some("connecting" | "syncing" | "verifying" | "repairing")) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    bar.finish_and_clear();
+    if json {
+        println!("{status}");
+    }
+    let state = status["state"].as_str().unwrap_or("?");
+    let mib = |k: &str| status[k].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+    let summary = format!(
+        "{state}: examined {:.1} MiB, changed {:.1} MiB, sent {:.2} MiB of data, {:.2} MiB on the wire in {:.2} s",
+        mib("done_bytes"),
+        mib("changed_bytes"),
+        mib("data_bytes"),
+        mib("wire_bytes"),
+        status["elapsed_s"].as_f64().unwrap_or(0.0)
+    );
+    match state {
+        "done" | "up-to-date" | "repaired" => {
+            if !json {
+                println!("{summary}");
+            }
+            Ok(())
+        }
+        "done-mismatches" => {
+            let ranges = status["mismatches"].as_array().map(|a| a.len()).unwrap_or(0);
+            anyhow::bail!(
+                "verify found {ranges} mismatching range(s) (offset, length): {}",
+                status["mismatches"]
+            )
+        }
+        _ => anyhow::bail!("{kind:?} {state}: {}", status["error"].as_str().unwrap_or("unknown error")),
+    }
 }

@@ -16,10 +16,7 @@ fn bpf_unavailable() -> Option<String> {
         return Some("needs root (CAP_BPF, CAP_PERFMON) to attach eBPF programs".into());
     }
     if !support::mirror_bin().is_file() {
-        return Some(format!(
-            "{} not built: run `cargo xtask build`",
-            support::mirror_bin().display()
-        ));
+        return Some(format!("{} not built: run `cargo xtask build`", support::mirror_bin().display()));
     }
     if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Some("kernel has no BTF (/sys/kernel/btf/vmlinux)".into());
@@ -45,62 +42,29 @@ fn daemon_counts_loop_device_io_with_plausible_latency() {
 
     let of = format!("of={}", lo.dev.display());
     let iff = format!("if={}", lo.dev.display());
-    dd(&[
-        "if=/dev/urandom",
-        &of,
-        "bs=4k",
-        &format!("count={WRITES}"),
-        "oflag=direct",
-    ]);
-    dd(&[
-        &iff,
-        "of=/dev/null",
-        "bs=64k",
-        &format!("count={READS}"),
-        "iflag=direct",
-    ]);
+    dd(&["if=/dev/urandom", &of, "bs=4k", &format!("count={WRITES}"), "oflag=direct"]);
+    dd(&[&iff, "of=/dev/null", "bs=64k", &format!("count={READS}"), "iflag=direct"]);
     std::thread::sleep(Duration::from_millis(200));
     let after = bpf::read_pinned(&daemon.pin_dir).expect("read pinned map");
 
     let iv = blk::interval(&before, &after, 1.0);
-    let get = |op| {
-        iv.iter()
-            .find(|r| r.key == BlkStatsKey { dev, op })
-            .cloned()
-    };
+    let get = |op| iv.iter().find(|r| r.key == BlkStatsKey { dev, op }).cloned();
     let w = get(BLK_OP_WRITE).expect("no writes recorded for the loop device");
     let r = get(BLK_OP_READ).expect("no reads recorded for the loop device");
     // Nobody else writes to this fresh device; each O_DIRECT 4 KiB write is one request.
     assert_eq!(w.ios, WRITES, "write count");
     assert_eq!(w.bytes, WRITES * 4096, "write bytes");
     // Reads: ours, plus possibly a few probe reads by udev/blkid.
-    assert!(
-        r.ios >= READS && r.ios <= READS + 64,
-        "read count {}",
-        r.ios
-    );
+    assert!(r.ios >= READS && r.ios <= READS + 64, "read count {}", r.ios);
     assert!(r.bytes >= READS * 65536, "read bytes {}", r.bytes);
     for s in [&w, &r] {
         let hist_total: u64 = s.hist_us.iter().sum();
-        assert_eq!(
-            hist_total,
-            s.ios,
-            "histogram holds every request ({})",
-            s.op_name()
-        );
+        assert_eq!(hist_total, s.ios, "histogram holds every request ({})", s.op_name());
         let avg = s.avg_us().expect("average");
-        assert!(
-            (0.5..1_000_000.0).contains(&avg),
-            "{} avg latency {avg} us",
-            s.op_name()
-        );
+        assert!((0.5..1_000_000.0).contains(&avg), "{} avg latency {avg} us", s.op_name());
         let p50 = s.percentile_us(0.5).expect("p50");
         let p99 = s.percentile_us(0.99).expect("p99");
-        assert!(
-            p50 <= p99 && p99 < 2_000_000.0,
-            "{}: p50 {p50} p99 {p99}",
-            s.op_name()
-        );
+        assert!(p50 <= p99 && p99 < 2_000_000.0, "{}: p50 {p50} p99 {p99}", s.op_name());
         assert_eq!(s.errors, 0);
     }
 }
@@ -112,48 +76,22 @@ fn bpftool_dump_shows_field_names_and_pins_go_away_on_stop() {
         return skip(T, "BPF", &why);
     }
     let Some(bpftool) = support::which("bpftool").or_else(|| {
-        ["/usr/sbin/bpftool", "/sbin/bpftool"]
-            .iter()
-            .map(std::path::PathBuf::from)
-            .find(|p| p.is_file())
+        ["/usr/sbin/bpftool", "/sbin/bpftool"].iter().map(std::path::PathBuf::from).find(|p| p.is_file())
     }) else {
         return skip(T, "BPF", "bpftool not installed (cargo xtask setup)");
     };
     let lo = LoopDev::new(16 << 20);
     let mut daemon = Daemon::start(&[]);
-    dd(&[
-        "if=/dev/zero",
-        &format!("of={}", lo.dev.display()),
-        "bs=4k",
-        "count=16",
-        "oflag=direct",
-    ]);
+    dd(&["if=/dev/zero", &format!("of={}", lo.dev.display()), "bs=4k", "count=16", "oflag=direct"]);
     std::thread::sleep(Duration::from_millis(100));
     let pin = daemon.pin_dir.join(MAP_BLK_STATS);
-    let out = Command::new(&bpftool)
-        .args(["map", "dump", "pinned"])
-        .arg(&pin)
-        .output()
-        .expect("bpftool");
+    let out = Command::new(&bpftool).args(["map", "dump", "pinned"]).arg(&pin).output().expect("bpftool");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for field in [
-        "\"dev\"",
-        "\"op\"",
-        "\"ios\"",
-        "\"bytes\"",
-        "\"lat_sum_ns\"",
-        "\"lat_max_ns\"",
-        "\"hist_us\"",
-    ] {
-        assert!(
-            text.contains(field),
-            "bpftool output lacks {field}:\n{text}"
-        );
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    for field in
+        ["\"dev\"", "\"op\"", "\"ios\"", "\"bytes\"", "\"lat_sum_ns\"", "\"lat_max_ns\"", "\"hist_us\""]
+    {
+        assert!(text.contains(field), "bpftool output lacks {field}:\n{text}");
     }
     assert!(daemon.stop(), "daemon exits cleanly on SIGTERM");
     assert!(!pin.exists(), "pin {} removed on shutdown", pin.display());
@@ -170,13 +108,7 @@ fn top_reads_a_running_daemons_maps() {
     let dev = lo.dev.clone();
     let writer = std::thread::spawn(move || {
         for _ in 0..10 {
-            dd(&[
-                "if=/dev/zero",
-                &format!("of={}", dev.display()),
-                "bs=4k",
-                "count=64",
-                "oflag=direct",
-            ]);
+            dd(&["if=/dev/zero", &format!("of={}", dev.display()), "bs=4k", "count=64", "oflag=direct"]);
             std::thread::sleep(Duration::from_millis(50));
         }
     });
@@ -187,16 +119,11 @@ fn top_reads_a_running_daemons_maps() {
         .expect("run mirror top");
     writer.join().expect("writer");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "mirror top failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "mirror top failed: {}", String::from_utf8_lossy(&out.stderr));
     let name = lo.dev.file_name().unwrap().to_string_lossy().to_string();
     assert!(text.contains("P99_us"), "table header missing:\n{text}");
     assert!(
-        text.lines()
-            .any(|l| l.starts_with(&name) && l.contains("write")),
+        text.lines().any(|l| l.starts_with(&name) && l.contains("write")),
         "no {name} write row:\n{text}"
     );
 }

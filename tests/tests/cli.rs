@@ -6,11 +6,7 @@ use std::process::Command;
 
 fn mirror(args: &[&str]) -> std::process::Output {
     let bin = support::mirror_bin();
-    assert!(
-        bin.is_file(),
-        "{} not built (cargo build / cargo xtask build)",
-        bin.display()
-    );
+    assert!(bin.is_file(), "{} not built (cargo build / cargo xtask build)", bin.display());
     Command::new(bin).args(args).output().expect("run mirror")
 }
 
@@ -31,27 +27,13 @@ fn bad_duration_is_a_clear_error() {
     let out = mirror(&["daemon", "--interval", "soon"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--interval") && err.contains("examples"),
-        "{err}"
-    );
+    assert!(err.contains("--interval") && err.contains("examples"), "{err}");
 }
 
 #[test]
 fn daemon_falls_back_to_procfs_and_stops_on_time() {
-    let out = mirror(&[
-        "daemon",
-        "--no-bpf",
-        "--interval",
-        "100ms",
-        "--for",
-        "350ms",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = mirror(&["daemon", "--no-bpf", "--interval", "100ms", "--for", "350ms"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.matches("block latency (procfs").count() >= 3, "{text}");
 }
@@ -59,13 +41,7 @@ fn daemon_falls_back_to_procfs_and_stops_on_time() {
 #[test]
 fn top_without_a_daemon_says_so() {
     let dir = support::TempDir::new("nopin");
-    let out = mirror(&[
-        "top",
-        "--count",
-        "1",
-        "--pin-dir",
-        &dir.0.display().to_string(),
-    ]);
+    let out = mirror(&["top", "--count", "1", "--pin-dir", &dir.0.display().to_string()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mirror daemon"), "{err}");

@@ -12,10 +12,7 @@ fn ublk_driver_is_loadable_in_the_vm() {
         return;
     }
     let ctl = std::path::Path::new("/dev/ublk-control");
-    assert!(
-        ctl.exists(),
-        "/dev/ublk-control missing after modprobe ublk_drv"
-    );
+    assert!(ctl.exists(), "/dev/ublk-control missing after modprobe ublk_drv");
     // Opening the control device proves the driver answers (ublk's server side needs it).
     let f = std::fs::OpenOptions::new().read(true).write(true).open(ctl);
     assert!(f.is_ok(), "open /dev/ublk-control: {:?}", f.err());
@@ -28,8 +25,7 @@ fn vm_kernel_has_the_block_tracepoints_and_btf() {
         return;
     }
     assert!(std::path::Path::new("/sys/kernel/btf/vmlinux").exists());
-    let offsets =
-        mirror::telemetry::tracefs::blk_offsets(std::path::Path::new("/sys/kernel/tracing"))
-            .expect("block tracepoint formats parse on the VM kernel");
+    let offsets = mirror::telemetry::tracefs::blk_offsets(std::path::Path::new("/sys/kernel/tracing"))
+        .expect("block tracepoint formats parse on the VM kernel");
     assert_eq!(offsets.valid, 1);
 }

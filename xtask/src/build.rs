@@ -26,19 +26,14 @@ fn debian_core_available() -> bool {
         && Path::new("/usr/bin/cargo").is_file()
         && std::fs::read_dir(format!("/usr/lib/rustlib/{BPF_TARGET}/lib"))
             .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .any(|e| e.file_name().to_string_lossy().starts_with("libcore-"))
+                d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("libcore-"))
             })
             .unwrap_or(false)
 }
 
 fn nightly_rust_src_available() -> bool {
     output("rustup", &["run", "nightly", "rustc", "--print", "sysroot"])
-        .map(|s| {
-            Path::new(&s)
-                .join("lib/rustlib/src/rust/library/core")
-                .is_dir()
-        })
+        .map(|s| Path::new(&s).join("lib/rustlib/src/rust/library/core").is_dir())
         .unwrap_or(false)
 }
 
@@ -60,10 +55,7 @@ fn pick_route() -> Result<Route> {
 
 /// Path of the built eBPF object.
 pub fn ebpf_object() -> PathBuf {
-    root()
-        .join("target/ebpf")
-        .join(BPF_TARGET)
-        .join("release/mirror")
+    root().join("target/ebpf").join(BPF_TARGET).join("release/mirror")
 }
 
 /// A cargo command stripped of the outer cargo's environment, so the inner build uses the
@@ -98,9 +90,7 @@ pub fn build_ebpf() -> Result<PathBuf> {
     let rustflags = "-C debuginfo=2 -C link-arg=--btf";
     let mut cmd = match route {
         Route::DebianCore => {
-            eprintln!(
-                "xtask: eBPF route: Debian's rustc-web with the precompiled core for {BPF_TARGET}"
-            );
+            eprintln!("xtask: eBPF route: Debian's rustc-web with the precompiled core for {BPF_TARGET}");
             let mut c = clean_cargo("/usr/bin/cargo");
             c.env("RUSTC", "/usr/bin/rustc").env("RUSTC_BOOTSTRAP", "1");
             c.arg("build");
@@ -115,13 +105,7 @@ pub fn build_ebpf() -> Result<PathBuf> {
     };
     cmd.current_dir(&dir)
         .env("RUSTFLAGS", rustflags)
-        .args([
-            "--release",
-            "--locked",
-            "--target",
-            BPF_TARGET,
-            "--target-dir",
-        ])
+        .args(["--release", "--locked", "--target", BPF_TARGET, "--target-dir"])
         .arg(&target_dir);
     run(&mut cmd)?;
     let obj = ebpf_object();
@@ -135,9 +119,7 @@ pub fn build_ebpf() -> Result<PathBuf> {
 pub fn cargo(args: &[&str]) -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut c = Command::new(cargo);
-    c.current_dir(root())
-        .env("MIRROR_EBPF_OBJ", ebpf_object())
-        .args(args);
+    c.current_dir(root()).env("MIRROR_EBPF_OBJ", ebpf_object()).args(args);
     c
 }
 
@@ -152,8 +134,5 @@ pub fn build(release: bool) -> Result<()> {
 
 /// The userspace `mirror` binary of a profile.
 pub fn mirror_bin(release: bool) -> PathBuf {
-    root()
-        .join("target")
-        .join(if release { "release" } else { "debug" })
-        .join("mirror")
+    root().join("target").join(if release { "release" } else { "debug" }).join("mirror")
 }

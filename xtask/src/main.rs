@@ -123,19 +123,11 @@ fn test(no_lint: bool, no_vm: bool) -> Result<()> {
     if !no_lint {
         run(&mut build::cargo(&["fmt", "--all", "--check"]))
             .context("formatting differs: run `cargo fmt --all`")?;
-        run(&mut build::cargo(&[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))?;
+        run(&mut build::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     }
     mount_kernel_fs();
-    let (host, host_ok) = run_tally(
-        build::cargo(&["test", "--workspace"]).env("MIRROR_BIN", build::mirror_bin(false)),
-    )?;
+    let (host, host_ok) =
+        run_tally(build::cargo(&["test", "--workspace"]).env("MIRROR_BIN", build::mirror_bin(false)))?;
     let vm = if no_vm { None } else { Some(vm::vm_test()?) };
     let all = print_summary(host, vm.map(|(t, _)| t));
     let ok = host_ok && vm.is_none_or(|(_, ok)| ok) && all.failed == 0;
@@ -153,12 +145,7 @@ fn vm_test_only() -> Result<()> {
     build::build(false)?;
     let (t, ok) = vm::vm_test()?;
     print_summary(Tally::default(), Some(t));
-    println!(
-        "{} passed, {} failed, {} skipped",
-        t.passed.saturating_sub(t.skipped),
-        t.failed,
-        t.skipped
-    );
+    println!("{} passed, {} failed, {} skipped", t.passed.saturating_sub(t.skipped), t.failed, t.skipped);
     anyhow::ensure!(ok && t.failed == 0, "VM tests failed");
     Ok(())
 }
@@ -171,29 +158,17 @@ fn demo(seconds: u64) -> Result<()> {
     let bin = build::mirror_bin(false);
     if !is_root() {
         eprintln!("xtask: demo: not root, so no loop device and no eBPF: showing /proc/diskstats");
-        return run(Command::new(&bin)
-            .args(["daemon", "--no-bpf", "--for"])
-            .arg(format!("{seconds}s")));
+        return run(Command::new(&bin).args(["daemon", "--no-bpf", "--for"]).arg(format!("{seconds}s")));
     }
     mount_kernel_fs();
     let dir = std::path::Path::new("/tmp/mirror-demo");
     std::fs::create_dir_all(dir)?;
     let img = dir.join("disk.img");
     std::fs::File::create(&img)?.set_len(256 << 20)?;
-    let out = Command::new("losetup")
-        .args(["-f", "--show", "--direct-io=on"])
-        .arg(&img)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "losetup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&img).output()?;
+    anyhow::ensure!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
     let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    eprintln!(
-        "xtask: demo: {dev} backed by {}; daemon live view for {seconds}s",
-        img.display()
-    );
+    eprintln!("xtask: demo: {dev} backed by {}; daemon live view for {seconds}s", img.display());
     let mut daemon = Command::new(&bin)
         .args(["daemon", "--interval", "1s", "--for"])
         .arg(format!("{}s", seconds + 1))

@@ -14,15 +14,9 @@ use crate::util::{is_root, output, run, which};
 
 /// Debian packages: (package, why).
 const PACKAGES: &[(&str, &str)] = &[
-    (
-        "rustc-web",
-        "Debian's rustc 1.96 (eBPF build with the precompiled core)",
-    ),
+    ("rustc-web", "Debian's rustc 1.96 (eBPF build with the precompiled core)"),
     ("cargo-web", "Debian's cargo for the eBPF build"),
-    (
-        "libstd-rust-web-dev-bpf",
-        "precompiled core for bpfel-unknown-none",
-    ),
+    ("libstd-rust-web-dev-bpf", "precompiled core for bpfel-unknown-none"),
     ("llvm-22-dev", "LLVM for bpf-linker"),
     ("libclang-dev", "bindgen (libublk)"),
     ("clang", "bindgen (libublk)"),
@@ -78,10 +72,7 @@ fn installed(pkg: &str) -> bool {
 
 fn codename() -> Option<String> {
     let text = fs::read_to_string("/etc/os-release").ok()?;
-    text.lines().find_map(|l| {
-        l.strip_prefix("VERSION_CODENAME=")
-            .map(|v| v.trim_matches('"').to_string())
-    })
+    text.lines().find_map(|l| l.strip_prefix("VERSION_CODENAME=").map(|v| v.trim_matches('"').to_string()))
 }
 
 fn apt_install(args: &[&str]) -> Result<()> {
@@ -105,22 +96,12 @@ fn apt_packages() -> Result<()> {
     let backports = codename().map(|c| format!("{c}-backports"));
     if let Some(bp) = &backports {
         let list = Path::new("/etc/apt/sources.list.d/mirror-backports.list");
-        let known = output(
-            "grep",
-            &[
-                "-rqs",
-                bp.as_str(),
-                "/etc/apt/sources.list",
-                "/etc/apt/sources.list.d",
-            ],
-        )
-        .is_some();
+        let known =
+            output("grep", &["-rqs", bp.as_str(), "/etc/apt/sources.list", "/etc/apt/sources.list.d"])
+                .is_some();
         if !known {
             eprintln!("xtask: adding {bp} to apt sources ({})", list.display());
-            fs::write(
-                list,
-                format!("deb http://deb.debian.org/debian {bp} main\n"),
-            )?;
+            fs::write(list, format!("deb http://deb.debian.org/debian {bp} main\n"))?;
         }
     }
     run(Command::new("apt-get").args(["update", "-q"]))?;
@@ -130,8 +111,8 @@ fn apt_packages() -> Result<()> {
     }
     if need_qemu {
         eprintln!("xtask: installing qemu-system-x86 (boots the VM for ublk tests)");
-        let qemu_utils_bp = output("dpkg-query", &["-W", "-f=${Version}", "qemu-utils"])
-            .is_some_and(|v| v.contains("bpo"));
+        let qemu_utils_bp =
+            output("dpkg-query", &["-W", "-f=${Version}", "qemu-utils"]).is_some_and(|v| v.contains("bpo"));
         match (&backports, qemu_utils_bp) {
             (Some(bp), true) => apt_install(&["-t", bp, "qemu-system-x86"])?,
             _ => apt_install(&["qemu-system-x86"])?,
@@ -147,30 +128,22 @@ fn bpf_linker() -> Result<()> {
     }
     eprintln!("xtask: installing bpf-linker 0.13 against Debian's LLVM 22 (a few minutes)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo)
-        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            "^0.13",
-            "--locked",
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ]))
+    run(Command::new(cargo).env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
+        "install",
+        "bpf-linker",
+        "--version",
+        "^0.13",
+        "--locked",
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ]))
 }
 
 /// Path of the `vng` launcher, if installed.
 pub fn vng() -> Option<PathBuf> {
     which("vng").or_else(|| {
-        let scripts = output(
-            "python3",
-            &[
-                "-c",
-                "import sysconfig; print(sysconfig.get_path('scripts'))",
-            ],
-        )?;
+        let scripts = output("python3", &["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])?;
         let p = Path::new(&scripts).join("vng");
         p.is_file().then_some(p)
     })
@@ -182,15 +155,8 @@ fn virtme_ng() -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing virtme-ng from PyPI (runs the VM tests)");
-    run(Command::new("python3").args([
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--break-system-packages",
-        "virtme-ng",
-    ]))
-    .or_else(|_| run(Command::new("python3").args(["-m", "pip", "install", "-q", "virtme-ng"])))?;
+    run(Command::new("python3").args(["-m", "pip", "install", "-q", "--break-system-packages", "virtme-ng"]))
+        .or_else(|_| run(Command::new("python3").args(["-m", "pip", "install", "-q", "virtme-ng"])))?;
     if vng().is_none() {
         bail!("virtme-ng installed but `vng` is not on PATH");
     }
@@ -200,10 +166,7 @@ fn virtme_ng() -> Result<()> {
 /// The cached VM kernel: (version, vmlinuz path), if set up.
 pub fn vm_kernel_installed() -> Option<(String, PathBuf)> {
     let current = Path::new(VM_DIR).join("current");
-    let version = fs::read_to_string(current.join("VERSION"))
-        .ok()?
-        .trim()
-        .to_string();
+    let version = fs::read_to_string(current.join("VERSION")).ok()?.trim().to_string();
     let vmlinuz = current.join("boot").join(format!("vmlinuz-{version}"));
     let modules = Path::new("/lib/modules").join(&version);
     (vmlinuz.is_file() && modules.join("modules.dep").is_file()).then_some((version, vmlinuz))
@@ -211,15 +174,9 @@ pub fn vm_kernel_installed() -> Option<(String, PathBuf)> {
 
 /// Picks the newest `linux-image-6.12.N+debXX-amd64[-unsigned]` that apt offers.
 fn pick_kernel_package() -> Result<String> {
-    let list = output(
-        "apt-cache",
-        &[
-            "search",
-            "--names-only",
-            r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64",
-        ],
-    )
-    .context("apt-cache search")?;
+    let list =
+        output("apt-cache", &["search", "--names-only", r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64"])
+            .context("apt-cache search")?;
     let mut best: Option<(u32, String)> = None;
     for line in list.lines() {
         let name = line.split_whitespace().next().unwrap_or("");
@@ -235,8 +192,7 @@ fn pick_kernel_package() -> Result<String> {
             best = Some((patch, name.to_string()));
         }
     }
-    best.map(|(_, n)| n)
-        .context("apt offers no linux-image-6.12.*-amd64 package (run apt-get update?)")
+    best.map(|(_, n)| n).context("apt offers no linux-image-6.12.*-amd64 package (run apt-get update?)")
 }
 
 fn vm_kernel() -> Result<()> {
@@ -251,14 +207,10 @@ fn vm_kernel() -> Result<()> {
             pick_kernel_package()?
         }
     };
-    eprintln!(
-        "xtask: fetching {pkg} for the VM tests (ublk_drv, loop, nbd modules), cached in {VM_DIR}"
-    );
+    eprintln!("xtask: fetching {pkg} for the VM tests (ublk_drv, loop, nbd modules), cached in {VM_DIR}");
     let dl = Path::new(VM_DIR).join("download");
     fs::create_dir_all(&dl)?;
-    run(Command::new("apt-get")
-        .current_dir(&dl)
-        .args(["download", &pkg]))?;
+    run(Command::new("apt-get").current_dir(&dl).args(["download", &pkg]))?;
     let deb = fs::read_dir(&dl)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb") && p.to_string_lossy().contains(&pkg))
@@ -276,13 +228,10 @@ fn vm_kernel() -> Result<()> {
     let _ = fs::remove_dir_all(&dir);
     fs::rename(&stage, &dir)?;
     fs::write(dir.join("VERSION"), format!("{version}\n"))?;
-    let modules_src = [
-        dir.join("lib/modules").join(&version),
-        dir.join("usr/lib/modules").join(&version),
-    ]
-    .into_iter()
-    .find(|p| p.is_dir())
-    .context("modules directory missing")?;
+    let modules_src = [dir.join("lib/modules").join(&version), dir.join("usr/lib/modules").join(&version)]
+        .into_iter()
+        .find(|p| p.is_dir())
+        .context("modules directory missing")?;
     fs::create_dir_all("/lib/modules")?;
     let link = Path::new("/lib/modules").join(&version);
     if link.symlink_metadata().is_ok() {

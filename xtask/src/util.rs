@@ -13,10 +13,7 @@ use anyhow::{bail, Context, Result};
 
 /// The workspace root (parent of xtask/).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 pub fn describe(cmd: &Command) -> String {
@@ -31,9 +28,7 @@ pub fn describe(cmd: &Command) -> String {
 /// Runs a command with inherited stdio; errors when it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: $ {}", describe(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {}", describe(cmd)))?;
+    let status = cmd.status().with_context(|| format!("starting {}", describe(cmd)))?;
     if !status.success() {
         bail!("`{}` failed with {status}", describe(cmd));
     }
@@ -42,22 +37,14 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs a command and returns its stdout (trimmed), or None when it cannot run or fails.
 pub fn output(program: impl AsRef<OsStr>, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let out = Command::new(program).args(args).stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Finds an executable in PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 pub fn is_root() -> bool {
@@ -113,10 +100,7 @@ pub fn run_tally(cmd: &mut Command) -> Result<(Tally, bool)> {
     let mut readers = Vec::new();
     let out = child.stdout.take().expect("piped");
     let err = child.stderr.take().expect("piped");
-    for (is_err, stream) in [
-        (false, Box::new(out) as Box<dyn std::io::Read + Send>),
-        (true, Box::new(err)),
-    ] {
+    for (is_err, stream) in [(false, Box::new(out) as Box<dyn std::io::Read + Send>), (true, Box::new(err))] {
         let tx = tx.clone();
         readers.push(thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -148,7 +132,9 @@ mod tests {
     #[test]
     fn tallies_libtest_lines() {
         let mut t = Tally::default();
-        t.scan("test result: ok. 12 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        t.scan(
+            "test result: ok. 12 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+        );
         t.scan("test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out");
         t.scan("skipped: bpf_blk::counts: not root");
         t.scan("running 3 tests");

@@ -19,17 +19,8 @@ fn required() -> bool {
 
 /// Builds the VM test binaries and returns their paths.
 fn test_executables() -> Result<Vec<PathBuf>> {
-    let mut cmd = build::cargo(&[
-        "test",
-        "-p",
-        "mirror-tests",
-        "--no-run",
-        "--message-format=json",
-    ]);
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cargo test --no-run")?;
+    let mut cmd = build::cargo(&["test", "-p", "mirror-tests", "--no-run", "--message-format=json"]);
+    let mut child = cmd.stdout(Stdio::piped()).spawn().context("cargo test --no-run")?;
     let mut exes = Vec::new();
     for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
@@ -58,14 +49,7 @@ fn skip(why: &str) -> Result<(Tally, bool)> {
         bail!("VM tests required (MIRROR_REQUIRE_VM=1) but cannot run: {why}");
     }
     eprintln!("skipped: vm-test: {why}");
-    Ok((
-        Tally {
-            skipped: 1,
-            passed: 1,
-            ..Default::default()
-        },
-        true,
-    ))
+    Ok((Tally { skipped: 1, passed: 1, ..Default::default() }, true))
 }
 
 pub fn vm_test() -> Result<(Tally, bool)> {
@@ -85,10 +69,7 @@ pub fn vm_test() -> Result<(Tally, bool)> {
          mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing; \
          export MIRROR_IN_VM=1; ",
     );
-    script.push_str(&format!(
-        "export MIRROR_BIN={}; ",
-        build::mirror_bin(false).display()
-    ));
+    script.push_str(&format!("export MIRROR_BIN={}; ", build::mirror_bin(false).display()));
     for var in ["MIRROR_REQUIRE_BPF", "MIRROR_REQUIRE_VM", "RUST_BACKTRACE"] {
         if let Ok(v) = std::env::var(var) {
             script.push_str(&format!("export {var}={v}; "));
@@ -104,15 +85,7 @@ pub fn vm_test() -> Result<(Tally, bool)> {
     cmd.current_dir(root())
         .arg("-r")
         .arg(&vmlinuz)
-        .args([
-            "--disable-kvm",
-            "--force-9p",
-            "--memory",
-            "2G",
-            "--cpus",
-            "2",
-            "--exec",
-        ])
+        .args(["--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2", "--exec"])
         .arg(&script);
     run_tally(&mut cmd)
 }

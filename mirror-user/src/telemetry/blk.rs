@@ -24,10 +24,7 @@ pub struct BlkInterval {
 
 impl BlkInterval {
     pub fn op_name(&self) -> &'static str {
-        BLK_OP_NAMES
-            .get(self.key.op as usize)
-            .copied()
-            .unwrap_or("?")
+        BLK_OP_NAMES.get(self.key.op as usize).copied().unwrap_or("?")
     }
     pub fn iops(&self) -> f64 {
         self.ios as f64 / self.secs
@@ -124,10 +121,7 @@ pub fn dev_name(dev: u32) -> String {
     let (ma, mi) = major_minor(dev);
     std::fs::read_to_string(format!("/sys/dev/block/{ma}:{mi}/uevent"))
         .ok()
-        .and_then(|u| {
-            u.lines()
-                .find_map(|l| l.strip_prefix("DEVNAME=").map(str::to_string))
-        })
+        .and_then(|u| u.lines().find_map(|l| l.strip_prefix("DEVNAME=").map(str::to_string)))
         .unwrap_or_else(|| format!("{ma}:{mi}"))
 }
 
@@ -136,26 +130,15 @@ mod tests {
     use super::*;
 
     fn stats(ios: u64, lat_sum_ns: u64, slot: usize) -> BlkStats {
-        let mut s = BlkStats {
-            ios,
-            bytes: ios * 4096,
-            lat_sum_ns,
-            ..Default::default()
-        };
+        let mut s = BlkStats { ios, bytes: ios * 4096, lat_sum_ns, ..Default::default() };
         s.hist_us[slot] = ios;
         s
     }
 
     #[test]
     fn interval_subtracts_and_skips_idle() {
-        let k1 = BlkStatsKey {
-            dev: kdev(7, 0),
-            op: 0,
-        };
-        let k2 = BlkStatsKey {
-            dev: kdev(7, 1),
-            op: 1,
-        };
+        let k1 = BlkStatsKey { dev: kdev(7, 0), op: 0 };
+        let k2 = BlkStatsKey { dev: kdev(7, 1), op: 1 };
         let prev = BlkSnapshot::from([(k1, stats(10, 10_000, 3)), (k2, stats(5, 1, 3))]);
         let cur = BlkSnapshot::from([(k1, stats(30, 50_000, 3)), (k2, stats(5, 1, 3))]);
         let iv = interval(&prev, &cur, 2.0);
@@ -197,9 +180,6 @@ mod tests {
     #[test]
     fn kdev_of_a_real_node() {
         // /dev/null is char 1:3 everywhere.
-        assert_eq!(
-            major_minor(kdev_of_path(std::path::Path::new("/dev/null")).unwrap()),
-            (1, 3)
-        );
+        assert_eq!(major_minor(kdev_of_path(std::path::Path::new("/dev/null")).unwrap()), (1, 3));
     }
 }

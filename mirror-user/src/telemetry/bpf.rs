@@ -24,10 +24,8 @@ pub fn has_object() -> bool {
 }
 
 /// Tracepoint programs in the object: (program name, category, tracepoint).
-const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("blk_rq_issue", "block", "block_rq_issue"),
-    ("blk_rq_complete", "block", "block_rq_complete"),
-];
+const TRACEPOINTS: &[(&str, &str, &str)] =
+    &[("blk_rq_issue", "block", "block_rq_issue"), ("blk_rq_complete", "block", "block_rq_complete")];
 
 /// The attached block-latency programs. Dropping it detaches them and removes the pins.
 #[derive(Debug)]
@@ -66,10 +64,7 @@ impl BlkProbe {
 
         fs::create_dir_all(pin_dir)
             .map_err(|e| TelemetryError::io(format!("create {}", pin_dir.display()), e))?;
-        let pins: Vec<PathBuf> = [MAP_BLK_START, MAP_BLK_STATS]
-            .iter()
-            .map(|m| pin_dir.join(m))
-            .collect();
+        let pins: Vec<PathBuf> = [MAP_BLK_START, MAP_BLK_STATS].iter().map(|m| pin_dir.join(m)).collect();
         for p in &pins {
             match fs::remove_file(p) {
                 Ok(()) => tracing::info!(pin = %p.display(), "removed stale pin of a previous run"),
@@ -91,10 +86,8 @@ impl BlkProbe {
                 .ok_or(TelemetryError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| TelemetryError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| TelemetryError::Program { name, source })?;
-            prog.attach(category, tp)
-                .map_err(|source| TelemetryError::Program { name, source })?;
+            prog.load().map_err(|source| TelemetryError::Program { name, source })?;
+            prog.attach(category, tp).map_err(|source| TelemetryError::Program { name, source })?;
         }
         tracing::info!(pin_dir = %pin_dir.display(), "block latency programs attached");
         Ok(BlkProbe { ebpf, pins })
@@ -102,15 +95,9 @@ impl BlkProbe {
 
     /// Cumulative statistics, summed over CPUs.
     pub fn snapshot(&self) -> Result<BlkSnapshot, TelemetryError> {
-        let map = self
-            .ebpf
-            .map(MAP_BLK_STATS)
-            .ok_or(TelemetryError::MissingMap(MAP_BLK_STATS))?;
+        let map = self.ebpf.map(MAP_BLK_STATS).ok_or(TelemetryError::MissingMap(MAP_BLK_STATS))?;
         let map: PerCpuHashMap<&MapData, BlkStatsKey, BlkStats> = PerCpuHashMap::try_from(map)
-            .map_err(|source| TelemetryError::Map {
-                name: MAP_BLK_STATS.into(),
-                source,
-            })?;
+            .map_err(|source| TelemetryError::Map { name: MAP_BLK_STATS.into(), source })?;
         sum_per_cpu(&map)
     }
 
@@ -125,10 +112,8 @@ fn sum_per_cpu<T: Borrow<MapData>>(
 ) -> Result<BlkSnapshot, TelemetryError> {
     let mut snap = BlkSnapshot::new();
     for item in map.iter() {
-        let (key, values) = item.map_err(|source| TelemetryError::Map {
-            name: MAP_BLK_STATS.into(),
-            source,
-        })?;
+        let (key, values) =
+            item.map_err(|source| TelemetryError::Map { name: MAP_BLK_STATS.into(), source })?;
         let total = snap.entry(key).or_default();
         for v in values.iter() {
             total.accumulate(v);
@@ -143,13 +128,9 @@ pub fn read_pinned(pin_dir: &Path) -> Result<BlkSnapshot, TelemetryError> {
     if !path.exists() {
         return Err(TelemetryError::NotPinned(path));
     }
-    let err = |source| TelemetryError::Map {
-        name: path.display().to_string(),
-        source,
-    };
+    let err = |source| TelemetryError::Map { name: path.display().to_string(), source };
     let data = MapData::from_pin(&path).map_err(err)?;
     let map = Map::from_map_data(data).map_err(err)?;
-    let map: PerCpuHashMap<MapData, BlkStatsKey, BlkStats> =
-        PerCpuHashMap::try_from(map).map_err(err)?;
+    let map: PerCpuHashMap<MapData, BlkStatsKey, BlkStats> = PerCpuHashMap::try_from(map).map_err(err)?;
     sum_per_cpu(&map)
 }

@@ -1,9 +1,7 @@
 //! Fallback source when BPF is not usable: `/proc/diskstats` turned into the same cumulative
 //! snapshot shape (counts, bytes, summed latency; no histogram, so no percentiles).
 
-use mirror_common::blk::{
-    BlkStats, BlkStatsKey, BLK_OP_DISCARD, BLK_OP_FLUSH, BLK_OP_READ, BLK_OP_WRITE,
-};
+use mirror_common::blk::{BlkStats, BlkStatsKey, BLK_OP_DISCARD, BLK_OP_FLUSH, BLK_OP_READ, BLK_OP_WRITE};
 
 use super::{blk::kdev, blk::BlkSnapshot, TelemetryError};
 
@@ -32,12 +30,7 @@ pub fn parse(text: &str) -> BlkSnapshot {
             if ios == 0 {
                 continue;
             }
-            let s = BlkStats {
-                ios,
-                bytes: sectors * 512,
-                lat_sum_ns: ms * 1_000_000,
-                ..Default::default()
-            };
+            let s = BlkStats { ios, bytes: sectors * 512, lat_sum_ns: ms * 1_000_000, ..Default::default() };
             snap.insert(BlkStatsKey { dev, op }, s);
         }
     }
@@ -46,8 +39,8 @@ pub fn parse(text: &str) -> BlkSnapshot {
 
 /// Reads and parses `/proc/diskstats`.
 pub fn read() -> Result<BlkSnapshot, TelemetryError> {
-    let text = std::fs::read_to_string("/proc/diskstats")
-        .map_err(|e| TelemetryError::io("/proc/diskstats", e))?;
+    let text =
+        std::fs::read_to_string("/proc/diskstats").map_err(|e| TelemetryError::io("/proc/diskstats", e))?;
     Ok(parse(&text))
 }
 
@@ -60,20 +53,11 @@ mod tests {
         let text = "   7       0 loop0 100 0 800 50 20 0 160 40 0 90 90 0 0 0 0 3 7\n\
                     253       0 vda 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
         let s = parse(text);
-        let r = s[&BlkStatsKey {
-            dev: kdev(7, 0),
-            op: BLK_OP_READ,
-        }];
+        let r = s[&BlkStatsKey { dev: kdev(7, 0), op: BLK_OP_READ }];
         assert_eq!((r.ios, r.bytes, r.lat_sum_ns), (100, 800 * 512, 50_000_000));
-        let w = s[&BlkStatsKey {
-            dev: kdev(7, 0),
-            op: BLK_OP_WRITE,
-        }];
+        let w = s[&BlkStatsKey { dev: kdev(7, 0), op: BLK_OP_WRITE }];
         assert_eq!((w.ios, w.bytes), (20, 160 * 512));
-        let fl = s[&BlkStatsKey {
-            dev: kdev(7, 0),
-            op: BLK_OP_FLUSH,
-        }];
+        let fl = s[&BlkStatsKey { dev: kdev(7, 0), op: BLK_OP_FLUSH }];
         assert_eq!((fl.ios, fl.lat_sum_ns), (3, 7_000_000));
         assert_eq!(s.len(), 3, "idle vda and empty groups are left out");
     }

@@ -19,44 +19,28 @@ pub enum TelemetryError {
     #[error("eBPF needs root (CAP_BPF and CAP_PERFMON); running as uid {0}")]
     NotRoot(u32),
     #[error("cannot mount {fs} at {path}: {source}")]
-    Mount {
-        fs: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Mount { fs: &'static str, path: PathBuf, source: std::io::Error },
     #[error("tracepoint format {path}: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    Io { what: String, source: std::io::Error },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
     #[error("map {name}: {source}")]
-    Map {
-        name: String,
-        source: aya::maps::MapError,
-    },
+    Map { name: String, source: aya::maps::MapError },
     #[error("no pinned map at {0}: is `mirror daemon` running (as root)?")]
     NotPinned(PathBuf),
 }
 
 impl TelemetryError {
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io {
-            what: what.into(),
-            source,
-        }
+        Self::Io { what: what.into(), source }
     }
 }
 

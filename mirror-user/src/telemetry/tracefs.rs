@@ -30,9 +30,7 @@ pub fn is_mounted(path: &str, fstype: &str) -> bool {
 }
 
 fn mount(fstype: &'static str, path: &str) -> Result<(), TelemetryError> {
-    let out = Command::new("mount")
-        .args(["-t", fstype, fstype, path])
-        .output();
+    let out = Command::new("mount").args(["-t", fstype, fstype, path]).output();
     let err = |reason: String| TelemetryError::Mount {
         fs: fstype,
         path: PathBuf::from(path),
@@ -118,10 +116,7 @@ fn field(
             path: path.to_path_buf(),
             reason: format!("field {name} has size {} (expected >= {min_size})", f.size),
         }),
-        None => Err(TelemetryError::Format {
-            path: path.to_path_buf(),
-            reason: format!("no field {name}"),
-        }),
+        None => Err(TelemetryError::Format { path: path.to_path_buf(), reason: format!("no field {name}") }),
     }
 }
 
@@ -152,9 +147,7 @@ pub fn blk_offsets_from(
 pub fn blk_offsets(root: &Path) -> Result<BlkTpOffsets, TelemetryError> {
     let ip = root.join("events/block/block_rq_issue/format");
     let cp = root.join("events/block/block_rq_complete/format");
-    let read = |p: &Path| {
-        fs::read_to_string(p).map_err(|e| TelemetryError::io(p.display().to_string(), e))
-    };
+    let read = |p: &Path| fs::read_to_string(p).map_err(|e| TelemetryError::io(p.display().to_string(), e));
     blk_offsets_from(&read(&ip)?, &read(&cp)?, &ip, &cp)
 }
 
@@ -191,45 +184,22 @@ print fmt: \"%d,%d %s\"";
     #[test]
     fn parses_fields() {
         let f = parse_format(ISSUE_618);
-        assert_eq!(
-            f["rwbs"],
-            Field {
-                offset: 34,
-                size: 10
-            }
-        );
-        assert_eq!(
-            f["cmd"],
-            Field {
-                offset: 60,
-                size: 4
-            }
-        );
+        assert_eq!(f["rwbs"], Field { offset: 34, size: 10 });
+        assert_eq!(f["cmd"], Field { offset: 60, size: 4 });
         assert_eq!(f["dev"], Field { offset: 8, size: 4 });
     }
 
     #[test]
     fn builds_offsets_across_layouts() {
         let o = blk_offsets_from(ISSUE_618, COMPLETE_OLD, Path::new("i"), Path::new("c")).unwrap();
-        assert_eq!(
-            (o.issue_rwbs, o.complete_rwbs, o.complete_error, o.valid),
-            (34, 32, 28, 1)
-        );
+        assert_eq!((o.issue_rwbs, o.complete_rwbs, o.complete_error, o.valid), (34, 32, 28, 1));
     }
 
     #[test]
     fn missing_field_is_a_clear_error() {
-        let err = blk_offsets_from(
-            ISSUE_618,
-            "format:\n",
-            Path::new("i"),
-            Path::new("c/format"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("c/format") && err.contains("no field dev"),
-            "{err}"
-        );
+        let err = blk_offsets_from(ISSUE_618, "format:\n", Path::new("i"), Path::new("c/format"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c/format") && err.contains("no field dev"), "{err}");
     }
 }

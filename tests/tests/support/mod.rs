@@ -31,10 +31,7 @@ pub fn not_in_vm(test: &str) -> bool {
     if in_vm() {
         return false;
     }
-    let _ = writeln!(
-        std::io::stderr(),
-        "skipped: {test}: runs only inside `cargo xtask vm-test`"
-    );
+    let _ = writeln!(std::io::stderr(), "skipped: {test}: runs only inside `cargo xtask vm-test`");
     true
 }
 
@@ -52,9 +49,7 @@ pub fn mirror_bin() -> PathBuf {
 
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 /// A unique scratch directory, removed on drop.
@@ -88,9 +83,7 @@ impl LoopDev {
     pub fn new(size: u64) -> Self {
         let dir = TempDir::new("loop");
         let img = dir.0.join("disk.img");
-        std::fs::File::create(&img)
-            .and_then(|f| f.set_len(size))
-            .expect("create backing file");
+        std::fs::File::create(&img).and_then(|f| f.set_len(size)).expect("create backing file");
         if !Path::new("/dev/loop-control").exists() {
             let _ = Command::new("modprobe").arg("loop").status();
         }
@@ -99,11 +92,7 @@ impl LoopDev {
             .arg(&img)
             .output()
             .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
         let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         LoopDev { dev, _dir: dir }
     }
@@ -124,11 +113,7 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon pinning into a private bpffs directory and waits for its maps.
     pub fn start(extra: &[&str]) -> Self {
-        let pin_dir = PathBuf::from(format!(
-            "/sys/fs/bpf/mirror-test-{}-{}",
-            std::process::id(),
-            nanos()
-        ));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mirror-test-{}-{}", std::process::id(), nanos()));
         let child = Command::new(mirror_bin())
             .args(["daemon", "--quiet", "--interval", "100ms", "--pin-dir"])
             .arg(&pin_dir)
@@ -144,10 +129,7 @@ impl Daemon {
             if let Ok(Some(st)) = d.child.try_wait() {
                 panic!("daemon exited early with {st}");
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "daemon did not pin its maps in 20 s"
-            );
+            assert!(start.elapsed() < Duration::from_secs(20), "daemon did not pin its maps in 20 s");
             std::thread::sleep(Duration::from_millis(50));
         }
         d
@@ -181,22 +163,11 @@ impl Drop for Daemon {
 }
 
 fn nanos() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
 }
 
 /// dd with O_DIRECT; panics when it fails.
 pub fn dd(args: &[&str]) {
-    let out = Command::new("dd")
-        .args(args)
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run dd");
-    assert!(
-        out.status.success(),
-        "dd {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("dd").args(args).stderr(Stdio::piped()).output().expect("run dd");
+    assert!(out.status.success(), "dd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }

@@ -1,0 +1,135 @@
+//! The blocking protocol client: connect, authenticate, call. Used by sync jobs (source server
+//! to peer), the CLI, and tests.
+
+use std::{net::TcpStream, time::Duration};
+
+use super::{
+    auth,
+    conn::{Conn, ConnError},
+    protocol::{Message, VolumeInfo, VERSION},
+};
+
+/// Errors talking to a replica server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    #[error("{addr} refused: {message}")]
+    Remote { addr: String, code: u16, message: String },
+    #[error("{0} failed to prove it knows the shared secret")]
+    ServerAuth(String),
+    #[error("unexpected reply {0}")]
+    Unexpected(String),
+}
+
+/// An authenticated connection to one volume on a replica server.
+#[derive(Debug)]
+pub struct Client {
+    pub conn: Conn,
+    pub info: VolumeInfo,
+    pub addr: String,
+    next_id: u64,
+}
+
+impl Client {
+    /// Connects and runs the handshake (version, mutual HMAC proof, volume).
+    pub fn connect(addr: &str, volume: &str, secret: &[u8]) -> Result<Client, ClientError> {
+        let stream =
+            TcpStream::connect(addr).map_err(|source| ClientError::Connect { addr: addr.into(), source })?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut conn =
+            Conn::new(stream).map_err(|source| ClientError::Connect { addr: addr.into(), source })?;
+        let client_nonce = auth::nonce();
+        conn.send(0, 0, &Message::Hello { version: VERSION, volume: volume.into(), nonce: client_nonce })?;
+        conn.flush()?;
+        let server_nonce = match conn.recv()?.1 {
+            Message::Challenge { nonce, .. } => nonce,
+            m => return Err(remote_or_unexpected(addr, m)),
+        };
+        let mac = auth::client_proof(secret, &server_nonce, &client_nonce, volume);
+        conn.send(0, 0, &Message::Auth { mac })?;
+        conn.flush()?;
+        let (mac, info) = match conn.recv()?.1 {
+            Message::Welcome { mac, info } => (mac, info),
+            m => return Err(remote_or_unexpected(addr, m)),
+        };
+        if !auth::verify_server(secret, &server_nonce, &client_nonce, volume, &mac) {
+            return Err(ClientError::ServerAuth(addr.into()));
+        }
+        let _ = conn.stream().set_read_timeout(None);
+        Ok(Client { conn, info, addr: addr.into(), next_id: 1 })
+    }
+
+    /// Queues a request; returns its id. Pair with [`Self::recv`] to pipeline.
+    pub fn send(&mut self, flags: u16, msg: &Message) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.conn.send(id, flags, msg)?;
+        Ok(id)
+    }
+
+    /// Reads the next reply (replies come in request order); an Error reply is an error.
+    pub fn recv(&mut self) -> Result<(u64, Message), ClientError> {
+        self.conn.flush()?;
+        let (h, m) = self.conn.recv()?;
+        match m {
+            Message::Error { code, message } => {
+                Err(ClientError::Remote { addr: self.addr.clone(), code, message })
+            }
+            m => Ok((h.id, m)),
+        }
+    }
+
+    /// One request, one reply.
+    pub fn call(&mut self, msg: &Message) -> Result<Message, ClientError> {
+        self.call_flags(0, msg)
+    }
+
+    pub fn call_flags(&mut self, flags: u16, msg: &Message) -> Result<Message, ClientError> {
+        let id = self.send(flags, msg)?;
+        let (rid, m) = self.recv()?;
+        if rid != id {
+            return Err(ClientError::Unexpected(format!("reply id {rid} for request {id}")));
+        }
+        Ok(m)
+    }
+
+    /// A call whose only success reply is Ok.
+    pub fn call_ok(&mut self, msg: &Message) -> Result<(), ClientError> {
+        match self.call(msg)? {
+            Message::Ok => Ok(()),
+            m => Err(ClientError::Unexpected(format!("{m:?}"))),
+        }
+    }
+
+    pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+        match self.call(&Message::Read { offset, len })? {
+            Message::Data(d) => Ok(d),
+            m => Err(ClientError::Unexpected(format!("{m:?}"))),
+        }
+    }
+
+    pub fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), ClientError> {
+        self.call_ok(&Message::Write { offset, data })
+    }
+
+    /// A JSON reply (status, job status) parsed.
+    pub fn json(&mut self, msg: &Message) -> Result<serde_json::Value, ClientError> {
+        match self.call(msg)? {
+            Message::Json(s) => {
+                serde_json::from_str(&s).map_err(|e| ClientError::Unexpected(format!("bad json: {e}")))
+            }
+            m => Err(ClientError::Unexpected(format!("{m:?}"))),
+        }
+    }
+}
+
+fn remote_or_unexpected(addr: &str, m: Message) -> ClientError {
+    match m {
+        Message::Error { code, message } => ClientError::Remote { addr: addr.into(), code, message },
+        m => ClientError::Unexpected(format!("{m:?} during handshake")),
+    }
+}

@@ -1,0 +1,561 @@
+//! Per-volume replication metadata, persistent and crash-safe: generations (who is newer), the
+//! tracking flag (degraded or syncing: every write is recorded) and the dirty bitmap (blocks the
+//! peer may not have).
+//!
+//! File layout: two 4 KiB header slots (written alternately, each with a sequence number and a
+//! crc32c, so a torn write leaves the other slot valid), then the bitmap, one bit per
+//! `block_size` bytes. Bits are set on disk (and fsynced) *before* the write they cover is
+//! applied; they are cleared on disk only after the peer has flushed the data.
+//!
+//! In memory there are two bitmaps: `disk` mirrors the file, `mem` is what is still to be sent.
+//! A sync takes a window's bits out of `mem`, sends the blocks, flushes the peer, then clears in
+//! `disk` only the bits that no write has set again in `mem` meanwhile.
+
+use std::{
+    fs::{File, OpenOptions},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use super::protocol::{GenInfo, HISTORY};
+
+const MAGIC: &[u8; 8] = b"MRMETA01";
+const SLOT: u64 = 4096;
+const BITMAP_OFF: u64 = 2 * SLOT;
+const PAGE: usize = 4096;
+
+/// Errors at the metadata boundary.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetaError {
+    #[error("metadata {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("metadata {path} belongs to a volume of {found} bytes / block {found_bs}, not {size} / {bs}")]
+    Mismatch { path: PathBuf, found: u64, found_bs: u32, size: u64, bs: u32 },
+    #[error("metadata {0}: no valid header slot (both torn or not a mirror metadata file)")]
+    Corrupt(PathBuf),
+}
+
+/// The persistent header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaHeader {
+    pub seq: u64,
+    pub uuid: [u8; 16],
+    pub size: u64,
+    pub block_size: u32,
+    pub gen: GenInfo,
+    /// Degraded or syncing: writes are recorded in the dirty bitmap.
+    pub tracking: bool,
+}
+
+impl MetaHeader {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(128);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&self.seq.to_le_bytes());
+        b.extend_from_slice(&self.uuid);
+        b.extend_from_slice(&self.size.to_le_bytes());
+        b.extend_from_slice(&self.block_size.to_le_bytes());
+        b.extend_from_slice(&self.gen.current.to_le_bytes());
+        for h in self.gen.history {
+            b.extend_from_slice(&h.to_le_bytes());
+        }
+        b.push(self.gen.consistent as u8);
+        b.extend_from_slice(&self.gen.sync_source.to_le_bytes());
+        b.push(self.tracking as u8);
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<MetaHeader> {
+        const LEN: usize = 8 + 8 + 16 + 8 + 4 + 8 + 8 * HISTORY + 1 + 8 + 1;
+        if b.len() < LEN + 4 || &b[..8] != MAGIC {
+            return None;
+        }
+        let crc = u32::from_le_bytes(b[LEN..LEN + 4].try_into().ok()?);
+        if crc32c::crc32c(&b[..LEN]) != crc {
+            return None;
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+        let mut history = [0u64; HISTORY];
+        for (i, h) in history.iter_mut().enumerate() {
+            *h = u64_at(52 + 8 * i);
+        }
+        let after = 52 + 8 * HISTORY;
+        Some(MetaHeader {
+            seq: u64_at(8),
+            uuid: b[16..32].try_into().ok()?,
+            size: u64_at(32),
+            block_size: u32::from_le_bytes(b[40..44].try_into().ok()?),
+            gen: GenInfo {
+                current: u64_at(44),
+                history,
+                consistent: b[after] == 1,
+                sync_source: u64_at(after + 1),
+            },
+            tracking: b[after + 9] == 1,
+        })
+    }
+}
+
+/// A fresh random non-zero generation or uuid material.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("getrandom");
+    u64::from_le_bytes(b).max(1)
+}
+
+struct State {
+    hdr: MetaHeader,
+    disk: Vec<u64>,
+    mem: Vec<u64>,
+}
+
+/// The metadata of one volume.
+pub struct VolumeMeta {
+    path: PathBuf,
+    file: File,
+    nbits: u64,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for VolumeMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VolumeMeta({})", self.path.display())
+    }
+}
+
+fn bit_range(offset: u64, len: u64, bs: u64, nbits: u64) -> std::ops::Range<u64> {
+    if len == 0 {
+        return 0..0;
+    }
+    let first = offset / bs;
+    let last = (offset + len - 1) / bs;
+    first.min(nbits)..(last + 1).min(nbits)
+}
+
+impl VolumeMeta {
+    /// Opens the metadata at `path`, creating it (generation 0, clean, consistent=false) when
+    /// absent. An existing file must describe a volume of the same size and block size.
+    pub fn open(path: &Path, size: u64, block_size: u32) -> Result<Self, MetaError> {
+        let io = |source| MetaError::Io { path: path.to_path_buf(), source };
+        let nbits = size.div_ceil(block_size as u64);
+        let words = nbits.div_ceil(64) as usize;
+        let exists = path.exists();
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io)?;
+        let hdr = if exists && file.metadata().map_err(io)?.len() >= BITMAP_OFF {
+            let mut a = vec![0u8; SLOT as usize];
+            let mut b = vec![0u8; SLOT as usize];
+            file.read_exact_at(&mut a, 0).map_err(io)?;
+            file.read_exact_at(&mut b, SLOT).map_err(io)?;
+            let hdr = match (MetaHeader::decode(&a), MetaHeader::decode(&b)) {
+                (Some(x), Some(y)) => {
+                    if x.seq >= y.seq {
+                        x
+                    } else {
+                        y
+                    }
+                }
+                (Some(x), None) | (None, Some(x)) => x,
+                (None, None) => return Err(MetaError::Corrupt(path.to_path_buf())),
+            };
+            if hdr.size != size || hdr.block_size != block_size {
+                return Err(MetaError::Mismatch {
+                    path: path.to_path_buf(),
+                    found: hdr.size,
+                    found_bs: hdr.block_size,
+                    size,
+                    bs: block_size,
+                });
+            }
+            hdr
+        } else {
+            let mut uuid = [0u8; 16];
+            getrandom::fill(&mut uuid).expect("getrandom");
+            MetaHeader {
+                seq: 0,
+                uuid,
+                size,
+                block_size,
+                gen: GenInfo { current: 0, history: [0; HISTORY], consistent: false, sync_source: 0 },
+                tracking: false,
+            }
+        };
+        let bitmap_bytes = (words * 8).div_ceil(PAGE) * PAGE;
+        file.set_len(BITMAP_OFF + bitmap_bytes as u64).map_err(io)?;
+        let mut raw = vec![0u8; words * 8];
+        file.read_exact_at(&mut raw, BITMAP_OFF).map_err(io)?;
+        let mut disk: Vec<u64> =
+            raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect();
+        // Bits past the end of the volume are never valid.
+        if nbits % 64 != 0 {
+            if let Some(last) = disk.last_mut() {
+                *last &= (1u64 << (nbits % 64)) - 1;
+            }
+        }
+        let meta = VolumeMeta {
+            path: path.to_path_buf(),
+            file,
+            nbits,
+            state: Mutex::new(State { hdr: hdr.clone(), mem: disk.clone(), disk }),
+        };
+        if !exists {
+            meta.update(|_| {})?;
+        }
+        Ok(meta)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn io(&self, source: std::io::Error) -> MetaError {
+        MetaError::Io { path: self.path.clone(), source }
+    }
+
+    /// Number of bitmap bits (blocks).
+    pub fn nbits(&self) -> u64 {
+        self.nbits
+    }
+
+    pub fn header(&self) -> MetaHeader {
+        self.lock().hdr.clone()
+    }
+
+    fn write_header(&self, st: &mut State) -> Result<(), MetaError> {
+        st.hdr.seq += 1;
+        let slot = (st.hdr.seq % 2) * SLOT;
+        self.file.write_all_at(&st.hdr.encode(), slot).map_err(|e| self.io(e))?;
+        self.file.sync_data().map_err(|e| self.io(e))
+    }
+
+    /// Changes the header and makes the change durable before returning.
+    pub fn update(&self, f: impl FnOnce(&mut MetaHeader)) -> Result<MetaHeader, MetaError> {
+        let mut st = self.lock();
+        f(&mut st.hdr);
+        self.write_header(&mut st)?;
+        Ok(st.hdr.clone())
+    }
+
+    fn persist_words(&self, st: &State, words: std::ops::Range<usize>) -> Result<(), MetaError> {
+        if words.is_empty() {
+            return Ok(());
+        }
+        let per_page = PAGE / 8;
+        let first_page = words.start / per_page;
+        let last_page = (words.end - 1) / per_page;
+        for page in first_page..=last_page {
+            let lo = page * per_page;
+            let hi = ((page + 1) * per_page).min(st.disk.len());
+            let bytes: Vec<u8> = st.disk[lo..hi].iter().flat_map(|w| w.to_le_bytes()).collect();
+            self.file.write_all_at(&bytes, BITMAP_OFF + (lo * 8) as u64).map_err(|e| self.io(e))?;
+        }
+        self.file.sync_data().map_err(|e| self.io(e))
+    }
+
+    /// Records `[offset, offset+len)` as not on the peer: set in memory and durably on disk before
+    /// returning (write intent). Returns whether any bit was newly set on disk.
+    pub fn mark_dirty(&self, offset: u64, len: u64) -> Result<bool, MetaError> {
+        let mut st = self.lock();
+        let bs = st.hdr.block_size as u64;
+        let r = bit_range(offset, len, bs, self.nbits);
+        let mut changed = false;
+        for bit in r.clone() {
+            let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
+            st.mem[w] |= m;
+            if st.disk[w] & m == 0 {
+                st.disk[w] |= m;
+                changed = true;
+            }
+        }
+        if changed {
+            let words = (r.start / 64) as usize..(r.end.div_ceil(64)) as usize;
+            self.persist_words(&st, words)?;
+        }
+        Ok(changed)
+    }
+
+    /// Marks the whole volume dirty (full sync), durably.
+    pub fn set_all_dirty(&self) -> Result<(), MetaError> {
+        let size = self.lock().hdr.size;
+        self.mark_dirty(0, size)?;
+        Ok(())
+    }
+
+    /// Clears both bitmaps (a discarded replica starts over), durably.
+    pub fn clear_all(&self) -> Result<(), MetaError> {
+        let mut st = self.lock();
+        st.disk.iter_mut().for_each(|w| *w = 0);
+        st.mem.iter_mut().for_each(|w| *w = 0);
+        let n = st.disk.len();
+        self.persist_words(&st, 0..n)
+    }
+
+    /// Takes the still-to-send bits of `[start, start+count)` out of the in-memory bitmap and
+    /// returns them (one bool per bit). The disk bits stay set until [`Self::commit`].
+    pub fn take(&self, start: u64, count: u64) -> Vec<bool> {
+        let mut st = self.lock();
+        let end = (start + count).min(self.nbits);
+        (start..end)
+            .map(|bit| {
+                let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
+                let set = st.mem[w] & m != 0;
+                st.mem[w] &= !m;
+                set
+            })
+            .collect()
+    }
+
+    /// Puts taken bits back (the window failed to sync).
+    pub fn restore(&self, start: u64, bits: &[bool]) {
+        let mut st = self.lock();
+        for (i, &b) in bits.iter().enumerate() {
+            if b {
+                let bit = start + i as u64;
+                st.mem[(bit / 64) as usize] |= 1u64 << (bit % 64);
+            }
+        }
+    }
+
+    /// After the peer flushed a taken window: clears on disk the taken bits that were not set
+    /// again in memory by a write since [`Self::take`], durably.
+    pub fn commit(&self, start: u64, bits: &[bool]) -> Result<(), MetaError> {
+        let mut st = self.lock();
+        let mut lo = usize::MAX;
+        let mut hi = 0usize;
+        for (i, &b) in bits.iter().enumerate() {
+            if !b {
+                continue;
+            }
+            let bit = start + i as u64;
+            let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
+            if st.mem[w] & m == 0 && st.disk[w] & m != 0 {
+                st.disk[w] &= !m;
+                lo = lo.min(w);
+                hi = hi.max(w + 1);
+            }
+        }
+        if lo < hi {
+            self.persist_words(&st, lo..hi)?;
+        }
+        Ok(())
+    }
+
+    /// Bits still to send (in memory).
+    pub fn pending_bits(&self) -> u64 {
+        self.lock().mem.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// Bits set on disk (not yet confirmed on the peer).
+    pub fn dirty_bits(&self) -> u64 {
+        self.lock().disk.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// First bit at or after `from` that is still to send.
+    pub fn next_pending(&self, from: u64) -> Option<u64> {
+        let st = self.lock();
+        let mut w = (from / 64) as usize;
+        let mut word = st.mem.get(w)? & (!0u64 << (from % 64));
+        loop {
+            if word != 0 {
+                let bit = w as u64 * 64 + word.trailing_zeros() as u64;
+                return (bit < self.nbits).then_some(bit);
+            }
+            w += 1;
+            word = *st.mem.get(w)?;
+        }
+    }
+
+    /// True when no block of `[offset, offset+len)` is dirty: the peer has all of it.
+    pub fn is_clean(&self, offset: u64, len: u64) -> bool {
+        let st = self.lock();
+        let bs = st.hdr.block_size as u64;
+        bit_range(offset, len, bs, self.nbits).all(|bit| {
+            let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
+            (st.mem[w] | st.disk[w]) & m == 0
+        })
+    }
+
+    /// The on-disk bitmap bytes (little-endian words), for status and the router.
+    pub fn bitmap_bytes(&self) -> Vec<u8> {
+        let st = self.lock();
+        st.disk.iter().zip(&st.mem).flat_map(|(d, m)| (d | m).to_le_bytes()).collect()
+    }
+}
+
+/// What a sync source should do, given its generations and the peer's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncPlan {
+    /// Same generation, nothing dirty: nothing to send.
+    UpToDate,
+    /// The peer is an ancestor (or an interrupted sync from us): send the dirty bitmap.
+    Resync,
+    /// The peer has no generation (new or discarded): compare every block.
+    Full,
+    /// Not safe to push: the reason, for the operator.
+    Refuse(String),
+}
+
+fn lineage(g: &GenInfo) -> impl Iterator<Item = u64> + '_ {
+    std::iter::once(g.current).chain(g.history.iter().copied()).filter(|&x| x != 0)
+}
+
+/// Decides how `local` (the would-be source) may bring `peer` up to date. Pure.
+pub fn plan(local: &GenInfo, local_dirty_bits: u64, peer: &GenInfo) -> SyncPlan {
+    if peer.current == 0 {
+        return SyncPlan::Full;
+    }
+    if local.current == 0 {
+        return SyncPlan::Refuse(format!(
+            "this replica was never synced but the peer holds generation {:#x}: push from the peer \
+             instead (or `mirror resolve --discard` the peer to overwrite it)",
+            peer.current
+        ));
+    }
+    if !peer.consistent {
+        return if lineage(local).any(|g| g == peer.sync_source) { SyncPlan::Resync } else { SyncPlan::Full };
+    }
+    if peer.current == local.current {
+        return if local_dirty_bits == 0 { SyncPlan::UpToDate } else { SyncPlan::Resync };
+    }
+    if local.history.contains(&peer.current) {
+        return SyncPlan::Resync;
+    }
+    if peer.history.contains(&local.current) {
+        return SyncPlan::Refuse(format!(
+            "the peer is newer: its generation {:#x} descends from ours ({:#x}); sync from the \
+             peer to this replica instead",
+            peer.current, local.current
+        ));
+    }
+    SyncPlan::Refuse(format!(
+        "split brain: both replicas were written independently (local generation {:#x}, history \
+         {:x?}; peer generation {:#x}, history {:x?}). Automatic resync refused. Choose the side \
+         whose writes are discarded and run `mirror resolve --node <that node> --volume <name> \
+         --discard`, then sync from the other side",
+        local.current, local.history, peer.current, peer.history
+    ))
+}
+
+/// Shifts `current` into the history and starts a new generation (entering degraded mode, or
+/// first sync of a never-synced source).
+pub fn new_generation(g: &mut GenInfo) {
+    if g.current != 0 {
+        g.history.rotate_right(1);
+        g.history[0] = g.current;
+    }
+    g.current = random_u64();
+    g.consistent = true;
+    g.sync_source = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Tmp(PathBuf);
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    fn tmp(tag: &str) -> Tmp {
+        Tmp(std::env::temp_dir().join(format!("mirror-meta-{tag}-{}-{}", std::process::id(), random_u64())))
+    }
+
+    #[test]
+    fn creates_persists_and_reloads() {
+        let t = tmp("reload");
+        let m = VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        assert_eq!(m.nbits(), 256);
+        assert!(!m.mark_dirty(0, 0).unwrap());
+        assert!(m.mark_dirty(4096 * 3 + 1, 4096).unwrap()); // bits 3 and 4
+        assert!(!m.mark_dirty(4096 * 3, 10).unwrap(), "already set");
+        let g = m
+            .update(|h| {
+                new_generation(&mut h.gen);
+                h.tracking = true;
+            })
+            .unwrap();
+        drop(m);
+        let m = VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        assert_eq!(m.header().gen, g.gen);
+        assert!(m.header().tracking);
+        assert_eq!(m.dirty_bits(), 2);
+        assert!(!m.is_clean(4096 * 4, 1));
+        assert!(m.is_clean(0, 4096 * 3));
+    }
+
+    #[test]
+    fn size_mismatch_is_refused() {
+        let t = tmp("mismatch");
+        VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        let e = VolumeMeta::open(&t.0, 2 << 20, 4096).unwrap_err().to_string();
+        assert!(e.contains("belongs to a volume"), "{e}");
+    }
+
+    #[test]
+    fn torn_newest_slot_falls_back_to_the_other() {
+        let t = tmp("torn");
+        let m = VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        let first = m.update(|h| h.gen.current = 11).unwrap();
+        let second = m.update(|h| h.gen.current = 22).unwrap();
+        drop(m);
+        // Corrupt the slot holding the newest header.
+        let f = OpenOptions::new().write(true).open(&t.0).unwrap();
+        f.write_all_at(&[0xff; 16], (second.seq % 2) * SLOT + 20).unwrap();
+        let m = VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        assert_eq!(m.header().gen.current, first.gen.current);
+    }
+
+    #[test]
+    fn take_commit_keeps_bits_rewritten_meanwhile() {
+        let t = tmp("commit");
+        let m = VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        m.mark_dirty(0, 4096 * 8).unwrap();
+        let taken = m.take(0, 8);
+        assert_eq!(taken.iter().filter(|b| **b).count(), 8);
+        assert_eq!(m.pending_bits(), 0);
+        m.mark_dirty(4096 * 2, 1).unwrap(); // a write lands during the window
+        m.commit(0, &taken).unwrap();
+        assert_eq!(m.dirty_bits(), 1, "the rewritten block stays dirty");
+        assert_eq!(m.next_pending(0), Some(2));
+        let taken = m.take(0, 8);
+        m.restore(0, &taken);
+        assert_eq!(m.pending_bits(), 1, "restore puts bits back");
+    }
+
+    #[test]
+    fn plans() {
+        let g = |current, history: [u64; 4]| GenInfo { current, history, consistent: true, sync_source: 0 };
+        assert_eq!(plan(&g(5, [0; 4]), 0, &g(0, [0; 4])), SyncPlan::Full);
+        assert_eq!(plan(&g(5, [0; 4]), 0, &g(5, [0; 4])), SyncPlan::UpToDate);
+        assert_eq!(plan(&g(5, [0; 4]), 3, &g(5, [0; 4])), SyncPlan::Resync);
+        assert_eq!(plan(&g(6, [5, 0, 0, 0]), 3, &g(5, [0; 4])), SyncPlan::Resync);
+        assert!(
+            matches!(plan(&g(5, [0; 4]), 0, &g(6, [5, 0, 0, 0])), SyncPlan::Refuse(r) if r.contains("newer"))
+        );
+        assert!(
+            matches!(plan(&g(7, [5, 0, 0, 0]), 0, &g(6, [5, 0, 0, 0])), SyncPlan::Refuse(r) if r.contains("split brain"))
+        );
+        assert!(matches!(plan(&g(0, [0; 4]), 0, &g(6, [0; 4])), SyncPlan::Refuse(_)));
+        let interrupted = GenInfo { current: 0, history: [0; 4], consistent: false, sync_source: 0 };
+        assert_eq!(plan(&g(5, [0; 4]), 9, &interrupted), SyncPlan::Full);
+        let resumable = GenInfo { current: 4, history: [0; 4], consistent: false, sync_source: 5 };
+        assert_eq!(plan(&g(5, [0; 4]), 9, &resumable), SyncPlan::Resync);
+        let other = GenInfo { current: 4, history: [0; 4], consistent: false, sync_source: 99 };
+        assert_eq!(plan(&g(5, [0; 4]), 9, &other), SyncPlan::Full);
+    }
+
+    #[test]
+    fn new_generation_shifts_history() {
+        let mut g = GenInfo { current: 1, history: [2, 3, 4, 5], consistent: false, sync_source: 9 };
+        new_generation(&mut g);
+        assert_ne!(g.current, 1);
+        assert_eq!(g.history, [1, 2, 3, 4]);
+        assert!(g.consistent);
+    }
+}

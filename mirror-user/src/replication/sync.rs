@@ -1,0 +1,512 @@
+//! Jobs a replica server runs against its peer: sync (initial full sync and resync of the dirty
+//! bitmap, one algorithm) and online verify.
+//!
+//! Sync walks the pending bits window by window. Per window it asks the peer for digests (first
+//! per 64 KiB sync block where whole blocks are dirty, then per bitmap block inside the blocks
+//! that differ, and directly per bitmap block where only some are dirty), and sends only the
+//! pieces whose digests differ: all-zero pieces as WriteZeroes markers, others lz4-compressed
+//! when that saves at least 10%. Every few windows the peer flushes and only then are the bits
+//! cleared on disk, so an interrupted sync resumes where it stopped.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use super::{
+    client::{Client, ClientError},
+    conn::Wire,
+    meta::{new_generation, plan, MetaError, SyncPlan},
+    protocol::{JobKind, Message},
+    rate::{Pacer, SyncRate},
+    server::Volume,
+    store::{digest, is_zero, Digest},
+};
+
+/// Size of a sync block: the unit of the first digest comparison.
+pub const SYNC_BLOCK: u64 = 64 << 10;
+/// Bytes of volume handled per window.
+pub const WINDOW: u64 = 4 << 20;
+/// Windows between two peer flushes (and bitmap commits).
+const COMMIT_EVERY: usize = 8;
+/// Largest run sent in one write.
+const MAX_RUN: u64 = 1 << 20;
+
+/// Errors of a job.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("local I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// Live state of a job, shared with status requests.
+#[derive(Debug)]
+pub struct JobState {
+    pub kind: JobKind,
+    pub peer: String,
+    started: Instant,
+    pub cancel: AtomicBool,
+    finished: AtomicBool,
+    /// Bytes of volume to examine (grows if writes re-dirty blocks).
+    pub total_bytes: AtomicU64,
+    /// Bytes of volume examined.
+    pub done_bytes: AtomicU64,
+    /// Payload bytes of data sent (after compression).
+    pub data_bytes: AtomicU64,
+    /// Bytes found different and rewritten on the peer (before compression).
+    pub changed_bytes: AtomicU64,
+    wire: Mutex<Option<Arc<Wire>>>,
+    state: Mutex<String>,
+    plan: Mutex<String>,
+    error: Mutex<Option<String>>,
+    mismatches: Mutex<Vec<(u64, u64)>>,
+    elapsed: Mutex<Option<Duration>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl JobState {
+    pub fn new(kind: JobKind, peer: String) -> Self {
+        JobState {
+            kind,
+            peer,
+            started: Instant::now(),
+            cancel: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            total_bytes: AtomicU64::new(0),
+            done_bytes: AtomicU64::new(0),
+            data_bytes: AtomicU64::new(0),
+            changed_bytes: AtomicU64::new(0),
+            wire: Mutex::new(None),
+            state: Mutex::new("connecting".into()),
+            plan: Mutex::new(String::new()),
+            error: Mutex::new(None),
+            mismatches: Mutex::new(Vec::new()),
+            elapsed: Mutex::new(None),
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+
+    fn set_state(&self, s: &str) {
+        *lock(&self.state) = s.into();
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let elapsed = lock(&self.elapsed).unwrap_or_else(|| self.started.elapsed()).as_secs_f64();
+        let done = self.done_bytes.load(Ordering::Relaxed);
+        let total = self.total_bytes.load(Ordering::Relaxed).max(done);
+        let rate = if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 };
+        let eta = if rate > 0.0 && !self.finished() { Some((total - done) as f64 / rate) } else { None };
+        let wire = lock(&self.wire).as_ref().map(|w| w.total()).unwrap_or(0);
+        serde_json::json!({
+            "kind": self.kind,
+            "peer": self.peer,
+            "state": *lock(&self.state),
+            "plan": *lock(&self.plan),
+            "total_bytes": total,
+            "done_bytes": done,
+            "changed_bytes": self.changed_bytes.load(Ordering::Relaxed),
+            "data_bytes": self.data_bytes.load(Ordering::Relaxed),
+            "wire_bytes": wire,
+            "rate_bps": rate,
+            "eta_s": eta,
+            "elapsed_s": elapsed,
+            "mismatches": *lock(&self.mismatches),
+            "error": *lock(&self.error),
+        })
+    }
+}
+
+/// Runs a job to its end, recording the outcome in `st`.
+pub fn run_job(vol: &Volume, peer: &str, secret: &[u8], rate: SyncRate, st: &JobState) {
+    let r = (|| -> Result<&'static str, JobError> {
+        let mut c = Client::connect(peer, &vol.name, secret)?;
+        *lock(&st.wire) = Some(c.conn.wire.clone());
+        if c.info.size != vol.store.size() || c.info.block_size != vol.block_size {
+            return Err(JobError::Refused(format!(
+                "peer volume is {} bytes / block {}, this one {} / {}",
+                c.info.size,
+                c.info.block_size,
+                vol.store.size(),
+                vol.block_size
+            )));
+        }
+        let mut pacer = Pacer::new(rate);
+        match st.kind {
+            JobKind::Sync => sync(vol, &mut c, st, &mut pacer),
+            JobKind::Verify => verify(vol, &mut c, st, &mut pacer, false),
+            JobKind::VerifyRepair => verify(vol, &mut c, st, &mut pacer, true),
+        }
+    })();
+    *lock(&st.elapsed) = Some(st.started.elapsed());
+    match r {
+        Ok(s) => {
+            st.set_state(s);
+            tracing::info!(volume = %vol.name, peer, job = ?st.kind, status = %st.to_json(), "job finished");
+        }
+        Err(e) => {
+            let state = match e {
+                JobError::Refused(_) => "refused",
+                JobError::Cancelled => "cancelled",
+                _ => "failed",
+            };
+            st.set_state(state);
+            tracing::warn!(volume = %vol.name, peer, job = ?st.kind, "job {state}: {e}");
+            *lock(&st.error) = Some(e.to_string());
+        }
+    }
+    st.finished.store(true, Ordering::SeqCst);
+}
+
+fn sync(vol: &Volume, c: &mut Client, st: &JobState, pacer: &mut Pacer) -> Result<&'static str, JobError> {
+    let local = vol.meta.header().gen;
+    let p = plan(&local, vol.meta.dirty_bits(), &c.info.gen);
+    *lock(&st.plan) = format!("{p:?}");
+    match p {
+        SyncPlan::Refuse(r) => return Err(JobError::Refused(r)),
+        SyncPlan::UpToDate => return Ok("up-to-date"),
+        SyncPlan::Full => vol.meta.set_all_dirty()?,
+        SyncPlan::Resync => {}
+    }
+    let gen = vol
+        .meta
+        .update(|h| {
+            if h.gen.current == 0 {
+                new_generation(&mut h.gen);
+            }
+            h.tracking = true;
+        })?
+        .gen;
+    tracing::info!(volume = %vol.name, peer = %c.addr, plan = %lock(&st.plan), dirty_bytes = vol.meta.dirty_bits() * vol.block_size as u64, "sync starting");
+    st.set_state("syncing");
+    c.call_ok(&Message::SyncBegin { source_gen: gen.current })?;
+    sync_pending(vol, c, st, pacer)?;
+    c.call_ok(&Message::SyncEnd { current: gen.current, history: gen.history })?;
+    if vol.meta.pending_bits() == 0 && vol.meta.dirty_bits() == 0 {
+        vol.meta.update(|h| h.tracking = false)?;
+    }
+    Ok("done")
+}
+
+/// Sends every pending block, pass after pass, until nothing is pending.
+fn sync_pending(vol: &Volume, c: &mut Client, st: &JobState, pacer: &mut Pacer) -> Result<(), JobError> {
+    let bs = vol.block_size as u64;
+    let bits_per_window = WINDOW / bs;
+    loop {
+        let pending = vol.meta.pending_bits();
+        if pending == 0 {
+            return Ok(());
+        }
+        st.total_bytes.store(st.done_bytes.load(Ordering::Relaxed) + pending * bs, Ordering::Relaxed);
+        let mut uncommitted: Vec<(u64, Vec<bool>)> = Vec::new();
+        let mut pos = 0u64;
+        while let Some(bit) = vol.meta.next_pending(pos) {
+            if st.cancel.load(Ordering::SeqCst) {
+                restore_all(vol, &uncommitted);
+                return Err(JobError::Cancelled);
+            }
+            let start = bit / bits_per_window * bits_per_window;
+            let bits = vol.meta.take(start, bits_per_window);
+            let moved = match sync_window(vol, c, start, &bits, st) {
+                Ok(n) => n,
+                Err(e) => {
+                    vol.meta.restore(start, &bits);
+                    restore_all(vol, &uncommitted);
+                    return Err(e);
+                }
+            };
+            uncommitted.push((start, bits));
+            if uncommitted.len() >= COMMIT_EVERY {
+                commit(vol, c, &mut uncommitted)?;
+            }
+            let wait = pacer.delay(vol.epoch.elapsed(), moved, vol.app_active(Duration::from_millis(200)));
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+            pos = start + bits_per_window;
+        }
+        commit(vol, c, &mut uncommitted)?;
+    }
+}
+
+fn restore_all(vol: &Volume, windows: &[(u64, Vec<bool>)]) {
+    for (s, b) in windows {
+        vol.meta.restore(*s, b);
+    }
+}
+
+fn commit(vol: &Volume, c: &mut Client, windows: &mut Vec<(u64, Vec<bool>)>) -> Result<(), JobError> {
+    if windows.is_empty() {
+        return Ok(());
+    }
+    if let Err(e) = c.call_ok(&Message::Flush) {
+        restore_all(vol, windows);
+        return Err(e.into());
+    }
+    for (s, b) in windows.drain(..) {
+        vol.meta.commit(s, &b)?;
+    }
+    Ok(())
+}
+
+/// Extents `(offset, len)` merged where adjacent, each at most `max` long.
+fn merge(pieces: &[(u64, u64)], max: u64) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for &(o, l) in pieces {
+        if let Some(last) = out.last_mut() {
+            if last.0 + last.1 as u64 == o && last.1 as u64 + l <= max {
+                last.1 += l as u32;
+                continue;
+            }
+        }
+        out.push((o, l as u32));
+    }
+    out
+}
+
+fn remote_digests(c: &mut Client, grain: u64, pieces: &[(u64, u64)]) -> Result<Vec<Digest>, JobError> {
+    let extents = merge(pieces, WINDOW);
+    match c.call(&Message::Digests { grain: grain as u32, extents })? {
+        Message::DigestList(d) => Ok(d),
+        m => Err(ClientError::Unexpected(format!("{m:?}")).into()),
+    }
+}
+
+fn local_digests(vol: &Volume, grain: u64, pieces: &[(u64, u64)]) -> Result<Vec<Digest>, JobError> {
+    let mut out = Vec::new();
+    for &(o, l) in pieces {
+        vol.store.digests(o, l, grain as u32, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Pieces of `grain` size covering `pieces` (which are multiples of grain, but the last piece of
+/// the volume may be short).
+fn split(pieces: &[(u64, u64)], grain: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(o, l) in pieces {
+        let mut x = o;
+        while x < o + l {
+            let n = grain.min(o + l - x);
+            out.push((x, n));
+            x += n;
+        }
+    }
+    out
+}
+
+/// Compares one window with the peer and sends what differs. Returns the local bytes examined.
+fn sync_window(
+    vol: &Volume,
+    c: &mut Client,
+    start_bit: u64,
+    bits: &[bool],
+    st: &JobState,
+) -> Result<u64, JobError> {
+    let bs = vol.block_size as u64;
+    let size = vol.store.size();
+    let per_block = (SYNC_BLOCK / bs).max(1) as usize;
+    let mut coarse: Vec<(u64, u64)> = Vec::new();
+    let mut fine: Vec<(u64, u64)> = Vec::new();
+    for (i, chunk) in bits.chunks(per_block).enumerate() {
+        let off = (start_bit + (i * per_block) as u64) * bs;
+        if off >= size {
+            break;
+        }
+        if chunk.iter().all(|b| *b) && chunk.len() == per_block {
+            coarse.push((off, SYNC_BLOCK.min(size - off)));
+        } else {
+            for (j, _) in chunk.iter().enumerate().filter(|(_, b)| **b) {
+                let o = off + j as u64 * bs;
+                if o < size {
+                    fine.push((o, bs.min(size - o)));
+                }
+            }
+        }
+    }
+    let examined: u64 = coarse.iter().chain(&fine).map(|p| p.1).sum();
+    if !coarse.is_empty() {
+        let remote = remote_digests(c, SYNC_BLOCK, &coarse)?;
+        let local = local_digests(vol, SYNC_BLOCK, &coarse)?;
+        if remote.len() != local.len() {
+            return Err(ClientError::Unexpected("digest count mismatch".into()).into());
+        }
+        let differing: Vec<(u64, u64)> = coarse
+            .iter()
+            .zip(local.iter().zip(&remote))
+            .filter(|(_, (l, r))| l != r)
+            .map(|(p, _)| *p)
+            .collect();
+        if bs == SYNC_BLOCK {
+            send_pieces(vol, c, &differing, st)?;
+        } else {
+            fine.extend(split(&differing, bs));
+        }
+    }
+    if !fine.is_empty() {
+        fine.sort_unstable();
+        let remote = remote_digests(c, bs, &fine)?;
+        let local = local_digests(vol, bs, &fine)?;
+        if remote.len() != local.len() {
+            return Err(ClientError::Unexpected("digest count mismatch".into()).into());
+        }
+        let differing: Vec<(u64, u64)> = fine
+            .iter()
+            .zip(local.iter().zip(&remote))
+            .filter(|(_, (l, r))| l != r)
+            .map(|(p, _)| *p)
+            .collect();
+        send_pieces(vol, c, &differing, st)?;
+    }
+    st.done_bytes.fetch_add(examined, Ordering::Relaxed);
+    Ok(examined)
+}
+
+/// Sends the given pieces (merged into runs) from the local store, pipelined.
+fn send_pieces(vol: &Volume, c: &mut Client, pieces: &[(u64, u64)], st: &JobState) -> Result<(), JobError> {
+    let runs = merge(pieces, MAX_RUN);
+    let mut sent = 0usize;
+    for &(off, len) in &runs {
+        let mut buf = vec![0u8; len as usize];
+        vol.store.read_at(&mut buf, off)?;
+        st.changed_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        let msg = if is_zero(&buf) {
+            Message::WriteZeroes { offset: off, len }
+        } else {
+            let z = lz4_flex::block::compress(&buf);
+            if z.len() < buf.len() / 10 * 9 {
+                st.data_bytes.fetch_add(z.len() as u64, Ordering::Relaxed);
+                Message::WriteLz4 { offset: off, raw_len: len, data: z }
+            } else {
+                st.data_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                Message::Write { offset: off, data: buf }
+            }
+        };
+        c.send(0, &msg)?;
+        sent += 1;
+    }
+    for _ in 0..sent {
+        match c.recv()?.1 {
+            Message::Ok => {}
+            m => return Err(ClientError::Unexpected(format!("{m:?}")).into()),
+        }
+    }
+    Ok(())
+}
+
+/// Compares the whole volume with the peer by digests; reports mismatching ranges; with
+/// `repair`, marks them dirty and resyncs them (this replica's data wins).
+fn verify(
+    vol: &Volume,
+    c: &mut Client,
+    st: &JobState,
+    pacer: &mut Pacer,
+    repair: bool,
+) -> Result<&'static str, JobError> {
+    let size = vol.store.size();
+    let bs = vol.block_size as u64;
+    st.total_bytes.store(size, Ordering::Relaxed);
+    st.set_state("verifying");
+    let mut found: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0u64;
+    while off < size {
+        if st.cancel.load(Ordering::SeqCst) {
+            return Err(JobError::Cancelled);
+        }
+        let len = WINDOW.min(size - off);
+        let blocks = split(&[(off, len)], SYNC_BLOCK);
+        let remote = remote_digests(c, SYNC_BLOCK, &blocks)?;
+        let local = local_digests(vol, SYNC_BLOCK, &blocks)?;
+        let suspects: Vec<(u64, u64)> = blocks
+            .iter()
+            .zip(local.iter().zip(&remote))
+            .filter(|(_, (l, r))| l != r)
+            .map(|(p, _)| *p)
+            .collect();
+        if !suspects.is_empty() {
+            // A write in flight to both replicas can differ for an instant: look again after a
+            // moment, at bitmap-block grain, and report only what still differs.
+            std::thread::sleep(Duration::from_millis(50));
+            let pieces = split(&suspects, bs);
+            let remote = remote_digests(c, bs, &pieces)?;
+            let local = local_digests(vol, bs, &pieces)?;
+            for (p, _) in pieces.iter().zip(local.iter().zip(&remote)).filter(|(_, (l, r))| l != r) {
+                match found.last_mut() {
+                    Some(last) if last.0 + last.1 == p.0 => last.1 += p.1,
+                    _ => found.push(*p),
+                }
+            }
+            *lock(&st.mismatches) = found.clone();
+        }
+        st.done_bytes.fetch_add(len, Ordering::Relaxed);
+        let wait = pacer.delay(vol.epoch.elapsed(), len, vol.app_active(Duration::from_millis(200)));
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        off += len;
+    }
+    let total: u64 = found.iter().map(|r| r.1).sum();
+    if found.is_empty() {
+        return Ok("done");
+    }
+    tracing::warn!(volume = %vol.name, peer = %c.addr, ranges = found.len(), bytes = total, "verify found mismatching ranges: {found:?}");
+    if !repair {
+        return Ok("done-mismatches");
+    }
+    st.set_state("repairing");
+    vol.meta.update(|h| h.tracking = true)?;
+    for &(o, l) in &found {
+        vol.meta.mark_dirty(o, l)?;
+    }
+    let gen = vol.meta.header().gen;
+    c.call_ok(&Message::SyncBegin { source_gen: gen.current })?;
+    sync_pending(vol, c, st, pacer)?;
+    c.call_ok(&Message::SyncEnd { current: gen.current, history: gen.history })?;
+    if vol.meta.pending_bits() == 0 && vol.meta.dirty_bits() == 0 {
+        vol.meta.update(|h| h.tracking = false)?;
+    }
+    Ok("repaired")
+}
+
+/// Digest of a local range, for tests and tools comparing replicas.
+pub fn range_digest(vol: &Volume, offset: u64, len: u64) -> std::io::Result<Digest> {
+    let mut buf = vec![0u8; len as usize];
+    vol.store.read_at(&mut buf, offset)?;
+    Ok(digest(&buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_joins_adjacent_up_to_max() {
+        let p = [(0, 4096), (4096, 4096), (12288, 4096), (16384, 4096)];
+        assert_eq!(merge(&p, 8192), vec![(0, 8192), (12288, 8192)]);
+        assert_eq!(merge(&p, 4096), vec![(0, 4096), (4096, 4096), (12288, 4096), (16384, 4096)]);
+    }
+
+    #[test]
+    fn split_cuts_at_grain_with_short_tail() {
+        assert_eq!(split(&[(0, 10_000)], 4096), vec![(0, 4096), (4096, 4096), (8192, 1808)]);
+    }
+}
