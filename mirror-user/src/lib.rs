@@ -31,6 +31,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mul as f64) as u64)
 }
 
+/// Parses durations such as `500ms`, `2s`, `10m` for command-line flags.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 2s, 10m)"))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -44,9 +49,4 @@ mod tests {
         assert!(super::parse_size("lots").is_err());
         assert!(super::parse_size("5X").is_err());
     }
-}
-
-/// Parses durations such as `500ms`, `2s`, `10m` for command-line flags.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 2s, 10m)"))
 }

@@ -163,6 +163,12 @@ fn main() -> Result<()> {
                 health: std::sync::Arc::new(std::sync::atomic::AtomicU8::new(100)),
             };
             let server = Server::start(cfg)?;
+            {
+                use std::io::Write;
+                let mut out = std::io::stdout();
+                let _ = writeln!(out, "listening on {}", server.addr);
+                let _ = out.flush();
+            }
             rt.block_on(shutdown_signal());
             tracing::info!("signal received: flushing volumes and exiting");
             server.shutdown();

@@ -191,7 +191,7 @@ impl VolumeMeta {
         let mut disk: Vec<u64> =
             raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect();
         // Bits past the end of the volume are never valid.
-        if nbits % 64 != 0 {
+        if !nbits.is_multiple_of(64) {
             if let Some(last) = disk.last_mut() {
                 *last &= (1u64 << (nbits % 64)) - 1;
             }
@@ -405,6 +405,10 @@ fn lineage(g: &GenInfo) -> impl Iterator<Item = u64> + '_ {
 
 /// Decides how `local` (the would-be source) may bring `peer` up to date. Pure.
 pub fn plan(local: &GenInfo, local_dirty_bits: u64, peer: &GenInfo) -> SyncPlan {
+    // An interrupted sync from our lineage resumes from our bitmap (also onto a new replica).
+    if !peer.consistent && peer.sync_source != 0 && lineage(local).any(|g| g == peer.sync_source) {
+        return SyncPlan::Resync;
+    }
     if peer.current == 0 {
         return SyncPlan::Full;
     }
@@ -546,6 +550,8 @@ mod tests {
         assert_eq!(plan(&g(5, [0; 4]), 9, &interrupted), SyncPlan::Full);
         let resumable = GenInfo { current: 4, history: [0; 4], consistent: false, sync_source: 5 };
         assert_eq!(plan(&g(5, [0; 4]), 9, &resumable), SyncPlan::Resync);
+        let new_interrupted = GenInfo { current: 0, history: [0; 4], consistent: false, sync_source: 5 };
+        assert_eq!(plan(&g(6, [5, 0, 0, 0]), 9, &new_interrupted), SyncPlan::Resync);
         let other = GenInfo { current: 4, history: [0; 4], consistent: false, sync_source: 99 };
         assert_eq!(plan(&g(5, [0; 4]), 9, &other), SyncPlan::Full);
     }

@@ -171,3 +171,117 @@ pub fn dd(args: &[&str]) {
     let out = Command::new("dd").args(args).stderr(Stdio::piped()).output().expect("run dd");
     assert!(out.status.success(), "dd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A `mirror replica` process serving one volume `v`, killed (SIGKILL) on drop unless stopped.
+pub struct Replica {
+    pub child: Child,
+    pub addr: String,
+    pub path: PathBuf,
+    args: Vec<String>,
+}
+
+impl Replica {
+    /// Starts a replica serving `path` as volume `v`, listening on a free loopback port (or
+    /// `addr` when restarting), with extra flags.
+    pub fn start(path: &Path, secret: &Path, addr: Option<&str>, extra: &[&str]) -> Replica {
+        let mut args: Vec<String> = vec![
+            "replica".into(),
+            "--listen".into(),
+            addr.unwrap_or("127.0.0.1:0").into(),
+            "--volume".into(),
+            format!("v={}", path.display()),
+            "--secret-file".into(),
+            secret.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(path, args)
+    }
+
+    fn spawn(path: &Path, args: Vec<String>) -> Replica {
+        use std::io::BufRead;
+        let mut child = Command::new(mirror_bin())
+            .args(&args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn mirror replica");
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        out.read_line(&mut line).expect("read replica stdout");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("replica said {line:?}"))
+            .to_string();
+        Replica { child, addr, path: path.to_path_buf(), args }
+    }
+
+    /// Restarts on the same address (after a kill).
+    pub fn restart(&mut self) {
+        let mut args = self.args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = self.addr.clone();
+        }
+        self.kill();
+        // The old process is dead and reaped; dropping its handle is harmless.
+        *self = Self::spawn(&self.path, args);
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the `mirror` CLI; returns (success, stdout, stderr).
+pub fn mirror_cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(mirror_bin()).args(args).env("RUST_LOG", "warn").output().expect("run mirror");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A secret file in `dir`.
+pub fn secret_file(dir: &Path) -> PathBuf {
+    let p = dir.join("secret");
+    std::fs::write(&p, b"test-secret-0123456789abcdef\n").expect("write secret");
+    p
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// xxh3-128 of a whole file, read in 4 MiB pieces.
+pub fn file_digest(path: &Path) -> u128 {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).expect("open for digest");
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read for digest");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.digest128()
+}
