@@ -3,6 +3,7 @@
 //! Rooms: [`telemetry`] (eBPF programs, pinned maps, /proc fallback: what the node measures),
 //! [`replication`] (replica servers, the protocol, sync / resync / verify).
 
+pub mod config;
 pub mod replication;
 pub mod telemetry;
 

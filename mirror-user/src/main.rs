@@ -68,25 +68,28 @@ enum Command {
     /// Run a replica server: serve volumes (files or block devices) to authenticated peers over
     /// TCP, and run sync / verify jobs that push this replica's data to a peer.
     Replica {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:7700")]
-        listen: String,
+        /// TOML config file (see README); flags given on the command line override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on [default: 127.0.0.1:7700].
+        #[arg(long)]
+        listen: Option<String>,
         /// A volume to serve, NAME=PATH[:SIZE]; the file is created sparse with SIZE when missing.
         /// Metadata (generations, dirty bitmap) lives in PATH.meta. Repeatable.
-        #[arg(long = "volume", value_parser = VolumeSpec::parse, required = true)]
+        #[arg(long = "volume", value_parser = VolumeSpec::parse)]
         volumes: Vec<VolumeSpec>,
         /// File holding the shared secret (>= 16 bytes) peers authenticate with.
         #[arg(long, env = "MIRROR_SECRET_FILE")]
-        secret_file: PathBuf,
-        /// Sync rate while the volume serves application I/O (bytes/s, e.g. 16M).
-        #[arg(long, default_value = "16M", value_parser = mirror::parse_size)]
-        sync_min_rate: u64,
-        /// Sync rate when the volume is idle (bytes/s; 0 = unlimited).
-        #[arg(long, default_value = "0", value_parser = mirror::parse_size)]
-        sync_max_rate: u64,
-        /// Bitmap grain in bytes (power of two, 512..=65536).
-        #[arg(long, default_value_t = 4096)]
-        block_size: u32,
+        secret_file: Option<PathBuf>,
+        /// Sync rate while the volume serves application I/O, bytes/s [default: 16M].
+        #[arg(long, value_parser = mirror::parse_size)]
+        sync_min_rate: Option<u64>,
+        /// Sync rate when the volume is idle, bytes/s, 0 = unlimited [default: 0].
+        #[arg(long, value_parser = mirror::parse_size)]
+        sync_max_rate: Option<u64>,
+        /// Bitmap grain in bytes, a power of two in 512..=65536 [default: 4096].
+        #[arg(long)]
+        block_size: Option<u32>,
     },
     /// Bring a peer up to date from a replica (`--node` pushes to `--peer`), or verify them.
     /// Shows progress; exits non-zero when refused (split brain, peer newer) or failed.
@@ -153,13 +156,44 @@ fn main() -> Result<()> {
             rt.block_on(daemon(pin_dir, interval, run_for, !no_bpf, quiet))
         }
         Command::Top { pin_dir, interval, count } => rt.block_on(top(pin_dir, interval, count)),
-        Command::Replica { listen, volumes, secret_file, sync_min_rate, sync_max_rate, block_size } => {
-            let volumes = volumes.into_iter().map(|v| VolumeSpec { block_size, ..v }).collect();
+        Command::Replica {
+            config,
+            listen,
+            volumes,
+            secret_file,
+            sync_min_rate,
+            sync_max_rate,
+            block_size,
+        } => {
+            let file = match &config {
+                Some(p) => mirror::config::ReplicaFile::load(p)?,
+                None => mirror::config::ReplicaFile::default(),
+            };
+            let block_size = block_size.or(file.block_size).unwrap_or(4096);
+            let mut specs = file.volume_specs(block_size);
+            specs.extend(volumes.into_iter().map(|v| VolumeSpec { block_size, ..v }));
+            anyhow::ensure!(
+                !specs.is_empty(),
+                "no volume to serve: give --volume NAME=PATH[:SIZE] or [[volume]] in --config"
+            );
+            let secret_file = secret_file.or(file.secret_file.clone()).ok_or_else(|| {
+                anyhow::anyhow!("a shared secret is required: --secret-file FILE (or secret_file in --config); create one with `head -c 32 /dev/urandom | base64 > FILE`")
+            })?;
+            let rate = |flag: Option<u64>, f: &Option<mirror::config::Size>, default: u64| -> Result<u64> {
+                Ok(match (flag, f) {
+                    (Some(v), _) => v,
+                    (None, Some(s)) => s.bytes().map_err(anyhow::Error::msg)?,
+                    (None, None) => default,
+                })
+            };
             let cfg = ServerConfig {
-                listen,
-                volumes,
+                listen: listen.or(file.listen.clone()).unwrap_or_else(|| "127.0.0.1:7700".into()),
+                volumes: specs,
                 secret: load_secret(&secret_file)?,
-                rate: SyncRate { min_bps: sync_min_rate, max_bps: sync_max_rate },
+                rate: SyncRate {
+                    min_bps: rate(sync_min_rate, &file.sync_min_rate, 16 << 20)?,
+                    max_bps: rate(sync_max_rate, &file.sync_max_rate, 0)?,
+                },
                 health: std::sync::Arc::new(std::sync::atomic::AtomicU8::new(100)),
             };
             let server = Server::start(cfg)?;

@@ -274,3 +274,72 @@ fn verify_finds_a_corrupted_block_and_repair_fixes_it() {
     assert_eq!(u(&st, "changed_bytes"), 4096, "{st}");
     assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")));
 }
+
+#[test]
+fn sync_while_the_volume_is_live_converges() {
+    let dir = TempDir::new("repl-live");
+    let secret = secret_file(&dir.0);
+    let size = 64 * MIB;
+    write_file(&dir.0.join("s.img"), &random_bytes(size as usize, 51));
+    write_file(&dir.0.join("t.img"), &vec![0u8; size as usize]);
+    // Slow the sync down so that application writes interleave with it for seconds.
+    let s = Replica::start(
+        &dir.0.join("s.img"),
+        &secret,
+        None,
+        &["--sync-min-rate", "12M", "--sync-max-rate", "12M"],
+    );
+    let t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
+    let sec = secret.display().to_string();
+    let (ok, _, err) = mirror_cli(&[
+        "sync",
+        "--node",
+        &s.addr,
+        "--peer",
+        &t.addr,
+        "--volume",
+        "v",
+        "--secret-file",
+        &sec,
+        "--no-wait",
+    ]);
+    assert!(ok, "{err}");
+
+    // A router: every write goes to both replicas, while the sync copies underneath.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sa, ta, sp, st2) = (s.addr.clone(), t.addr.clone(), secret.clone(), stop.clone());
+    let writer = std::thread::spawn(move || {
+        let key = mirror::replication::auth::load_secret(&sp).unwrap();
+        let mut cs = Client::connect(&sa, "v", &key).unwrap();
+        let mut ct = Client::connect(&ta, "v", &key).unwrap();
+        let mut n = 0u64;
+        while !st2.load(std::sync::atomic::Ordering::SeqCst) {
+            let off = (n * 104_729 % (size / 4096)) * 4096;
+            let data = random_bytes(4096, 9000 + n);
+            cs.write(off, data.clone()).unwrap();
+            ct.write(off, data).unwrap();
+            n += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        n
+    });
+    let mut c = client(&s, &secret);
+    let st = loop {
+        let js = c.json(&Message::JobStatus).unwrap();
+        if !matches!(js["state"].as_str(), Some("connecting" | "syncing")) {
+            break js;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writes = writer.join().unwrap();
+    assert_eq!(st["state"], "done", "{st}");
+    assert!(writes > 100, "the writer ran during the sync ({writes} writes)");
+    assert_eq!(
+        file_digest(&dir.0.join("s.img")),
+        file_digest(&dir.0.join("t.img")),
+        "after {writes} live writes"
+    );
+    let status = c.json(&Message::Status).unwrap();
+    assert_eq!(status["tracking"], false, "{status}");
+}

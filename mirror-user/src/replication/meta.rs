@@ -344,6 +344,18 @@ impl VolumeMeta {
         Ok(())
     }
 
+    /// Leaves tracking mode if, atomically with respect to [`Self::mark_dirty`], nothing is dirty
+    /// or pending. Returns whether it did.
+    pub fn end_tracking_if_clean(&self) -> Result<bool, MetaError> {
+        let mut st = self.lock();
+        if st.mem.iter().chain(&st.disk).any(|w| *w != 0) {
+            return Ok(false);
+        }
+        st.hdr.tracking = false;
+        self.write_header(&mut st)?;
+        Ok(true)
+    }
+
     /// Bits still to send (in memory).
     pub fn pending_bits(&self) -> u64 {
         self.lock().mem.iter().map(|w| w.count_ones() as u64).sum()

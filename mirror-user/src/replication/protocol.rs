@@ -242,6 +242,9 @@ pub enum Message {
     CancelJob,
     /// Manual split-brain resolution: this replica's data is discarded (next sync is full).
     ResolveDiscard,
+    /// The dirty bitmap: bit i set = block i may be missing on the peer (one bit per
+    /// `block_size`, little-endian u64 words). The router reads from the peer only clean blocks.
+    GetBitmap,
     // Replies.
     Ok,
     Data(Vec<u8>),
@@ -291,6 +294,7 @@ impl fmt::Debug for Message {
             Message::JobStatus => write!(f, "JobStatus"),
             Message::CancelJob => write!(f, "CancelJob"),
             Message::ResolveDiscard => write!(f, "ResolveDiscard"),
+            Message::GetBitmap => write!(f, "GetBitmap"),
             Message::Ok => write!(f, "Ok"),
             Message::Error { code, message } => write!(f, "Error {{ code: {code}, message: {message:?} }}"),
             Message::HeartbeatAck { seq, health } => {
@@ -407,6 +411,7 @@ impl Message {
             Message::JobStatus => 29,
             Message::CancelJob => 30,
             Message::ResolveDiscard => 31,
+            Message::GetBitmap => 32,
             Message::Ok => 64,
             Message::Data(_) => 65,
             Message::DigestList(_) => 66,
@@ -482,6 +487,7 @@ impl Message {
             | Message::JobStatus
             | Message::CancelJob
             | Message::ResolveDiscard
+            | Message::GetBitmap
             | Message::Ok => {}
             Message::Data(d) => out.extend_from_slice(d),
             Message::DigestList(ds) => {
@@ -550,6 +556,7 @@ impl Message {
             29 => Message::JobStatus,
             30 => Message::CancelJob,
             31 => Message::ResolveDiscard,
+            32 => Message::GetBitmap,
             64 => Message::Ok,
             65 => Message::Data(r.rest()),
             66 => {
@@ -594,6 +601,7 @@ fn kind_name(kind: u16) -> Option<&'static str> {
         29 => "JobStatus",
         30 => "CancelJob",
         31 => "ResolveDiscard",
+        32 => "GetBitmap",
         64 => "Ok",
         65 => "Data",
         66 => "DigestList",
@@ -653,6 +661,7 @@ mod tests {
             Message::JobStatus,
             Message::CancelJob,
             Message::ResolveDiscard,
+            Message::GetBitmap,
             Message::Ok,
             Message::Data(vec![5; 10]),
             Message::DigestList(vec![[1; 16], [2; 16]]),

@@ -535,6 +535,7 @@ fn dispatch(vol: &Arc<Volume>, shared: &Shared, flags: u16, msg: Message) -> (Me
             }
         }
         Message::StartJob { kind, peer } => start_job(vol, shared, kind, peer),
+        Message::GetBitmap => Message::Data(vol.meta.bitmap_bytes()),
         Message::JobStatus => {
             let j = vol.job.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|j| j.to_json());
             Message::Json(j.unwrap_or(serde_json::json!({"state": "none"})).to_string())

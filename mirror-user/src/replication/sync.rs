@@ -199,12 +199,31 @@ fn sync(vol: &Volume, c: &mut Client, st: &JobState, pacer: &mut Pacer) -> Resul
     tracing::info!(volume = %vol.name, peer = %c.addr, plan = %lock(&st.plan), dirty_bytes = vol.meta.dirty_bits() * vol.block_size as u64, "sync starting");
     st.set_state("syncing");
     c.call_ok(&Message::SyncBegin { source_gen: gen.current })?;
-    sync_pending(vol, c, st, pacer)?;
-    c.call_ok(&Message::SyncEnd { current: gen.current, history: gen.history })?;
-    if vol.meta.pending_bits() == 0 && vol.meta.dirty_bits() == 0 {
-        vol.meta.update(|h| h.tracking = false)?;
-    }
+    finish(vol, c, st, pacer, gen.current, gen.history)?;
     Ok("done")
+}
+
+/// Sends what is pending, marks the peer consistent, and leaves tracking mode once nothing is
+/// dirty. Writes that keep arriving through the router also reach the peer directly, so each
+/// pass is shorter; after a bounded number of passes the job ends with tracking still on (the
+/// leftover bits are conservative and the next sync sends them).
+fn finish(
+    vol: &Volume,
+    c: &mut Client,
+    st: &JobState,
+    pacer: &mut Pacer,
+    current: u64,
+    history: [u64; super::protocol::HISTORY],
+) -> Result<(), JobError> {
+    for _ in 0..32 {
+        sync_pending(vol, c, st, pacer)?;
+        c.call_ok(&Message::SyncEnd { current, history })?;
+        if vol.meta.end_tracking_if_clean()? {
+            return Ok(());
+        }
+    }
+    tracing::warn!(volume = %vol.name, pending = vol.meta.pending_bits(), "writes keep re-dirtying blocks: ending the sync with tracking on");
+    Ok(())
 }
 
 /// Sends every pending block, pass after pass, until nothing is pending.
@@ -479,11 +498,7 @@ fn verify(
     }
     let gen = vol.meta.header().gen;
     c.call_ok(&Message::SyncBegin { source_gen: gen.current })?;
-    sync_pending(vol, c, st, pacer)?;
-    c.call_ok(&Message::SyncEnd { current: gen.current, history: gen.history })?;
-    if vol.meta.pending_bits() == 0 && vol.meta.dirty_bits() == 0 {
-        vol.meta.update(|h| h.tracking = false)?;
-    }
+    finish(vol, c, st, pacer, gen.current, gen.history)?;
     Ok("repaired")
 }
 
