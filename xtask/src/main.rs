@@ -41,6 +41,14 @@ enum Cmd {
     },
     /// Boot the Debian 6.12 kernel with virtme-ng and run the tests that need it (ublk, ...).
     VmTest,
+    /// Run a benchmark: `resync` (sync and resync vs rsync). Prints a table of ratios and
+    /// writes target/bench/NAME.json.
+    Bench {
+        name: String,
+        /// Extra arguments passed to the benchmark (e.g. --size 256M --rounds 5).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// The main job on embedded defaults, on this machine.
     Demo {
         /// How long the live part runs.
@@ -57,6 +65,7 @@ fn main() -> ExitCode {
         Cmd::Test { no_lint, no_vm } => test(no_lint, no_vm),
         Cmd::VmTest => vm_test_only(),
         Cmd::Demo { seconds } => demo(seconds),
+        Cmd::Bench { name, args } => bench(&name, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -204,4 +213,28 @@ fn demo(seconds: u64) -> Result<()> {
     workload?;
     anyhow::ensure!(status.success(), "daemon exited with {status}");
     Ok(())
+}
+
+/// Benchmarks available to `cargo xtask bench`.
+const BENCHES: &[&str] = &["resync"];
+
+fn bench(name: &str, args: &[String]) -> Result<()> {
+    match name {
+        "resync" => {
+            if util::which("rsync").is_none() {
+                setup_if_possible()?;
+            }
+            run(&mut build::cargo(&["build", "--release", "-p", "mirror-user", "-p", "mirror-tests"]))?;
+            let root = util::root();
+            std::fs::create_dir_all(root.join("target/bench"))?;
+            run(Command::new(root.join("target/release/bench-resync"))
+                .current_dir(&root)
+                .arg("--mirror-bin")
+                .arg(root.join("target/release/mirror"))
+                .arg("--out")
+                .arg(root.join("target/bench/resync.json"))
+                .args(args))
+        }
+        _ => anyhow::bail!("unknown benchmark {name:?}; available: {}", BENCHES.join(", ")),
+    }
 }

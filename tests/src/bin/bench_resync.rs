@@ -1,0 +1,337 @@
+//! `cargo xtask bench resync`: bytes on the wire and time of (a) a first sync of identical
+//! volumes and (b) a resync after 1% of the volume was rewritten at random 4 KiB offsets, each
+//! side by side with `rsync --inplace --no-whole-file` over loopback (an rsync daemon on
+//! 127.0.0.1) on the same files in the same run. Rounds alternate which tool goes first; the
+//! table and `target/bench/resync.json` report medians.
+
+use std::{
+    io::Read,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use mirror::replication::{client::Client, protocol::Message};
+
+struct Args {
+    size: u64,
+    rounds: usize,
+    mirror: PathBuf,
+    dir: PathBuf,
+    out: PathBuf,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        size: 1 << 30,
+        rounds: 3,
+        mirror: PathBuf::from("target/release/mirror"),
+        dir: std::env::temp_dir().join("mirror-bench-resync"),
+        out: PathBuf::from("target/bench/resync.json"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--size" => a.size = mirror::parse_size(&v).map_err(anyhow::Error::msg)?,
+            "--rounds" => a.rounds = v.parse()?,
+            "--mirror-bin" => a.mirror = v.into(),
+            "--dir" => a.dir = v.into(),
+            "--out" => a.out = v.into(),
+            _ => bail!("unknown flag {k} (--size, --rounds, --mirror-bin, --dir, --out)"),
+        }
+    }
+    ensure!(a.size >= 16 << 20 && a.size.is_multiple_of(4096), "--size must be a multiple of 4 KiB, at least 16 MiB");
+    Ok(a)
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn xorshift_fill(buf: &mut [u8], seed: &mut u64) {
+    for c in buf.chunks_mut(8) {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let b = seed.to_le_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
+}
+
+fn file_digest(path: &Path) -> Result<u128> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.digest128());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start_replica(a: &Args, path: &Path, secret: &Path) -> Result<(Kill, String)> {
+    use std::io::BufRead;
+    let mut child = Command::new(&a.mirror)
+        .args(["replica", "--listen", "127.0.0.1:0", "--sync-max-rate", "0", "--volume"])
+        .arg(format!("v={}", path.display()))
+        .arg("--secret-file")
+        .arg(secret)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", a.mirror.display()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    let addr = line.trim().strip_prefix("listening on ").context("replica did not start")?.to_string();
+    Ok((Kill(child), addr))
+}
+
+/// One measured transfer.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    wire: u64,
+    secs: f64,
+}
+
+fn ours(a: &Args, s: &str, t: &str, secret: &Path) -> Result<Run> {
+    let out = Command::new(&a.mirror)
+        .args(["sync", "--json", "--node", s, "--peer", t, "--volume", "v", "--secret-file"])
+        .arg(secret)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    ensure!(out.status.success(), "mirror sync failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let js: serde_json::Value =
+        serde_json::from_str(text.lines().last().unwrap_or("")).context("sync json")?;
+    Ok(Run {
+        wire: js["wire_bytes"].as_u64().context("wire_bytes")?,
+        secs: js["elapsed_s"].as_f64().context("elapsed_s")?,
+    })
+}
+
+fn rsync(port: u16, src: &Path, dst_name: &str) -> Result<Run> {
+    let t0 = Instant::now();
+    let out = Command::new("rsync")
+        .args(["-I", "--inplace", "--no-whole-file", "--stats"])
+        .arg(src)
+        .arg(format!("rsync://127.0.0.1:{port}/bench/{dst_name}"))
+        .output()
+        .context("running rsync")?;
+    let secs = t0.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "rsync failed: {text} {}", String::from_utf8_lossy(&out.stderr));
+    let num = |key: &str| -> Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(key))
+            .with_context(|| format!("rsync --stats has no {key}"))?;
+        let digits: String = line[key.len()..]
+            .chars()
+            .take_while(|c| !c.is_alphabetic())
+            .filter(|c| c.is_ascii_digit())
+            .collect();
+        Ok(digits.parse()?)
+    };
+    Ok(Run { wire: num("Total bytes sent:")? + num("Total bytes received:")?, secs })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if !n.is_multiple_of(2) {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() -> Result<()> {
+    let a = parse_args()?;
+    ensure!(
+        Command::new("rsync").arg("--version").output().is_ok(),
+        "rsync is not installed (cargo xtask setup)"
+    );
+    ensure!(a.mirror.is_file(), "{} not built (cargo build --release)", a.mirror.display());
+    let _ = std::fs::remove_dir_all(&a.dir);
+    std::fs::create_dir_all(&a.dir)?;
+    let secret = a.dir.join("secret");
+    std::fs::write(&secret, "bench-secret-0123456789abcdef")?;
+    let (sp, tp, rp) = (a.dir.join("s.img"), a.dir.join("t.img"), a.dir.join("r.img"));
+    eprintln!("bench resync: creating {} MiB of random data", a.size >> 20);
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&sp)?);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut buf = vec![0u8; 4 << 20];
+        for _ in 0..a.size / buf.len() as u64 {
+            xorshift_fill(&mut buf, &mut seed);
+            f.write_all(&buf)?;
+        }
+        f.flush()?;
+    }
+    std::fs::copy(&sp, &tp)?;
+    std::fs::copy(&sp, &rp)?;
+
+    let port = free_port()?;
+    let conf = a.dir.join("rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use chroot = false\n[bench]\npath = {}\nread only = false\nuid = root\ngid = root\n",
+            a.dir.display()
+        ),
+    )?;
+    let _rsyncd = Kill(
+        Command::new("rsync")
+            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--config={}", conf.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting rsync --daemon")?,
+    );
+    let (_s, s_addr) = start_replica(&a, &sp, &secret)?;
+    let (_t, t_addr) = start_replica(&a, &tp, &secret)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let key = secret.clone();
+    let key = mirror::replication::auth::load_secret(&key)?;
+
+    // (a) identical volumes: a first (full, digest-compared) sync, and rsync on identical files.
+    let (mut a_ours, mut a_rsync) = (Vec::new(), Vec::new());
+    for round in 0..a.rounds {
+        if round > 0 {
+            // Forget the target's generation: the next sync is a full comparison again.
+            Client::connect(&t_addr, "v", &key)?.call_ok(&Message::ResolveDiscard)?;
+        }
+        let first_ours = round % 2 == 0;
+        if !first_ours {
+            a_rsync.push(rsync(port, &sp, "r.img")?);
+        }
+        a_ours.push(ours(&a, &s_addr, &t_addr, &secret)?);
+        if first_ours {
+            a_rsync.push(rsync(port, &sp, "r.img")?);
+        }
+        eprintln!("  (a) round {round}: ours {:?}, rsync {:?}", a_ours[round], a_rsync[round]);
+    }
+
+    // (b) 1% rewritten at random 4 KiB offsets while the target is away.
+    let blocks = a.size / 4096;
+    let n = (a.size / 100 / 4096) as usize;
+    let (mut b_ours, mut b_rsync, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut seed = 42u64;
+    for round in 0..a.rounds {
+        let mut c = Client::connect(&s_addr, "v", &key)?;
+        c.call_ok(&Message::MarkDirty { offset: 0, len: 0 })?;
+        let mut offsets = std::collections::BTreeSet::new();
+        while offsets.len() < n {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            offsets.insert(seed % blocks * 4096);
+        }
+        let mut buf = vec![0u8; 4096];
+        for &o in &offsets {
+            xorshift_fill(&mut buf, &mut seed);
+            c.write(o, buf.clone())?;
+        }
+        c.call_ok(&Message::Flush)?;
+        drop(c);
+        changed.push(n as u64 * 4096);
+        std::thread::sleep(Duration::from_millis(300));
+        let first_ours = round % 2 == 0;
+        if !first_ours {
+            b_rsync.push(rsync(port, &sp, "r.img")?);
+        }
+        b_ours.push(ours(&a, &s_addr, &t_addr, &secret)?);
+        if first_ours {
+            b_rsync.push(rsync(port, &sp, "r.img")?);
+        }
+        eprintln!(
+            "  (b) round {round}: changed {} B, ours {:?}, rsync {:?}",
+            n * 4096,
+            b_ours[round],
+            b_rsync[round]
+        );
+    }
+    let ds = file_digest(&sp)?;
+    ensure!(ds == file_digest(&tp)?, "our target differs from the source after the runs");
+    ensure!(ds == file_digest(&rp)?, "rsync's copy differs from the source after the runs");
+
+    let med = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
+    let w = |r: &Run| r.wire as f64;
+    let t = |r: &Run| r.secs;
+    let size = a.size as f64;
+    let changed_med = median(changed.iter().map(|c| *c as f64).collect());
+    let identical_frac = med(&a_ours, w) / size;
+    let resync_wire_over_changed = med(&b_ours, w) / changed_med;
+    let resync_wire_vs_rsync = med(&b_ours, w) / med(&b_rsync, w);
+    let resync_time_vs_rsync = med(&b_ours, t) / med(&b_rsync, t);
+
+    println!("\nbench resync: {} MiB volume, {} rounds (medians; alternating order)", a.size >> 20, a.rounds);
+    println!(
+        "{:<34} {:>14} {:>14} {:>10} {:>10} {:>9}",
+        "case", "ours wire B", "rsync wire B", "ours s", "rsync s", "ratio"
+    );
+    println!(
+        "{:<34} {:>14.0} {:>14.0} {:>10.3} {:>10.3} {:>9.4}",
+        "(a) identical, first sync",
+        med(&a_ours, w),
+        med(&a_rsync, w),
+        med(&a_ours, t),
+        med(&a_rsync, t),
+        med(&a_ours, w) / med(&a_rsync, w)
+    );
+    println!(
+        "{:<34} {:>14.0} {:>14.0} {:>10.3} {:>10.3} {:>9.4}",
+        "(b) 1% rewritten at 4 KiB",
+        med(&b_ours, w),
+        med(&b_rsync, w),
+        med(&b_ours, t),
+        med(&b_rsync, t),
+        resync_wire_vs_rsync
+    );
+    println!("identical_sync_wire_fraction = {identical_frac:.6}   (target < 0.01)");
+    println!("resync_wire_over_changed     = {resync_wire_over_changed:.4}   (target <= 1.2)");
+    println!("resync_wire_vs_rsync         = {resync_wire_vs_rsync:.4}   (target < 1)");
+    println!("resync_time_vs_rsync         = {resync_time_vs_rsync:.4}   (target < 1)");
+
+    let runs = |v: &[Run]| {
+        v.iter().map(|r| serde_json::json!({"wire_bytes": r.wire, "seconds": r.secs})).collect::<Vec<_>>()
+    };
+    let json = serde_json::json!({
+        "volume_bytes": a.size,
+        "rounds": a.rounds,
+        "identical_sync_wire_fraction": identical_frac,
+        "resync_wire_over_changed": resync_wire_over_changed,
+        "resync_wire_vs_rsync": resync_wire_vs_rsync,
+        "resync_time_vs_rsync": resync_time_vs_rsync,
+        "changed_bytes": changed,
+        "runs": {
+            "identical": {"ours": runs(&a_ours), "rsync": runs(&a_rsync)},
+            "resync": {"ours": runs(&b_ours), "rsync": runs(&b_rsync)},
+        },
+    });
+    if let Some(p) = a.out.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", a.out.display());
+    let _ = std::fs::remove_dir_all(&a.dir);
+    Ok(())
+}
