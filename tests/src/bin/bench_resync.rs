@@ -43,7 +43,10 @@ fn parse_args() -> Result<Args> {
             _ => bail!("unknown flag {k} (--size, --rounds, --mirror-bin, --dir, --out)"),
         }
     }
-    ensure!(a.size >= 16 << 20 && a.size.is_multiple_of(4096), "--size must be a multiple of 4 KiB, at least 16 MiB");
+    ensure!(
+        a.size >= 16 << 20 && a.size.is_multiple_of(4096),
+        "--size must be a multiple of 4 KiB, at least 16 MiB"
+    );
     Ok(a)
 }
 
