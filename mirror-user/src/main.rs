@@ -254,6 +254,13 @@ async fn daemon(
             tracing::info!("pinned map: bpftool map dump pinned {}", pin.display());
         }
     }
+    {
+        // Readiness for supervisors and tests: the programs are attached from here on.
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "ready: block statistics from {}", source.name());
+        let _ = out.flush();
+    }
     let deadline = run_for.map(|d| Instant::now() + d);
     let mut prev = source.snapshot()?;
     let mut prev_t = Instant::now();

@@ -111,28 +111,29 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the daemon pinning into a private bpffs directory and waits for its maps.
+    /// Starts the daemon pinning into a private bpffs directory and waits until it says it is
+    /// ready (programs attached; the pins alone appear before attachment).
     pub fn start(extra: &[&str]) -> Self {
+        use std::io::BufRead;
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mirror-test-{}-{}", std::process::id(), nanos()));
-        let child = Command::new(mirror_bin())
+        let mut child = Command::new(mirror_bin())
             .args(["daemon", "--quiet", "--interval", "100ms", "--pin-dir"])
             .arg(&pin_dir)
             .args(extra)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("spawn mirror daemon");
-        let mut d = Daemon { child, pin_dir };
-        let stats = d.pin_dir.join(mirror_common::blk::MAP_BLK_STATS);
-        let start = Instant::now();
-        while !stats.exists() {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("daemon exited early with {st}");
-            }
-            assert!(start.elapsed() < Duration::from_secs(20), "daemon did not pin its maps in 20 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        out.read_line(&mut line).expect("read daemon stdout");
+        assert!(
+            line.starts_with("ready: block statistics from ebpf"),
+            "daemon not ready with eBPF: {line:?}"
+        );
+        let stats = pin_dir.join(mirror_common::blk::MAP_BLK_STATS);
+        assert!(stats.exists(), "daemon ready but {} missing", stats.display());
+        Daemon { child, pin_dir }
     }
 
     /// Sends SIGTERM and waits; returns whether it exited successfully.
