@@ -63,6 +63,11 @@ impl Client {
         Ok(Client { conn, info, addr: addr.into(), next_id: 1 })
     }
 
+    /// The authenticated TCP stream, for an async client to take over after the handshake.
+    pub fn into_stream(self) -> std::io::Result<TcpStream> {
+        self.conn.into_stream()
+    }
+
     /// Queues a request; returns its id. Pair with [`Self::recv`] to pipeline.
     pub fn send(&mut self, flags: u16, msg: &Message) -> Result<u64, ClientError> {
         let id = self.next_id;

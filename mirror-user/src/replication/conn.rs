@@ -51,6 +51,15 @@ impl Conn {
         Ok(Conn { r, w, buf: Vec::new(), wire: Arc::default() })
     }
 
+    /// The stream, once the handshake is over (nothing may be buffered in either direction).
+    pub fn into_stream(mut self) -> std::io::Result<TcpStream> {
+        self.w.flush()?;
+        if !self.r.buffer().is_empty() {
+            return Err(std::io::Error::other("unread bytes after the handshake"));
+        }
+        self.w.into_inner().map_err(|e| e.into_error())
+    }
+
     pub fn stream(&self) -> &TcpStream {
         self.w.get_ref()
     }

@@ -111,6 +111,8 @@ struct State {
     hdr: MetaHeader,
     disk: Vec<u64>,
     mem: Vec<u64>,
+    /// Tracked writes between [`VolumeMeta::begin_write`] and [`VolumeMeta::end_write`].
+    inflight: u64,
 }
 
 /// The metadata of one volume.
@@ -200,7 +202,7 @@ impl VolumeMeta {
             path: path.to_path_buf(),
             file,
             nbits,
-            state: Mutex::new(State { hdr: hdr.clone(), mem: disk.clone(), disk }),
+            state: Mutex::new(State { hdr: hdr.clone(), mem: disk.clone(), disk, inflight: 0 }),
         };
         if !exists {
             meta.update(|_| {})?;
@@ -256,10 +258,8 @@ impl VolumeMeta {
         self.file.sync_data().map_err(|e| self.io(e))
     }
 
-    /// Records `[offset, offset+len)` as not on the peer: set in memory and durably on disk before
-    /// returning (write intent). Returns whether any bit was newly set on disk.
-    pub fn mark_dirty(&self, offset: u64, len: u64) -> Result<bool, MetaError> {
-        let mut st = self.lock();
+    /// Sets the range's bits in memory and on disk (persisting what changed). Caller holds the lock.
+    fn set_bits(&self, st: &mut State, offset: u64, len: u64) -> Result<bool, MetaError> {
         let bs = st.hdr.block_size as u64;
         let r = bit_range(offset, len, bs, self.nbits);
         let mut changed = false;
@@ -273,9 +273,36 @@ impl VolumeMeta {
         }
         if changed {
             let words = (r.start / 64) as usize..(r.end.div_ceil(64)) as usize;
-            self.persist_words(&st, words)?;
+            self.persist_words(st, words)?;
         }
         Ok(changed)
+    }
+
+    /// Records `[offset, offset+len)` as not on the peer: set in memory and durably on disk before
+    /// returning (write intent). Returns whether any bit was newly set on disk.
+    pub fn mark_dirty(&self, offset: u64, len: u64) -> Result<bool, MetaError> {
+        let mut st = self.lock();
+        self.set_bits(&mut st, offset, len)
+    }
+
+    /// Before applying a write: while tracking, records its range durably and counts it in
+    /// flight. Returns whether the write is tracked (then [`Self::end_write`] must follow).
+    pub fn begin_write(&self, offset: u64, len: u64) -> Result<bool, MetaError> {
+        let mut st = self.lock();
+        if !st.hdr.tracking {
+            return Ok(false);
+        }
+        self.set_bits(&mut st, offset, len)?;
+        st.inflight += 1;
+        Ok(true)
+    }
+
+    /// After a tracked write was applied (or failed): sets its bits again, because a sync may
+    /// have taken them, read the old data and committed them while the write was in flight.
+    pub fn end_write(&self, offset: u64, len: u64) -> Result<(), MetaError> {
+        let mut st = self.lock();
+        st.inflight = st.inflight.saturating_sub(1);
+        self.set_bits(&mut st, offset, len).map(|_| ())
     }
 
     /// Marks the whole volume dirty (full sync), durably.
@@ -348,7 +375,7 @@ impl VolumeMeta {
     /// or pending. Returns whether it did.
     pub fn end_tracking_if_clean(&self) -> Result<bool, MetaError> {
         let mut st = self.lock();
-        if st.mem.iter().chain(&st.disk).any(|w| *w != 0) {
+        if st.inflight > 0 || st.mem.iter().chain(&st.disk).any(|w| *w != 0) {
             return Ok(false);
         }
         st.hdr.tracking = false;
@@ -537,6 +564,16 @@ mod tests {
         assert_eq!(m.pending_bits(), 0);
         m.mark_dirty(4096 * 2, 1).unwrap(); // a write lands during the window
         m.commit(0, &taken).unwrap();
+        // A tracked write in flight across a take/commit is re-marked when it completes.
+        m.update(|h| h.tracking = true).unwrap();
+        assert!(m.begin_write(4096 * 5, 10).unwrap());
+        let t5 = m.take(5, 1);
+        m.commit(5, &t5).unwrap();
+        assert!(!m.end_tracking_if_clean().unwrap(), "not while a write is in flight");
+        m.end_write(4096 * 5, 10).unwrap();
+        assert!(!m.is_clean(4096 * 5, 1), "re-marked after the write");
+        let t5 = m.take(5, 1);
+        m.commit(5, &t5).unwrap();
         assert_eq!(m.dirty_bits(), 1, "the rewritten block stays dirty");
         assert_eq!(m.next_pending(0), Some(2));
         let taken = m.take(0, 8);

@@ -122,6 +122,47 @@ impl Volume {
         self.last_app_io.store((self.epoch.elapsed().as_nanos() as u64).max(1), Ordering::Relaxed);
     }
 
+    /// Local write with the server's semantics: write-intent while tracking, FUA flushes.
+    pub fn local_write(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        match apply_write(self, offset, data, if fua { FLAG_FUA } else { 0 }) {
+            Message::Ok => Ok(()),
+            Message::Error { message, .. } => Err(std::io::Error::other(message)),
+            m => Err(std::io::Error::other(format!("unexpected {m:?}"))),
+        }
+    }
+
+    /// Local zeroing with write-intent.
+    pub fn local_write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        check_range(self, offset, len).map_err(|m| std::io::Error::other(format!("{m:?}")))?;
+        self.touch();
+        tracked(self, offset, len, || self.store.write_zeroes(offset, len))
+            .map_err(|m| std::io::Error::other(format!("{m:?}")))
+    }
+
+    /// Local read (counted as application I/O).
+    pub fn local_read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        check_range(self, offset, len as u64).map_err(|m| std::io::Error::other(format!("{m:?}")))?;
+        self.touch();
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.counters.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        let mut buf = vec![0u8; len as usize];
+        self.store.read_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// Enters degraded tracking (new generation if not tracking yet) and records a range.
+    pub fn mark_degraded(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match dispatch_mark_dirty(self, offset, len) {
+            Message::Ok => Ok(()),
+            m => Err(std::io::Error::other(format!("{m:?}"))),
+        }
+    }
+
+    /// Status as JSON.
+    pub fn status_json(&self) -> serde_json::Value {
+        self.status()
+    }
+
     fn status(&self) -> serde_json::Value {
         let h = self.meta.header();
         let bs = self.block_size as u64;
@@ -390,33 +431,39 @@ fn check_range(vol: &Volume, offset: u64, len: u64) -> Result<(), Message> {
     }
 }
 
-/// Write-intent: while tracking, the range is recorded before the data is applied.
-fn intent(vol: &Volume, offset: u64, len: u64) -> Result<(), Message> {
-    if vol.meta.header().tracking {
-        vol.meta.mark_dirty(offset, len).map_err(|e| err(code::IO, e.to_string()))?;
+/// Applies a mutation under write-intent: while tracking, the range is recorded durably before
+/// and set again after (see `VolumeMeta::end_write`).
+fn tracked<T>(
+    vol: &Volume,
+    offset: u64,
+    len: u64,
+    f: impl FnOnce() -> std::io::Result<T>,
+) -> Result<T, Message> {
+    let tracked = vol.meta.begin_write(offset, len).map_err(|e| err(code::IO, e.to_string()))?;
+    let r = f();
+    if tracked {
+        vol.meta.end_write(offset, len).map_err(|e| err(code::IO, e.to_string()))?;
     }
-    Ok(())
+    r.map_err(|e| err(code::IO, format!("at {offset}: {e}")))
 }
 
 fn apply_write(vol: &Volume, offset: u64, data: &[u8], flags: u16) -> Message {
-    if let Err(m) =
-        check_range(vol, offset, data.len() as u64).and_then(|_| intent(vol, offset, data.len() as u64))
-    {
+    if let Err(m) = check_range(vol, offset, data.len() as u64) {
         return m;
     }
     vol.touch();
     vol.counters.writes.fetch_add(1, Ordering::Relaxed);
     vol.counters.write_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-    let r = vol.store.write_at(data, offset).and_then(|_| {
+    let r = tracked(vol, offset, data.len() as u64, || {
+        vol.store.write_at(data, offset)?;
         if flags & FLAG_FUA != 0 {
-            vol.store.flush()
-        } else {
-            Ok(())
+            vol.store.flush()?;
         }
+        Ok(())
     });
     match r {
         Ok(()) => Message::Ok,
-        Err(e) => err(code::IO, format!("write at {offset}: {e}")),
+        Err(m) => m,
     }
 }
 
@@ -464,36 +511,17 @@ fn dispatch(vol: &Arc<Volume>, shared: &Shared, flags: u16, msg: Message) -> (Me
             Err(e) => err(code::IO, format!("flush: {e}")),
         },
         Message::Trim { offset, len } | Message::WriteZeroes { offset, len } => {
-            if let Err(m) = check_range(vol, offset, len as u64).and_then(|_| intent(vol, offset, len as u64))
-            {
+            if let Err(m) = check_range(vol, offset, len as u64) {
                 return (m, false);
             }
             vol.touch();
-            match vol.store.write_zeroes(offset, len as u64) {
+            match tracked(vol, offset, len as u64, || vol.store.write_zeroes(offset, len as u64)) {
                 Ok(()) => Message::Ok,
-                Err(e) => err(code::IO, format!("write zeroes at {offset}: {e}")),
+                Err(m) => m,
             }
         }
         Message::Digests { grain, extents } => digests(vol, grain, &extents),
-        Message::MarkDirty { offset, len } => {
-            if let Err(m) = check_range(vol, offset, len) {
-                return (m, false);
-            }
-            let r = vol.meta.update(|h| {
-                if !h.tracking {
-                    // Entering degraded mode: our writes from here on are a new generation.
-                    new_generation(&mut h.gen);
-                    h.tracking = true;
-                }
-            });
-            match r.and_then(|h| {
-                tracing::warn!(volume = %vol.name, generation = format!("{:016x}", h.gen.current), offset, len, "peer missing writes: range marked dirty");
-                vol.meta.mark_dirty(offset, len)
-            }) {
-                Ok(_) => Message::Ok,
-                Err(e) => err(code::IO, e.to_string()),
-            }
-        }
+        Message::MarkDirty { offset, len } => dispatch_mark_dirty(vol, offset, len),
         Message::Heartbeat { seq, .. } => {
             Message::HeartbeatAck { seq, health: shared.health.load(Ordering::Relaxed) }
         }
@@ -578,6 +606,26 @@ fn dispatch(vol: &Arc<Volume>, shared: &Shared, flags: u16, msg: Message) -> (Me
     (reply, false)
 }
 
+fn dispatch_mark_dirty(vol: &Volume, offset: u64, len: u64) -> Message {
+    if let Err(m) = check_range(vol, offset, len) {
+        return m;
+    }
+    let r = vol.meta.update(|h| {
+        if !h.tracking {
+            // Entering degraded mode: our writes from here on are a new generation.
+            new_generation(&mut h.gen);
+            h.tracking = true;
+        }
+    });
+    match r.and_then(|h| {
+        tracing::warn!(volume = %vol.name, generation = format!("{:016x}", h.gen.current), offset, len, "peer missing writes: range marked dirty");
+        vol.meta.mark_dirty(offset, len)
+    }) {
+        Ok(_) => Message::Ok,
+        Err(e) => err(code::IO, e.to_string()),
+    }
+}
+
 fn job_running(vol: &Volume) -> bool {
     vol.job.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|j| !j.finished())
 }
@@ -603,6 +651,29 @@ fn digests(vol: &Volume, grain: u32, extents: &[(u64, u32)]) -> Message {
         }
     }
     Message::DigestList(out)
+}
+
+/// Starts a job on a volume of this process (a local replica pushing to its peer).
+pub fn start_local_job(
+    vol: &Arc<Volume>,
+    secret: Vec<u8>,
+    rate: SyncRate,
+    kind: JobKind,
+    peer: String,
+) -> Result<(), String> {
+    let mut slot = vol.job.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.as_ref().is_some_and(|j| !j.finished()) {
+        return Err("a job is already running on this volume".into());
+    }
+    let state = Arc::new(JobState::new(kind, peer.clone()));
+    *slot = Some(state.clone());
+    drop(slot);
+    let v = vol.clone();
+    std::thread::Builder::new()
+        .name("mirror-job".into())
+        .spawn(move || sync::run_job(&v, &peer, &secret, rate, &state))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn start_job(vol: &Arc<Volume>, shared: &Shared, kind: JobKind, peer: String) -> Message {

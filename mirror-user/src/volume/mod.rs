@@ -3,6 +3,9 @@
 //! replica, used as a baseline and in frontend tests).
 
 pub mod file;
+pub mod remote;
+pub mod replica;
+pub mod router;
 
 use std::future::Future;
 

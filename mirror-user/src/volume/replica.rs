@@ -1,0 +1,297 @@
+//! One side of a mirrored volume as the router sees it: where its data is (local or remote), its
+//! state (in sync, failed, resyncing), and its counters.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, AtomicU8, Ordering},
+        Arc, RwLock,
+    },
+    time::Duration,
+};
+
+use super::remote::RemotePool;
+use crate::replication::{
+    protocol::{Message, FLAG_FUA},
+    server::Volume,
+};
+
+/// Where a replica's data is.
+#[derive(Debug)]
+pub enum Location {
+    /// A volume of this process (served to the peer by an embedded replica server).
+    Local(Arc<Volume>),
+    /// A volume on a replica server.
+    Remote {
+        addr: String,
+        volume: String,
+        secret: Vec<u8>,
+        conns: usize,
+        pool: RwLock<Option<Arc<RemotePool>>>,
+    },
+}
+
+/// Replica states.
+pub const IN_SYNC: u8 = 0;
+pub const FAILED: u8 = 1;
+pub const RESYNCING: u8 = 2;
+
+pub fn state_name(s: u8) -> &'static str {
+    match s {
+        IN_SYNC => "in-sync",
+        FAILED => "failed",
+        RESYNCING => "resyncing",
+        _ => "?",
+    }
+}
+
+/// Per-replica counters, for status and metrics.
+#[derive(Debug, Default)]
+pub struct ReplicaStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub errors: AtomicU64,
+    pub timeouts: AtomicU64,
+    /// Reads retried on the other replica after failing or timing out here.
+    pub retries: AtomicU64,
+    /// Exponentially weighted mean read latency, microseconds (0 = no sample yet).
+    pub read_lat_ewma_us: AtomicU64,
+    pub write_lat_ewma_us: AtomicU64,
+}
+
+fn ewma(a: &AtomicU64, sample_us: u64) {
+    let old = a.load(Ordering::Relaxed);
+    let new = if old == 0 { sample_us } else { (old * 7 + sample_us) / 8 };
+    a.store(new.max(1), Ordering::Relaxed);
+}
+
+/// A replica of the mirrored volume.
+#[derive(Debug)]
+pub struct Replica {
+    /// "source" or "target".
+    pub role: &'static str,
+    pub location: Location,
+    pub state: AtomicU8,
+    pub stats: ReplicaStats,
+    /// While resyncing: the survivor's dirty bitmap (bit set = this replica may lack the block),
+    /// refreshed by the supervisor; `None` means "treat every block as stale".
+    pub stale: RwLock<Option<Arc<Vec<u64>>>>,
+    pub block_size: u64,
+}
+
+fn io_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl Replica {
+    pub fn new(role: &'static str, location: Location, block_size: u64) -> Replica {
+        Replica {
+            role,
+            location,
+            state: AtomicU8::new(IN_SYNC),
+            stats: ReplicaStats::default(),
+            stale: RwLock::new(None),
+            block_size,
+        }
+    }
+
+    pub fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// Address peers reach this replica at (remote only).
+    pub fn addr(&self) -> Option<&str> {
+        match &self.location {
+            Location::Remote { addr, .. } => Some(addr),
+            Location::Local(_) => None,
+        }
+    }
+
+    /// True when every block of the range is known to be current here.
+    pub fn can_read(&self, offset: u64, len: u64) -> bool {
+        match self.state() {
+            IN_SYNC => true,
+            RESYNCING => {
+                let stale = self.stale.read().unwrap_or_else(|p| p.into_inner());
+                let Some(bits) = stale.as_ref() else { return false };
+                if len == 0 {
+                    return true;
+                }
+                let (first, last) = (offset / self.block_size, (offset + len - 1) / self.block_size);
+                (first..=last).all(|b| bits.get((b / 64) as usize).is_none_or(|w| w & (1 << (b % 64)) == 0))
+            }
+            _ => false,
+        }
+    }
+
+    /// Read deadline from observed latency: ten times the mean, within [min, cap].
+    pub fn read_deadline(&self, min: Duration, cap: Duration) -> Duration {
+        match self.stats.read_lat_ewma_us.load(Ordering::Relaxed) {
+            0 => cap,
+            us => Duration::from_micros(us.saturating_mul(10)).clamp(min, cap),
+        }
+    }
+
+    pub fn pool(&self) -> std::io::Result<Arc<RemotePool>> {
+        match &self.location {
+            Location::Remote { pool, .. } => {
+                pool.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotConnected,
+                        format!("{} replica not connected", self.role),
+                    )
+                })
+            }
+            Location::Local(_) => Err(io_err("not remote")),
+        }
+    }
+
+    async fn local<T: Send + 'static>(
+        vol: &Arc<Volume>,
+        f: impl FnOnce(&Volume) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let v = vol.clone();
+        tokio::task::spawn_blocking(move || f(&v)).await.map_err(io_err)?
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        let t0 = std::time::Instant::now();
+        let r = match &self.location {
+            Location::Local(v) => Self::local(v, move |v| v.local_read(offset, len)).await,
+            Location::Remote { .. } => match self.pool()?.call(Message::Read { offset, len }, 0).await? {
+                Message::Data(d) if d.len() == len as usize => Ok(d),
+                m => Err(io_err(format!("unexpected reply {m:?}"))),
+            },
+        };
+        if r.is_ok() {
+            self.stats.reads.fetch_add(1, Ordering::Relaxed);
+            self.stats.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            ewma(&self.stats.read_lat_ewma_us, t0.elapsed().as_micros() as u64);
+        }
+        r
+    }
+
+    fn expect_ok(m: Message) -> std::io::Result<()> {
+        match m {
+            Message::Ok => Ok(()),
+            m => Err(io_err(format!("unexpected reply {m:?}"))),
+        }
+    }
+
+    pub async fn write(&self, offset: u64, data: Arc<Vec<u8>>, fua: bool) -> std::io::Result<()> {
+        let t0 = std::time::Instant::now();
+        let len = data.len() as u64;
+        let r = match &self.location {
+            Location::Local(v) => Self::local(v, move |v| v.local_write(offset, &data, fua)).await,
+            Location::Remote { .. } => {
+                let flags = if fua { FLAG_FUA } else { 0 };
+                Self::expect_ok(
+                    self.pool()?.call(Message::Write { offset, data: data.to_vec() }, flags).await?,
+                )
+            }
+        };
+        if r.is_ok() {
+            self.stats.writes.fetch_add(1, Ordering::Relaxed);
+            self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
+            ewma(&self.stats.write_lat_ewma_us, t0.elapsed().as_micros() as u64);
+        }
+        r
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match &self.location {
+            Location::Local(v) => Self::local(v, move |v| v.local_write_zeroes(offset, len)).await,
+            Location::Remote { .. } => {
+                let pool = self.pool()?;
+                let mut o = offset;
+                while o < offset + len {
+                    let n = (offset + len - o).min(1 << 30) as u32;
+                    Self::expect_ok(pool.call(Message::WriteZeroes { offset: o, len: n }, 0).await?)?;
+                    o += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn flush(&self) -> std::io::Result<()> {
+        match &self.location {
+            Location::Local(v) => Self::local(v, |v| v.store.flush()).await,
+            Location::Remote { .. } => Self::expect_ok(self.pool()?.call(Message::Flush, 0).await?),
+        }
+    }
+
+    /// Records a range as missing on the peer (entering degraded tracking), durably.
+    pub async fn mark_degraded(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match &self.location {
+            Location::Local(v) => Self::local(v, move |v| v.mark_degraded(offset, len)).await,
+            Location::Remote { .. } => {
+                Self::expect_ok(self.pool()?.call(Message::MarkDirty { offset, len }, 0).await?)
+            }
+        }
+    }
+
+    /// The dirty bitmap as words.
+    pub async fn bitmap(&self) -> std::io::Result<Vec<u64>> {
+        let bytes = match &self.location {
+            Location::Local(v) => v.meta.bitmap_bytes(),
+            Location::Remote { .. } => match self.pool()?.call(Message::GetBitmap, 0).await? {
+                Message::Data(d) => d,
+                m => return Err(io_err(format!("unexpected reply {m:?}"))),
+            },
+        };
+        Ok(bytes
+            .chunks(8)
+            .map(|c| {
+                let mut w = [0u8; 8];
+                w[..c.len()].copy_from_slice(c);
+                u64::from_le_bytes(w)
+            })
+            .collect())
+    }
+
+    /// The replica's volume status.
+    pub async fn status(&self) -> std::io::Result<serde_json::Value> {
+        match &self.location {
+            Location::Local(v) => Ok(v.status_json()),
+            Location::Remote { .. } => match self.pool()?.call(Message::Status, 0).await? {
+                Message::Json(s) => serde_json::from_str(&s).map_err(io_err),
+                m => Err(io_err(format!("unexpected reply {m:?}"))),
+            },
+        }
+    }
+
+    /// (Re)connects a remote replica.
+    pub async fn connect(&self) -> std::io::Result<()> {
+        if let Location::Remote { addr, volume, secret, conns, pool } = &self.location {
+            let (p, _) = RemotePool::connect(addr, volume, secret, *conns).await?;
+            *pool.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p));
+        }
+        Ok(())
+    }
+
+    /// True when a remote replica's connections broke.
+    pub fn connection_broken(&self) -> bool {
+        match &self.location {
+            Location::Remote { pool, .. } => {
+                pool.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|p| p.is_broken())
+            }
+            Location::Local(_) => false,
+        }
+    }
+
+    pub fn stats_json(&self) -> serde_json::Value {
+        let s = &self.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "role": self.role,
+            "location": match &self.location { Location::Local(v) => format!("local:{}", v.store.path().display()), Location::Remote { addr, .. } => format!("remote:{addr}") },
+            "state": state_name(self.state()),
+            "reads": l(&s.reads), "writes": l(&s.writes),
+            "read_bytes": l(&s.read_bytes), "write_bytes": l(&s.write_bytes),
+            "errors": l(&s.errors), "timeouts": l(&s.timeouts), "retries": l(&s.retries),
+            "read_latency_us": l(&s.read_lat_ewma_us), "write_latency_us": l(&s.write_lat_ewma_us),
+        })
+    }
+}

@@ -1,0 +1,364 @@
+//! The router: one mirrored volume over two replicas (0 = source, 1 = target).
+//!
+//! Reads go to the target with probability `target_weight / 100` (one atomic load per request),
+//! otherwise to the source, but only to a replica that holds every block of the request; a read
+//! that fails or misses its deadline is retried on the other replica. Writes, write-zeroes and
+//! flushes go to both in parallel; when one replica fails, it is marked failed and the range is
+//! recorded durably on the survivor *before* the write is acknowledged, so the application sees an
+//! error only when both fail. A supervisor reconnects a failed remote replica, has the survivor
+//! resync it, and returns it to service when the survivor's dirty bitmap is empty.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU8, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use super::{
+    replica::{Location, Replica, FAILED, IN_SYNC, RESYNCING},
+    BlockDev,
+};
+use crate::replication::{
+    protocol::{JobKind, Message},
+    rate::SyncRate,
+    server::start_local_job,
+};
+
+/// Read weights: the target's share in percent; the source gets the rest.
+#[derive(Debug)]
+pub struct Weights {
+    target: AtomicU8,
+}
+
+impl Weights {
+    pub fn new(target: u8) -> Arc<Weights> {
+        Arc::new(Weights { target: AtomicU8::new(target.min(100)) })
+    }
+    pub fn target(&self) -> u8 {
+        self.target.load(Ordering::Relaxed)
+    }
+    pub fn set_target(&self, t: u8) {
+        self.target.store(t.min(100), Ordering::Relaxed);
+    }
+}
+
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Shortest read deadline before retrying on the other replica.
+    pub read_deadline_min: Duration,
+    /// Longest read deadline (also used before any latency was observed).
+    pub read_deadline_cap: Duration,
+    /// A write (or flush) a replica has not completed in this long fails that replica.
+    pub write_timeout: Duration,
+    /// Secret for replicas to authenticate each other during resync.
+    pub secret: Vec<u8>,
+    /// Pacing for resyncs the router starts from a local survivor.
+    pub rate: SyncRate,
+    /// How often the supervisor checks replicas.
+    pub supervise_every: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            read_deadline_min: Duration::from_millis(50),
+            read_deadline_cap: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(5),
+            secret: Vec::new(),
+            rate: SyncRate::default(),
+            supervise_every: Duration::from_millis(250),
+        }
+    }
+}
+
+/// A mirrored volume.
+#[derive(Debug)]
+pub struct Router {
+    pub replicas: [Arc<Replica>; 2],
+    size: u64,
+    block_size: u32,
+    pub weights: Arc<Weights>,
+    cfg: RouterConfig,
+    /// The survivor of a failure has recorded the degraded state (tracking on).
+    degraded_marked: AtomicBool,
+}
+
+fn eio(msg: impl Into<String>) -> std::io::Error {
+    std::io::Error::other(msg.into())
+}
+
+impl Router {
+    pub fn new(
+        source: Replica,
+        target: Replica,
+        size: u64,
+        weights: Arc<Weights>,
+        cfg: RouterConfig,
+    ) -> Arc<Router> {
+        Arc::new(Router {
+            replicas: [Arc::new(source), Arc::new(target)],
+            size,
+            block_size: 4096,
+            weights,
+            cfg,
+            degraded_marked: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts the background supervisor (reconnect, resync, return to service).
+    pub fn spawn_supervisor(self: &Arc<Self>) {
+        let r = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(router) = r.upgrade() else { return };
+                router.supervise_once().await;
+                let every = router.cfg.supervise_every;
+                drop(router);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    fn other(i: usize) -> usize {
+        1 - i
+    }
+
+    /// Marks replica `i` failed because of `why`, and makes sure the survivor records
+    /// `[offset, offset+len)` (and from then on every write) before anything is acknowledged.
+    async fn fail_replica(
+        &self,
+        i: usize,
+        why: &std::io::Error,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        let r = &self.replicas[i];
+        if r.state.swap(FAILED, Ordering::AcqRel) != FAILED {
+            tracing::warn!(
+                replica = r.role,
+                "replica failed: {why}; serving from the {} replica",
+                self.replicas[Self::other(i)].role
+            );
+        }
+        r.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let s = &self.replicas[Self::other(i)];
+        if s.state() == FAILED {
+            return Err(eio("both replicas failed"));
+        }
+        s.mark_degraded(offset, len).await?;
+        self.degraded_marked.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Runs a write-like operation on every live replica; handles failures as described above.
+    async fn mirrored<F, Fut>(&self, offset: u64, len: u64, op: F) -> std::io::Result<()>
+    where
+        F: Fn(Arc<Replica>) -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<()>>,
+    {
+        let live: Vec<usize> = (0..2).filter(|&i| self.replicas[i].state() != FAILED).collect();
+        let limit = self.cfg.write_timeout;
+        let op = |r: Arc<Replica>| {
+            let f = op(r);
+            async move {
+                tokio::time::timeout(limit, f)
+                    .await
+                    .unwrap_or_else(|_| Err(eio(format!("no completion within {limit:?}"))))
+            }
+        };
+        let (a, b) = match live.as_slice() {
+            [a, b] => {
+                let (ra, rb) = tokio::join!(op(self.replicas[*a].clone()), op(self.replicas[*b].clone()));
+                (Some((*a, ra)), Some((*b, rb)))
+            }
+            [a] => (Some((*a, op(self.replicas[*a].clone()).await)), None),
+            _ => return Err(eio("no replica available")),
+        };
+        let mut ok = 0;
+        let mut first_err = None;
+        for (i, r) in [a, b].into_iter().flatten() {
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    if let Err(e2) = self.fail_replica(i, &e, offset, len).await {
+                        tracing::error!("recording a failed write on the survivor failed: {e2}");
+                        return Err(e2);
+                    }
+                    first_err = Some(e);
+                }
+            }
+        }
+        if ok == 0 {
+            return Err(first_err.unwrap_or_else(|| eio("write failed")));
+        }
+        if live.len() == 1 && !self.degraded_marked.load(Ordering::Acquire) {
+            // A replica is down and the survivor may not be tracking yet: record this range.
+            let s = &self.replicas[live[0]];
+            s.mark_degraded(offset, len).await?;
+            self.degraded_marked.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// One supervisor round.
+    pub async fn supervise_once(&self) {
+        for i in 0..2 {
+            let r = &self.replicas[i];
+            let s = &self.replicas[Self::other(i)];
+            match r.state() {
+                IN_SYNC if r.connection_broken() => {
+                    let e = eio("connection lost");
+                    let _ = self.fail_replica(i, &e, 0, 0).await;
+                }
+                FAILED if matches!(r.location, Location::Remote { .. }) && s.state() == IN_SYNC => {
+                    if r.connect().await.is_err() {
+                        continue;
+                    }
+                    // Back: it receives writes again, serves reads only where the survivor's
+                    // bitmap is clean, and the survivor pushes what it missed.
+                    *r.stale.write().unwrap_or_else(|p| p.into_inner()) = None;
+                    r.state.store(RESYNCING, Ordering::Release);
+                    tracing::info!(
+                        replica = r.role,
+                        "replica reachable again: resyncing it from the {}",
+                        s.role
+                    );
+                    let peer = r.addr().unwrap_or_default().to_string();
+                    let started = match &s.location {
+                        Location::Local(v) => {
+                            start_local_job(v, self.cfg.secret.clone(), self.cfg.rate, JobKind::Sync, peer)
+                        }
+                        Location::Remote { .. } => match s.pool() {
+                            Ok(p) => p
+                                .call(Message::StartJob { kind: JobKind::Sync, peer }, 0)
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        },
+                    };
+                    if let Err(e) = started {
+                        tracing::warn!(replica = r.role, "could not start the resync: {e}");
+                        r.state.store(FAILED, Ordering::Release);
+                    }
+                }
+                RESYNCING => {
+                    if r.connection_broken() {
+                        let e = eio("connection lost during resync");
+                        let _ = self.fail_replica(i, &e, 0, 0).await;
+                        continue;
+                    }
+                    let Ok(status) = s.status().await else { continue };
+                    let job_state = status["job"]["state"].as_str().unwrap_or("none").to_string();
+                    match job_state.as_str() {
+                        "done" | "up-to-date" if status["tracking"] == false => {
+                            r.state.store(IN_SYNC, Ordering::Release);
+                            self.degraded_marked.store(false, Ordering::Release);
+                            *r.stale.write().unwrap_or_else(|p| p.into_inner()) = None;
+                            tracing::info!(replica = r.role, "replica resynced and back in service");
+                        }
+                        "failed" | "refused" | "cancelled" => {
+                            tracing::warn!(replica = r.role, error = %status["job"]["error"], "resync {job_state}; replica stays out of service");
+                            r.state.store(FAILED, Ordering::Release);
+                        }
+                        _ => {
+                            if let Ok(bits) = s.bitmap().await {
+                                *r.stale.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(bits));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Status of the volume and both replicas, for `ctl status` and metrics.
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "size": self.size,
+            "weights": { "source": 100 - self.weights.target(), "target": self.weights.target() },
+            "replicas": [self.replicas[0].stats_json(), self.replicas[1].stats_json()],
+        })
+    }
+}
+
+impl BlockDev for Router {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
+        let mut last_err = None;
+        let mut tried = 0;
+        for i in [first, Self::other(first)] {
+            let r = &self.replicas[i];
+            if !r.can_read(offset, len as u64) {
+                continue;
+            }
+            if tried > 0 {
+                self.replicas[Self::other(i)].stats.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            tried += 1;
+            let deadline = r.read_deadline(self.cfg.read_deadline_min, self.cfg.read_deadline_cap);
+            match tokio::time::timeout(deadline, r.read(offset, len)).await {
+                Ok(Ok(d)) => return Ok(d),
+                Ok(Err(e)) => {
+                    r.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        replica = r.role,
+                        offset,
+                        len,
+                        "read failed: {e}; trying the other replica"
+                    );
+                    last_err = Some(e);
+                }
+                Err(_) => {
+                    r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        replica = r.role,
+                        offset,
+                        len,
+                        ?deadline,
+                        "read missed its deadline; trying the other replica"
+                    );
+                    last_err = Some(eio(format!("read timed out after {deadline:?}")));
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| eio("no replica holds this range in sync")))
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
+        let len = data.len() as u64;
+        let data = Arc::new(data);
+        self.mirrored(offset, len, |r| {
+            let d = data.clone();
+            async move { r.write(offset, d, fua).await }
+        })
+        .await
+    }
+
+    async fn flush(&self) -> std::io::Result<()> {
+        // A replica that fails a flush may have lost any write since its last flush: the whole
+        // volume is recorded on the survivor (the resync compares digests, so it stays cheap).
+        let size = self.size;
+        self.mirrored(0, size, |r| async move { r.flush().await }).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.write_zeroes(offset, len).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.mirrored(offset, len, |r| async move { r.write_zeroes(offset, len).await }).await
+    }
+}
