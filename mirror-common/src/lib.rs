@@ -6,6 +6,10 @@
 #![no_std]
 
 pub mod blk;
+pub mod hist;
+pub mod mm;
+pub mod net;
+pub mod sched;
 
 /// Directory under bpffs where the daemon pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/mirror";

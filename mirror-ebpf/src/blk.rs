@@ -8,6 +8,7 @@ use aya_ebpf::{
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
+use aya_log_ebpf::warn;
 use mirror_common::blk::{
     classify_rwbs, hist_slot, BlkStart, BlkStartKey, BlkStats, BlkStatsKey, BlkTpOffsets,
     BLK_START_ENTRIES, BLK_STATS_ENTRIES,
@@ -82,7 +83,14 @@ fn try_issue(ctx: &TracePointContext) -> Result<(), i64> {
         bytes,
         op: classify_rwbs(&rwbs),
     };
-    BLK_START.insert(&key, &start, 0).map_err(i64::from)
+    if let Err(e) = BLK_START.insert(&key, &start, 0) {
+        // Only when more than BLK_START_ENTRIES requests are in flight: worth a daemon log line.
+        warn!(
+            ctx,
+            "blk_start full ({}): request on dev {} not measured", e, dev
+        );
+    }
+    Ok(())
 }
 
 #[inline(always)]

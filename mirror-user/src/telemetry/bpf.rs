@@ -2,18 +2,28 @@
 
 use std::{
     borrow::Borrow,
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
 };
 
 use aya::{
-    maps::{Map, MapData, PerCpuHashMap},
+    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-use mirror_common::blk::{BlkStats, BlkStatsKey, GLOBAL_BLK_OFFSETS, MAP_BLK_START, MAP_BLK_STATS};
+use mirror_common::{
+    blk::{
+        BlkStart, BlkStartKey, BlkStats, BlkStatsKey, GLOBAL_BLK_OFFSETS, MAP_BLK_START,
+        MAP_BLK_STATS,
+    },
+    hist::LatHist,
+    mm::{MAP_RECLAIM_START, MAP_RECLAIM_STATS},
+    net::{NetTpOffsets, TcpPeerKey, TcpRetrans, GLOBAL_NET_OFFSETS, MAP_TCP_RETRANS},
+    sched::{SchedTpOffsets, GLOBAL_SCHED_OFFSETS, MAP_RUNQ_HIST, MAP_RUNQ_START},
+};
 
-use super::{blk::BlkSnapshot, tracefs, TelemetryError};
+use super::{blk::BlkSnapshot, collector::NodeSnapshot, procfs, tracefs, TelemetryError};
 
 /// The object built by `cargo xtask build` (empty when the build had none).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mirror-ebpf.o"));
@@ -23,17 +33,89 @@ pub fn has_object() -> bool {
     !OBJECT.is_empty()
 }
 
-/// Tracepoint programs in the object: (program name, category, tracepoint).
-const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("blk_rq_issue", "block", "block_rq_issue"),
-    ("blk_rq_complete", "block", "block_rq_complete"),
+/// A group of programs measuring one signal; attached together or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Blk,
+    Sched,
+    Reclaim,
+    Tcp,
+}
+
+impl Signal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Blk => "block latency",
+            Signal::Sched => "run-queue latency",
+            Signal::Reclaim => "direct reclaim",
+            Signal::Tcp => "tcp retransmits",
+        }
+    }
+}
+
+/// Tracepoint programs in the object: (signal, program name, category, tracepoint).
+pub const TRACEPOINTS: &[(Signal, &str, &str, &str)] = &[
+    (Signal::Blk, "blk_rq_issue", "block", "block_rq_issue"),
+    (Signal::Blk, "blk_rq_complete", "block", "block_rq_complete"),
+    (Signal::Sched, "sched_wakeup", "sched", "sched_wakeup"),
+    (
+        Signal::Sched,
+        "sched_wakeup_new",
+        "sched",
+        "sched_wakeup_new",
+    ),
+    (Signal::Sched, "sched_switch", "sched", "sched_switch"),
+    (
+        Signal::Reclaim,
+        "reclaim_begin",
+        "vmscan",
+        "mm_vmscan_direct_reclaim_begin",
+    ),
+    (
+        Signal::Reclaim,
+        "reclaim_end",
+        "vmscan",
+        "mm_vmscan_direct_reclaim_end",
+    ),
+    (
+        Signal::Tcp,
+        "tcp_retransmit_skb",
+        "tcp",
+        "tcp_retransmit_skb",
+    ),
 ];
 
-/// The attached block-latency programs. Dropping it detaches them and removes the pins.
-#[derive(Debug)]
-pub struct BlkProbe {
+/// Every map the daemon pins, by name (also the pin file name).
+pub const PINNED_MAPS: &[&str] = &[
+    MAP_BLK_START,
+    MAP_BLK_STATS,
+    MAP_RUNQ_START,
+    MAP_RUNQ_HIST,
+    MAP_RECLAIM_START,
+    MAP_RECLAIM_STATS,
+    MAP_TCP_RETRANS,
+];
+
+/// Requests in `blk_start` older than this are counted as lost, not in flight (a completion the
+/// (dev, sector) key could not match, e.g. a request whose sector changed on partial completion).
+pub const INFLIGHT_STALE_NS: u64 = 30_000_000_000;
+
+/// The attached programs. Dropping it detaches them and removes the pins.
+pub struct Probe {
     ebpf: Ebpf,
     pins: Pins,
+    signals: Vec<Signal>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probe")
+            .field("pins", &self.pins)
+            .field("signals", &self.signals)
+            .field("logger", &self.logger.is_some())
+            .finish()
+    }
 }
 
 /// Removes the pinned maps when dropped, also when attaching fails half way.
@@ -48,9 +130,33 @@ impl Drop for Pins {
     }
 }
 
-impl BlkProbe {
+/// A program's own cost from the kernel's BPF statistics (needs stats enabled, see
+/// [`enable_run_time_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+/// Turns on the kernel's per-program run-time accounting for as long as the returned fd lives.
+pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, TelemetryError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| TelemetryError::io("BPF_ENABLE_STATS", std::io::Error::other(e.to_string())))
+}
+
+fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> TelemetryError + '_ {
+    move |source| TelemetryError::Map {
+        name: name.into(),
+        source,
+    }
+}
+
+impl Probe {
     /// Loads the object, pins its maps under `pin_dir` (replacing stale pins of a previous run)
-    /// and attaches the tracepoints. Needs root; mounts tracefs and bpffs when they are missing.
+    /// and attaches the tracepoints. Block latency is required; the other signals are attached
+    /// when their tracepoints exist here, each missing one is said once. Needs root; mounts
+    /// tracefs and bpffs when they are missing.
     pub fn attach(pin_dir: &Path) -> Result<Self, TelemetryError> {
         if !has_object() {
             return Err(TelemetryError::NoObject);
@@ -60,16 +166,43 @@ impl BlkProbe {
         if uid != 0 {
             return Err(TelemetryError::NotRoot(uid));
         }
-        let tracefs_root = tracefs::ensure_tracefs()?;
+        let root = tracefs::ensure_tracefs()?;
         tracefs::ensure_bpffs()?;
-        let offsets = tracefs::blk_offsets(&tracefs_root)?;
+        let blk = tracefs::blk_offsets(&root)?;
+        let mut signals = vec![Signal::Blk];
+        let sched = match tracefs::sched_offsets(&root) {
+            Ok(o) => {
+                signals.push(Signal::Sched);
+                o
+            }
+            Err(e) => {
+                tracing::warn!("run-queue latency not measured: {e}");
+                SchedTpOffsets::default()
+            }
+        };
+        let reclaim_tps = TRACEPOINTS
+            .iter()
+            .filter(|t| t.0 == Signal::Reclaim)
+            .all(|t| tracefs::has_tracepoint(&root, t.2, t.3));
+        if reclaim_tps {
+            signals.push(Signal::Reclaim);
+        } else {
+            tracing::warn!("direct-reclaim stalls not measured: no vmscan tracepoints here");
+        }
+        let net = match tracefs::net_offsets(&root) {
+            Ok(o) => {
+                signals.push(Signal::Tcp);
+                o
+            }
+            Err(e) => {
+                tracing::warn!("tcp retransmits not measured: {e}");
+                NetTpOffsets::default()
+            }
+        };
 
         fs::create_dir_all(pin_dir)
             .map_err(|e| TelemetryError::io(format!("create {}", pin_dir.display()), e))?;
-        let pins: Vec<PathBuf> = [MAP_BLK_START, MAP_BLK_STATS]
-            .iter()
-            .map(|m| pin_dir.join(m))
-            .collect();
+        let pins: Vec<PathBuf> = PINNED_MAPS.iter().map(|m| pin_dir.join(m)).collect();
         for p in &pins {
             match fs::remove_file(p) {
                 Ok(()) => tracing::info!(pin = %p.display(), "removed stale pin of a previous run"),
@@ -78,14 +211,28 @@ impl BlkProbe {
             }
         }
 
-        let ebpf = EbpfLoader::new()
-            .override_global(GLOBAL_BLK_OFFSETS, &offsets, true)
-            .map_pin_path(MAP_BLK_START, pins[0].clone())
-            .map_pin_path(MAP_BLK_STATS, pins[1].clone())
-            .load(OBJECT);
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(GLOBAL_BLK_OFFSETS, &blk, true)
+            .override_global(GLOBAL_SCHED_OFFSETS, &sched, true)
+            .override_global(GLOBAL_NET_OFFSETS, &net, true);
+        for (name, pin) in PINNED_MAPS.iter().zip(&pins) {
+            loader.map_pin_path(name, pin.clone());
+        }
+        let ebpf = loader.load(OBJECT);
         let pins = Pins(pins);
         let mut ebpf = ebpf?;
-        for &(name, category, tp) in TRACEPOINTS {
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("eBPF-side diagnostics (aya-log) unavailable: {e}");
+                None
+            }
+        };
+        for &(signal, name, category, tp) in TRACEPOINTS {
+            if !signals.contains(&signal) {
+                continue;
+            }
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
                 .ok_or(TelemetryError::MissingProgram(name))?
@@ -96,22 +243,57 @@ impl BlkProbe {
             prog.attach(category, tp)
                 .map_err(|source| TelemetryError::Program { name, source })?;
         }
-        tracing::info!(pin_dir = %pin_dir.display(), "block latency programs attached");
-        Ok(BlkProbe { ebpf, pins })
+        let names: Vec<&str> = signals.iter().map(|s| s.name()).collect();
+        tracing::info!(pin_dir = %pin_dir.display(), "eBPF programs attached: {}", names.join(", "));
+        Ok(Probe {
+            ebpf,
+            pins,
+            signals,
+            logger,
+        })
     }
 
-    /// Cumulative statistics, summed over CPUs.
-    pub fn snapshot(&self) -> Result<BlkSnapshot, TelemetryError> {
-        let map = self
-            .ebpf
-            .map(MAP_BLK_STATS)
-            .ok_or(TelemetryError::MissingMap(MAP_BLK_STATS))?;
-        let map: PerCpuHashMap<&MapData, BlkStatsKey, BlkStats> = PerCpuHashMap::try_from(map)
-            .map_err(|source| TelemetryError::Map {
-                name: MAP_BLK_STATS.into(),
-                source,
-            })?;
-        sum_per_cpu(&map)
+    /// Signals whose programs are attached.
+    pub fn signals(&self) -> &[Signal] {
+        &self.signals
+    }
+
+    /// Cumulative figures of every attached signal (plus PSI and the node's TCP counter).
+    pub fn snapshot(&self) -> Result<NodeSnapshot, TelemetryError> {
+        read_maps(
+            &|name| {
+                let m = self
+                    .ebpf
+                    .map(name)
+                    .ok_or(TelemetryError::MissingMap(name))?;
+                Ok(MapRef::Borrowed(m))
+            },
+            &self.signals,
+        )
+    }
+
+    /// Forwards the programs' aya-log records to the daemon's log.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
+    }
+
+    /// The kernel's run-time statistics of each attached program.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        TRACEPOINTS
+            .iter()
+            .filter(|t| self.signals.contains(&t.0))
+            .filter_map(|&(_, name, _, _)| {
+                let prog: &TracePoint = self.ebpf.program(name)?.try_into().ok()?;
+                let info = prog.info().ok()?;
+                Some(ProgramStats {
+                    name,
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                    run_cnt: info.run_count(),
+                })
+            })
+            .collect()
     }
 
     /// Where the maps are pinned.
@@ -120,15 +302,104 @@ impl BlkProbe {
     }
 }
 
-fn sum_per_cpu<T: Borrow<MapData>>(
+/// A map of the live object, or one opened from its pin.
+enum MapRef<'a> {
+    Borrowed(&'a Map),
+    Owned(Map),
+}
+
+impl MapRef<'_> {
+    fn map(&self) -> &Map {
+        match self {
+            MapRef::Borrowed(m) => m,
+            MapRef::Owned(m) => m,
+        }
+    }
+}
+
+type Opener<'a> = dyn Fn(&'static str) -> Result<MapRef<'a>, TelemetryError> + 'a;
+
+fn read_maps(open: &Opener<'_>, signals: &[Signal]) -> Result<NodeSnapshot, TelemetryError> {
+    let mut snap = NodeSnapshot {
+        psi: procfs::read_psi(),
+        retrans_total: procfs::read_tcp_retrans().ok(),
+        ..Default::default()
+    };
+    {
+        let m = open(MAP_BLK_STATS)?;
+        let map: PerCpuHashMap<&MapData, BlkStatsKey, BlkStats> =
+            PerCpuHashMap::try_from(m.map()).map_err(map_err(MAP_BLK_STATS))?;
+        snap.blk = sum_blk(&map)?;
+    }
+    {
+        let m = open(MAP_BLK_START)?;
+        let map: HashMap<&MapData, BlkStartKey, BlkStart> =
+            HashMap::try_from(m.map()).map_err(map_err(MAP_BLK_START))?;
+        snap.inflight = inflight(&map, monotonic_ns())?;
+    }
+    if signals.contains(&Signal::Sched) {
+        let m = open(MAP_RUNQ_HIST)?;
+        snap.runq = Some(sum_hist(m.map(), MAP_RUNQ_HIST)?);
+    }
+    if signals.contains(&Signal::Reclaim) {
+        let m = open(MAP_RECLAIM_STATS)?;
+        snap.reclaim = Some(sum_hist(m.map(), MAP_RECLAIM_STATS)?);
+    }
+    if signals.contains(&Signal::Tcp) {
+        let m = open(MAP_TCP_RETRANS)?;
+        let map: PerCpuHashMap<&MapData, TcpPeerKey, TcpRetrans> =
+            PerCpuHashMap::try_from(m.map()).map_err(map_err(MAP_TCP_RETRANS))?;
+        let mut peers = BTreeMap::new();
+        for item in map.iter() {
+            let (k, vals) = item.map_err(map_err(MAP_TCP_RETRANS))?;
+            *peers.entry(k).or_insert(0) += vals.iter().map(|v| v.retransmits).sum::<u64>();
+        }
+        snap.retrans = Some(peers);
+    }
+    Ok(snap)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn inflight<T: Borrow<MapData>>(
+    map: &HashMap<T, BlkStartKey, BlkStart>,
+    now_ns: u64,
+) -> Result<BTreeMap<u32, u64>, TelemetryError> {
+    let mut out = BTreeMap::new();
+    for item in map.iter() {
+        let (k, v) = item.map_err(map_err(MAP_BLK_START))?;
+        if now_ns.saturating_sub(v.issue_ns) < INFLIGHT_STALE_NS {
+            *out.entry(k.dev).or_insert(0) += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn sum_hist(map: &Map, name: &'static str) -> Result<LatHist, TelemetryError> {
+    let arr: PerCpuArray<&MapData, LatHist> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let vals = arr.get(&0, 0).map_err(map_err(name))?;
+    let mut total = LatHist::default();
+    for v in vals.iter() {
+        total.accumulate(v);
+    }
+    Ok(total)
+}
+
+fn sum_blk<T: Borrow<MapData>>(
     map: &PerCpuHashMap<T, BlkStatsKey, BlkStats>,
 ) -> Result<BlkSnapshot, TelemetryError> {
     let mut snap = BlkSnapshot::new();
     for item in map.iter() {
-        let (key, values) = item.map_err(|source| TelemetryError::Map {
-            name: MAP_BLK_STATS.into(),
-            source,
-        })?;
+        let (key, values) = item.map_err(map_err(MAP_BLK_STATS))?;
         let total = snap.entry(key).or_default();
         for v in values.iter() {
             total.accumulate(v);
@@ -137,9 +408,8 @@ fn sum_per_cpu<T: Borrow<MapData>>(
     Ok(snap)
 }
 
-/// Reads the statistics map pinned by a running daemon under `pin_dir`.
-pub fn read_pinned(pin_dir: &Path) -> Result<BlkSnapshot, TelemetryError> {
-    let path = pin_dir.join(MAP_BLK_STATS);
+fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, TelemetryError> {
+    let path = pin_dir.join(name);
     if !path.exists() {
         return Err(TelemetryError::NotPinned(path));
     }
@@ -148,8 +418,32 @@ pub fn read_pinned(pin_dir: &Path) -> Result<BlkSnapshot, TelemetryError> {
         source,
     };
     let data = MapData::from_pin(&path).map_err(err)?;
-    let map = Map::from_map_data(data).map_err(err)?;
-    let map: PerCpuHashMap<MapData, BlkStatsKey, BlkStats> =
-        PerCpuHashMap::try_from(map).map_err(err)?;
-    sum_per_cpu(&map)
+    Map::from_map_data(data).map_err(err)
+}
+
+/// Reads the maps pinned by a running daemon under `pin_dir` (signals whose maps are absent are
+/// left out).
+pub fn read_pinned_all(pin_dir: &Path) -> Result<NodeSnapshot, TelemetryError> {
+    let mut signals = vec![Signal::Blk];
+    for (s, m) in [
+        (Signal::Sched, MAP_RUNQ_HIST),
+        (Signal::Reclaim, MAP_RECLAIM_STATS),
+        (Signal::Tcp, MAP_TCP_RETRANS),
+    ] {
+        if pin_dir.join(m).exists() {
+            signals.push(s);
+        }
+    }
+    read_maps(
+        &|name| open_pinned(pin_dir, name).map(MapRef::Owned),
+        &signals,
+    )
+}
+
+/// Reads the block statistics map pinned by a running daemon under `pin_dir`.
+pub fn read_pinned(pin_dir: &Path) -> Result<BlkSnapshot, TelemetryError> {
+    let map = open_pinned(pin_dir, MAP_BLK_STATS)?;
+    let map: PerCpuHashMap<&MapData, BlkStatsKey, BlkStats> =
+        PerCpuHashMap::try_from(&map).map_err(map_err(MAP_BLK_STATS))?;
+    sum_blk(&map)
 }
