@@ -91,12 +91,21 @@ impl LoopDev {
         std::fs::File::create(&img)
             .and_then(|f| f.set_len(size))
             .expect("create backing file");
+        Self::attach(&img, "on", dir)
+    }
+
+    /// A loop device stacked on another block device (e.g. another loop device).
+    pub fn over(backing: &Path) -> Self {
+        Self::attach(backing, "on", TempDir::new("loop-over"))
+    }
+
+    fn attach(backing: &Path, direct_io: &str, dir: TempDir) -> Self {
         if !Path::new("/dev/loop-control").exists() {
             let _ = Command::new("modprobe").arg("loop").status();
         }
         let out = Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=on"])
-            .arg(&img)
+            .args(["-f", "--show", &format!("--direct-io={direct_io}")])
+            .arg(backing)
             .output()
             .expect("run losetup");
         assert!(
@@ -180,7 +189,7 @@ impl Drop for Daemon {
     }
 }
 
-fn nanos() -> u32 {
+pub fn nanos() -> u32 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
