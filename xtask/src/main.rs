@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's build, setup, test and demo driver.
 
+mod bench;
 mod build;
 mod setup;
 mod util;
@@ -41,6 +42,18 @@ enum Cmd {
     },
     /// Boot the Debian 6.12 kernel with virtme-ng and run the tests that need it (ublk, ...).
     VmTest,
+    /// Run a benchmark (`ebpf`: IOPS overhead of the telemetry programs and their per-event
+    /// cost); writes target/bench/<name>.json.
+    Bench {
+        /// Which benchmark (`ebpf`).
+        name: String,
+        /// Pairs of runs without / with the programs.
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 4)]
+        seconds: u64,
+    },
     /// The main job on embedded defaults, on this machine.
     Demo {
         /// How long the live part runs.
@@ -57,6 +70,11 @@ fn main() -> ExitCode {
         Cmd::Test { no_lint, no_vm } => test(no_lint, no_vm),
         Cmd::VmTest => vm_test_only(),
         Cmd::Demo { seconds } => demo(seconds),
+        Cmd::Bench {
+            name,
+            pairs,
+            seconds,
+        } => bench::bench(&name, bench::EbpfOpts { pairs, seconds }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -81,7 +99,7 @@ fn setup_if_possible() -> Result<()> {
 }
 
 /// Mounts tracefs and bpffs for the BPF tests (root only; harmless when already mounted).
-fn mount_kernel_fs() {
+pub(crate) fn mount_kernel_fs() {
     if !is_root() {
         return;
     }

@@ -153,8 +153,8 @@ fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> TelemetryError + '_ {
 }
 
 impl Probe {
-    /// Loads the object, pins its maps under `pin_dir` (replacing stale pins of a previous run)
-    /// and attaches the tracepoints. Block latency is required; the other signals are attached
+    /// Loads the object, attaches the tracepoints, then pins the maps under `pin_dir`
+    /// (replacing stale pins of a previous run). Block latency is required; the other signals are attached
     /// when their tracepoints exist here, each missing one is said once. Needs root; mounts
     /// tracefs and bpffs when they are missing.
     pub fn attach(pin_dir: &Path) -> Result<Self, TelemetryError> {
@@ -216,12 +216,8 @@ impl Probe {
             .override_global(GLOBAL_BLK_OFFSETS, &blk, true)
             .override_global(GLOBAL_SCHED_OFFSETS, &sched, true)
             .override_global(GLOBAL_NET_OFFSETS, &net, true);
-        for (name, pin) in PINNED_MAPS.iter().zip(&pins) {
-            loader.map_pin_path(name, pin.clone());
-        }
-        let ebpf = loader.load(OBJECT);
         let pins = Pins(pins);
-        let mut ebpf = ebpf?;
+        let mut ebpf = loader.load(OBJECT)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -242,6 +238,17 @@ impl Probe {
                 .map_err(|source| TelemetryError::Program { name, source })?;
             prog.attach(category, tp)
                 .map_err(|source| TelemetryError::Program { name, source })?;
+        }
+        // Pinned only now, so a pin's presence means the programs are attached (tests and tools
+        // wait for it).
+        for (name, pin) in PINNED_MAPS.iter().zip(&pins.0) {
+            let map = ebpf.map(name).ok_or(TelemetryError::MissingMap(name))?;
+            map.pin(pin).map_err(|e| {
+                TelemetryError::io(
+                    format!("pin map {name} at {}", pin.display()),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
         }
         let names: Vec<&str> = signals.iter().map(|s| s.name()).collect();
         tracing::info!(pin_dir = %pin_dir.display(), "eBPF programs attached: {}", names.join(", "));
