@@ -9,6 +9,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
+
+use crate::record::Record;
 use mirror_common::blk::{
     classify_rwbs, hist_slot, BlkStart, BlkStartKey, BlkStats, BlkStatsKey, BlkTpOffsets,
     BLK_START_ENTRIES, BLK_STATS_ENTRIES,
@@ -61,16 +63,11 @@ fn try_issue(ctx: &TracePointContext) -> Result<(), i64> {
     if off.valid == 0 {
         return Ok(());
     }
-    // SAFETY: offsets come from the tracepoint's format file; read_at uses
-    // bpf_probe_read_kernel, so a wrong offset reads garbage, never faults.
-    let (dev, sector, bytes, rwbs) = unsafe {
-        (
-            ctx.read_at::<u32>(off.issue_dev as usize)?,
-            ctx.read_at::<u64>(off.issue_sector as usize)?,
-            ctx.read_at::<u32>(off.issue_bytes as usize)?,
-            ctx.read_at::<[u8; 4]>(off.issue_rwbs as usize)?,
-        )
-    };
+    let rec = Record::read(ctx).ok_or(-1i64)?;
+    let dev = rec.u32(off.issue_dev);
+    let sector = rec.u64(off.issue_sector);
+    let bytes = rec.u32(off.issue_bytes);
+    let rwbs = rec.bytes::<4>(off.issue_rwbs);
     let key = BlkStartKey {
         dev,
         _pad: 0,
@@ -99,14 +96,10 @@ fn try_complete(ctx: &TracePointContext) -> Result<(), i64> {
     if off.valid == 0 {
         return Ok(());
     }
-    // SAFETY: as in try_issue.
-    let (dev, sector, error) = unsafe {
-        (
-            ctx.read_at::<u32>(off.complete_dev as usize)?,
-            ctx.read_at::<u64>(off.complete_sector as usize)?,
-            ctx.read_at::<i32>(off.complete_error as usize)?,
-        )
-    };
+    let rec = Record::read(ctx).ok_or(-1i64)?;
+    let dev = rec.u32(off.complete_dev);
+    let sector = rec.u64(off.complete_sector);
+    let error = rec.u32(off.complete_error) as i32;
     let key = BlkStartKey {
         dev,
         _pad: 0,

@@ -6,6 +6,7 @@
 mod blk;
 mod mm;
 mod net;
+mod record;
 mod sched;
 
 /// The programs read tracepoint records with `bpf_probe_read_kernel`, which is GPL-only.

@@ -12,6 +12,8 @@ use mirror_common::net::{
     NetTpOffsets, TcpPeerKey, TcpRetrans, AF_INET, AF_INET6, TCP_RETRANS_ENTRIES,
 };
 
+use crate::record::Record;
+
 /// Tracepoint field offsets, filled in by userspace before load (see `NetTpOffsets`).
 #[unsafe(no_mangle)]
 static NET_OFFSETS: NetTpOffsets = NetTpOffsets {
@@ -39,20 +41,17 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), i64> {
     if off.valid == 0 {
         return Ok(());
     }
-    // SAFETY: offsets from the tracepoint's format file; read_at uses bpf_probe_read_kernel, so a
-    // wrong offset reads garbage, never faults.
-    let family = u32::from(unsafe { ctx.read_at::<u16>(off.family as usize)? });
+    let rec = Record::read(ctx).ok_or(-1i64)?;
+    let family = u32::from(rec.u16(off.family));
     let mut key = TcpPeerKey {
         family,
         addr: [0; 16],
     };
     if family == AF_INET {
-        // SAFETY: as above.
-        let a = unsafe { ctx.read_at::<[u8; 4]>(off.daddr as usize)? };
+        let a = rec.bytes::<4>(off.daddr);
         key.addr[..4].copy_from_slice(&a);
     } else if family == AF_INET6 {
-        // SAFETY: as above.
-        key.addr = unsafe { ctx.read_at::<[u8; 16]>(off.daddr_v6 as usize)? };
+        key.addr = rec.bytes::<16>(off.daddr_v6);
     }
     let value = match TCP_RETRANS.get_ptr_mut(&key) {
         Some(p) => p,

@@ -48,10 +48,10 @@ enum Cmd {
         /// Which benchmark (`ebpf`).
         name: String,
         /// Pairs of runs without / with the programs.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 8)]
         pairs: usize,
         /// Seconds per run.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 3)]
         seconds: u64,
     },
     /// The main job on embedded defaults, on this machine.

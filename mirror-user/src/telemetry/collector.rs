@@ -450,8 +450,8 @@ mod tests {
         s1.ios += 2000;
         s1.bytes += 2000 * 4096;
         s1.lat_sum_ns += 2000 * 20_000;
-        s1.hist_us[4] += 1980;
-        s1.hist_us[12] += 20; // 4-8 ms tail
+        s1.hist_us[4] += 1960;
+        s1.hist_us[12] += 40; // 4-8 ms tail: 2%
         let psi0 = Psi::default();
         let mut psi1 = Psi::default();
         psi1.memory_some.total_us = 200_000; // 0.2 s stalled in 2 s

@@ -113,7 +113,19 @@ fn field(
     min_size: u32,
 ) -> Result<u32, TelemetryError> {
     match fields.get(name) {
-        Some(f) if f.size >= min_size => Ok(f.offset),
+        Some(f)
+            if f.size >= min_size
+                && (f.offset + min_size) as usize <= mirror_common::TP_RECORD_PREFIX =>
+        {
+            Ok(f.offset)
+        }
+        Some(f) if f.size >= min_size => Err(TelemetryError::Format {
+            path: path.to_path_buf(),
+            reason: format!(
+                "field {name} ends past the first {} bytes the programs copy",
+                mirror_common::TP_RECORD_PREFIX
+            ),
+        }),
         Some(f) => Err(TelemetryError::Format {
             path: path.to_path_buf(),
             reason: format!("field {name} has size {} (expected >= {min_size})", f.size),
@@ -319,6 +331,9 @@ print fmt: \"%d,%d %s\"";
         );
         let o = sched_offsets_from((WAKEUP_618, p), (WAKEUP_618, p), (&narrow, p)).unwrap();
         assert_eq!(o.switch_prev_state_size, 4);
+        let far = SWITCH_618.replace("next_pid;\toffset:56", "next_pid;\toffset:126");
+        let err = sched_offsets_from((WAKEUP_618, p), (WAKEUP_618, p), (&far, p)).unwrap_err();
+        assert!(err.to_string().contains("next_pid ends past"), "{err}");
         let odd = SWITCH_618.replace("size:8", "size:2");
         assert!(sched_offsets_from((WAKEUP_618, p), (WAKEUP_618, p), (&odd, p)).is_err());
     }
