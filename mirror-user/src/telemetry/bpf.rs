@@ -9,8 +9,8 @@ use std::{
 
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
-    programs::TracePoint,
-    Ebpf, EbpfLoader,
+    programs::{BtfTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader,
 };
 use mirror_common::{
     blk::{
@@ -20,7 +20,7 @@ use mirror_common::{
     hist::LatHist,
     mm::{MAP_RECLAIM_START, MAP_RECLAIM_STATS},
     net::{NetTpOffsets, TcpPeerKey, TcpRetrans, GLOBAL_NET_OFFSETS, MAP_TCP_RETRANS},
-    sched::{SchedTpOffsets, GLOBAL_SCHED_OFFSETS, MAP_RUNQ_HIST, MAP_RUNQ_START},
+    sched::{MAP_RUNQ_HIST, MAP_RUNQ_START},
 };
 
 use super::{blk::BlkSnapshot, collector::NodeSnapshot, procfs, tracefs, TelemetryError};
@@ -53,32 +53,69 @@ impl Signal {
     }
 }
 
-/// Tracepoint programs in the object: (signal, program name, category, tracepoint).
-pub const TRACEPOINTS: &[(Signal, &str, &str, &str)] = &[
-    (Signal::Blk, "blk_rq_issue", "block", "block_rq_issue"),
-    (Signal::Blk, "blk_rq_complete", "block", "block_rq_complete"),
-    (Signal::Sched, "sched_wakeup", "sched", "sched_wakeup"),
+/// How a program attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A classic tracepoint (`category:name`), record offsets parsed from tracefs.
+    TracePoint,
+    /// A BTF tracepoint (`tp_btf/name`): raw arguments, no trace record; needs kernel BTF.
+    BtfTracePoint,
+}
+
+/// Programs in the object: (signal, kind, program name, category, tracepoint).
+pub const TRACEPOINTS: &[(Signal, Kind, &str, &str, &str)] = &[
+    (
+        Signal::Blk,
+        Kind::TracePoint,
+        "blk_rq_issue",
+        "block",
+        "block_rq_issue",
+    ),
+    (
+        Signal::Blk,
+        Kind::TracePoint,
+        "blk_rq_complete",
+        "block",
+        "block_rq_complete",
+    ),
     (
         Signal::Sched,
+        Kind::BtfTracePoint,
+        "sched_wakeup",
+        "sched",
+        "sched_wakeup",
+    ),
+    (
+        Signal::Sched,
+        Kind::BtfTracePoint,
         "sched_wakeup_new",
         "sched",
         "sched_wakeup_new",
     ),
-    (Signal::Sched, "sched_switch", "sched", "sched_switch"),
+    (
+        Signal::Sched,
+        Kind::BtfTracePoint,
+        "sched_switch",
+        "sched",
+        "sched_switch",
+    ),
     (
         Signal::Reclaim,
+        Kind::TracePoint,
         "reclaim_begin",
         "vmscan",
         "mm_vmscan_direct_reclaim_begin",
     ),
     (
         Signal::Reclaim,
+        Kind::TracePoint,
         "reclaim_end",
         "vmscan",
         "mm_vmscan_direct_reclaim_end",
     ),
     (
         Signal::Tcp,
+        Kind::TracePoint,
         "tcp_retransmit_skb",
         "tcp",
         "tcp_retransmit_skb",
@@ -170,20 +207,20 @@ impl Probe {
         tracefs::ensure_bpffs()?;
         let blk = tracefs::blk_offsets(&root)?;
         let mut signals = vec![Signal::Blk];
-        let sched = match tracefs::sched_offsets(&root) {
-            Ok(o) => {
-                signals.push(Signal::Sched);
-                o
-            }
+        let btf = match Btf::from_sys_fs() {
+            Ok(b) => Some(b),
             Err(e) => {
-                tracing::warn!("run-queue latency not measured: {e}");
-                SchedTpOffsets::default()
+                tracing::warn!("run-queue latency not measured: no kernel BTF ({e})");
+                None
             }
         };
+        if btf.is_some() {
+            signals.push(Signal::Sched);
+        }
         let reclaim_tps = TRACEPOINTS
             .iter()
             .filter(|t| t.0 == Signal::Reclaim)
-            .all(|t| tracefs::has_tracepoint(&root, t.2, t.3));
+            .all(|t| tracefs::has_tracepoint(&root, t.3, t.4));
         if reclaim_tps {
             signals.push(Signal::Reclaim);
         } else {
@@ -214,7 +251,6 @@ impl Probe {
         let mut loader = EbpfLoader::new();
         loader
             .override_global(GLOBAL_BLK_OFFSETS, &blk, true)
-            .override_global(GLOBAL_SCHED_OFFSETS, &sched, true)
             .override_global(GLOBAL_NET_OFFSETS, &net, true);
         let pins = Pins(pins);
         let mut ebpf = loader.load(OBJECT)?;
@@ -225,19 +261,27 @@ impl Probe {
                 None
             }
         };
-        for &(signal, name, category, tp) in TRACEPOINTS {
+        for &(signal, kind, name, category, tp) in TRACEPOINTS {
             if !signals.contains(&signal) {
                 continue;
             }
-            let prog: &mut TracePoint = ebpf
+            let prog = ebpf
                 .program_mut(name)
-                .ok_or(TelemetryError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| TelemetryError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| TelemetryError::Program { name, source })?;
-            prog.attach(category, tp)
-                .map_err(|source| TelemetryError::Program { name, source })?;
+                .ok_or(TelemetryError::MissingProgram(name))?;
+            let err = |source| TelemetryError::Program { name, source };
+            match (kind, &btf) {
+                (Kind::TracePoint, _) => {
+                    let p: &mut TracePoint = prog.try_into().map_err(err)?;
+                    p.load().map_err(err)?;
+                    p.attach(category, tp).map_err(err)?;
+                }
+                (Kind::BtfTracePoint, Some(btf)) => {
+                    let p: &mut BtfTracePoint = prog.try_into().map_err(err)?;
+                    p.load(tp, btf).map_err(err)?;
+                    p.attach().map_err(err)?;
+                }
+                (Kind::BtfTracePoint, None) => {}
+            }
         }
         // Pinned only now, so a pin's presence means the programs are attached (tests and tools
         // wait for it).
@@ -291,9 +335,12 @@ impl Probe {
         TRACEPOINTS
             .iter()
             .filter(|t| self.signals.contains(&t.0))
-            .filter_map(|&(_, name, _, _)| {
-                let prog: &TracePoint = self.ebpf.program(name)?.try_into().ok()?;
-                let info = prog.info().ok()?;
+            .filter_map(|&(_, kind, name, _, _)| {
+                let prog = self.ebpf.program(name)?;
+                let info = match kind {
+                    Kind::TracePoint => <&TracePoint>::try_from(prog).ok()?.info().ok()?,
+                    Kind::BtfTracePoint => <&BtfTracePoint>::try_from(prog).ok()?.info().ok()?,
+                };
                 Some(ProgramStats {
                     name,
                     run_time_ns: info.run_time().as_nanos() as u64,

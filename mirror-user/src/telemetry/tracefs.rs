@@ -7,7 +7,7 @@ use std::{
     process::Command,
 };
 
-use mirror_common::{blk::BlkTpOffsets, net::NetTpOffsets, sched::SchedTpOffsets};
+use mirror_common::{blk::BlkTpOffsets, net::NetTpOffsets};
 
 use super::TelemetryError;
 
@@ -177,45 +177,6 @@ fn read_format(root: &Path, category: &str, tp: &str) -> Result<(String, PathBuf
     Ok((text, p))
 }
 
-/// Builds the offsets of the sched tracepoints from their format texts (wakeup, wakeup_new,
-/// switch). `prev_state` is a `long` on current kernels and was narrower on some older ones: its
-/// size is passed along.
-pub fn sched_offsets_from(
-    wakeup: (&str, &Path),
-    wakeup_new: (&str, &Path),
-    switch: (&str, &Path),
-) -> Result<SchedTpOffsets, TelemetryError> {
-    let w = parse_format(wakeup.0);
-    let wn = parse_format(wakeup_new.0);
-    let sw = parse_format(switch.0);
-    let state = field(&sw, switch.1, "prev_state", 4)?;
-    let state_size = sw["prev_state"].size;
-    if state_size != 4 && state_size != 8 {
-        return Err(TelemetryError::Format {
-            path: switch.1.to_path_buf(),
-            reason: format!("prev_state has size {state_size} (expected 4 or 8)"),
-        });
-    }
-    Ok(SchedTpOffsets {
-        wakeup_pid: field(&w, wakeup.1, "pid", 4)?,
-        wakeup_new_pid: field(&wn, wakeup_new.1, "pid", 4)?,
-        switch_prev_pid: field(&sw, switch.1, "prev_pid", 4)?,
-        switch_prev_state: state,
-        switch_prev_state_size: state_size,
-        switch_next_pid: field(&sw, switch.1, "next_pid", 4)?,
-        valid: 1,
-        _pad: 0,
-    })
-}
-
-/// Reads the sched tracepoints' formats under a tracefs root.
-pub fn sched_offsets(root: &Path) -> Result<SchedTpOffsets, TelemetryError> {
-    let (w, wp) = read_format(root, "sched", "sched_wakeup")?;
-    let (wn, wnp) = read_format(root, "sched", "sched_wakeup_new")?;
-    let (sw, swp) = read_format(root, "sched", "sched_switch")?;
-    sched_offsets_from((&w, &wp), (&wn, &wnp), (&sw, &swp))
-}
-
 /// Builds the offsets of `tcp:tcp_retransmit_skb` from its format text.
 pub fn net_offsets_from(text: &str, path: &Path) -> Result<NetTpOffsets, TelemetryError> {
     let f = parse_format(text);
@@ -295,47 +256,6 @@ print fmt: \"%d,%d %s\"";
             (o.issue_rwbs, o.complete_rwbs, o.complete_error, o.valid),
             (34, 32, 28, 1)
         );
-    }
-
-    const SWITCH_618: &str = "format:
-\tfield:char prev_comm[16];\toffset:8;\tsize:16;\tsigned:0;
-\tfield:pid_t prev_pid;\toffset:24;\tsize:4;\tsigned:1;
-\tfield:int prev_prio;\toffset:28;\tsize:4;\tsigned:1;
-\tfield:long prev_state;\toffset:32;\tsize:8;\tsigned:1;
-\tfield:char next_comm[16];\toffset:40;\tsize:16;\tsigned:0;
-\tfield:pid_t next_pid;\toffset:56;\tsize:4;\tsigned:1;
-\tfield:int next_prio;\toffset:60;\tsize:4;\tsigned:1;";
-    const WAKEUP_618: &str = "format:
-\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;
-\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;
-\tfield:int prio;\toffset:28;\tsize:4;\tsigned:1;
-\tfield:int target_cpu;\toffset:32;\tsize:4;\tsigned:1;";
-
-    #[test]
-    fn sched_offsets_keep_prev_state_size() {
-        let p = Path::new("f");
-        let o = sched_offsets_from((WAKEUP_618, p), (WAKEUP_618, p), (SWITCH_618, p)).unwrap();
-        assert_eq!(
-            (
-                o.wakeup_pid,
-                o.switch_prev_pid,
-                o.switch_prev_state,
-                o.switch_prev_state_size,
-                o.switch_next_pid
-            ),
-            (24, 24, 32, 8, 56)
-        );
-        let narrow = SWITCH_618.replace(
-            "long prev_state;\toffset:32;\tsize:8",
-            "int prev_state;\toffset:32;\tsize:4",
-        );
-        let o = sched_offsets_from((WAKEUP_618, p), (WAKEUP_618, p), (&narrow, p)).unwrap();
-        assert_eq!(o.switch_prev_state_size, 4);
-        let far = SWITCH_618.replace("next_pid;\toffset:56", "next_pid;\toffset:126");
-        let err = sched_offsets_from((WAKEUP_618, p), (WAKEUP_618, p), (&far, p)).unwrap_err();
-        assert!(err.to_string().contains("next_pid ends past"), "{err}");
-        let odd = SWITCH_618.replace("size:8", "size:2");
-        assert!(sched_offsets_from((WAKEUP_618, p), (WAKEUP_618, p), (&odd, p)).is_err());
     }
 
     #[test]
