@@ -2,17 +2,14 @@
 //! while still runnable) to it running on a CPU, from the BTF tracepoints `sched_wakeup`,
 //! `sched_wakeup_new` and `sched_switch`.
 //!
-//! Map `runq_start` (hash, `task_struct` address `u64` -> `u64` ns): when each runnable task
-//! became runnable.
+//! Map `runq_start` (task-local storage, `u64` ns per task, 0 when not waiting): when each
+//! runnable task became runnable. Not pinned (bpftool cannot dump task storage by key).
 //! Map `runq_hist` (per-CPU array, one [`LatHist`](crate::hist::LatHist) at index 0): cumulative.
 
 /// Name (and pin name) of the wakeup-time map.
 pub const MAP_RUNQ_START: &str = "runq_start";
 /// Name (and pin name) of the histogram map.
 pub const MAP_RUNQ_HIST: &str = "runq_hist";
-/// Capacity of the wakeup-time map (runnable tasks at once).
-pub const RUNQ_START_ENTRIES: u32 = 16384;
-
 /// `TASK_RUNNING`: the raw `__state` of a task that stays on the run queue.
 pub const TASK_RUNNING: u64 = 0;
 

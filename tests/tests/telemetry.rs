@@ -187,7 +187,7 @@ fn cgroup_io_throttle_moves_measured_latency() {
             .unwrap_or_else(|| panic!("no sample for {}: {s:?}", upper.dev.display()));
         let r = d.ops.iter().find(|o| o.op == "read").expect("read row");
         (
-            r.iops * s.secs,
+            (r.iops * s.secs).round(),
             r.avg_us.expect("avg"),
             r.p99_us.expect("p99"),
         )

@@ -20,7 +20,7 @@ use mirror_common::{
     hist::LatHist,
     mm::{MAP_RECLAIM_START, MAP_RECLAIM_STATS},
     net::{NetTpOffsets, TcpPeerKey, TcpRetrans, GLOBAL_NET_OFFSETS, MAP_TCP_RETRANS},
-    sched::{MAP_RUNQ_HIST, MAP_RUNQ_START},
+    sched::MAP_RUNQ_HIST,
 };
 
 use super::{blk::BlkSnapshot, collector::NodeSnapshot, procfs, tracefs, TelemetryError};
@@ -126,7 +126,6 @@ pub const TRACEPOINTS: &[(Signal, Kind, &str, &str, &str)] = &[
 pub const PINNED_MAPS: &[&str] = &[
     MAP_BLK_START,
     MAP_BLK_STATS,
-    MAP_RUNQ_START,
     MAP_RUNQ_HIST,
     MAP_RECLAIM_START,
     MAP_RECLAIM_STATS,
@@ -250,6 +249,8 @@ impl Probe {
 
         let mut loader = EbpfLoader::new();
         loader
+            // runq_start is task-local storage, which aya creates but does not wrap.
+            .allow_unsupported_maps()
             .override_global(GLOBAL_BLK_OFFSETS, &blk, true)
             .override_global(GLOBAL_NET_OFFSETS, &net, true);
         let pins = Pins(pins);
