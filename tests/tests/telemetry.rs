@@ -288,17 +288,12 @@ fn cpu_hogs_raise_run_queue_latency() {
         b.wait_ms_per_s,
         2 * cpus
     );
-    assert!(
-        b.wait_ms_per_s >= 2.0 * i.wait_ms_per_s,
-        "wait {} -> {} ms/s: less than 2x",
-        i.wait_ms_per_s,
-        b.wait_ms_per_s
-    );
     let bp50 = b.p50_us.expect("busy p50");
     let bp99 = b.p99_us.expect("busy p99");
     assert!(bp99 >= 1000.0, "busy p99 {bp99} us");
-    if let Some(ip50) = i.p50_us {
-        assert!(bp50 >= 3.0 * ip50, "p50 {ip50} -> {bp50} us: less than 3x");
+    if let (Some(ip50), Some(ip99)) = (i.p50_us, i.p99_us) {
+        assert!(bp99 >= ip99, "p99 {ip99} -> {bp99} us: did not rise");
+        assert!(bp50 >= 2.0 * ip50, "p50 {ip50} -> {bp50} us: less than 2x");
     }
 }
 
