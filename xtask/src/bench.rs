@@ -28,6 +28,10 @@ pub struct EbpfOpts {
     pub pairs: usize,
     /// Seconds per fio run.
     pub seconds: u64,
+    /// fio engine: `io_uring` or `psync`.
+    pub ioengine: &'static str,
+    /// fio queue depth (1 for psync).
+    pub iodepth: u32,
 }
 
 pub fn bench(name: &str, opts: EbpfOpts) -> Result<()> {
@@ -147,16 +151,26 @@ impl Drop for Attached {
     }
 }
 
+fn fio_args(opts: &EbpfOpts) -> Vec<String> {
+    [
+        "--rw=randread",
+        "--bs=4k",
+        "--direct=1",
+        "--numjobs=1",
+        &format!("--ioengine={}", opts.ioengine),
+        &format!("--iodepth={}", opts.iodepth),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// One fio run; returns read IOPS.
-fn fio(dev: &str, seconds: u64) -> Result<f64> {
+fn fio(dev: &str, seconds: u64, opts: &EbpfOpts) -> Result<f64> {
     let out = Command::new("fio")
+        .arg("--name=ebpf-bench")
+        .args(fio_args(opts))
         .args([
-            "--name=ebpf-bench",
-            "--rw=randread",
-            "--bs=4k",
-            "--direct=1",
-            "--ioengine=psync",
-            "--numjobs=1",
             "--time_based",
             "--output-format=json",
             &format!("--runtime={seconds}"),
@@ -216,11 +230,11 @@ fn ebpf(opts: EbpfOpts) -> Result<()> {
     let lo = CachedLoop::new(&out_dir, 256 << 20)?;
     eprintln!(
         "xtask: bench ebpf: {} over a page-cached file; {} pairs of {} s fio runs \
-         (4 KiB randread, psync, O_DIRECT on the loop device)",
-        lo.dev, opts.pairs, opts.seconds
+         (4 KiB randread, {} iodepth {}, O_DIRECT on the loop device)",
+        lo.dev, opts.pairs, opts.seconds, opts.ioengine, opts.iodepth
     );
     // Warm-up, discarded.
-    fio(&lo.dev, 1)?;
+    fio(&lo.dev, 1, &opts)?;
 
     let mut without = Vec::new();
     let mut with = Vec::new();
@@ -235,11 +249,11 @@ fn ebpf(opts: EbpfOpts) -> Result<()> {
         for attached in order {
             let iops = if attached {
                 let mut d = Attached::start(&bin, None)?;
-                let r = fio(&lo.dev, opts.seconds);
+                let r = fio(&lo.dev, opts.seconds, &opts);
                 d.stop()?;
                 r?
             } else {
-                fio(&lo.dev, opts.seconds)?
+                fio(&lo.dev, opts.seconds, &opts)?
             };
             eprintln!(
                 "xtask: bench ebpf: pair {pair} {:<8} {iops:>10.0} IOPS",
@@ -259,7 +273,7 @@ fn ebpf(opts: EbpfOpts) -> Result<()> {
     let stats_path = out_dir.join("ebpf-progstats.json");
     let _ = std::fs::remove_file(&stats_path);
     let mut d = Attached::start(&bin, Some(&stats_path))?;
-    let stats_iops = fio(&lo.dev, opts.seconds);
+    let stats_iops = fio(&lo.dev, opts.seconds, &opts);
     d.stop()?;
     let stats_iops = stats_iops?;
     let stats: Value = serde_json::from_str(
@@ -363,7 +377,7 @@ fn ebpf(opts: EbpfOpts) -> Result<()> {
         "config": {
             "pairs": opts.pairs,
             "seconds_per_run": opts.seconds,
-            "fio": "--rw=randread --bs=4k --direct=1 --ioengine=psync --numjobs=1",
+            "fio": fio_args(&opts).join(" "),
             "device": "loop, direct-io=off, backing file in page cache",
             "kernel": output("uname", &["-r"]),
             "cpus": cpus,

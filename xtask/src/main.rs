@@ -53,6 +53,12 @@ enum Cmd {
         /// Seconds per run.
         #[arg(long, default_value_t = 3)]
         seconds: u64,
+        /// fio engine for `ebpf`: io_uring or psync.
+        #[arg(long, default_value = "io_uring", value_parser = ["io_uring", "psync"])]
+        ioengine: String,
+        /// fio queue depth for `ebpf` (psync: 1).
+        #[arg(long, default_value_t = 16)]
+        iodepth: u32,
     },
     /// The main job on embedded defaults, on this machine.
     Demo {
@@ -74,7 +80,21 @@ fn main() -> ExitCode {
             name,
             pairs,
             seconds,
-        } => bench::bench(&name, bench::EbpfOpts { pairs, seconds }),
+            ioengine,
+            iodepth,
+        } => bench::bench(
+            &name,
+            bench::EbpfOpts {
+                pairs,
+                seconds,
+                ioengine: if ioengine == "psync" {
+                    "psync"
+                } else {
+                    "io_uring"
+                },
+                iodepth: if ioengine == "psync" { 1 } else { iodepth },
+            },
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
