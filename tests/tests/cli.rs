@@ -112,3 +112,24 @@ fn top_without_a_daemon_says_so() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mirror daemon"), "{err}");
 }
+
+#[test]
+fn daemon_prints_prometheus_text() {
+    let out = mirror(&[
+        "daemon",
+        "--no-bpf",
+        "--prometheus",
+        "--interval",
+        "100ms",
+        "--for",
+        "150ms",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("# TYPE mirror_blk_iops gauge"), "{text}");
+    assert!(text.contains("mirror_tcp_retrans_total_per_s "), "{text}");
+}

@@ -236,12 +236,14 @@ pub fn sample(
     }
 }
 
-/// Reads a [`Source`](super::Source) at each call and returns the figures since the last one.
+/// Reads a [`Source`](super::Source) at each call and returns the figures since the last one;
+/// each sample is also published to subscribers (the health monitor, the metrics endpoint).
 #[derive(Debug)]
 pub struct Collector {
     source: super::Source,
     prev: NodeSnapshot,
     prev_t: Instant,
+    tx: tokio::sync::watch::Sender<Option<std::sync::Arc<TelemetrySample>>>,
 }
 
 impl Collector {
@@ -252,7 +254,15 @@ impl Collector {
             source,
             prev,
             prev_t: Instant::now(),
+            tx: tokio::sync::watch::channel(None).0,
         })
+    }
+
+    /// The latest sample (`None` before the first tick), updated at every [`Collector::tick`].
+    pub fn subscribe(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Option<std::sync::Arc<TelemetrySample>>> {
+        self.tx.subscribe()
     }
 
     /// The figures since the previous call (or since [`Collector::new`]).
@@ -268,6 +278,7 @@ impl Collector {
         );
         self.prev = cur;
         self.prev_t = now;
+        self.tx.send_replace(Some(std::sync::Arc::new(s.clone())));
         Ok(s)
     }
 
@@ -544,6 +555,20 @@ mod tests {
             1.0,
         );
         assert!(none.devices.is_empty() && none.runq.is_none() && none.retrans_per_s.is_none());
+    }
+
+    #[test]
+    fn collector_publishes_each_sample() {
+        let mut c = Collector::new(crate::telemetry::Source::Procfs).expect("read /proc");
+        let rx = c.subscribe();
+        assert!(rx.borrow().is_none());
+        let s = c.tick().expect("tick");
+        let got = rx.borrow().clone().expect("published");
+        assert_eq!((got.source, got.secs), (s.source, s.secs));
+        assert!(
+            got.retrans_per_s.is_some(),
+            "/proc/net/snmp in the fallback"
+        );
     }
 
     #[test]
