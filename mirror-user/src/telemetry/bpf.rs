@@ -262,26 +262,24 @@ impl Probe {
                 None
             }
         };
-        for &(signal, kind, name, category, tp) in TRACEPOINTS {
-            if !signals.contains(&signal) {
-                continue;
-            }
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or(TelemetryError::MissingProgram(name))?;
-            let err = |source| TelemetryError::Program { name, source };
-            match (kind, &btf) {
-                (Kind::TracePoint, _) => {
-                    let p: &mut TracePoint = prog.try_into().map_err(err)?;
-                    p.load().map_err(err)?;
-                    p.attach(category, tp).map_err(err)?;
+        // Block latency is required; another signal whose programs the kernel refuses (an old
+        // kernel's tracepoint arguments, say) is dropped with one warning, the rest stays.
+        for signal in signals.clone() {
+            let progs = TRACEPOINTS.iter().filter(|t| t.0 == signal);
+            let attached = progs
+                .clone()
+                .try_for_each(|&(_, kind, name, category, tp)| {
+                    attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref())
+                });
+            if let Err(e) = attached {
+                if signal == Signal::Blk {
+                    return Err(e);
                 }
-                (Kind::BtfTracePoint, Some(btf)) => {
-                    let p: &mut BtfTracePoint = prog.try_into().map_err(err)?;
-                    p.load(tp, btf).map_err(err)?;
-                    p.attach().map_err(err)?;
+                tracing::warn!("{} not measured: {e}", signal.name());
+                for &(_, kind, name, _, _) in progs {
+                    unload(&mut ebpf, kind, name);
                 }
-                (Kind::BtfTracePoint, None) => {}
+                signals.retain(|s| *s != signal);
             }
         }
         // Pinned only now, so a pin's presence means the programs are attached (tests and tools
@@ -355,6 +353,45 @@ impl Probe {
     pub fn pins(&self) -> &[PathBuf] {
         &self.pins.0
     }
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    kind: Kind,
+    name: &'static str,
+    category: &str,
+    tp: &str,
+    btf: Option<&Btf>,
+) -> Result<(), TelemetryError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(TelemetryError::MissingProgram(name))?;
+    let err = |source| TelemetryError::Program { name, source };
+    match (kind, btf) {
+        (Kind::TracePoint, _) => {
+            let p: &mut TracePoint = prog.try_into().map_err(err)?;
+            p.load().map_err(err)?;
+            p.attach(category, tp).map_err(err)?;
+        }
+        (Kind::BtfTracePoint, Some(btf)) => {
+            let p: &mut BtfTracePoint = prog.try_into().map_err(err)?;
+            p.load(tp, btf).map_err(err)?;
+            p.attach().map_err(err)?;
+        }
+        (Kind::BtfTracePoint, None) => {}
+    }
+    Ok(())
+}
+
+/// Detaches and unloads a program if it was loaded (best effort).
+fn unload(ebpf: &mut Ebpf, kind: Kind, name: &str) {
+    let Some(prog) = ebpf.program_mut(name) else {
+        return;
+    };
+    let _ = match kind {
+        Kind::TracePoint => <&mut TracePoint>::try_from(prog).map(|p| p.unload()),
+        Kind::BtfTracePoint => <&mut BtfTracePoint>::try_from(prog).map(|p| p.unload()),
+    };
 }
 
 /// A map of the live object, or one opened from its pin.
