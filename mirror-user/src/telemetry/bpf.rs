@@ -8,14 +8,14 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use mirror_common::{
     blk::{
-        BlkStart, BlkStartKey, BlkStats, BlkStatsKey, GLOBAL_BLK_OFFSETS, MAP_BLK_START,
-        MAP_BLK_STATS,
+        BlkRqOffsets, BlkStats, BlkStatsKey, GLOBAL_BLK_OFFSETS, GLOBAL_BLK_RQ_OFFSETS,
+        MAP_BLK_START, MAP_BLK_STATS,
     },
     hist::LatHist,
     mm::{MAP_RECLAIM_START, MAP_RECLAIM_STATS},
@@ -23,7 +23,9 @@ use mirror_common::{
     sched::MAP_RUNQ_HIST,
 };
 
-use super::{blk::BlkSnapshot, collector::NodeSnapshot, procfs, tracefs, TelemetryError};
+use super::{
+    blk::BlkSnapshot, btf, collector::NodeSnapshot, diskstats, procfs, tracefs, TelemetryError,
+};
 
 /// The object built by `cargo xtask build` (empty when the build had none).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mirror-ebpf.o"));
@@ -36,6 +38,9 @@ pub fn has_object() -> bool {
 /// A group of programs measuring one signal; attached together or not at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
+    /// Block latency, BTF path (one program at completion, keyed by the request).
+    BlkRq,
+    /// Block latency, classic tracepoints (issue and completion, keyed by device and sector).
     Blk,
     Sched,
     Reclaim,
@@ -45,7 +50,8 @@ pub enum Signal {
 impl Signal {
     pub fn name(self) -> &'static str {
         match self {
-            Signal::Blk => "block latency",
+            Signal::BlkRq => "block latency (BTF, per request)",
+            Signal::Blk => "block latency (tracepoints, per device and sector)",
             Signal::Sched => "run-queue latency",
             Signal::Reclaim => "direct reclaim",
             Signal::Tcp => "tcp retransmits",
@@ -64,6 +70,13 @@ pub enum Kind {
 
 /// Programs in the object: (signal, kind, program name, category, tracepoint).
 pub const TRACEPOINTS: &[(Signal, Kind, &str, &str, &str)] = &[
+    (
+        Signal::BlkRq,
+        Kind::BtfTracePoint,
+        "blk_rq_done",
+        "block",
+        "block_rq_complete",
+    ),
     (
         Signal::Blk,
         Kind::TracePoint,
@@ -131,10 +144,6 @@ pub const PINNED_MAPS: &[&str] = &[
     MAP_RECLAIM_STATS,
     MAP_TCP_RETRANS,
 ];
-
-/// Requests in `blk_start` older than this are counted as lost, not in flight (a completion the
-/// (dev, sector) key could not match, e.g. a request whose sector changed on partial completion).
-pub const INFLIGHT_STALE_NS: u64 = 30_000_000_000;
 
 /// The attached programs. Dropping it detaches them and removes the pins.
 pub struct Probe {
@@ -205,7 +214,12 @@ impl Probe {
         let root = tracefs::ensure_tracefs()?;
         tracefs::ensure_bpffs()?;
         let blk = tracefs::blk_offsets(&root)?;
-        let mut signals = vec![Signal::Blk];
+        let rq = blk_rq_offsets();
+        let mut signals = vec![if rq.valid != 0 {
+            Signal::BlkRq
+        } else {
+            Signal::Blk
+        }];
         let btf = match Btf::from_sys_fs() {
             Ok(b) => Some(b),
             Err(e) => {
@@ -252,6 +266,7 @@ impl Probe {
             // runq_start is task-local storage, which aya creates but does not wrap.
             .allow_unsupported_maps()
             .override_global(GLOBAL_BLK_OFFSETS, &blk, true)
+            .override_global(GLOBAL_BLK_RQ_OFFSETS, &rq, true)
             .override_global(GLOBAL_NET_OFFSETS, &net, true);
         let pins = Pins(pins);
         let mut ebpf = loader.load(OBJECT)?;
@@ -275,11 +290,21 @@ impl Probe {
                 if signal == Signal::Blk {
                     return Err(e);
                 }
-                tracing::warn!("{} not measured: {e}", signal.name());
                 for &(_, kind, name, _, _) in progs {
                     unload(&mut ebpf, kind, name);
                 }
                 signals.retain(|s| *s != signal);
+                if signal == Signal::BlkRq {
+                    tracing::warn!("{e}: block latency from the classic tracepoints instead");
+                    for &(_, kind, name, category, tp) in
+                        TRACEPOINTS.iter().filter(|t| t.0 == Signal::Blk)
+                    {
+                        attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref())?;
+                    }
+                    signals.insert(0, Signal::Blk);
+                } else {
+                    tracing::warn!("{} not measured: {e}", signal.name());
+                }
             }
         }
         // Pinned only now, so a pin's presence means the programs are attached (tests and tools
@@ -394,6 +419,41 @@ fn unload(ebpf: &mut Ebpf, kind: Kind, name: &str) {
     };
 }
 
+/// `struct request` member offsets from the kernel's BTF for the `blk_rq_done` program, or
+/// `valid == 0` when a member is missing (the classic tracepoints are used then).
+pub fn blk_rq_offsets() -> BlkRqOffsets {
+    let Some(b) = btf::Btf::from_sys_fs() else {
+        return BlkRqOffsets::default();
+    };
+    let get = |s: &str, m: &str, size: u32, in_prefix: bool| {
+        b.member(s, m).filter(|f| {
+            f.size == size
+                && (!in_prefix || (f.offset + size) as usize <= mirror_common::TP_RECORD_PREFIX)
+        })
+    };
+    let (Some(q), Some(flags), Some(start), Some(disk), Some(major), Some(minor)) = (
+        get("request", "q", 8, true),
+        get("request", "cmd_flags", 4, true),
+        get("request", "start_time_ns", 8, true),
+        get("request_queue", "disk", 8, false),
+        get("gendisk", "major", 4, false),
+        get("gendisk", "first_minor", 4, false),
+    ) else {
+        tracing::info!("kernel BTF lacks a struct request member the BTF block program reads");
+        return BlkRqOffsets::default();
+    };
+    BlkRqOffsets {
+        rq_q: q.offset,
+        rq_cmd_flags: flags.offset,
+        rq_start_time_ns: start.offset,
+        q_disk: disk.offset,
+        disk_major: major.offset,
+        disk_first_minor: minor.offset,
+        valid: 1,
+        _pad: 0,
+    }
+}
+
 /// A map of the live object, or one opened from its pin.
 enum MapRef<'a> {
     Borrowed(&'a Map),
@@ -423,12 +483,8 @@ fn read_maps(open: &Opener<'_>, signals: &[Signal]) -> Result<NodeSnapshot, Tele
             PerCpuHashMap::try_from(m.map()).map_err(map_err(MAP_BLK_STATS))?;
         snap.blk = sum_blk(&map)?;
     }
-    {
-        let m = open(MAP_BLK_START)?;
-        let map: HashMap<&MapData, BlkStartKey, BlkStart> =
-            HashMap::try_from(m.map()).map_err(map_err(MAP_BLK_START))?;
-        snap.inflight = inflight(&map, monotonic_ns())?;
-    }
+    // The kernel's own in-flight counters: exact, and free for the programs.
+    snap.inflight = diskstats::read_all()?.1;
     if signals.contains(&Signal::Sched) {
         let m = open(MAP_RUNQ_HIST)?;
         snap.runq = Some(sum_hist(m.map(), MAP_RUNQ_HIST)?);
@@ -449,31 +505,6 @@ fn read_maps(open: &Opener<'_>, signals: &[Signal]) -> Result<NodeSnapshot, Tele
         snap.retrans = Some(peers);
     }
     Ok(snap)
-}
-
-/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn inflight<T: Borrow<MapData>>(
-    map: &HashMap<T, BlkStartKey, BlkStart>,
-    now_ns: u64,
-) -> Result<BTreeMap<u32, u64>, TelemetryError> {
-    let mut out = BTreeMap::new();
-    for item in map.iter() {
-        let (k, v) = item.map_err(map_err(MAP_BLK_START))?;
-        if now_ns.saturating_sub(v.issue_ns) < INFLIGHT_STALE_NS {
-            *out.entry(k.dev).or_insert(0) += 1;
-        }
-    }
-    Ok(out)
 }
 
 fn sum_hist(map: &Map, name: &'static str) -> Result<LatHist, TelemetryError> {

@@ -5,6 +5,7 @@
 
 pub mod blk;
 pub mod bpf;
+pub mod btf;
 pub mod collector;
 pub mod diskstats;
 pub mod procfs;
