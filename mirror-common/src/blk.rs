@@ -58,20 +58,23 @@ pub struct BlkTpOffsets {
 pub const GLOBAL_BLK_RQ_OFFSETS: &str = "BLK_RQ_OFFSETS";
 
 /// Member offsets the BTF `block_rq_complete` program reads, resolved by userspace from the
-/// kernel's BTF: `request.q`, `request.cmd_flags`, `request.start_time_ns` (all within the first
-/// [`crate::TP_RECORD_PREFIX`] bytes of the request, which the program copies at once),
-/// `request_queue.disk`, `gendisk.major` and `gendisk.first_minor`. `valid == 0` disables it.
+/// kernel's BTF: `request.q`, `request.part`, `request.cmd_flags`, `request.start_time_ns` (all
+/// within the first [`crate::TP_RECORD_PREFIX`] bytes of the request, which the program copies at
+/// once), `block_device.bd_dev` (the device, via `request.part`), and for requests without a
+/// partition `request_queue.disk`, `gendisk.major` and `gendisk.first_minor`. `valid == 0`
+/// disables the program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct BlkRqOffsets {
     pub rq_q: u32,
+    pub rq_part: u32,
+    pub bdev_dev: u32,
     pub rq_cmd_flags: u32,
     pub rq_start_time_ns: u32,
     pub q_disk: u32,
     pub disk_major: u32,
     pub disk_first_minor: u32,
     pub valid: u32,
-    pub _pad: u32,
 }
 
 /// `REQ_OP_*` (the low byte of `request.cmd_flags`) to an operation class.
@@ -197,7 +200,7 @@ pub fn classify_rwbs(rwbs: &[u8; 4]) -> u32 {
 
 const _: () = {
     assert!(core::mem::size_of::<BlkTpOffsets>() == 40);
-    assert!(core::mem::size_of::<BlkRqOffsets>() == 32);
+    assert!(core::mem::size_of::<BlkRqOffsets>() == 36);
     assert!(core::mem::size_of::<BlkStartKey>() == 16);
     assert!(core::mem::align_of::<BlkStartKey>() == 8);
     assert!(core::mem::size_of::<BlkStart>() == 16);

@@ -162,13 +162,14 @@ fn account(skey: &BlkStatsKey, bytes: u64, failed: bool, lat: u64) -> Result<(),
 #[unsafe(no_mangle)]
 static BLK_RQ_OFFSETS: BlkRqOffsets = BlkRqOffsets {
     rq_q: 0,
+    rq_part: 0,
+    bdev_dev: 0,
     rq_cmd_flags: 0,
     rq_start_time_ns: 0,
     q_disk: 0,
     disk_major: 0,
     disk_first_minor: 0,
     valid: 0,
-    _pad: 0,
 };
 
 /// The cheap path, preferred when the kernel's BTF has the members: one BTF tracepoint at
@@ -195,16 +196,26 @@ fn try_done(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let nr_bytes = ctx.arg::<u64>(2) & 0xffff_ffff;
     // SAFETY: bpf_probe_read_kernel never faults; the addresses come from the tracepoint's
     // request pointer and the offsets userspace found in this kernel's BTF.
-    let (head, major, minor) = unsafe {
-        let head = bpf_probe_read_kernel(rq as *const Record).map_err(i64::from)?;
+    let head = unsafe { bpf_probe_read_kernel(rq as *const Record).map_err(i64::from)? };
+    let part = head.u64(off.rq_part);
+    let dev = if part != 0 {
+        // SAFETY: as above; bd_dev is already the kernel's dev_t encoding.
+        unsafe { bpf_probe_read_kernel((part + u64::from(off.bdev_dev)) as *const u32) }
+            .map_err(i64::from)?
+    } else {
+        // No partition (e.g. a flush): the queue's disk.
         let q = head.u64(off.rq_q);
-        let disk =
-            bpf_probe_read_kernel((q + u64::from(off.q_disk)) as *const u64).map_err(i64::from)?;
-        let major = bpf_probe_read_kernel((disk + u64::from(off.disk_major)) as *const u32)
-            .map_err(i64::from)?;
-        let minor = bpf_probe_read_kernel((disk + u64::from(off.disk_first_minor)) as *const u32)
-            .map_err(i64::from)?;
-        (head, major, minor)
+        // SAFETY: as above.
+        unsafe {
+            let disk = bpf_probe_read_kernel((q + u64::from(off.q_disk)) as *const u64)
+                .map_err(i64::from)?;
+            let major = bpf_probe_read_kernel((disk + u64::from(off.disk_major)) as *const u32)
+                .map_err(i64::from)?;
+            let minor =
+                bpf_probe_read_kernel((disk + u64::from(off.disk_first_minor)) as *const u32)
+                    .map_err(i64::from)?;
+            (major << 20) | (minor & 0xf_ffff)
+        }
     };
     let start = head.u64(off.rq_start_time_ns);
     if start == 0 {
@@ -214,7 +225,7 @@ fn try_done(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let skey = BlkStatsKey {
-        dev: (major << 20) | (minor & 0xf_ffff),
+        dev,
         op: classify_req_op(head.u32(off.rq_cmd_flags)),
     };
     account(&skey, nr_bytes, error != 0, now.saturating_sub(start))

@@ -431,26 +431,39 @@ pub fn blk_rq_offsets() -> BlkRqOffsets {
                 && (!in_prefix || (f.offset + size) as usize <= mirror_common::TP_RECORD_PREFIX)
         })
     };
-    let (Some(q), Some(flags), Some(start), Some(disk), Some(major), Some(minor)) = (
+    let (
+        Some(q),
+        Some(part),
+        Some(bd_dev),
+        Some(flags),
+        Some(start),
+        Some(disk),
+        Some(major),
+        Some(minor),
+    ) = (
         get("request", "q", 8, true),
+        get("request", "part", 8, true),
+        get("block_device", "bd_dev", 4, false),
         get("request", "cmd_flags", 4, true),
         get("request", "start_time_ns", 8, true),
         get("request_queue", "disk", 8, false),
         get("gendisk", "major", 4, false),
         get("gendisk", "first_minor", 4, false),
-    ) else {
+    )
+    else {
         tracing::info!("kernel BTF lacks a struct request member the BTF block program reads");
         return BlkRqOffsets::default();
     };
     BlkRqOffsets {
         rq_q: q.offset,
+        rq_part: part.offset,
+        bdev_dev: bd_dev.offset,
         rq_cmd_flags: flags.offset,
         rq_start_time_ns: start.offset,
         q_disk: disk.offset,
         disk_major: major.offset,
         disk_first_minor: minor.offset,
         valid: 1,
-        _pad: 0,
     }
 }
 
