@@ -214,7 +214,12 @@ impl Probe {
         let root = tracefs::ensure_tracefs()?;
         tracefs::ensure_bpffs()?;
         let blk = tracefs::blk_offsets(&root)?;
-        let rq = blk_rq_offsets();
+        // MIRROR_BLK_CLASSIC=1 forces the fallback path (tests, comparisons).
+        let rq = if std::env::var("MIRROR_BLK_CLASSIC").is_ok_and(|v| v == "1") {
+            BlkRqOffsets::default()
+        } else {
+            blk_rq_offsets()
+        };
         let mut signals = vec![if rq.valid != 0 {
             Signal::BlkRq
         } else {

@@ -133,6 +133,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon pinning into a private bpffs directory and waits for its maps.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// As [`Daemon::start`], with extra environment variables for the daemon.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/mirror-test-{}-{}",
             std::process::id(),
@@ -143,6 +148,7 @@ impl Daemon {
             .arg(&pin_dir)
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn mirror daemon");
