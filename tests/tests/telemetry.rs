@@ -1,5 +1,6 @@
 //! The node-health eBPF programs, attached by a real `mirror daemon`, against real load: a
-//! cgroup I/O throttle moves the measured block latency, CPU hogs raise the run-queue latency,
+//! cgroup I/O throttle moves the measured block latency, CPU hogs raise the run-queue latency, a
+//! memory cgroup limit shows as reclaim stalls,
 //! unanswered SYNs show as retransmits to that peer, and bpftool prints every map's field names.
 //! Needs root. Also runs inside the VM (`cargo xtask vm-test`, Debian 6.12, cgroup2 only).
 
@@ -294,6 +295,84 @@ fn cpu_hogs_raise_run_queue_latency() {
     if let Some(ip99) = i.p99_us {
         assert!(bp99 > ip99, "p99 {ip99} -> {bp99} us: did not rise");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory-cgroup reclaim
+
+/// A memory cgroup with a small limit (v1 `memory` or v2), removed on drop.
+struct MemCgroup(PathBuf);
+
+impl MemCgroup {
+    fn new(limit: u64) -> Result<Self, String> {
+        let name = format!("mirror-mem-{}-{}", std::process::id(), support::nanos());
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let (dir, file) = if v1.join("memory.limit_in_bytes").exists() {
+            (v1.join(name), "memory.limit_in_bytes")
+        } else {
+            let v2 = Path::new("/sys/fs/cgroup");
+            let c = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
+            if !c.split_whitespace().any(|c| c == "memory") {
+                return Err("no cgroup v1 memory and no cgroup v2 memory controller".into());
+            }
+            let _ = std::fs::write(v2.join("cgroup.subtree_control"), "+memory");
+            (v2.join(name), "memory.max")
+        };
+        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        let cg = MemCgroup(dir);
+        std::fs::write(cg.0.join(file), limit.to_string())
+            .map_err(|e| format!("write {file}: {e}"))?;
+        Ok(cg)
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Reading a device through the page cache inside a cgroup limited far below the data read
+/// makes the reader reclaim its own cgroup's pages: memcg direct reclaim, a stall the daemon
+/// must see.
+#[test]
+fn cgroup_memory_limit_shows_reclaim_stalls() {
+    const T: &str = "telemetry::cgroup_memory_limit_shows_reclaim_stalls";
+    if let Some(why) = bpf_unavailable() {
+        return skip(T, "BPF", &why);
+    }
+    let _serial = serial();
+    let cg = match MemCgroup::new(24 << 20) {
+        Ok(c) => c,
+        Err(why) => return skip_env(T, &why),
+    };
+    let lo = LoopDev::new(160 << 20);
+    let daemon = Daemon::start(&[]);
+    let s = measure(&daemon, || {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec dd if={} of=/dev/null bs=1M count=160",
+            cg.0.display(),
+            lo.dev.display()
+        );
+        let out = Command::new("sh")
+            .args(["-c", &script])
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run dd in the memory cgroup");
+        assert!(
+            out.status.success(),
+            "dd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    let r = s.reclaim.expect("reclaim signal attached");
+    let stalls = (r.events_per_s * s.secs).round();
+    eprintln!(
+        "{T}: {stalls} reclaim stalls, {:.2} ms/s, p99 {:?} us",
+        r.wait_ms_per_s, r.p99_us
+    );
+    assert!(stalls >= 1.0, "no reclaim stall measured: {r:?}");
+    assert!(r.wait_ms_per_s > 0.0 && r.p99_us.is_some(), "{r:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -126,6 +126,22 @@ pub const TRACEPOINTS: &[(Signal, Kind, &str, &str, &str)] = &[
         "vmscan",
         "mm_vmscan_direct_reclaim_end",
     ),
+    // The same programs on memory-cgroup reclaim: a task over its cgroup's limit stalls the same
+    // way (the usual case in containers).
+    (
+        Signal::Reclaim,
+        Kind::TracePoint,
+        "reclaim_begin",
+        "vmscan",
+        "mm_vmscan_memcg_reclaim_begin",
+    ),
+    (
+        Signal::Reclaim,
+        Kind::TracePoint,
+        "reclaim_end",
+        "vmscan",
+        "mm_vmscan_memcg_reclaim_end",
+    ),
     (
         Signal::Tcp,
         Kind::TracePoint,
@@ -361,9 +377,16 @@ impl Probe {
 
     /// The kernel's run-time statistics of each attached program.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
+        let mut seen = Vec::new();
         TRACEPOINTS
             .iter()
             .filter(|t| self.signals.contains(&t.0))
+            .filter(|t| {
+                // A program attached to several tracepoints is listed once.
+                let first = !seen.contains(&t.2);
+                seen.push(t.2);
+                first
+            })
             .filter_map(|&(_, kind, name, _, _)| {
                 let prog = self.ebpf.program(name)?;
                 let info = match kind {
@@ -400,7 +423,11 @@ fn attach_one(
     match (kind, btf) {
         (Kind::TracePoint, _) => {
             let p: &mut TracePoint = prog.try_into().map_err(err)?;
-            p.load().map_err(err)?;
+            // A program attached to several tracepoints is loaded once.
+            match p.load() {
+                Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {}
+                Err(e) => return Err(err(e)),
+            }
             p.attach(category, tp).map_err(err)?;
         }
         (Kind::BtfTracePoint, Some(btf)) => {
