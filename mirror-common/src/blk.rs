@@ -54,6 +54,41 @@ pub struct BlkTpOffsets {
     pub _pad: u32,
 }
 
+/// Name of the global holding the `struct request` member offsets (BTF path).
+pub const GLOBAL_BLK_RQ_OFFSETS: &str = "BLK_RQ_OFFSETS";
+
+/// Member offsets the BTF `block_rq_complete` program reads, resolved by userspace from the
+/// kernel's BTF: `request.q`, `request.part`, `request.cmd_flags`, `request.start_time_ns` (all
+/// within the first [`crate::TP_RECORD_PREFIX`] bytes of the request, which the program copies at
+/// once), `block_device.bd_dev` (the device, via `request.part`), and for requests without a
+/// partition `request_queue.disk`, `gendisk.major` and `gendisk.first_minor`. `valid == 0`
+/// disables the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BlkRqOffsets {
+    pub rq_q: u32,
+    pub rq_part: u32,
+    pub bdev_dev: u32,
+    pub rq_cmd_flags: u32,
+    pub rq_start_time_ns: u32,
+    pub q_disk: u32,
+    pub disk_major: u32,
+    pub disk_first_minor: u32,
+    pub valid: u32,
+}
+
+/// `REQ_OP_*` (the low byte of `request.cmd_flags`) to an operation class.
+#[inline(always)]
+pub const fn classify_req_op(cmd_flags: u32) -> u32 {
+    match cmd_flags & 0xff {
+        0 => BLK_OP_READ,
+        1 => BLK_OP_WRITE,
+        2 => BLK_OP_FLUSH,
+        3 | 5 => BLK_OP_DISCARD, // DISCARD, SECURE_ERASE
+        _ => BLK_OP_OTHER,
+    }
+}
+
 /// Key of the in-flight map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -161,6 +196,7 @@ pub fn classify_rwbs(rwbs: &[u8; 4]) -> u32 {
 
 const _: () = {
     assert!(core::mem::size_of::<BlkTpOffsets>() == 40);
+    assert!(core::mem::size_of::<BlkRqOffsets>() == 36);
     assert!(core::mem::size_of::<BlkStartKey>() == 16);
     assert!(core::mem::align_of::<BlkStartKey>() == 8);
     assert!(core::mem::size_of::<BlkStart>() == 16);
@@ -176,6 +212,8 @@ mod user {
     // SAFETY: each type is #[repr(C)], has no padding (bytemuck's Pod derive checks that) and
     // every bit pattern is valid, which is what aya::Pod requires.
     unsafe impl aya::Pod for BlkTpOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BlkRqOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for BlkStartKey {}
     // SAFETY: as above.
@@ -210,6 +248,16 @@ mod tests {
         assert_eq!(c(b"DS"), BLK_OP_DISCARD);
         assert_eq!(c(b"N"), BLK_OP_OTHER);
         assert_eq!(c(b""), BLK_OP_OTHER);
+    }
+
+    #[test]
+    fn req_ops() {
+        assert_eq!(classify_req_op(0), BLK_OP_READ);
+        assert_eq!(classify_req_op(1 | 1 << 17), BLK_OP_WRITE); // WRITE | PREFLUSH-ish flag bits
+        assert_eq!(classify_req_op(2), BLK_OP_FLUSH);
+        assert_eq!(classify_req_op(3), BLK_OP_DISCARD);
+        assert_eq!(classify_req_op(5), BLK_OP_DISCARD);
+        assert_eq!(classify_req_op(9), BLK_OP_OTHER); // WRITE_ZEROES
     }
 
     #[test]

@@ -6,9 +6,18 @@
 #![no_std]
 
 pub mod blk;
+pub mod hist;
+pub mod mm;
+pub mod net;
+pub mod sched;
 
 /// Directory under bpffs where the daemon pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/mirror";
+
+/// Bytes of a tracepoint record the programs copy at once (one `bpf_probe_read_kernel` per
+/// event instead of one per field); every field they read must end within it. Userspace checks
+/// that when it parses the formats.
+pub const TP_RECORD_PREFIX: usize = 128;
 
 /// `floor(log2(v))` for `v > 0`, and 0 for `v == 0`, written without loops or `ctlz` so the BPF
 /// backend and verifier accept it.

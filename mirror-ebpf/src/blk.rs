@@ -4,13 +4,16 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     btf_maps::{HashMap, PerCpuHashMap},
-    helpers::bpf_ktime_get_ns,
-    macros::{btf_map, tracepoint},
-    programs::TracePointContext,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_map, btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
 };
+use aya_log_ebpf::warn;
+
+use crate::record::Record;
 use mirror_common::blk::{
-    classify_rwbs, hist_slot, BlkStart, BlkStartKey, BlkStats, BlkStatsKey, BlkTpOffsets,
-    BLK_START_ENTRIES, BLK_STATS_ENTRIES,
+    classify_req_op, classify_rwbs, hist_slot, BlkRqOffsets, BlkStart, BlkStartKey, BlkStats,
+    BlkStatsKey, BlkTpOffsets, BLK_HIST_SLOTS, BLK_START_ENTRIES, BLK_STATS_ENTRIES,
 };
 
 /// Tracepoint field offsets, filled in by userspace before load (see `BlkTpOffsets`).
@@ -26,6 +29,15 @@ static BLK_OFFSETS: BlkTpOffsets = BlkTpOffsets {
     complete_rwbs: 0,
     valid: 0,
     _pad: 0,
+};
+
+static ZERO_STATS: BlkStats = BlkStats {
+    ios: 0,
+    bytes: 0,
+    errors: 0,
+    lat_sum_ns: 0,
+    lat_max_ns: 0,
+    hist_us: [0; BLK_HIST_SLOTS],
 };
 
 #[btf_map(name = "blk_start")]
@@ -60,16 +72,11 @@ fn try_issue(ctx: &TracePointContext) -> Result<(), i64> {
     if off.valid == 0 {
         return Ok(());
     }
-    // SAFETY: offsets come from the tracepoint's format file; read_at uses
-    // bpf_probe_read_kernel, so a wrong offset reads garbage, never faults.
-    let (dev, sector, bytes, rwbs) = unsafe {
-        (
-            ctx.read_at::<u32>(off.issue_dev as usize)?,
-            ctx.read_at::<u64>(off.issue_sector as usize)?,
-            ctx.read_at::<u32>(off.issue_bytes as usize)?,
-            ctx.read_at::<[u8; 4]>(off.issue_rwbs as usize)?,
-        )
-    };
+    let rec = Record::read(ctx).ok_or(-1i64)?;
+    let dev = rec.u32(off.issue_dev);
+    let sector = rec.u64(off.issue_sector);
+    let bytes = rec.u32(off.issue_bytes);
+    let rwbs = rec.bytes::<4>(off.issue_rwbs);
     let key = BlkStartKey {
         dev,
         _pad: 0,
@@ -82,7 +89,14 @@ fn try_issue(ctx: &TracePointContext) -> Result<(), i64> {
         bytes,
         op: classify_rwbs(&rwbs),
     };
-    BLK_START.insert(&key, &start, 0).map_err(i64::from)
+    if let Err(e) = BLK_START.insert(&key, &start, 0) {
+        // Only when more than BLK_START_ENTRIES requests are in flight: worth a daemon log line.
+        warn!(
+            ctx,
+            "blk_start full ({}): request on dev {} not measured", e, dev
+        );
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -91,14 +105,10 @@ fn try_complete(ctx: &TracePointContext) -> Result<(), i64> {
     if off.valid == 0 {
         return Ok(());
     }
-    // SAFETY: as in try_issue.
-    let (dev, sector, error) = unsafe {
-        (
-            ctx.read_at::<u32>(off.complete_dev as usize)?,
-            ctx.read_at::<u64>(off.complete_sector as usize)?,
-            ctx.read_at::<i32>(off.complete_error as usize)?,
-        )
-    };
+    let rec = Record::read(ctx).ok_or(-1i64)?;
+    let dev = rec.u32(off.complete_dev);
+    let sector = rec.u64(off.complete_sector);
+    let error = rec.u32(off.complete_error) as i32;
     let key = BlkStartKey {
         dev,
         _pad: 0,
@@ -116,22 +126,28 @@ fn try_complete(ctx: &TracePointContext) -> Result<(), i64> {
     let lat = now.saturating_sub(start.issue_ns);
 
     let skey = BlkStatsKey { dev, op: start.op };
-    let stats = match BLK_STATS.get_ptr_mut(&skey) {
+    account(&skey, u64::from(start.bytes), error != 0, lat)
+}
+
+/// Adds one completed request to this CPU's statistics of its (device, op).
+#[inline(always)]
+fn account(skey: &BlkStatsKey, bytes: u64, failed: bool, lat: u64) -> Result<(), i64> {
+    let stats = match BLK_STATS.get_ptr_mut(skey) {
         Some(p) => p,
         None => {
-            let zero = BlkStats::default();
             // Another CPU may have inserted it meanwhile: NOEXIST keeps theirs, and the
-            // lookup below then finds this CPU's (per-CPU) copy.
-            let _ = BLK_STATS.insert(&skey, &zero, u64::from(BPF_NOEXIST));
-            BLK_STATS.get_ptr_mut(&skey).ok_or(-1i64)?
+            // lookup below then finds this CPU's (per-CPU) copy. The zero value is a static,
+            // not a 296-byte stack copy (the BPF stack is 512 bytes).
+            let _ = BLK_STATS.insert(skey, &ZERO_STATS, u64::from(BPF_NOEXIST));
+            BLK_STATS.get_ptr_mut(skey).ok_or(-1i64)?
         }
     };
     // SAFETY: per-CPU value of this CPU; BPF programs do not migrate while running, and no other
     // program instance touches this CPU's copy concurrently.
     let s = unsafe { &mut *stats };
     s.ios += 1;
-    s.bytes += u64::from(start.bytes);
-    if error != 0 {
+    s.bytes += bytes;
+    if failed {
         s.errors += 1;
     }
     s.lat_sum_ns += lat;
@@ -140,4 +156,77 @@ fn try_complete(ctx: &TracePointContext) -> Result<(), i64> {
     }
     s.hist_us[hist_slot(lat)] += 1;
     Ok(())
+}
+
+/// `struct request` member offsets, filled in by userspace from the kernel's BTF before load.
+#[unsafe(no_mangle)]
+static BLK_RQ_OFFSETS: BlkRqOffsets = BlkRqOffsets {
+    rq_q: 0,
+    rq_part: 0,
+    bdev_dev: 0,
+    rq_cmd_flags: 0,
+    rq_start_time_ns: 0,
+    q_disk: 0,
+    disk_major: 0,
+    disk_first_minor: 0,
+    valid: 0,
+};
+
+/// The cheap path, preferred when the kernel's BTF has the members: one BTF tracepoint at
+/// completion, `block_rq_complete(struct request *rq, blk_status_t error, unsigned int
+/// nr_bytes)`, keyed by the request itself. The latency starts at the request's own
+/// `start_time_ns` (stamped by the block layer for its I/O statistics when the request is set
+/// up), so no start map, no issue program and no hash-map update per request.
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn blk_rq_done(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_done(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_done(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    // SAFETY: a plain read of a static; volatile so the compiler does not constant-fold the
+    // zero initializer that userspace rewrites in .rodata before load.
+    let off = unsafe { core::ptr::read_volatile(&BLK_RQ_OFFSETS) };
+    if off.valid == 0 {
+        return Ok(());
+    }
+    let rq = ctx.arg::<u64>(0);
+    let error = ctx.arg::<u64>(1) & 0xff;
+    let nr_bytes = ctx.arg::<u64>(2) & 0xffff_ffff;
+    // SAFETY: bpf_probe_read_kernel never faults; the addresses come from the tracepoint's
+    // request pointer and the offsets userspace found in this kernel's BTF.
+    let head = unsafe { bpf_probe_read_kernel(rq as *const Record).map_err(i64::from)? };
+    let part = head.u64(off.rq_part);
+    let dev = if part != 0 {
+        // SAFETY: as above; bd_dev is already the kernel's dev_t encoding.
+        unsafe { bpf_probe_read_kernel((part + u64::from(off.bdev_dev)) as *const u32) }
+            .map_err(i64::from)?
+    } else {
+        // No partition (e.g. a flush): the queue's disk.
+        let q = head.u64(off.rq_q);
+        // SAFETY: as above.
+        unsafe {
+            let disk = bpf_probe_read_kernel((q + u64::from(off.q_disk)) as *const u64)
+                .map_err(i64::from)?;
+            let major = bpf_probe_read_kernel((disk + u64::from(off.disk_major)) as *const u32)
+                .map_err(i64::from)?;
+            let minor =
+                bpf_probe_read_kernel((disk + u64::from(off.disk_first_minor)) as *const u32)
+                    .map_err(i64::from)?;
+            (major << 20) | (minor & 0xf_ffff)
+        }
+    };
+    let start = head.u64(off.rq_start_time_ns);
+    if start == 0 {
+        // The block layer did not stamp it (I/O statistics off for this queue).
+        return Ok(());
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let skey = BlkStatsKey {
+        dev,
+        op: classify_req_op(head.u32(off.rq_cmd_flags)),
+    };
+    account(&skey, nr_bytes, error != 0, now.saturating_sub(start))
 }

@@ -4,6 +4,10 @@
 #![no_main]
 
 mod blk;
+mod mm;
+mod net;
+mod record;
+mod sched;
 
 /// The programs read tracepoint records with `bpf_probe_read_kernel`, which is GPL-only.
 #[unsafe(link_section = "license")]

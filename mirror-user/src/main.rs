@@ -15,7 +15,7 @@ use mirror::{
         rate::SyncRate,
         server::{Server, ServerConfig, VolumeSpec},
     },
-    telemetry::{blk, bpf, view, BlkSource},
+    telemetry::{bpf, collector, view, Source},
 };
 
 #[derive(Parser, Debug)]
@@ -52,6 +52,13 @@ enum Command {
         /// Do not print the live table (logs only).
         #[arg(long)]
         quiet: bool,
+        /// Print each interval in the Prometheus text format instead of the table.
+        #[arg(long)]
+        prometheus: bool,
+        /// Turn on the kernel's BPF run-time statistics and write each program's run_time_ns and
+        /// run_cnt as JSON to this file on exit (used by `cargo xtask bench ebpf`).
+        #[arg(long)]
+        bpf_stats_out: Option<PathBuf>,
     },
     /// Show the block latency figures of a running daemon, read from its pinned maps.
     Top {
@@ -152,9 +159,16 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Daemon { pin_dir, interval, run_for, no_bpf, quiet } => {
-            rt.block_on(daemon(pin_dir, interval, run_for, !no_bpf, quiet))
-        }
+        Command::Daemon { pin_dir, interval, run_for, no_bpf, quiet, prometheus, bpf_stats_out } => rt
+            .block_on(daemon(DaemonOpts {
+                pin_dir,
+                interval,
+                run_for,
+                allow_bpf: !no_bpf,
+                quiet,
+                prometheus,
+                bpf_stats_out,
+            })),
         Command::Top { pin_dir, interval, count } => rt.block_on(top(pin_dir, interval, count)),
         Command::Replica {
             config,
@@ -240,16 +254,40 @@ async fn shutdown_signal() {
     }
 }
 
-async fn daemon(
+#[derive(Debug)]
+struct DaemonOpts {
     pin_dir: PathBuf,
     interval: Duration,
     run_for: Option<Duration>,
     allow_bpf: bool,
     quiet: bool,
-) -> Result<()> {
-    anyhow::ensure!(interval >= Duration::from_millis(10), "--interval must be at least 10ms");
-    let source = BlkSource::open(&pin_dir, allow_bpf);
-    if let BlkSource::Bpf(p) = &source {
+    prometheus: bool,
+    bpf_stats_out: Option<PathBuf>,
+}
+
+fn write_program_stats(path: &std::path::Path, stats: &[bpf::ProgramStats]) -> Result<()> {
+    let mut json = String::from("{");
+    for (i, p) in stats.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(&format!(
+            "\"{}\":{{\"run_time_ns\":{},\"run_cnt\":{}}}",
+            p.name, p.run_time_ns, p.run_cnt
+        ));
+    }
+    json.push_str("}\n");
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+}
+
+async fn daemon(o: DaemonOpts) -> Result<()> {
+    anyhow::ensure!(o.interval >= Duration::from_millis(10), "--interval must be at least 10ms");
+    let stats_fd = match &o.bpf_stats_out {
+        Some(_) => Some(bpf::enable_run_time_stats()?),
+        None => None,
+    };
+    let source = Source::open(&o.pin_dir, o.allow_bpf);
+    if let Source::Bpf(p) = &source {
         for pin in p.pins() {
             tracing::info!("pinned map: bpftool map dump pinned {}", pin.display());
         }
@@ -261,10 +299,9 @@ async fn daemon(
         let _ = writeln!(out, "ready: block statistics from {}", source.name());
         let _ = out.flush();
     }
-    let deadline = run_for.map(|d| Instant::now() + d);
-    let mut prev = source.snapshot()?;
-    let mut prev_t = Instant::now();
-    let mut ticker = tokio::time::interval(interval);
+    let mut collector = collector::Collector::new(source)?;
+    let deadline = o.run_for.map(|d| Instant::now() + d);
+    let mut ticker = tokio::time::interval(o.interval);
     ticker.tick().await;
     let stop = shutdown_signal();
     tokio::pin!(stop);
@@ -273,33 +310,35 @@ async fn daemon(
             _ = &mut stop => { tracing::info!("signal received, detaching"); break; }
             _ = ticker.tick() => {}
         }
-        let cur = source.snapshot()?;
-        let now = Instant::now();
-        let rows = blk::interval(&prev, &cur, now.duration_since(prev_t).as_secs_f64());
-        if !quiet {
-            println!("--- block latency ({}, {:.1}s interval)", source.name(), interval.as_secs_f64());
-            print!("{}", view::table(&rows));
+        let sample = collector.tick()?;
+        if o.prometheus {
+            println!("{}", collector::to_prometheus(&sample, mirror::telemetry::blk::dev_name));
+        } else if !o.quiet {
+            println!("--- node telemetry ({}, {:.1}s interval)", sample.source, sample.secs);
+            print!("{}", view::sample(&sample));
         }
-        prev = cur;
-        prev_t = now;
-        if deadline.is_some_and(|d| now >= d) {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
     }
+    if let (Some(path), Source::Bpf(p)) = (&o.bpf_stats_out, collector.source()) {
+        write_program_stats(path, &p.program_stats())?;
+    }
+    drop(stats_fd);
     Ok(())
 }
 
 async fn top(pin_dir: PathBuf, interval: Duration, count: Option<u64>) -> Result<()> {
-    let mut prev = bpf::read_pinned(&pin_dir).context("reading the daemon's pinned maps")?;
+    let mut prev = bpf::read_pinned_all(&pin_dir).context("reading the daemon's pinned maps")?;
     let mut prev_t = Instant::now();
     let mut shown = 0u64;
     while count.is_none_or(|c| shown < c) {
         tokio::time::sleep(interval).await;
-        let cur = bpf::read_pinned(&pin_dir)?;
+        let cur = bpf::read_pinned_all(&pin_dir)?;
         let now = Instant::now();
-        let rows = blk::interval(&prev, &cur, now.duration_since(prev_t).as_secs_f64());
-        println!("--- block latency (pinned maps in {})", pin_dir.display());
-        print!("{}", view::table(&rows));
+        let s = collector::sample("ebpf", &prev, &cur, now.duration_since(prev_t).as_secs_f64());
+        println!("--- node telemetry (pinned maps in {})", pin_dir.display());
+        print!("{}", view::sample(&s));
         prev = cur;
         prev_t = now;
         shown += 1;

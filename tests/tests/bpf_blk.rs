@@ -33,9 +33,24 @@ fn daemon_counts_loop_device_io_with_plausible_latency() {
     if let Some(why) = bpf_unavailable() {
         return skip(T, "BPF", &why);
     }
+    counts_loop_device_io(&[]);
+}
+
+/// The same with the classic issue/complete tracepoints, the path used when the kernel's BTF
+/// lacks the `struct request` members.
+#[test]
+fn classic_tracepoint_path_counts_loop_device_io_too() {
+    const T: &str = "bpf_blk::classic_tracepoint_path_counts_loop_device_io_too";
+    if let Some(why) = bpf_unavailable() {
+        return skip(T, "BPF", &why);
+    }
+    counts_loop_device_io(&[("MIRROR_BLK_CLASSIC", "1")]);
+}
+
+fn counts_loop_device_io(env: &[(&str, &str)]) {
     let lo = LoopDev::new(64 << 20);
     let dev = blk::kdev_of_path(&lo.dev).expect("stat loop device");
-    let daemon = Daemon::start(&[]);
+    let daemon = Daemon::start_with_env(&[], env);
     // Let udev/blkid's probe reads of the new device settle before the measured I/O.
     std::thread::sleep(Duration::from_millis(300));
     let before = bpf::read_pinned(&daemon.pin_dir).expect("read pinned map");

@@ -35,7 +35,43 @@ fn daemon_falls_back_to_procfs_and_stops_on_time() {
     let out = mirror(&["daemon", "--no-bpf", "--interval", "100ms", "--for", "350ms"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.matches("block latency (procfs").count() >= 3, "{text}");
+    assert!(text.matches("node telemetry (procfs").count() >= 3, "{text}");
+    assert!(text.contains("DEVICE") && text.contains("INFL"), "{text}");
+}
+
+/// Not root: the daemon still starts on /proc and says why, once.
+#[test]
+fn daemon_without_privileges_falls_back_once_and_clearly() {
+    const T: &str = "cli::daemon_without_privileges_falls_back_once_and_clearly";
+    if !support::is_root() {
+        // Already unprivileged: run it directly.
+    } else if support::which("setpriv").is_none() {
+        return support::skip(T, "BPF", "setpriv (util-linux) not installed");
+    }
+    let mut cmd = if support::is_root() {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(support::mirror_bin());
+        c
+    } else {
+        std::process::Command::new(support::mirror_bin())
+    };
+    let out = cmd
+        .args(["daemon", "--interval", "100ms", "--for", "250ms"])
+        .args(["--pin-dir", "/nonexistent/mirror-test"])
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run mirror daemon");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("falling back to").count(), 1, "{err}");
+    assert!(
+        err.contains("/proc/diskstats") && err.contains("/proc/pressure") && err.contains("/proc/net/snmp"),
+        "{err}"
+    );
+    assert!(text.contains("node telemetry (procfs"), "{text}");
+    // /proc/pressure and /proc/net/snmp feed the view in fallback too.
+    assert!(text.contains("tcp retrans"), "{text}");
 }
 
 #[test]
@@ -45,4 +81,13 @@ fn top_without_a_daemon_says_so() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mirror daemon"), "{err}");
+}
+
+#[test]
+fn daemon_prints_prometheus_text() {
+    let out = mirror(&["daemon", "--no-bpf", "--prometheus", "--interval", "100ms", "--for", "150ms"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("# TYPE mirror_blk_iops gauge"), "{text}");
+    assert!(text.contains("mirror_tcp_retrans_total_per_s "), "{text}");
 }

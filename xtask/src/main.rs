@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's build, setup, test and demo driver.
 
+mod bench;
 mod build;
 mod setup;
 mod util;
@@ -41,12 +42,25 @@ enum Cmd {
     },
     /// Boot the Debian 6.12 kernel with virtme-ng and run the tests that need it (ublk, ...).
     VmTest,
-    /// Run a benchmark: `resync` (sync and resync vs rsync). Prints a table of ratios and
-    /// writes target/bench/NAME.json.
+    /// Run a benchmark: `resync` (sync/resync vs rsync) or `ebpf` (overhead of the telemetry
+    /// programs). Prints a table of ratios and writes target/bench/<name>.json.
     Bench {
+        /// Which benchmark: resync, ebpf.
         name: String,
-        /// Extra arguments passed to the benchmark (e.g. --size 256M --rounds 5).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        /// ebpf: pairs of runs without / with the programs.
+        #[arg(long, default_value_t = 8)]
+        pairs: usize,
+        /// ebpf: seconds per run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// ebpf: fio engine, io_uring or psync.
+        #[arg(long, default_value = "io_uring", value_parser = ["io_uring", "psync"])]
+        ioengine: String,
+        /// ebpf: fio queue depth (psync: 1).
+        #[arg(long, default_value_t = 16)]
+        iodepth: u32,
+        /// resync: extra arguments for the driver after `--` (e.g. -- --size 256M --rounds 5).
+        #[arg(last = true)]
         args: Vec<String>,
     },
     /// The main job on embedded defaults, on this machine.
@@ -65,7 +79,18 @@ fn main() -> ExitCode {
         Cmd::Test { no_lint, no_vm } => test(no_lint, no_vm),
         Cmd::VmTest => vm_test_only(),
         Cmd::Demo { seconds } => demo(seconds),
-        Cmd::Bench { name, args } => bench(&name, &args),
+        Cmd::Bench { name, pairs, seconds, ioengine, iodepth, args } => match name.as_str() {
+            "ebpf" => bench::bench(
+                &name,
+                bench::EbpfOpts {
+                    pairs,
+                    seconds,
+                    ioengine: if ioengine == "psync" { "psync" } else { "io_uring" },
+                    iodepth: if ioengine == "psync" { 1 } else { iodepth },
+                },
+            ),
+            _ => bench_other(&name, &args),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,7 +115,7 @@ fn setup_if_possible() -> Result<()> {
 }
 
 /// Mounts tracefs and bpffs for the BPF tests (root only; harmless when already mounted).
-fn mount_kernel_fs() {
+pub(crate) fn mount_kernel_fs() {
     if !is_root() {
         return;
     }
@@ -216,9 +241,9 @@ fn demo(seconds: u64) -> Result<()> {
 }
 
 /// Benchmarks available to `cargo xtask bench`.
-const BENCHES: &[&str] = &["resync"];
+const BENCHES: &[&str] = &["resync", "ebpf"];
 
-fn bench(name: &str, args: &[String]) -> Result<()> {
+fn bench_other(name: &str, args: &[String]) -> Result<()> {
     match name {
         "resync" => {
             if util::which("rsync").is_none() {

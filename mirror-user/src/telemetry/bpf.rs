@@ -2,18 +2,28 @@
 
 use std::{
     borrow::Borrow,
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
 };
 
 use aya::{
-    maps::{Map, MapData, PerCpuHashMap},
-    programs::TracePoint,
-    Ebpf, EbpfLoader,
+    maps::{Map, MapData, PerCpuArray, PerCpuHashMap},
+    programs::{BtfTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader,
 };
-use mirror_common::blk::{BlkStats, BlkStatsKey, GLOBAL_BLK_OFFSETS, MAP_BLK_START, MAP_BLK_STATS};
+use mirror_common::{
+    blk::{
+        BlkRqOffsets, BlkStats, BlkStatsKey, GLOBAL_BLK_OFFSETS, GLOBAL_BLK_RQ_OFFSETS, MAP_BLK_START,
+        MAP_BLK_STATS,
+    },
+    hist::LatHist,
+    mm::{MAP_RECLAIM_START, MAP_RECLAIM_STATS},
+    net::{NetTpOffsets, TcpPeerKey, TcpRetrans, GLOBAL_NET_OFFSETS, MAP_TCP_RETRANS},
+    sched::MAP_RUNQ_HIST,
+};
 
-use super::{blk::BlkSnapshot, tracefs, TelemetryError};
+use super::{blk::BlkSnapshot, btf, collector::NodeSnapshot, diskstats, procfs, tracefs, TelemetryError};
 
 /// The object built by `cargo xtask build` (empty when the build had none).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mirror-ebpf.o"));
@@ -23,15 +33,76 @@ pub fn has_object() -> bool {
     !OBJECT.is_empty()
 }
 
-/// Tracepoint programs in the object: (program name, category, tracepoint).
-const TRACEPOINTS: &[(&str, &str, &str)] =
-    &[("blk_rq_issue", "block", "block_rq_issue"), ("blk_rq_complete", "block", "block_rq_complete")];
+/// A group of programs measuring one signal; attached together or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Block latency, BTF path (one program at completion, keyed by the request).
+    BlkRq,
+    /// Block latency, classic tracepoints (issue and completion, keyed by device and sector).
+    Blk,
+    Sched,
+    Reclaim,
+    Tcp,
+}
 
-/// The attached block-latency programs. Dropping it detaches them and removes the pins.
-#[derive(Debug)]
-pub struct BlkProbe {
+impl Signal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::BlkRq => "block latency (BTF, per request)",
+            Signal::Blk => "block latency (tracepoints, per device and sector)",
+            Signal::Sched => "run-queue latency",
+            Signal::Reclaim => "direct reclaim",
+            Signal::Tcp => "tcp retransmits",
+        }
+    }
+}
+
+/// How a program attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A classic tracepoint (`category:name`), record offsets parsed from tracefs.
+    TracePoint,
+    /// A BTF tracepoint (`tp_btf/name`): raw arguments, no trace record; needs kernel BTF.
+    BtfTracePoint,
+}
+
+/// Programs in the object: (signal, kind, program name, category, tracepoint).
+pub const TRACEPOINTS: &[(Signal, Kind, &str, &str, &str)] = &[
+    (Signal::BlkRq, Kind::BtfTracePoint, "blk_rq_done", "block", "block_rq_complete"),
+    (Signal::Blk, Kind::TracePoint, "blk_rq_issue", "block", "block_rq_issue"),
+    (Signal::Blk, Kind::TracePoint, "blk_rq_complete", "block", "block_rq_complete"),
+    (Signal::Sched, Kind::BtfTracePoint, "sched_wakeup", "sched", "sched_wakeup"),
+    (Signal::Sched, Kind::BtfTracePoint, "sched_wakeup_new", "sched", "sched_wakeup_new"),
+    (Signal::Sched, Kind::BtfTracePoint, "sched_switch", "sched", "sched_switch"),
+    (Signal::Reclaim, Kind::TracePoint, "reclaim_begin", "vmscan", "mm_vmscan_direct_reclaim_begin"),
+    (Signal::Reclaim, Kind::TracePoint, "reclaim_end", "vmscan", "mm_vmscan_direct_reclaim_end"),
+    // The same programs on memory-cgroup reclaim: a task over its cgroup's limit stalls the same
+    // way (the usual case in containers).
+    (Signal::Reclaim, Kind::TracePoint, "reclaim_begin", "vmscan", "mm_vmscan_memcg_reclaim_begin"),
+    (Signal::Reclaim, Kind::TracePoint, "reclaim_end", "vmscan", "mm_vmscan_memcg_reclaim_end"),
+    (Signal::Tcp, Kind::TracePoint, "tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
+];
+
+/// Every map the daemon pins, by name (also the pin file name).
+pub const PINNED_MAPS: &[&str] =
+    &[MAP_BLK_START, MAP_BLK_STATS, MAP_RUNQ_HIST, MAP_RECLAIM_START, MAP_RECLAIM_STATS, MAP_TCP_RETRANS];
+
+/// The attached programs. Dropping it detaches them and removes the pins.
+pub struct Probe {
     ebpf: Ebpf,
     pins: Pins,
+    signals: Vec<Signal>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probe")
+            .field("pins", &self.pins)
+            .field("signals", &self.signals)
+            .field("logger", &self.logger.is_some())
+            .finish()
+    }
 }
 
 /// Removes the pinned maps when dropped, also when attaching fails half way.
@@ -46,9 +117,30 @@ impl Drop for Pins {
     }
 }
 
-impl BlkProbe {
-    /// Loads the object, pins its maps under `pin_dir` (replacing stale pins of a previous run)
-    /// and attaches the tracepoints. Needs root; mounts tracefs and bpffs when they are missing.
+/// A program's own cost from the kernel's BPF statistics (needs stats enabled, see
+/// [`enable_run_time_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+/// Turns on the kernel's per-program run-time accounting for as long as the returned fd lives.
+pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, TelemetryError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| TelemetryError::io("BPF_ENABLE_STATS", std::io::Error::other(e.to_string())))
+}
+
+fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> TelemetryError + '_ {
+    move |source| TelemetryError::Map { name: name.into(), source }
+}
+
+impl Probe {
+    /// Loads the object, attaches the tracepoints, then pins the maps under `pin_dir`
+    /// (replacing stale pins of a previous run). Block latency is required; the other signals are attached
+    /// when their tracepoints exist here, each missing one is said once. Needs root; mounts
+    /// tracefs and bpffs when they are missing.
     pub fn attach(pin_dir: &Path) -> Result<Self, TelemetryError> {
         if !has_object() {
             return Err(TelemetryError::NoObject);
@@ -58,13 +150,49 @@ impl BlkProbe {
         if uid != 0 {
             return Err(TelemetryError::NotRoot(uid));
         }
-        let tracefs_root = tracefs::ensure_tracefs()?;
+        let root = tracefs::ensure_tracefs()?;
         tracefs::ensure_bpffs()?;
-        let offsets = tracefs::blk_offsets(&tracefs_root)?;
+        let blk = tracefs::blk_offsets(&root)?;
+        // MIRROR_BLK_CLASSIC=1 forces the fallback path (tests, comparisons).
+        let rq = if std::env::var("MIRROR_BLK_CLASSIC").is_ok_and(|v| v == "1") {
+            BlkRqOffsets::default()
+        } else {
+            blk_rq_offsets()
+        };
+        let mut signals = vec![if rq.valid != 0 { Signal::BlkRq } else { Signal::Blk }];
+        let btf = match Btf::from_sys_fs() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!("run-queue latency not measured: no kernel BTF ({e})");
+                None
+            }
+        };
+        if btf.is_some() {
+            signals.push(Signal::Sched);
+        }
+        let reclaim_tps = TRACEPOINTS
+            .iter()
+            .filter(|t| t.0 == Signal::Reclaim)
+            .all(|t| tracefs::has_tracepoint(&root, t.3, t.4));
+        if reclaim_tps {
+            signals.push(Signal::Reclaim);
+        } else {
+            tracing::warn!("direct-reclaim stalls not measured: no vmscan tracepoints here");
+        }
+        let net = match tracefs::net_offsets(&root) {
+            Ok(o) => {
+                signals.push(Signal::Tcp);
+                o
+            }
+            Err(e) => {
+                tracing::warn!("tcp retransmits not measured: {e}");
+                NetTpOffsets::default()
+            }
+        };
 
         fs::create_dir_all(pin_dir)
             .map_err(|e| TelemetryError::io(format!("create {}", pin_dir.display()), e))?;
-        let pins: Vec<PathBuf> = [MAP_BLK_START, MAP_BLK_STATS].iter().map(|m| pin_dir.join(m)).collect();
+        let pins: Vec<PathBuf> = PINNED_MAPS.iter().map(|m| pin_dir.join(m)).collect();
         for p in &pins {
             match fs::remove_file(p) {
                 Ok(()) => tracing::info!(pin = %p.display(), "removed stale pin of a previous run"),
@@ -73,32 +201,112 @@ impl BlkProbe {
             }
         }
 
-        let ebpf = EbpfLoader::new()
-            .override_global(GLOBAL_BLK_OFFSETS, &offsets, true)
-            .map_pin_path(MAP_BLK_START, pins[0].clone())
-            .map_pin_path(MAP_BLK_STATS, pins[1].clone())
-            .load(OBJECT);
+        let mut loader = EbpfLoader::new();
+        loader
+            // runq_start is task-local storage, which aya creates but does not wrap.
+            .allow_unsupported_maps()
+            .override_global(GLOBAL_BLK_OFFSETS, &blk, true)
+            .override_global(GLOBAL_BLK_RQ_OFFSETS, &rq, true)
+            .override_global(GLOBAL_NET_OFFSETS, &net, true);
         let pins = Pins(pins);
-        let mut ebpf = ebpf?;
-        for &(name, category, tp) in TRACEPOINTS {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(TelemetryError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| TelemetryError::Program { name, source })?;
-            prog.load().map_err(|source| TelemetryError::Program { name, source })?;
-            prog.attach(category, tp).map_err(|source| TelemetryError::Program { name, source })?;
+        let mut ebpf = loader.load(OBJECT)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("eBPF-side diagnostics (aya-log) unavailable: {e}");
+                None
+            }
+        };
+        // Block latency is required; another signal whose programs the kernel refuses (an old
+        // kernel's tracepoint arguments, say) is dropped with one warning, the rest stays.
+        for signal in signals.clone() {
+            let progs = TRACEPOINTS.iter().filter(|t| t.0 == signal);
+            let attached = progs.clone().try_for_each(|&(_, kind, name, category, tp)| {
+                attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref())
+            });
+            if let Err(e) = attached {
+                if signal == Signal::Blk {
+                    return Err(e);
+                }
+                for &(_, kind, name, _, _) in progs {
+                    unload(&mut ebpf, kind, name);
+                }
+                signals.retain(|s| *s != signal);
+                if signal == Signal::BlkRq {
+                    tracing::warn!("{e}: block latency from the classic tracepoints instead");
+                    for &(_, kind, name, category, tp) in TRACEPOINTS.iter().filter(|t| t.0 == Signal::Blk) {
+                        attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref())?;
+                    }
+                    signals.insert(0, Signal::Blk);
+                } else {
+                    tracing::warn!("{} not measured: {e}", signal.name());
+                }
+            }
         }
-        tracing::info!(pin_dir = %pin_dir.display(), "block latency programs attached");
-        Ok(BlkProbe { ebpf, pins })
+        // Pinned only now, so a pin's presence means the programs are attached (tests and tools
+        // wait for it).
+        for (name, pin) in PINNED_MAPS.iter().zip(&pins.0) {
+            let map = ebpf.map(name).ok_or(TelemetryError::MissingMap(name))?;
+            map.pin(pin).map_err(|e| {
+                TelemetryError::io(
+                    format!("pin map {name} at {}", pin.display()),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
+        }
+        let names: Vec<&str> = signals.iter().map(|s| s.name()).collect();
+        tracing::info!(pin_dir = %pin_dir.display(), "eBPF programs attached: {}", names.join(", "));
+        Ok(Probe { ebpf, pins, signals, logger })
     }
 
-    /// Cumulative statistics, summed over CPUs.
-    pub fn snapshot(&self) -> Result<BlkSnapshot, TelemetryError> {
-        let map = self.ebpf.map(MAP_BLK_STATS).ok_or(TelemetryError::MissingMap(MAP_BLK_STATS))?;
-        let map: PerCpuHashMap<&MapData, BlkStatsKey, BlkStats> = PerCpuHashMap::try_from(map)
-            .map_err(|source| TelemetryError::Map { name: MAP_BLK_STATS.into(), source })?;
-        sum_per_cpu(&map)
+    /// Signals whose programs are attached.
+    pub fn signals(&self) -> &[Signal] {
+        &self.signals
+    }
+
+    /// Cumulative figures of every attached signal (plus PSI and the node's TCP counter).
+    pub fn snapshot(&self) -> Result<NodeSnapshot, TelemetryError> {
+        read_maps(
+            &|name| {
+                let m = self.ebpf.map(name).ok_or(TelemetryError::MissingMap(name))?;
+                Ok(MapRef::Borrowed(m))
+            },
+            &self.signals,
+        )
+    }
+
+    /// Forwards the programs' aya-log records to the daemon's log.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
+    }
+
+    /// The kernel's run-time statistics of each attached program.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        let mut seen = Vec::new();
+        TRACEPOINTS
+            .iter()
+            .filter(|t| self.signals.contains(&t.0))
+            .filter(|t| {
+                // A program attached to several tracepoints is listed once.
+                let first = !seen.contains(&t.2);
+                seen.push(t.2);
+                first
+            })
+            .filter_map(|&(_, kind, name, _, _)| {
+                let prog = self.ebpf.program(name)?;
+                let info = match kind {
+                    Kind::TracePoint => <&TracePoint>::try_from(prog).ok()?.info().ok()?,
+                    Kind::BtfTracePoint => <&BtfTracePoint>::try_from(prog).ok()?.info().ok()?,
+                };
+                Some(ProgramStats {
+                    name,
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                    run_cnt: info.run_count(),
+                })
+            })
+            .collect()
     }
 
     /// Where the maps are pinned.
@@ -107,13 +315,153 @@ impl BlkProbe {
     }
 }
 
-fn sum_per_cpu<T: Borrow<MapData>>(
+fn attach_one(
+    ebpf: &mut Ebpf,
+    kind: Kind,
+    name: &'static str,
+    category: &str,
+    tp: &str,
+    btf: Option<&Btf>,
+) -> Result<(), TelemetryError> {
+    let prog = ebpf.program_mut(name).ok_or(TelemetryError::MissingProgram(name))?;
+    let err = |source| TelemetryError::Program { name, source };
+    match (kind, btf) {
+        (Kind::TracePoint, _) => {
+            let p: &mut TracePoint = prog.try_into().map_err(err)?;
+            // A program attached to several tracepoints is loaded once.
+            match p.load() {
+                Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {}
+                Err(e) => return Err(err(e)),
+            }
+            p.attach(category, tp).map_err(err)?;
+        }
+        (Kind::BtfTracePoint, Some(btf)) => {
+            let p: &mut BtfTracePoint = prog.try_into().map_err(err)?;
+            p.load(tp, btf).map_err(err)?;
+            p.attach().map_err(err)?;
+        }
+        (Kind::BtfTracePoint, None) => {}
+    }
+    Ok(())
+}
+
+/// Detaches and unloads a program if it was loaded (best effort).
+fn unload(ebpf: &mut Ebpf, kind: Kind, name: &str) {
+    let Some(prog) = ebpf.program_mut(name) else {
+        return;
+    };
+    let _ = match kind {
+        Kind::TracePoint => <&mut TracePoint>::try_from(prog).map(|p| p.unload()),
+        Kind::BtfTracePoint => <&mut BtfTracePoint>::try_from(prog).map(|p| p.unload()),
+    };
+}
+
+/// `struct request` member offsets from the kernel's BTF for the `blk_rq_done` program, or
+/// `valid == 0` when a member is missing (the classic tracepoints are used then).
+pub fn blk_rq_offsets() -> BlkRqOffsets {
+    let Some(b) = btf::Btf::from_sys_fs() else {
+        return BlkRqOffsets::default();
+    };
+    let get = |s: &str, m: &str, size: u32, in_prefix: bool| {
+        b.member(s, m).filter(|f| {
+            f.size == size && (!in_prefix || (f.offset + size) as usize <= mirror_common::TP_RECORD_PREFIX)
+        })
+    };
+    let (Some(q), Some(part), Some(bd_dev), Some(flags), Some(start), Some(disk), Some(major), Some(minor)) = (
+        get("request", "q", 8, true),
+        get("request", "part", 8, true),
+        get("block_device", "bd_dev", 4, false),
+        get("request", "cmd_flags", 4, true),
+        get("request", "start_time_ns", 8, true),
+        get("request_queue", "disk", 8, false),
+        get("gendisk", "major", 4, false),
+        get("gendisk", "first_minor", 4, false),
+    ) else {
+        tracing::info!("kernel BTF lacks a struct request member the BTF block program reads");
+        return BlkRqOffsets::default();
+    };
+    BlkRqOffsets {
+        rq_q: q.offset,
+        rq_part: part.offset,
+        bdev_dev: bd_dev.offset,
+        rq_cmd_flags: flags.offset,
+        rq_start_time_ns: start.offset,
+        q_disk: disk.offset,
+        disk_major: major.offset,
+        disk_first_minor: minor.offset,
+        valid: 1,
+    }
+}
+
+/// A map of the live object, or one opened from its pin.
+enum MapRef<'a> {
+    Borrowed(&'a Map),
+    Owned(Map),
+}
+
+impl MapRef<'_> {
+    fn map(&self) -> &Map {
+        match self {
+            MapRef::Borrowed(m) => m,
+            MapRef::Owned(m) => m,
+        }
+    }
+}
+
+type Opener<'a> = dyn Fn(&'static str) -> Result<MapRef<'a>, TelemetryError> + 'a;
+
+fn read_maps(open: &Opener<'_>, signals: &[Signal]) -> Result<NodeSnapshot, TelemetryError> {
+    let mut snap = NodeSnapshot {
+        psi: procfs::read_psi(),
+        retrans_total: procfs::read_tcp_retrans().ok(),
+        ..Default::default()
+    };
+    {
+        let m = open(MAP_BLK_STATS)?;
+        let map: PerCpuHashMap<&MapData, BlkStatsKey, BlkStats> =
+            PerCpuHashMap::try_from(m.map()).map_err(map_err(MAP_BLK_STATS))?;
+        snap.blk = sum_blk(&map)?;
+    }
+    // The kernel's own in-flight counters: exact, and free for the programs.
+    snap.inflight = diskstats::read_all()?.1;
+    if signals.contains(&Signal::Sched) {
+        let m = open(MAP_RUNQ_HIST)?;
+        snap.runq = Some(sum_hist(m.map(), MAP_RUNQ_HIST)?);
+    }
+    if signals.contains(&Signal::Reclaim) {
+        let m = open(MAP_RECLAIM_STATS)?;
+        snap.reclaim = Some(sum_hist(m.map(), MAP_RECLAIM_STATS)?);
+    }
+    if signals.contains(&Signal::Tcp) {
+        let m = open(MAP_TCP_RETRANS)?;
+        let map: PerCpuHashMap<&MapData, TcpPeerKey, TcpRetrans> =
+            PerCpuHashMap::try_from(m.map()).map_err(map_err(MAP_TCP_RETRANS))?;
+        let mut peers = BTreeMap::new();
+        for item in map.iter() {
+            let (k, vals) = item.map_err(map_err(MAP_TCP_RETRANS))?;
+            *peers.entry(k).or_insert(0) += vals.iter().map(|v| v.retransmits).sum::<u64>();
+        }
+        snap.retrans = Some(peers);
+    }
+    Ok(snap)
+}
+
+fn sum_hist(map: &Map, name: &'static str) -> Result<LatHist, TelemetryError> {
+    let arr: PerCpuArray<&MapData, LatHist> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let vals = arr.get(&0, 0).map_err(map_err(name))?;
+    let mut total = LatHist::default();
+    for v in vals.iter() {
+        total.accumulate(v);
+    }
+    Ok(total)
+}
+
+fn sum_blk<T: Borrow<MapData>>(
     map: &PerCpuHashMap<T, BlkStatsKey, BlkStats>,
 ) -> Result<BlkSnapshot, TelemetryError> {
     let mut snap = BlkSnapshot::new();
     for item in map.iter() {
-        let (key, values) =
-            item.map_err(|source| TelemetryError::Map { name: MAP_BLK_STATS.into(), source })?;
+        let (key, values) = item.map_err(map_err(MAP_BLK_STATS))?;
         let total = snap.entry(key).or_default();
         for v in values.iter() {
             total.accumulate(v);
@@ -122,15 +470,34 @@ fn sum_per_cpu<T: Borrow<MapData>>(
     Ok(snap)
 }
 
-/// Reads the statistics map pinned by a running daemon under `pin_dir`.
-pub fn read_pinned(pin_dir: &Path) -> Result<BlkSnapshot, TelemetryError> {
-    let path = pin_dir.join(MAP_BLK_STATS);
+fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, TelemetryError> {
+    let path = pin_dir.join(name);
     if !path.exists() {
         return Err(TelemetryError::NotPinned(path));
     }
     let err = |source| TelemetryError::Map { name: path.display().to_string(), source };
     let data = MapData::from_pin(&path).map_err(err)?;
-    let map = Map::from_map_data(data).map_err(err)?;
-    let map: PerCpuHashMap<MapData, BlkStatsKey, BlkStats> = PerCpuHashMap::try_from(map).map_err(err)?;
-    sum_per_cpu(&map)
+    Map::from_map_data(data).map_err(err)
+}
+
+/// Reads the maps pinned by a running daemon under `pin_dir` (signals whose maps are absent are
+/// left out).
+pub fn read_pinned_all(pin_dir: &Path) -> Result<NodeSnapshot, TelemetryError> {
+    let mut signals = vec![Signal::Blk];
+    for (s, m) in
+        [(Signal::Sched, MAP_RUNQ_HIST), (Signal::Reclaim, MAP_RECLAIM_STATS), (Signal::Tcp, MAP_TCP_RETRANS)]
+    {
+        if pin_dir.join(m).exists() {
+            signals.push(s);
+        }
+    }
+    read_maps(&|name| open_pinned(pin_dir, name).map(MapRef::Owned), &signals)
+}
+
+/// Reads the block statistics map pinned by a running daemon under `pin_dir`.
+pub fn read_pinned(pin_dir: &Path) -> Result<BlkSnapshot, TelemetryError> {
+    let map = open_pinned(pin_dir, MAP_BLK_STATS)?;
+    let map: PerCpuHashMap<&MapData, BlkStatsKey, BlkStats> =
+        PerCpuHashMap::try_from(&map).map_err(map_err(MAP_BLK_STATS))?;
+    sum_blk(&map)
 }

@@ -37,11 +37,30 @@ pub fn parse(text: &str) -> BlkSnapshot {
     snap
 }
 
-/// Reads and parses `/proc/diskstats`.
-pub fn read() -> Result<BlkSnapshot, TelemetryError> {
+/// Requests in flight per device (field 9 of the statistics, "I/Os currently in progress");
+/// devices with none are left out.
+pub fn parse_inflight(text: &str) -> std::collections::BTreeMap<u32, u64> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let major = f.first()?.parse::<u32>().ok()?;
+            let minor = f.get(1)?.parse::<u32>().ok()?;
+            let n = f.get(11)?.parse::<u64>().ok()?;
+            (n > 0).then(|| (kdev(major, minor), n))
+        })
+        .collect()
+}
+
+/// Reads and parses `/proc/diskstats`: cumulative statistics and the in-flight gauge.
+pub fn read_all() -> Result<(BlkSnapshot, std::collections::BTreeMap<u32, u64>), TelemetryError> {
     let text =
         std::fs::read_to_string("/proc/diskstats").map_err(|e| TelemetryError::io("/proc/diskstats", e))?;
-    Ok(parse(&text))
+    Ok((parse(&text), parse_inflight(&text)))
+}
+
+/// Reads and parses `/proc/diskstats`.
+pub fn read() -> Result<BlkSnapshot, TelemetryError> {
+    read_all().map(|(s, _)| s)
 }
 
 #[cfg(test)]
@@ -60,6 +79,9 @@ mod tests {
         let fl = s[&BlkStatsKey { dev: kdev(7, 0), op: BLK_OP_FLUSH }];
         assert_eq!((fl.ios, fl.lat_sum_ns), (3, 7_000_000));
         assert_eq!(s.len(), 3, "idle vda and empty groups are left out");
+        let text2 = "   7       0 loop0 100 0 800 50 20 0 160 40 5 90 90\n";
+        assert_eq!(parse_inflight(text2)[&kdev(7, 0)], 5);
+        assert!(parse_inflight(text).is_empty());
     }
 
     #[test]

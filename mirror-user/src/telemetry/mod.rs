@@ -1,10 +1,14 @@
 //! The telemetry path: eBPF programs attached to kernel tracepoints write into maps pinned under
 //! `/sys/fs/bpf/mirror/`; the collector reads them into per-interval figures. When BPF is not
-//! usable, [`diskstats`] reads `/proc/diskstats` instead.
+//! usable, [`diskstats`] and [`procfs`] read `/proc/diskstats`, `/proc/pressure` and
+//! `/proc/net/snmp` instead. [`collector`] turns snapshots into per-interval samples.
 
 pub mod blk;
 pub mod bpf;
+pub mod btf;
+pub mod collector;
 pub mod diskstats;
+pub mod procfs;
 pub mod tracefs;
 pub mod view;
 
@@ -44,38 +48,56 @@ impl TelemetryError {
     }
 }
 
-/// Where block statistics come from: the eBPF programs, or `/proc/diskstats` when BPF is not
-/// usable here (not root, no BTF, built without the object).
+/// Where the node's figures come from: the eBPF programs, or /proc when BPF is not usable here
+/// (not root, no BTF, old kernel, built without the object).
 #[derive(Debug)]
-pub enum BlkSource {
-    Bpf(bpf::BlkProbe),
+pub enum Source {
+    Bpf(Box<bpf::Probe>),
     Procfs,
 }
 
-impl BlkSource {
+/// What the /proc fallback measures, said once when falling back.
+const FALLBACK: &str = "/proc/diskstats (block averages, no percentiles), /proc/pressure (PSI) \
+                        and /proc/net/snmp (node-wide TCP retransmits); no run-queue histogram, \
+                        no per-peer retransmits";
+
+impl Source {
     /// Attaches the eBPF programs, or falls back to /proc with one clear warning saying why.
     pub fn open(pin_dir: &std::path::Path, allow_bpf: bool) -> Self {
         if !allow_bpf {
-            tracing::info!("eBPF disabled by flag: block statistics from /proc/diskstats");
+            tracing::info!("eBPF disabled by flag: telemetry from {FALLBACK}");
             return Self::Procfs;
         }
-        match bpf::BlkProbe::attach(pin_dir) {
-            Ok(p) => Self::Bpf(p),
+        match bpf::Probe::attach(pin_dir) {
+            Ok(p) => Self::Bpf(Box::new(p)),
             Err(e) => {
-                tracing::warn!(
-                    "eBPF telemetry unavailable ({e}); falling back to /proc/diskstats \
-                     (averages only, no percentiles)"
-                );
+                tracing::warn!("eBPF telemetry unavailable ({e}); falling back to {FALLBACK}");
                 Self::Procfs
             }
         }
     }
 
-    /// Cumulative statistics now.
-    pub fn snapshot(&self) -> Result<blk::BlkSnapshot, TelemetryError> {
+    /// Cumulative figures now.
+    pub fn snapshot(&self) -> Result<collector::NodeSnapshot, TelemetryError> {
         match self {
             Self::Bpf(p) => p.snapshot(),
-            Self::Procfs => diskstats::read(),
+            Self::Procfs => {
+                let (blk, inflight) = diskstats::read_all()?;
+                Ok(collector::NodeSnapshot {
+                    blk,
+                    inflight,
+                    psi: procfs::read_psi(),
+                    retrans_total: procfs::read_tcp_retrans().ok(),
+                    ..Default::default()
+                })
+            }
+        }
+    }
+
+    /// Forwards eBPF-side log records (aya-log) to the daemon's log.
+    pub fn flush_logs(&mut self) {
+        if let Self::Bpf(p) = self {
+            p.flush_logs();
         }
     }
 

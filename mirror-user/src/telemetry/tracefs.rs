@@ -7,7 +7,7 @@ use std::{
     process::Command,
 };
 
-use mirror_common::blk::BlkTpOffsets;
+use mirror_common::{blk::BlkTpOffsets, net::NetTpOffsets};
 
 use super::TelemetryError;
 
@@ -111,7 +111,18 @@ fn field(
     min_size: u32,
 ) -> Result<u32, TelemetryError> {
     match fields.get(name) {
-        Some(f) if f.size >= min_size => Ok(f.offset),
+        Some(f)
+            if f.size >= min_size && (f.offset + min_size) as usize <= mirror_common::TP_RECORD_PREFIX =>
+        {
+            Ok(f.offset)
+        }
+        Some(f) if f.size >= min_size => Err(TelemetryError::Format {
+            path: path.to_path_buf(),
+            reason: format!(
+                "field {name} ends past the first {} bytes the programs copy",
+                mirror_common::TP_RECORD_PREFIX
+            ),
+        }),
         Some(f) => Err(TelemetryError::Format {
             path: path.to_path_buf(),
             reason: format!("field {name} has size {} (expected >= {min_size})", f.size),
@@ -149,6 +160,34 @@ pub fn blk_offsets(root: &Path) -> Result<BlkTpOffsets, TelemetryError> {
     let cp = root.join("events/block/block_rq_complete/format");
     let read = |p: &Path| fs::read_to_string(p).map_err(|e| TelemetryError::io(p.display().to_string(), e));
     blk_offsets_from(&read(&ip)?, &read(&cp)?, &ip, &cp)
+}
+
+fn read_format(root: &Path, category: &str, tp: &str) -> Result<(String, PathBuf), TelemetryError> {
+    let p = root.join(format!("events/{category}/{tp}/format"));
+    let text = fs::read_to_string(&p).map_err(|e| TelemetryError::io(p.display().to_string(), e))?;
+    Ok((text, p))
+}
+
+/// Builds the offsets of `tcp:tcp_retransmit_skb` from its format text.
+pub fn net_offsets_from(text: &str, path: &Path) -> Result<NetTpOffsets, TelemetryError> {
+    let f = parse_format(text);
+    Ok(NetTpOffsets {
+        family: field(&f, path, "family", 2)?,
+        daddr: field(&f, path, "daddr", 4)?,
+        daddr_v6: field(&f, path, "daddr_v6", 16)?,
+        valid: 1,
+    })
+}
+
+/// Reads `tcp:tcp_retransmit_skb`'s format under a tracefs root.
+pub fn net_offsets(root: &Path) -> Result<NetTpOffsets, TelemetryError> {
+    let (t, p) = read_format(root, "tcp", "tcp_retransmit_skb")?;
+    net_offsets_from(&t, &p)
+}
+
+/// True when the tracepoint exists on this kernel.
+pub fn has_tracepoint(root: &Path, category: &str, tp: &str) -> bool {
+    root.join(format!("events/{category}/{tp}")).is_dir()
 }
 
 #[cfg(test)]
@@ -193,6 +232,16 @@ print fmt: \"%d,%d %s\"";
     fn builds_offsets_across_layouts() {
         let o = blk_offsets_from(ISSUE_618, COMPLETE_OLD, Path::new("i"), Path::new("c")).unwrap();
         assert_eq!((o.issue_rwbs, o.complete_rwbs, o.complete_error, o.valid), (34, 32, 28, 1));
+    }
+
+    #[test]
+    fn net_offsets_from_format() {
+        let t = "format:
+\tfield:__u16 family;\toffset:32;\tsize:2;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:38;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:58;\tsize:16;\tsigned:0;";
+        let o = net_offsets_from(t, Path::new("f")).unwrap();
+        assert_eq!((o.family, o.daddr, o.daddr_v6, o.valid), (32, 38, 58, 1));
     }
 
     #[test]

@@ -84,12 +84,21 @@ impl LoopDev {
         let dir = TempDir::new("loop");
         let img = dir.0.join("disk.img");
         std::fs::File::create(&img).and_then(|f| f.set_len(size)).expect("create backing file");
+        Self::attach(&img, "on", dir)
+    }
+
+    /// A loop device stacked on another block device (e.g. another loop device).
+    pub fn over(backing: &Path) -> Self {
+        Self::attach(backing, "on", TempDir::new("loop-over"))
+    }
+
+    fn attach(backing: &Path, direct_io: &str, dir: TempDir) -> Self {
         if !Path::new("/dev/loop-control").exists() {
             let _ = Command::new("modprobe").arg("loop").status();
         }
         let out = Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=on"])
-            .arg(&img)
+            .args(["-f", "--show", &format!("--direct-io={direct_io}")])
+            .arg(backing)
             .output()
             .expect("run losetup");
         assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
@@ -114,13 +123,19 @@ impl Daemon {
     /// Starts the daemon pinning into a private bpffs directory and waits until it says it is
     /// ready (programs attached; the pins alone appear before attachment).
     pub fn start(extra: &[&str]) -> Self {
-        use std::io::BufRead;
+        Self::start_with_env(extra, &[])
+    }
+
+    /// As [`Daemon::start`], with extra environment variables for the daemon.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mirror-test-{}-{}", std::process::id(), nanos()));
+        use std::io::BufRead;
         let mut child = Command::new(mirror_bin())
             .args(["daemon", "--quiet", "--interval", "100ms", "--pin-dir"])
             .arg(&pin_dir)
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn mirror daemon");
@@ -163,7 +178,7 @@ impl Drop for Daemon {
     }
 }
 
-fn nanos() -> u32 {
+pub fn nanos() -> u32 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
 }
 
