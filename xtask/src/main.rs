@@ -241,23 +241,24 @@ fn demo(seconds: u64) -> Result<()> {
 }
 
 /// Benchmarks available to `cargo xtask bench`.
-const BENCHES: &[&str] = &["resync", "ebpf"];
+const BENCHES: &[&str] = &["resync", "nbd", "ebpf"];
 
 fn bench_other(name: &str, args: &[String]) -> Result<()> {
     match name {
-        "resync" => {
-            if util::which("rsync").is_none() {
+        "resync" | "nbd" => {
+            let need = if name == "resync" { "rsync" } else { "nbdkit" };
+            if util::which(need).is_none() {
                 setup_if_possible()?;
             }
             run(&mut build::cargo(&["build", "--release", "-p", "mirror-user", "-p", "mirror-tests"]))?;
             let root = util::root();
             std::fs::create_dir_all(root.join("target/bench"))?;
-            run(Command::new(root.join("target/release/bench-resync"))
+            run(Command::new(root.join(format!("target/release/bench-{name}")))
                 .current_dir(&root)
                 .arg("--mirror-bin")
                 .arg(root.join("target/release/mirror"))
                 .arg("--out")
-                .arg(root.join("target/bench/resync.json"))
+                .arg(root.join(format!("target/bench/{name}.json")))
                 .args(args))
         }
         _ => anyhow::bail!("unknown benchmark {name:?}; available: {}", BENCHES.join(", ")),

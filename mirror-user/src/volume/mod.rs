@@ -3,6 +3,7 @@
 //! replica, used as a baseline and in frontend tests).
 
 pub mod file;
+pub mod open;
 pub mod remote;
 pub mod replica;
 pub mod router;

@@ -18,8 +18,9 @@ use crate::replication::{
 /// Where a replica's data is.
 #[derive(Debug)]
 pub enum Location {
-    /// A volume of this process (served to the peer by an embedded replica server).
-    Local(Arc<Volume>),
+    /// A volume of this process, also served to the peer by an embedded replica server at
+    /// `addr` (where a resync from the peer reaches it).
+    Local { vol: Arc<Volume>, addr: String },
     /// A volume on a replica server.
     Remote {
         addr: String,
@@ -100,11 +101,10 @@ impl Replica {
         self.state.load(Ordering::Acquire)
     }
 
-    /// Address peers reach this replica at (remote only).
-    pub fn addr(&self) -> Option<&str> {
+    /// Address peers reach this replica at.
+    pub fn addr(&self) -> &str {
         match &self.location {
-            Location::Remote { addr, .. } => Some(addr),
-            Location::Local(_) => None,
+            Location::Remote { addr, .. } | Location::Local { addr, .. } => addr,
         }
     }
 
@@ -143,7 +143,7 @@ impl Replica {
                     )
                 })
             }
-            Location::Local(_) => Err(io_err("not remote")),
+            Location::Local { .. } => Err(io_err("not remote")),
         }
     }
 
@@ -158,7 +158,7 @@ impl Replica {
     pub async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
         let t0 = std::time::Instant::now();
         let r = match &self.location {
-            Location::Local(v) => Self::local(v, move |v| v.local_read(offset, len)).await,
+            Location::Local { vol: v, .. } => Self::local(v, move |v| v.local_read(offset, len)).await,
             Location::Remote { .. } => match self.pool()?.call(Message::Read { offset, len }, 0).await? {
                 Message::Data(d) if d.len() == len as usize => Ok(d),
                 m => Err(io_err(format!("unexpected reply {m:?}"))),
@@ -183,7 +183,9 @@ impl Replica {
         let t0 = std::time::Instant::now();
         let len = data.len() as u64;
         let r = match &self.location {
-            Location::Local(v) => Self::local(v, move |v| v.local_write(offset, &data, fua)).await,
+            Location::Local { vol: v, .. } => {
+                Self::local(v, move |v| v.local_write(offset, &data, fua)).await
+            }
             Location::Remote { .. } => {
                 let flags = if fua { FLAG_FUA } else { 0 };
                 Self::expect_ok(
@@ -201,7 +203,9 @@ impl Replica {
 
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
         match &self.location {
-            Location::Local(v) => Self::local(v, move |v| v.local_write_zeroes(offset, len)).await,
+            Location::Local { vol: v, .. } => {
+                Self::local(v, move |v| v.local_write_zeroes(offset, len)).await
+            }
             Location::Remote { .. } => {
                 let pool = self.pool()?;
                 let mut o = offset;
@@ -217,7 +221,7 @@ impl Replica {
 
     pub async fn flush(&self) -> std::io::Result<()> {
         match &self.location {
-            Location::Local(v) => Self::local(v, |v| v.store.flush()).await,
+            Location::Local { vol: v, .. } => Self::local(v, |v| v.store.flush()).await,
             Location::Remote { .. } => Self::expect_ok(self.pool()?.call(Message::Flush, 0).await?),
         }
     }
@@ -225,7 +229,7 @@ impl Replica {
     /// Records a range as missing on the peer (entering degraded tracking), durably.
     pub async fn mark_degraded(&self, offset: u64, len: u64) -> std::io::Result<()> {
         match &self.location {
-            Location::Local(v) => Self::local(v, move |v| v.mark_degraded(offset, len)).await,
+            Location::Local { vol: v, .. } => Self::local(v, move |v| v.mark_degraded(offset, len)).await,
             Location::Remote { .. } => {
                 Self::expect_ok(self.pool()?.call(Message::MarkDirty { offset, len }, 0).await?)
             }
@@ -235,7 +239,7 @@ impl Replica {
     /// The dirty bitmap as words.
     pub async fn bitmap(&self) -> std::io::Result<Vec<u64>> {
         let bytes = match &self.location {
-            Location::Local(v) => v.meta.bitmap_bytes(),
+            Location::Local { vol: v, .. } => v.meta.bitmap_bytes(),
             Location::Remote { .. } => match self.pool()?.call(Message::GetBitmap, 0).await? {
                 Message::Data(d) => d,
                 m => return Err(io_err(format!("unexpected reply {m:?}"))),
@@ -254,7 +258,7 @@ impl Replica {
     /// The replica's volume status.
     pub async fn status(&self) -> std::io::Result<serde_json::Value> {
         match &self.location {
-            Location::Local(v) => Ok(v.status_json()),
+            Location::Local { vol: v, .. } => Ok(v.status_json()),
             Location::Remote { .. } => match self.pool()?.call(Message::Status, 0).await? {
                 Message::Json(s) => serde_json::from_str(&s).map_err(io_err),
                 m => Err(io_err(format!("unexpected reply {m:?}"))),
@@ -277,7 +281,7 @@ impl Replica {
             Location::Remote { pool, .. } => {
                 pool.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|p| p.is_broken())
             }
-            Location::Local(_) => false,
+            Location::Local { .. } => false,
         }
     }
 
@@ -286,7 +290,7 @@ impl Replica {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         serde_json::json!({
             "role": self.role,
-            "location": match &self.location { Location::Local(v) => format!("local:{}", v.store.path().display()), Location::Remote { addr, .. } => format!("remote:{addr}") },
+            "location": match &self.location { Location::Local { vol: v, .. } => format!("local:{}", v.store.path().display()), Location::Remote { addr, .. } => format!("remote:{addr}") },
             "state": state_name(self.state()),
             "reads": l(&s.reads), "writes": l(&s.writes),
             "read_bytes": l(&s.read_bytes), "write_bytes": l(&s.write_bytes),

@@ -226,9 +226,9 @@ impl Router {
                         "replica reachable again: resyncing it from the {}",
                         s.role
                     );
-                    let peer = r.addr().unwrap_or_default().to_string();
+                    let peer = r.addr().to_string();
                     let started = match &s.location {
-                        Location::Local(v) => {
+                        Location::Local { vol: v, .. } => {
                             start_local_job(v, self.cfg.secret.clone(), self.cfg.rate, JobKind::Sync, peer)
                         }
                         Location::Remote { .. } => match s.pool() {

@@ -1,0 +1,433 @@
+//! `cargo xtask bench nbd`: fio's nbd engine (libnbd) against
+//!   - ours-2local:  `mirror serve` with two local replicas (weights 50/50),
+//!   - ours-remote:  `mirror serve` with a local source and a remote target over loopback,
+//!   - nbdkit:       nbdkit's file plugin on one file (the reference),
+//!   - qemu-nbd:     qemu-nbd on one file;
+//!
+//! 4 KiB random read / write at queue depth 32 and 128 KiB sequential read / write, rounds
+//! alternating the order of the servers, medians reported as ratios against nbdkit. Then, with
+//! each replica on a loop device throttled by a cgroup v1 blkio limit, random reads with both
+//! replicas (weights 50/50) against one (weight 0): the replicas' bandwidth adds up.
+//! Writes target/bench/nbd.json.
+
+use std::{
+    io::BufRead,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+struct Args {
+    size: u64,
+    rounds: usize,
+    runtime: u64,
+    mirror: PathBuf,
+    dir: PathBuf,
+    out: PathBuf,
+    throttle_bps: u64,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        size: 512 << 20,
+        rounds: 3,
+        runtime: 5,
+        mirror: PathBuf::from("target/release/mirror"),
+        dir: std::env::temp_dir().join("mirror-bench-nbd"),
+        out: PathBuf::from("target/bench/nbd.json"),
+        throttle_bps: 8 << 20,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--size" => a.size = mirror::parse_size(&v).map_err(anyhow::Error::msg)?,
+            "--rounds" => a.rounds = v.parse()?,
+            "--runtime" => a.runtime = v.parse()?,
+            "--mirror-bin" => a.mirror = v.into(),
+            "--dir" => a.dir = v.into(),
+            "--out" => a.out = v.into(),
+            "--throttle" => a.throttle_bps = mirror::parse_size(&v).map_err(anyhow::Error::msg)?,
+            _ => bail!(
+                "unknown flag {k} (--size, --rounds, --runtime, --mirror-bin, --dir, --out, --throttle)"
+            ),
+        }
+    }
+    Ok(a)
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until something accepts TCP connections on `port`.
+fn wait_port(port: u16) -> Result<()> {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on port {port}")
+}
+
+/// Spawns a `mirror` process and waits for the stdout line starting with `prefix`; returns the
+/// rest of that line.
+fn spawn_mirror(a: &Args, args: &[String], prefix: &str) -> Result<(Kill, String)> {
+    let mut child = Command::new(&a.mirror)
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", a.mirror.display()))?;
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if out.read_line(&mut line)? == 0 {
+            bail!("mirror {args:?} exited before printing {prefix:?}");
+        }
+        if let Some(rest) = line.trim().strip_prefix(prefix) {
+            let rest = rest.trim().to_string();
+            // Keep draining stdout so the process never blocks on a full pipe.
+            std::thread::spawn(move || for _ in out.lines() {});
+            return Ok((Kill(child), rest));
+        }
+    }
+}
+
+/// A running NBD server to measure: its processes and URI.
+struct Server {
+    name: &'static str,
+    uri: String,
+    _procs: Vec<Kill>,
+}
+
+fn serve_ours(
+    a: &Args,
+    name: &'static str,
+    source: &str,
+    target: &str,
+    weight: u8,
+    extra: Vec<Kill>,
+) -> Result<Server> {
+    let port = free_port()?;
+    let args: Vec<String> =
+        ["serve", "--volume", "v", "--source", source, "--target", target, "--secret-file"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([a.dir.join("secret").display().to_string()])
+            .chain([
+                "--nbd".into(),
+                format!("127.0.0.1:{port}"),
+                "--target-weight".into(),
+                weight.to_string(),
+            ])
+            .collect();
+    let (k, _) = spawn_mirror(a, &args, "nbd listening on")?;
+    let mut procs = extra;
+    procs.push(k);
+    Ok(Server { name, uri: format!("nbd://127.0.0.1:{port}/"), _procs: procs })
+}
+
+fn replica(a: &Args, path: &Path) -> Result<(Kill, String)> {
+    let args: Vec<String> = vec![
+        "replica".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--volume".into(),
+        format!("v={}", path.display()),
+        "--secret-file".into(),
+        a.dir.join("secret").display().to_string(),
+    ];
+    spawn_mirror(a, &args, "listening on")
+}
+
+fn nbdkit(path: &Path) -> Result<Server> {
+    let port = free_port()?;
+    let k = Kill(
+        Command::new("nbdkit")
+            .args(["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port.to_string(), "file"])
+            .arg(format!("file={}", path.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nbdkit")?,
+    );
+    wait_port(port)?;
+    Ok(Server { name: "nbdkit", uri: format!("nbd://127.0.0.1:{port}/"), _procs: vec![k] })
+}
+
+fn qemu_nbd(path: &Path) -> Result<Server> {
+    let port = free_port()?;
+    let k = Kill(
+        Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "--persistent",
+                "--shared=8",
+                "-x",
+                "",
+            ])
+            .arg(path)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting qemu-nbd")?,
+    );
+    wait_port(port)?;
+    Ok(Server { name: "qemu-nbd", uri: format!("nbd://127.0.0.1:{port}/"), _procs: vec![k] })
+}
+
+/// A fio job: (name, rw, bs, iodepth).
+const JOBS: &[(&str, &str, &str, u32)] = &[
+    ("randread", "randread", "4k", 32),
+    ("randwrite", "randwrite", "4k", 32),
+    ("seqread", "read", "128k", 8),
+    ("seqwrite", "write", "128k", 8),
+];
+
+/// Runs fio against `uri`; returns IOPS for 4 KiB jobs and MiB/s for 128 KiB jobs.
+fn fio(uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64, size: u64) -> Result<f64> {
+    let out = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            "--output-format=json",
+            "--time_based",
+            "--norandommap",
+            "--randrepeat=0",
+        ])
+        .arg(format!("--uri={uri}"))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={depth}"))
+        .arg(format!("--runtime={runtime}"))
+        .arg(format!("--size={size}"))
+        .output()
+        .context("running fio")?;
+    ensure!(out.status.success(), "fio {rw} on {uri}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find('{').context("fio printed no json")?;
+    let js: serde_json::Value = serde_json::from_str(&text[start..]).context("fio json")?;
+    let job = &js["jobs"][0];
+    let side = if rw.contains("read") { &job["read"] } else { &job["write"] };
+    ensure!(job["error"].as_i64() == Some(0), "fio reported error {} on {uri}", job["error"]);
+    Ok(if bs == "4k" {
+        side["iops"].as_f64().context("iops")?
+    } else {
+        side["bw"].as_f64().context("bw")? / 1024.0
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn fill_random(path: &Path, size: u64) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path)?);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut buf = vec![0u8; 4 << 20];
+    for _ in 0..size / buf.len() as u64 {
+        for c in buf.chunks_mut(8) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            c.copy_from_slice(&seed.to_le_bytes());
+        }
+        f.write_all(&buf)?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// Attaches a loop device (direct I/O to its file, so the throttle sees every read).
+fn losetup(file: &Path) -> Result<String> {
+    let out = Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(file).output()?;
+    ensure!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn major_minor(dev: &str) -> Result<String> {
+    let name = Path::new(dev).file_name().context("device name")?.to_string_lossy().to_string();
+    Ok(std::fs::read_to_string(format!("/sys/class/block/{name}/dev"))?.trim().to_string())
+}
+
+/// Random-read IOPS of `mirror serve` over two throttled loop devices, at a given target weight.
+fn throttled_run(a: &Args, loops: &[String; 2], weight: u8, cgroup: &Path) -> Result<f64> {
+    let srv = serve_ours(
+        a,
+        "throttled",
+        &format!("local:{}", loops[0]),
+        &format!("local:{}", loops[1]),
+        weight,
+        vec![],
+    )?;
+    let pid = srv._procs.last().map(|k| k.0.id()).context("server pid")?;
+    std::fs::write(cgroup.join("cgroup.procs"), pid.to_string())
+        .context("moving the server into the throttled cgroup")?;
+    fio(&srv.uri, "randread", "4k", 32, a.runtime, a.size)
+}
+
+fn main() -> Result<()> {
+    let a = parse_args()?;
+    for tool in ["fio", "nbdkit", "qemu-nbd", "losetup"] {
+        ensure!(
+            Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok(),
+            "{tool} is not installed (cargo xtask setup)"
+        );
+    }
+    ensure!(a.mirror.is_file(), "{} not built (cargo build --release)", a.mirror.display());
+    let _ = std::fs::remove_dir_all(&a.dir);
+    std::fs::create_dir_all(&a.dir)?;
+    std::fs::write(a.dir.join("secret"), "bench-secret-0123456789abcdef")?;
+    let files: Vec<PathBuf> = ["a.img", "b.img", "c.img", "d.img"].iter().map(|f| a.dir.join(f)).collect();
+    eprintln!("bench nbd: preparing {} MiB files", a.size >> 20);
+    fill_random(&files[0], a.size)?;
+    for f in &files[1..] {
+        std::fs::copy(&files[0], f)?;
+    }
+
+    let mut results: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
+    for round in 0..a.rounds {
+        let mut order = vec![0, 1, 2, 3];
+        order.rotate_left(round % 4);
+        for which in order {
+            let srv = match which {
+                0 => serve_ours(
+                    &a,
+                    "ours-2local",
+                    &format!("local:{}", files[0].display()),
+                    &format!("local:{}", files[1].display()),
+                    50,
+                    vec![],
+                )?,
+                1 => {
+                    let (k, addr) = replica(&a, &files[1])?;
+                    serve_ours(
+                        &a,
+                        "ours-remote",
+                        &format!("local:{}", files[0].display()),
+                        &format!("remote:{addr}"),
+                        50,
+                        vec![k],
+                    )?
+                }
+                2 => nbdkit(&files[2])?,
+                _ => qemu_nbd(&files[3])?,
+            };
+            for &(job, rw, bs, depth) in JOBS {
+                let v = fio(&srv.uri, rw, bs, depth, a.runtime, a.size)?;
+                eprintln!("  round {round} {:<12} {job:<10} {v:>12.1}", srv.name);
+                results.entry((srv.name, job)).or_default().push(v);
+            }
+        }
+    }
+
+    // Throttled replicas: cgroup v1 blkio limits on two loop devices.
+    let cg = Path::new("/sys/fs/cgroup/blkio").join(format!("mirror-bench-{}", std::process::id()));
+    let mut throttled = (Vec::new(), Vec::new());
+    let throttle_note;
+    if Path::new("/sys/fs/cgroup/blkio").is_dir() {
+        let loops = [losetup(&files[0])?, losetup(&files[1])?];
+        std::fs::create_dir_all(&cg)?;
+        for l in &loops {
+            std::fs::write(
+                cg.join("blkio.throttle.read_bps_device"),
+                format!("{} {}", major_minor(l)?, a.throttle_bps),
+            )?;
+        }
+        let r = (|| -> Result<()> {
+            for round in 0..a.rounds {
+                let (one, two) = if round % 2 == 0 {
+                    (throttled_run(&a, &loops, 0, &cg)?, throttled_run(&a, &loops, 50, &cg)?)
+                } else {
+                    let two = throttled_run(&a, &loops, 50, &cg)?;
+                    (throttled_run(&a, &loops, 0, &cg)?, two)
+                };
+                eprintln!("  throttled round {round}: one replica {one:.1} IOPS, two {two:.1} IOPS");
+                throttled.0.push(one);
+                throttled.1.push(two);
+            }
+            Ok(())
+        })();
+        for l in &loops {
+            let _ = Command::new("losetup").args(["-d", l]).status();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = std::fs::remove_dir(&cg);
+        r?;
+        throttle_note =
+            format!("each replica a loop device limited to {} MiB/s of reads", a.throttle_bps >> 20);
+    } else {
+        throttle_note = "skipped: no cgroup v1 blkio hierarchy at /sys/fs/cgroup/blkio".into();
+        eprintln!("{throttle_note}");
+    }
+
+    let med = |s: &str, j: &str| median(results.get(&(s, j)).cloned().unwrap_or_default());
+    println!(
+        "\nbench nbd: {} MiB, {} rounds x {} s per job (medians; IOPS for 4k, MiB/s for 128k)",
+        a.size >> 20,
+        a.rounds,
+        a.runtime
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "job", "ours-2local", "ours-remote", "nbdkit", "qemu-nbd", "2local/kit", "remote/kit"
+    );
+    let mut json = serde_json::Map::new();
+    for &(job, ..) in JOBS {
+        let (o, r, k, q) =
+            (med("ours-2local", job), med("ours-remote", job), med("nbdkit", job), med("qemu-nbd", job));
+        println!("{job:<10} {o:>12.1} {r:>12.1} {k:>12.1} {q:>12.1} {:>10.3} {:>10.3}", o / k, r / k);
+        json.insert(format!("{job}_vs_nbdkit"), serde_json::json!(o / k));
+        json.insert(format!("{job}_remote_vs_nbdkit"), serde_json::json!(r / k));
+        json.insert(format!("{job}_qemu_nbd_vs_nbdkit"), serde_json::json!(q / k));
+    }
+    let scaling = median(throttled.1.clone()) / median(throttled.0.clone());
+    println!("throttled_read_scaling = {scaling:.3}  ({throttle_note}; two replicas / one; target >= 1.8)");
+    println!("targets: randread_vs_nbdkit >= 1.0, randwrite_vs_nbdkit >= 0.8");
+    json.insert(
+        "throttled_read_scaling".into(),
+        serde_json::json!(if scaling.is_finite() { Some(scaling) } else { None }),
+    );
+    json.insert("throttle".into(), serde_json::json!(throttle_note));
+    json.insert(
+        "runs".into(),
+        serde_json::json!(results
+            .iter()
+            .map(|((s, j), v)| (format!("{s}/{j}"), v.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()),
+    );
+    json.insert("throttled_runs".into(), serde_json::json!({"one": throttled.0, "two": throttled.1}));
+    if let Some(p) = a.out.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&serde_json::Value::Object(json))?)?;
+    println!("wrote {}", a.out.display());
+    let _ = std::fs::remove_dir_all(&a.dir);
+    Ok(())
+}
