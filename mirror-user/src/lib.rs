@@ -7,6 +7,7 @@ pub mod config;
 pub mod replication;
 pub mod telemetry;
 pub mod volume;
+pub mod weights;
 
 /// Parses sizes such as `4096`, `64K`, `256M`, `1G`, `1GiB`, `10MiB/s` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {

@@ -1,0 +1,488 @@
+//! The weighting engine: a state machine over (normal, predictive, failover, failback) that turns
+//! health samples into the target's read share. No clock and no I/O of its own: every call takes
+//! `now`, so policies are tested with scripted traces in milliseconds.
+//!
+//! Why the default ([`Policy::Adaptive`]) beats the seed formula:
+//! - no constant leak of reads to a target that is not needed (unless `balance_reads`);
+//! - the target's share follows the *forecast* source health (damped Holt), so it moves before
+//!   the critical line is crossed;
+//! - shares move in steps with a deadband and a minimum dwell time; they rise at once (fast
+//!   attack) but fall only after the lower share was wanted for `release_hold` (slow release),
+//!   and a reversal needs twice the deadband, so noisy health does not flap the weights;
+//! - below the critical health, missed heartbeats or data-path errors: target 100 at once;
+//! - failback only after the source is resynced and has stayed healthy for `failback_hold`, then a
+//!   linear ramp over `ramp` (Envoy's slow-start shape).
+
+use std::time::Duration;
+
+use super::policy::{Holt, SeedLinear};
+
+/// How weights are computed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Policy {
+    Seed(SeedLinear),
+    Adaptive,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineConfig {
+    pub policy: Policy,
+    /// Health at or above which the source needs no help.
+    pub good: f64,
+    /// Health below which the source is failed over.
+    pub critical: f64,
+    /// Forecast horizon of the predictive shift.
+    pub horizon: Duration,
+    /// Smallest change of the target's share worth making.
+    pub deadband: u8,
+    /// Minimum time between two changes (not for moves to failover).
+    pub dwell: Duration,
+    /// Fast attack, slow release: the target's share is lowered only after the lower share has
+    /// been wanted continuously for this long.
+    pub release_hold: Duration,
+    /// No heartbeat from the source for this long: failover.
+    pub heartbeat_timeout: Duration,
+    /// Healthy and in sync for this long before failback starts.
+    pub failback_hold: Duration,
+    /// Duration of the failback ramp from 100 to the normal share.
+    pub ramp: Duration,
+    /// Spread reads by health even when the source is healthy.
+    pub balance_reads: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            policy: Policy::Adaptive,
+            good: 80.0,
+            critical: 30.0,
+            horizon: Duration::from_secs(2),
+            deadband: 10,
+            dwell: Duration::from_millis(500),
+            release_hold: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_millis(300),
+            failback_hold: Duration::from_secs(10),
+            ramp: Duration::from_secs(30),
+            balance_reads: false,
+        }
+    }
+}
+
+/// One observation of the two nodes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// Source health 0..=100, `None` when no heartbeat arrived.
+    pub source_health: Option<f64>,
+    pub target_health: Option<f64>,
+    /// The router saw errors or timeouts on the source's data path.
+    pub source_errors: bool,
+    /// The source holds every block (not failed, not resyncing).
+    pub source_in_sync: bool,
+}
+
+/// Operator commands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Override {
+    /// Pin the target's share, until `until` (absolute) or forever.
+    Pin {
+        target: u8,
+        until: Option<Duration>,
+    },
+    Auto,
+    ForceFailover,
+    ForceFailback,
+}
+
+/// The engine's states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    Predictive,
+    Failover,
+    Failback,
+    Pinned,
+}
+
+/// A change of weights and why, for the structured log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub target_weight: u8,
+    pub mode: Mode,
+    pub changed: bool,
+    pub reason: String,
+}
+
+/// The engine.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    cfg: EngineConfig,
+    mode: Mode,
+    weight: u8,
+    last_change: Option<Duration>,
+    /// +1 when the last change raised the target's share, -1 when it lowered it.
+    last_direction: i8,
+    holt: Holt,
+    last_heartbeat: Option<Duration>,
+    healthy_since: Option<Duration>,
+    ramp_start: Option<Duration>,
+    pin_until: Option<Duration>,
+    /// Since when a lower share has been wanted without interruption.
+    release_since: Option<Duration>,
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> Engine {
+        Engine {
+            cfg,
+            mode: Mode::Normal,
+            weight: 0,
+            last_change: None,
+            last_direction: 0,
+            holt: Holt::new(0.5, 0.3, 0.8),
+            last_heartbeat: None,
+            healthy_since: None,
+            ramp_start: None,
+            pin_until: None,
+            release_since: None,
+        }
+    }
+
+    pub fn weight(&self) -> u8 {
+        self.weight
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    fn set(&mut self, now: Duration, w: u8, mode: Mode, reason: String) -> Decision {
+        let changed = w != self.weight || mode != self.mode;
+        if w != self.weight {
+            self.last_direction = if w > self.weight { 1 } else { -1 };
+            self.last_change = Some(now);
+        }
+        self.weight = w;
+        self.mode = mode;
+        Decision { target_weight: w, mode, changed, reason }
+    }
+
+    /// Applies an operator command.
+    pub fn command(&mut self, now: Duration, o: Override) -> Decision {
+        match o {
+            Override::Pin { target, until } => {
+                self.pin_until = until;
+                self.set(
+                    now,
+                    target.min(100),
+                    Mode::Pinned,
+                    format!("operator pinned the target at {target}"),
+                )
+            }
+            Override::Auto => {
+                self.pin_until = None;
+                let w = self.weight;
+                self.set(now, w, Mode::Normal, "operator returned to automatic weights".into())
+            }
+            Override::ForceFailover => {
+                self.pin_until = None;
+                self.healthy_since = None;
+                self.set(now, 100, Mode::Failover, "operator forced failover".into())
+            }
+            Override::ForceFailback => {
+                self.pin_until = None;
+                self.ramp_start = Some(now);
+                self.set(now, 100, Mode::Failback, "operator forced failback: ramping reads back".into())
+            }
+        }
+    }
+
+    /// Feeds one sample taken at `now`; returns the (possibly unchanged) decision.
+    pub fn tick(&mut self, now: Duration, s: Sample) -> Decision {
+        if let Some(h) = s.source_health {
+            self.last_heartbeat = Some(now);
+            self.holt.update(now, h);
+        }
+        if self.mode == Mode::Pinned {
+            match self.pin_until {
+                Some(t) if now >= t => {
+                    self.pin_until = None;
+                    self.mode = Mode::Normal;
+                }
+                _ => {
+                    return Decision {
+                        target_weight: self.weight,
+                        mode: self.mode,
+                        changed: false,
+                        reason: "pinned".into(),
+                    }
+                }
+            }
+        }
+        if let Policy::Seed(seed) = self.cfg.policy {
+            let w = seed.target_weight(s.source_health.unwrap_or(0.0), s.target_health.unwrap_or(0.0));
+            return self.set(now, w, Mode::Normal, "seed formula".into());
+        }
+
+        // Automatic failover.
+        let missed = self.last_heartbeat.is_none_or(|t| now.saturating_sub(t) > self.cfg.heartbeat_timeout);
+        let critical = s.source_health.is_some_and(|h| h < self.cfg.critical);
+        if self.mode != Mode::Failover && (missed || critical || s.source_errors) {
+            let why = if missed {
+                "source heartbeats missed"
+            } else if critical {
+                "source health below the critical line"
+            } else {
+                "errors on the source's data path"
+            };
+            self.healthy_since = None;
+            return self.set(now, 100, Mode::Failover, format!("failover: {why}"));
+        }
+        match self.mode {
+            Mode::Failover => self.tick_failover(now, s, missed || critical || s.source_errors),
+            Mode::Failback => self.tick_failback(now, s, missed || critical || s.source_errors),
+            _ => self.tick_normal(now, s),
+        }
+    }
+
+    fn tick_failover(&mut self, now: Duration, s: Sample, bad: bool) -> Decision {
+        let healthy = !bad && s.source_in_sync && s.source_health.is_some_and(|h| h >= self.cfg.good);
+        if !healthy {
+            self.healthy_since = None;
+            return Decision {
+                target_weight: self.weight,
+                mode: self.mode,
+                changed: false,
+                reason: "failed over".into(),
+            };
+        }
+        let since = *self.healthy_since.get_or_insert(now);
+        if now.saturating_sub(since) >= self.cfg.failback_hold {
+            self.ramp_start = Some(now);
+            return self.set(
+                now,
+                100,
+                Mode::Failback,
+                "source resynced and healthy: failback ramp starts".into(),
+            );
+        }
+        Decision {
+            target_weight: self.weight,
+            mode: self.mode,
+            changed: false,
+            reason: "holding before failback".into(),
+        }
+    }
+
+    fn tick_failback(&mut self, now: Duration, s: Sample, bad: bool) -> Decision {
+        if bad || !s.source_in_sync {
+            self.healthy_since = None;
+            return self.set(now, 100, Mode::Failover, "failback aborted: source unhealthy again".into());
+        }
+        let start = *self.ramp_start.get_or_insert(now);
+        let frac = (now.saturating_sub(start).as_secs_f64() / self.cfg.ramp.as_secs_f64().max(1e-3)).min(1.0);
+        let floor = self.normal_share(s);
+        let w = (100.0 - (100.0 - floor as f64) * frac).round() as u8;
+        if frac >= 1.0 {
+            return self.set(now, floor, Mode::Normal, "failback complete".into());
+        }
+        self.set(now, w, Mode::Failback, format!("failback ramp {:.0}%", frac * 100.0))
+    }
+
+    /// The target's share when nothing is predicted to go wrong.
+    fn normal_share(&self, s: Sample) -> u8 {
+        if self.cfg.balance_reads {
+            SeedLinear::default()
+                .target_weight(s.source_health.unwrap_or(0.0), s.target_health.unwrap_or(0.0))
+        } else {
+            0
+        }
+    }
+
+    fn tick_normal(&mut self, now: Duration, s: Sample) -> Decision {
+        let floor = self.normal_share(s);
+        let forecast =
+            self.holt.forecast(self.cfg.horizon).unwrap_or(100.0).min(self.holt.level().unwrap_or(100.0));
+        // Share grows from 0 at `good` to 100 at `critical`, on the worse of level and forecast.
+        let d = ((self.cfg.good - forecast) / (self.cfg.good - self.cfg.critical)).clamp(0.0, 1.0);
+        let step = self.cfg.deadband.max(1) as f64;
+        let want = ((d * 100.0 / step).round() * step).clamp(0.0, 100.0) as u8;
+        let want = want.max(floor);
+        let diff = want as i16 - self.weight as i16;
+        let direction: i8 = if diff > 0 { 1 } else { -1 };
+        let needed = if direction != self.last_direction && self.last_direction != 0 {
+            2 * self.cfg.deadband as i16
+        } else {
+            self.cfg.deadband as i16
+        };
+        if diff >= 0 {
+            self.release_since = None;
+        } else {
+            let since = *self.release_since.get_or_insert(now);
+            if now.saturating_sub(since) < self.cfg.release_hold {
+                return Decision {
+                    target_weight: self.weight,
+                    mode: self.mode,
+                    changed: false,
+                    reason: "holding before release".into(),
+                };
+            }
+        }
+        let dwell_ok = self.last_change.is_none_or(|t| now.saturating_sub(t) >= self.cfg.dwell);
+        // Moves toward the target are never held by dwell when large (>= 50 points).
+        let urgent = diff >= 50;
+        if diff == 0 || diff.abs() < needed || !(dwell_ok || urgent) {
+            return Decision {
+                target_weight: self.weight,
+                mode: self.mode,
+                changed: false,
+                reason: "within deadband".into(),
+            };
+        }
+        let mode = if want > floor { Mode::Predictive } else { Mode::Normal };
+        self.set(
+            now,
+            want,
+            mode,
+            format!(
+                "source health {:.0}, forecast {forecast:.0} in {:?}: target share {want}",
+                self.holt.level().unwrap_or(0.0),
+                self.cfg.horizon
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    fn sample(h: f64) -> Sample {
+        Sample {
+            source_health: Some(h),
+            target_health: Some(100.0),
+            source_errors: false,
+            source_in_sync: true,
+        }
+    }
+
+    /// Runs a trace of (time ms, sample); returns the weights after each tick.
+    fn run(e: &mut Engine, trace: impl IntoIterator<Item = (u64, Sample)>) -> Vec<u8> {
+        trace.into_iter().map(|(t, s)| e.tick(ms(t), s).target_weight).collect()
+    }
+
+    #[test]
+    fn healthy_source_keeps_every_read() {
+        let mut e = Engine::new(EngineConfig::default());
+        let w = run(&mut e, (0..100).map(|i| (i * 100, sample(95.0 + (i % 3) as f64))));
+        assert!(w.iter().all(|&w| w == 0), "{w:?}");
+    }
+
+    #[test]
+    fn degrading_source_shifts_reads_before_the_critical_line() {
+        let mut e = Engine::new(EngineConfig::default());
+        run(&mut e, (0..20).map(|i| (i * 100, sample(95.0))));
+        // Health falls 95 -> 40 over 5.5 s (never below critical 30).
+        let w = run(&mut e, (0..56).map(|i| (2000 + i * 100, sample(95.0 - i as f64))));
+        assert!(*w.last().unwrap() >= 90, "{w:?}");
+        assert_eq!(e.mode(), Mode::Predictive);
+        // Monotone: no reversal while the condition holds.
+        assert!(w.windows(2).all(|p| p[1] >= p[0]), "{w:?}");
+    }
+
+    #[test]
+    fn latency_spike_to_low_health_reaches_90_within_2s() {
+        let mut e = Engine::new(EngineConfig::default());
+        run(&mut e, (0..20).map(|i| (i * 100, sample(95.0))));
+        // Disk latency x10: health drops to 35 (above critical) and stays.
+        let w = run(&mut e, (0..40).map(|i| (2000 + i * 50, sample(35.0))));
+        let first = w.iter().position(|&w| w >= 90).expect("target >= 90");
+        assert!(first * 50 <= 2000, "took {} ms: {w:?}", first * 50);
+        assert!(w[first..].iter().all(|&x| x >= 90), "no reversal: {w:?}");
+    }
+
+    #[test]
+    fn critical_health_missed_heartbeats_or_errors_fail_over_at_once() {
+        for bad in [
+            Sample { source_health: Some(10.0), ..sample(0.0) },
+            Sample { source_health: None, ..sample(0.0) },
+            Sample { source_errors: true, ..sample(95.0) },
+        ] {
+            let mut e = Engine::new(EngineConfig::default());
+            run(&mut e, (0..10).map(|i| (i * 100, sample(95.0))));
+            // A missed heartbeat counts once the timeout has passed.
+            let d = e.tick(ms(1000 + 400), bad);
+            assert_eq!((d.target_weight, d.mode), (100, Mode::Failover), "{bad:?}: {d:?}");
+            assert!(d.changed && d.reason.starts_with("failover"), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn failback_waits_for_sync_and_health_then_ramps() {
+        let cfg = EngineConfig { failback_hold: ms(1000), ramp: ms(2000), ..Default::default() };
+        let mut e = Engine::new(cfg);
+        e.tick(ms(0), sample(95.0));
+        e.tick(ms(100), Sample { source_health: None, ..sample(0.0) });
+        e.tick(ms(500), Sample { source_health: None, ..sample(0.0) });
+        assert_eq!(e.mode(), Mode::Failover);
+        // Back and healthy, but not yet resynced: stays at 100.
+        let w =
+            run(&mut e, (0..20).map(|i| (600 + i * 100, Sample { source_in_sync: false, ..sample(95.0) })));
+        assert!(w.iter().all(|&w| w == 100), "{w:?}");
+        // Resynced: hold 1 s, then ramp down over 2 s.
+        let w = run(&mut e, (0..45).map(|i| (2600 + i * 100, sample(95.0))));
+        let ramp_start = w.iter().position(|&x| x < 100).expect("ramp starts");
+        assert!(ramp_start >= 10, "held for the hold time: {w:?}");
+        assert!(w[ramp_start..].windows(2).all(|p| p[1] <= p[0]), "gradual, monotone: {w:?}");
+        assert_eq!(*w.last().unwrap(), 0);
+        assert_eq!(e.mode(), Mode::Normal);
+        assert!(w.iter().filter(|&&x| x > 0 && x < 100).count() >= 10, "a ramp, not a jump: {w:?}");
+    }
+
+    #[test]
+    fn oscillating_health_changes_direction_at_most_once_a_minute() {
+        let mut e = Engine::new(EngineConfig::default());
+        // Health wobbles around 72 +- 8 every 300 ms for a minute.
+        let w = run(&mut e, (0..600).map(|i| (i * 100, sample(if (i / 3) % 2 == 0 { 64.0 } else { 80.0 }))));
+        let mut reversals = 0;
+        let mut dir = 0i32;
+        for p in w.windows(2) {
+            let d = (p[1] as i32 - p[0] as i32).signum();
+            if d != 0 {
+                if dir != 0 && d != dir {
+                    reversals += 1;
+                }
+                dir = d;
+            }
+        }
+        assert!(reversals <= 1, "{reversals} reversals: {w:?}");
+    }
+
+    #[test]
+    fn overrides_pin_expire_and_force() {
+        let mut e = Engine::new(EngineConfig::default());
+        e.tick(ms(0), sample(95.0));
+        let d = e.command(ms(100), Override::Pin { target: 30, until: Some(ms(1000)) });
+        assert_eq!((d.target_weight, d.mode), (30, Mode::Pinned));
+        assert_eq!(e.tick(ms(500), sample(95.0)).target_weight, 30, "pinned holds");
+        // Pin expired: back to automatic, where lowering the share waits for the release hold.
+        let w = run(&mut e, (0..70).map(|i| (1000 + i * 100, sample(95.0))));
+        assert_eq!(w[..45], [30; 45], "released only after the hold: {w:?}");
+        assert_eq!(*w.last().unwrap(), 0, "pin expired: back to automatic {w:?}");
+        assert_eq!(e.command(ms(4000), Override::ForceFailover).target_weight, 100);
+        let d = e.command(ms(4100), Override::ForceFailback);
+        assert_eq!(d.mode, Mode::Failback);
+    }
+
+    #[test]
+    fn seed_policy_stays_available() {
+        let mut e =
+            Engine::new(EngineConfig { policy: Policy::Seed(SeedLinear::default()), ..Default::default() });
+        assert_eq!(e.tick(ms(0), sample(100.0)).target_weight, 40);
+        assert_eq!(e.tick(ms(100), sample(50.0)).target_weight, 57);
+    }
+}
