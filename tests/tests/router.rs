@@ -191,3 +191,51 @@ async fn reads_retry_on_the_other_replica_when_one_dies() {
     }
     assert!(reads(&su.router, 1) >= 50);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_io_uring_replica_with_a_remote_peer_fails_over_and_resyncs() {
+    use mirror::volume::open::{open, ReplicaSpec, VolumeConfig};
+    let dir = TempDir::new("router-local");
+    let secret_path = secret_file(&dir.0);
+    let size = 16 * MIB;
+    let data = random_bytes(size as usize, 99);
+    std::fs::write(dir.0.join("s.img"), &data).unwrap();
+    std::fs::write(dir.0.join("t.img"), &data).unwrap();
+    let mut t = Proc::start(&dir.0.join("t.img"), &secret_path, None, &[]);
+    let secret = load_secret(&secret_path).unwrap();
+    let cfg = VolumeConfig {
+        name: "v".into(),
+        source: ReplicaSpec::Local { path: dir.0.join("s.img"), size: None },
+        target: ReplicaSpec::Remote { addr: t.addr.clone() },
+        secret,
+        local_listen: ["127.0.0.1:0".into(), "127.0.0.1:0".into()],
+        target_weight: 50,
+        conns: 2,
+        rate: Default::default(),
+    };
+    let vol = open(&cfg).await.expect("open volume");
+    let r = vol.router.clone();
+    assert_eq!(r.replicas[0].stats_json()["io"], "io_uring, O_DIRECT");
+    // Aligned (direct) and unaligned (buffered) writes through the router.
+    for i in 0..64u64 {
+        r.write(i * 8192, random_bytes(4096, i), false).await.unwrap();
+        r.write(i * 8192 + 4096 + 17, random_bytes(100, 1000 + i), false).await.unwrap();
+    }
+    r.flush().await.unwrap();
+    assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")));
+    // The remote dies: writes keep succeeding on the local replica, which records them.
+    t.kill();
+    for i in 0..64u64 {
+        r.write(MIB + i * 4096, random_bytes(4096, 5000 + i), false).await.expect("degraded write");
+        assert_eq!(r.read(MIB + i * 4096, 4096).await.unwrap(), random_bytes(4096, 5000 + i));
+    }
+    t.restart();
+    let mut waited = 0;
+    while r.replicas[1].state() != IN_SYNC {
+        assert!(waited < 300, "target not back: {}", r.status_json());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    r.flush().await.unwrap();
+    assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")));
+}

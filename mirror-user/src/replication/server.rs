@@ -118,7 +118,8 @@ impl Volume {
         last != 0 && (self.epoch.elapsed().as_nanos() as u64).saturating_sub(last) < window.as_nanos() as u64
     }
 
-    fn touch(&self) {
+    /// Records application I/O now (sync pacing gives it priority).
+    pub fn touch(&self) {
         self.last_app_io.store((self.epoch.elapsed().as_nanos() as u64).max(1), Ordering::Relaxed);
     }
 
@@ -421,7 +422,7 @@ fn err(code: u16, message: impl Into<String>) -> Message {
     Message::Error { code, message: message.into() }
 }
 
-fn check_range(vol: &Volume, offset: u64, len: u64) -> Result<(), Message> {
+pub(crate) fn check_range(vol: &Volume, offset: u64, len: u64) -> Result<(), Message> {
     match offset.checked_add(len) {
         Some(end) if end <= vol.store.size() => Ok(()),
         _ => Err(err(

@@ -7,6 +7,7 @@ pub mod open;
 pub mod remote;
 pub mod replica;
 pub mod router;
+pub mod uring;
 
 use std::future::Future;
 

@@ -94,9 +94,23 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
                 sizes.push(vol.store.size());
                 tracing::info!(role, addr = %server.addr, "local replica served to its peer");
                 local_servers.push(server);
+                let uring = match super::uring::UringFile::open(path) {
+                    Ok(u) => {
+                        tracing::info!(role, direct = u.is_direct(), "local replica data path: io_uring");
+                        Some(Arc::new(u))
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            role,
+                            "io_uring unavailable ({e}): local replica on the blocking pool"
+                        );
+                        None
+                    }
+                };
                 Location::Local {
                     vol,
                     addr: local_servers.last().map(|s| s.addr.to_string()).unwrap_or_default(),
+                    uring,
                 }
             }
             ReplicaSpec::Remote { addr } => {

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use super::remote::RemotePool;
+use super::{remote::RemotePool, uring::UringFile};
 use crate::replication::{
     protocol::{Message, FLAG_FUA},
     server::Volume,
@@ -20,7 +20,8 @@ use crate::replication::{
 pub enum Location {
     /// A volume of this process, also served to the peer by an embedded replica server at
     /// `addr` (where a resync from the peer reaches it).
-    Local { vol: Arc<Volume>, addr: String },
+    /// Its data path goes through `uring` when the ring could be set up.
+    Local { vol: Arc<Volume>, addr: String, uring: Option<Arc<UringFile>> },
     /// A volume on a replica server.
     Remote {
         addr: String,
@@ -158,6 +159,14 @@ impl Replica {
     pub async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
         let t0 = std::time::Instant::now();
         let r = match &self.location {
+            Location::Local { vol: v, uring: Some(u), .. } => {
+                crate::replication::server::check_range(v, offset, len as u64)
+                    .map_err(|m| io_err(format!("{m:?}")))?;
+                v.touch();
+                v.counters.reads.fetch_add(1, Ordering::Relaxed);
+                v.counters.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                u.read(offset, len as usize).await
+            }
             Location::Local { vol: v, .. } => Self::local(v, move |v| v.local_read(offset, len)).await,
             Location::Remote { .. } => match self.pool()?.call(Message::Read { offset, len }, 0).await? {
                 Message::Data(d) if d.len() == len as usize => Ok(d),
@@ -183,6 +192,9 @@ impl Replica {
         let t0 = std::time::Instant::now();
         let len = data.len() as u64;
         let r = match &self.location {
+            Location::Local { vol: v, uring: Some(u), .. } => {
+                Self::uring_write(v, u, offset, &data, fua).await
+            }
             Location::Local { vol: v, .. } => {
                 Self::local(v, move |v| v.local_write(offset, &data, fua)).await
             }
@@ -197,6 +209,40 @@ impl Replica {
             self.stats.writes.fetch_add(1, Ordering::Relaxed);
             self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
             ewma(&self.stats.write_lat_ewma_us, t0.elapsed().as_micros() as u64);
+        }
+        r
+    }
+
+    /// A local write through io_uring under the volume's write-intent rules (see
+    /// `VolumeMeta::begin_write`): while tracking, the range is recorded durably before and set
+    /// again after; the metadata calls that may fsync run on the blocking pool.
+    async fn uring_write(
+        v: &Arc<Volume>,
+        u: &UringFile,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> std::io::Result<()> {
+        let len = data.len() as u64;
+        crate::replication::server::check_range(v, offset, len).map_err(|m| io_err(format!("{m:?}")))?;
+        v.touch();
+        v.counters.writes.fetch_add(1, Ordering::Relaxed);
+        v.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
+        let tracked = if v.meta.header().tracking {
+            Self::local(v, move |v| v.meta.begin_write(offset, len).map_err(io_err)).await?
+        } else {
+            v.meta.begin_write(offset, len).map_err(io_err)?
+        };
+        let r = async {
+            u.write(offset, data).await?;
+            if fua {
+                u.fsync().await?;
+            }
+            Ok(())
+        }
+        .await;
+        if tracked {
+            Self::local(v, move |v| v.meta.end_write(offset, len).map_err(io_err)).await?;
         }
         r
     }
@@ -221,6 +267,7 @@ impl Replica {
 
     pub async fn flush(&self) -> std::io::Result<()> {
         match &self.location {
+            Location::Local { uring: Some(u), .. } => u.fsync().await,
             Location::Local { vol: v, .. } => Self::local(v, |v| v.store.flush()).await,
             Location::Remote { .. } => Self::expect_ok(self.pool()?.call(Message::Flush, 0).await?),
         }
@@ -291,6 +338,7 @@ impl Replica {
         serde_json::json!({
             "role": self.role,
             "location": match &self.location { Location::Local { vol: v, .. } => format!("local:{}", v.store.path().display()), Location::Remote { addr, .. } => format!("remote:{addr}") },
+            "io": match &self.location { Location::Local { uring: Some(u), .. } => if u.is_direct() { "io_uring, O_DIRECT" } else { "io_uring" }, Location::Local { .. } => "blocking pool", Location::Remote { .. } => "protocol" },
             "state": state_name(self.state()),
             "reads": l(&s.reads), "writes": l(&s.writes),
             "read_bytes": l(&s.read_bytes), "write_bytes": l(&s.write_bytes),
