@@ -938,3 +938,189 @@ where
     let _ = writer.lock().await.shutdown().await;
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixStream;
+
+    /// An in-memory device; writes take `delay`, and every operation fails with `fail` when set.
+    struct MemDev {
+        data: std::sync::Mutex<Vec<u8>>,
+        delay: Duration,
+        fail: Option<i32>,
+    }
+
+    impl MemDev {
+        fn new(size: usize, delay: Duration, fail: Option<i32>) -> Arc<MemDev> {
+            Arc::new(MemDev { data: std::sync::Mutex::new(vec![0; size]), delay, fail })
+        }
+        fn check(&self) -> io::Result<()> {
+            self.fail.map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
+        }
+    }
+
+    impl BlockDev for MemDev {
+        fn size(&self) -> u64 {
+            self.data.lock().unwrap().len() as u64
+        }
+        fn block_size(&self) -> u32 {
+            4096
+        }
+        async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+            self.check()?;
+            Ok(self.data.lock().unwrap()[offset as usize..][..len as usize].to_vec())
+        }
+        async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
+            tokio::time::sleep(self.delay).await;
+            self.check()?;
+            self.data.lock().unwrap()[offset as usize..][..data.len()].copy_from_slice(&data);
+            Ok(())
+        }
+        async fn flush(&self) -> io::Result<()> {
+            self.check()
+        }
+        async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.write_zeroes(offset, len).await
+        }
+        async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.check()?;
+            self.data.lock().unwrap()[offset as usize..][..len as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    /// Handshake with NBD_OPT_GO on the default export; returns the export size.
+    async fn go<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> u64 {
+        assert_eq!(s.read_u64().await.unwrap(), NBDMAGIC);
+        assert_eq!(s.read_u64().await.unwrap(), IHAVEOPT);
+        s.read_u16().await.unwrap();
+        s.write_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await.unwrap();
+        s.write_u64(IHAVEOPT).await.unwrap();
+        s.write_u32(OPT_GO).await.unwrap();
+        s.write_u32(8).await.unwrap();
+        s.write_all(&[0, 0, 0, 0, 0, 1, 0, INFO_BLOCK_SIZE as u8]).await.unwrap();
+        let mut size = 0;
+        loop {
+            assert_eq!(s.read_u64().await.unwrap(), OPT_REPLY_MAGIC);
+            let (_, typ, len) =
+                (s.read_u32().await.unwrap(), s.read_u32().await.unwrap(), s.read_u32().await);
+            let mut d = vec![0; len.unwrap() as usize];
+            s.read_exact(&mut d).await.unwrap();
+            match typ {
+                REP_INFO if d[..2] == [0, 0] => size = u64::from_be_bytes(d[2..10].try_into().unwrap()),
+                REP_INFO if d[..2] == [0, 3] => {
+                    assert_eq!(&d[2..], &[0, 0, 0, 1, 0, 0, 16, 0, 0, 16, 0, 0][..], "block sizes 1/4096/1M")
+                }
+                REP_ACK => return size,
+                t => panic!("reply {t:#x}"),
+            }
+        }
+    }
+
+    async fn request<S: AsyncWrite + Unpin>(s: &mut S, typ: u16, cookie: u64, offset: u64, payload: &[u8]) {
+        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&typ.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&(payload.len().max(512) as u32).to_be_bytes());
+        if typ == CMD_WRITE {
+            b.extend_from_slice(payload);
+        }
+        s.write_all(&b).await.unwrap();
+    }
+
+    async fn simple<S: AsyncRead + Unpin>(s: &mut S) -> (u32, u64) {
+        assert_eq!(s.read_u32().await.unwrap(), SIMPLE_REPLY_MAGIC);
+        (s.read_u32().await.unwrap(), s.read_u64().await.unwrap())
+    }
+
+    fn opts() -> NbdOptions {
+        NbdOptions { max_request: 1 << 20, ..NbdOptions::default() }
+    }
+
+    #[test]
+    fn errno_mapping() {
+        let raw = |e| nbd_errno(&io::Error::from_raw_os_error(e));
+        assert_eq!(raw(libc::ENOSPC), errno::ENOSPC);
+        assert_eq!(raw(libc::EDQUOT), errno::ENOSPC);
+        assert_eq!(raw(libc::EROFS), errno::EPERM);
+        assert_eq!(raw(libc::EINVAL), errno::EINVAL);
+        assert_eq!(raw(libc::ECONNREFUSED), errno::EIO);
+        assert_eq!(nbd_errno(&io::Error::new(io::ErrorKind::InvalidInput, "x")), errno::EINVAL);
+        assert_eq!(nbd_errno(&io::Error::other("replica gone")), errno::EIO);
+    }
+
+    #[test]
+    fn info_parsing() {
+        assert_eq!(parse_info(b"\0\0\0\x03vol\0\x01\0\x03").unwrap(), (&b"vol"[..], vec![3]));
+        assert_eq!(parse_info(b"\0\0\0\0\0\0").unwrap(), (&b""[..], vec![]));
+        assert!(parse_info(b"\0\0\0\x09vol\0\0").is_err(), "name longer than the data");
+        assert!(parse_info(b"\0\0\0\0\0\x02\0\x03").is_err(), "fewer requests than announced");
+        assert!(parse_info(b"\0\0").is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_options_are_refused() {
+        let dev = MemDev::new(1 << 20, Duration::ZERO, None);
+        let err = NbdServer::bind(
+            dev.clone(),
+            NbdListen::Tcp("127.0.0.1:0".parse().unwrap()),
+            NbdOptions { max_request: 100, ..opts() },
+        );
+        assert!(matches!(err.await, Err(NbdError::Config(_))));
+        let held = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let taken = held.local_addr().unwrap();
+        let err = NbdServer::bind(dev, NbdListen::Tcp(taken), opts()).await.unwrap_err();
+        assert!(err.to_string().contains("cannot listen"), "{err}");
+    }
+
+    /// Shutdown lets a request already read (a slow write) finish and reply, then closes the
+    /// connection, returns, and removes the Unix socket.
+    #[tokio::test]
+    async fn graceful_shutdown_finishes_in_flight_requests() {
+        let dir = std::env::temp_dir().join(format!("mirror-nbd-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s");
+        let dev = MemDev::new(1 << 20, Duration::from_millis(300), None);
+        let server = NbdServer::bind(dev.clone(), NbdListen::Unix(sock.clone()), opts()).await.unwrap();
+        assert_eq!(server.local_addr().uri("x"), format!("nbd+unix:///x?socket={}", sock.display()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        let mut c = UnixStream::connect(&sock).await.unwrap();
+        assert_eq!(go(&mut c).await, 1 << 20);
+        request(&mut c, CMD_WRITE, 7, 4096, &[0x42; 4096]).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(()).unwrap();
+        assert_eq!(simple(&mut c).await, (0, 7));
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "closed after the reply");
+        tokio::time::timeout(Duration::from_secs(5), run).await.unwrap().unwrap().unwrap();
+        assert_eq!(dev.data.lock().unwrap()[4096..8192], [0x42; 4096]);
+        assert!(!sock.exists(), "socket file left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Device errors reach the client as NBD errors; the connection goes on.
+    #[tokio::test]
+    async fn device_errors_become_nbd_errors() {
+        let dev = MemDev::new(1 << 20, Duration::ZERO, Some(libc::ENOSPC));
+        let server =
+            NbdServer::bind(dev, NbdListen::Tcp("127.0.0.1:0".parse().unwrap()), opts()).await.unwrap();
+        let NbdListen::Tcp(addr) = *server.local_addr() else { unreachable!() };
+        let run = tokio::spawn(server.run(std::future::pending::<()>()));
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        go(&mut c).await;
+        request(&mut c, CMD_WRITE, 1, 0, &[1; 512]).await;
+        assert_eq!(simple(&mut c).await, (errno::ENOSPC, 1));
+        request(&mut c, CMD_READ, 2, 0, &[]).await;
+        assert_eq!(simple(&mut c).await, (errno::ENOSPC, 2));
+        request(&mut c, CMD_FLUSH, 3, 0, &[]).await;
+        assert_eq!(simple(&mut c).await, (errno::ENOSPC, 3));
+        run.abort();
+    }
+}
