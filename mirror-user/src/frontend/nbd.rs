@@ -99,6 +99,8 @@ const MAX_OPTION_DISCARD: u32 = 16 << 20;
 /// Options in one handshake before the server gives up on the client.
 const MAX_OPTIONS: usize = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a closing connection waits for its in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once; more are closed right after accept.
 const MAX_CONNECTIONS: usize = 1024;
 /// Names and descriptions are strings of at most 4096 bytes in the protocol.
@@ -764,7 +766,16 @@ async fn execute<B: BlockDev>(dev: &B, op: Op) -> Result<Option<Vec<u8>>, Failur
             dev.flush().await.map_err(io("flush"))?;
             Ok(None)
         }
-        Op::Trim { offset, len, fua } | Op::Zeroes { offset, len, fua } => {
+        Op::Trim { offset, len, fua } => {
+            if len > 0 {
+                dev.trim(offset, len).await.map_err(io("trim"))?;
+            }
+            if fua {
+                dev.flush().await.map_err(io("flush"))?;
+            }
+            Ok(None)
+        }
+        Op::Zeroes { offset, len, fua } => {
             if len > 0 {
                 dev.write_zeroes(offset, len).await.map_err(io("write zeroes"))?;
             }
@@ -933,8 +944,13 @@ where
             drop(slot);
         });
     };
-    // Let the requests already read finish and reply, then close.
-    let _all = slots.acquire_many(max_in_flight as u32).await.expect("semaphore never closed");
+    // Let the requests already read finish and reply, then close. A client that stopped reading
+    // replies cannot hold a server shutdown forever.
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(max_in_flight as u32)).await;
+    if drained.is_err() {
+        tracing::warn!("NBD: requests still in flight after {DRAIN_TIMEOUT:?}; closing anyway");
+        return result;
+    }
     let _ = writer.lock().await.shutdown().await;
     result
 }
