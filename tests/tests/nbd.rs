@@ -624,3 +624,35 @@ fn concurrent_requests_on_one_connection() {
         assert_eq!(c.bytes(65536), vec![i as u8 + 1; 65536], "read of block {i}");
     }
 }
+
+#[test]
+fn random_garbage_never_kills_the_server() {
+    let dir = TempDir::new("nbd-garbage");
+    let img = dir.0.join("disk.img");
+    let mut srv = Server::start(&img, None, &[]);
+    let before = file_digest(&img);
+    for seed in 1..=40u64 {
+        let junk = random_bytes(64 + (seed as usize * 97) % 8192, seed);
+        let mut c = match seed % 3 {
+            // Garbage as client flags and options.
+            0 => Raw::connect(&srv.addr),
+            // Garbage after a valid IHAVEOPT header of a random option.
+            1 => {
+                let mut c = Raw::connect(&srv.addr);
+                c.hello(3);
+                c.send(&IHAVEOPT.to_be_bytes());
+                c
+            }
+            // Garbage as requests in transmission.
+            _ => Raw::open(&srv.addr, seed % 4 == 0),
+        };
+        let _ = c.0.write_all(&junk);
+        let _ = c.0.shutdown(std::net::Shutdown::Write);
+        assert!(c.closed(), "seed {seed}: connection left open after garbage and EOF");
+    }
+    assert!(srv.alive(), "server died");
+    assert_eq!(file_digest(&img), before, "garbage changed the file");
+    let mut c = Raw::open(&srv.addr, false);
+    c.request(0, CMD_READ, 1, 0, 4096, &[]);
+    assert_eq!(c.simple_reply(), (0, 1));
+}

@@ -924,19 +924,26 @@ where
         let writer = writer.clone();
         tokio::spawn(async move {
             let res = match op {
-                Ok(op) => execute(&*shared.dev, op).await,
-                Err(f) => Err(f),
+                Ok(op) => {
+                    // Its own task, so that a panicking device fails this request with EIO
+                    // instead of leaving it unanswered.
+                    let dev = shared.dev.clone();
+                    let res = match tokio::spawn(async move { execute(&*dev, op).await }).await {
+                        Ok(res) => res,
+                        Err(e) => Err(fail(errno::EIO, format!("device task failed: {e}"))),
+                    };
+                    if let Err(f) = &res {
+                        let (t, o, l) = (h.typ, h.offset, h.len);
+                        tracing::warn!("NBD: command {t} at {o}+{l}: {} (errno {})", f.msg, f.errno);
+                    }
+                    res
+                }
+                Err(f) => {
+                    let (t, o, l) = (h.typ, h.offset, h.len);
+                    tracing::debug!("NBD: refused command {t} at {o}+{l}: {} (errno {})", f.msg, f.errno);
+                    Err(f)
+                }
             };
-            if let Err(f) = &res {
-                tracing::warn!(
-                    "NBD: command {} at {}+{}: {} (errno {})",
-                    h.typ,
-                    h.offset,
-                    h.len,
-                    f.msg,
-                    f.errno
-                );
-            }
             if let Err(e) = reply(&writer, structured, h.cookie, h.offset, res).await {
                 tracing::debug!("NBD: cannot send reply: {e}");
             }
@@ -972,6 +979,7 @@ mod tests {
             Arc::new(MemDev { data: std::sync::Mutex::new(vec![0; size]), delay, fail })
         }
         fn check(&self) -> io::Result<()> {
+            assert_ne!(self.fail, Some(-1), "device bug");
             self.fail.map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
         }
     }
@@ -1137,6 +1145,25 @@ mod tests {
         assert_eq!(simple(&mut c).await, (errno::ENOSPC, 2));
         request(&mut c, CMD_FLUSH, 3, 0, &[]).await;
         assert_eq!(simple(&mut c).await, (errno::ENOSPC, 3));
+        run.abort();
+    }
+
+    /// A device that panics fails the request with EIO; the server goes on.
+    #[tokio::test]
+    async fn panicking_device_fails_requests_with_eio() {
+        let dev = MemDev::new(1 << 20, Duration::ZERO, Some(-1));
+        let server =
+            NbdServer::bind(dev, NbdListen::Tcp("127.0.0.1:0".parse().unwrap()), opts()).await.unwrap();
+        let NbdListen::Tcp(addr) = *server.local_addr() else { unreachable!() };
+        let run = tokio::spawn(server.run(std::future::pending::<()>()));
+        for round in 0..2 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            go(&mut c).await;
+            request(&mut c, CMD_WRITE, round, 0, &[1; 512]).await;
+            assert_eq!(simple(&mut c).await, (errno::EIO, round));
+            request(&mut c, CMD_FLUSH, 10 + round, 0, &[]).await;
+            assert_eq!(simple(&mut c).await, (errno::EIO, 10 + round));
+        }
         run.abort();
     }
 }
