@@ -1,9 +1,11 @@
 //! mirror: adaptive block-storage mirroring with predictive failover.
 //!
 //! Rooms: [`telemetry`] (eBPF programs, pinned maps, /proc fallback: what the node measures),
-//! [`replication`] (replica servers, the protocol, sync / resync / verify).
+//! [`replication`] (replica servers, the protocol, sync / resync / verify), [`frontend`] (the NBD
+//! server in front of a [`volume::BlockDev`]).
 
 pub mod config;
+pub mod frontend;
 pub mod replication;
 pub mod telemetry;
 pub mod volume;

@@ -8,6 +8,7 @@ use std::{
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mirror::{
+    frontend::nbd::{NbdListen, NbdOptions, NbdServer},
     replication::{
         auth::load_secret,
         client::Client,
@@ -16,6 +17,10 @@ use mirror::{
         server::{Server, ServerConfig, VolumeSpec},
     },
     telemetry::{bpf, collector, view, Source},
+    volume::{
+        open::{ReplicaSpec, VolumeConfig},
+        BlockDev,
+    },
 };
 
 #[derive(Parser, Debug)]
@@ -97,6 +102,44 @@ enum Command {
         /// Bitmap grain in bytes, a power of two in 512..=65536 [default: 4096].
         #[arg(long)]
         block_size: Option<u32>,
+    },
+    /// Serve a mirrored volume to applications over NBD. Reads go to the target with probability
+    /// --target-weight/100 (only where it is in sync), writes to both replicas; a replica that
+    /// fails is recorded on the survivor, resynced when it returns and put back in service.
+    /// Prints `nbd listening on ADDR` when ready.
+    Serve {
+        /// Volume name (as the replica servers know it).
+        #[arg(long)]
+        volume: String,
+        /// The source replica: local:PATH[:SIZE] or remote:HOST:PORT.
+        #[arg(long, value_parser = ReplicaSpec::parse)]
+        source: ReplicaSpec,
+        /// The target replica: local:PATH[:SIZE] or remote:HOST:PORT.
+        #[arg(long, value_parser = ReplicaSpec::parse)]
+        target: ReplicaSpec,
+        #[arg(long, env = "MIRROR_SECRET_FILE")]
+        secret_file: PathBuf,
+        /// NBD on TCP (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        nbd: std::net::SocketAddr,
+        /// Also serve NBD on this Unix socket.
+        #[arg(long)]
+        nbd_unix: Option<PathBuf>,
+        /// NBD export name (clients may also ask for the default export "").
+        #[arg(long, default_value = "mirror")]
+        export: String,
+        /// Share of reads sent to the target, 0..=100.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        target_weight: u8,
+        /// Where a local source replica is served to its peer (for resync).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        source_listen: String,
+        /// Where a local target replica is served to its peer (for resync).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        target_listen: String,
+        /// Connections per remote replica.
+        #[arg(long, default_value_t = 4)]
+        conns: usize,
     },
     /// Bring a peer up to date from a replica (`--node` pushes to `--peer`), or verify them.
     /// Shows progress; exits non-zero when refused (split brain, peer newer) or failed.
@@ -221,6 +264,31 @@ fn main() -> Result<()> {
             tracing::info!("signal received: flushing volumes and exiting");
             server.shutdown();
             Ok(())
+        }
+        Command::Serve {
+            volume,
+            source,
+            target,
+            secret_file,
+            nbd,
+            nbd_unix,
+            export,
+            target_weight,
+            source_listen,
+            target_listen,
+            conns,
+        } => {
+            let cfg = VolumeConfig {
+                name: volume,
+                source,
+                target,
+                secret: load_secret(&secret_file)?,
+                local_listen: [source_listen, target_listen],
+                target_weight,
+                conns,
+                rate: SyncRate::default(),
+            };
+            rt.block_on(serve(cfg, nbd, nbd_unix, export))
         }
         Command::Sync { node, peer, volume, secret_file, verify, repair, no_wait, json } => {
             let kind = match (verify, repair) {
@@ -414,4 +482,53 @@ fn sync_cmd(
         }
         _ => anyhow::bail!("{kind:?} {state}: {}", status["error"].as_str().unwrap_or("unknown error")),
     }
+}
+
+async fn serve(
+    cfg: VolumeConfig,
+    nbd: std::net::SocketAddr,
+    nbd_unix: Option<PathBuf>,
+    export: String,
+) -> Result<()> {
+    let vol = mirror::volume::open::open(&cfg).await?;
+    let opts = NbdOptions {
+        export_name: export,
+        description: Some(format!("mirror volume {}", cfg.name)),
+        ..Default::default()
+    };
+    let tcp = NbdServer::bind(vol.router.clone(), NbdListen::Tcp(nbd), opts.clone()).await?;
+    let unix = match nbd_unix {
+        Some(p) => Some(NbdServer::bind(vol.router.clone(), NbdListen::Unix(p), opts).await?),
+        None => None,
+    };
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "nbd listening on {}", tcp.local_addr());
+        if let Some(u) = &unix {
+            let _ = writeln!(out, "nbd listening on {}", u.local_addr());
+        }
+        let _ = out.flush();
+    }
+    tracing::info!(volume = %cfg.name, size = vol.router.size(), "serving");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let unix_task = unix.map(|u| tokio::spawn(u.run(stopped(stop_rx.clone()))));
+    let tcp_task = tokio::spawn(tcp.run(stopped(stop_rx)));
+    shutdown_signal().await;
+    tracing::info!("signal received: draining NBD connections, flushing both replicas");
+    let _ = stop_tx.send(true);
+    let _ = tcp_task.await;
+    if let Some(t) = unix_task {
+        let _ = t.await;
+    }
+    if let Err(e) = vol.router.flush().await {
+        tracing::error!("final flush failed: {e}");
+    }
+    for s in &vol.local_servers {
+        s.shutdown();
+    }
+    Ok(())
 }

@@ -215,7 +215,7 @@ async fn local_io_uring_replica_with_a_remote_peer_fails_over_and_resyncs() {
     };
     let vol = open(&cfg).await.expect("open volume");
     let r = vol.router.clone();
-    assert_eq!(r.replicas[0].stats_json()["io"], "io_uring, O_DIRECT");
+    assert_eq!(r.replicas[0].stats_json()["io"], "io_uring");
     // Aligned (direct) and unaligned (buffered) writes through the router.
     for i in 0..64u64 {
         r.write(i * 8192, random_bytes(4096, i), false).await.unwrap();

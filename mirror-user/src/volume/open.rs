@@ -94,7 +94,9 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
                 sizes.push(vol.store.size());
                 tracing::info!(role, addr = %server.addr, "local replica served to its peer");
                 local_servers.push(server);
-                let uring = match super::uring::UringFile::open(path) {
+                // Buffered: the embedded replica server and sync jobs read this file through the
+                // page cache, and mixing that with O_DIRECT writes can leave stale pages.
+                let uring = match super::uring::UringFile::open(path, false) {
                     Ok(u) => {
                         tracing::info!(role, direct = u.is_direct(), "local replica data path: io_uring");
                         Some(Arc::new(u))

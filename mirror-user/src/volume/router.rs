@@ -84,6 +84,10 @@ pub struct Router {
     cfg: RouterConfig,
     /// The survivor of a failure has recorded the degraded state (tracking on).
     degraded_marked: AtomicBool,
+    /// Writes hold it shared while they pick and use their set of replicas; a replica re-enters
+    /// the write set only under it exclusively, so every write that left the replica out has
+    /// completed (and been recorded by the survivor) before the replica is written or read again.
+    membership: tokio::sync::RwLock<()>,
 }
 
 fn eio(msg: impl Into<String>) -> std::io::Error {
@@ -105,6 +109,7 @@ impl Router {
             weights,
             cfg,
             degraded_marked: AtomicBool::new(false),
+            membership: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -159,6 +164,10 @@ impl Router {
         F: Fn(Arc<Replica>) -> Fut,
         Fut: std::future::Future<Output = std::io::Result<()>>,
     {
+        let _membership = self.membership.read().await;
+        // Read before the write is issued: only a survivor that was already tracking when this
+        // write began has recorded it.
+        let tracked_before = self.degraded_marked.load(Ordering::Acquire);
         let live: Vec<usize> = (0..2).filter(|&i| self.replicas[i].state() != FAILED).collect();
         let limit = self.cfg.write_timeout;
         let op = |r: Arc<Replica>| {
@@ -194,7 +203,7 @@ impl Router {
         if ok == 0 {
             return Err(first_err.unwrap_or_else(|| eio("write failed")));
         }
-        if live.len() == 1 && !self.degraded_marked.load(Ordering::Acquire) {
+        if live.len() == 1 && !tracked_before {
             // A replica is down and the survivor may not be tracking yet: record this range.
             let s = &self.replicas[live[0]];
             s.mark_degraded(offset, len).await?;
@@ -219,8 +228,12 @@ impl Router {
                     }
                     // Back: it receives writes again, serves reads only where the survivor's
                     // bitmap is clean, and the survivor pushes what it missed.
-                    *r.stale.write().unwrap_or_else(|p| p.into_inner()) = None;
-                    r.state.store(RESYNCING, Ordering::Release);
+                    {
+                        // Wait out every write that left this replica out (see `membership`).
+                        let _exclusive = self.membership.write().await;
+                        *r.stale.write().unwrap_or_else(|p| p.into_inner()) = None;
+                        r.state.store(RESYNCING, Ordering::Release);
+                    }
                     tracing::info!(
                         replica = r.role,
                         "replica reachable again: resyncing it from the {}",
@@ -297,19 +310,25 @@ impl BlockDev for Router {
 
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
         let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
+        let candidates: Vec<usize> = [first, Self::other(first)]
+            .into_iter()
+            .filter(|&i| self.replicas[i].can_read(offset, len as u64))
+            .collect();
         let mut last_err = None;
-        let mut tried = 0;
-        for i in [first, Self::other(first)] {
+        for (k, &i) in candidates.iter().enumerate() {
             let r = &self.replicas[i];
-            if !r.can_read(offset, len as u64) {
-                continue;
+            if k > 0 {
+                self.replicas[candidates[0]].stats.retries.fetch_add(1, Ordering::Relaxed);
             }
-            if tried > 0 {
-                self.replicas[Self::other(i)].stats.retries.fetch_add(1, Ordering::Relaxed);
-            }
-            tried += 1;
-            let deadline = r.read_deadline(self.cfg.read_deadline_min, self.cfg.read_deadline_cap);
-            match tokio::time::timeout(deadline, r.read(offset, len)).await {
+            // A deadline only where another replica could take over; the last one is waited for.
+            let last = k + 1 == candidates.len();
+            let result = if last {
+                Ok(r.read(offset, len).await)
+            } else {
+                let deadline = r.read_deadline(self.cfg.read_deadline_min, self.cfg.read_deadline_cap);
+                tokio::time::timeout(deadline, r.read(offset, len)).await.map_err(|_| deadline)
+            };
+            match result {
                 Ok(Ok(d)) => return Ok(d),
                 Ok(Err(e)) => {
                     r.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -321,7 +340,7 @@ impl BlockDev for Router {
                     );
                     last_err = Some(e);
                 }
-                Err(_) => {
+                Err(deadline) => {
                     r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
                         replica = r.role,

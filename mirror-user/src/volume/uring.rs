@@ -104,10 +104,16 @@ pub struct UringFile {
 }
 
 impl UringFile {
-    /// Opens `path` for io_uring I/O, with an `O_DIRECT` descriptor when the filesystem allows.
-    pub fn open(path: &Path) -> std::io::Result<UringFile> {
+    /// Opens `path` for io_uring I/O; with `want_direct`, also an `O_DIRECT` descriptor when the
+    /// filesystem allows. Only ask for direct I/O when nothing else reads or writes the file
+    /// through the page cache: a buffered read racing a direct write can leave a stale page.
+    pub fn open(path: &Path, want_direct: bool) -> std::io::Result<UringFile> {
         let buffered = OpenOptions::new().read(true).write(true).open(path)?;
-        let direct = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).ok();
+        let direct = if want_direct {
+            OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).ok()
+        } else {
+            None
+        };
         let ring = IoUring::new(RING_ENTRIES)?;
         let (tx, rx) = mpsc::channel::<Req>();
         let has_direct = direct.is_some();
@@ -248,7 +254,8 @@ mod tests {
     async fn aligned_and_unaligned_io_round_trip() {
         let p = std::env::temp_dir().join(format!("mirror-uring-{}", std::process::id()));
         std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
-        let f = UringFile::open(&p).unwrap();
+        let f = UringFile::open(&p, true).unwrap();
+        assert!(f.is_direct(), "ext4 allows O_DIRECT");
         let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
         f.write(4096, &data).await.unwrap();
         assert_eq!(f.read(4096, 8192).await.unwrap(), data);
