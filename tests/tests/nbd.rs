@@ -656,3 +656,24 @@ fn random_garbage_never_kills_the_server() {
     c.request(0, CMD_READ, 1, 0, 4096, &[]);
     assert_eq!(c.simple_reply(), (0, 1));
 }
+
+#[test]
+fn qemu_img_convert_and_compare() {
+    if missing("qemu_img_convert_and_compare", "qemu-img") {
+        return;
+    }
+    let dir = TempDir::new("nbd-qemu-img");
+    let img = dir.0.join("disk.img");
+    let src = dir.0.join("src.img");
+    // Half data, half zeroes: qemu-img writes zeroes with WRITE_ZEROES.
+    let mut data = random_bytes(SIZE as usize / 2, 21);
+    data.resize(SIZE as usize, 0);
+    std::fs::write(&src, &data).expect("write source");
+    std::fs::write(&img, random_bytes(SIZE as usize, 22)).expect("write target");
+    let srv = Server::start(&img, None, &[]);
+    run(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(srv.uri()));
+    let out =
+        run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(srv.uri()));
+    assert!(out.contains("Images are identical"), "qemu-img compare: {out}");
+    assert_eq!(file_digest(&img), file_digest(&src));
+}

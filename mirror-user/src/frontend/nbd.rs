@@ -1096,8 +1096,24 @@ mod tests {
         assert!(matches!(err.await, Err(NbdError::Config(_))));
         let held = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let taken = held.local_addr().unwrap();
-        let err = NbdServer::bind(dev, NbdListen::Tcp(taken), opts()).await.unwrap_err();
+        let err = NbdServer::bind(dev.clone(), NbdListen::Tcp(taken), opts()).await.unwrap_err();
         assert!(err.to_string().contains("cannot listen"), "{err}");
+
+        // Unix: a stale socket is replaced; a live one or a regular file is not touched.
+        let dir = std::env::temp_dir().join(format!("mirror-nbd-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let live = NbdServer::bind(dev.clone(), NbdListen::Unix(sock.clone()), opts()).await.unwrap();
+        let err = NbdServer::bind(dev.clone(), NbdListen::Unix(sock.clone()), opts()).await.unwrap_err();
+        assert!(err.to_string().contains("another server"), "{err}");
+        drop(live);
+        let file = dir.join("f");
+        std::fs::write(&file, b"keep").unwrap();
+        let err = NbdServer::bind(dev, NbdListen::Unix(file.clone()), opts()).await.unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Shutdown lets a request already read (a slow write) finish and reply, then closes the
