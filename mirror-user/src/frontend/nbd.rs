@@ -13,7 +13,7 @@ use std::{fmt, future::Future, io, net::SocketAddr, path::PathBuf, sync::Arc, ti
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
     net::{TcpListener, UnixListener},
-    sync::{watch, Mutex, Semaphore},
+    sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
 
@@ -103,6 +103,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once; more are closed right after accept.
 const MAX_CONNECTIONS: usize = 1024;
+/// Reply payloads up to this size are copied behind their header and sent in one write.
+const COALESCE_MAX: usize = 64 << 10;
 /// Names and descriptions are strings of at most 4096 bytes in the protocol.
 const MAX_STRING: usize = 4096;
 
@@ -787,14 +789,21 @@ async fn execute<B: BlockDev>(dev: &B, op: Op) -> Result<Option<Vec<u8>>, Failur
     }
 }
 
-/// Sends the reply to one request (header and payload together under the writer lock).
-async fn reply<W: AsyncWrite + Unpin>(
-    w: &Mutex<W>,
+/// One reply on its way to the writer task, with the permits of its request (released once it
+/// is written, so that queued replies count against the in-flight and byte limits).
+struct Reply {
+    hdr: Vec<u8>,
+    payload: Option<Vec<u8>>,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// Encodes the reply to one request: header (with small payloads appended) and a large payload.
+fn encode_reply(
     structured: bool,
     cookie: u64,
     offset: u64,
     res: Result<Option<Vec<u8>>, Failure>,
-) -> io::Result<()> {
+) -> (Vec<u8>, Option<Vec<u8>>) {
     let mut hdr = Vec::with_capacity(32);
     let mut payload: Option<Vec<u8>> = None;
     let chunk = |hdr: &mut Vec<u8>, typ: u16, len: usize| {
@@ -839,12 +848,29 @@ async fn reply<W: AsyncWrite + Unpin>(
             hdr.extend_from_slice(&cookie.to_be_bytes());
         }
     }
-    let mut w = w.lock().await;
-    w.write_all(&hdr).await?;
-    if let Some(p) = payload {
-        w.write_all(&p).await?;
+    if let Some(p) = payload.take_if(|p| p.len() <= COALESCE_MAX) {
+        hdr.extend_from_slice(&p);
     }
-    w.flush().await
+    (hdr, payload)
+}
+
+/// The one writer of a connection: writes replies as they come, batching whatever is queued
+/// into one buffer flush. Ends when every sender is gone (then shuts the stream down) or on a
+/// write error.
+async fn writer_task<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::Receiver<Reply>) -> io::Result<()> {
+    let mut w = tokio::io::BufWriter::with_capacity(256 << 10, w);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(r) = next {
+            w.write_all(&r.hdr).await?;
+            if let Some(p) = &r.payload {
+                w.write_all(p).await?;
+            }
+            next = rx.try_recv().ok();
+        }
+        w.flush().await?;
+    }
+    w.shutdown().await
 }
 
 async fn transmission<B, R, W>(
@@ -859,8 +885,10 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let writer = Arc::new(Mutex::new(w));
     let max_in_flight = shared.opts.max_in_flight;
+    // Every queued reply holds a slot, so sends never wait.
+    let (tx, rx) = mpsc::channel::<Reply>(max_in_flight);
+    let mut writer = tokio::spawn(writer_task(w, rx));
     let slots = Arc::new(Semaphore::new(max_in_flight));
     let budget = Arc::new(Semaphore::new(shared.byte_budget as usize));
     let result: io::Result<()> = loop {
@@ -900,8 +928,9 @@ where
                     break Err(e);
                 }
                 let f = fail(errno::EINVAL, format!("write of {} bytes exceeds the maximum {max}", h.len));
-                if let Err(e) = reply(&writer, structured, h.cookie, h.offset, Err(f)).await {
-                    break Err(e);
+                let (hdr, payload) = encode_reply(structured, h.cookie, h.offset, Err(f));
+                if tx.send(Reply { hdr, payload, _permits: (slot, bytes) }).await.is_err() {
+                    break Err(io::Error::new(io::ErrorKind::BrokenPipe, "cannot send replies"));
                 }
                 continue;
             }
@@ -921,7 +950,7 @@ where
         }
         let op = validate(&shared, &h, structured, data);
         let shared = shared.clone();
-        let writer = writer.clone();
+        let tx = tx.clone();
         tokio::spawn(async move {
             let res = match op {
                 Ok(op) => {
@@ -944,22 +973,29 @@ where
                     Err(f)
                 }
             };
-            if let Err(e) = reply(&writer, structured, h.cookie, h.offset, res).await {
-                tracing::debug!("NBD: cannot send reply: {e}");
-            }
-            drop(bytes);
-            drop(slot);
+            let (hdr, payload) = encode_reply(structured, h.cookie, h.offset, res);
+            // A closed channel means the writer failed (client gone); the permits drop with it.
+            let _ = tx.send(Reply { hdr, payload, _permits: (slot, bytes) }).await;
         });
     };
-    // Let the requests already read finish and reply, then close. A client that stopped reading
-    // replies cannot hold a server shutdown forever.
+    drop(tx);
+    // Let the requests already read finish and their replies go out, then close. A client
+    // that stopped reading replies cannot hold a server shutdown forever.
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(max_in_flight as u32)).await;
     if drained.is_err() {
-        tracing::warn!("NBD: requests still in flight after {DRAIN_TIMEOUT:?}; closing anyway");
+        tracing::warn!("NBD: replies still pending after {DRAIN_TIMEOUT:?}; closing anyway");
+        writer.abort();
         return result;
     }
-    let _ = writer.lock().await.shutdown().await;
-    result
+    // All replies are written (or the writer failed); the writer now shuts the stream down.
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut writer).await {
+        Ok(Ok(Err(e))) if result.is_ok() => Err(e),
+        Ok(_) => result,
+        Err(_) => {
+            writer.abort();
+            result
+        }
+    }
 }
 
 #[cfg(test)]
