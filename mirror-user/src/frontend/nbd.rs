@@ -789,6 +789,25 @@ async fn execute<B: BlockDev>(dev: &B, op: Op) -> Result<Option<Vec<u8>>, Failur
     }
 }
 
+/// Turns a panic while polling the inner future into `Err(())`.
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    }
+}
+
 /// One reply on its way to the writer task, with the permits of its request (released once it
 /// is written, so that queued replies count against the in-flight and byte limits).
 struct Reply {
@@ -954,12 +973,11 @@ where
         tokio::spawn(async move {
             let res = match op {
                 Ok(op) => {
-                    // Its own task, so that a panicking device fails this request with EIO
-                    // instead of leaving it unanswered.
-                    let dev = shared.dev.clone();
-                    let res = match tokio::spawn(async move { execute(&*dev, op).await }).await {
+                    // A panicking device fails this request with EIO instead of leaving it
+                    // unanswered.
+                    let res = match CatchUnwind(Box::pin(execute(&*shared.dev, op))).await {
                         Ok(res) => res,
-                        Err(e) => Err(fail(errno::EIO, format!("device task failed: {e}"))),
+                        Err(()) => Err(fail(errno::EIO, "the device panicked".into())),
                     };
                     if let Err(f) = &res {
                         let (t, o, l) = (h.typ, h.offset, h.len);
