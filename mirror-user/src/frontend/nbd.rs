@@ -153,6 +153,24 @@ impl NbdListen {
     }
 }
 
+impl std::str::FromStr for NbdListen {
+    type Err = String;
+
+    /// `HOST:PORT` (an IP address and port) is TCP; `unix:PATH`, or anything with a `/`, is a
+    /// Unix socket.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(NbdListen::Unix(p.into()));
+        }
+        if s.contains('/') {
+            return Ok(NbdListen::Unix(s.into()));
+        }
+        s.parse().map(NbdListen::Tcp).map_err(|_| {
+            format!("`{s}` is neither IP:PORT (127.0.0.1:10809, [::1]:10809) nor unix:PATH / a socket path")
+        })
+    }
+}
+
 impl fmt::Display for NbdListen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -1128,6 +1146,16 @@ mod tests {
         assert_eq!(raw(libc::ECONNREFUSED), errno::EIO);
         assert_eq!(nbd_errno(&io::Error::new(io::ErrorKind::InvalidInput, "x")), errno::EINVAL);
         assert_eq!(nbd_errno(&io::Error::other("replica gone")), errno::EIO);
+    }
+
+    #[test]
+    fn listen_parsing() {
+        let tcp: NbdListen = "127.0.0.1:10809".parse().unwrap();
+        assert_eq!(tcp, NbdListen::Tcp("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(tcp.uri("vol"), "nbd://127.0.0.1:10809/vol");
+        assert_eq!("unix:s.sock".parse(), Ok(NbdListen::Unix("s.sock".into())));
+        assert_eq!("/run/x.sock".parse(), Ok(NbdListen::Unix("/run/x.sock".into())));
+        assert!("localhost".parse::<NbdListen>().unwrap_err().contains("neither"));
     }
 
     #[test]
