@@ -7,6 +7,19 @@
 //! requests continuously and runs them concurrently (bounded by [`NbdOptions::max_in_flight`]
 //! and a byte budget), replies go through one writer. A write's payload is read in full before
 //! the device sees it, so a client that disconnects mid-payload changes nothing.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! use mirror::{frontend::nbd::{NbdOptions, NbdServer}, volume::file::FileDev};
+//! let dev = FileDev::open("/tmp/disk.img".as_ref(), Some(1 << 30))?;
+//! let opts = NbdOptions { export_name: "vol".into(), ..NbdOptions::default() };
+//! let server = NbdServer::bind(Arc::new(dev), "127.0.0.1:10809".parse()?, opts).await?;
+//! println!("listening on {}", server.local_addr()); // the real port when binding :0
+//! server.run(tokio::signal::ctrl_c()).await?; // drains in-flight requests, then returns
+//! # Ok(())
+//! # }
+//! ```
 
 use std::{fmt, future::Future, io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -154,11 +167,11 @@ impl NbdListen {
 }
 
 impl std::str::FromStr for NbdListen {
-    type Err = String;
+    type Err = NbdError;
 
     /// `HOST:PORT` (an IP address and port) is TCP; `unix:PATH`, or anything with a `/`, is a
     /// Unix socket.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, NbdError> {
         if let Some(p) = s.strip_prefix("unix:") {
             return Ok(NbdListen::Unix(p.into()));
         }
@@ -166,7 +179,9 @@ impl std::str::FromStr for NbdListen {
             return Ok(NbdListen::Unix(s.into()));
         }
         s.parse().map(NbdListen::Tcp).map_err(|_| {
-            format!("`{s}` is neither IP:PORT (127.0.0.1:10809, [::1]:10809) nor unix:PATH / a socket path")
+            NbdError::Config(format!(
+                "`{s}` is neither IP:PORT (127.0.0.1:10809, [::1]:10809) nor unix:PATH / a socket path"
+            ))
         })
     }
 }
@@ -1153,9 +1168,9 @@ mod tests {
         let tcp: NbdListen = "127.0.0.1:10809".parse().unwrap();
         assert_eq!(tcp, NbdListen::Tcp("127.0.0.1:10809".parse().unwrap()));
         assert_eq!(tcp.uri("vol"), "nbd://127.0.0.1:10809/vol");
-        assert_eq!("unix:s.sock".parse(), Ok(NbdListen::Unix("s.sock".into())));
-        assert_eq!("/run/x.sock".parse(), Ok(NbdListen::Unix("/run/x.sock".into())));
-        assert!("localhost".parse::<NbdListen>().unwrap_err().contains("neither"));
+        assert_eq!("unix:s.sock".parse::<NbdListen>().unwrap(), NbdListen::Unix("s.sock".into()));
+        assert_eq!("/run/x.sock".parse::<NbdListen>().unwrap(), NbdListen::Unix("/run/x.sock".into()));
+        assert!("localhost".parse::<NbdListen>().unwrap_err().to_string().contains("neither"));
     }
 
     #[test]
