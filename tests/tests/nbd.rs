@@ -222,7 +222,8 @@ fn fio_random_writes_verify_crc32c() {
     let img = dir.0.join("disk.img");
     let srv = Server::start(&img, None, &[]);
     // Four jobs = four connections (multi-conn), each on its own 16 MiB quarter.
-    let out = run(Command::new("fio").args([
+    // In the scratch directory: fio leaves verify state files in its working directory.
+    let out = run(Command::new("fio").current_dir(&dir.0).args([
         "--name=nbd",
         "--ioengine=nbd",
         &format!("--uri={}", srv.uri()),
