@@ -7,13 +7,26 @@
 //! requests continuously and runs them concurrently (bounded by [`NbdOptions::max_in_flight`]
 //! and a byte budget), replies go through one writer. A write's payload is read in full before
 //! the device sees it, so a client that disconnects mid-payload changes nothing.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! use mirror::{frontend::nbd::{NbdOptions, NbdServer}, volume::file::FileDev};
+//! let dev = FileDev::open("/tmp/disk.img".as_ref(), Some(1 << 30))?;
+//! let opts = NbdOptions { export_name: "vol".into(), ..NbdOptions::default() };
+//! let server = NbdServer::bind(Arc::new(dev), "127.0.0.1:10809".parse()?, opts).await?;
+//! println!("listening on {}", server.local_addr()); // the real port when binding :0
+//! server.run(tokio::signal::ctrl_c()).await?; // drains in-flight requests, then returns
+//! # Ok(())
+//! # }
+//! ```
 
 use std::{fmt, future::Future, io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
     net::{TcpListener, UnixListener},
-    sync::{watch, Mutex, Semaphore},
+    sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
 
@@ -103,6 +116,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once; more are closed right after accept.
 const MAX_CONNECTIONS: usize = 1024;
+/// Reply payloads up to this size are copied behind their header and sent in one write.
+const COALESCE_MAX: usize = 64 << 10;
 /// Names and descriptions are strings of at most 4096 bytes in the protocol.
 const MAX_STRING: usize = 4096;
 
@@ -148,6 +163,26 @@ impl NbdListen {
             NbdListen::Tcp(a) => format!("nbd://{a}/{export}"),
             NbdListen::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
         }
+    }
+}
+
+impl std::str::FromStr for NbdListen {
+    type Err = NbdError;
+
+    /// `HOST:PORT` (an IP address and port) is TCP; `unix:PATH`, or anything with a `/`, is a
+    /// Unix socket.
+    fn from_str(s: &str) -> Result<Self, NbdError> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(NbdListen::Unix(p.into()));
+        }
+        if s.contains('/') {
+            return Ok(NbdListen::Unix(s.into()));
+        }
+        s.parse().map(NbdListen::Tcp).map_err(|_| {
+            NbdError::Config(format!(
+                "`{s}` is neither IP:PORT (127.0.0.1:10809, [::1]:10809) nor unix:PATH / a socket path"
+            ))
+        })
     }
 }
 
@@ -787,14 +822,40 @@ async fn execute<B: BlockDev>(dev: &B, op: Op) -> Result<Option<Vec<u8>>, Failur
     }
 }
 
-/// Sends the reply to one request (header and payload together under the writer lock).
-async fn reply<W: AsyncWrite + Unpin>(
-    w: &Mutex<W>,
+/// Turns a panic while polling the inner future into `Err(())`.
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    }
+}
+
+/// One reply on its way to the writer task, with the permits of its request (released once it
+/// is written, so that queued replies count against the in-flight and byte limits).
+struct Reply {
+    hdr: Vec<u8>,
+    payload: Option<Vec<u8>>,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// Encodes the reply to one request: header (with small payloads appended) and a large payload.
+fn encode_reply(
     structured: bool,
     cookie: u64,
     offset: u64,
     res: Result<Option<Vec<u8>>, Failure>,
-) -> io::Result<()> {
+) -> (Vec<u8>, Option<Vec<u8>>) {
     let mut hdr = Vec::with_capacity(32);
     let mut payload: Option<Vec<u8>> = None;
     let chunk = |hdr: &mut Vec<u8>, typ: u16, len: usize| {
@@ -839,12 +900,29 @@ async fn reply<W: AsyncWrite + Unpin>(
             hdr.extend_from_slice(&cookie.to_be_bytes());
         }
     }
-    let mut w = w.lock().await;
-    w.write_all(&hdr).await?;
-    if let Some(p) = payload {
-        w.write_all(&p).await?;
+    if let Some(p) = payload.take_if(|p| p.len() <= COALESCE_MAX) {
+        hdr.extend_from_slice(&p);
     }
-    w.flush().await
+    (hdr, payload)
+}
+
+/// The one writer of a connection: writes replies as they come, batching whatever is queued
+/// into one buffer flush. Ends when every sender is gone (then shuts the stream down) or on a
+/// write error.
+async fn writer_task<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::Receiver<Reply>) -> io::Result<()> {
+    let mut w = tokio::io::BufWriter::with_capacity(256 << 10, w);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(r) = next {
+            w.write_all(&r.hdr).await?;
+            if let Some(p) = &r.payload {
+                w.write_all(p).await?;
+            }
+            next = rx.try_recv().ok();
+        }
+        w.flush().await?;
+    }
+    w.shutdown().await
 }
 
 async fn transmission<B, R, W>(
@@ -859,8 +937,10 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let writer = Arc::new(Mutex::new(w));
     let max_in_flight = shared.opts.max_in_flight;
+    // Every queued reply holds a slot, so sends never wait.
+    let (tx, rx) = mpsc::channel::<Reply>(max_in_flight);
+    let mut writer = tokio::spawn(writer_task(w, rx));
     let slots = Arc::new(Semaphore::new(max_in_flight));
     let budget = Arc::new(Semaphore::new(shared.byte_budget as usize));
     let result: io::Result<()> = loop {
@@ -900,8 +980,9 @@ where
                     break Err(e);
                 }
                 let f = fail(errno::EINVAL, format!("write of {} bytes exceeds the maximum {max}", h.len));
-                if let Err(e) = reply(&writer, structured, h.cookie, h.offset, Err(f)).await {
-                    break Err(e);
+                let (hdr, payload) = encode_reply(structured, h.cookie, h.offset, Err(f));
+                if tx.send(Reply { hdr, payload, _permits: (slot, bytes) }).await.is_err() {
+                    break Err(io::Error::new(io::ErrorKind::BrokenPipe, "cannot send replies"));
                 }
                 continue;
             }
@@ -921,16 +1002,15 @@ where
         }
         let op = validate(&shared, &h, structured, data);
         let shared = shared.clone();
-        let writer = writer.clone();
+        let tx = tx.clone();
         tokio::spawn(async move {
             let res = match op {
                 Ok(op) => {
-                    // Its own task, so that a panicking device fails this request with EIO
-                    // instead of leaving it unanswered.
-                    let dev = shared.dev.clone();
-                    let res = match tokio::spawn(async move { execute(&*dev, op).await }).await {
+                    // A panicking device fails this request with EIO instead of leaving it
+                    // unanswered.
+                    let res = match CatchUnwind(Box::pin(execute(&*shared.dev, op))).await {
                         Ok(res) => res,
-                        Err(e) => Err(fail(errno::EIO, format!("device task failed: {e}"))),
+                        Err(()) => Err(fail(errno::EIO, "the device panicked".into())),
                     };
                     if let Err(f) = &res {
                         let (t, o, l) = (h.typ, h.offset, h.len);
@@ -944,22 +1024,29 @@ where
                     Err(f)
                 }
             };
-            if let Err(e) = reply(&writer, structured, h.cookie, h.offset, res).await {
-                tracing::debug!("NBD: cannot send reply: {e}");
-            }
-            drop(bytes);
-            drop(slot);
+            let (hdr, payload) = encode_reply(structured, h.cookie, h.offset, res);
+            // A closed channel means the writer failed (client gone); the permits drop with it.
+            let _ = tx.send(Reply { hdr, payload, _permits: (slot, bytes) }).await;
         });
     };
-    // Let the requests already read finish and reply, then close. A client that stopped reading
-    // replies cannot hold a server shutdown forever.
+    drop(tx);
+    // Let the requests already read finish and their replies go out, then close. A client
+    // that stopped reading replies cannot hold a server shutdown forever.
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(max_in_flight as u32)).await;
     if drained.is_err() {
-        tracing::warn!("NBD: requests still in flight after {DRAIN_TIMEOUT:?}; closing anyway");
+        tracing::warn!("NBD: replies still pending after {DRAIN_TIMEOUT:?}; closing anyway");
+        writer.abort();
         return result;
     }
-    let _ = writer.lock().await.shutdown().await;
-    result
+    // All replies are written (or the writer failed); the writer now shuts the stream down.
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut writer).await {
+        Ok(Ok(Err(e))) if result.is_ok() => Err(e),
+        Ok(_) => result,
+        Err(_) => {
+            writer.abort();
+            result
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1077,6 +1164,16 @@ mod tests {
     }
 
     #[test]
+    fn listen_parsing() {
+        let tcp: NbdListen = "127.0.0.1:10809".parse().unwrap();
+        assert_eq!(tcp, NbdListen::Tcp("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(tcp.uri("vol"), "nbd://127.0.0.1:10809/vol");
+        assert_eq!("unix:s.sock".parse::<NbdListen>().unwrap(), NbdListen::Unix("s.sock".into()));
+        assert_eq!("/run/x.sock".parse::<NbdListen>().unwrap(), NbdListen::Unix("/run/x.sock".into()));
+        assert!("localhost".parse::<NbdListen>().unwrap_err().to_string().contains("neither"));
+    }
+
+    #[test]
     fn info_parsing() {
         assert_eq!(parse_info(b"\0\0\0\x03vol\0\x01\0\x03").unwrap(), (&b"vol"[..], vec![3]));
         assert_eq!(parse_info(b"\0\0\0\0\0\0").unwrap(), (&b""[..], vec![]));
@@ -1096,8 +1193,24 @@ mod tests {
         assert!(matches!(err.await, Err(NbdError::Config(_))));
         let held = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let taken = held.local_addr().unwrap();
-        let err = NbdServer::bind(dev, NbdListen::Tcp(taken), opts()).await.unwrap_err();
+        let err = NbdServer::bind(dev.clone(), NbdListen::Tcp(taken), opts()).await.unwrap_err();
         assert!(err.to_string().contains("cannot listen"), "{err}");
+
+        // Unix: a stale socket is replaced; a live one or a regular file is not touched.
+        let dir = std::env::temp_dir().join(format!("mirror-nbd-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let live = NbdServer::bind(dev.clone(), NbdListen::Unix(sock.clone()), opts()).await.unwrap();
+        let err = NbdServer::bind(dev.clone(), NbdListen::Unix(sock.clone()), opts()).await.unwrap_err();
+        assert!(err.to_string().contains("another server"), "{err}");
+        drop(live);
+        let file = dir.join("f");
+        std::fs::write(&file, b"keep").unwrap();
+        let err = NbdServer::bind(dev, NbdListen::Unix(file.clone()), opts()).await.unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Shutdown lets a request already read (a slow write) finish and reply, then closes the
