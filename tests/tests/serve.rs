@@ -150,3 +150,127 @@ fn fio_verify_survives_a_killed_replica_and_the_replicas_end_identical() {
         "replicas differ after resync"
     );
 }
+
+fn run_tool(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn real_clients_through_the_router_leave_both_replicas_identical() {
+    const T: &str = "serve::real_clients_through_the_router_leave_both_replicas_identical";
+    for tool in ["qemu-io", "nbdinfo", "nbdcopy", "fio"] {
+        if which(tool).is_none() {
+            return skip(T, "NBD", &format!("{tool} is not installed (cargo xtask setup)"));
+        }
+    }
+    let dir = TempDir::new("serve-clients");
+    let secret = secret_file(&dir.0);
+    let sec = secret.display().to_string();
+    let size = 64 * MIB;
+    std::fs::write(dir.0.join("s.img"), vec![0u8; size as usize]).unwrap();
+    std::fs::write(dir.0.join("t.img"), vec![0u8; size as usize]).unwrap();
+    let t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
+    let src = format!("local:{}", dir.0.join("s.img").display());
+    let tgt = format!("remote:{}", t.addr);
+    // The replicas start identical (zeroes); the first sync only agrees on a generation.
+    let s0 = Replica::start(&dir.0.join("s.img"), &secret, None, &[]);
+    let (ok, _, err) = support::mirror_cli(&[
+        "sync",
+        "--node",
+        &s0.addr,
+        "--peer",
+        &t.addr,
+        "--volume",
+        "v",
+        "--secret-file",
+        &sec,
+    ]);
+    assert!(ok, "{err}");
+    drop(s0);
+    let unix = dir.0.join("nbd.sock");
+    let srv = serve(&[
+        "--volume",
+        "v",
+        "--source",
+        &src,
+        "--target",
+        &tgt,
+        "--secret-file",
+        &sec,
+        "--target-weight",
+        "50",
+        "--nbd-unix",
+        &unix.display().to_string(),
+    ]);
+    let uri = format!("nbd://{}/", srv.nbd);
+    let identical = |what: &str| {
+        assert_eq!(
+            file_digest(&dir.0.join("s.img")),
+            file_digest(&dir.0.join("t.img")),
+            "replicas differ after {what}"
+        );
+    };
+
+    // qemu-io: pattern writes (one FUA) and read-backs, over TCP and over the Unix socket.
+    let text = run_tool(Command::new("qemu-io").args(["-f", "raw", &uri]).args([
+        "-c",
+        "write -P 0xab 0 64k",
+        "-c",
+        "write -P 0xcd -f 1M 128k",
+        "-c",
+        "read -P 0xab 0 64k",
+        "-c",
+        "read -P 0xcd 1M 128k",
+    ]));
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    let unix_uri = format!("nbd+unix:///?socket={}", unix.display());
+    let text = run_tool(Command::new("qemu-io").args(["-f", "raw", &unix_uri, "-c", "read -P 0xcd 1M 128k"]));
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    identical("qemu-io");
+
+    // nbdinfo sees the volume and its capabilities.
+    let text = run_tool(Command::new("nbdinfo").args(["--json", &uri]));
+    let js: serde_json::Value = serde_json::from_str(&text).expect("nbdinfo json");
+    let export = &js["exports"][0];
+    assert_eq!(export["export-size"], size, "{text}");
+    for cap in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
+        assert_eq!(export[cap], true, "{cap}: {text}");
+    }
+
+    // nbdcopy a random image in (4 connections) and back out.
+    let img = dir.0.join("in.img");
+    std::fs::write(&img, random_bytes(size as usize, 3)).unwrap();
+    run_tool(Command::new("nbdcopy").args(["--connections=4"]).arg(&img).arg(&uri));
+    identical("nbdcopy in");
+    let back = dir.0.join("out.img");
+    run_tool(Command::new("nbdcopy").arg(&uri).arg(&back));
+    assert_eq!(file_digest(&img), file_digest(&back), "nbdcopy round trip");
+    assert_eq!(file_digest(&img), file_digest(&dir.0.join("t.img")));
+
+    // fio random writes with verification, 4 connections.
+    let text = run_tool(
+        Command::new("fio")
+            .args([
+                "--name=v",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bsrange=4k-64k",
+                "--iodepth=16",
+                "--numjobs=4",
+            ])
+            .args([
+                "--size=16M",
+                "--offset_increment=16M",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+            ])
+            .arg(format!("--uri={uri}")),
+    );
+    assert!(text.contains("err= 0") && !text.contains("err= 5"), "{text}");
+    identical("fio verify");
+    let _ = &t;
+}
