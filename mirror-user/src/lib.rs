@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod frontend;
+pub mod health;
 pub mod replication;
 pub mod telemetry;
 pub mod volume;
