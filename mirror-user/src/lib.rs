@@ -5,6 +5,7 @@
 //! server in front of a [`volume::BlockDev`]).
 
 pub mod config;
+pub mod control;
 pub mod frontend;
 pub mod health;
 pub mod replication;

@@ -39,6 +39,35 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum CtlCmd {
+    /// Weights and per-replica state and counters.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read weights.
+    Weights {
+        #[command(subcommand)]
+        cmd: WeightsCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WeightsCmd {
+    /// Pin the target's share of reads (0..=100), optionally for a while.
+    Set {
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+        target: u8,
+        /// How long the pin holds (e.g. 10m); then weights return to automatic.
+        #[arg(long = "for", value_parser = mirror::parse_duration)]
+        for_: Option<Duration>,
+    },
+    /// Return to automatic weights.
+    Auto,
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Run the node daemon: attach the eBPF programs, pin their maps, show live block latency.
     Daemon {
@@ -140,6 +169,17 @@ enum Command {
         /// Connections per remote replica.
         #[arg(long, default_value_t = 4)]
         conns: usize,
+        /// Control socket for `mirror ctl` (root only).
+        #[arg(long, default_value = mirror::control::DEFAULT_SOCKET)]
+        ctl_socket: PathBuf,
+    },
+    /// Talk to a running `mirror serve` over its control socket (root only).
+    Ctl {
+        /// The control socket.
+        #[arg(long, default_value = mirror::control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        cmd: CtlCmd,
     },
     /// Bring a peer up to date from a replica (`--node` pushes to `--peer`), or verify them.
     /// Shows progress; exits non-zero when refused (split brain, peer newer) or failed.
@@ -277,6 +317,7 @@ fn main() -> Result<()> {
             source_listen,
             target_listen,
             conns,
+            ctl_socket,
         } => {
             let cfg = VolumeConfig {
                 name: volume,
@@ -288,8 +329,9 @@ fn main() -> Result<()> {
                 conns,
                 rate: SyncRate::default(),
             };
-            rt.block_on(serve(cfg, nbd, nbd_unix, export))
+            rt.block_on(serve(cfg, nbd, nbd_unix, export, ctl_socket))
         }
+        Command::Ctl { socket, cmd } => rt.block_on(ctl(socket, cmd)),
         Command::Sync { node, peer, volume, secret_file, verify, repair, no_wait, json } => {
             let kind = match (verify, repair) {
                 (false, _) => JobKind::Sync,
@@ -489,8 +531,16 @@ async fn serve(
     nbd: std::net::SocketAddr,
     nbd_unix: Option<PathBuf>,
     export: String,
+    ctl_socket: PathBuf,
 ) -> Result<()> {
     let vol = mirror::volume::open::open(&cfg).await?;
+    let control = mirror::control::Control::new(vol.router.clone(), cfg.target_weight);
+    let ctl_path = ctl_socket.clone();
+    tokio::spawn(async move {
+        if let Err(e) = mirror::control::serve(control, ctl_path.clone()).await {
+            tracing::warn!(socket = %ctl_path.display(), "control socket unavailable: {e}");
+        }
+    });
     let opts = NbdOptions {
         export_name: export,
         description: Some(format!("mirror volume {}", cfg.name)),
@@ -529,6 +579,65 @@ async fn serve(
     }
     for s in &vol.local_servers {
         s.shutdown();
+    }
+    Ok(())
+}
+
+async fn ctl(socket: PathBuf, cmd: CtlCmd) -> Result<()> {
+    use mirror::control::request;
+    match cmd {
+        CtlCmd::Status { json } => {
+            let r = request(&socket, &serde_json::json!({"cmd": "status"})).await?;
+            let st = &r["status"];
+            if json {
+                println!("{}", serde_json::to_string_pretty(st)?);
+                return Ok(());
+            }
+            println!(
+                "weights: source {} / target {}   size {} bytes",
+                st["weights"]["source"], st["weights"]["target"], st["size"]
+            );
+            println!(
+                "{:<7} {:<10} {:<14} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>9}",
+                "REPLICA",
+                "STATE",
+                "IO",
+                "READS",
+                "WRITES",
+                "ERRORS",
+                "TIMEOUTS",
+                "RETRIES",
+                "READ_us",
+                "WRITE_us"
+            );
+            for r in st["replicas"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<7} {:<10} {:<14} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>9}",
+                    r["role"].as_str().unwrap_or("?"),
+                    r["state"].as_str().unwrap_or("?"),
+                    r["io"].as_str().unwrap_or("?"),
+                    r["reads"],
+                    r["writes"],
+                    r["errors"],
+                    r["timeouts"],
+                    r["retries"],
+                    r["read_latency_us"],
+                    r["write_latency_us"]
+                );
+            }
+        }
+        CtlCmd::Weights { cmd: WeightsCmd::Set { target, for_ } } => {
+            let req = serde_json::json!({"cmd": "weights_set", "target": target, "for_s": for_.map(|d| d.as_secs_f64())});
+            request(&socket, &req).await?;
+            match for_ {
+                Some(d) => println!("target weight pinned at {target} for {}", humantime::format_duration(d)),
+                None => println!("target weight pinned at {target} (until `mirror ctl weights auto`)"),
+            }
+        }
+        CtlCmd::Weights { cmd: WeightsCmd::Auto } => {
+            let r = request(&socket, &serde_json::json!({"cmd": "weights_auto"})).await?;
+            println!("automatic weights (target {})", r["target"]);
+        }
     }
     Ok(())
 }

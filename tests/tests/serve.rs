@@ -274,3 +274,77 @@ fn real_clients_through_the_router_leave_both_replicas_identical() {
     identical("fio verify");
     let _ = &t;
 }
+
+#[test]
+fn ctl_pins_weights_and_reads_follow_them() {
+    const T: &str = "serve::ctl_pins_weights_and_reads_follow_them";
+    if !support::is_root() {
+        return skip(T, "NBD", "the control socket is root only");
+    }
+    if which("fio").is_none() {
+        return skip(T, "NBD", "fio is not installed (cargo xtask setup)");
+    }
+    let dir = TempDir::new("serve-ctl");
+    let secret = secret_file(&dir.0);
+    let sec = secret.display().to_string();
+    for f in ["a.img", "b.img"] {
+        std::fs::write(dir.0.join(f), vec![0u8; (16 * MIB) as usize]).unwrap();
+    }
+    let sock = dir.0.join("ctl.sock").display().to_string();
+    let a = format!("local:{}", dir.0.join("a.img").display());
+    let b = format!("local:{}", dir.0.join("b.img").display());
+    let srv = serve(&[
+        "--volume",
+        "v",
+        "--source",
+        &a,
+        "--target",
+        &b,
+        "--secret-file",
+        &sec,
+        "--ctl-socket",
+        &sock,
+    ]);
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--socket", &sock];
+        all.extend_from_slice(args);
+        let (ok, out, err) = support::mirror_cli(&all);
+        assert!(ok, "mirror {all:?}: {err}");
+        out
+    };
+    let status = || -> serde_json::Value { serde_json::from_str(&ctl(&["status", "--json"])).unwrap() };
+    assert_eq!(status()["weights"]["target"], 0);
+    ctl(&["weights", "set", "--target", "30"]);
+    assert_eq!(status()["weights"]["target"], 30);
+    let before: Vec<u64> = (0..2).map(|i| status()["replicas"][i]["reads"].as_u64().unwrap()).collect();
+    run_tool(
+        Command::new("fio")
+            .args([
+                "--name=r",
+                "--ioengine=nbd",
+                "--rw=randread",
+                "--bs=4k",
+                "--iodepth=8",
+                "--io_size=16M",
+                "--size=16M",
+            ])
+            .arg(format!("--uri=nbd://{}/", srv.nbd)),
+    );
+    let after: Vec<u64> = (0..2).map(|i| status()["replicas"][i]["reads"].as_u64().unwrap()).collect();
+    let (s, t) = (after[0] - before[0], after[1] - before[1]);
+    assert_eq!(s + t, 4096, "one replica read per 4 KiB read");
+    // Binomial(4096, 0.3): mean 1229, sd 29; 5 sd = 147.
+    assert!((1082..=1376).contains(&t), "target served {t} of 4096 reads at weight 30");
+    let table = ctl(&["status"]);
+    assert!(table.contains("weights: source 70 / target 30") && table.contains("target"), "{table}");
+    // A pin with a duration expires back to automatic (--target-weight, 0 here).
+    ctl(&["weights", "set", "--target", "100", "--for", "1s"]);
+    assert_eq!(status()["weights"]["target"], 100);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(status()["weights"]["target"], 0);
+    ctl(&["weights", "set", "--target", "40"]);
+    ctl(&["weights", "auto"]);
+    assert_eq!(status()["weights"]["target"], 0);
+    let (ok, _, err) = support::mirror_cli(&["ctl", "--socket", &sock, "weights", "set", "--target", "101"]);
+    assert!(!ok && err.contains("101"), "{err}");
+}
