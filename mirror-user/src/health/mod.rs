@@ -1,3 +1,4 @@
 //! The health monitor: what makes a node healthy, as a score 0..=100 with the signals behind it.
 
+pub mod probe;
 pub mod score;
