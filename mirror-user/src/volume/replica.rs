@@ -109,21 +109,12 @@ impl Replica {
         }
     }
 
-    /// True when every block of the range is known to be current here.
-    pub fn can_read(&self, offset: u64, len: u64) -> bool {
-        match self.state() {
-            IN_SYNC => true,
-            RESYNCING => {
-                let stale = self.stale.read().unwrap_or_else(|p| p.into_inner());
-                let Some(bits) = stale.as_ref() else { return false };
-                if len == 0 {
-                    return true;
-                }
-                let (first, last) = (offset / self.block_size, (offset + len - 1) / self.block_size);
-                (first..=last).all(|b| bits.get((b / 64) as usize).is_none_or(|w| w & (1 << (b % 64)) == 0))
-            }
-            _ => false,
-        }
+    /// True when every block of the range is known to be current here: only in sync. A
+    /// resyncing replica serves no reads at all: the resync may briefly write an older copy of a
+    /// block over a newer one (it re-marks and resends it), so no bitmap snapshot can tell which
+    /// of its blocks are current at the instant of a read.
+    pub fn can_read(&self, _offset: u64, _len: u64) -> bool {
+        self.state() == IN_SYNC
     }
 
     /// Read deadline from observed latency: ten times the mean, within [min, cap].

@@ -277,11 +277,7 @@ impl Router {
                             tracing::warn!(replica = r.role, error = %status["job"]["error"], "resync {job_state}; replica stays out of service");
                             r.state.store(FAILED, Ordering::Release);
                         }
-                        _ => {
-                            if let Ok(bits) = s.bitmap().await {
-                                *r.stale.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(bits));
-                            }
-                        }
+                        _ => {}
                     }
                 }
                 _ => {}
