@@ -3,13 +3,16 @@
 
 use std::{
     sync::{
-        atomic::{AtomicU64, AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         Arc, RwLock,
     },
     time::Duration,
 };
 
-use super::{remote::RemotePool, uring::UringFile};
+use super::{
+    remote::RemotePool,
+    uring::{UringFile, ALIGN},
+};
 use crate::replication::{
     protocol::{Message, FLAG_FUA},
     server::Volume,
@@ -80,6 +83,27 @@ pub struct Replica {
     /// refreshed by the supervisor; `None` means "treat every block as stale".
     pub stale: RwLock<Option<Arc<Vec<u64>>>>,
     pub block_size: u64,
+    /// A local write is running on the calling thread (at most one at a time per replica, see
+    /// [`Replica::inline_slot`]).
+    inline_busy: AtomicBool,
+    /// Exponentially weighted mean duration of the writes done inline, microseconds.
+    inline_lat_ewma_us: AtomicU64,
+}
+
+/// Largest write done on the calling thread (see [`Replica::inline_slot`]).
+const INLINE_MAX: usize = 64 << 10;
+/// Inline writes slower than this on average go back to the ring (or the blocking pool)...
+const INLINE_SLOW_US: u64 = 500;
+/// ...except one in this many, which measures again whether the file became fast.
+const INLINE_PROBE: u64 = 256;
+
+/// Releases the inline slot of a replica (also if the write panics).
+struct InlineSlot<'a>(&'a AtomicBool);
+
+impl Drop for InlineSlot<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
@@ -95,6 +119,8 @@ impl Replica {
             stats: ReplicaStats::default(),
             stale: RwLock::new(None),
             block_size,
+            inline_busy: AtomicBool::new(false),
+            inline_lat_ewma_us: AtomicU64::new(0),
         }
     }
 
@@ -183,11 +209,18 @@ impl Replica {
         let t0 = std::time::Instant::now();
         let len = data.len() as u64;
         let r = match &self.location {
-            Location::Local { vol: v, uring: Some(u), .. } => {
-                Self::uring_write(v, u, offset, &data, fua).await
-            }
-            Location::Local { vol: v, .. } => {
-                Self::local(v, move |v| v.local_write(offset, &data, fua)).await
+            Location::Local { vol: v, uring, .. } => {
+                if let Some(slot) = self.inline_slot(v, offset, data.len(), fua) {
+                    let t = std::time::Instant::now();
+                    let r = v.local_write(offset, &data, false);
+                    ewma(&self.inline_lat_ewma_us, t.elapsed().as_micros() as u64);
+                    drop(slot);
+                    r
+                } else if let Some(u) = uring {
+                    Self::uring_write(v, u, offset, &data, fua).await
+                } else {
+                    Self::local(v, move |v| v.local_write(offset, &data, fua)).await
+                }
             }
             Location::Remote { .. } => {
                 let flags = if fua { FLAG_FUA } else { 0 };
@@ -202,6 +235,36 @@ impl Replica {
             ewma(&self.stats.write_lat_ewma_us, t0.elapsed().as_micros() as u64);
         }
         r
+    }
+
+    /// Whether a local write may run right here, on the async worker, as one buffered `pwrite`
+    /// (what nbdkit's worker threads do): a handoff to the ring thread and its io-wq worker costs
+    /// more than such a write. Only small, page-aligned writes (whole pages: no read of an
+    /// uncached page first), without FUA, while not tracking (no bitmap fsync), at most one per
+    /// replica at a time (the other worker keeps the runtime going if the file stalls), and only
+    /// while inline writes stay fast on average.
+    fn inline_slot(&self, v: &Volume, offset: u64, len: usize, fua: bool) -> Option<InlineSlot<'_>> {
+        let page = ALIGN as u64;
+        if fua
+            || len == 0
+            || len > INLINE_MAX
+            || !offset.is_multiple_of(page)
+            || !(len as u64).is_multiple_of(page)
+        {
+            return None;
+        }
+        if self.inline_lat_ewma_us.load(Ordering::Relaxed) > INLINE_SLOW_US
+            && !self.stats.writes.load(Ordering::Relaxed).is_multiple_of(INLINE_PROBE)
+        {
+            return None;
+        }
+        if v.meta.header().tracking {
+            return None;
+        }
+        self.inline_busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| InlineSlot(&self.inline_busy))
     }
 
     /// A local write through io_uring under the volume's write-intent rules (see

@@ -21,6 +21,8 @@ use tokio::sync::oneshot;
 /// Alignment (offset, length, buffer address) of direct I/O.
 pub const ALIGN: usize = 4096;
 const RING_ENTRIES: u32 = 256;
+/// Largest read first tried from the page cache on the calling thread.
+const CACHED_READ_MAX: usize = 128 << 10;
 
 /// A heap buffer aligned to [`ALIGN`].
 struct AlignedBuf {
@@ -101,6 +103,8 @@ struct Req {
 pub struct UringFile {
     tx: mpsc::Sender<Req>,
     direct: bool,
+    /// The buffered descriptor, for reads served from the page cache without the ring.
+    cached: File,
 }
 
 impl UringFile {
@@ -117,10 +121,11 @@ impl UringFile {
         let ring = IoUring::new(RING_ENTRIES)?;
         let (tx, rx) = mpsc::channel::<Req>();
         let has_direct = direct.is_some();
+        let cached = buffered.try_clone()?;
         std::thread::Builder::new()
             .name("mirror-uring".into())
             .spawn(move || ring_loop(ring, buffered, direct, rx))?;
-        Ok(UringFile { tx, direct: has_direct })
+        Ok(UringFile { tx, direct: has_direct, cached })
     }
 
     /// True when aligned requests bypass the page cache.
@@ -141,7 +146,25 @@ impl UringFile {
         Ok((r?, buf))
     }
 
+    /// Reads the range right here if the page cache holds all of it (`preadv2` with
+    /// `RWF_NOWAIT` never waits for the disk); `None` otherwise (also on errors and short reads:
+    /// the ring then does the read and reports them).
+    fn read_cached(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let off = libc::off_t::try_from(offset).ok()?;
+        let mut buf = vec![0u8; len];
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
+        // SAFETY: `iov` describes `len` writable bytes of `buf`, which outlives this synchronous
+        // call; the descriptor is open for as long as `self`.
+        let n = unsafe { libc::preadv2(self.cached.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+        (usize::try_from(n).ok() == Some(len)).then_some(buf)
+    }
+
     pub async fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        if len > 0 && len <= CACHED_READ_MAX && !self.direct {
+            if let Some(b) = self.read_cached(offset, len) {
+                return Ok(b);
+            }
+        }
         let direct = self.aligned(offset, len);
         let buf = if direct { Buf::Aligned(AlignedBuf::new(len)) } else { Buf::Plain(vec![0u8; len]) };
         let (n, buf) = self.submit(Op::Read, direct, offset, buf).await?;
