@@ -79,9 +79,6 @@ pub struct Replica {
     pub location: Location,
     pub state: AtomicU8,
     pub stats: ReplicaStats,
-    /// While resyncing: the survivor's dirty bitmap (bit set = this replica may lack the block),
-    /// refreshed by the supervisor; `None` means "treat every block as stale".
-    pub stale: RwLock<Option<Arc<Vec<u64>>>>,
     pub block_size: u64,
     /// A local write is running on the calling thread (at most one at a time per replica, see
     /// [`Replica::inline_slot`]).
@@ -117,7 +114,6 @@ impl Replica {
             location,
             state: AtomicU8::new(IN_SYNC),
             stats: ReplicaStats::default(),
-            stale: RwLock::new(None),
             block_size,
             inline_busy: AtomicBool::new(false),
             inline_lat_ewma_us: AtomicU64::new(0),
@@ -135,11 +131,11 @@ impl Replica {
         }
     }
 
-    /// True when every block of the range is known to be current here: only in sync. A
+    /// True when this replica may serve reads: only in sync. A
     /// resyncing replica serves no reads at all: the resync may briefly write an older copy of a
     /// block over a newer one (it re-marks and resends it), so no bitmap snapshot can tell which
     /// of its blocks are current at the instant of a read.
-    pub fn can_read(&self, _offset: u64, _len: u64) -> bool {
+    pub fn serves_reads(&self) -> bool {
         self.state() == IN_SYNC
     }
 
@@ -335,25 +331,6 @@ impl Replica {
                 Self::expect_ok(self.pool()?.call(Message::MarkDirty { offset, len }, 0).await?)
             }
         }
-    }
-
-    /// The dirty bitmap as words.
-    pub async fn bitmap(&self) -> std::io::Result<Vec<u64>> {
-        let bytes = match &self.location {
-            Location::Local { vol: v, .. } => v.meta.bitmap_bytes(),
-            Location::Remote { .. } => match self.pool()?.call(Message::GetBitmap, 0).await? {
-                Message::Data(d) => d,
-                m => return Err(io_err(format!("unexpected reply {m:?}"))),
-            },
-        };
-        Ok(bytes
-            .chunks(8)
-            .map(|c| {
-                let mut w = [0u8; 8];
-                w[..c.len()].copy_from_slice(c);
-                u64::from_le_bytes(w)
-            })
-            .collect())
     }
 
     /// The replica's volume status.

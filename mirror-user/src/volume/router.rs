@@ -231,7 +231,6 @@ impl Router {
                     {
                         // Wait out every write that left this replica out (see `membership`).
                         let _exclusive = self.membership.write().await;
-                        *r.stale.write().unwrap_or_else(|p| p.into_inner()) = None;
                         r.state.store(RESYNCING, Ordering::Release);
                     }
                     tracing::info!(
@@ -270,7 +269,6 @@ impl Router {
                         "done" | "up-to-date" if status["tracking"] == false => {
                             r.state.store(IN_SYNC, Ordering::Release);
                             self.degraded_marked.store(false, Ordering::Release);
-                            *r.stale.write().unwrap_or_else(|p| p.into_inner()) = None;
                             tracing::info!(replica = r.role, "replica resynced and back in service");
                         }
                         "failed" | "refused" | "cancelled" => {
@@ -306,10 +304,8 @@ impl BlockDev for Router {
 
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
         let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
-        let candidates: Vec<usize> = [first, Self::other(first)]
-            .into_iter()
-            .filter(|&i| self.replicas[i].can_read(offset, len as u64))
-            .collect();
+        let candidates: Vec<usize> =
+            [first, Self::other(first)].into_iter().filter(|&i| self.replicas[i].serves_reads()).collect();
         let mut last_err = None;
         for (k, &i) in candidates.iter().enumerate() {
             let r = &self.replicas[i];
