@@ -12,13 +12,13 @@
 
 use std::{
     io::BufRead,
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use mirror_tests::bench::{fill_random, free_port, median, Kill};
 
 struct Args {
     size: u64,
@@ -57,18 +57,6 @@ fn parse_args() -> Result<Args> {
         }
     }
     Ok(a)
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Waits until something accepts TCP connections on `port`.
@@ -234,36 +222,6 @@ fn fio(uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64, size: u64) -> Re
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn fill_random(path: &Path, size: u64) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path)?);
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut buf = vec![0u8; 4 << 20];
-    for _ in 0..size / buf.len() as u64 {
-        for c in buf.chunks_mut(8) {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            c.copy_from_slice(&seed.to_le_bytes());
-        }
-        f.write_all(&buf)?;
-    }
-    f.flush()?;
-    Ok(())
-}
-
 /// Attaches a loop device (direct I/O to its file, so the throttle sees every read).
 fn losetup(file: &Path) -> Result<String> {
     let out = Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(file).output()?;
@@ -306,7 +264,7 @@ fn main() -> Result<()> {
     std::fs::write(a.dir.join("secret"), "bench-secret-0123456789abcdef")?;
     let files: Vec<PathBuf> = ["a.img", "b.img", "c.img", "d.img"].iter().map(|f| a.dir.join(f)).collect();
     eprintln!("bench nbd: preparing {} MiB files", a.size >> 20);
-    fill_random(&files[0], a.size)?;
+    fill_random(&files[0], a.size, 0x2545_f491_4f6c_dd1d)?;
     for f in &files[1..] {
         std::fs::copy(&files[0], f)?;
     }

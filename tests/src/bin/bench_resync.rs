@@ -5,15 +5,14 @@
 //! table and `target/bench/resync.json` report medians.
 
 use std::{
-    io::Read,
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context, Result};
 use mirror::replication::{client::Client, protocol::Message};
+use mirror_tests::bench::{file_digest, fill_random, free_port, median, xorshift_fill, Kill};
 
 struct Args {
     size: u64,
@@ -48,41 +47,6 @@ fn parse_args() -> Result<Args> {
         "--size must be a multiple of 4 KiB, at least 16 MiB"
     );
     Ok(a)
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn xorshift_fill(buf: &mut [u8], seed: &mut u64) {
-    for c in buf.chunks_mut(8) {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        let b = seed.to_le_bytes();
-        c.copy_from_slice(&b[..c.len()]);
-    }
-}
-
-fn file_digest(path: &Path) -> Result<u128> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(h.digest128());
-        }
-        h.update(&buf[..n]);
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn start_replica(a: &Args, path: &Path, secret: &Path) -> Result<(Kill, String)> {
@@ -151,19 +115,6 @@ fn rsync(port: u16, src: &Path, dst_name: &str) -> Result<Run> {
     Ok(Run { wire: num("Total bytes sent:")? + num("Total bytes received:")?, secs })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if !n.is_multiple_of(2) {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn main() -> Result<()> {
     let a = parse_args()?;
     ensure!(
@@ -177,17 +128,7 @@ fn main() -> Result<()> {
     std::fs::write(&secret, "bench-secret-0123456789abcdef")?;
     let (sp, tp, rp) = (a.dir.join("s.img"), a.dir.join("t.img"), a.dir.join("r.img"));
     eprintln!("bench resync: creating {} MiB of random data", a.size >> 20);
-    {
-        use std::io::Write;
-        let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&sp)?);
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut buf = vec![0u8; 4 << 20];
-        for _ in 0..a.size / buf.len() as u64 {
-            xorshift_fill(&mut buf, &mut seed);
-            f.write_all(&buf)?;
-        }
-        f.flush()?;
-    }
+    fill_random(&sp, a.size, 0x9e37_79b9_7f4a_7c15)?;
     std::fs::copy(&sp, &tp)?;
     std::fs::copy(&sp, &rp)?;
 
