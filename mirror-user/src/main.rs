@@ -116,7 +116,7 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
         /// A volume to serve, NAME=PATH[:SIZE]; the file is created sparse with SIZE when missing.
-        /// Metadata (generations, dirty bitmap) lives in PATH.meta. Repeatable.
+        /// Metadata (generations, dirty bitmap) lives in PATH.meta, or /var/lib/mirror/DEVICE.meta for a block device. Repeatable.
         #[arg(long = "volume", value_parser = VolumeSpec::parse)]
         volumes: Vec<VolumeSpec>,
         /// File holding the shared secret (>= 16 bytes) peers authenticate with.

@@ -55,6 +55,23 @@ impl VolumeSpec {
     }
 }
 
+/// Where a volume's metadata lives unless configured: `PATH.meta` next to a regular file; for a
+/// block device `/var/lib/mirror/<device name>.meta` (next to it would be /dev, a RAM filesystem
+/// that forgets the dirty bitmap at reboot).
+pub fn default_meta_path(path: &std::path::Path) -> PathBuf {
+    let regular = std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(true);
+    if regular {
+        let mut p = path.to_path_buf().into_os_string();
+        p.push(".meta");
+        return p.into();
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "volume".into());
+    PathBuf::from(META_DIR).join(format!("{name}.meta"))
+}
+
+/// Directory of the metadata of block-device volumes.
+pub const META_DIR: &str = "/var/lib/mirror";
+
 /// Server configuration.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -238,11 +255,14 @@ impl Server {
                 path: v.path.clone(),
                 source,
             })?;
-            let meta_path = v.meta.clone().unwrap_or_else(|| {
-                let mut p = v.path.clone().into_os_string();
-                p.push(".meta");
-                p.into()
-            });
+            let meta_path = v.meta.clone().unwrap_or_else(|| default_meta_path(&v.path));
+            if let Some(dir) = meta_path.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| ServerError::Store {
+                    name: v.name.clone(),
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            }
             let meta = VolumeMeta::open(&meta_path, store.size(), v.block_size)
                 .map_err(|source| ServerError::Meta { name: v.name.clone(), source })?;
             let h = meta.header();
@@ -692,5 +712,23 @@ fn start_job(vol: &Arc<Volume>, shared: &Shared, kind: JobKind, peer: String) ->
     match spawned {
         Ok(_) => Message::Ok,
         Err(e) => err(code::IO, format!("spawn job: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_of_a_device_does_not_go_to_dev() {
+        let f = std::env::temp_dir().join(format!("mirror-metapath-{}", std::process::id()));
+        std::fs::write(&f, b"x").unwrap();
+        assert_eq!(default_meta_path(&f), PathBuf::from(format!("{}.meta", f.display())));
+        // /dev/null is no regular file: its metadata goes to the persistent directory.
+        assert_eq!(
+            default_meta_path(std::path::Path::new("/dev/null")),
+            PathBuf::from("/var/lib/mirror/null.meta")
+        );
+        let _ = std::fs::remove_file(&f);
     }
 }

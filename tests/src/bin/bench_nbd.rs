@@ -333,7 +333,10 @@ fn main() -> Result<()> {
             Ok(())
         })();
         for l in &loops {
+            // Its metadata belongs to this run's loop device, not to the next one of that name.
+            let meta = mirror::replication::server::default_meta_path(Path::new(l));
             let _ = Command::new("losetup").args(["-d", l]).status();
+            let _ = std::fs::remove_file(meta);
         }
         std::thread::sleep(Duration::from_millis(200));
         let _ = std::fs::remove_dir(&cg);
