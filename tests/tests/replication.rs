@@ -98,20 +98,7 @@ fn target_killed_mid_sync_resumes_without_recopying_finished_ranges() {
     t.path = dir.0.join("t.img");
     let s_addr = s.addr.clone();
 
-    let sec = secret.display().to_string();
-    let (ok, _, err) = mirror_cli(&[
-        "sync",
-        "--node",
-        &s_addr,
-        "--peer",
-        &t.addr,
-        "--volume",
-        "v",
-        "--secret-file",
-        &sec,
-        "--no-wait",
-    ]);
-    assert!(ok, "{err}");
+    support::sync_ok(&s_addr, &t.addr, &secret, &["--no-wait"]);
     // Let it get part way (48 MiB/s: ~5 s for everything), then kill the target.
     let mut c = client(&s, &secret);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -290,20 +277,7 @@ fn sync_while_the_volume_is_live_converges() {
         &["--sync-min-rate", "12M", "--sync-max-rate", "12M"],
     );
     let t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
-    let sec = secret.display().to_string();
-    let (ok, _, err) = mirror_cli(&[
-        "sync",
-        "--node",
-        &s.addr,
-        "--peer",
-        &t.addr,
-        "--volume",
-        "v",
-        "--secret-file",
-        &sec,
-        "--no-wait",
-    ]);
-    assert!(ok, "{err}");
+    support::sync_ok(&s.addr, &t.addr, &secret, &["--no-wait"]);
 
     // A router: every write goes to both replicas, while the sync copies underneath.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

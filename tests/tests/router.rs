@@ -46,19 +46,7 @@ async fn setup(tag: &str, size: u64, target_weight: u8) -> Setup {
     let s = Proc::start(&dir.0.join("s.img"), &secret_path, None, &[]);
     let t = Proc::start(&dir.0.join("t.img"), &secret_path, None, &[]);
     // Identical content: the first sync establishes the shared generation without moving data.
-    let sec = secret_path.display().to_string();
-    let (ok, _, err) = support::mirror_cli(&[
-        "sync",
-        "--node",
-        &s.addr,
-        "--peer",
-        &t.addr,
-        "--volume",
-        "v",
-        "--secret-file",
-        &sec,
-    ]);
-    assert!(ok, "{err}");
+    support::sync_ok(&s.addr, &t.addr, &secret_path, &[]);
     let secret = load_secret(&secret_path).unwrap();
     let cfg = RouterConfig {
         secret: secret.clone(),

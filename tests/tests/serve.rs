@@ -69,18 +69,7 @@ fn fio_verify_survives_a_killed_replica_and_the_replicas_end_identical() {
     let tgt = format!("remote:{}", t.addr);
     // Identical content, new metadata: the first sync only agrees on a generation.
     let s0 = Replica::start(&dir.0.join("s.img"), &secret, Some(&source_listen), &[]);
-    let (ok, _, err) = support::mirror_cli(&[
-        "sync",
-        "--node",
-        &s0.addr,
-        "--peer",
-        &t.addr,
-        "--volume",
-        "v",
-        "--secret-file",
-        &sec,
-    ]);
-    assert!(ok, "{err}");
+    support::sync_ok(&s0.addr, &t.addr, &secret, &[]);
     drop(s0);
     std::thread::sleep(Duration::from_millis(200));
 
@@ -177,18 +166,7 @@ fn real_clients_through_the_router_leave_both_replicas_identical() {
     let tgt = format!("remote:{}", t.addr);
     // The replicas start identical (zeroes); the first sync only agrees on a generation.
     let s0 = Replica::start(&dir.0.join("s.img"), &secret, None, &[]);
-    let (ok, _, err) = support::mirror_cli(&[
-        "sync",
-        "--node",
-        &s0.addr,
-        "--peer",
-        &t.addr,
-        "--volume",
-        "v",
-        "--secret-file",
-        &sec,
-    ]);
-    assert!(ok, "{err}");
+    support::sync_ok(&s0.addr, &t.addr, &secret, &[]);
     drop(s0);
     let unix = dir.0.join("nbd.sock");
     let srv = serve(&[

@@ -301,3 +301,13 @@ pub fn file_digest(path: &Path) -> u128 {
     }
     h.digest128()
 }
+
+/// `mirror sync` of volume `v` from `node` to `peer`; panics unless the CLI succeeds. `extra`:
+/// more flags, e.g. `--no-wait`.
+pub fn sync_ok(node: &str, peer: &str, secret: &Path, extra: &[&str]) {
+    let sec = secret.display().to_string();
+    let mut args = vec!["sync", "--node", node, "--peer", peer, "--volume", "v", "--secret-file", &sec];
+    args.extend_from_slice(extra);
+    let (ok, _, err) = mirror_cli(&args);
+    assert!(ok, "mirror {args:?}: {err}");
+}
