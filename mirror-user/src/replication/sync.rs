@@ -318,6 +318,21 @@ fn local_digests(vol: &Volume, grain: u64, pieces: &[(u64, u64)]) -> Result<Vec<
     Ok(out)
 }
 
+/// The pieces whose digests differ between this replica and the peer, at `grain`.
+fn differing(
+    vol: &Volume,
+    c: &mut Client,
+    grain: u64,
+    pieces: &[(u64, u64)],
+) -> Result<Vec<(u64, u64)>, JobError> {
+    let remote = remote_digests(c, grain, pieces)?;
+    let local = local_digests(vol, grain, pieces)?;
+    if remote.len() != local.len() || local.len() != pieces.len() {
+        return Err(ClientError::Unexpected("digest count mismatch".into()).into());
+    }
+    Ok(pieces.iter().zip(local.iter().zip(&remote)).filter(|(_, (l, r))| l != r).map(|(p, _)| *p).collect())
+}
+
 /// Pieces of `grain` size covering `pieces` (which are multiples of grain, but the last piece of
 /// the volume may be short).
 fn split(pieces: &[(u64, u64)], grain: u64) -> Vec<(u64, u64)> {
@@ -364,17 +379,7 @@ fn sync_window(
     }
     let examined: u64 = coarse.iter().chain(&fine).map(|p| p.1).sum();
     if !coarse.is_empty() {
-        let remote = remote_digests(c, SYNC_BLOCK, &coarse)?;
-        let local = local_digests(vol, SYNC_BLOCK, &coarse)?;
-        if remote.len() != local.len() {
-            return Err(ClientError::Unexpected("digest count mismatch".into()).into());
-        }
-        let differing: Vec<(u64, u64)> = coarse
-            .iter()
-            .zip(local.iter().zip(&remote))
-            .filter(|(_, (l, r))| l != r)
-            .map(|(p, _)| *p)
-            .collect();
+        let differing = differing(vol, c, SYNC_BLOCK, &coarse)?;
         if bs == SYNC_BLOCK {
             send_pieces(vol, c, &differing, st)?;
         } else {
@@ -383,17 +388,7 @@ fn sync_window(
     }
     if !fine.is_empty() {
         fine.sort_unstable();
-        let remote = remote_digests(c, bs, &fine)?;
-        let local = local_digests(vol, bs, &fine)?;
-        if remote.len() != local.len() {
-            return Err(ClientError::Unexpected("digest count mismatch".into()).into());
-        }
-        let differing: Vec<(u64, u64)> = fine
-            .iter()
-            .zip(local.iter().zip(&remote))
-            .filter(|(_, (l, r))| l != r)
-            .map(|(p, _)| *p)
-            .collect();
+        let differing = differing(vol, c, bs, &fine)?;
         send_pieces(vol, c, &differing, st)?;
     }
     st.done_bytes.fetch_add(examined, Ordering::Relaxed);
@@ -453,25 +448,16 @@ fn verify(
         }
         let len = WINDOW.min(size - off);
         let blocks = split(&[(off, len)], SYNC_BLOCK);
-        let remote = remote_digests(c, SYNC_BLOCK, &blocks)?;
-        let local = local_digests(vol, SYNC_BLOCK, &blocks)?;
-        let suspects: Vec<(u64, u64)> = blocks
-            .iter()
-            .zip(local.iter().zip(&remote))
-            .filter(|(_, (l, r))| l != r)
-            .map(|(p, _)| *p)
-            .collect();
+        let suspects = differing(vol, c, SYNC_BLOCK, &blocks)?;
         if !suspects.is_empty() {
             // A write in flight to both replicas can differ for an instant: look again after a
             // moment, at bitmap-block grain, and report only what still differs.
             std::thread::sleep(Duration::from_millis(50));
             let pieces = split(&suspects, bs);
-            let remote = remote_digests(c, bs, &pieces)?;
-            let local = local_digests(vol, bs, &pieces)?;
-            for (p, _) in pieces.iter().zip(local.iter().zip(&remote)).filter(|(_, (l, r))| l != r) {
+            for p in differing(vol, c, bs, &pieces)? {
                 match found.last_mut() {
                     Some(last) if last.0 + last.1 == p.0 => last.1 += p.1,
-                    _ => found.push(*p),
+                    _ => found.push(p),
                 }
             }
             *lock(&st.mismatches) = found.clone();
