@@ -223,6 +223,11 @@ impl VolumeMeta {
         self.nbits
     }
 
+    /// Whether writes are being recorded (degraded or syncing), without copying the header.
+    pub fn tracking(&self) -> bool {
+        self.lock().hdr.tracking
+    }
+
     pub fn header(&self) -> MetaHeader {
         self.lock().hdr.clone()
     }

@@ -254,7 +254,7 @@ impl Replica {
         {
             return None;
         }
-        if v.meta.header().tracking {
+        if v.meta.tracking() {
             return None;
         }
         self.inline_busy
@@ -278,7 +278,7 @@ impl Replica {
         v.touch();
         v.counters.writes.fetch_add(1, Ordering::Relaxed);
         v.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
-        let tracked = if v.meta.header().tracking {
+        let tracked = if v.meta.tracking() {
             Self::local(v, move |v| v.meta.begin_write(offset, len).map_err(io_err)).await?
         } else {
             v.meta.begin_write(offset, len).map_err(io_err)?
