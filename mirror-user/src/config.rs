@@ -13,6 +13,7 @@
 //! path = "/var/lib/mirror/vol0.img"
 //! size = "10G"            # only used to create a missing file
 //! # meta = "/var/lib/mirror/vol0.meta"
+//! # direct_io = true     # aligned I/O with O_DIRECT (bypass this node's page cache)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -45,6 +46,8 @@ pub struct VolumeEntry {
     pub path: PathBuf,
     pub size: Option<Size>,
     pub meta: Option<PathBuf>,
+    #[serde(default)]
+    pub direct_io: bool,
 }
 
 /// The replica section of a config file.
@@ -93,6 +96,7 @@ impl ReplicaFile {
                 size: v.size.as_ref().and_then(|s| s.bytes().ok()),
                 meta: v.meta.clone(),
                 block_size,
+                direct_io: v.direct_io,
             })
             .collect()
     }

@@ -46,11 +46,16 @@ enum CtlCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Read weights.
+    /// Read weights: pin them or return to automatic.
     Weights {
         #[command(subcommand)]
         cmd: WeightsCmd,
     },
+    /// Send every read to the target now (the target must be in sync); holds until the source
+    /// is healthy and in sync for the failback hold time, or until `failback` / `weights auto`.
+    Failover,
+    /// Ramp reads back to the source now (it must be in sync), without waiting for the hold time.
+    Failback,
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,6 +70,138 @@ enum WeightsCmd {
     },
     /// Return to automatic weights.
     Auto,
+}
+
+/// The node's health monitor (sent to the router in every heartbeat reply).
+#[derive(clap::Args, Debug, Clone)]
+struct HealthArgs {
+    /// How often the node's health is scored.
+    #[arg(long, default_value = "250ms", value_parser = mirror::parse_duration)]
+    health_interval: Duration,
+    /// HTTP GET probe of an application endpoint: URL[,timeout=2s][,status=200]. Repeatable.
+    #[arg(long = "probe", value_parser = mirror::health::probe::ProbeSpec::parse)]
+    probes: Vec<mirror::health::probe::ProbeSpec>,
+    /// The disk whose latency counts in the score [default: the device under the first volume].
+    #[arg(long)]
+    health_device: Option<PathBuf>,
+    /// Where the node daemon (`mirror daemon`) pinned its eBPF maps; without them the monitor
+    /// reads /proc (and says so once).
+    #[arg(long, default_value = mirror_common::PIN_DIR)]
+    pin_dir: PathBuf,
+}
+
+impl HealthArgs {
+    /// Starts the monitor publishing into `health`; `volume` is the path whose device is
+    /// scored unless --health-device.
+    fn spawn(
+        &self,
+        health: &std::sync::Arc<mirror::health::monitor::NodeHealth>,
+        volume: Option<&std::path::Path>,
+    ) {
+        use mirror::health::{monitor, score::ScoreConfig};
+        let dev_path = self.health_device.as_deref().or(volume);
+        let device = dev_path.and_then(|p| match mirror::telemetry::blk::kdev_of_path(p) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(path = %p.display(), "health: cannot tell the disk under it ({e}); scoring the busiest disk");
+                None
+            }
+        });
+        if let Some(d) = device {
+            tracing::info!(device = %mirror::telemetry::blk::dev_name(d), "health: disk latency from this device");
+        }
+        monitor::spawn(
+            monitor::MonitorConfig {
+                interval: self.health_interval,
+                pin_dir: self.pin_dir.clone(),
+                score: ScoreConfig { device, ..Default::default() },
+                probes: self.probes.clone(),
+            },
+            health.clone(),
+        );
+    }
+}
+
+/// The weighting engine's settings.
+#[derive(clap::Args, Debug, Clone)]
+struct EngineArgs {
+    /// `adaptive` (default: no reads to the target while the source is healthy; predictive
+    /// shift, hysteresis, failover, gradual failback) or `seed` (source health x 0.6 and target
+    /// health x 0.4, normalized to 100; factors from --seed-factors).
+    #[arg(long, default_value = "adaptive", value_parser = ["adaptive", "seed"])]
+    policy: String,
+    /// Factors of the seed policy: SOURCE,TARGET.
+    #[arg(long, default_value = "0.6,0.4")]
+    seed_factors: String,
+    /// Source health at or above which it needs no help.
+    #[arg(long, default_value_t = 80.0)]
+    good_health: f64,
+    /// Source health below which reads fail over to the target at once.
+    #[arg(long, default_value_t = 30.0)]
+    critical_health: f64,
+    /// No heartbeat answer from the source for this long: failover.
+    #[arg(long, default_value = "1s", value_parser = mirror::parse_duration)]
+    heartbeat_timeout: Duration,
+    /// After a failover: the source must be in sync and healthy this long before failback.
+    #[arg(long, default_value = "10s", value_parser = mirror::parse_duration)]
+    failback_hold: Duration,
+    /// Length of the failback ramp from 100% target back to the normal share.
+    #[arg(long, default_value = "30s", value_parser = mirror::parse_duration)]
+    ramp: Duration,
+    /// Spread reads by health (seed formula) even when the source is healthy.
+    #[arg(long)]
+    balance_reads: bool,
+    /// How often the engine takes a sample and heartbeats are sent.
+    #[arg(long, default_value = "100ms", value_parser = mirror::parse_duration)]
+    tick: Duration,
+}
+
+impl EngineArgs {
+    fn config(&self, initial_pin: Option<u8>) -> Result<mirror::weights::driver::DriverConfig> {
+        use mirror::weights::{
+            driver::DriverConfig,
+            engine::{EngineConfig, Policy},
+            policy::SeedLinear,
+        };
+        let policy = if self.policy == "seed" {
+            let (a, b) = self
+                .seed_factors
+                .split_once(',')
+                .and_then(|(a, b)| Some((a.trim().parse::<f64>().ok()?, b.trim().parse::<f64>().ok()?)))
+                .filter(|(a, b)| *a >= 0.0 && *b >= 0.0 && a + b > 0.0)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--seed-factors `{}`: expected two non-negative numbers, e.g. 0.6,0.4",
+                        self.seed_factors
+                    )
+                })?;
+            Policy::Seed(SeedLinear { source_factor: a, target_factor: b })
+        } else {
+            Policy::Adaptive
+        };
+        anyhow::ensure!(
+            (0.0..=100.0).contains(&self.critical_health)
+                && self.critical_health < self.good_health
+                && self.good_health <= 100.0,
+            "need 0 <= --critical-health < --good-health <= 100"
+        );
+        anyhow::ensure!(self.tick >= Duration::from_millis(10), "--tick must be at least 10ms");
+        Ok(DriverConfig {
+            engine: EngineConfig {
+                policy,
+                good: self.good_health,
+                critical: self.critical_health,
+                heartbeat_timeout: self.heartbeat_timeout,
+                failback_hold: self.failback_hold,
+                ramp: self.ramp,
+                balance_reads: self.balance_reads,
+                ..Default::default()
+            },
+            tick: self.tick,
+            initial_pin,
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -131,6 +268,12 @@ enum Command {
         /// Bitmap grain in bytes, a power of two in 512..=65536 [default: 4096].
         #[arg(long)]
         block_size: Option<u32>,
+        /// Aligned I/O on the volumes with O_DIRECT: bypasses this node's page cache, so the
+        /// disk's own latency shows on the data path and in the health score.
+        #[arg(long)]
+        direct_io: bool,
+        #[command(flatten)]
+        health: HealthArgs,
     },
     /// Serve a mirrored volume to applications over NBD. Reads go to the target with probability
     /// --target-weight/100 (only where it is in sync), writes to both replicas; a replica that
@@ -157,9 +300,10 @@ enum Command {
         /// NBD export name (clients may also ask for the default export "").
         #[arg(long, default_value = "mirror")]
         export: String,
-        /// Share of reads sent to the target, 0..=100.
-        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
-        target_weight: u8,
+        /// Start with the target's read share pinned at this value (0..=100) instead of automatic
+        /// weights; `mirror ctl weights auto` hands it to the engine.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+        target_weight: Option<u8>,
         /// Where a local source replica is served to its peer (for resync).
         #[arg(long, default_value = "127.0.0.1:0")]
         source_listen: String,
@@ -172,6 +316,11 @@ enum Command {
         /// Control socket for `mirror ctl` (root only).
         #[arg(long, default_value = mirror::control::DEFAULT_SOCKET)]
         ctl_socket: PathBuf,
+        #[command(flatten)]
+        engine: Box<EngineArgs>,
+        /// This node's health (used for local replicas).
+        #[command(flatten)]
+        health: Box<HealthArgs>,
     },
     /// Talk to a running `mirror serve` over its control socket (root only).
     Ctl {
@@ -261,6 +410,8 @@ fn main() -> Result<()> {
             sync_min_rate,
             sync_max_rate,
             block_size,
+            direct_io,
+            health,
         } => {
             let file = match &config {
                 Some(p) => mirror::config::ReplicaFile::load(p)?,
@@ -269,6 +420,9 @@ fn main() -> Result<()> {
             let block_size = block_size.or(file.block_size).unwrap_or(4096);
             let mut specs = file.volume_specs(block_size);
             specs.extend(volumes.into_iter().map(|v| VolumeSpec { block_size, ..v }));
+            for s in &mut specs {
+                s.direct_io |= direct_io;
+            }
             anyhow::ensure!(
                 !specs.is_empty(),
                 "no volume to serve: give --volume NAME=PATH[:SIZE] or [[volume]] in --config"
@@ -291,9 +445,14 @@ fn main() -> Result<()> {
                     min_bps: rate(sync_min_rate, &file.sync_min_rate, 16 << 20)?,
                     max_bps: rate(sync_max_rate, &file.sync_max_rate, 0)?,
                 },
-                health: std::sync::Arc::new(std::sync::atomic::AtomicU8::new(100)),
+                health: mirror::health::monitor::NodeHealth::new(),
             };
+            let node_health = cfg.health.clone();
+            let first_volume = cfg.volumes.first().map(|v| v.path.clone());
             let server = Server::start(cfg)?;
+            // After the start: a volume file created by it now exists to tell its disk.
+            let _rt_guard = rt.enter();
+            health.spawn(&node_health, first_volume.as_deref());
             {
                 use std::io::Write;
                 let mut out = std::io::stdout();
@@ -318,18 +477,29 @@ fn main() -> Result<()> {
             target_listen,
             conns,
             ctl_socket,
+            engine,
+            health,
         } => {
+            let driver_cfg = engine.config(target_weight)?;
+            let local = [&source, &target].into_iter().find_map(|r| match r {
+                ReplicaSpec::Local { path, .. } => Some(path.clone()),
+                ReplicaSpec::Remote { .. } => None,
+            });
+            let _rt_guard = rt.enter();
+            let node_health = mirror::health::monitor::NodeHealth::new();
+            health.spawn(&node_health, local.as_deref());
             let cfg = VolumeConfig {
                 name: volume,
                 source,
                 target,
                 secret: load_secret(&secret_file)?,
                 local_listen: [source_listen, target_listen],
-                target_weight,
+                target_weight: target_weight.unwrap_or(0),
                 conns,
                 rate: SyncRate::default(),
+                node_health,
             };
-            rt.block_on(serve(cfg, nbd, nbd_unix, export, ctl_socket))
+            rt.block_on(serve(cfg, driver_cfg, nbd, nbd_unix, export, ctl_socket))
         }
         Command::Ctl { socket, cmd } => rt.block_on(ctl(socket, cmd)),
         Command::Sync { node, peer, volume, secret_file, verify, repair, no_wait, json } => {
@@ -528,13 +698,16 @@ fn sync_cmd(
 
 async fn serve(
     cfg: VolumeConfig,
+    driver_cfg: mirror::weights::driver::DriverConfig,
     nbd: std::net::SocketAddr,
     nbd_unix: Option<PathBuf>,
     export: String,
     ctl_socket: PathBuf,
 ) -> Result<()> {
     let vol = mirror::volume::open::open(&cfg).await?;
-    let control = mirror::control::Control::new(vol.router.clone(), cfg.target_weight);
+    let driver =
+        mirror::weights::driver::Driver::start(vol.router.clone(), driver_cfg, cfg.node_health.clone());
+    let control = mirror::control::Control::new(driver.clone());
     let ctl_path = ctl_socket.clone();
     tokio::spawn(async move {
         if let Err(e) = mirror::control::serve(control, ctl_path.clone()).await {
@@ -585,6 +758,15 @@ async fn serve(
 
 async fn ctl(socket: PathBuf, cmd: CtlCmd) -> Result<()> {
     use mirror::control::request;
+    let said = |r: &serde_json::Value| {
+        format!(
+            "target {} / source {} ({}: {})",
+            r["target"],
+            100 - r["target"].as_u64().unwrap_or(0),
+            r["mode"].as_str().unwrap_or("?"),
+            r["reason"].as_str().unwrap_or("")
+        )
+    };
     match cmd {
         CtlCmd::Status { json } => {
             let r = request(&socket, &serde_json::json!({"cmd": "status"})).await?;
@@ -593,38 +775,7 @@ async fn ctl(socket: PathBuf, cmd: CtlCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(st)?);
                 return Ok(());
             }
-            println!(
-                "weights: source {} / target {}   size {} bytes",
-                st["weights"]["source"], st["weights"]["target"], st["size"]
-            );
-            println!(
-                "{:<7} {:<10} {:<14} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>9}",
-                "REPLICA",
-                "STATE",
-                "IO",
-                "READS",
-                "WRITES",
-                "ERRORS",
-                "TIMEOUTS",
-                "RETRIES",
-                "READ_us",
-                "WRITE_us"
-            );
-            for r in st["replicas"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<7} {:<10} {:<14} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>9}",
-                    r["role"].as_str().unwrap_or("?"),
-                    r["state"].as_str().unwrap_or("?"),
-                    r["io"].as_str().unwrap_or("?"),
-                    r["reads"],
-                    r["writes"],
-                    r["errors"],
-                    r["timeouts"],
-                    r["retries"],
-                    r["read_latency_us"],
-                    r["write_latency_us"]
-                );
-            }
+            print!("{}", status_table(st));
         }
         CtlCmd::Weights { cmd: WeightsCmd::Set { target, for_ } } => {
             let req = serde_json::json!({"cmd": "weights_set", "target": target, "for_s": for_.map(|d| d.as_secs_f64())});
@@ -636,8 +787,104 @@ async fn ctl(socket: PathBuf, cmd: CtlCmd) -> Result<()> {
         }
         CtlCmd::Weights { cmd: WeightsCmd::Auto } => {
             let r = request(&socket, &serde_json::json!({"cmd": "weights_auto"})).await?;
-            println!("automatic weights (target {})", r["target"]);
+            println!("automatic weights: {}", said(&r));
+        }
+        CtlCmd::Failover => {
+            let r = request(&socket, &serde_json::json!({"cmd": "failover"})).await?;
+            println!("failover: {}", said(&r));
+        }
+        CtlCmd::Failback => {
+            let r = request(&socket, &serde_json::json!({"cmd": "failback"})).await?;
+            println!("failback: {}", said(&r));
         }
     }
     Ok(())
+}
+
+/// `mirror ctl status` as a table: weights and mode, then one row per node, then the signals.
+fn status_table(st: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "weights: source {} / target {}   mode {} ({})   size {} bytes",
+        st["weights"]["source"],
+        st["weights"]["target"],
+        st["mode"].as_str().unwrap_or("?"),
+        st["reason"].as_str().unwrap_or(""),
+        st["size"]
+    );
+    let _ = writeln!(
+        o,
+        "{:<7} {:>6} {:>7} {:<10} {:<16} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>9}",
+        "REPLICA",
+        "HEALTH",
+        "WEIGHT",
+        "STATE",
+        "SYNC",
+        "READS",
+        "WRITES",
+        "ERRORS",
+        "TIMEOUTS",
+        "RETRIES",
+        "READ_us",
+        "WRITE_us"
+    );
+    for r in st["replicas"].as_array().into_iter().flatten() {
+        let role = r["role"].as_str().unwrap_or("?");
+        let weight = if role == "target" { &st["weights"]["target"] } else { &st["weights"]["source"] };
+        let job = &r["node"]["sync"];
+        let sync = match (job["state"].as_str(), job["total_bytes"].as_u64()) {
+            (Some(s), Some(t)) if t > 0 => {
+                format!("{s} {:.0}%", job["done_bytes"].as_u64().unwrap_or(0) as f64 * 100.0 / t as f64)
+            }
+            (Some(s), _) => s.to_string(),
+            _ if r["state"] == "in-sync" => "-".to_string(),
+            _ => "waiting".to_string(),
+        };
+        let health = match r["node"]["health"].as_u64() {
+            Some(h) if r["node"]["reachable"] != false => h.to_string(),
+            _ => "down".to_string(),
+        };
+        let _ = writeln!(
+            o,
+            "{:<7} {:>6} {:>7} {:<10} {:<16} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>9}",
+            role,
+            health,
+            weight.to_string(),
+            r["state"].as_str().unwrap_or("?"),
+            sync,
+            r["reads"],
+            r["writes"],
+            r["errors"],
+            r["timeouts"],
+            r["retries"],
+            r["read_latency_us"],
+            r["write_latency_us"]
+        );
+    }
+    for r in st["replicas"].as_array().into_iter().flatten() {
+        let signals: Vec<String> = r["node"]["signals"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                format!(
+                    "{} {}{} (score {})",
+                    s["name"].as_str().unwrap_or("?"),
+                    s["value"],
+                    s["unit"].as_str().map(|u| format!(" {u}")).unwrap_or_default(),
+                    s["score"]
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "{} signals ({}): {}",
+            r["role"].as_str().unwrap_or("?"),
+            r["node"]["telemetry"].as_str().unwrap_or("none yet"),
+            if signals.is_empty() { "-".to_string() } else { signals.join(", ") }
+        );
+    }
+    o
 }

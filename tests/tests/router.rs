@@ -200,6 +200,7 @@ async fn local_io_uring_replica_with_a_remote_peer_fails_over_and_resyncs() {
         target_weight: 50,
         conns: 2,
         rate: Default::default(),
+        node_health: mirror::health::monitor::NodeHealth::new(),
     };
     let vol = open(&cfg).await.expect("open volume");
     let r = vol.router.clone();

@@ -2,7 +2,8 @@
 //! peer's uid is checked), one JSON request per line, one JSON reply per line.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"weights_set","target":N,"for_s":S?}`,
-//! `{"cmd":"weights_auto"}`.
+//! `{"cmd":"weights_auto"}`, `{"cmd":"failover"}`, `{"cmd":"failback"}`. They reach the weighting
+//! engine as operator overrides.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -16,59 +17,46 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::volume::router::Router;
+use crate::weights::{driver::Driver, engine::Override};
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/mirror/ctl.sock";
 
-/// What the control socket changes: the router, and the weight `auto` returns to.
+/// What the control socket drives: the weighting loop.
 #[derive(Debug)]
 pub struct Control {
-    pub router: Arc<Router>,
-    /// The automatic target weight (until the weighting engine drives it).
-    pub auto_target: u8,
-    pin_generation: std::sync::atomic::AtomicU64,
+    pub driver: Arc<Driver>,
 }
 
 impl Control {
-    pub fn new(router: Arc<Router>, auto_target: u8) -> Arc<Control> {
-        Arc::new(Control { router, auto_target, pin_generation: Default::default() })
+    pub fn new(driver: Arc<Driver>) -> Arc<Control> {
+        Arc::new(Control { driver })
     }
 
     /// Handles one request.
     pub async fn handle(self: &Arc<Self>, req: &serde_json::Value) -> serde_json::Value {
-        use std::sync::atomic::Ordering;
+        let reply = |r: Result<crate::weights::engine::Decision, String>| match r {
+            Ok(d) => {
+                serde_json::json!({"ok": true, "target": d.target_weight, "mode": format!("{:?}", d.mode), "reason": d.reason})
+            }
+            Err(e) => serde_json::json!({"ok": false, "error": e}),
+        };
         match req["cmd"].as_str() {
-            Some("status") => serde_json::json!({"ok": true, "status": self.router.status_json()}),
+            Some("status") => serde_json::json!({"ok": true, "status": self.driver.status_json().await}),
             Some("weights_set") => {
                 let Some(t) = req["target"].as_u64().filter(|t| *t <= 100) else {
                     return serde_json::json!({"ok": false, "error": "target must be 0..=100"});
                 };
-                let generation = self.pin_generation.fetch_add(1, Ordering::SeqCst) + 1;
-                self.router.weights.set_target(t as u8);
-                tracing::info!(target = t, for_s = ?req["for_s"].as_f64(), "weights pinned by the operator");
-                if let Some(secs) = req["for_s"].as_f64().filter(|s| *s > 0.0) {
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-                        // Only if no newer command replaced this pin.
-                        if me.pin_generation.load(Ordering::SeqCst) == generation {
-                            me.router.weights.set_target(me.auto_target);
-                            tracing::info!(
-                                target = me.auto_target,
-                                "operator pin expired: automatic weights"
-                            );
-                        }
-                    });
-                }
-                serde_json::json!({"ok": true, "target": t})
+                let for_ = match req["for_s"].as_f64() {
+                    Some(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
+                    Some(_) => return serde_json::json!({"ok": false, "error": "for_s must be > 0"}),
+                    None => None,
+                };
+                reply(self.driver.pin(t as u8, for_))
             }
-            Some("weights_auto") => {
-                self.pin_generation.fetch_add(1, Ordering::SeqCst);
-                self.router.weights.set_target(self.auto_target);
-                tracing::info!(target = self.auto_target, "operator returned to automatic weights");
-                serde_json::json!({"ok": true, "target": self.auto_target})
-            }
+            Some("weights_auto") => reply(self.driver.command(Override::Auto)),
+            Some("failover") => reply(self.driver.command(Override::ForceFailover)),
+            Some("failback") => reply(self.driver.command(Override::ForceFailback)),
             _ => serde_json::json!({"ok": false, "error": format!("unknown request {req}")}),
         }
     }

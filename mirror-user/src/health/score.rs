@@ -59,6 +59,9 @@ pub struct ScoreConfig {
     pub retrans_bad: f64,
     /// The composite is at most the worst sub-score plus this.
     pub worst_margin: f64,
+    /// Fewer completions than this in an interval say nothing about the disk: the previous
+    /// disk score holds.
+    pub disk_min_ios: f64,
 }
 
 impl Default for ScoreConfig {
@@ -67,17 +70,18 @@ impl Default for ScoreConfig {
             weights: Weights::default(),
             device: None,
             peer: None,
-            disk_ratio_good: 1.5,
+            disk_ratio_good: 2.0,
             disk_ratio_bad: 10.0,
             runq_good_us: 1_000.0,
             runq_bad_us: 50_000.0,
             reclaim_good_ms: 1.0,
             reclaim_bad_ms: 200.0,
-            psi_good_pct: 10.0,
+            psi_good_pct: 20.0,
             psi_bad_pct: 80.0,
             retrans_good: 1.0,
             retrans_bad: 50.0,
             worst_margin: 15.0,
+            disk_min_ios: 4.0,
         }
     }
 }
@@ -124,11 +128,13 @@ pub struct Scorer {
     pub cfg: ScoreConfig,
     /// Baseline disk latency in microseconds.
     baseline_us: Option<f64>,
+    /// The last disk signal (ratio, score), held through intervals with too few completions.
+    last_disk: Option<(f64, f64)>,
 }
 
 impl Scorer {
     pub fn new(cfg: ScoreConfig) -> Scorer {
-        Scorer { cfg, baseline_us: None }
+        Scorer { cfg, baseline_us: None, last_disk: None }
     }
 
     pub fn baseline_us(&self) -> Option<f64> {
@@ -136,7 +142,9 @@ impl Scorer {
     }
 
     /// Disk latency of the interval (worst op's p99, else mean) and whether errors occurred.
-    fn disk_latency(&self, s: &TelemetrySample) -> Option<(f64, bool)> {
+    /// The scored device's worst latency (p99, else mean), whether it had errors, and how many
+    /// requests completed.
+    fn disk_latency(&self, s: &TelemetrySample) -> Option<(f64, bool, f64)> {
         let dev = match self.cfg.device {
             Some(d) => s.devices.iter().find(|x| x.dev == d)?,
             None => s.devices.iter().max_by(|a, b| {
@@ -150,7 +158,8 @@ impl Scorer {
             .iter()
             .filter_map(|o| o.p99_us.or(o.avg_us))
             .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))?;
-        Some((lat, dev.ops.iter().any(|o| o.errors > 0)))
+        let ios = dev.ops.iter().map(|o| o.iops).sum::<f64>() * s.secs;
+        Some((lat, dev.ops.iter().any(|o| o.errors > 0), ios))
     }
 
     /// Scores one interval.
@@ -158,14 +167,27 @@ impl Scorer {
         let c = &self.cfg;
         let mut signals = Vec::new();
         let mut weighted = Vec::new();
-        if let Some((lat, errors)) = self.disk_latency(s) {
-            let base = *self.baseline_us.get_or_insert(lat.max(1.0));
-            let ratio = lat / base;
-            if ratio < 2.0 {
-                // Learn slowly, and only from ordinary intervals.
-                self.baseline_us = Some(base * 0.95 + lat.max(1.0) * 0.05);
+        let disk = match self.disk_latency(s) {
+            Some((_, true, _)) => Some((f64::INFINITY, 0.0)),
+            Some((lat, false, ios)) if ios >= c.disk_min_ios => {
+                let lat = lat.max(1.0);
+                let base = *self.baseline_us.get_or_insert(lat);
+                let ratio = lat / base;
+                // The baseline follows a faster disk at once, a slower one slowly while the
+                // ratio is ordinary, and hardly at all (hours) while it is not.
+                self.baseline_us = Some(if lat < base {
+                    (base + lat) / 2.0
+                } else if ratio < 2.0 {
+                    base * 0.95 + lat * 0.05
+                } else {
+                    base * 0.999 + lat * 0.001
+                });
+                Some((ratio, falloff(ratio, c.disk_ratio_good, c.disk_ratio_bad)))
             }
-            let score = if errors { 0.0 } else { falloff(ratio, c.disk_ratio_good, c.disk_ratio_bad) };
+            _ => self.last_disk,
+        };
+        if let Some((ratio, score)) = disk {
+            self.last_disk = Some((ratio, score));
             signals.push(Signal { name: "disk_latency_ratio", value: ratio, unit: "x baseline", score });
             weighted.push((c.weights.disk, score));
         }
@@ -280,8 +302,24 @@ mod tests {
         }
         let h = s.score(&sample(5000.0, 200.0, 0.0), &[]);
         assert!(h.score <= 15.0, "{h:?}");
-        // The degraded interval did not move the baseline.
-        assert!((s.baseline_us().unwrap() - 500.0).abs() < 1.0);
+        // The degraded interval hardly moved the baseline (0.1% of the way).
+        assert!((s.baseline_us().unwrap() - 500.0).abs() < 6.0, "{:?}", s.baseline_us());
+    }
+
+    #[test]
+    fn a_quiet_interval_holds_the_disk_signal_and_a_faster_disk_lowers_the_baseline() {
+        let mut s = Scorer::new(ScoreConfig::default());
+        s.score(&sample(5000.0, 200.0, 0.0), &[]);
+        s.score(&sample(500.0, 200.0, 0.0), &[]);
+        assert!(s.baseline_us().unwrap() < 3000.0, "follows a faster disk at once: {:?}", s.baseline_us());
+        for _ in 0..10 {
+            s.score(&sample(500.0, 200.0, 0.0), &[]);
+        }
+        let slow = s.score(&sample(10000.0, 200.0, 0.0), &[]).score;
+        let mut quiet = sample(10.0, 200.0, 0.0);
+        quiet.devices[0].ops[0].iops = 1.0; // 1 completion in a 1 s interval: says nothing
+        let held = s.score(&quiet, &[]).score;
+        assert!(slow < 20.0 && (held - slow).abs() < 1e-9, "slow {slow} held {held}");
     }
 
     #[test]

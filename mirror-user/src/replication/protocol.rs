@@ -253,9 +253,11 @@ pub enum Message {
         code: u16,
         message: String,
     },
+    /// The replica node's health score and, as JSON, the signals behind it.
     HeartbeatAck {
         seq: u64,
         health: u8,
+        report: String,
     },
     Json(String),
 }
@@ -297,8 +299,8 @@ impl fmt::Debug for Message {
             Message::GetBitmap => write!(f, "GetBitmap"),
             Message::Ok => write!(f, "Ok"),
             Message::Error { code, message } => write!(f, "Error {{ code: {code}, message: {message:?} }}"),
-            Message::HeartbeatAck { seq, health } => {
-                write!(f, "HeartbeatAck {{ seq: {seq}, health: {health} }}")
+            Message::HeartbeatAck { seq, health, report } => {
+                write!(f, "HeartbeatAck {{ seq: {seq}, health: {health}, report: {} bytes }}", report.len())
             }
             Message::Json(s) => write!(f, "Json({} bytes)", s.len()),
         }
@@ -467,9 +469,14 @@ impl Message {
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(&len.to_le_bytes());
             }
-            Message::Heartbeat { seq, health } | Message::HeartbeatAck { seq, health } => {
+            Message::Heartbeat { seq, health } => {
                 out.extend_from_slice(&seq.to_le_bytes());
                 out.push(*health);
+            }
+            Message::HeartbeatAck { seq, health, report } => {
+                out.extend_from_slice(&seq.to_le_bytes());
+                out.push(*health);
+                put_str(out, report);
             }
             Message::SyncBegin { source_gen } => out.extend_from_slice(&source_gen.to_le_bytes()),
             Message::SyncEnd { current, history } => {
@@ -570,7 +577,7 @@ impl Message {
                 Message::DigestList(ds)
             }
             67 => Message::Error { code: r.u16()?, message: r.string()? },
-            68 => Message::HeartbeatAck { seq: r.u64()?, health: r.u8()? },
+            68 => Message::HeartbeatAck { seq: r.u64()?, health: r.u8()?, report: r.string()? },
             69 => Message::Json(String::from_utf8(r.rest()).map_err(|_| ProtoError::Invalid("utf-8 json"))?),
             _ => return Err(ProtoError::UnknownKind(kind)),
         };
@@ -666,7 +673,7 @@ mod tests {
             Message::Data(vec![5; 10]),
             Message::DigestList(vec![[1; 16], [2; 16]]),
             Message::Error { code: code::AUTH, message: "no".into() },
-            Message::HeartbeatAck { seq: 1, health: 100 },
+            Message::HeartbeatAck { seq: 1, health: 100, report: "{\"score\":100}".into() },
             Message::Json("{}".into()),
         ]
     }

@@ -11,11 +11,13 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
 };
+
+use crate::health::monitor::NodeHealth;
 
 use super::{
     auth,
@@ -38,6 +40,8 @@ pub struct VolumeSpec {
     pub meta: Option<PathBuf>,
     /// Bitmap grain.
     pub block_size: u32,
+    /// Aligned I/O with O_DIRECT (bypassing this node's page cache).
+    pub direct_io: bool,
 }
 
 impl VolumeSpec {
@@ -51,7 +55,14 @@ impl VolumeSpec {
             Some((p, sz)) => (p, Some(crate::parse_size(sz)?)),
             None => (rest, None),
         };
-        Ok(VolumeSpec { name: name.into(), path: path.into(), size, meta: None, block_size: 4096 })
+        Ok(VolumeSpec {
+            name: name.into(),
+            path: path.into(),
+            size,
+            meta: None,
+            block_size: 4096,
+            direct_io: false,
+        })
     }
 }
 
@@ -79,8 +90,8 @@ pub struct ServerConfig {
     pub volumes: Vec<VolumeSpec>,
     pub secret: Vec<u8>,
     pub rate: SyncRate,
-    /// This node's health score, sent in heartbeat replies.
-    pub health: Arc<AtomicU8>,
+    /// This node's health score and signals, sent in heartbeat replies.
+    pub health: Arc<NodeHealth>,
 }
 
 /// Errors starting a server.
@@ -222,7 +233,7 @@ struct Shared {
     volumes: HashMap<String, Arc<Volume>>,
     secret: Vec<u8>,
     rate: SyncRate,
-    health: Arc<AtomicU8>,
+    health: Arc<NodeHealth>,
 }
 
 /// A running server.
@@ -250,11 +261,12 @@ impl Server {
             if volumes.contains_key(&v.name) {
                 return Err(ServerError::Duplicate(v.name.clone()));
             }
-            let store = Store::open(&v.path, v.size).map_err(|source| ServerError::Store {
-                name: v.name.clone(),
-                path: v.path.clone(),
-                source,
-            })?;
+            let store_err =
+                |source| ServerError::Store { name: v.name.clone(), path: v.path.clone(), source };
+            let mut store = Store::open(&v.path, v.size).map_err(store_err)?;
+            if v.direct_io {
+                store.set_direct_io().map_err(store_err)?;
+            }
             let meta_path = v.meta.clone().unwrap_or_else(|| default_meta_path(&v.path));
             if let Some(dir) = meta_path.parent() {
                 std::fs::create_dir_all(dir).map_err(|source| ServerError::Store {
@@ -544,7 +556,7 @@ fn dispatch(vol: &Arc<Volume>, shared: &Shared, flags: u16, msg: Message) -> (Me
         Message::Digests { grain, extents } => digests(vol, grain, &extents),
         Message::MarkDirty { offset, len } => dispatch_mark_dirty(vol, offset, len),
         Message::Heartbeat { seq, .. } => {
-            Message::HeartbeatAck { seq, health: shared.health.load(Ordering::Relaxed) }
+            Message::HeartbeatAck { seq, health: shared.health.score(), report: shared.health.report() }
         }
         Message::Status => Message::Json(vol.status().to_string()),
         Message::SyncBegin { source_gen } => {

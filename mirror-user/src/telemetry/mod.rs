@@ -53,6 +53,8 @@ impl TelemetryError {
 #[derive(Debug)]
 pub enum Source {
     Bpf(Box<bpf::Probe>),
+    /// The maps a running `mirror daemon` pinned in this directory (read only).
+    Pinned(PathBuf),
     Procfs,
 }
 
@@ -77,10 +79,29 @@ impl Source {
         }
     }
 
+    /// The node daemon's pinned maps when it runs (one set of programs per node, shared by
+    /// every process that needs the figures), else the /proc fallback, said once.
+    pub fn open_pinned(pin_dir: &std::path::Path) -> Self {
+        match bpf::read_pinned_all(pin_dir) {
+            Ok(_) => {
+                tracing::info!(pin_dir = %pin_dir.display(), "telemetry from the node daemon's pinned eBPF maps");
+                Self::Pinned(pin_dir.to_path_buf())
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "no pinned eBPF maps ({e}); telemetry from {FALLBACK}. Run `mirror daemon` \
+                     on this node (as root) for eBPF figures"
+                );
+                Self::Procfs
+            }
+        }
+    }
+
     /// Cumulative figures now.
     pub fn snapshot(&self) -> Result<collector::NodeSnapshot, TelemetryError> {
         match self {
             Self::Bpf(p) => p.snapshot(),
+            Self::Pinned(dir) => bpf::read_pinned_all(dir),
             Self::Procfs => {
                 let (blk, inflight) = diskstats::read_all()?;
                 Ok(collector::NodeSnapshot {
@@ -104,7 +125,7 @@ impl Source {
     /// Short name of the source for views and logs.
     pub fn name(&self) -> &'static str {
         match self {
-            Self::Bpf(_) => "ebpf",
+            Self::Bpf(_) | Self::Pinned(_) => "ebpf",
             Self::Procfs => "procfs",
         }
     }

@@ -2,7 +2,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{atomic::AtomicU8, Arc, RwLock},
+    sync::{Arc, RwLock},
 };
 
 use super::{
@@ -59,6 +59,8 @@ pub struct VolumeConfig {
     pub target_weight: u8,
     pub conns: usize,
     pub rate: SyncRate,
+    /// This node's health, sent by the embedded servers of local replicas.
+    pub node_health: Arc<crate::health::monitor::NodeHealth>,
 }
 
 /// An open mirrored volume: the router, and the embedded servers of local replicas.
@@ -85,10 +87,11 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
                         size: *size,
                         meta: None,
                         block_size: 4096,
+                        direct_io: false,
                     }],
                     secret: cfg.secret.clone(),
                     rate: cfg.rate,
-                    health: Arc::new(AtomicU8::new(100)),
+                    health: cfg.node_health.clone(),
                 })?;
                 let vol = server.volume(&cfg.name).expect("the server serves the volume it was given");
                 sizes.push(vol.store.size());

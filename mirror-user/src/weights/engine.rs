@@ -113,6 +113,15 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// Source health as far as it is worse than the target's: `100 - (target - source)` when the
+/// target is healthier, 100 when it is not; the source's own health when the target is unknown.
+pub fn relative(source: f64, target: Option<f64>) -> f64 {
+    match target {
+        Some(t) => (100.0 - (t - source).max(0.0)).clamp(0.0, 100.0),
+        None => source,
+    }
+}
+
 /// The engine.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -129,6 +138,8 @@ pub struct Engine {
     pin_until: Option<Duration>,
     /// Since when a lower share has been wanted without interruption.
     release_since: Option<Duration>,
+    /// The normal share at the last tick (0 unless reads are balanced).
+    floor: u8,
 }
 
 impl Engine {
@@ -145,6 +156,7 @@ impl Engine {
             ramp_start: None,
             pin_until: None,
             release_since: None,
+            floor: 0,
         }
     }
 
@@ -167,6 +179,10 @@ impl Engine {
         Decision { target_weight: w, mode, changed, reason }
     }
 
+    fn unchanged(&self, reason: &str) -> Decision {
+        Decision { target_weight: self.weight, mode: self.mode, changed: false, reason: reason.into() }
+    }
+
     /// Applies an operator command.
     pub fn command(&mut self, now: Duration, o: Override) -> Decision {
         match o {
@@ -180,9 +196,11 @@ impl Engine {
                 )
             }
             Override::Auto => {
+                // The engine decides from here: the normal share now, and the next tick raises it
+                // at once if the source needs help (fast attack).
                 self.pin_until = None;
-                let w = self.weight;
-                self.set(now, w, Mode::Normal, "operator returned to automatic weights".into())
+                self.release_since = None;
+                self.set(now, self.floor, Mode::Normal, "operator returned to automatic weights".into())
             }
             Override::ForceFailover => {
                 self.pin_until = None;
@@ -199,6 +217,24 @@ impl Engine {
 
     /// Feeds one sample taken at `now`; returns the (possibly unchanged) decision.
     pub fn tick(&mut self, now: Duration, s: Sample) -> Decision {
+        // The first tick starts the heartbeat clock: a source gets `heartbeat_timeout` to answer.
+        self.last_heartbeat.get_or_insert(now);
+        if let Policy::Seed(seed) = self.cfg.policy {
+            if let Some(h) = s.source_health {
+                self.last_heartbeat = Some(now);
+                self.holt.update(now, h);
+            }
+            if self.mode == Mode::Pinned && self.pin_until.is_none_or(|t| now < t) {
+                return self.unchanged("pinned");
+            }
+            self.pin_until = None;
+            let w = seed.target_weight(s.source_health.unwrap_or(0.0), s.target_health.unwrap_or(0.0));
+            return self.set(now, w, Mode::Normal, "seed formula".into());
+        }
+        // The adaptive policy judges the source against the target: what both suffer (a
+        // node-wide condition they share) is no reason to move reads.
+        let s = Sample { source_health: s.source_health.map(|h| relative(h, s.target_health)), ..s };
+        self.floor = self.normal_share(s);
         if let Some(h) = s.source_health {
             self.last_heartbeat = Some(now);
             self.holt.update(now, h);
@@ -207,7 +243,13 @@ impl Engine {
             match self.pin_until {
                 Some(t) if now >= t => {
                     self.pin_until = None;
-                    self.mode = Mode::Normal;
+                    self.release_since = None;
+                    return self.set(
+                        now,
+                        self.floor,
+                        Mode::Normal,
+                        "operator pin expired: automatic weights".into(),
+                    );
                 }
                 _ => {
                     return Decision {
@@ -218,10 +260,6 @@ impl Engine {
                     }
                 }
             }
-        }
-        if let Policy::Seed(seed) = self.cfg.policy {
-            let w = seed.target_weight(s.source_health.unwrap_or(0.0), s.target_health.unwrap_or(0.0));
-            return self.set(now, w, Mode::Normal, "seed formula".into());
         }
 
         // Automatic failover.
@@ -469,13 +507,31 @@ mod tests {
         let d = e.command(ms(100), Override::Pin { target: 30, until: Some(ms(1000)) });
         assert_eq!((d.target_weight, d.mode), (30, Mode::Pinned));
         assert_eq!(e.tick(ms(500), sample(95.0)).target_weight, 30, "pinned holds");
-        // Pin expired: back to automatic, where lowering the share waits for the release hold.
-        let w = run(&mut e, (0..70).map(|i| (1000 + i * 100, sample(95.0))));
-        assert_eq!(w[..45], [30; 45], "released only after the hold: {w:?}");
-        assert_eq!(*w.last().unwrap(), 0, "pin expired: back to automatic {w:?}");
+        // Pin expired: automatic at once (the operator's share is not the engine's to keep).
+        let d = e.tick(ms(1000), sample(95.0));
+        assert_eq!((d.target_weight, d.mode, d.changed), (0, Mode::Normal, true), "{d:?}");
+        // `auto` likewise hands over at once, and a degraded source gets its help at the next tick.
+        e.command(ms(1100), Override::Pin { target: 40, until: None });
+        assert_eq!(e.command(ms(1200), Override::Auto).target_weight, 0);
+        let w = run(&mut e, (0..20).map(|i| (1300 + i * 100, sample(45.0))));
+        assert!(*w.last().unwrap() >= 50, "{w:?}");
         assert_eq!(e.command(ms(4000), Override::ForceFailover).target_weight, 100);
         let d = e.command(ms(4100), Override::ForceFailback);
         assert_eq!(d.mode, Mode::Failback);
+    }
+
+    #[test]
+    fn a_condition_both_nodes_share_moves_nothing() {
+        let mut e = Engine::new(EngineConfig::default());
+        let both = |h: f64| Sample { source_health: Some(h), target_health: Some(h), ..sample(h) };
+        let w = run(&mut e, (0..100).map(|i| (i * 100, both(if i < 50 { 95.0 } else { 20.0 }))));
+        assert!(w.iter().all(|&x| x == 0), "{w:?}");
+        // The source alone at 20 against a healthy target: failover.
+        let d = e.tick(ms(10_100), Sample { target_health: Some(100.0), ..both(20.0) });
+        assert_eq!((d.target_weight, d.mode), (100, Mode::Failover));
+        assert_eq!(relative(60.0, Some(100.0)), 60.0);
+        assert_eq!(relative(60.0, Some(40.0)), 100.0);
+        assert_eq!(relative(60.0, None), 60.0);
     }
 
     #[test]

@@ -1,0 +1,391 @@
+//! The weighting loop of `mirror serve`: the one place where the decision room meets the data
+//! path. Every tick it builds one [`Sample`] from
+//! - each node's health, carried by heartbeats on a connection of their own (so a busy data path
+//!   does not delay them), or this node's own monitor for a local replica;
+//! - what the router saw on each replica's data path: a replica marked failed, new errors, and
+//!   latency against the replica's own baseline (the worse of node and data-path score counts);
+//!
+//! feeds it to the pure [`Engine`], and stores the decision in the router's weights (one atomic,
+//! read without locks by every read). Every change of weights is logged with its reason and kept
+//! in a short event list for `mirror ctl status` and the demo's timeline.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use super::engine::{Decision, Engine, EngineConfig, Mode, Override, Sample};
+use crate::{
+    health::{monitor::NodeHealth, score::falloff},
+    replication::protocol::Message,
+    volume::{
+        remote::RemotePool,
+        replica::{state_name, Location, Replica, FAILED, IN_SYNC},
+        router::Router,
+    },
+};
+
+/// Settings of the loop.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub engine: EngineConfig,
+    /// How often a sample is taken and heartbeats are sent.
+    pub tick: Duration,
+    /// Data-path latency at this multiple of the replica's baseline starts lowering its score...
+    pub datapath_ratio_good: f64,
+    /// ...and at this multiple it is 0.
+    pub datapath_ratio_bad: f64,
+    /// Start pinned at this target weight (`--target-weight`), instead of automatic.
+    pub initial_pin: Option<u8>,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            engine: EngineConfig::default(),
+            tick: Duration::from_millis(100),
+            datapath_ratio_good: 4.0,
+            datapath_ratio_bad: 40.0,
+            initial_pin: None,
+        }
+    }
+}
+
+/// What the loop knows of one node.
+#[derive(Debug, Clone, Default)]
+struct NodeView {
+    /// Latest heartbeat answer: score and report.
+    score: Option<u8>,
+    report: serde_json::Value,
+    /// When the latest heartbeat answer arrived.
+    seen: Option<Instant>,
+    /// The node could not be reached at the last attempt (refused, reset, closed).
+    unreachable: bool,
+    /// Data-path score from the router's latency figures, 0..=100.
+    datapath: Option<f64>,
+    /// Baseline of the data-path latency, microseconds.
+    baseline_us: Option<f64>,
+    /// Errors counted by the router at the previous tick.
+    errors_seen: u64,
+}
+
+#[derive(Debug)]
+struct View {
+    nodes: [NodeView; 2],
+    last: Decision,
+    events: VecDeque<serde_json::Value>,
+    changes: u64,
+}
+
+/// The running loop, shared with the control socket and the metrics endpoint.
+#[derive(Debug)]
+pub struct Driver {
+    router: Arc<Router>,
+    cfg: DriverConfig,
+    epoch: Instant,
+    engine: Mutex<Engine>,
+    local_health: Arc<NodeHealth>,
+    view: Mutex<View>,
+}
+
+/// How many weight changes `status` keeps.
+const EVENTS_KEPT: usize = 256;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Driver {
+    /// Starts the loop and the heartbeat tasks on the current tokio runtime.
+    pub fn start(router: Arc<Router>, cfg: DriverConfig, local_health: Arc<NodeHealth>) -> Arc<Driver> {
+        let mut engine = Engine::new(cfg.engine);
+        let epoch = Instant::now();
+        let first = match cfg.initial_pin {
+            Some(t) => engine.command(Duration::ZERO, Override::Pin { target: t, until: None }),
+            None => Decision {
+                target_weight: engine.weight(),
+                mode: engine.mode(),
+                changed: false,
+                reason: "start".into(),
+            },
+        };
+        router.weights.set_target(first.target_weight);
+        let d = Arc::new(Driver {
+            router,
+            cfg,
+            epoch,
+            engine: Mutex::new(engine),
+            local_health,
+            view: Mutex::new(View {
+                nodes: Default::default(),
+                last: first.clone(),
+                events: VecDeque::new(),
+                changes: 0,
+            }),
+        });
+        d.record(&first);
+        for i in 0..2 {
+            if let Location::Remote { addr, volume, secret, .. } = &d.router.replicas[i].location {
+                tokio::spawn(heartbeats(Arc::downgrade(&d), i, addr.clone(), volume.clone(), secret.clone()));
+            }
+        }
+        let weak = Arc::downgrade(&d);
+        let every = d.cfg.tick;
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_tick = Instant::now();
+            loop {
+                ticker.tick().await;
+                let Some(d) = weak.upgrade() else { return };
+                d.tick_once(last_tick);
+                last_tick = Instant::now();
+            }
+        });
+        d
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// One sample, one decision. `since` is the previous tick: heartbeats answered after it
+    /// count as this tick's.
+    fn tick_once(&self, since: Instant) {
+        let sample = {
+            let mut v = lock(&self.view);
+            for i in 0..2 {
+                self.observe_datapath(i, &mut v.nodes[i]);
+            }
+            let health = |i: usize, n: &NodeView| -> Option<f64> {
+                let node = match &self.router.replicas[i].location {
+                    Location::Local { .. } => Some(self.local_health.score() as f64),
+                    Location::Remote { .. } => n.seen.filter(|t| *t >= since).and(n.score).map(|s| s as f64),
+                };
+                node.map(|h| n.datapath.map_or(h, |d| h.min(d)))
+            };
+            let src = &self.router.replicas[0];
+            let n0 = &v.nodes[0];
+            Sample {
+                source_health: health(0, n0),
+                target_health: health(1, &v.nodes[1]),
+                source_errors: src.state() == FAILED || n0.unreachable || n0.errors_seen_now(src),
+                source_in_sync: src.state() == IN_SYNC,
+            }
+        };
+        // Counters seen: the next tick reports only new errors.
+        {
+            let mut v = lock(&self.view);
+            for i in 0..2 {
+                v.nodes[i].errors_seen =
+                    self.router.replicas[i].stats.errors.load(std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let d = lock(&self.engine).tick(self.now(), sample);
+        self.apply(d);
+    }
+
+    /// Updates a node's data-path score from the router's latency figures.
+    fn observe_datapath(&self, i: usize, n: &mut NodeView) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.router.replicas[i].stats;
+        let lat = s.read_lat_ewma_us.load(Relaxed).max(s.write_lat_ewma_us.load(Relaxed));
+        if lat == 0 {
+            return;
+        }
+        let lat = lat as f64;
+        let base = *n.baseline_us.get_or_insert(lat.max(50.0));
+        let ratio = lat / base;
+        if ratio < 2.0 {
+            // A slow moving baseline, learned only while latency is normal.
+            n.baseline_us = Some((base * 0.98 + lat * 0.02).max(50.0));
+        }
+        n.datapath = Some(falloff(ratio, self.cfg.datapath_ratio_good, self.cfg.datapath_ratio_bad));
+    }
+
+    /// Stores a decision in the router and, when it changed something, logs it.
+    fn apply(&self, d: Decision) {
+        self.router.weights.set_target(d.target_weight);
+        if d.changed {
+            self.record(&d);
+        }
+        lock(&self.view).last = d;
+    }
+
+    fn record(&self, d: &Decision) {
+        tracing::info!(
+            source = 100 - d.target_weight,
+            target = d.target_weight,
+            mode = ?d.mode,
+            reason = %d.reason,
+            "weights changed"
+        );
+        let mut v = lock(&self.view);
+        v.changes += 1;
+        let ev = serde_json::json!({
+            "t_ms": self.now().as_millis() as u64,
+            "target": d.target_weight,
+            "mode": format!("{:?}", d.mode),
+            "reason": d.reason,
+        });
+        if v.events.len() == EVENTS_KEPT {
+            v.events.pop_front();
+        }
+        v.events.push_back(ev);
+    }
+
+    /// Applies an operator command. Forcing a failover onto a target that is not in sync, or a
+    /// failback onto a source that is not, is refused (reads would not go there anyway).
+    pub fn command(&self, o: Override) -> Result<Decision, String> {
+        let [src, tgt] = &self.router.replicas;
+        match o {
+            Override::ForceFailover if tgt.state() != IN_SYNC => {
+                return Err(format!(
+                    "the target is {}; failing over to it would leave no replica in sync to read",
+                    state_name(tgt.state())
+                ))
+            }
+            Override::ForceFailback if src.state() != IN_SYNC => {
+                return Err(format!(
+                    "the source is {}; failback starts once it is resynced",
+                    state_name(src.state())
+                ))
+            }
+            _ => {}
+        }
+        let d = lock(&self.engine).command(self.now(), o);
+        tracing::info!(?o, "operator command");
+        let mut d2 = d.clone();
+        d2.changed = true;
+        self.apply(d2);
+        Ok(d)
+    }
+
+    /// Pins the target's weight, optionally for a while (then automatic again).
+    pub fn pin(&self, target: u8, for_: Option<Duration>) -> Result<Decision, String> {
+        let until = for_.map(|f| self.now() + f);
+        self.command(Override::Pin { target, until })
+    }
+
+    /// Status for `mirror ctl status` and metrics: the router's, plus mode, reason, per-node
+    /// health and signals, sync progress, and the recent weight changes.
+    pub async fn status_json(&self) -> serde_json::Value {
+        let mut st = self.router.status_json();
+        let (nodes, last, events, changes) = {
+            let v = lock(&self.view);
+            (v.nodes.clone(), v.last.clone(), v.events.iter().cloned().collect::<Vec<_>>(), v.changes)
+        };
+        let mut sync = [serde_json::Value::Null, serde_json::Value::Null];
+        for (i, slot) in sync.iter_mut().enumerate() {
+            let r = &self.router.replicas[i];
+            if r.state() != IN_SYNC {
+                // The survivor runs the resync job: its progress is this replica's.
+                let survivor = &self.router.replicas[1 - i];
+                if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), survivor.status()).await {
+                    *slot = s["job"].clone();
+                }
+            }
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            let r: &Replica = &self.router.replicas[i];
+            let local = matches!(r.location, Location::Local { .. });
+            let (score, report) = if local {
+                (Some(self.local_health.score()), serde_json::from_str(&self.local_health.report()).ok())
+            } else {
+                (n.score, Some(n.report.clone()))
+            };
+            let node = serde_json::json!({
+                "health": score,
+                "signals": report.as_ref().map(|r| r["signals"].clone()),
+                "telemetry": report.as_ref().map(|r| r["telemetry"].clone()),
+                "heartbeat_age_ms": if local { Some(0) } else { n.seen.map(|t| t.elapsed().as_millis() as u64) },
+                "reachable": local || !n.unreachable,
+                "datapath_score": n.datapath.map(|d| d.round()),
+                "sync": sync[i],
+            });
+            if let Some(obj) = st["replicas"][i].as_object_mut() {
+                obj.insert("node".into(), node);
+            }
+        }
+        if let Some(obj) = st.as_object_mut() {
+            obj.insert("mode".into(), format!("{:?}", last.mode).into());
+            obj.insert("reason".into(), last.reason.into());
+            obj.insert("weight_changes".into(), changes.into());
+            obj.insert("uptime_ms".into(), (self.now().as_millis() as u64).into());
+            obj.insert("events".into(), events.into());
+        }
+        st
+    }
+
+    /// The engine's current mode.
+    pub fn mode(&self) -> Mode {
+        lock(&self.view).last.mode
+    }
+}
+
+impl NodeView {
+    fn errors_seen_now(&self, r: &Replica) -> bool {
+        r.stats.errors.load(std::sync::atomic::Ordering::Relaxed) > self.errors_seen
+    }
+}
+
+/// Sends heartbeats to replica `i` every tick on a connection of their own, reconnecting when it
+/// breaks, and stores the answers in the driver's view.
+async fn heartbeats(d: std::sync::Weak<Driver>, i: usize, addr: String, volume: String, secret: Vec<u8>) {
+    let mut pool: Option<RemotePool> = None;
+    let mut seq = 0u64;
+    loop {
+        let Some(drv) = d.upgrade() else { return };
+        let every = drv.cfg.tick;
+        let timeout = drv.cfg.engine.heartbeat_timeout;
+        drop(drv);
+        let started = Instant::now();
+        if pool.as_ref().is_none_or(|p| p.is_broken()) {
+            pool = tokio::time::timeout(timeout, RemotePool::connect(&addr, &volume, &secret, 1))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|(p, _)| p);
+        }
+        let answer = match &pool {
+            Some(p) => {
+                seq += 1;
+                match tokio::time::timeout(timeout, p.call(Message::Heartbeat { seq, health: 0 }, 0)).await {
+                    Ok(Ok(Message::HeartbeatAck { health, report, .. })) => Ok(Some((health, report))),
+                    Ok(Ok(m)) => {
+                        tracing::debug!("unexpected heartbeat reply {m:?}");
+                        Ok(None)
+                    }
+                    Ok(Err(_)) => Err(()),
+                    // Slow, not gone: the engine's heartbeat timeout decides.
+                    Err(_) => Ok(None),
+                }
+            }
+            None => Err(()),
+        };
+        let Some(drv) = d.upgrade() else { return };
+        {
+            let mut v = lock(&drv.view);
+            let n = &mut v.nodes[i];
+            match answer {
+                Ok(Some((health, report))) => {
+                    n.score = Some(health);
+                    n.report = serde_json::from_str(&report).unwrap_or(serde_json::Value::Null);
+                    n.seen = Some(Instant::now());
+                    n.unreachable = false;
+                }
+                Ok(None) => {}
+                Err(()) => {
+                    if !n.unreachable {
+                        tracing::warn!(replica = drv.router.replicas[i].role, %addr, "node unreachable (heartbeat)");
+                    }
+                    n.unreachable = true;
+                    pool = None;
+                }
+            }
+        }
+        drop(drv);
+        tokio::time::sleep(every.saturating_sub(started.elapsed())).await;
+    }
+}
