@@ -1,6 +1,8 @@
 //! Integration tests live in `tests/`; see README. This library holds what the benchmark drivers
 //! in `src/bin/` share.
 
+pub mod scenario;
+
 pub mod bench {
     //! Helpers of the benchmark drivers (`bench-resync`, `bench-nbd`).
 

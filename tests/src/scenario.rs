@@ -1,0 +1,739 @@
+//! A two-node mirrored volume on one machine, with real processes, for the failover scenario
+//! tests, `cargo xtask bench failover` and `cargo xtask demo`:
+//! - the **source** node: a `mirror replica` process serving a loop device stacked on another
+//!   loop device (so a cgroup I/O throttle on the lower one shows as latency of the upper one, the
+//!   disk the node scores), with O_DIRECT, inside its own blkio cgroup;
+//! - the **target** node: a `mirror replica` process serving a file;
+//! - `mirror daemon` attaching the eBPF programs, pinned in a private directory both nodes read;
+//! - `mirror serve`: the router and its weighting engine, NBD on a free port;
+//! - a verifying workload (fio's nbd engine, `--verify=crc32c`) and a recorder of the timeline.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::bench::{free_port, Kill};
+
+/// Settings of a cluster.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// The `mirror` binary.
+    pub bin: PathBuf,
+    /// Volume size.
+    pub size: u64,
+    /// HTTP probe URLs the source node checks.
+    pub source_probes: Vec<String>,
+    pub failback_hold: Duration,
+    pub ramp: Duration,
+    /// Extra arguments of `mirror serve`.
+    pub serve_args: Vec<String>,
+}
+
+impl Opts {
+    pub fn new(bin: PathBuf) -> Opts {
+        Opts {
+            bin,
+            size: 64 << 20,
+            source_probes: Vec::new(),
+            failback_hold: Duration::from_secs(3),
+            ramp: Duration::from_secs(5),
+            serve_args: Vec::new(),
+        }
+    }
+}
+
+/// Why the cluster cannot run here (not root, no loop devices, no cgroup I/O controller).
+pub fn unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (loop devices, cgroups, eBPF)".into());
+    }
+    if !Path::new("/sys/fs/cgroup/blkio/blkio.throttle.write_iops_device").exists()
+        && !std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default().contains("io")
+    {
+        return Some("no cgroup v1 blkio or v2 io controller to throttle the source disk".into());
+    }
+    for tool in ["losetup", "fio"] {
+        if !Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return Some(format!("{tool} is not installed (cargo xtask setup)"));
+        }
+    }
+    None
+}
+
+/// A loop device, detached on drop.
+#[derive(Debug)]
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(backing: &Path, direct: bool) -> Result<Loop> {
+        if !Path::new("/dev/loop-control").exists() {
+            let _ = Command::new("modprobe").arg("loop").status();
+        }
+        let out = Command::new("losetup")
+            .args(["-f", "--show", if direct { "--direct-io=on" } else { "--direct-io=off" }])
+            .arg(backing)
+            .output()
+            .context("losetup")?;
+        if !out.status.success() {
+            bail!("losetup {}: {}", backing.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Loop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+fn major_minor(dev: &Path) -> Result<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(dev)?.rdev();
+    Ok((libc::major(rdev), libc::minor(rdev)))
+}
+
+/// The source node's cgroup: its I/O to the lower loop device can be throttled.
+#[derive(Debug)]
+struct Cgroup {
+    dir: PathBuf,
+    v2: bool,
+    dev: (u32, u32),
+}
+
+impl Cgroup {
+    fn new(dev: &Path) -> Result<Cgroup> {
+        let name = format!("mirror-scenario-{}-{}", std::process::id(), free_port()?);
+        let v1 = Path::new("/sys/fs/cgroup/blkio");
+        let (dir, v2) = if v1.join("blkio.throttle.write_iops_device").exists() {
+            (v1.join(&name), false)
+        } else {
+            let root = Path::new("/sys/fs/cgroup");
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+io");
+            (root.join(&name), true)
+        };
+        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        Ok(Cgroup { dir, v2, dev: major_minor(dev)? })
+    }
+
+    /// Limits read and write IOPS of the device (None: no limit).
+    fn throttle(&self, iops: Option<u32>) -> Result<()> {
+        let (ma, mi) = self.dev;
+        if self.v2 {
+            let v = iops.map_or("max".to_string(), |i| i.to_string());
+            std::fs::write(self.dir.join("io.max"), format!("{ma}:{mi} riops={v} wiops={v}"))?;
+        } else {
+            let v = iops.unwrap_or(0);
+            for f in ["blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device"] {
+                std::fs::write(self.dir.join(f), format!("{ma}:{mi} {v}"))
+                    .with_context(|| format!("write {f}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = self.throttle(None);
+        // The members have exited by now (the cluster kills them first).
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A `mirror replica` process that can be killed and restarted with the same arguments.
+#[derive(Debug)]
+pub struct Node {
+    bin: PathBuf,
+    args: Vec<String>,
+    cgroup_procs: Option<PathBuf>,
+    child: Option<Kill>,
+    log: PathBuf,
+    pub addr: String,
+    /// What the node serves (for digests).
+    pub data: PathBuf,
+}
+
+impl Node {
+    fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = match &self.cgroup_procs {
+            Some(procs) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("echo $$ > {} && exec \"$0\" \"$@\"", procs.display()))
+                    .arg(&self.bin)
+                    .args(&self.args);
+                c
+            }
+            None => {
+                let mut c = Command::new(&self.bin);
+                c.args(&self.args);
+                c
+            }
+        };
+        let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().context("start mirror replica")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        if !line.starts_with("listening on") {
+            let _ = child.kill();
+            bail!("replica did not start (see {}): {line}", self.log.display());
+        }
+        self.child = Some(Kill(child));
+        Ok(())
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        self.child = None;
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.start()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.0.id())
+    }
+}
+
+/// The whole cluster; everything is stopped and removed on drop.
+pub struct Cluster {
+    pub dir: PathBuf,
+    bin: PathBuf,
+    secret: PathBuf,
+    pub ctl: PathBuf,
+    pub nbd: String,
+    pub source: Node,
+    pub target: Node,
+    serve: Option<Kill>,
+    daemon: Option<Kill>,
+    pin_dir: PathBuf,
+    cgroup: Cgroup,
+    loops: Vec<Loop>,
+    pub epoch: Instant,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cluster({})", self.dir.display())
+    }
+}
+
+fn mirror_out(bin: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin).args(args).output()?;
+    if !out.status.success() {
+        bail!("mirror {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Cluster {
+    /// Builds and starts everything; returns when NBD is listening and the engine runs.
+    pub fn start(o: &Opts) -> Result<Cluster> {
+        let dir =
+            std::env::temp_dir().join(format!("mirror-scenario-{}-{}", std::process::id(), free_port()?));
+        std::fs::create_dir_all(&dir)?;
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "scenario-secret-0123456789abcdef\n")?;
+        // Source disk: file -> lower loop -> upper loop (O_DIRECT to the lower one).
+        let s_img = dir.join("source.img");
+        std::fs::File::create(&s_img)?.set_len(o.size)?;
+        let lower = Loop::attach(&s_img, false)?;
+        let upper = Loop::attach(&lower.0, true)?;
+        let cgroup = Cgroup::new(&lower.0)?;
+        let t_img = dir.join("target.img");
+        std::fs::File::create(&t_img)?.set_len(o.size)?;
+
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mirror-scenario-{}", std::process::id()));
+        let mut daemon = Command::new(&o.bin)
+            .args(["daemon", "--quiet", "--interval", "1s", "--pin-dir"])
+            .arg(&pin_dir)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("daemon.log"))?)
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(daemon.stdout.take().expect("piped")).read_line(&mut line)?;
+        let daemon = Some(Kill(daemon));
+
+        let node = |name: &str,
+                    vol: &Path,
+                    cfg: String,
+                    procs: Option<PathBuf>,
+                    probes: &[String]|
+         -> Result<Node> {
+            let port = free_port()?;
+            let conf = dir.join(format!("{name}.toml"));
+            std::fs::write(&conf, cfg)?;
+            let mut args: Vec<String> = vec![
+                "replica".into(),
+                "--config".into(),
+                conf.display().to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--secret-file".into(),
+                secret.display().to_string(),
+                "--pin-dir".into(),
+                pin_dir.display().to_string(),
+                "--direct-io".into(),
+            ];
+            for p in probes {
+                args.extend(["--probe".into(), format!("{p},timeout=200ms")]);
+            }
+            let mut n = Node {
+                bin: o.bin.clone(),
+                args,
+                cgroup_procs: procs,
+                child: None,
+                log: dir.join(format!("{name}.log")),
+                addr: format!("127.0.0.1:{port}"),
+                data: vol.to_path_buf(),
+            };
+            n.start()?;
+            Ok(n)
+        };
+        let vol_cfg = |path: &Path, meta: &Path| {
+            format!(
+                "[[volume]]\nname = \"v\"\npath = \"{}\"\nmeta = \"{}\"\n",
+                path.display(),
+                meta.display()
+            )
+        };
+        let source = node(
+            "source",
+            &upper.0,
+            vol_cfg(&upper.0, &dir.join("source.meta")),
+            Some(cgroup.procs()),
+            &o.source_probes,
+        )?;
+        let target = node("target", &t_img, vol_cfg(&t_img, &dir.join("target.meta")), None, &[])?;
+        let sec = secret.display().to_string();
+        mirror_out(
+            &o.bin,
+            &[
+                "sync",
+                "--node",
+                &source.addr,
+                "--peer",
+                &target.addr,
+                "--volume",
+                "v",
+                "--secret-file",
+                &sec,
+                "--json",
+            ],
+        )
+        .context("initial sync")?;
+
+        let ctl = dir.join("ctl.sock");
+        let mut serve = Command::new(&o.bin);
+        serve
+            .args(["serve", "--volume", "v", "--nbd", "127.0.0.1:0", "--secret-file", &sec])
+            .arg(format!("--source=remote:{}", source.addr))
+            .arg(format!("--target=remote:{}", target.addr))
+            .arg("--ctl-socket")
+            .arg(&ctl)
+            .arg(format!("--failback-hold={}ms", o.failback_hold.as_millis()))
+            .arg(format!("--ramp={}ms", o.ramp.as_millis()))
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args(&o.serve_args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("serve.log"))?);
+        let mut serve = serve.spawn()?;
+        let mut line = String::new();
+        BufReader::new(serve.stdout.take().expect("piped")).read_line(&mut line)?;
+        let nbd = line.trim().strip_prefix("nbd listening on ").map(str::to_string).ok_or_else(|| {
+            anyhow::anyhow!("serve did not start (see {}): {line}", dir.join("serve.log").display())
+        })?;
+        let c = Cluster {
+            dir,
+            bin: o.bin.clone(),
+            secret,
+            ctl,
+            nbd,
+            source,
+            target,
+            serve: Some(Kill(serve)),
+            daemon,
+            pin_dir,
+            cgroup,
+            loops: vec![upper, lower],
+            epoch: Instant::now(),
+        };
+        // The engine has heard from both nodes.
+        c.wait_for("both nodes answering", Duration::from_secs(10), |s| {
+            (0..2).all(|i| s["replicas"][i]["node"]["heartbeat_age_ms"].as_u64().is_some_and(|a| a < 1000))
+        })?;
+        Ok(c)
+    }
+
+    /// `mirror ctl status --json`.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out =
+            mirror_out(&self.bin, &["ctl", "--socket", &self.ctl.display().to_string(), "status", "--json"])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let sock = self.ctl.display().to_string();
+        let mut all = vec!["ctl", "--socket", &sock];
+        all.extend_from_slice(args);
+        mirror_out(&self.bin, &all)
+    }
+
+    /// Polls the status until `pred` holds; returns the time it took.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<Duration> {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(s) = self.status() {
+                if pred(&s) {
+                    return Ok(t0.elapsed());
+                }
+            }
+            if t0.elapsed() > limit {
+                bail!(
+                    "timed out after {limit:?} waiting for {what}; status: {:#}",
+                    self.status().unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Throttles the source disk to `iops` (None: unthrottled).
+    pub fn throttle_source(&self, iops: Option<u32>) -> Result<()> {
+        self.cgroup.throttle(iops)
+    }
+
+    /// Digests of the two replicas' data.
+    pub fn digests(&self) -> Result<(u128, u128)> {
+        Ok((crate::bench::file_digest(&self.source.data)?, crate::bench::file_digest(&self.target.data)?))
+    }
+
+    /// The serve log (for failure messages).
+    pub fn serve_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+    }
+
+    /// Stops serve (SIGTERM, so it flushes), then the nodes.
+    pub fn stop_serve(&mut self) {
+        if let Some(k) = self.serve.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(k.0.id() as i32, libc::SIGTERM) };
+            let mut k = k;
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = k.0.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// The secret file (for `mirror sync` / `status` against the nodes).
+    pub fn secret(&self) -> &Path {
+        &self.secret
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_serve();
+        self.source.kill();
+        self.target.kill();
+        self.daemon = None;
+        self.loops.clear();
+        if std::env::var_os("MIRROR_KEEP_SCENARIO").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// fio through NBD with `--verify=crc32c`, run back to back until stopped.
+#[derive(Debug)]
+pub struct Workload {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<WorkloadResult>>,
+    /// Completed fio runs so far.
+    pub runs: Arc<AtomicU64>,
+}
+
+/// What the workload saw.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadResult {
+    pub runs: u64,
+    /// I/O errors fio reported (sum of `err=`), plus one per failed fio run.
+    pub failed_ios: u64,
+    /// Output of fio runs that reported errors.
+    pub failures: Vec<String>,
+}
+
+impl Workload {
+    /// `rw` is `randwrite` (verify after each write backlog) or `randrw`.
+    pub fn start(nbd: &str, size_mib: u64, rate_iops: Option<u32>) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let runs = Arc::new(AtomicU64::new(0));
+        let (st, rn, uri) = (stop.clone(), runs.clone(), format!("nbd://{nbd}/"));
+        let thread = std::thread::spawn(move || {
+            let mut r = WorkloadResult::default();
+            let mut k = 0u64;
+            while !st.load(Ordering::Relaxed) {
+                k += 1;
+                let mut cmd = Command::new("fio");
+                cmd.args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=8"])
+                    .arg(format!("--size={size_mib}M"))
+                    .arg(format!("--offset={}M", 0))
+                    .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_backlog=64"])
+                    .args(["--randrepeat=0", "--verify_state_save=0", "--io_size=8M"])
+                    .arg(format!("--uri={uri}"));
+                if let Some(i) = rate_iops {
+                    cmd.arg(format!("--rate_iops={i}"));
+                }
+                let out = cmd.output();
+                let Ok(out) = out else {
+                    r.failed_ios += 1;
+                    r.failures.push("fio did not start".into());
+                    break;
+                };
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let errs = fio_errors(&text);
+                if !out.status.success() || errs > 0 {
+                    r.failed_ios += errs.max(1);
+                    r.failures.push(format!("run {k}: {text}\n{}", String::from_utf8_lossy(&out.stderr)));
+                }
+                r.runs += 1;
+                rn.fetch_add(1, Ordering::Relaxed);
+            }
+            r
+        });
+        Workload { stop, thread: Some(thread), runs }
+    }
+
+    /// Lets the current fio run finish and returns the totals.
+    pub fn finish(mut self) -> WorkloadResult {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Sum of fio's `err=` counts.
+pub fn fio_errors(text: &str) -> u64 {
+    text.match_indices("err=")
+        .filter_map(|(i, _)| {
+            text[i + 4..].trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// An HTTP endpoint answering 200 or 503, switchable; for application probes.
+#[derive(Debug)]
+pub struct ProbeServer {
+    pub url: String,
+    pub healthy: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ProbeServer {
+    pub fn start() -> Result<ProbeServer> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let url = format!("http://{}/health", l.local_addr()?);
+        l.set_nonblocking(true)?;
+        let healthy = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, st) = (healthy.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                        let mut buf = [0u8; 1024];
+                        let _ = s.read(&mut buf);
+                        let (code, body) = if h.load(Ordering::Relaxed) {
+                            ("200 OK", "ok")
+                        } else {
+                            ("503 Service Unavailable", "down")
+                        };
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 {code}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(ProbeServer { url, healthy, stop })
+    }
+}
+
+impl Drop for ProbeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One point of the timeline.
+#[derive(Debug, Clone)]
+pub struct Point {
+    pub t: f64,
+    pub target_weight: u8,
+    pub mode: String,
+    pub health: [Option<f64>; 2],
+    /// Data-path latency (mean of reads and writes, EWMA) per replica, microseconds.
+    pub latency_us: [f64; 2],
+    pub reads: [u64; 2],
+}
+
+/// Polls the cluster's status every `every` in a thread; events are marked by the caller.
+#[derive(Debug)]
+pub struct Recorder {
+    stop: Arc<AtomicBool>,
+    pub points: Arc<Mutex<Vec<Point>>>,
+    pub events: Arc<Mutex<Vec<(f64, String)>>>,
+    epoch: Instant,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Recorder {
+    pub fn start(bin: &Path, ctl: &Path, every: Duration) -> Recorder {
+        let stop = Arc::new(AtomicBool::new(false));
+        let points = Arc::new(Mutex::new(Vec::new()));
+        let epoch = Instant::now();
+        let (st, pts, bin, sock) =
+            (stop.clone(), points.clone(), bin.to_path_buf(), ctl.display().to_string());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                if let Ok(out) = mirror_out(&bin, &["ctl", "--socket", &sock, "status", "--json"]) {
+                    if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out) {
+                        let r = |i: usize| &s["replicas"][i];
+                        let lat = |i: usize| {
+                            let (a, b) = (
+                                r(i)["read_latency_us"].as_f64().unwrap_or(0.0),
+                                r(i)["write_latency_us"].as_f64().unwrap_or(0.0),
+                            );
+                            a.max(b)
+                        };
+                        let health = |i: usize| {
+                            if r(i)["node"]["reachable"] == false {
+                                None
+                            } else {
+                                r(i)["node"]["health"].as_f64()
+                            }
+                        };
+                        pts.lock().unwrap_or_else(|e| e.into_inner()).push(Point {
+                            t: epoch.elapsed().as_secs_f64(),
+                            target_weight: s["weights"]["target"].as_u64().unwrap_or(0) as u8,
+                            mode: s["mode"].as_str().unwrap_or("?").to_string(),
+                            health: [health(0), health(1)],
+                            latency_us: [lat(0), lat(1)],
+                            reads: [r(0)["reads"].as_u64().unwrap_or(0), r(1)["reads"].as_u64().unwrap_or(0)],
+                        });
+                    }
+                }
+                std::thread::sleep(every.saturating_sub(t0.elapsed()));
+            }
+        });
+        Recorder { stop, points, events: Arc::new(Mutex::new(Vec::new())), epoch, thread: Some(thread) }
+    }
+
+    /// Marks an event now; returns its time.
+    pub fn mark(&self, what: &str) -> f64 {
+        let t = self.epoch.elapsed().as_secs_f64();
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).push((t, what.to_string()));
+        t
+    }
+
+    pub fn points(&self) -> Vec<Point> {
+        self.points.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Number of times the target weight changed direction in a series of weights.
+pub fn reversals(weights: impl IntoIterator<Item = u8>) -> u32 {
+    let mut last: Option<u8> = None;
+    let mut dir = 0i8;
+    let mut n = 0;
+    for w in weights {
+        if let Some(l) = last {
+            let d = (w as i16 - l as i16).signum() as i8;
+            if d != 0 {
+                if dir != 0 && d != dir {
+                    n += 1;
+                }
+                dir = d;
+            }
+        }
+        last = Some(w);
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_fio_errors_and_reversals() {
+        assert_eq!(super::fio_errors("verify: (groupid=0, jobs=1): err= 0: pid=1"), 0);
+        assert_eq!(super::fio_errors("a: err= 5: pid\nb: err=2 (file"), 7);
+        assert_eq!(super::reversals([0, 0, 30, 30, 100, 100]), 0);
+        assert_eq!(super::reversals([0, 30, 0, 30]), 2);
+        assert_eq!(super::reversals([0, 100, 80, 60, 0]), 1);
+    }
+}
