@@ -2,6 +2,7 @@
 //! in `src/bin/` share.
 
 pub mod scenario;
+pub mod timeline;
 
 pub mod bench {
     //! Helpers of the benchmark drivers (`bench-resync`, `bench-nbd`).

@@ -737,3 +737,137 @@ mod tests {
         assert_eq!(super::reversals([0, 100, 80, 60, 0]), 1);
     }
 }
+
+fn target_weight(s: &serde_json::Value) -> u64 {
+    s["weights"]["target"].as_u64().unwrap_or(0)
+}
+
+/// Scenario (a): the source disk gets slow (cgroup throttle to `iops`) under a verifying
+/// workload.
+#[derive(Debug, Clone)]
+pub struct DegradeResult {
+    /// Seconds from the throttle until the target weight reached 90 (None: not within 10 s).
+    pub shift_s: Option<f64>,
+    /// Direction changes of the weights in the 5 s after, while the disk stays slow.
+    pub reversals: u32,
+    /// Lowest target weight in those 5 s.
+    pub min_after: u8,
+    pub failed_ios: u64,
+    pub failures: Vec<String>,
+}
+
+pub fn scenario_a(o: &Opts, iops: u32) -> Result<DegradeResult> {
+    let c = Cluster::start(o)?;
+    let w = Workload::start(&c.nbd, 48, None);
+    // Let the source's monitor learn its disk's baseline under the workload.
+    std::thread::sleep(Duration::from_secs(4));
+    let mut rec = Recorder::start(&o.bin, &c.ctl, Duration::from_millis(100));
+    let t0 = rec.mark("throttle");
+    c.throttle_source(Some(iops))?;
+    let shift = c.wait_for("target weight >= 90", Duration::from_secs(10), |s| target_weight(s) >= 90).ok();
+    let from = t0 + shift.map_or(0.0, |d| d.as_secs_f64());
+    std::thread::sleep(Duration::from_secs(5));
+    rec.stop();
+    let after: Vec<u8> = rec.points().iter().filter(|p| p.t >= from).map(|p| p.target_weight).collect();
+    c.throttle_source(None)?;
+    let r = w.finish();
+    Ok(DegradeResult {
+        shift_s: shift.map(|d| d.as_secs_f64()),
+        reversals: reversals(after.iter().copied()),
+        min_after: after.iter().copied().min().unwrap_or(0),
+        failed_ios: r.failed_ios,
+        failures: r.failures,
+    })
+}
+
+/// Scenarios (b) and (c): SIGKILL the source under a verifying workload, restart it, wait for
+/// resync and failback.
+#[derive(Debug, Clone)]
+pub struct KillResult {
+    /// Seconds from the kill until the target weight was 100.
+    pub failover_s: f64,
+    /// Seconds from the restart until failback completed (source in sync, weights normal).
+    pub failback_s: f64,
+    pub failed_ios: u64,
+    pub failures: Vec<String>,
+    pub replicas_identical: bool,
+    /// Reasons of the weight changes, in order.
+    pub events: Vec<String>,
+}
+
+pub fn scenario_bc(o: &Opts) -> Result<KillResult> {
+    let mut c = Cluster::start(o)?;
+    let w = Workload::start(&c.nbd, 48, None);
+    std::thread::sleep(Duration::from_secs(2));
+    c.source.kill();
+    let failover = c.wait_for("target 100", Duration::from_secs(5), |s| target_weight(s) == 100)?;
+    std::thread::sleep(Duration::from_secs(2));
+    c.source.restart()?;
+    let back = c
+        .wait_for("failback complete", Duration::from_secs(120), |s| {
+            s["replicas"][0]["state"] == "in-sync" && s["mode"] == "Normal" && target_weight(s) == 0
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.serve_log()))?;
+    let status = c.status()?;
+    let r = w.finish();
+    c.stop_serve();
+    let (a, b) = c.digests()?;
+    Ok(KillResult {
+        failover_s: failover.as_secs_f64(),
+        failback_s: back.as_secs_f64(),
+        failed_ios: r.failed_ios,
+        failures: r.failures,
+        replicas_identical: a == b,
+        events: status["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["reason"].as_str().map(str::to_string))
+            .collect(),
+    })
+}
+
+/// Scenario (d): the source's health oscillates around the "good" line for `secs` (one of two
+/// application probes flips every 2 s).
+#[derive(Debug, Clone)]
+pub struct OscillationResult {
+    /// Direction changes of the target weight.
+    pub reversals: u32,
+    /// Times the source health crossed 80 (either way), as the router saw it.
+    pub crossings: usize,
+    pub weights: Vec<u8>,
+    pub health: Vec<u8>,
+    pub failed_ios: u64,
+    pub failures: Vec<String>,
+}
+
+pub fn scenario_d(o: &Opts, secs: u64) -> Result<OscillationResult> {
+    let steady = ProbeServer::start()?;
+    let flappy = ProbeServer::start()?;
+    let mut o = o.clone();
+    o.source_probes = vec![steady.url.clone(), flappy.url.clone()];
+    let c = Cluster::start(&o)?;
+    let w = Workload::start(&c.nbd, 48, Some(500));
+    std::thread::sleep(Duration::from_secs(3));
+    let mut rec = Recorder::start(&o.bin, &c.ctl, Duration::from_millis(100));
+    let t0 = Instant::now();
+    let mut healthy = true;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        healthy = !healthy;
+        flappy.healthy.store(healthy, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    rec.stop();
+    let r = w.finish();
+    let pts = rec.points();
+    let weights: Vec<u8> = pts.iter().map(|p| p.target_weight).collect();
+    let health: Vec<u8> = pts.iter().map(|p| p.health[0].unwrap_or(0.0) as u8).collect();
+    Ok(OscillationResult {
+        reversals: reversals(weights.iter().copied()),
+        crossings: health.windows(2).filter(|w| (w[0] >= 80) != (w[1] >= 80)).count(),
+        weights,
+        health,
+        failed_ios: r.failed_ios,
+        failures: r.failures,
+    })
+}

@@ -6,10 +6,7 @@ mod setup;
 mod util;
 mod vm;
 
-use std::{
-    process::{Command, ExitCode},
-    time::Duration,
-};
+use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -42,10 +39,12 @@ enum Cmd {
     },
     /// Boot the Debian 6.12 kernel with virtme-ng and run the tests that need it (ublk, ...).
     VmTest,
-    /// Run a benchmark: `resync` (sync/resync vs rsync) or `ebpf` (overhead of the telemetry
-    /// programs). Prints a table of ratios and writes target/bench/<name>.json.
+    /// Run a benchmark: `resync` (sync/resync vs rsync), `nbd` (router + NBD vs nbdkit and
+    /// qemu-nbd), `ebpf` (overhead of the telemetry programs) or `failover` (issue 7's scenarios,
+    /// adaptive policy vs the seed formula). Prints a table of ratios and writes
+    /// target/bench/<name>.json. Arguments after `--` go to the benchmark driver.
     Bench {
-        /// Which benchmark: resync, ebpf.
+        /// Which benchmark: resync, nbd, ebpf, failover.
         name: String,
         /// ebpf: pairs of runs without / with the programs.
         #[arg(long, default_value_t = 8)]
@@ -65,8 +64,8 @@ enum Cmd {
     },
     /// The main job on embedded defaults, on this machine.
     Demo {
-        /// How long the live part runs.
-        #[arg(long, default_value_t = 15)]
+        /// Seconds of each calm phase of the story (the whole demo takes about 10x this).
+        #[arg(long, default_value_t = 6)]
         seconds: u64,
     },
 }
@@ -184,69 +183,45 @@ fn vm_test_only() -> Result<()> {
     Ok(())
 }
 
-/// Until the mirrored volume lands, the main job is the node telemetry, live: the daemon attaches
-/// the eBPF programs while a real workload runs on a loop device.
-fn demo(seconds: u64) -> Result<()> {
+/// The main job: the whole product on one machine (see tests/src/bin/demo.rs). It needs root
+/// (loop devices, a cgroup to slow the source disk, eBPF); without root it says so and shows
+/// what an unprivileged node can: its /proc telemetry.
+fn demo(phase_seconds: u64) -> Result<()> {
     setup_if_possible()?;
-    build::build(false)?;
-    let bin = build::mirror_bin(false);
     if !is_root() {
-        eprintln!("xtask: demo: not root, so no loop device and no eBPF: showing /proc/diskstats");
-        return run(Command::new(&bin).args(["daemon", "--no-bpf", "--for"]).arg(format!("{seconds}s")));
+        eprintln!(
+            "xtask: demo: the mirrored-volume demo needs root (loop devices, cgroup I/O throttle, \
+             eBPF); run `sudo cargo xtask demo`. Meanwhile, this node's /proc telemetry:"
+        );
+        build::build(false)?;
+        let bin = build::mirror_bin(false);
+        return run(Command::new(&bin).args(["daemon", "--no-bpf", "--for", "5s"]));
     }
     mount_kernel_fs();
-    let dir = std::path::Path::new("/tmp/mirror-demo");
-    std::fs::create_dir_all(dir)?;
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)?.set_len(256 << 20)?;
-    let out = Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&img).output()?;
-    anyhow::ensure!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    eprintln!("xtask: demo: {dev} backed by {}; daemon live view for {seconds}s", img.display());
-    let mut daemon = Command::new(&bin)
-        .args(["daemon", "--interval", "1s", "--for"])
-        .arg(format!("{}s", seconds + 1))
-        .spawn()?;
-    std::thread::sleep(Duration::from_secs(1));
-    let workload = if util::which("fio").is_some() {
-        run(Command::new("fio").args([
-            "--name=demo",
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=randrw",
-            "--rwmixread=70",
-            "--bs=4k",
-            "--iodepth=16",
-            "--time_based",
-            "--group_reporting",
-            "--filename",
-            &dev,
-            "--runtime",
-            &format!("{}", seconds.saturating_sub(2).max(1)),
-        ]))
-    } else {
-        run(Command::new("dd").args([
-            "if=/dev/zero",
-            &format!("of={dev}"),
-            "bs=4k",
-            "count=20000",
-            "oflag=direct",
-        ]))
-    };
-    let status = daemon.wait()?;
-    let _ = Command::new("losetup").args(["-d", &dev]).status();
-    workload?;
-    anyhow::ensure!(status.success(), "daemon exited with {status}");
-    Ok(())
+    build::build(true)?;
+    run(&mut build::cargo(&["build", "--release", "-p", "mirror-tests", "--bin", "demo"]))?;
+    let root = util::root();
+    run(Command::new(root.join("target/release/demo"))
+        .current_dir(&root)
+        .arg("--mirror-bin")
+        .arg(build::mirror_bin(true))
+        .arg("--out-dir")
+        .arg(root.join("target/demo"))
+        .arg("--phase-seconds")
+        .arg(phase_seconds.to_string()))
 }
 
 /// Benchmarks available to `cargo xtask bench`.
-const BENCHES: &[&str] = &["resync", "nbd", "ebpf"];
+const BENCHES: &[&str] = &["resync", "nbd", "ebpf", "failover"];
 
 fn bench_other(name: &str, args: &[String]) -> Result<()> {
     match name {
-        "resync" | "nbd" => {
-            let need = if name == "resync" { "rsync" } else { "nbdkit" };
+        "resync" | "nbd" | "failover" => {
+            let need = match name {
+                "resync" => "rsync",
+                "nbd" => "nbdkit",
+                _ => "fio",
+            };
             if util::which(need).is_none() {
                 setup_if_possible()?;
             }

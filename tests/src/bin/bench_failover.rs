@@ -1,0 +1,182 @@
+//! `cargo xtask bench failover`: issue 7's scenarios with real processes (see
+//! `mirror_tests::scenario`), for the default adaptive policy and, as the peer measured in the
+//! same run, the seed formula (`--policy seed`: source health x 0.6, target health x 0.4):
+//! (a) source disk throttled: seconds until the target weight reaches 90, reversals after;
+//! (b) SIGKILL of the source under fio verify: seconds until the target weight is 100;
+//! (c) the source restarted: resync, failback, fio errors, replicas identical;
+//! (d) health oscillating around the "good" line: direction changes of the weights.
+//! Rounds of (a) alternate which policy goes first; the table and `target/bench/failover.json`
+//! report medians.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use mirror_tests::{
+    bench::median,
+    scenario::{self, Opts},
+};
+
+struct Args {
+    mirror: PathBuf,
+    out: PathBuf,
+    rounds: usize,
+    oscillation_secs: u64,
+    throttle_iops: u32,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        mirror: PathBuf::from("target/release/mirror"),
+        out: PathBuf::from("target/bench/failover.json"),
+        rounds: 3,
+        oscillation_secs: 60,
+        throttle_iops: 100,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--mirror-bin" => a.mirror = v.into(),
+            "--out" => a.out = v.into(),
+            "--rounds" => a.rounds = v.parse()?,
+            "--oscillation-secs" => a.oscillation_secs = v.parse()?,
+            "--throttle-iops" => a.throttle_iops = v.parse()?,
+            _ => {
+                bail!("unknown flag {k} (--mirror-bin, --out, --rounds, --oscillation-secs, --throttle-iops)")
+            }
+        }
+    }
+    anyhow::ensure!(a.rounds >= 1, "--rounds must be at least 1");
+    Ok(a)
+}
+
+fn opts(a: &Args, seed: bool) -> Opts {
+    let mut o = Opts::new(a.mirror.clone());
+    o.failback_hold = Duration::from_secs(2);
+    o.ramp = Duration::from_secs(3);
+    if seed {
+        o.serve_args = vec!["--policy".into(), "seed".into()];
+    }
+    o
+}
+
+fn fmt(x: Option<f64>) -> String {
+    x.map_or("never".into(), |v| format!("{v:.2}"))
+}
+
+fn main() -> Result<()> {
+    let a = parse_args()?;
+    if let Some(why) = scenario::unavailable() {
+        bail!("cannot run the failover benchmark: {why}");
+    }
+    let (mut shift, mut shift_seed) = (Vec::new(), Vec::new());
+    let (mut rev_a, mut rev_a_seed) = (Vec::new(), Vec::new());
+    let (mut failover, mut failback) = (Vec::new(), Vec::new());
+    let mut failed_ios = 0u64;
+    let mut identical = true;
+    for round in 0..a.rounds {
+        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        for seed in order {
+            let r = scenario::scenario_a(&opts(&a, seed), a.throttle_iops)?;
+            eprintln!(
+                "round {round} (a) {}: shift {} s, reversals {}, min weight after {}, fio errors {}",
+                if seed { "seed" } else { "adaptive" },
+                fmt(r.shift_s),
+                r.reversals,
+                r.min_after,
+                r.failed_ios
+            );
+            failed_ios += r.failed_ios;
+            if seed {
+                shift_seed.push(r.shift_s);
+                rev_a_seed.push(r.reversals as f64);
+            } else {
+                shift.push(r.shift_s);
+                rev_a.push(r.reversals as f64);
+            }
+        }
+        let r = scenario::scenario_bc(&opts(&a, false))?;
+        eprintln!(
+            "round {round} (b,c): failover {:.3} s, failback {:.1} s, fio errors {}, identical {}",
+            r.failover_s, r.failback_s, r.failed_ios, r.replicas_identical
+        );
+        failed_ios += r.failed_ios;
+        identical &= r.replicas_identical;
+        failover.push(r.failover_s);
+        failback.push(r.failback_s);
+    }
+    let mut osc = [0u32; 2];
+    let mut crossings = [0usize; 2];
+    for (i, seed) in [false, true].into_iter().enumerate() {
+        let r = scenario::scenario_d(&opts(&a, seed), a.oscillation_secs)?;
+        eprintln!(
+            "(d) {}: {} reversals, health crossed 80 {} times, fio errors {}",
+            if seed { "seed" } else { "adaptive" },
+            r.reversals,
+            r.crossings,
+            r.failed_ios
+        );
+        failed_ios += r.failed_ios;
+        osc[i] = r.reversals;
+        crossings[i] = r.crossings;
+    }
+    // A run that never reached 90 counts as infinitely slow in the median.
+    let med = |v: &[Option<f64>]| {
+        let m = median(v.iter().map(|x| x.unwrap_or(f64::INFINITY)).collect());
+        m.is_finite().then_some(m)
+    };
+    let (s, ss) = (med(&shift), med(&shift_seed));
+    let ra = median(rev_a.clone());
+    let ras = median(rev_a_seed.clone());
+    println!("\nfailover benchmark: {} rounds, medians; peer = the seed formula in the same run", a.rounds);
+    println!("{:<44} {:>10} {:>10} {:>8}", "metric", "adaptive", "seed", "ratio");
+    let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+        (Some(_), None) => "seed never".into(),
+        _ => "-".into(),
+    };
+    println!("{:<44} {:>10} {:>10} {:>8}", "(a) seconds until target >= 90", fmt(s), fmt(ss), ratio(s, ss));
+    println!(
+        "{:<44} {:>10} {:>10} {:>8}",
+        "(a) reversals while degraded",
+        ra,
+        ras,
+        ratio(Some(ra), Some(ras))
+    );
+    println!(
+        "{:<44} {:>10} {:>10} {:>8}",
+        "(d) reversals in the oscillation",
+        osc[0],
+        osc[1],
+        ratio(Some(osc[0] as f64), Some(osc[1] as f64))
+    );
+    println!("{:<44} {:>10.3}", "(b) seconds until target = 100 after SIGKILL", median(failover.clone()));
+    println!("{:<44} {:>10.1}", "(c) seconds from restart to failback done", median(failback.clone()));
+    println!("{:<44} {:>10}", "(b,c) failed I/Os (fio, all scenarios)", failed_ios);
+    println!("{:<44} {:>10}", "(c) replicas identical", identical);
+    let json = serde_json::json!({
+        "predictive_shift_s": s,
+        "reversals_under_degradation": ra,
+        "failover_s": median(failover.clone()),
+        "failed_ios": failed_ios,
+        "replicas_identical": identical,
+        "oscillation_reversals": osc[0],
+        "oscillation_health_crossings": crossings[0],
+        "failback_s": median(failback.clone()),
+        "seed_predictive_shift_s": ss,
+        "seed_reversals_under_degradation": ras,
+        "seed_oscillation_reversals": osc[1],
+        "rounds": a.rounds,
+        "throttle_iops": a.throttle_iops,
+        "samples": {
+            "predictive_shift_s": shift, "seed_predictive_shift_s": shift_seed,
+            "failover_s": failover, "failback_s": failback,
+        },
+    });
+    if let Some(d) = a.out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&json)? + "\n")?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
