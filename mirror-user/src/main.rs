@@ -316,6 +316,10 @@ enum Command {
         /// Control socket for `mirror ctl` (root only).
         #[arg(long, default_value = mirror::control::DEFAULT_SOCKET)]
         ctl_socket: PathBuf,
+        /// Serve Prometheus metrics (weights, mode, node health and signals, per-replica
+        /// counters) at http://ADDR/metrics; prints `metrics on ADDR` when ready.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
         #[command(flatten)]
         engine: Box<EngineArgs>,
         /// This node's health (used for local replicas).
@@ -477,6 +481,7 @@ fn main() -> Result<()> {
             target_listen,
             conns,
             ctl_socket,
+            metrics,
             engine,
             health,
         } => {
@@ -499,7 +504,7 @@ fn main() -> Result<()> {
                 rate: SyncRate::default(),
                 node_health,
             };
-            rt.block_on(serve(cfg, driver_cfg, nbd, nbd_unix, export, ctl_socket))
+            rt.block_on(serve(cfg, driver_cfg, nbd, nbd_unix, export, ctl_socket, metrics))
         }
         Command::Ctl { socket, cmd } => rt.block_on(ctl(socket, cmd)),
         Command::Sync { node, peer, volume, secret_file, verify, repair, no_wait, json } => {
@@ -703,11 +708,20 @@ async fn serve(
     nbd_unix: Option<PathBuf>,
     export: String,
     ctl_socket: PathBuf,
+    metrics: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     let vol = mirror::volume::open::open(&cfg).await?;
     let driver =
         mirror::weights::driver::Driver::start(vol.router.clone(), driver_cfg, cfg.node_health.clone());
     let control = mirror::control::Control::new(driver.clone());
+    let metrics_addr = match metrics {
+        Some(a) => Some(
+            mirror::metrics::serve(driver.clone(), a)
+                .await
+                .with_context(|| format!("metrics endpoint {a}"))?,
+        ),
+        None => None,
+    };
     let ctl_path = ctl_socket.clone();
     tokio::spawn(async move {
         if let Err(e) = mirror::control::serve(control, ctl_path.clone()).await {
@@ -728,6 +742,9 @@ async fn serve(
         use std::io::Write;
         let mut out = std::io::stdout();
         let _ = writeln!(out, "nbd listening on {}", tcp.local_addr());
+        if let Some(m) = metrics_addr {
+            let _ = writeln!(out, "metrics on {m}");
+        }
         if let Some(u) = &unix {
             let _ = writeln!(out, "nbd listening on {}", u.local_addr());
         }

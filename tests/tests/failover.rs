@@ -79,7 +79,13 @@ fn d_health_oscillating_around_the_threshold_for_a_minute_changes_direction_at_m
 fn e_a_failing_http_probe_on_the_source_lowers_its_health_and_shifts_reads() {
     const T: &str = "failover::e_a_failing_http_probe_on_the_source_lowers_its_health_and_shifts_reads";
     let app = ProbeServer::start().unwrap();
-    let Some((_g, c)) = cluster(T, |o| o.source_probes = vec![app.url.clone()]) else { return };
+    let metrics = format!("127.0.0.1:{}", mirror_tests::bench::free_port().unwrap());
+    let Some((_g, c)) = cluster(T, |o| {
+        o.source_probes = vec![app.url.clone()];
+        o.serve_args = vec!["--metrics".into(), metrics.clone()];
+    }) else {
+        return;
+    };
     let w = Workload::start(&c.nbd, 48, None);
     std::thread::sleep(Duration::from_secs(2));
     let s = c.status().unwrap();
@@ -99,4 +105,24 @@ fn e_a_failing_http_probe_on_the_source_lowers_its_health_and_shifts_reads() {
     assert!(signals.contains("app_probes_ok"), "{signals}");
     let (src, tgt) = (reads(&s2, 0) - reads(&s1, 0), reads(&s2, 1) - reads(&s1, 1));
     assert!(tgt > 0 && tgt >= 9 * src, "reads moved to the target: source {src}, target {tgt}");
+    // The same state on the Prometheus endpoint.
+    let text = http_get(&metrics, "/metrics");
+    for want in [
+        "mirror_read_weight{replica=\"target\"} ",
+        "mirror_node_signal_score{replica=\"source\",signal=\"app_probes_ok\"} 0",
+        "mirror_replica_reads_total{replica=\"target\"} ",
+        "mirror_engine_mode{mode=\"failover\"} 1",
+    ] {
+        assert!(text.contains(want), "metrics lack {want:?}:\n{text}");
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
 }
