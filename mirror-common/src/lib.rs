@@ -10,6 +10,7 @@ pub mod hist;
 pub mod mm;
 pub mod net;
 pub mod sched;
+pub mod weights;
 
 /// Directory under bpffs where the daemon pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/mirror";

@@ -8,6 +8,7 @@ mod mm;
 mod net;
 mod record;
 mod sched;
+mod weights;
 
 /// The programs read tracepoint records with `bpf_probe_read_kernel`, which is GPL-only.
 #[unsafe(link_section = "license")]

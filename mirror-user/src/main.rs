@@ -504,7 +504,9 @@ fn main() -> Result<()> {
                 rate: SyncRate::default(),
                 node_health,
             };
-            rt.block_on(serve(cfg, driver_cfg, nbd, nbd_unix, export, ctl_socket, metrics))
+            let pin_dir = health.pin_dir.clone();
+            let ep = Endpoints { nbd, nbd_unix, export, ctl_socket, metrics, pin_dir };
+            rt.block_on(serve(cfg, driver_cfg, ep))
         }
         Command::Ctl { socket, cmd } => rt.block_on(ctl(socket, cmd)),
         Command::Sync { node, peer, volume, secret_file, verify, repair, no_wait, json } => {
@@ -701,19 +703,41 @@ fn sync_cmd(
     }
 }
 
-async fn serve(
-    cfg: VolumeConfig,
-    driver_cfg: mirror::weights::driver::DriverConfig,
+/// Where `mirror serve` is reached: NBD, the control socket, metrics, the weights map.
+struct Endpoints {
     nbd: std::net::SocketAddr,
     nbd_unix: Option<PathBuf>,
     export: String,
     ctl_socket: PathBuf,
     metrics: Option<std::net::SocketAddr>,
+    pin_dir: PathBuf,
+}
+
+async fn serve(
+    cfg: VolumeConfig,
+    driver_cfg: mirror::weights::driver::DriverConfig,
+    ep: Endpoints,
 ) -> Result<()> {
+    let Endpoints { nbd, nbd_unix, export, ctl_socket, metrics, pin_dir } = ep;
     let vol = mirror::volume::open::open(&cfg).await?;
     let driver =
         mirror::weights::driver::Driver::start(vol.router.clone(), driver_cfg, cfg.node_health.clone());
     let control = mirror::control::Control::new(driver.clone());
+    let weights_pin = pin_dir.join(format!("weights-{}", cfg.name));
+    match bpf::WeightsMap::create(&weights_pin) {
+        Ok(mut m) => {
+            tracing::info!("read weights mirrored in BPF: bpftool map dump pinned {}", weights_pin.display());
+            let mut warned = false;
+            driver.set_sink(Box::new(move |w| {
+                if let Err(e) = m.set(w) {
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!("updating the pinned weights map failed: {e}");
+                    }
+                }
+            }));
+        }
+        Err(e) => tracing::info!("read weights not mirrored into a pinned BPF map: {e}"),
+    }
     let metrics_addr = match metrics {
         Some(a) => Some(
             mirror::metrics::serve(driver.clone(), a)

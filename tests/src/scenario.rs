@@ -626,6 +626,8 @@ pub struct Point {
     /// Data-path latency (mean of reads and writes, EWMA) per replica, microseconds.
     pub latency_us: [f64; 2],
     pub reads: [u64; 2],
+    /// The replica holds every block (router view).
+    pub in_sync: [bool; 2],
 }
 
 /// Polls the cluster's status every `every` in a thread; events are marked by the caller.
@@ -672,6 +674,7 @@ impl Recorder {
                             health: [health(0), health(1)],
                             latency_us: [lat(0), lat(1)],
                             reads: [r(0)["reads"].as_u64().unwrap_or(0), r(1)["reads"].as_u64().unwrap_or(0)],
+                            in_sync: [r(0)["state"] == "in-sync", r(1)["state"] == "in-sync"],
                         });
                     }
                 }

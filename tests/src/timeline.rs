@@ -169,6 +169,7 @@ mod tests {
                 health: [if i == 6 { None } else { Some(90.0) }, Some(100.0)],
                 latency_us: [100.0 * (i + 1) as f64, 50.0],
                 reads: [0, 0],
+                in_sync: [true, true],
             })
             .collect();
         let s = svg("demo <1>", &pts, &[(5.0, "kill source & wait".into())]);

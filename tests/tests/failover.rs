@@ -105,6 +105,16 @@ fn e_a_failing_http_probe_on_the_source_lowers_its_health_and_shifts_reads() {
     assert!(signals.contains("app_probes_ok"), "{signals}");
     let (src, tgt) = (reads(&s2, 0) - reads(&s1, 0), reads(&s2, 1) - reads(&s1, 1));
     assert!(tgt > 0 && tgt >= 9 * src, "reads moved to the target: source {src}, target {tgt}");
+    // The weights mirrored in the pinned BPF map, for bpftool.
+    let pin = c.pin_dir().join("weights-v");
+    let out = std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&pin).output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert!(text.contains("\"target\": 100") && text.contains("\"mode\": 2"), "{text}");
+        }
+        other => panic!("bpftool map dump pinned {}: {other:?}", pin.display()),
+    }
     // The same state on the Prometheus endpoint.
     let text = http_get(&metrics, "/metrics");
     for want in [

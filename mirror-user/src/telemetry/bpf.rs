@@ -501,3 +501,61 @@ pub fn read_pinned(pin_dir: &Path) -> Result<BlkSnapshot, TelemetryError> {
         PerCpuHashMap::try_from(&map).map_err(map_err(MAP_BLK_STATS))?;
     sum_blk(&map)
 }
+
+/// The pinned read-weights map of one volume (see `mirror_common::weights`): created from the
+/// eBPF object without attaching any program, pinned at `pin`, removed on drop.
+pub struct WeightsMap {
+    map: aya::maps::Array<MapData, mirror_common::weights::ReadWeights>,
+    _pins: Pins,
+    /// Keeps the object's other maps (created with it) alive no longer than this.
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for WeightsMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WeightsMap({:?})", self._pins.0)
+    }
+}
+
+impl WeightsMap {
+    /// Creates and pins the map (replacing a stale pin). Needs root and bpffs.
+    pub fn create(pin: &Path) -> Result<WeightsMap, TelemetryError> {
+        use mirror_common::weights::MAP_READ_WEIGHTS;
+        if !has_object() {
+            return Err(TelemetryError::NoObject);
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        if uid != 0 {
+            return Err(TelemetryError::NotRoot(uid));
+        }
+        tracefs::ensure_bpffs()?;
+        if let Some(dir) = pin.parent() {
+            fs::create_dir_all(dir)
+                .map_err(|e| TelemetryError::io(format!("create {}", dir.display()), e))?;
+        }
+        // A stale pin of a previous (killed) run.
+        let _ = fs::remove_file(pin);
+        let mut ebpf = EbpfLoader::new().allow_unsupported_maps().load(OBJECT)?;
+        let map = ebpf.take_map(MAP_READ_WEIGHTS).ok_or(TelemetryError::MissingMap(MAP_READ_WEIGHTS))?;
+        map.pin(pin).map_err(|e| {
+            TelemetryError::io(format!("pin {}", pin.display()), std::io::Error::other(e.to_string()))
+        })?;
+        let pins = Pins(vec![pin.to_path_buf()]);
+        let map: aya::maps::Array<MapData, mirror_common::weights::ReadWeights> =
+            aya::maps::Array::try_from(map).map_err(map_err(MAP_READ_WEIGHTS))?;
+        Ok(WeightsMap { map, _pins: pins, _ebpf: ebpf })
+    }
+
+    /// Stores the current weights, stamped with CLOCK_MONOTONIC (bpf_ktime_get_ns's clock).
+    pub fn set(&mut self, w: &mirror_common::weights::ReadWeights) -> Result<(), TelemetryError> {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let w = mirror_common::weights::ReadWeights {
+            updated_ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+            ..*w
+        };
+        self.map.set(0, w, 0).map_err(map_err(mirror_common::weights::MAP_READ_WEIGHTS))
+    }
+}

@@ -15,6 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use mirror_common::weights::{
+    ReadWeights, MODE_FAILBACK, MODE_FAILOVER, MODE_NORMAL, MODE_PINNED, MODE_PREDICTIVE,
+};
+
 use super::engine::{Decision, Engine, EngineConfig, Mode, Override, Sample};
 use crate::{
     health::{monitor::NodeHealth, score::falloff},
@@ -79,7 +83,9 @@ struct View {
 }
 
 /// The running loop, shared with the control socket and the metrics endpoint.
-#[derive(Debug)]
+/// Receives the weights after every tick (the pinned BPF map, for bpftool).
+pub type WeightsSink = Box<dyn FnMut(&ReadWeights) + Send>;
+
 pub struct Driver {
     router: Arc<Router>,
     cfg: DriverConfig,
@@ -87,6 +93,13 @@ pub struct Driver {
     engine: Mutex<Engine>,
     local_health: Arc<NodeHealth>,
     view: Mutex<View>,
+    sink: Mutex<Option<WeightsSink>>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").field("router", &self.router).field("cfg", &self.cfg).finish_non_exhaustive()
+    }
 }
 
 /// How many weight changes `status` keeps.
@@ -123,6 +136,7 @@ impl Driver {
                 events: VecDeque::new(),
                 changes: 0,
             }),
+            sink: Mutex::new(None),
         });
         d.record(&first);
         for i in 0..2 {
@@ -155,13 +169,27 @@ impl Driver {
     fn tick_once(&self, since: Instant) {
         let sample = {
             let mut v = lock(&self.view);
+            // Judge nothing before both nodes were heard once (their health is relative to each
+            // other), unless one stays silent past twice the heartbeat timeout.
+            let heard = |i: usize| {
+                matches!(self.router.replicas[i].location, Location::Local { .. })
+                    || v.nodes[i].seen.is_some()
+            };
+            if !(heard(0) && heard(1)) && self.epoch.elapsed() < 2 * self.cfg.engine.heartbeat_timeout {
+                return;
+            }
             for i in 0..2 {
                 self.observe_datapath(i, &mut v.nodes[i]);
             }
+            // The source's health counts only when its heartbeat answered since the last tick
+            // (the engine times out missing ones); the target's, which the source is judged
+            // against, stays valid for the heartbeat timeout.
+            let timeout = self.cfg.engine.heartbeat_timeout;
             let health = |i: usize, n: &NodeView| -> Option<f64> {
+                let fresh = |t: &Instant| if i == 0 { *t >= since } else { t.elapsed() <= timeout };
                 let node = match &self.router.replicas[i].location {
                     Location::Local { .. } => Some(self.local_health.score() as f64),
-                    Location::Remote { .. } => n.seen.filter(|t| *t >= since).and(n.score).map(|s| s as f64),
+                    Location::Remote { .. } => n.seen.filter(fresh).and(n.score).map(|s| s as f64),
                 };
                 node.map(|h| n.datapath.map_or(h, |d| h.min(d)))
             };
@@ -204,13 +232,46 @@ impl Driver {
         n.datapath = Some(falloff(ratio, self.cfg.datapath_ratio_good, self.cfg.datapath_ratio_bad));
     }
 
-    /// Stores a decision in the router and, when it changed something, logs it.
+    /// Where the weights go after every tick, besides the router.
+    pub fn set_sink(&self, sink: WeightsSink) {
+        *lock(&self.sink) = Some(sink);
+    }
+
+    /// Stores a decision in the router and the sink and, when it changed something, logs it.
     fn apply(&self, d: Decision) {
         self.router.weights.set_target(d.target_weight);
         if d.changed {
             self.record(&d);
         }
-        lock(&self.view).last = d;
+        let rw = {
+            let mut v = lock(&self.view);
+            let health = |i: usize| match &self.router.replicas[i].location {
+                Location::Local { .. } => self.local_health.score() as u32,
+                Location::Remote { .. } => {
+                    v.nodes[i].score.filter(|_| !v.nodes[i].unreachable).map_or(u32::MAX, u32::from)
+                }
+            };
+            let rw = ReadWeights {
+                source: 100 - d.target_weight as u32,
+                target: d.target_weight as u32,
+                mode: match d.mode {
+                    Mode::Normal => MODE_NORMAL,
+                    Mode::Predictive => MODE_PREDICTIVE,
+                    Mode::Failover => MODE_FAILOVER,
+                    Mode::Failback => MODE_FAILBACK,
+                    Mode::Pinned => MODE_PINNED,
+                },
+                source_health: health(0),
+                target_health: health(1),
+                changes: v.changes,
+                ..Default::default()
+            };
+            v.last = d;
+            rw
+        };
+        if let Some(sink) = lock(&self.sink).as_mut() {
+            sink(&rw);
+        }
     }
 
     fn record(&self, d: &Decision) {

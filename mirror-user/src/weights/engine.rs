@@ -284,7 +284,9 @@ impl Engine {
     }
 
     fn tick_failover(&mut self, now: Duration, s: Sample, bad: bool) -> Decision {
-        let healthy = !bad && s.source_in_sync && s.source_health.is_some_and(|h| h >= self.cfg.good);
+        // Healthy by the smoothed level: one noisy sample does not restart the hold.
+        let level = self.holt.level().unwrap_or(0.0);
+        let healthy = !bad && s.source_in_sync && s.source_health.is_some() && level >= self.cfg.good;
         if !healthy {
             self.healthy_since = None;
             return Decision {
@@ -320,7 +322,10 @@ impl Engine {
         let start = *self.ramp_start.get_or_insert(now);
         let frac = (now.saturating_sub(start).as_secs_f64() / self.cfg.ramp.as_secs_f64().max(1e-3)).min(1.0);
         let floor = self.normal_share(s);
-        let w = (100.0 - (100.0 - floor as f64) * frac).round() as u8;
+        // In deadband-sized steps: a handful of logged changes per ramp, not one per tick.
+        let step = self.cfg.deadband.max(1) as f64;
+        let w = ((100.0 - (100.0 - floor as f64) * frac) / step).ceil() * step;
+        let w = (w as u8).clamp(floor, 100);
         if frac >= 1.0 {
             return self.set(now, floor, Mode::Normal, "failback complete".into());
         }

@@ -109,19 +109,21 @@ fn main() -> Result<()> {
         c.dir.display()
     );
     let mut rec = Recorder::start(&a.mirror, &c.ctl, Duration::from_millis(200));
-    let w = Workload::start(&c.nbd, 48, None);
+    let w = Workload::start(&c.nbd, 48, Some(400));
     rec.mark("fio verify starts");
     let p = a.phase as f64;
     println!("== healthy: every read goes to the source (no leak to a target that is not needed)");
     watch(&c, &rec, p, |_| false);
 
-    println!("== degrading the source disk step by step (cgroup I/O throttle: 2000, 800, 100 IOPS)");
-    let t_degrade = rec.mark("source disk throttled 2000 IOPS");
-    c.throttle_source(Some(2000))?;
-    watch(&c, &rec, p * 0.7, |_| false);
-    rec.mark("800 IOPS");
-    c.throttle_source(Some(800))?;
-    watch(&c, &rec, p * 0.7, |_| false);
+    println!("== degrading the source disk step by step (cgroup I/O throttle: 1500, 900, 700, 100 IOPS)");
+    let t_degrade = rec.mark("source disk throttled 1500 IOPS");
+    c.throttle_source(Some(1500))?;
+    watch(&c, &rec, p * 0.6, |_| false);
+    for iops in [900, 700] {
+        rec.mark(&format!("{iops} IOPS"));
+        c.throttle_source(Some(iops))?;
+        watch(&c, &rec, p * 0.6, |_| false);
+    }
     rec.mark("100 IOPS");
     c.throttle_source(Some(100))?;
     watch(&c, &rec, p, |_| false);
@@ -131,8 +133,11 @@ fn main() -> Result<()> {
     println!("== the disk recovers: failback after the hold time, then a gradual ramp");
     let t_heal = rec.mark("throttle lifted");
     c.throttle_source(None)?;
-    watch(&c, &rec, 40.0, |s| s["mode"] == "Normal" && s["weights"]["target"] == 0);
-    let heal_back = rec.points().last().map(|pt| pt.t - t_heal);
+    let normal = |s: &serde_json::Value| {
+        s["replicas"][0]["state"] == "in-sync" && s["mode"] == "Normal" && s["weights"]["target"] == 0
+    };
+    let took = watch(&c, &rec, 40.0, normal);
+    let heal_back = (took.as_secs_f64() < 40.0).then(|| rec.points().last().map_or(0.0, |pt| pt.t - t_heal));
 
     println!("== SIGKILL of the source node under the verifying workload");
     let t_kill = rec.mark("source node SIGKILL");
@@ -144,15 +149,11 @@ fn main() -> Result<()> {
     println!("== restarting the source node: resync of what it missed, then the gradual failback");
     let t_restart = rec.mark("source node restarted");
     c.source.restart()?;
-    watch(&c, &rec, 90.0, |s| {
-        s["replicas"][0]["state"] == "in-sync" && s["mode"] == "Normal" && s["weights"]["target"] == 0
-    });
-    let resynced = rec
-        .points()
-        .iter()
-        .find(|pt| pt.t >= t_restart && pt.mode == "Failover" && pt.health[0].is_some())
-        .map(|pt| pt.t - t_restart);
-    let failback = rec.points().last().map(|pt| pt.t - t_restart);
+    let took = watch(&c, &rec, 90.0, normal);
+    let resynced =
+        rec.points().iter().find(|pt| pt.t >= t_restart && pt.in_sync[0]).map(|pt| pt.t - t_restart);
+    let failback =
+        (took.as_secs_f64() < 90.0).then(|| rec.points().last().map_or(0.0, |pt| pt.t - t_restart));
     watch(&c, &rec, 2.0, |_| false);
     rec.mark("fio stops");
     let runs = w.runs.load(std::sync::atomic::Ordering::Relaxed);
@@ -179,7 +180,7 @@ fn main() -> Result<()> {
         "events": events.iter().map(|(t, e)| serde_json::json!({"t": t, "event": e})).collect::<Vec<_>>(),
         "points": pts.iter().map(|p| serde_json::json!({
             "t": p.t, "target_weight": p.target_weight, "mode": p.mode,
-            "health": p.health, "latency_us": p.latency_us, "reads": p.reads,
+            "health": p.health, "latency_us": p.latency_us, "reads": p.reads, "in_sync": p.in_sync,
         })).collect::<Vec<_>>(),
         "weight_changes": status["events"],
     });
