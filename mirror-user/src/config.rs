@@ -14,6 +14,15 @@
 //! size = "10G"            # only used to create a missing file
 //! # meta = "/var/lib/mirror/vol0.meta"
 //! # direct_io = true     # aligned I/O with O_DIRECT (bypass this node's page cache)
+//!
+//! [health]                # how this node's health score is made (all optional)
+//! disk_ratio_good = 2.0   # disk latency / baseline where the disk sub-score starts to fall
+//! disk_ratio_bad = 10.0   # ... and where it is 0
+//! disk_floor_us = 1000.0  # latency below this is never slow
+//! runq_good_us = 1000.0
+//! runq_bad_us = 50000.0
+//! worst_margin = 15.0     # the score is at most the worst signal + this
+//! weights = { disk = 0.35, cpu = 0.15, memory = 0.15, network = 0.15, app = 0.2 }
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -61,6 +70,8 @@ pub struct ReplicaFile {
     pub block_size: Option<u32>,
     #[serde(default)]
     pub volume: Vec<VolumeEntry>,
+    /// How the node's health is scored.
+    pub health: Option<crate::health::score::ScoreConfig>,
 }
 
 impl ReplicaFile {
@@ -76,6 +87,14 @@ impl ReplicaFile {
             VolumeSpec::parse(&format!("{}={}", v.name, v.path.display()))?;
             if let Some(s) = &v.size {
                 s.bytes().map_err(|e| format!("volume {}: size {e}", v.name))?;
+            }
+        }
+        if let Some(h) = &f.health {
+            if !(h.disk_ratio_good < h.disk_ratio_bad
+                && h.runq_good_us < h.runq_bad_us
+                && h.worst_margin >= 0.0)
+            {
+                return Err("[health]: each *_good must be below its *_bad, worst_margin >= 0".into());
             }
         }
         for (k, r) in [("sync_min_rate", &f.sync_min_rate), ("sync_max_rate", &f.sync_max_rate)] {
@@ -135,5 +154,20 @@ mod tests {
         assert!(e.contains("sync_min_rate"), "{e}");
         let e = ReplicaFile::parse("[[volume]]\nname = \"bad name\"\npath = \"/x\"").unwrap_err();
         assert!(e.contains("volume name"), "{e}");
+    }
+
+    #[test]
+    fn the_health_table_configures_the_score() {
+        let f = ReplicaFile::parse(
+            "[health]\ndisk_ratio_good = 3.0\ndisk_floor_us = 500.0\nweights = { disk = 1.0, app = 0.5 }",
+        )
+        .unwrap();
+        let h = f.health.unwrap();
+        assert_eq!((h.disk_ratio_good, h.disk_ratio_bad, h.disk_floor_us), (3.0, 10.0, 500.0));
+        assert_eq!((h.weights.disk, h.weights.app, h.weights.cpu), (1.0, 0.5, 0.15));
+        let e = ReplicaFile::parse("[health]\ndisk_ratio_good = 20.0").unwrap_err();
+        assert!(e.contains("[health]"), "{e}");
+        let e = ReplicaFile::parse("[health]\ndisk_ratio_godo = 2.0").unwrap_err();
+        assert!(e.contains("disk_ratio_godo"), "{e}");
     }
 }

@@ -97,6 +97,7 @@ impl HealthArgs {
         &self,
         health: &std::sync::Arc<mirror::health::monitor::NodeHealth>,
         volume: Option<&std::path::Path>,
+        score: mirror::health::score::ScoreConfig,
     ) {
         use mirror::health::{monitor, score::ScoreConfig};
         let dev_path = self.health_device.as_deref().or(volume);
@@ -114,7 +115,7 @@ impl HealthArgs {
             monitor::MonitorConfig {
                 interval: self.health_interval,
                 pin_dir: self.pin_dir.clone(),
-                score: ScoreConfig { device, ..Default::default() },
+                score: ScoreConfig { device, ..score },
                 probes: self.probes.clone(),
             },
             health.clone(),
@@ -456,7 +457,7 @@ fn main() -> Result<()> {
             let server = Server::start(cfg)?;
             // After the start: a volume file created by it now exists to tell its disk.
             let _rt_guard = rt.enter();
-            health.spawn(&node_health, first_volume.as_deref());
+            health.spawn(&node_health, first_volume.as_deref(), file.health.clone().unwrap_or_default());
             {
                 use std::io::Write;
                 let mut out = std::io::stdout();
@@ -492,7 +493,7 @@ fn main() -> Result<()> {
             });
             let _rt_guard = rt.enter();
             let node_health = mirror::health::monitor::NodeHealth::new();
-            health.spawn(&node_health, local.as_deref());
+            health.spawn(&node_health, local.as_deref(), Default::default());
             let cfg = VolumeConfig {
                 name: volume,
                 source,

@@ -19,7 +19,8 @@ use std::net::IpAddr;
 use crate::telemetry::collector::TelemetrySample;
 
 /// Weights of the signals in the mean (they need not sum to 1).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Weights {
     pub disk: f64,
     pub cpu: f64,
@@ -34,11 +35,15 @@ impl Default for Weights {
     }
 }
 
-/// How the score is made; every threshold is configurable.
-#[derive(Debug, Clone, PartialEq)]
+/// How the score is made; every threshold is configurable (the `[health]` table of a replica's
+/// config file, field names as here).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ScoreConfig {
     pub weights: Weights,
-    /// The replica's backing device (kernel dev_t); `None`: the busiest device.
+    /// The replica's backing device (kernel dev_t); `None`: the busiest device. Set from the
+    /// volume or `--health-device`, not from the file.
+    #[serde(skip)]
     pub device: Option<u32>,
     /// The peer node, for retransmits; `None`: node-wide retransmits.
     pub peer: Option<IpAddr>,
