@@ -362,20 +362,18 @@ pub fn blk_rq_offsets() -> BlkRqOffsets {
     let Some(b) = btf::Btf::from_sys_fs() else {
         return BlkRqOffsets::default();
     };
-    let get = |s: &str, m: &str, size: u32, in_prefix: bool| {
-        b.member(s, m).filter(|f| {
-            f.size == size && (!in_prefix || (f.offset + size) as usize <= mirror_common::TP_RECORD_PREFIX)
-        })
-    };
+    // The program loads each member directly (the verifier checks it against the same BTF), so
+    // only the size matters.
+    let get = |s: &str, m: &str, size: u32| b.member(s, m).filter(|f| f.size == size);
     let (Some(q), Some(part), Some(bd_dev), Some(flags), Some(start), Some(disk), Some(major), Some(minor)) = (
-        get("request", "q", 8, true),
-        get("request", "part", 8, true),
-        get("block_device", "bd_dev", 4, false),
-        get("request", "cmd_flags", 4, true),
-        get("request", "start_time_ns", 8, true),
-        get("request_queue", "disk", 8, false),
-        get("gendisk", "major", 4, false),
-        get("gendisk", "first_minor", 4, false),
+        get("request", "q", 8),
+        get("request", "part", 8),
+        get("block_device", "bd_dev", 4),
+        get("request", "cmd_flags", 4),
+        get("request", "start_time_ns", 8),
+        get("request_queue", "disk", 8),
+        get("gendisk", "major", 4),
+        get("gendisk", "first_minor", 4),
     ) else {
         tracing::info!("kernel BTF lacks a struct request member the BTF block program reads");
         return BlkRqOffsets::default();
