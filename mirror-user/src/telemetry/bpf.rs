@@ -20,7 +20,7 @@ use mirror_common::{
     hist::LatHist,
     mm::{MAP_RECLAIM_START, MAP_RECLAIM_STATS},
     net::{NetTpOffsets, TcpPeerKey, TcpRetrans, GLOBAL_NET_OFFSETS, MAP_TCP_RETRANS},
-    sched::MAP_RUNQ_HIST,
+    sched::{SchedOffsets, GLOBAL_SCHED_OFFSETS, MAP_RUNQ_HIST},
 };
 
 use super::{blk::BlkSnapshot, btf, collector::NodeSnapshot, diskstats, procfs, tracefs, TelemetryError};
@@ -167,8 +167,11 @@ impl Probe {
                 None
             }
         };
-        if btf.is_some() {
+        let sched = if btf.is_some() { sched_offsets() } else { SchedOffsets::default() };
+        if sched.valid != 0 {
             signals.push(Signal::Sched);
+        } else if btf.is_some() {
+            tracing::warn!("run-queue latency not measured: kernel BTF lacks task_struct.pid");
         }
         let reclaim_tps = TRACEPOINTS
             .iter()
@@ -203,10 +206,9 @@ impl Probe {
 
         let mut loader = EbpfLoader::new();
         loader
-            // runq_start is task-local storage, which aya creates but does not wrap.
-            .allow_unsupported_maps()
             .override_global(GLOBAL_BLK_OFFSETS, &blk, true)
             .override_global(GLOBAL_BLK_RQ_OFFSETS, &rq, true)
+            .override_global(GLOBAL_SCHED_OFFSETS, &sched, true)
             .override_global(GLOBAL_NET_OFFSETS, &net, true);
         let pins = Pins(pins);
         let mut ebpf = loader.load(OBJECT)?;
@@ -389,6 +391,15 @@ pub fn blk_rq_offsets() -> BlkRqOffsets {
         disk_first_minor: minor.offset,
         valid: 1,
     }
+}
+
+/// `task_struct.pid`'s offset from the kernel's BTF for the run-queue programs, or
+/// `valid == 0` when it is missing (the run-queue signal is then not attached).
+pub fn sched_offsets() -> SchedOffsets {
+    btf::Btf::from_sys_fs()
+        .and_then(|b| b.member("task_struct", "pid"))
+        .filter(|f| f.size == 4)
+        .map_or_else(SchedOffsets::default, |f| SchedOffsets { task_pid: f.offset, valid: 1 })
 }
 
 /// A map of the live object, or one opened from its pin.
