@@ -1,8 +1,10 @@
 //! Run-queue latency (the runqlat shape): time from a task becoming runnable (woken, or preempted
-//! while still runnable) to it running on a CPU, from the BTF tracepoints `sched_wakeup`,
-//! `sched_wakeup_new` and `sched_switch`.
+//! while still runnable) to it running on a CPU. By default from the BTF tracepoint
+//! `sched_switch` alone, reading the scheduler's own `sched_info.last_queued` stamp of the
+//! incoming task and the run queue's clock (see [`SchedOffsets`]); as a fallback from
+//! `sched_wakeup`, `sched_wakeup_new` and `sched_switch`, stamping wakeups in `runq_start`.
 //!
-//! Map `runq_start` (array of [`RUNQ_SLOTS`] `u64`, not pinned): when waiting tasks became
+//! Map `runq_start` (fallback only) (array of [`RUNQ_SLOTS`] `u64`, not pinned): when waiting tasks became
 //! runnable, direct-mapped by pid (see [`runq_slot`], [`runq_pack`]). Slot `i` holds
 //! `(t << RUNQ_PID_BITS) | pid` for a task whose pid maps to `i`, stamped at `t` (the low
 //! [`RUNQ_TIME_BITS`] bits of `bpf_ktime_get_ns`), or 0. A slot is cleared when its task runs. Two
@@ -30,13 +32,28 @@ pub const RUNQ_PID_BITS: u32 = 22;
 /// Bits of a slot holding the stamp: waits are measured modulo 2^42 ns (73 minutes).
 pub const RUNQ_TIME_BITS: u32 = 64 - RUNQ_PID_BITS;
 
-/// Member offsets the run-queue programs read, from the kernel's BTF: `task_struct.pid`.
-/// `valid == 0` makes the programs ignore every event.
+/// Member offsets the run-queue programs read, from the kernel's BTF.
+///
+/// The default program (`sched_switch_info`) reads what the scheduler itself keeps for
+/// `/proc/PID/schedstat` (`CONFIG_SCHED_INFO`): `task_struct.sched_info.last_queued`
+/// ([`Self::task_last_queued`], the run-queue clock when the task was queued, 0 when not
+/// queued) and the run queue's clock through `task_struct.se.cfs_rq` -> `cfs_rq.rq` ->
+/// `rq.clock`; `info_valid == 0` when one is missing. The stamping fallback
+/// (`sched_wakeup`, `sched_wakeup_new`, `sched_switch`) reads `task_struct.pid`; `valid == 0`
+/// when it is missing. Programs whose offsets are not valid ignore every event.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SchedOffsets {
     pub task_pid: u32,
     pub valid: u32,
+    /// `task_struct.sched_info` + `sched_info.last_queued`.
+    pub task_last_queued: u32,
+    /// `task_struct.se` + `sched_entity.cfs_rq`.
+    pub task_cfs_rq: u32,
+    pub cfs_rq_rq: u32,
+    pub rq_clock: u32,
+    pub info_valid: u32,
+    pub _pad: u32,
 }
 
 /// True when a task switched out is still runnable: preempted, or switched out with state
@@ -71,7 +88,7 @@ pub const fn runq_wait(slot: u64, pid: u32, now: u64) -> Option<u64> {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<SchedOffsets>() == 8);
+    assert!(core::mem::size_of::<SchedOffsets>() == 32);
     assert!(RUNQ_SLOTS.is_power_of_two());
 };
 

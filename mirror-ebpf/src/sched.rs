@@ -1,13 +1,16 @@
-//! Run-queue latency (the runqlat shape) from the BTF tracepoints (`tp_btf`) `sched_wakeup`,
-//! `sched_wakeup_new` and `sched_switch`. These fire on every wakeup and context switch, so:
-//! - they are raw BTF tracepoints: no trace record is built for them (a classic tracepoint with
-//!   a BPF program fills a perf record first, which cost more than the program itself), and the
-//!   arguments are read straight from the context;
-//! - a task's pid is loaded straight from its `task_struct` (offset from the kernel's BTF, a
-//!   BTF-checked load, no helper);
-//! - the wakeup time lives in a direct-mapped array indexed by a hash of the pid (`runq_start`),
-//!   whose lookup the verifier inlines: no helper call, no lock, no allocation per event (task
-//!   storage, used before, cost a helper call and two dependent pointer loads per event).
+//! Run-queue latency (the runqlat shape): from becoming runnable (woken, or preempted while
+//! runnable) to running. These programs fire on every context switch, so they are raw BTF
+//! tracepoints (`tp_btf`: no trace record is built, arguments come straight from the context) and
+//! load the kernel members they need directly (offsets from the kernel's BTF in `SCHED_OFFSETS`,
+//! BTF-checked loads, no helper).
+//!
+//! - Default, `sched_switch_info` alone: the scheduler already stamps queued tasks for its own
+//!   `sched_info` statistics; the program reads that stamp and the run queue's clock at the
+//!   switch. No wakeup program, no map of stamps, no clock read.
+//! - Fallback when the kernel lacks those members (`sched_wakeup`, `sched_wakeup_new`,
+//!   `sched_switch`): the programs stamp wakeups themselves, in a direct-mapped array indexed by
+//!   a hash of the pid (`runq_start`), whose lookup the verifier inlines (task-local storage,
+//!   used before, cost a helper call and dependent pointer loads per event).
 //!
 //! Layout of the maps and what a slot collision costs: `mirror_common::sched`.
 
@@ -27,7 +30,63 @@ use mirror_common::{
 static SCHED_OFFSETS: SchedOffsets = SchedOffsets {
     task_pid: 0,
     valid: 0,
+    task_last_queued: 0,
+    task_cfs_rq: 0,
+    cfs_rq_rq: 0,
+    rq_clock: 0,
+    info_valid: 0,
+    _pad: 0,
 };
+
+#[inline(always)]
+fn offsets() -> SchedOffsets {
+    // SAFETY: a plain read of a static; volatile so the compiler does not constant-fold the
+    // zero initializer that userspace rewrites in .rodata before load.
+    unsafe { core::ptr::read_volatile(&SCHED_OFFSETS) }
+}
+
+/// A `T` at `base + off`, where `base` is a BTF-typed kernel pointer (a `tp_btf` argument, or a
+/// pointer member loaded through one) and `off` a member offset from `SCHED_OFFSETS`.
+#[inline(always)]
+fn load<T: Copy>(base: u64, off: u32) -> T {
+    // SAFETY: the offset is a verifier-known constant (frozen read-only global), so the verifier
+    // checks the load against the kernel's BTF (a member of this size), and the JIT makes a
+    // faulting load (a NULL pointer, say) read 0.
+    unsafe { core::ptr::read_volatile((base as *const u8).wrapping_add(off as usize) as *const T) }
+}
+
+/// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)`, the
+/// default run-queue program: the scheduler already stamps a task when it is queued (woken, or
+/// preempted while runnable) in `sched_info.last_queued`, in run-queue clock time, and clears it
+/// only after this tracepoint, when the task arrives on the CPU; `__schedule` updated this CPU's
+/// run-queue clock just before. So the wait is `rq->clock - next->sched_info.last_queued`, the
+/// very delta the kernel adds to the task's `run_delay`: no wakeup program, no map of stamps,
+/// no clock helper. `next->se.cfs_rq->rq` is this CPU's run queue (set for every task on every
+/// migration, whatever its class).
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_info(ctx: BtfTracePointContext) -> i32 {
+    let off = offsets();
+    if off.info_valid == 0 {
+        return 0;
+    }
+    let next = ctx.arg::<u64>(2);
+    let queued = load::<u64>(next, off.task_last_queued);
+    if queued == 0 {
+        // Not queued since it last ran (the idle task, or queued before the kernel kept it).
+        return 0;
+    }
+    let rq = load::<u64>(load::<u64>(next, off.task_cfs_rq), off.cfs_rq_rq);
+    let now = load::<u64>(rq, off.rq_clock);
+    if rq == 0 || now < queued {
+        return 0;
+    }
+    if let Some(h) = RUNQ_HIST.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array; a program does not migrate while running
+        // and these programs do not nest on one CPU.
+        unsafe { (*h).record(now - queued) };
+    }
+    0
+}
 
 /// Per waiting task: when it became runnable, packed with its pid (`mirror_common::sched`).
 #[btf_map(name = "runq_start")]
@@ -40,20 +99,11 @@ static RUNQ_HIST: PerCpuArray<LatHist, 1> = PerCpuArray::new();
 /// offsets are missing (the programs then do nothing).
 #[inline(always)]
 fn pid_of(task: u64) -> Option<u32> {
-    // SAFETY: a plain read of a static; volatile so the compiler does not constant-fold the
-    // zero initializer that userspace rewrites in .rodata before load.
-    let off = unsafe { core::ptr::read_volatile(&SCHED_OFFSETS) };
+    let off = offsets();
     if off.valid == 0 {
         return None;
     }
-    // SAFETY: `task` is the tracepoint's typed task_struct pointer and the offset a verifier-known
-    // constant: the verifier checks the load against the kernel's BTF (an int member of this
-    // size), and the JIT makes a faulting load read 0.
-    Some(unsafe {
-        core::ptr::read_volatile(
-            (task as *const u8).wrapping_add(off.task_pid as usize) as *const u32
-        )
-    })
+    Some(load::<u32>(task, off.task_pid))
 }
 
 #[inline(always)]

@@ -40,7 +40,10 @@ pub enum Signal {
     BlkRq,
     /// Block latency, classic tracepoints (issue and completion, keyed by device and sector).
     Blk,
+    /// Run-queue latency from the scheduler's own `sched_info` stamps (one program per switch).
     Sched,
+    /// Run-queue latency, fallback: the programs stamp wakeups themselves (runqlat).
+    SchedStamp,
     Reclaim,
     Tcp,
 }
@@ -50,7 +53,8 @@ impl Signal {
         match self {
             Signal::BlkRq => "block latency (BTF, per request)",
             Signal::Blk => "block latency (tracepoints, per device and sector)",
-            Signal::Sched => "run-queue latency",
+            Signal::Sched => "run-queue latency (sched_info)",
+            Signal::SchedStamp => "run-queue latency (wakeup stamps)",
             Signal::Reclaim => "direct reclaim",
             Signal::Tcp => "tcp retransmits",
         }
@@ -71,9 +75,10 @@ pub const TRACEPOINTS: &[(Signal, Kind, &str, &str, &str)] = &[
     (Signal::BlkRq, Kind::BtfTracePoint, "blk_rq_done", "block", "block_rq_complete"),
     (Signal::Blk, Kind::TracePoint, "blk_rq_issue", "block", "block_rq_issue"),
     (Signal::Blk, Kind::TracePoint, "blk_rq_complete", "block", "block_rq_complete"),
-    (Signal::Sched, Kind::BtfTracePoint, "sched_wakeup", "sched", "sched_wakeup"),
-    (Signal::Sched, Kind::BtfTracePoint, "sched_wakeup_new", "sched", "sched_wakeup_new"),
-    (Signal::Sched, Kind::BtfTracePoint, "sched_switch", "sched", "sched_switch"),
+    (Signal::Sched, Kind::BtfTracePoint, "sched_switch_info", "sched", "sched_switch"),
+    (Signal::SchedStamp, Kind::BtfTracePoint, "sched_wakeup", "sched", "sched_wakeup"),
+    (Signal::SchedStamp, Kind::BtfTracePoint, "sched_wakeup_new", "sched", "sched_wakeup_new"),
+    (Signal::SchedStamp, Kind::BtfTracePoint, "sched_switch", "sched", "sched_switch"),
     (Signal::Reclaim, Kind::TracePoint, "reclaim_begin", "vmscan", "mm_vmscan_direct_reclaim_begin"),
     (Signal::Reclaim, Kind::TracePoint, "reclaim_end", "vmscan", "mm_vmscan_direct_reclaim_end"),
     // The same programs on memory-cgroup reclaim: a task over its cgroup's limit stalls the same
@@ -167,9 +172,15 @@ impl Probe {
                 None
             }
         };
-        let sched = if btf.is_some() { sched_offsets() } else { SchedOffsets::default() };
-        if sched.valid != 0 {
+        let mut sched = if btf.is_some() { sched_offsets() } else { SchedOffsets::default() };
+        // MIRROR_RUNQ_STAMP=1 forces the stamping fallback (tests, comparisons).
+        if std::env::var("MIRROR_RUNQ_STAMP").is_ok_and(|v| v == "1") {
+            sched.info_valid = 0;
+        }
+        if sched.info_valid != 0 {
             signals.push(Signal::Sched);
+        } else if sched.valid != 0 {
+            signals.push(Signal::SchedStamp);
         } else if btf.is_some() {
             tracing::warn!("run-queue latency not measured: kernel BTF lacks task_struct.pid");
         }
@@ -240,6 +251,21 @@ impl Probe {
                         attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref())?;
                     }
                     signals.insert(0, Signal::Blk);
+                } else if signal == Signal::Sched && sched.valid != 0 {
+                    tracing::warn!("{e}: run-queue latency from wakeup stamps instead");
+                    let stamp = TRACEPOINTS.iter().filter(|t| t.0 == Signal::SchedStamp);
+                    let attached = stamp.clone().try_for_each(|&(_, kind, name, category, tp)| {
+                        attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref())
+                    });
+                    match attached {
+                        Ok(()) => signals.push(Signal::SchedStamp),
+                        Err(e) => {
+                            for &(_, kind, name, _, _) in stamp {
+                                unload(&mut ebpf, kind, name);
+                            }
+                            tracing::warn!("{} not measured: {e}", Signal::SchedStamp.name());
+                        }
+                    }
                 } else {
                     tracing::warn!("{} not measured: {e}", signal.name());
                 }
@@ -393,13 +419,38 @@ pub fn blk_rq_offsets() -> BlkRqOffsets {
     }
 }
 
-/// `task_struct.pid`'s offset from the kernel's BTF for the run-queue programs, or
-/// `valid == 0` when it is missing (the run-queue signal is then not attached).
+/// The member offsets of the run-queue programs from the kernel's BTF (see [`SchedOffsets`]):
+/// `info_valid == 0` when the scheduler's `sched_info` stamps or the path to the run-queue clock
+/// are missing (no `CONFIG_SCHED_INFO` or `CONFIG_FAIR_GROUP_SCHED`), `valid == 0` when even
+/// `task_struct.pid` is.
 pub fn sched_offsets() -> SchedOffsets {
-    btf::Btf::from_sys_fs()
-        .and_then(|b| b.member("task_struct", "pid"))
-        .filter(|f| f.size == 4)
-        .map_or_else(SchedOffsets::default, |f| SchedOffsets { task_pid: f.offset, valid: 1 })
+    let Some(b) = btf::Btf::from_sys_fs() else {
+        return SchedOffsets::default();
+    };
+    let get =
+        |s: &str, m: &str, size: Option<u32>| b.member(s, m).filter(|f| size.is_none_or(|n| f.size == n));
+    let mut o = SchedOffsets::default();
+    if let Some(pid) = get("task_struct", "pid", Some(4)) {
+        o.task_pid = pid.offset;
+        o.valid = 1;
+    }
+    if let (Some(info), Some(queued), Some(se), Some(cfs_rq), Some(rq), Some(clock)) = (
+        get("task_struct", "sched_info", None),
+        get("sched_info", "last_queued", Some(8)),
+        get("task_struct", "se", None),
+        get("sched_entity", "cfs_rq", Some(8)),
+        get("cfs_rq", "rq", Some(8)),
+        get("rq", "clock", Some(8)),
+    ) {
+        o.task_last_queued = info.offset + queued.offset;
+        o.task_cfs_rq = se.offset + cfs_rq.offset;
+        o.cfs_rq_rq = rq.offset;
+        o.rq_clock = clock.offset;
+        o.info_valid = 1;
+    } else {
+        tracing::info!("kernel BTF lacks a member the sched_info run-queue program reads");
+    }
+    o
 }
 
 /// A map of the live object, or one opened from its pin.
@@ -433,7 +484,7 @@ fn read_maps(open: &Opener<'_>, signals: &[Signal]) -> Result<NodeSnapshot, Tele
     }
     // The kernel's own in-flight counters: exact, and free for the programs.
     snap.inflight = diskstats::read_all()?.1;
-    if signals.contains(&Signal::Sched) {
+    if signals.contains(&Signal::Sched) || signals.contains(&Signal::SchedStamp) {
         let m = open(MAP_RUNQ_HIST)?;
         snap.runq = Some(sum_hist(m.map(), MAP_RUNQ_HIST)?);
     }
