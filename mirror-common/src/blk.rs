@@ -58,11 +58,12 @@ pub struct BlkTpOffsets {
 pub const GLOBAL_BLK_RQ_OFFSETS: &str = "BLK_RQ_OFFSETS";
 
 /// Member offsets the BTF `block_rq_complete` program reads, resolved by userspace from the
-/// kernel's BTF: `request.q`, `request.part`, `request.cmd_flags`, `request.start_time_ns` (all
-/// within the first [`crate::TP_RECORD_PREFIX`] bytes of the request, which the program copies at
-/// once), `block_device.bd_dev` (the device, via `request.part`), and for requests without a
-/// partition `request_queue.disk`, `gendisk.major` and `gendisk.first_minor`. `valid == 0`
-/// disables the program.
+/// kernel's BTF: `request.q`, `request.part`, `request.cmd_flags`, `request.start_time_ns`,
+/// `block_device.bd_dev` (the device, via `request.part`), and for requests without a
+/// partition `request_queue.disk`, `gendisk.major` and `gendisk.first_minor`. The program loads
+/// each member directly through the tracepoint's typed `struct request *` (the verifier sees
+/// these read-only values as constants and checks every load against the kernel's BTF), without
+/// `bpf_probe_read_kernel`. `valid == 0` disables the program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct BlkRqOffsets {

@@ -1,17 +1,60 @@
 //! Run-queue latency (the runqlat shape): time from a task becoming runnable (woken, or preempted
-//! while still runnable) to it running on a CPU, from the BTF tracepoints `sched_wakeup`,
-//! `sched_wakeup_new` and `sched_switch`.
+//! while still runnable) to it running on a CPU. By default from the BTF tracepoint
+//! `sched_switch` alone, reading the scheduler's own `sched_info.last_queued` stamp of the
+//! incoming task and the run queue's clock (see [`SchedOffsets`]); as a fallback from
+//! `sched_wakeup`, `sched_wakeup_new` and `sched_switch`, stamping wakeups in `runq_start`.
 //!
-//! Map `runq_start` (task-local storage, `u64` ns per task, 0 when not waiting): when each
-//! runnable task became runnable. Not pinned (bpftool cannot dump task storage by key).
+//! Map `runq_start` (fallback only) (array of [`RUNQ_SLOTS`] `u64`, not pinned): when waiting tasks became
+//! runnable, direct-mapped by pid (see [`runq_slot`], [`runq_pack`]). Slot `i` holds
+//! `(t << RUNQ_PID_BITS) | pid` for a task whose pid maps to `i`, stamped at `t` (the low
+//! [`RUNQ_TIME_BITS`] bits of `bpf_ktime_get_ns`), or 0. A slot is cleared when its task runs. Two
+//! tasks waiting at once in the same slot: the later stamp replaces the earlier one, whose wait is
+//! then not measured (with `W` tasks waiting at once, about `W / RUNQ_SLOTS` of the waits).
 //! Map `runq_hist` (per-CPU array, one [`LatHist`](crate::hist::LatHist) at index 0): cumulative.
+
+use bytemuck::{Pod, Zeroable};
 
 /// Name (and pin name) of the wakeup-time map.
 pub const MAP_RUNQ_START: &str = "runq_start";
 /// Name (and pin name) of the histogram map.
 pub const MAP_RUNQ_HIST: &str = "runq_hist";
+/// Name of the global holding the `task_struct` member offsets.
+pub const GLOBAL_SCHED_OFFSETS: &str = "SCHED_OFFSETS";
 /// `TASK_RUNNING`: the raw `__state` of a task that stays on the run queue.
 pub const TASK_RUNNING: u64 = 0;
+
+/// log2 of the number of slots of `runq_start`.
+pub const RUNQ_SLOT_BITS: u32 = 14;
+/// Slots of `runq_start` (16384: 128 KiB).
+pub const RUNQ_SLOTS: u32 = 1 << RUNQ_SLOT_BITS;
+/// Bits of a slot holding the pid: the kernel's `PID_MAX_LIMIT` is 2^22 on 64-bit.
+pub const RUNQ_PID_BITS: u32 = 22;
+/// Bits of a slot holding the stamp: waits are measured modulo 2^42 ns (73 minutes).
+pub const RUNQ_TIME_BITS: u32 = 64 - RUNQ_PID_BITS;
+
+/// Member offsets the run-queue programs read, from the kernel's BTF.
+///
+/// The default program (`sched_switch_info`) reads what the scheduler itself keeps for
+/// `/proc/PID/schedstat` (`CONFIG_SCHED_INFO`): `task_struct.sched_info.last_queued`
+/// ([`Self::task_last_queued`], the run-queue clock when the task was queued, 0 when not
+/// queued) and the run queue's clock through `task_struct.se.cfs_rq` -> `cfs_rq.rq` ->
+/// `rq.clock`; `info_valid == 0` when one is missing. The stamping fallback
+/// (`sched_wakeup`, `sched_wakeup_new`, `sched_switch`) reads `task_struct.pid`; `valid == 0`
+/// when it is missing. Programs whose offsets are not valid ignore every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SchedOffsets {
+    pub task_pid: u32,
+    pub valid: u32,
+    /// `task_struct.sched_info` + `sched_info.last_queued`.
+    pub task_last_queued: u32,
+    /// `task_struct.se` + `sched_entity.cfs_rq`.
+    pub task_cfs_rq: u32,
+    pub cfs_rq_rq: u32,
+    pub rq_clock: u32,
+    pub info_valid: u32,
+    pub _pad: u32,
+}
 
 /// True when a task switched out is still runnable: preempted, or switched out with state
 /// `TASK_RUNNING` (yield). Any other state means it went to sleep and will be woken.
@@ -19,6 +62,39 @@ pub const TASK_RUNNING: u64 = 0;
 pub const fn still_runnable(preempt: bool, prev_state: u64) -> bool {
     preempt || prev_state == TASK_RUNNING
 }
+
+/// The `runq_start` slot of a pid: the top bits of a multiplicative (Fibonacci) hash, so
+/// consecutive pids spread over the table.
+#[inline(always)]
+pub const fn runq_slot(pid: u32) -> u32 {
+    pid.wrapping_mul(0x9e37_79b1) >> (32 - RUNQ_SLOT_BITS)
+}
+
+/// A slot's value: the stamp `t` (ns, low [`RUNQ_TIME_BITS`] bits kept) and the pid. Never 0 for
+/// a pid other than 0.
+#[inline(always)]
+pub const fn runq_pack(t: u64, pid: u32) -> u64 {
+    (t << RUNQ_PID_BITS) | (pid as u64 & ((1 << RUNQ_PID_BITS) - 1))
+}
+
+/// The wait from a slot's value to `now`, if the slot holds `pid`'s stamp.
+#[inline(always)]
+pub const fn runq_wait(slot: u64, pid: u32, now: u64) -> Option<u64> {
+    if slot == 0 || slot & ((1 << RUNQ_PID_BITS) - 1) != pid as u64 {
+        return None;
+    }
+    let since = slot >> RUNQ_PID_BITS;
+    Some(now.wrapping_sub(since) & ((1 << RUNQ_TIME_BITS) - 1))
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<SchedOffsets>() == 32);
+    assert!(RUNQ_SLOTS.is_power_of_two());
+};
+
+#[cfg(feature = "user")]
+// SAFETY: #[repr(C)], no padding (bytemuck's Pod derive checks it), every bit pattern valid.
+unsafe impl aya::Pod for SchedOffsets {}
 
 #[cfg(test)]
 mod tests {
@@ -31,5 +107,36 @@ mod tests {
         assert!(!still_runnable(false, 1)); // TASK_INTERRUPTIBLE
         assert!(!still_runnable(false, 2)); // TASK_UNINTERRUPTIBLE
         assert!(!still_runnable(false, 0x402)); // TASK_IDLE
+    }
+
+    #[test]
+    fn slots_spread_and_stay_in_range() {
+        let mut seen = [false; RUNQ_SLOTS as usize];
+        let mut distinct = 0;
+        for pid in 1..=4096u32 {
+            let s = runq_slot(pid);
+            assert!(s < RUNQ_SLOTS);
+            if !seen[s as usize] {
+                seen[s as usize] = true;
+                distinct += 1;
+            }
+        }
+        // 4096 consecutive pids over 16384 slots: a Fibonacci hash leaves almost no collisions.
+        assert!(distinct > 4000, "{distinct} distinct slots");
+        assert!(runq_slot(4_194_303) < RUNQ_SLOTS);
+    }
+
+    #[test]
+    fn pack_and_wait() {
+        let t = 123_456_789_012_345u64;
+        let v = runq_pack(t, 4_194_303);
+        assert_ne!(v, 0);
+        assert_eq!(runq_wait(v, 4_194_303, t + 5_000), Some(5_000));
+        // Another task in the same slot, or an empty slot: no wait.
+        assert_eq!(runq_wait(v, 42, t + 5_000), None);
+        assert_eq!(runq_wait(0, 42, t), None);
+        // Across a wrap of the kept time bits.
+        let t = (1u64 << RUNQ_TIME_BITS) - 10;
+        assert_eq!(runq_wait(runq_pack(t, 7), 7, t + 30), Some(30));
     }
 }

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     btf_maps::{HashMap, PerCpuHashMap},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
@@ -183,6 +183,20 @@ pub fn blk_rq_done(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// A `T` at `base + off` where `base` is a BTF-typed kernel pointer (a `tp_btf` argument, or a
+/// pointer member read through one) and `off` a member offset from the read-only globals.
+///
+/// The verifier knows the globals' values (the map is frozen and read-only for programs), so
+/// `base + off` is a constant offset into a known struct and the load is checked against the
+/// kernel's BTF; the JIT emits it as a fault-tolerant load (a bad or NULL pointer reads as 0),
+/// with no helper call and no copy. Much cheaper than `bpf_probe_read_kernel`.
+#[inline(always)]
+fn load<T: Copy>(base: u64, off: u32) -> T {
+    // SAFETY: see above: the verifier admits the load only at a member of the right size, and
+    // the JIT turns a fault into a zero result.
+    unsafe { core::ptr::read_volatile((base as *const u8).wrapping_add(off as usize) as *const T) }
+}
+
 #[inline(always)]
 fn try_done(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // SAFETY: a plain read of a static; volatile so the compiler does not constant-fold the
@@ -194,39 +208,27 @@ fn try_done(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let rq = ctx.arg::<u64>(0);
     let error = ctx.arg::<u64>(1) & 0xff;
     let nr_bytes = ctx.arg::<u64>(2) & 0xffff_ffff;
-    // SAFETY: bpf_probe_read_kernel never faults; the addresses come from the tracepoint's
-    // request pointer and the offsets userspace found in this kernel's BTF.
-    let head = unsafe { bpf_probe_read_kernel(rq as *const Record).map_err(i64::from)? };
-    let part = head.u64(off.rq_part);
-    let dev = if part != 0 {
-        // SAFETY: as above; bd_dev is already the kernel's dev_t encoding.
-        unsafe { bpf_probe_read_kernel((part + u64::from(off.bdev_dev)) as *const u32) }
-            .map_err(i64::from)?
-    } else {
-        // No partition (e.g. a flush): the queue's disk.
-        let q = head.u64(off.rq_q);
-        // SAFETY: as above.
-        unsafe {
-            let disk = bpf_probe_read_kernel((q + u64::from(off.q_disk)) as *const u64)
-                .map_err(i64::from)?;
-            let major = bpf_probe_read_kernel((disk + u64::from(off.disk_major)) as *const u32)
-                .map_err(i64::from)?;
-            let minor =
-                bpf_probe_read_kernel((disk + u64::from(off.disk_first_minor)) as *const u32)
-                    .map_err(i64::from)?;
-            (major << 20) | (minor & 0xf_ffff)
-        }
-    };
-    let start = head.u64(off.rq_start_time_ns);
+    let start = load::<u64>(rq, off.rq_start_time_ns);
     if start == 0 {
         // The block layer did not stamp it (I/O statistics off for this queue).
         return Ok(());
     }
+    let part = load::<u64>(rq, off.rq_part);
+    let dev = if part != 0 {
+        // bd_dev is already the kernel's dev_t encoding.
+        load::<u32>(part, off.bdev_dev)
+    } else {
+        // No partition (e.g. a flush): the queue's disk.
+        let disk = load::<u64>(load::<u64>(rq, off.rq_q), off.q_disk);
+        let major = load::<u32>(disk, off.disk_major);
+        let minor = load::<u32>(disk, off.disk_first_minor);
+        (major << 20) | (minor & 0xf_ffff)
+    };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let skey = BlkStatsKey {
         dev,
-        op: classify_req_op(head.u32(off.rq_cmd_flags)),
+        op: classify_req_op(load::<u32>(rq, off.rq_cmd_flags)),
     };
     account(&skey, nr_bytes, error != 0, now.saturating_sub(start))
 }

@@ -223,8 +223,23 @@ fn cpu_hogs_raise_run_queue_latency() {
     if let Some(why) = bpf_unavailable() {
         return skip(T, "BPF", &why);
     }
+    cpu_hogs_raise_run_queue_latency_with(T, &[]);
+}
+
+/// The same with the fallback that stamps wakeups itself, used when the kernel's BTF lacks the
+/// scheduler's `sched_info` stamps or the path to the run-queue clock.
+#[test]
+fn cpu_hogs_raise_run_queue_latency_with_wakeup_stamps() {
+    const T: &str = "telemetry::cpu_hogs_raise_run_queue_latency_with_wakeup_stamps";
+    if let Some(why) = bpf_unavailable() {
+        return skip(T, "BPF", &why);
+    }
+    cpu_hogs_raise_run_queue_latency_with(T, &[("MIRROR_RUNQ_STAMP", "1")]);
+}
+
+fn cpu_hogs_raise_run_queue_latency_with(t: &'static str, env: &[(&str, &str)]) {
     let _serial = serial();
-    let daemon = Daemon::start(&[]);
+    let daemon = Daemon::start_with_env(&[], env);
     std::thread::sleep(Duration::from_millis(200));
     let idle = measure(&daemon, || std::thread::sleep(Duration::from_millis(1500)));
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -235,7 +250,7 @@ fn cpu_hogs_raise_run_queue_latency() {
     let i = idle.runq.expect("runq signal attached");
     let b = busy.runq.expect("runq signal attached");
     eprintln!(
-        "{T}: idle {:.0}/s p50 {:?} p99 {:?} wait {:.1} ms/s; {} hogs on {cpus} cpus: {:.0}/s \
+        "{t}: idle {:.0}/s p50 {:?} p99 {:?} wait {:.1} ms/s; {} hogs on {cpus} cpus: {:.0}/s \
          p50 {:?} p99 {:?} wait {:.1} ms/s",
         i.events_per_s,
         i.p50_us,

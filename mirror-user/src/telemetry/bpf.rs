@@ -20,7 +20,7 @@ use mirror_common::{
     hist::LatHist,
     mm::{MAP_RECLAIM_START, MAP_RECLAIM_STATS},
     net::{NetTpOffsets, TcpPeerKey, TcpRetrans, GLOBAL_NET_OFFSETS, MAP_TCP_RETRANS},
-    sched::MAP_RUNQ_HIST,
+    sched::{SchedOffsets, GLOBAL_SCHED_OFFSETS, MAP_RUNQ_HIST},
 };
 
 use super::{blk::BlkSnapshot, btf, collector::NodeSnapshot, diskstats, procfs, tracefs, TelemetryError};
@@ -40,7 +40,10 @@ pub enum Signal {
     BlkRq,
     /// Block latency, classic tracepoints (issue and completion, keyed by device and sector).
     Blk,
+    /// Run-queue latency from the scheduler's own `sched_info` stamps (one program per switch).
     Sched,
+    /// Run-queue latency, fallback: the programs stamp wakeups themselves (runqlat).
+    SchedStamp,
     Reclaim,
     Tcp,
 }
@@ -50,7 +53,8 @@ impl Signal {
         match self {
             Signal::BlkRq => "block latency (BTF, per request)",
             Signal::Blk => "block latency (tracepoints, per device and sector)",
-            Signal::Sched => "run-queue latency",
+            Signal::Sched => "run-queue latency (sched_info)",
+            Signal::SchedStamp => "run-queue latency (wakeup stamps)",
             Signal::Reclaim => "direct reclaim",
             Signal::Tcp => "tcp retransmits",
         }
@@ -71,9 +75,10 @@ pub const TRACEPOINTS: &[(Signal, Kind, &str, &str, &str)] = &[
     (Signal::BlkRq, Kind::BtfTracePoint, "blk_rq_done", "block", "block_rq_complete"),
     (Signal::Blk, Kind::TracePoint, "blk_rq_issue", "block", "block_rq_issue"),
     (Signal::Blk, Kind::TracePoint, "blk_rq_complete", "block", "block_rq_complete"),
-    (Signal::Sched, Kind::BtfTracePoint, "sched_wakeup", "sched", "sched_wakeup"),
-    (Signal::Sched, Kind::BtfTracePoint, "sched_wakeup_new", "sched", "sched_wakeup_new"),
-    (Signal::Sched, Kind::BtfTracePoint, "sched_switch", "sched", "sched_switch"),
+    (Signal::Sched, Kind::BtfTracePoint, "sched_switch_info", "sched", "sched_switch"),
+    (Signal::SchedStamp, Kind::BtfTracePoint, "sched_wakeup", "sched", "sched_wakeup"),
+    (Signal::SchedStamp, Kind::BtfTracePoint, "sched_wakeup_new", "sched", "sched_wakeup_new"),
+    (Signal::SchedStamp, Kind::BtfTracePoint, "sched_switch", "sched", "sched_switch"),
     (Signal::Reclaim, Kind::TracePoint, "reclaim_begin", "vmscan", "mm_vmscan_direct_reclaim_begin"),
     (Signal::Reclaim, Kind::TracePoint, "reclaim_end", "vmscan", "mm_vmscan_direct_reclaim_end"),
     // The same programs on memory-cgroup reclaim: a task over its cgroup's limit stalls the same
@@ -167,8 +172,17 @@ impl Probe {
                 None
             }
         };
-        if btf.is_some() {
+        let mut sched = if btf.is_some() { sched_offsets() } else { SchedOffsets::default() };
+        // MIRROR_RUNQ_STAMP=1 forces the stamping fallback (tests, comparisons).
+        if std::env::var("MIRROR_RUNQ_STAMP").is_ok_and(|v| v == "1") {
+            sched.info_valid = 0;
+        }
+        if sched.info_valid != 0 {
             signals.push(Signal::Sched);
+        } else if sched.valid != 0 {
+            signals.push(Signal::SchedStamp);
+        } else if btf.is_some() {
+            tracing::warn!("run-queue latency not measured: kernel BTF lacks task_struct.pid");
         }
         let reclaim_tps = TRACEPOINTS
             .iter()
@@ -203,10 +217,9 @@ impl Probe {
 
         let mut loader = EbpfLoader::new();
         loader
-            // runq_start is task-local storage, which aya creates but does not wrap.
-            .allow_unsupported_maps()
             .override_global(GLOBAL_BLK_OFFSETS, &blk, true)
             .override_global(GLOBAL_BLK_RQ_OFFSETS, &rq, true)
+            .override_global(GLOBAL_SCHED_OFFSETS, &sched, true)
             .override_global(GLOBAL_NET_OFFSETS, &net, true);
         let pins = Pins(pins);
         let mut ebpf = loader.load(OBJECT)?;
@@ -238,6 +251,21 @@ impl Probe {
                         attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref())?;
                     }
                     signals.insert(0, Signal::Blk);
+                } else if signal == Signal::Sched && sched.valid != 0 {
+                    tracing::warn!("{e}: run-queue latency from wakeup stamps instead");
+                    let stamp = TRACEPOINTS.iter().filter(|t| t.0 == Signal::SchedStamp);
+                    let attached = stamp.clone().try_for_each(|&(_, kind, name, category, tp)| {
+                        attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref())
+                    });
+                    match attached {
+                        Ok(()) => signals.push(Signal::SchedStamp),
+                        Err(e) => {
+                            for &(_, kind, name, _, _) in stamp {
+                                unload(&mut ebpf, kind, name);
+                            }
+                            tracing::warn!("{} not measured: {e}", Signal::SchedStamp.name());
+                        }
+                    }
                 } else {
                     tracing::warn!("{} not measured: {e}", signal.name());
                 }
@@ -362,20 +390,18 @@ pub fn blk_rq_offsets() -> BlkRqOffsets {
     let Some(b) = btf::Btf::from_sys_fs() else {
         return BlkRqOffsets::default();
     };
-    let get = |s: &str, m: &str, size: u32, in_prefix: bool| {
-        b.member(s, m).filter(|f| {
-            f.size == size && (!in_prefix || (f.offset + size) as usize <= mirror_common::TP_RECORD_PREFIX)
-        })
-    };
+    // The program loads each member directly (the verifier checks it against the same BTF), so
+    // only the size matters.
+    let get = |s: &str, m: &str, size: u32| b.member(s, m).filter(|f| f.size == size);
     let (Some(q), Some(part), Some(bd_dev), Some(flags), Some(start), Some(disk), Some(major), Some(minor)) = (
-        get("request", "q", 8, true),
-        get("request", "part", 8, true),
-        get("block_device", "bd_dev", 4, false),
-        get("request", "cmd_flags", 4, true),
-        get("request", "start_time_ns", 8, true),
-        get("request_queue", "disk", 8, false),
-        get("gendisk", "major", 4, false),
-        get("gendisk", "first_minor", 4, false),
+        get("request", "q", 8),
+        get("request", "part", 8),
+        get("block_device", "bd_dev", 4),
+        get("request", "cmd_flags", 4),
+        get("request", "start_time_ns", 8),
+        get("request_queue", "disk", 8),
+        get("gendisk", "major", 4),
+        get("gendisk", "first_minor", 4),
     ) else {
         tracing::info!("kernel BTF lacks a struct request member the BTF block program reads");
         return BlkRqOffsets::default();
@@ -391,6 +417,40 @@ pub fn blk_rq_offsets() -> BlkRqOffsets {
         disk_first_minor: minor.offset,
         valid: 1,
     }
+}
+
+/// The member offsets of the run-queue programs from the kernel's BTF (see [`SchedOffsets`]):
+/// `info_valid == 0` when the scheduler's `sched_info` stamps or the path to the run-queue clock
+/// are missing (no `CONFIG_SCHED_INFO` or `CONFIG_FAIR_GROUP_SCHED`), `valid == 0` when even
+/// `task_struct.pid` is.
+pub fn sched_offsets() -> SchedOffsets {
+    let Some(b) = btf::Btf::from_sys_fs() else {
+        return SchedOffsets::default();
+    };
+    let get =
+        |s: &str, m: &str, size: Option<u32>| b.member(s, m).filter(|f| size.is_none_or(|n| f.size == n));
+    let mut o = SchedOffsets::default();
+    if let Some(pid) = get("task_struct", "pid", Some(4)) {
+        o.task_pid = pid.offset;
+        o.valid = 1;
+    }
+    if let (Some(info), Some(queued), Some(se), Some(cfs_rq), Some(rq), Some(clock)) = (
+        get("task_struct", "sched_info", None),
+        get("sched_info", "last_queued", Some(8)),
+        get("task_struct", "se", None),
+        get("sched_entity", "cfs_rq", Some(8)),
+        get("cfs_rq", "rq", Some(8)),
+        get("rq", "clock", Some(8)),
+    ) {
+        o.task_last_queued = info.offset + queued.offset;
+        o.task_cfs_rq = se.offset + cfs_rq.offset;
+        o.cfs_rq_rq = rq.offset;
+        o.rq_clock = clock.offset;
+        o.info_valid = 1;
+    } else {
+        tracing::info!("kernel BTF lacks a member the sched_info run-queue program reads");
+    }
+    o
 }
 
 /// A map of the live object, or one opened from its pin.
@@ -424,7 +484,7 @@ fn read_maps(open: &Opener<'_>, signals: &[Signal]) -> Result<NodeSnapshot, Tele
     }
     // The kernel's own in-flight counters: exact, and free for the programs.
     snap.inflight = diskstats::read_all()?.1;
-    if signals.contains(&Signal::Sched) {
+    if signals.contains(&Signal::Sched) || signals.contains(&Signal::SchedStamp) {
         let m = open(MAP_RUNQ_HIST)?;
         snap.runq = Some(sum_hist(m.map(), MAP_RUNQ_HIST)?);
     }
