@@ -54,6 +54,14 @@ enum CtlCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum UblkCmd {
+    /// One line per device: id, state, queues, depth, block device.
+    List,
+    /// Delete device N (stop it first when live).
+    Del { id: i32 },
+}
+
+#[derive(Subcommand, Debug)]
 enum WeightsCmd {
     /// Pin the target's share of reads (0..=100), optionally for a while.
     Set {
@@ -172,6 +180,17 @@ enum Command {
         /// Control socket for `mirror ctl` (root only).
         #[arg(long, default_value = mirror::control::DEFAULT_SOCKET)]
         ctl_socket: PathBuf,
+        /// Also expose the volume as /dev/ublkbN: `ublk` (fail when the kernel has no ublk),
+        /// `auto` (ublk when available, else NBD only), `nbd` (NBD only). NBD is always served.
+        #[arg(long, default_value = "nbd", value_parser = ["nbd", "ublk", "auto"])]
+        frontend: String,
+        #[command(flatten)]
+        ublk: Box<mirror::frontend::ublk::UblkArgs>,
+    },
+    /// ublk devices: list them, delete one left by a killed daemon.
+    Ublk {
+        #[command(subcommand)]
+        cmd: UblkCmd,
     },
     /// Talk to a running `mirror serve` over its control socket (root only).
     Ctl {
@@ -318,6 +337,8 @@ fn main() -> Result<()> {
             target_listen,
             conns,
             ctl_socket,
+            frontend,
+            ublk,
         } => {
             let cfg = VolumeConfig {
                 name: volume,
@@ -329,7 +350,19 @@ fn main() -> Result<()> {
                 conns,
                 rate: SyncRate::default(),
             };
-            rt.block_on(serve(cfg, nbd, nbd_unix, export, ctl_socket))
+            let ublk = (frontend != "nbd").then(|| (frontend == "ublk", ublk.options()));
+            rt.block_on(serve(cfg, nbd, nbd_unix, export, ctl_socket, ublk))
+        }
+        Command::Ublk { cmd: UblkCmd::List } => {
+            for l in mirror::frontend::ublk::list()? {
+                println!("{l}");
+            }
+            Ok(())
+        }
+        Command::Ublk { cmd: UblkCmd::Del { id } } => {
+            mirror::frontend::ublk::delete(id)?;
+            println!("ublk device {id} deleted");
+            Ok(())
         }
         Command::Ctl { socket, cmd } => rt.block_on(ctl(socket, cmd)),
         Command::Sync { node, peer, volume, secret_file, verify, repair, no_wait, json } => {
@@ -532,6 +565,7 @@ async fn serve(
     nbd_unix: Option<PathBuf>,
     export: String,
     ctl_socket: PathBuf,
+    ublk: Option<(bool, mirror::frontend::ublk::UblkOptions)>,
 ) -> Result<()> {
     let vol = mirror::volume::open::open(&cfg).await?;
     let control = mirror::control::Control::new(vol.router.clone(), cfg.target_weight);
@@ -560,6 +594,7 @@ async fn serve(
         }
         let _ = out.flush();
     }
+    let ublk = mirror::frontend::ublk::start_for_serve(vol.router.clone(), ublk)?;
     tracing::info!(volume = %cfg.name, size = vol.router.size(), "serving");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -569,6 +604,7 @@ async fn serve(
     let tcp_task = tokio::spawn(tcp.run(stopped(stop_rx)));
     shutdown_signal().await;
     tracing::info!("signal received: draining NBD connections, flushing both replicas");
+    mirror::frontend::ublk::stop_for_serve(ublk).await;
     let _ = stop_tx.send(true);
     let _ = tcp_task.await;
     if let Some(t) = unix_task {
