@@ -42,8 +42,9 @@ enum Cmd {
     },
     /// Boot the Debian 6.12 kernel with virtme-ng and run the tests that need it (ublk, ...).
     VmTest,
-    /// Run a benchmark: `resync` (sync/resync vs rsync) or `ebpf` (overhead of the telemetry
-    /// programs). Prints a table of ratios and writes target/bench/<name>.json.
+    /// Run a benchmark: `resync` (sync/resync vs rsync), `nbd`, `ebpf` (overhead of the telemetry
+    /// programs) or `ublk` (in the VM: vs md raid1, rublk, loop). Prints a table of ratios and
+    /// writes target/bench/<name>.json.
     Bench {
         /// Which benchmark: resync, ebpf.
         name: String,
@@ -241,7 +242,7 @@ fn demo(seconds: u64) -> Result<()> {
 }
 
 /// Benchmarks available to `cargo xtask bench`.
-const BENCHES: &[&str] = &["resync", "nbd", "ebpf"];
+const BENCHES: &[&str] = &["resync", "nbd", "ebpf", "ublk"];
 
 fn bench_other(name: &str, args: &[String]) -> Result<()> {
     match name {
@@ -261,6 +262,7 @@ fn bench_other(name: &str, args: &[String]) -> Result<()> {
                 .arg(root.join(format!("target/bench/{name}.json")))
                 .args(args))
         }
+        "ublk" => vm::bench_ublk(args),
         _ => anyhow::bail!("unknown benchmark {name:?}; available: {}", BENCHES.join(", ")),
     }
 }
