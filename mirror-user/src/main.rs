@@ -59,6 +59,14 @@ enum CtlCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum UblkCmd {
+    /// One line per device: id, state, queues, depth, block device.
+    List,
+    /// Delete device N (stop it first when live).
+    Del { id: i32 },
+}
+
+#[derive(Subcommand, Debug)]
 enum WeightsCmd {
     /// Pin the target's share of reads (0..=100), optionally for a while.
     Set {
@@ -326,6 +334,17 @@ enum Command {
         /// This node's health (used for local replicas).
         #[command(flatten)]
         health: Box<HealthArgs>,
+        /// Also expose the volume as /dev/ublkbN: `ublk` (fail when the kernel has no ublk),
+        /// `auto` (ublk when available, else NBD only), `nbd` (NBD only). NBD is always served.
+        #[arg(long, default_value = "nbd", value_parser = ["nbd", "ublk", "auto"])]
+        frontend: String,
+        #[command(flatten)]
+        ublk: Box<mirror::frontend::ublk::UblkArgs>,
+    },
+    /// ublk devices: list them, delete one left by a killed daemon.
+    Ublk {
+        #[command(subcommand)]
+        cmd: UblkCmd,
     },
     /// Talk to a running `mirror serve` over its control socket (root only).
     Ctl {
@@ -485,6 +504,8 @@ fn main() -> Result<()> {
             metrics,
             engine,
             health,
+            frontend,
+            ublk,
         } => {
             let driver_cfg = engine.config(target_weight)?;
             let local = [&source, &target].into_iter().find_map(|r| match r {
@@ -506,8 +527,20 @@ fn main() -> Result<()> {
                 node_health,
             };
             let pin_dir = health.pin_dir.clone();
-            let ep = Endpoints { nbd, nbd_unix, export, ctl_socket, metrics, pin_dir };
+            let ublk = (frontend != "nbd").then(|| (frontend == "ublk", ublk.options()));
+            let ep = Endpoints { nbd, nbd_unix, export, ctl_socket, metrics, pin_dir, ublk };
             rt.block_on(serve(cfg, driver_cfg, ep))
+        }
+        Command::Ublk { cmd: UblkCmd::List } => {
+            for l in mirror::frontend::ublk::list()? {
+                println!("{l}");
+            }
+            Ok(())
+        }
+        Command::Ublk { cmd: UblkCmd::Del { id } } => {
+            mirror::frontend::ublk::delete(id)?;
+            println!("ublk device {id} deleted");
+            Ok(())
         }
         Command::Ctl { socket, cmd } => rt.block_on(ctl(socket, cmd)),
         Command::Sync { node, peer, volume, secret_file, verify, repair, no_wait, json } => {
@@ -712,6 +745,8 @@ struct Endpoints {
     ctl_socket: PathBuf,
     metrics: Option<std::net::SocketAddr>,
     pin_dir: PathBuf,
+    /// `Some((required, options))`: also a ublk device.
+    ublk: Option<(bool, mirror::frontend::ublk::UblkOptions)>,
 }
 
 async fn serve(
@@ -719,7 +754,7 @@ async fn serve(
     driver_cfg: mirror::weights::driver::DriverConfig,
     ep: Endpoints,
 ) -> Result<()> {
-    let Endpoints { nbd, nbd_unix, export, ctl_socket, metrics, pin_dir } = ep;
+    let Endpoints { nbd, nbd_unix, export, ctl_socket, metrics, pin_dir, ublk } = ep;
     let vol = mirror::volume::open::open(&cfg).await?;
     let driver =
         mirror::weights::driver::Driver::start(vol.router.clone(), driver_cfg, cfg.node_health.clone());
@@ -775,6 +810,7 @@ async fn serve(
         }
         let _ = out.flush();
     }
+    let ublk = mirror::frontend::ublk::start_for_serve(vol.router.clone(), ublk)?;
     tracing::info!(volume = %cfg.name, size = vol.router.size(), "serving");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -784,6 +820,7 @@ async fn serve(
     let tcp_task = tokio::spawn(tcp.run(stopped(stop_rx)));
     shutdown_signal().await;
     tracing::info!("signal received: draining NBD connections, flushing both replicas");
+    mirror::frontend::ublk::stop_for_serve(ublk).await;
     let _ = stop_tx.send(true);
     let _ = tcp_task.await;
     if let Some(t) = unix_task {

@@ -40,11 +40,12 @@ enum Cmd {
     /// Boot the Debian 6.12 kernel with virtme-ng and run the tests that need it (ublk, ...).
     VmTest,
     /// Run a benchmark: `resync` (sync/resync vs rsync), `nbd` (router + NBD vs nbdkit and
-    /// qemu-nbd), `ebpf` (overhead of the telemetry programs) or `failover` (issue 7's scenarios,
-    /// adaptive policy vs the seed formula). Prints a table of ratios and writes
-    /// target/bench/<name>.json. Arguments after `--` go to the benchmark driver.
+    /// qemu-nbd), `ebpf` (overhead of the telemetry programs), `failover` (issue 7's scenarios,
+    /// adaptive policy vs the seed formula) or `ublk` (in the VM: vs md raid1, rublk, loop).
+    /// Prints a table of ratios and writes target/bench/<name>.json. Arguments after `--` go to
+    /// the benchmark driver.
     Bench {
-        /// Which benchmark: resync, nbd, ebpf, failover.
+        /// Which benchmark: resync, nbd, ebpf, failover, ublk.
         name: String,
         /// ebpf: pairs of runs without / with the programs.
         #[arg(long, default_value_t = 8)]
@@ -212,7 +213,7 @@ fn demo(phase_seconds: u64) -> Result<()> {
 }
 
 /// Benchmarks available to `cargo xtask bench`.
-const BENCHES: &[&str] = &["resync", "nbd", "ebpf", "failover"];
+const BENCHES: &[&str] = &["resync", "nbd", "ebpf", "failover", "ublk"];
 
 fn bench_other(name: &str, args: &[String]) -> Result<()> {
     match name {
@@ -236,6 +237,7 @@ fn bench_other(name: &str, args: &[String]) -> Result<()> {
                 .arg(root.join(format!("target/bench/{name}.json")))
                 .args(args))
         }
+        "ublk" => vm::bench_ublk(args),
         _ => anyhow::bail!("unknown benchmark {name:?}; available: {}", BENCHES.join(", ")),
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{io::BufRead, path::PathBuf, process::Stdio};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::{
     build, setup,
@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Test targets of the `mirror-tests` crate that run inside the VM.
-const VM_TARGETS: &[&str] = &["vm", "bpf_blk", "telemetry"];
+const VM_TARGETS: &[&str] = &["vm", "bpf_blk", "telemetry", "ublk"];
 
 fn required() -> bool {
     std::env::var_os("MIRROR_REQUIRE_VM").is_some_and(|v| v == "1")
@@ -88,4 +88,59 @@ pub fn vm_test() -> Result<(Tally, bool)> {
         .args(["--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2", "--exec"])
         .arg(&script);
     run_tally(&mut cmd)
+}
+
+/// `cargo xtask bench ublk`: builds the release binaries, makes sure rublk is installed, and runs
+/// `bench-ublk` inside the VM (ublk, loop and raid1 load there); it writes target/bench/ublk.json.
+pub fn bench_ublk(args: &[String]) -> Result<()> {
+    let Some(vng) = setup::vng() else {
+        bail!("virtme-ng (vng) is not installed: run `cargo xtask setup` as root");
+    };
+    let Some((version, vmlinuz)) = setup::vm_kernel_installed() else {
+        bail!("the Debian 6.12 VM kernel is not set up: run `cargo xtask setup` as root");
+    };
+    let root = root();
+    crate::util::run(&mut build::cargo(&["build", "--release", "-p", "mirror-user", "-p", "mirror-tests"]))?;
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let rublk = home.join("bin/rublk");
+    if !rublk.is_file() {
+        eprintln!("xtask: installing rublk (the reference ublk server) with cargo install");
+        crate::util::run(std::process::Command::new("cargo").args([
+            "install",
+            "rublk",
+            "--no-default-features",
+        ]))?;
+    }
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    // The guest's PATH lacks ~/.cargo/bin: everything by full path.
+    let mut script = format!(
+        "set -u; {} --mirror-bin {} --rublk {} --out {}",
+        root.join("target/release/bench-ublk").display(),
+        root.join("target/release/mirror").display(),
+        rublk.display(),
+        out_dir.join("ublk.json").display()
+    );
+    for a in args {
+        script.push_str(&format!(" '{}'", a.replace('\'', "")));
+    }
+    eprintln!("xtask: booting {version} under virtme-ng (TCG) for the ublk benchmark");
+    let mut cmd = std::process::Command::new(vng);
+    cmd.current_dir(&root)
+        .arg("-r")
+        .arg(&vmlinuz)
+        .args(["--disable-kvm", "--force-9p", "--memory", "3G", "--cpus", "2", "--rwdir"])
+        .arg(&out_dir)
+        .arg("--exec")
+        .arg(&script);
+    crate::util::run(&mut cmd)?;
+    ensure!(
+        out_dir.join("ublk.json").is_file(),
+        "the benchmark wrote no {}",
+        out_dir.join("ublk.json").display()
+    );
+    Ok(())
 }

@@ -1,0 +1,686 @@
+//! The ublk frontend: a [`BlockDev`] (the mirrored volume's router) as `/dev/ublkbN`.
+//!
+//! # Data path, and why it bridges to tokio
+//!
+//! Each ublk hardware queue gets one thread (libublk's `run_target`) with its own io_uring,
+//! which carries the ublk io commands (FETCH / COMMIT_AND_FETCH). A request that arrives on a
+//! queue is handed to the tokio runtime the rest of the daemon runs on (`Handle::spawn` of the
+//! router call); when the router answers, the task posts `(tag, result, data)` to the queue's
+//! mailbox and bumps an eventfd. The queue's ring holds a one-shot `POLL_ADD` on that eventfd, so
+//! the queue thread wakes in the same `io_uring_enter` that waits for new commands, drains the
+//! mailbox (copying read data into the tag's io buffer) and commits the results in one batch.
+//!
+//! The alternative, libublk's own per-queue async executor (smol `LocalExecutor`, one task per
+//! tag), cannot drive the router's futures: they need the tokio runtime (its timers for read
+//! deadlines and write timeouts, `tokio::sync` locks, `tokio::spawn` for the supervisor, and the
+//! tokio-driven completion reaper of the local replicas' io_uring). Running them there would mean
+//! a second reactor per queue or entering the tokio context from a foreign executor without its
+//! driver, so the bridge is the one design that keeps the router unchanged. Its cost is one
+//! task spawn, one eventfd write per batch of completions (a completion posted to a non-empty
+//! mailbox skips the write) and one copy of the data between the io buffer and the router's
+//! `Vec`. `cargo xtask bench ublk` measures the result against md raid1, rublk and the kernel
+//! loop device (see README for the last figures).
+//!
+//! # Lifecycle
+//!
+//! [`UblkFrontend::start`] adds and starts the device (or, with [`UblkOptions::recover`],
+//! re-attaches to a quiesced one); [`UblkFrontend::stop`] stops the device (the kernel flushes
+//! it through us while the queues still run), waits for the queue threads and deletes it; the
+//! caller then flushes both replicas. With [`UblkOptions::user_recovery`] (`UBLK_F_USER_RECOVERY` and
+//! `_REISSUE`), a daemon killed with SIGKILL leaves the device quiesced: I/O waits (it is not
+//! failed) until `mirror serve ... --ublk-recover N` takes the device over and reissues what
+//! was in flight; `mirror ublk del N` removes it instead. Without it, the kernel removes the
+//! disk when the daemon dies and fails what was in flight; `mirror ublk del N` frees the id.
+//! A write is acknowledged to the kernel only after the router completed it on both replicas,
+//! so a killed daemon loses no acknowledged write.
+
+use std::{
+    io::{Read, Write},
+    os::fd::FromRawFd,
+    path::Path,
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+};
+
+use io_uring::{opcode, types};
+use libublk::{
+    ctrl::{UblkCtrl, UblkCtrlBuilder},
+    io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue},
+    sys, BufDesc, UblkFlags, UblkIORes,
+};
+
+use crate::volume::BlockDev;
+
+/// Errors of the ublk boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum UblkError {
+    /// The kernel has no ublk driver (or it cannot be loaded).
+    #[error(
+        "ublk is not available on this kernel ({0}); use the NBD frontend instead \
+         (`mirror serve --frontend nbd`, then e.g. `nbd-client` or qemu's nbd: driver)"
+    )]
+    Unavailable(String),
+    /// A request the device cannot honour.
+    #[error("invalid ublk setting: {0}")]
+    Invalid(String),
+    /// The ublk driver (or libublk) refused an operation.
+    #[error("ublk {what}: {source}")]
+    Driver {
+        what: &'static str,
+        #[source]
+        source: libublk::UblkError,
+    },
+    /// The device thread ended before the device came up.
+    #[error("ublk device did not start: {0}")]
+    Start(String),
+}
+
+fn driver(what: &'static str) -> impl FnOnce(libublk::UblkError) -> UblkError {
+    move |source| UblkError::Driver { what, source }
+}
+
+/// Device parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UblkOptions {
+    /// Device id (`/dev/ublkbN`), -1 lets the driver pick.
+    pub id: i32,
+    /// Hardware queues (one thread each).
+    pub queues: u16,
+    /// Requests in flight per queue.
+    pub depth: u16,
+    /// Largest request, bytes.
+    pub max_io_bytes: u32,
+    /// Logical block size (512 or 4096); 0 = 512.
+    pub logical_block_size: u32,
+    /// Physical block size; 0 = the volume's block size.
+    pub physical_block_size: u32,
+    /// Advertise discard / write-zeroes.
+    pub discard: bool,
+    /// Advertise a volatile write cache (the kernel sends FLUSH and FUA).
+    pub flush: bool,
+    /// UBLK_F_USER_RECOVERY(+REISSUE): survive a daemon crash with I/O held.
+    pub user_recovery: bool,
+    /// Re-attach to the quiesced device `id` instead of adding one.
+    pub recover: bool,
+}
+
+impl Default for UblkOptions {
+    fn default() -> Self {
+        UblkOptions {
+            id: -1,
+            queues: 1,
+            depth: 128,
+            max_io_bytes: 512 << 10,
+            logical_block_size: 512,
+            physical_block_size: 0,
+            discard: true,
+            flush: true,
+            user_recovery: false,
+            recover: false,
+        }
+    }
+}
+
+/// `mirror serve` flags for the ublk frontend.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UblkArgs {
+    /// ublk device id (-1: the driver picks).
+    #[arg(long = "ublk-id", default_value_t = -1, allow_negative_numbers = true)]
+    pub id: i32,
+    /// ublk hardware queues (one io thread each).
+    #[arg(long = "ublk-queues", default_value_t = 1)]
+    pub queues: u16,
+    /// ublk queue depth.
+    #[arg(long = "ublk-depth", default_value_t = 128)]
+    pub depth: u16,
+    /// Logical block size of /dev/ublkbN (512 or 4096).
+    #[arg(long = "ublk-logical-bs", default_value_t = 512)]
+    pub logical_bs: u32,
+    /// Physical block size (default: the volume's block size).
+    #[arg(long = "ublk-physical-bs")]
+    pub physical_bs: Option<u32>,
+    /// Do not advertise discard / write-zeroes.
+    #[arg(long = "ublk-no-discard")]
+    pub no_discard: bool,
+    /// Do not advertise a volatile cache (no FLUSH / FUA from the kernel).
+    #[arg(long = "ublk-no-flush")]
+    pub no_flush: bool,
+    /// Keep the device (I/O held, not failed) if the daemon dies, for `--ublk-recover`.
+    #[arg(long = "ublk-recovery")]
+    pub recovery: bool,
+    /// Take over the quiesced ublk device N left by a killed daemon (same volume).
+    #[arg(long = "ublk-recover", conflicts_with = "id")]
+    pub recover: Option<i32>,
+}
+
+impl UblkArgs {
+    pub fn options(&self) -> UblkOptions {
+        UblkOptions {
+            id: self.recover.unwrap_or(self.id),
+            queues: self.queues,
+            depth: self.depth,
+            logical_block_size: self.logical_bs,
+            physical_block_size: self.physical_bs.unwrap_or(0),
+            discard: !self.no_discard,
+            flush: !self.no_flush,
+            user_recovery: self.recovery || self.recover.is_some(),
+            recover: self.recover.is_some(),
+            ..Default::default()
+        }
+    }
+}
+
+const CONTROL: &str = "/dev/ublk-control";
+
+/// Checks that the ublk driver answers, loading `ublk_drv` when the control device is missing.
+pub fn check_available() -> Result<(), UblkError> {
+    if !Path::new(CONTROL).exists() {
+        let modprobe = std::process::Command::new("modprobe")
+            .arg("ublk_drv")
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !Path::new(CONTROL).exists() {
+            let why = match modprobe {
+                Ok(s) if s.success() => format!("{CONTROL} missing after `modprobe ublk_drv`"),
+                Ok(_) => format!("no {CONTROL} and `modprobe ublk_drv` failed"),
+                Err(e) => format!("no {CONTROL} and modprobe could not run: {e}"),
+            };
+            return Err(UblkError::Unavailable(why));
+        }
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(CONTROL)
+        .map(drop)
+        .map_err(|e| UblkError::Unavailable(format!("open {CONTROL}: {e}")))
+}
+
+/// One finished request, posted by a tokio task to its queue.
+#[derive(Debug)]
+struct Done {
+    tag: u16,
+    res: i32,
+    data: Option<Vec<u8>>,
+}
+
+/// Completions of one queue: tokio tasks push, the queue thread drains on the eventfd.
+#[derive(Debug)]
+struct Mailbox {
+    done: Mutex<Vec<Done>>,
+    efd: std::fs::File,
+}
+
+impl Mailbox {
+    fn new() -> std::io::Result<Arc<Mailbox>> {
+        // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor we own; the File takes sole ownership.
+        let efd = unsafe { std::fs::File::from_raw_fd(fd) };
+        Ok(Arc::new(Mailbox { done: Mutex::new(Vec::new()), efd }))
+    }
+
+    fn post(&self, d: Done) {
+        let was_empty = {
+            let mut q = self.done.lock().unwrap_or_else(|e| e.into_inner());
+            q.push(d);
+            q.len() == 1
+        };
+        // A non-empty mailbox has a wakeup pending already (the queue thread reads the eventfd
+        // before it takes the mailbox).
+        if was_empty {
+            let _ = (&self.efd).write(&1u64.to_ne_bytes());
+        }
+    }
+
+    fn take(&self) -> Vec<Done> {
+        let mut buf = [0u8; 8];
+        let _ = (&self.efd).read(&mut buf);
+        std::mem::take(&mut *self.done.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Marks the eventfd poll's CQE (an op number no ublk request uses).
+const POLL_OP: u32 = 0xfe;
+
+fn errno(e: &std::io::Error) -> i32 {
+    -e.raw_os_error().filter(|&n| n > 0).unwrap_or(libc::EIO)
+}
+
+fn arm_poll(q: &UblkQueue, efd: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let data = UblkIOCtx::build_user_data(0, POLL_OP, 0, true);
+    let sqe = opcode::PollAdd::new(types::Fd(efd.as_raw_fd()), libc::POLLIN as u32).build().user_data(data);
+    if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
+        tracing::error!("ublk: arming the completion eventfd failed: {e}");
+    }
+}
+
+/// Hands one request to the router on the tokio runtime.
+fn dispatch<D: BlockDev>(
+    dev: &Arc<D>,
+    rt: &tokio::runtime::Handle,
+    mb: &Arc<Mailbox>,
+    tag: u16,
+    iod: &sys::ublksrv_io_desc,
+    buf: &[u8],
+) -> Option<i32> {
+    let op = iod.op_flags & 0xff;
+    let off = iod.start_sector.wrapping_shl(9);
+    let len = u64::from(iod.nr_sectors) << 9;
+    let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
+    // A flush carries no range (its start sector is all ones).
+    let in_range = iod
+        .start_sector
+        .checked_mul(512)
+        .and_then(|o| o.checked_add(len))
+        .is_some_and(|end| end <= dev.size());
+    if op != sys::UBLK_IO_OP_FLUSH && !in_range {
+        return Some(-libc::EINVAL);
+    }
+    let bytes = len as u32; // reads and writes are at most max_io_bytes
+    let (dev, mb) = (dev.clone(), mb.clone());
+    match op {
+        sys::UBLK_IO_OP_READ => {
+            rt.spawn(async move {
+                let d = match dev.read(off, bytes).await {
+                    Ok(v) if v.len() == bytes as usize => Done { tag, res: bytes as i32, data: Some(v) },
+                    Ok(_) => Done { tag, res: -libc::EIO, data: None },
+                    Err(e) => Done { tag, res: errno(&e), data: None },
+                };
+                mb.post(d);
+            });
+        }
+        sys::UBLK_IO_OP_WRITE => {
+            let Some(data) = buf.get(..bytes as usize) else { return Some(-libc::EINVAL) };
+            let data = data.to_vec();
+            rt.spawn(async move {
+                let res = match dev.write(off, data, fua).await {
+                    Ok(()) => bytes as i32,
+                    Err(e) => errno(&e),
+                };
+                mb.post(Done { tag, res, data: None });
+            });
+        }
+        sys::UBLK_IO_OP_FLUSH => {
+            rt.spawn(async move {
+                let res = dev.flush().await.map_or_else(|e| errno(&e), |()| 0);
+                mb.post(Done { tag, res, data: None });
+            });
+        }
+        sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
+            rt.spawn(async move {
+                let r = if op == sys::UBLK_IO_OP_DISCARD {
+                    dev.trim(off, len).await
+                } else {
+                    dev.write_zeroes(off, len).await
+                };
+                mb.post(Done { tag, res: r.map_or_else(|e| errno(&e), |()| 0), data: None });
+            });
+        }
+        _ => return Some(-libc::EOPNOTSUPP),
+    }
+    None
+}
+
+fn complete(q: &UblkQueue, tag: u16, buf: &[u8], res: i32) {
+    if res < 0 {
+        let iod = q.get_iod(tag);
+        tracing::debug!(
+            tag,
+            op = iod.op_flags & 0xff,
+            sector = iod.start_sector,
+            sectors = iod.nr_sectors,
+            "ublk: request failed: errno {}",
+            -res
+        );
+    }
+    if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res))) {
+        tracing::error!(tag, "ublk: committing a result failed: {e}");
+    }
+}
+
+/// The io loop of one queue thread.
+fn queue_main<D: BlockDev>(qid: u16, udev: &UblkDev, dev: Arc<D>, rt: tokio::runtime::Handle) {
+    let mb = match Mailbox::new() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(qid, "ublk: eventfd: {e}");
+            return;
+        }
+    };
+    let mut bufs = udev.alloc_queue_io_bufs();
+    let q = match UblkQueue::new(qid, udev)
+        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
+    {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::error!(qid, "ublk: queue setup failed: {e}");
+            return;
+        }
+    };
+    arm_poll(&q, &mb.efd);
+    let handler = |q: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
+        if ctx.is_tgt_io() {
+            if UblkIOCtx::user_data_to_op(ctx.user_data()) != POLL_OP {
+                return;
+            }
+            arm_poll(q, &mb.efd);
+            for d in mb.take() {
+                let Some(buf) = bufs.get_mut(d.tag as usize) else { continue };
+                if let Some(data) = &d.data {
+                    buf.as_mut_slice()[..data.len()].copy_from_slice(data);
+                }
+                complete(q, d.tag, buf.as_slice(), d.res);
+            }
+            return;
+        }
+        let iod = *q.get_iod(tag);
+        let Some(buf) = bufs.get(tag as usize) else { return };
+        if let Some(res) = dispatch(&dev, &rt, &mb, tag, &iod, buf.as_slice()) {
+            complete(q, tag, buf.as_slice(), res);
+        }
+    };
+    q.wait_and_handle_io(handler);
+}
+
+fn shift(v: u32, what: &str) -> Result<u8, UblkError> {
+    if !v.is_power_of_two() || !(512..=65536).contains(&v) {
+        return Err(UblkError::Invalid(format!("{what} {v}: a power of two in 512..=65536")));
+    }
+    Ok(v.trailing_zeros() as u8)
+}
+
+fn params(o: &UblkOptions, size: u64, vol_bs: u32, max_io: u32) -> Result<sys::ublk_params, UblkError> {
+    let lbs = if o.logical_block_size == 0 { 512 } else { o.logical_block_size };
+    let pbs = if o.physical_block_size == 0 { vol_bs.max(lbs) } else { o.physical_block_size };
+    let (lshift, pshift) = (shift(lbs, "logical block size")?, shift(pbs, "physical block size")?);
+    if pbs < lbs {
+        return Err(UblkError::Invalid(format!("physical block size {pbs} < logical {lbs}")));
+    }
+    if !size.is_multiple_of(u64::from(lbs)) {
+        return Err(UblkError::Invalid(format!("volume size {size} is not a multiple of {lbs}")));
+    }
+    let mut attrs = 0;
+    if o.flush {
+        attrs |= sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
+    }
+    let mut p = sys::ublk_params {
+        types: sys::UBLK_PARAM_TYPE_BASIC,
+        basic: sys::ublk_param_basic {
+            attrs,
+            logical_bs_shift: lshift,
+            physical_bs_shift: pshift,
+            io_opt_shift: pshift,
+            io_min_shift: lshift,
+            max_sectors: max_io >> 9,
+            dev_sectors: size >> 9,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    if o.discard {
+        p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
+        p.discard = sys::ublk_param_discard {
+            discard_granularity: pbs,
+            max_discard_sectors: u32::MAX >> 9,
+            max_write_zeroes_sectors: u32::MAX >> 9,
+            max_discard_segments: 1,
+            ..Default::default()
+        };
+    }
+    Ok(p)
+}
+
+/// A running ublk device.
+pub struct UblkFrontend {
+    thread: Option<JoinHandle<Result<(), UblkError>>>,
+    id: u32,
+}
+
+impl std::fmt::Debug for UblkFrontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UblkFrontend").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl UblkFrontend {
+    /// Adds and starts (or recovers) the device; returns once `/dev/ublkbN` serves I/O. Must be
+    /// called from inside the tokio runtime the router runs on.
+    pub fn start<D: BlockDev>(dev: Arc<D>, o: &UblkOptions) -> Result<UblkFrontend, UblkError> {
+        check_available()?;
+        let rt = tokio::runtime::Handle::current();
+        let (mut queues, mut depth) = (o.queues, o.depth);
+        if queues == 0 || depth == 0 {
+            return Err(UblkError::Invalid("queues and depth must be at least 1".into()));
+        }
+        let recovery = u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
+        if o.recover && o.id < 0 {
+            return Err(UblkError::Invalid("recovering needs the device id".into()));
+        }
+        let p = params(o, dev.size(), dev.block_size(), o.max_io_bytes)?;
+        let size = dev.size();
+        let o2 = o.clone();
+        // libublk's control ring is per thread: the device is added, run and deleted on its own
+        // thread; `stop` opens its own handle.
+        let (up_tx, up_rx) = std::sync::mpsc::channel::<Result<(u32, u16, u16), UblkError>>();
+        let thread = std::thread::Builder::new()
+            .name("ublk".into())
+            .spawn(move || {
+                let o = o2;
+                let fail = |tx: &std::sync::mpsc::Sender<_>, e: UblkError| {
+                    let _ = tx.send(Err(e));
+                    Ok(())
+                };
+                let (ctrl_flags, dev_flags) = if o.recover {
+                    let old = match UblkCtrl::new_simple(o.id) {
+                        Ok(c) => c,
+                        Err(e) => return fail(&up_tx, driver("opening the device to recover")(e)),
+                    };
+                    let info = old.dev_info();
+                    if u32::from(info.state) != sys::UBLK_S_DEV_QUIESCED {
+                        let e = UblkError::Invalid(format!(
+                            "ublk device {} is not quiesced (state {}): nothing to recover",
+                            o.id, info.state
+                        ));
+                        return fail(&up_tx, e);
+                    }
+                    (queues, depth) = (info.nr_hw_queues, info.queue_depth);
+                    if let Err(e) = old.start_user_recover() {
+                        return fail(&up_tx, driver("starting the recovery")(e));
+                    }
+                    (recovery, UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+                } else {
+                    (if o.user_recovery { recovery } else { 0 }, UblkFlags::UBLK_DEV_F_ADD_DEV)
+                };
+                let ctrl = match UblkCtrlBuilder::default()
+                    .name("mirror")
+                    .id(o.id)
+                    .nr_queues(queues)
+                    .depth(depth)
+                    .io_buf_bytes(o.max_io_bytes)
+                    .ctrl_flags(ctrl_flags)
+                    .dev_flags(dev_flags)
+                    .build()
+                {
+                    Ok(c) => c,
+                    Err(e) => return fail(&up_tx, driver("adding the device")(e)),
+                };
+                let id = ctrl.dev_info().dev_id;
+                let tgt_init = move |udev: &mut UblkDev| {
+                    udev.tgt.dev_size = size;
+                    udev.tgt.params = p;
+                    // One more ring slot per queue for the completion eventfd's poll.
+                    udev.tgt.sq_depth += 1;
+                    udev.tgt.cq_depth += 1;
+                    Ok(())
+                };
+                let q_fn = move |qid: u16, udev: &UblkDev| queue_main(qid, udev, dev, rt);
+                let tx = up_tx.clone();
+                let up = move |_: &UblkCtrl| {
+                    let _ = tx.send(Ok((id, queues, depth)));
+                };
+                let r = ctrl.run_target(tgt_init, q_fn, up).map(drop).map_err(driver("running the device"));
+                // Stopped (by `stop`): remove the device; a recovered one is not removed on drop.
+                let _ = ctrl.del_dev();
+                if let Err(e) = r {
+                    let _ = up_tx.send(Err(e));
+                }
+                Ok(())
+            })
+            .map_err(|e| UblkError::Start(format!("spawning the device thread: {e}")))?;
+        let (id, queues, depth) = match up_rx.recv() {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let why = match thread.join() {
+                    Err(_) => "the device thread panicked",
+                    Ok(_) => "the device thread ended",
+                };
+                return Err(UblkError::Start(why.into()));
+            }
+        };
+        let fe = UblkFrontend { thread: Some(thread), id };
+        tracing::info!(
+            id,
+            queues,
+            depth,
+            recovery = o.user_recovery,
+            recovered = o.recover,
+            "ublk device up: {}",
+            fe.bdev_path()
+        );
+        Ok(fe)
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn bdev_path(&self) -> String {
+        format!("/dev/ublkb{}", self.id)
+    }
+
+    /// Stops the device (the kernel writes back and flushes through the still-running queues),
+    /// waits for the queue threads, and deletes the device. Blocking: call it off the runtime's
+    /// worker threads (e.g. `spawn_blocking`).
+    pub fn stop(mut self) -> Result<(), UblkError> {
+        let stopped = UblkCtrl::new_simple(self.id as i32)
+            .and_then(|c| c.kill_dev())
+            .map(drop)
+            .map_err(driver("stopping the device"));
+        let joined = match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(UblkError::Start("the device thread panicked".into())),
+            None => Ok(()),
+        };
+        stopped.and(joined)
+    }
+}
+
+/// For `mirror serve --frontend ublk|auto`: `Some((required, options))` starts the device and
+/// prints `ublk device /dev/ublkbN` on stdout. Without ublk, `auto` logs a warning and serves NBD
+/// only; `ublk` fails with [`UblkError::Unavailable`], which names the NBD frontend.
+pub fn start_for_serve<D: BlockDev>(
+    dev: Arc<D>,
+    want: Option<(bool, UblkOptions)>,
+) -> Result<Option<UblkFrontend>, UblkError> {
+    let Some((required, o)) = want else { return Ok(None) };
+    match UblkFrontend::start(dev, &o) {
+        Ok(fe) => {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "ublk device {}", fe.bdev_path());
+            let _ = out.flush();
+            Ok(Some(fe))
+        }
+        Err(e @ UblkError::Unavailable(_)) if !required => {
+            tracing::warn!("{e}; serving NBD only");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Stops and deletes the device of [`start_for_serve`], if any (before the final flush).
+pub async fn stop_for_serve(fe: Option<UblkFrontend>) {
+    let Some(fe) = fe else { return };
+    let path = fe.bdev_path();
+    match tokio::task::spawn_blocking(move || fe.stop()).await {
+        Ok(Ok(())) => tracing::info!("{path} stopped and deleted"),
+        Ok(Err(e)) => tracing::error!("{path}: {e}"),
+        Err(e) => tracing::error!("{path}: stopping panicked: {e}"),
+    }
+}
+
+/// One line per ublk device: id, state, queues, depth, block device.
+pub fn list() -> Result<Vec<String>, UblkError> {
+    check_available()?;
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let o = out.clone();
+    UblkCtrl::for_each_dev_id(move |id| {
+        let line = match UblkCtrl::new_simple(id as i32) {
+            Ok(c) => {
+                let i = c.dev_info();
+                let state = match u32::from(i.state) {
+                    sys::UBLK_S_DEV_LIVE => "live",
+                    sys::UBLK_S_DEV_QUIESCED => "quiesced",
+                    sys::UBLK_S_DEV_DEAD => "dead",
+                    _ => "unknown",
+                };
+                format!(
+                    "{id}\t{state}\tqueues={} depth={} pid={}\t/dev/ublkb{id}",
+                    i.nr_hw_queues, i.queue_depth, i.ublksrv_pid
+                )
+            }
+            Err(e) => format!("{id}\t?\t{e}"),
+        };
+        o.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    });
+    let v = std::mem::take(&mut *out.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(v)
+}
+
+/// Deletes ublk device `id` (a dead or quiesced one left by a killed daemon, or a live one,
+/// whose I/O then fails).
+pub fn delete(id: i32) -> Result<(), UblkError> {
+    check_available()?;
+    let c = UblkCtrl::new_simple(id).map_err(driver("opening the device"))?;
+    c.kill_dev().map_err(driver("stopping the device"))?;
+    c.del_dev().map(drop).map_err(driver("deleting the device"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_follow_the_volume_and_the_options() {
+        let o = UblkOptions::default();
+        let p = params(&o, 1 << 30, 4096, 512 << 10).unwrap();
+        assert_eq!(p.basic.logical_bs_shift, 9);
+        assert_eq!(p.basic.physical_bs_shift, 12);
+        assert_eq!(p.basic.dev_sectors, (1 << 30) >> 9);
+        assert_eq!(p.basic.max_sectors, 1024);
+        assert_ne!(p.basic.attrs & sys::UBLK_ATTR_VOLATILE_CACHE, 0);
+        assert_ne!(p.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
+        let o = UblkOptions { logical_block_size: 4096, discard: false, flush: false, ..o };
+        let p = params(&o, 1 << 30, 4096, 512 << 10).unwrap();
+        assert_eq!(p.basic.logical_bs_shift, 12);
+        assert_eq!(p.basic.attrs, 0);
+        assert_eq!(p.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
+        assert!(params(&UblkOptions { logical_block_size: 1000, ..o.clone() }, 1 << 30, 4096, 4096).is_err());
+        assert!(params(&o, (1 << 30) + 512, 4096, 4096).is_err());
+    }
+
+    #[test]
+    fn unavailable_names_the_nbd_frontend() {
+        let e = UblkError::Unavailable("no /dev/ublk-control".into()).to_string();
+        assert!(e.contains("NBD frontend"), "{e}");
+    }
+}

@@ -1,0 +1,366 @@
+//! `cargo xtask bench ublk` (runs inside the VM, where ublk, loop and raid1 load): fio with
+//! io_uring and O_DIRECT on block devices, all set up side by side in the same VM on files of
+//! the same size in one tmpfs:
+//!   - ours-2local:  `mirror serve --frontend ublk`, two local replicas (weights 50/50),
+//!   - ours-1replica: our ublk frontend over one local replica (the router needs two replicas,
+//!     so this is one `Replica` with the same local data path, io_uring and page cache, without
+//!     the router's second write; served in-process by this driver),
+//!   - md-raid1:     md raid1 over two loop devices,
+//!   - rublk:        rublk's loop target on one file (`--buffered-io`, like the others),
+//!   - loop:         the kernel loop device on one file.
+//!
+//! Jobs: 4 KiB random read / write at iodepth 32, 128 KiB sequential read / write at iodepth 8.
+//! Rounds rotate the order of the devices; the median over rounds is reported, and ratios
+//! ours / md raid1 and ours-1replica / rublk. Writes the JSON to `--out`.
+
+use std::{
+    io::BufRead,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Arc,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use mirror::{
+    frontend::ublk::{UblkFrontend, UblkOptions},
+    replication::server::{Server, ServerConfig, VolumeSpec},
+    volume::{
+        replica::{Location, Replica},
+        uring::UringFile,
+        BlockDev,
+    },
+};
+use mirror_tests::bench::{median, Kill};
+
+struct Args {
+    size: u64,
+    rounds: usize,
+    runtime: u64,
+    mirror: PathBuf,
+    rublk: PathBuf,
+    dir: PathBuf,
+    out: PathBuf,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        size: 256 << 20,
+        rounds: 3,
+        runtime: 4,
+        mirror: PathBuf::from("target/release/mirror"),
+        rublk: PathBuf::from("/root/.cargo/bin/rublk"),
+        dir: PathBuf::from("/run/mirror-bench-ublk"),
+        out: PathBuf::from("target/bench/ublk.json"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--size" => a.size = mirror::parse_size(&v).map_err(anyhow::Error::msg)?,
+            "--rounds" => a.rounds = v.parse()?,
+            "--runtime" => a.runtime = v.parse()?,
+            "--mirror-bin" => a.mirror = v.into(),
+            "--rublk" => a.rublk = v.into(),
+            "--dir" => a.dir = v.into(),
+            "--out" => a.out = v.into(),
+            _ => bail!("unknown flag {k} (--size, --rounds, --runtime, --mirror-bin, --rublk, --dir, --out)"),
+        }
+    }
+    Ok(a)
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A data file (written, not sparse: every config starts from allocated pages).
+fn data_file(a: &Args, name: &str) -> Result<PathBuf> {
+    let p = a.dir.join(name);
+    run(Command::new("dd").args([
+        "if=/dev/zero",
+        &format!("of={}", p.display()),
+        "bs=1M",
+        &format!("count={}", a.size >> 20),
+        "status=none",
+    ]))?;
+    Ok(p)
+}
+
+/// Something torn down at the end (loop devices, md array, rublk device).
+struct Undo(Vec<Vec<String>>);
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        for c in self.0.iter().rev() {
+            let _ = Command::new(&c[0]).args(&c[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+fn losetup(file: &Path, undo: &mut Undo) -> Result<String> {
+    let dev =
+        run(Command::new("losetup").args(["-f", "--show", "--direct-io=off"]).arg(file))?.trim().to_string();
+    undo.0.push(vec!["losetup".into(), "-d".into(), dev.clone()]);
+    Ok(dev)
+}
+
+/// One local replica of volume `v` as a [`BlockDev`] (the router's local data path, alone).
+struct OneReplica {
+    r: Replica,
+    size: u64,
+    _server: Server,
+}
+
+impl OneReplica {
+    fn open(path: &Path) -> Result<OneReplica> {
+        let server = Server::start(ServerConfig {
+            listen: "127.0.0.1:0".into(),
+            volumes: vec![VolumeSpec {
+                name: "v".into(),
+                path: path.into(),
+                size: None,
+                meta: None,
+                block_size: 4096,
+                direct_io: false,
+            }],
+            secret: b"bench-secret-0123456789".to_vec(),
+            rate: Default::default(),
+            health: mirror::health::monitor::NodeHealth::new(),
+        })?;
+        let vol = server.volume("v").context("volume v")?;
+        let size = vol.store.size();
+        let uring = Some(Arc::new(UringFile::open(path, false)?));
+        let loc = Location::Local { vol, addr: server.addr.to_string(), uring };
+        Ok(OneReplica { r: Replica::new("source", loc, 4096), size, _server: server })
+    }
+}
+
+impl BlockDev for OneReplica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn block_size(&self) -> u32 {
+        4096
+    }
+    async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        self.r.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
+        self.r.write(offset, Arc::new(data), fua).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        self.r.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.r.write_zeroes(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.r.write_zeroes(offset, len).await
+    }
+}
+
+/// A fio job: (name, rw, bs, iodepth).
+const JOBS: &[(&str, &str, &str, u32)] = &[
+    ("randread", "randread", "4k", 32),
+    ("randwrite", "randwrite", "4k", 32),
+    ("seqread", "read", "128k", 8),
+    ("seqwrite", "write", "128k", 8),
+];
+
+/// IOPS for 4 KiB jobs, MiB/s for 128 KiB jobs.
+fn fio(dev: &str, rw: &str, bs: &str, depth: u32, runtime: u64) -> Result<f64> {
+    let out = run(Command::new("fio")
+        .args(["--name=bench", "--ioengine=io_uring", "--direct=1", "--output-format=json"])
+        .args(["--time_based", "--norandommap", "--randrepeat=0", "--ramp_time=1"])
+        .arg(format!("--filename={dev}"))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={depth}"))
+        .arg(format!("--runtime={runtime}")))?;
+    let js: serde_json::Value = serde_json::from_str(&out).context("fio json")?;
+    let job = &js["jobs"][0];
+    let side = if rw.contains("read") { &job["read"] } else { &job["write"] };
+    ensure!(job["error"] == 0, "fio {rw} on {dev}: error {}", job["error"]);
+    Ok(if bs == "4k" {
+        side["iops"].as_f64().unwrap_or(0.0)
+    } else {
+        side["bw"].as_f64().unwrap_or(0.0) / 1024.0
+    })
+}
+
+fn main() -> Result<()> {
+    let a = parse_args()?;
+    for m in ["ublk_drv", "loop", "raid1"] {
+        let _ = Command::new("modprobe").arg(m).status();
+    }
+    std::fs::create_dir_all(&a.dir)?;
+    let mounted = std::fs::read_to_string("/proc/mounts")?
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == a.dir.to_str());
+    let mut undo = Undo(Vec::new());
+    if !mounted {
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=90%", "tmpfs"]).arg(&a.dir))?;
+        undo.0.push(vec!["umount".into(), "-l".into(), a.dir.display().to_string()]);
+    }
+    std::fs::write(a.dir.join("secret"), "bench-secret-0123456789\n")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let _enter = rt.enter();
+    let mut devs: Vec<(&str, String)> = Vec::new();
+
+    // ours-2local
+    let (s, t) = (data_file(&a, "s.img")?, data_file(&a, "t.img")?);
+    let mut child = Command::new(&a.mirror)
+        .args([
+            "serve",
+            "--volume",
+            "v",
+            "--nbd",
+            "127.0.0.1:0",
+            "--frontend",
+            "ublk",
+            "--target-weight",
+            "50",
+        ])
+        .args(["--ublk-queues", "1", "--ublk-depth", "128"])
+        .arg("--secret-file")
+        .arg(a.dir.join("secret"))
+        .arg(format!("--source=local:{}", s.display()))
+        .arg(format!("--target=local:{}", t.display()))
+        .arg("--ctl-socket")
+        .arg(a.dir.join("ctl.sock"))
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("mirror serve")?;
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let _serve = Kill(child);
+    let ours = loop {
+        let mut line = String::new();
+        ensure!(out.read_line(&mut line)? > 0, "mirror serve exited before its ublk device came up");
+        if let Some(d) = line.trim().strip_prefix("ublk device ") {
+            break d.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in out.lines() {});
+    devs.push(("ours-2local", ours));
+
+    // ours-1replica, in this process
+    let one = Arc::new(OneReplica::open(&data_file(&a, "one.img")?)?);
+    let opts = UblkOptions { queues: 1, depth: 128, ..Default::default() };
+    let fe = UblkFrontend::start(one, &opts)?;
+    devs.push(("ours-1replica", fe.bdev_path()));
+
+    // md raid1 over two loop devices
+    let (la, lb) =
+        (losetup(&data_file(&a, "md-a.img")?, &mut undo)?, losetup(&data_file(&a, "md-b.img")?, &mut undo)?);
+    run(Command::new("mdadm")
+        .args(["--create", "/dev/md/mirrorbench", "--run", "--level=1", "--raid-devices=2", "--assume-clean"])
+        .args(["--metadata=1.2", "--bitmap=none", &la, &lb]))?;
+    undo.0.push(vec!["mdadm".into(), "--stop".into(), "/dev/md/mirrorbench".into()]);
+    devs.push(("md-raid1", "/dev/md/mirrorbench".into()));
+
+    // rublk loop on one file
+    let rublk_id = 7;
+    let rf = data_file(&a, "rublk.img")?;
+    run(Command::new(&a.rublk)
+        .args([
+            "add",
+            "loop",
+            "-n",
+            &rublk_id.to_string(),
+            "-q",
+            "1",
+            "-d",
+            "128",
+            "--buffered-io",
+            "--quiet",
+            "-f",
+        ])
+        .arg(&rf))?;
+    undo.0.push(vec![a.rublk.display().to_string(), "del".into(), "-n".into(), rublk_id.to_string()]);
+    devs.push(("rublk", format!("/dev/ublkb{rublk_id}")));
+
+    // kernel loop
+    devs.push(("loop", losetup(&data_file(&a, "loop.img")?, &mut undo)?));
+    for (_, d) in &devs {
+        for _ in 0..100 {
+            if Path::new(d).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        ensure!(Path::new(d).exists(), "{d} did not appear");
+    }
+
+    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); JOBS.len()]; devs.len()];
+    for round in 0..a.rounds {
+        for k in 0..devs.len() {
+            let i = (k + round) % devs.len();
+            for (j, (_, rw, bs, depth)) in JOBS.iter().enumerate() {
+                let v = fio(&devs[i].1, rw, bs, *depth, a.runtime)?;
+                eprintln!("round {round} {:<14} {rw:<9} {v:>10.0}", devs[i].0);
+                samples[i][j].push(v);
+            }
+        }
+    }
+    let med: Vec<Vec<f64>> = samples.into_iter().map(|d| d.into_iter().map(median).collect()).collect();
+    let idx = |n: &str| devs.iter().position(|(d, _)| *d == n).expect("known device");
+    let (o2, o1, md, ru, lo) =
+        (idx("ours-2local"), idx("ours-1replica"), idx("md-raid1"), idx("rublk"), idx("loop"));
+    println!(
+        "\nublk benchmark (VM, TCG; {} rounds x {} s; medians; 4k: IOPS, 128k: MiB/s)",
+        a.rounds, a.runtime
+    );
+    print!("{:<10}", "job");
+    for (n, _) in &devs {
+        print!("{n:>15}");
+    }
+    println!("{:>14}{:>14}", "2local/md", "1repl/rublk");
+    let mut js = serde_json::Map::new();
+    for (j, (job, ..)) in JOBS.iter().enumerate() {
+        print!("{job:<10}");
+        for d in &med {
+            print!("{:>15.0}", d[j]);
+        }
+        let (vs_md, vs_rublk) = (med[o2][j] / med[md][j], med[o1][j] / med[ru][j]);
+        println!("{vs_md:>13.2}x{vs_rublk:>13.2}x");
+        js.insert(format!("{job}_vs_md_raid1"), vs_md.into());
+        js.insert(format!("single_replica_{job}_vs_rublk"), vs_rublk.into());
+        js.insert(format!("{job}_vs_kernel_loop"), (med[o2][j] / med[lo][j]).into());
+        for (i, (n, _)) in devs.iter().enumerate() {
+            js.insert(format!("{n}_{job}"), med[i][j].into());
+        }
+    }
+    js.insert("rounds".into(), a.rounds.into());
+    js.insert("runtime_s".into(), a.runtime.into());
+    js.insert("size_bytes".into(), a.size.into());
+    js.insert(
+        "single_replica".into(),
+        "our ublk frontend over one local Replica (same io_uring/page-cache data path; no router: it needs two replicas)".into(),
+    );
+    if let Some(p) = a.out.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&serde_json::Value::Object(js))? + "\n")?;
+    println!("wrote {}", a.out.display());
+    let targets = [
+        ("randread vs md raid1", med[o2][0] / med[md][0], 1.0),
+        ("randwrite vs md raid1", med[o2][1] / med[md][1], 1.0),
+        ("single-replica randread vs rublk", med[o1][0] / med[ru][0], 0.9),
+        ("single-replica randwrite vs rublk", med[o1][1] / med[ru][1], 0.9),
+    ];
+    for (what, got, want) in targets {
+        println!("target {what} >= {want:.1}x: {got:.2}x {}", if got >= want { "met" } else { "NOT met" });
+    }
+    if let Err(e) = fe.stop() {
+        eprintln!("stopping ours-1replica: {e}");
+    }
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! The ublk frontend end to end, inside the VM (`cargo xtask vm-test`, Debian 6.12 with
+//! ublk_drv): `mirror serve --frontend ublk` over two local replicas, driven through
+//! /dev/ublkbN by fio, ext4 and a SIGKILL of the daemon.
+
+mod support;
+
+use std::{
+    io::BufRead,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::{file_digest, mirror_bin, not_in_vm, secret_file, which, TempDir};
+
+const MIB: u64 = 1 << 20;
+
+/// `mirror serve --frontend ublk`, killed (SIGKILL) on drop unless stopped.
+struct Serve {
+    child: std::process::Child,
+    dev: String,
+    id: i32,
+}
+
+impl Serve {
+    /// SIGTERM, and waits for a clean exit (the device is stopped, deleted, replicas flushed).
+    fn stop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "mirror serve exited with {st}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "mirror serve did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+            // A killed daemon leaves its device behind (dead, or quiesced with recovery).
+            let _ = Command::new(mirror_bin()).args(["ublk", "del", &self.id.to_string()]).output();
+        }
+    }
+}
+
+struct Vol {
+    dir: TempDir,
+    secret: String,
+    size: u64,
+}
+
+impl Vol {
+    fn new(tag: &str, size: u64) -> Vol {
+        let dir = TempDir::new(tag);
+        let secret = secret_file(&dir.0).display().to_string();
+        for f in ["s.img", "t.img"] {
+            std::fs::File::create(dir.0.join(f)).and_then(|f| f.set_len(size)).unwrap();
+        }
+        Vol { dir, secret, size }
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.0.join(f)
+    }
+
+    fn ctl_sock(&self) -> String {
+        self.path("ctl.sock").display().to_string()
+    }
+
+    fn serve(&self, extra: &[&str]) -> Serve {
+        let mut child = Command::new(mirror_bin())
+            .arg("serve")
+            .args(["--volume", "v", "--secret-file", &self.secret, "--nbd", "127.0.0.1:0"])
+            .arg(format!("--source=local:{}", self.path("s.img").display()))
+            .arg(format!("--target=local:{}", self.path("t.img").display()))
+            .args(["--ctl-socket", &self.ctl_sock(), "--frontend", "ublk"])
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn mirror serve");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut dev = None;
+        for _ in 0..4 {
+            let mut line = String::new();
+            if out.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            if let Some(d) = line.trim().strip_prefix("ublk device ") {
+                dev = Some(d.to_string());
+                break;
+            }
+        }
+        let Some(dev) = dev else {
+            let _ = child.kill();
+            panic!("mirror serve did not report a ublk device: {:?}", child.wait_with_output());
+        };
+        std::thread::spawn(move || for _ in out.lines() {});
+        let id = dev.trim_start_matches("/dev/ublkb").parse().expect("ublk id");
+        Serve { child, dev, id }
+    }
+
+    fn assert_identical(&self, what: &str) {
+        assert_eq!(
+            file_digest(&self.path("s.img")),
+            file_digest(&self.path("t.img")),
+            "replicas differ after {what}"
+        );
+    }
+}
+
+fn run_tool(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// Skips (loudly) outside the VM or without a tool.
+fn cannot_run(test: &str, tools: &[&str]) -> bool {
+    if not_in_vm(test) {
+        return true;
+    }
+    for t in tools {
+        if which(t).is_none() {
+            support::skip(test, "VM", &format!("{t} is not installed (cargo xtask setup)"));
+            return true;
+        }
+    }
+    false
+}
+
+fn fio_verify(dev: &str, size: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new("fio");
+    c.args(["--name=verify", "--ioengine=io_uring", "--direct=1", "--rw=randwrite", "--bs=4k"])
+        .args(["--iodepth=32", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"])
+        .args(["--verify_backlog=256", "--randrepeat=0", "--verify_state_save=0", "--group_reporting"])
+        .arg(format!("--size={size}"))
+        .arg(format!("--filename={dev}"))
+        .args(extra);
+    c
+}
+
+#[test]
+fn fio_verify_through_ublk_leaves_both_replicas_identical() {
+    const T: &str = "ublk::fio_verify_through_ublk_leaves_both_replicas_identical";
+    if cannot_run(T, &["fio"]) {
+        return;
+    }
+    let vol = Vol::new("ublk-fio", 64 * MIB);
+    let mut srv = vol.serve(&["--ublk-queues", "2"]);
+    let size = std::fs::read_to_string(format!("/sys/block/ublkb{}/size", srv.id)).unwrap();
+    assert_eq!(size.trim().parse::<u64>().unwrap() * 512, vol.size, "device size");
+    let text = run_tool(&mut fio_verify(&srv.dev, "48M", &["--numjobs=2", "--offset_increment=24M"]));
+    assert!(text.contains("err= 0"), "fio reports errors:\n{text}");
+    srv.stop();
+    assert!(!Path::new(&srv.dev).exists(), "{} still there after a clean stop", srv.dev);
+    vol.assert_identical("fio verify");
+    // The data is really there: both replicas are not all zeroes.
+    let s = std::fs::read(vol.path("s.img")).unwrap();
+    assert!(s.iter().any(|&b| b != 0), "nothing reached the replicas");
+}
+
+#[test]
+fn ext4_on_ublk_mounts_keeps_files_and_checks_clean() {
+    const T: &str = "ublk::ext4_on_ublk_mounts_keeps_files_and_checks_clean";
+    if cannot_run(T, &["mkfs.ext4", "fsck"]) {
+        return;
+    }
+    let vol = Vol::new("ublk-ext4", 128 * MIB);
+    let mut srv = vol.serve(&[]);
+    run_tool(Command::new("mkfs.ext4").args(["-q", "-F", &srv.dev]));
+    let mnt = vol.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run_tool(Command::new("mount").arg(&srv.dev).arg(&mnt));
+    let files: Vec<(PathBuf, Vec<u8>)> = (0..8u64)
+        .map(|i| (mnt.join(format!("f{i}")), support::random_bytes((i as usize + 1) * 700_000, i + 11)))
+        .collect();
+    for (p, d) in &files {
+        std::fs::write(p, d).unwrap();
+    }
+    run_tool(&mut Command::new("sync"));
+    // Read back from the device, not the page cache: remount.
+    run_tool(Command::new("umount").arg(&mnt));
+    run_tool(Command::new("mount").arg(&srv.dev).arg(&mnt));
+    for (p, d) in &files {
+        assert!(std::fs::read(p).unwrap() == *d, "{} differs after remount", p.display());
+    }
+    run_tool(Command::new("umount").arg(&mnt));
+    let text = run_tool(Command::new("fsck").args(["-fn", &srv.dev]));
+    assert!(text.contains("clean") || text.contains("files"), "fsck said: {text}");
+    srv.stop();
+    vol.assert_identical("ext4");
+}
+
+#[test]
+fn sigkill_under_fio_then_recover_loses_no_acknowledged_write() {
+    const T: &str = "ublk::sigkill_under_fio_then_recover_loses_no_acknowledged_write";
+    if cannot_run(T, &["fio"]) {
+        return;
+    }
+    let vol = Vol::new("ublk-kill", 64 * MIB);
+    let mut srv = vol.serve(&["--ublk-recovery"]);
+    let (dev, id) = (srv.dev.clone(), srv.id);
+    // fio writes and verifies what it wrote; the daemon dies in the middle and a new one takes
+    // the device over: fio sees no error, and every block it verifies reads back as written.
+    let fio =
+        fio_verify(&dev, "48M", &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run fio");
+    std::thread::sleep(Duration::from_secs(3));
+    srv.kill();
+    let (ok, list, err) = support::mirror_cli(&["ublk", "list"]);
+    assert!(ok, "mirror ublk list: {err}");
+    assert!(list.lines().any(|l| l.starts_with(&format!("{id}\t"))), "device {id} not listed: {list}");
+    // The kernel quiesces the device once it notices the daemon is gone.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, list, _) = support::mirror_cli(&["ublk", "list"]);
+        if list.lines().any(|l| l.starts_with(&format!("{id}\tquiesced"))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "device {id} not quiesced: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut srv2 = vol.serve(&["--ublk-recover", &id.to_string()]);
+    assert_eq!(srv2.dev, dev, "recovered a different device");
+    let out = fio.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fio failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("err= 0"), "fio reports errors:\n{text}");
+    srv2.stop();
+    let (_, list, _) = support::mirror_cli(&["ublk", "list"]);
+    assert!(!list.lines().any(|l| l.starts_with(&format!("{id}\t"))), "device {id} left: {list}");
+    vol.assert_identical("kill and recovery");
+}
+
+#[test]
+fn sigkill_without_recovery_fails_io_and_the_device_is_deleted() {
+    const T: &str = "ublk::sigkill_without_recovery_fails_io_and_the_device_is_deleted";
+    if cannot_run(T, &["fio"]) {
+        return;
+    }
+    let vol = Vol::new("ublk-kill-del", 64 * MIB);
+    let mut srv = vol.serve(&[]);
+    let id = srv.id;
+    let fio = fio_verify(&srv.dev, "48M", &["--verify_fatal=0", "--continue_on_error=all"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fio");
+    std::thread::sleep(Duration::from_secs(2));
+    srv.kill();
+    // No hung I/O: fio ends on its own (with errors) within a bounded time.
+    let started = Instant::now();
+    let mut fio = fio;
+    loop {
+        if fio.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "fio hangs after the daemon was killed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, _, err) = support::mirror_cli(&["ublk", "del", &id.to_string()]);
+    assert!(ok, "mirror ublk del {id}: {err}");
+    let (_, list, _) = support::mirror_cli(&["ublk", "list"]);
+    assert!(!list.lines().any(|l| l.starts_with(&format!("{id}\t"))), "device {id} left: {list}");
+}
+
+#[test]
+fn reads_follow_weights_30_70_through_ublk() {
+    const T: &str = "ublk::reads_follow_weights_30_70_through_ublk";
+    if cannot_run(T, &["fio"]) {
+        return;
+    }
+    let vol = Vol::new("ublk-weights", 32 * MIB);
+    let mut srv = vol.serve(&[]);
+    let sock = vol.ctl_sock();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--socket", &sock];
+        all.extend_from_slice(args);
+        let (ok, out, err) = support::mirror_cli(&all);
+        assert!(ok, "mirror {all:?}: {err}");
+        out
+    };
+    ctl(&["weights", "set", "--target", "70"]);
+    let status = || -> serde_json::Value { serde_json::from_str(&ctl(&["status", "--json"])).unwrap() };
+    assert_eq!(status()["weights"]["target"], 70);
+    let reads =
+        || -> Vec<u64> { (0..2).map(|i| status()["replicas"][i]["reads"].as_u64().unwrap()).collect() };
+    let before = reads();
+    run_tool(Command::new("fio").args([
+        "--name=r",
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=16",
+        "--io_size=16M",
+        "--size=32M",
+        &format!("--filename={}", srv.dev),
+    ]));
+    let after = reads();
+    let (s, t) = (after[0] - before[0], after[1] - before[1]);
+    // fio's 4096 reads, plus whatever the kernel read on its own (partition scan, readahead).
+    let n = s + t;
+    assert!((4096..4096 + 256).contains(&n), "{n} replica reads for 4096 reads");
+    // Binomial(n, 0.7): sd = sqrt(n * 0.21) (~29 for 4096); accept 5 sd.
+    let (mean, sd) = (n as f64 * 0.7, (n as f64 * 0.21).sqrt());
+    assert!((t as f64 - mean).abs() <= 5.0 * sd, "target served {t} of {n} reads at weight 70");
+    srv.stop();
+}
+
+#[test]
+fn without_ublk_serve_names_the_nbd_frontend_and_auto_falls_back_to_it() {
+    const T: &str = "ublk::without_ublk_serve_names_the_nbd_frontend_and_auto_falls_back_to_it";
+    if Path::new("/dev/ublk-control").exists() {
+        return support::skip(T, "NOUBLK", "this kernel has ublk (the VM tests cover it)");
+    }
+    let vol = Vol::new("ublk-absent", 4 * MIB);
+    let base = |frontend: &str| {
+        let mut c = Command::new(mirror_bin());
+        c.arg("serve")
+            .args(["--volume", "v", "--secret-file", &vol.secret, "--nbd", "127.0.0.1:0"])
+            .arg(format!("--source=local:{}", vol.path("s.img").display()))
+            .arg(format!("--target=local:{}", vol.path("t.img").display()))
+            .args(["--ctl-socket", &vol.ctl_sock(), "--frontend", frontend])
+            .env("RUST_LOG", "warn");
+        c
+    };
+    let out = base("ublk").output().expect("run mirror serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "--frontend ublk without ublk succeeded");
+    assert_eq!(out.status.code(), Some(1), "a clean error exit, not a crash: {err}");
+    assert!(err.contains("ublk is not available") && err.contains("NBD frontend"), "{err}");
+    // auto: a warning, and NBD serves.
+    let mut child = base("auto").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    // `serve` installs its SIGTERM handler just after printing its addresses.
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(line.starts_with("nbd listening on "), "auto without ublk: {line:?} {err}");
+    assert!(err.contains("serving NBD only"), "{err}");
+    assert!(out.status.success(), "{err}");
+}
