@@ -98,6 +98,8 @@ fn main() -> Result<()> {
     let mut o = Opts::new(a.mirror.clone());
     o.failback_hold = Duration::from_secs(3);
     o.ramp = Duration::from_secs(8);
+    // A ublk device too where the kernel has one (the workload drives NBD either way).
+    o.serve_args = vec!["--frontend".into(), "auto".into()];
     println!(
         "== starting: two nodes (source: slow-able disk, target: file), node daemon (eBPF), router + NBD"
     );
