@@ -2,8 +2,7 @@
 //! Layout and semantics of the maps: `mirror_common::blk`.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    btf_maps::{HashMap, PerCpuHashMap},
+    btf_maps::{HashMap, PerCpuArray},
     helpers::bpf_ktime_get_ns,
     macros::{btf_map, btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
@@ -12,8 +11,9 @@ use aya_log_ebpf::warn;
 
 use crate::record::Record;
 use mirror_common::blk::{
-    classify_req_op, classify_rwbs, hist_slot, BlkRqOffsets, BlkStart, BlkStartKey, BlkStats,
-    BlkStatsKey, BlkTpOffsets, BLK_HIST_SLOTS, BLK_START_ENTRIES, BLK_STATS_ENTRIES,
+    blk_stats_slot, classify_req_op, classify_rwbs, hist_slot, BlkRqOffsets, BlkStart, BlkStartKey,
+    BlkStatsKey, BlkStatsSlot, BlkTpOffsets, BLK_START_ENTRIES, BLK_STATS_ENTRIES,
+    BLK_STATS_PROBES,
 };
 
 /// Tracepoint field offsets, filled in by userspace before load (see `BlkTpOffsets`).
@@ -31,21 +31,11 @@ static BLK_OFFSETS: BlkTpOffsets = BlkTpOffsets {
     _pad: 0,
 };
 
-static ZERO_STATS: BlkStats = BlkStats {
-    ios: 0,
-    bytes: 0,
-    errors: 0,
-    lat_sum_ns: 0,
-    lat_max_ns: 0,
-    hist_us: [0; BLK_HIST_SLOTS],
-};
-
 #[btf_map(name = "blk_start")]
 static BLK_START: HashMap<BlkStartKey, BlkStart, { BLK_START_ENTRIES as usize }> = HashMap::new();
 
 #[btf_map(name = "blk_stats")]
-static BLK_STATS: PerCpuHashMap<BlkStatsKey, BlkStats, { BLK_STATS_ENTRIES as usize }> =
-    PerCpuHashMap::new();
+static BLK_STATS: PerCpuArray<BlkStatsSlot, { BLK_STATS_ENTRIES as usize }> = PerCpuArray::new();
 
 #[inline(always)]
 fn offsets() -> BlkTpOffsets {
@@ -129,33 +119,42 @@ fn try_complete(ctx: &TracePointContext) -> Result<(), i64> {
     account(&skey, u64::from(start.bytes), error != 0, lat)
 }
 
-/// Adds one completed request to this CPU's statistics of its (device, op).
+/// Adds one completed request to this CPU's statistics of its (device, op): the matching slot,
+/// or the first free one, of the `BLK_STATS_PROBES` from `blk_stats_slot`.
 #[inline(always)]
 fn account(skey: &BlkStatsKey, bytes: u64, failed: bool, lat: u64) -> Result<(), i64> {
-    let stats = match BLK_STATS.get_ptr_mut(skey) {
-        Some(p) => p,
-        None => {
-            // Another CPU may have inserted it meanwhile: NOEXIST keeps theirs, and the
-            // lookup below then finds this CPU's (per-CPU) copy. The zero value is a static,
-            // not a 296-byte stack copy (the BPF stack is 512 bytes).
-            let _ = BLK_STATS.insert(skey, &ZERO_STATS, u64::from(BPF_NOEXIST));
-            BLK_STATS.get_ptr_mut(skey).ok_or(-1i64)?
+    let first = blk_stats_slot(skey);
+    let mut i = 0;
+    while i < BLK_STATS_PROBES {
+        let idx = (first + i) & (BLK_STATS_ENTRIES - 1);
+        i += 1;
+        let Some(slot) = BLK_STATS.get_ptr_mut(idx) else {
+            continue;
+        };
+        // SAFETY: this CPU's copy of a per-CPU array element; BPF programs do not migrate while
+        // running, and no other program instance touches this CPU's copy concurrently (the
+        // kernel does not nest a program on one CPU).
+        let slot = unsafe { &mut *slot };
+        let s = &mut slot.stats;
+        if s.ios == 0 {
+            slot.key = *skey;
+        } else if slot.key != *skey {
+            continue;
         }
-    };
-    // SAFETY: per-CPU value of this CPU; BPF programs do not migrate while running, and no other
-    // program instance touches this CPU's copy concurrently.
-    let s = unsafe { &mut *stats };
-    s.ios += 1;
-    s.bytes += bytes;
-    if failed {
-        s.errors += 1;
+        s.ios += 1;
+        s.bytes += bytes;
+        if failed {
+            s.errors += 1;
+        }
+        s.lat_sum_ns += lat;
+        if lat > s.lat_max_ns {
+            s.lat_max_ns = lat;
+        }
+        s.hist_us[hist_slot(lat)] += 1;
+        return Ok(());
     }
-    s.lat_sum_ns += lat;
-    if lat > s.lat_max_ns {
-        s.lat_max_ns = lat;
-    }
-    s.hist_us[hist_slot(lat)] += 1;
-    Ok(())
+    // More (device, op) pairs near this one than BLK_STATS_PROBES: not counted.
+    Err(-1)
 }
 
 /// `struct request` member offsets, filled in by userspace from the kernel's BTF before load.

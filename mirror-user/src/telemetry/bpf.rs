@@ -14,8 +14,7 @@ use aya::{
 };
 use mirror_common::{
     blk::{
-        BlkRqOffsets, BlkStats, BlkStatsKey, GLOBAL_BLK_OFFSETS, GLOBAL_BLK_RQ_OFFSETS, MAP_BLK_START,
-        MAP_BLK_STATS,
+        BlkRqOffsets, BlkStatsSlot, GLOBAL_BLK_OFFSETS, GLOBAL_BLK_RQ_OFFSETS, MAP_BLK_START, MAP_BLK_STATS,
     },
     hist::LatHist,
     mm::{MAP_RECLAIM_START, MAP_RECLAIM_STATS},
@@ -478,8 +477,8 @@ fn read_maps(open: &Opener<'_>, signals: &[Signal]) -> Result<NodeSnapshot, Tele
     };
     {
         let m = open(MAP_BLK_STATS)?;
-        let map: PerCpuHashMap<&MapData, BlkStatsKey, BlkStats> =
-            PerCpuHashMap::try_from(m.map()).map_err(map_err(MAP_BLK_STATS))?;
+        let map: PerCpuArray<&MapData, BlkStatsSlot> =
+            PerCpuArray::try_from(m.map()).map_err(map_err(MAP_BLK_STATS))?;
         snap.blk = sum_blk(&map)?;
     }
     // The kernel's own in-flight counters: exact, and free for the programs.
@@ -516,15 +515,14 @@ fn sum_hist(map: &Map, name: &'static str) -> Result<LatHist, TelemetryError> {
     Ok(total)
 }
 
-fn sum_blk<T: Borrow<MapData>>(
-    map: &PerCpuHashMap<T, BlkStatsKey, BlkStats>,
-) -> Result<BlkSnapshot, TelemetryError> {
+fn sum_blk<T: Borrow<MapData>>(map: &PerCpuArray<T, BlkStatsSlot>) -> Result<BlkSnapshot, TelemetryError> {
     let mut snap = BlkSnapshot::new();
+    // Every CPU's used slots, summed by the (device, op) each names (CPUs may place one in
+    // different slots).
     for item in map.iter() {
-        let (key, values) = item.map_err(map_err(MAP_BLK_STATS))?;
-        let total = snap.entry(key).or_default();
-        for v in values.iter() {
-            total.accumulate(v);
+        let values = item.map_err(map_err(MAP_BLK_STATS))?;
+        for v in values.iter().filter(|v| v.stats.ios != 0) {
+            snap.entry(v.key).or_default().accumulate(&v.stats);
         }
     }
     Ok(snap)
@@ -557,8 +555,8 @@ pub fn read_pinned_all(pin_dir: &Path) -> Result<NodeSnapshot, TelemetryError> {
 /// Reads the block statistics map pinned by a running daemon under `pin_dir`.
 pub fn read_pinned(pin_dir: &Path) -> Result<BlkSnapshot, TelemetryError> {
     let map = open_pinned(pin_dir, MAP_BLK_STATS)?;
-    let map: PerCpuHashMap<&MapData, BlkStatsKey, BlkStats> =
-        PerCpuHashMap::try_from(&map).map_err(map_err(MAP_BLK_STATS))?;
+    let map: PerCpuArray<&MapData, BlkStatsSlot> =
+        PerCpuArray::try_from(&map).map_err(map_err(MAP_BLK_STATS))?;
     sum_blk(&map)
 }
 
