@@ -477,13 +477,14 @@ fn main() -> Result<()> {
             // After the start: a volume file created by it now exists to tell its disk.
             let _rt_guard = rt.enter();
             health.spawn(&node_health, first_volume.as_deref(), file.health.clone().unwrap_or_default());
+            let stop = shutdown_signal();
             {
                 use std::io::Write;
                 let mut out = std::io::stdout();
                 let _ = writeln!(out, "listening on {}", server.addr);
                 let _ = out.flush();
             }
-            rt.block_on(shutdown_signal());
+            rt.block_on(stop);
             tracing::info!("signal received: flushing volumes and exiting");
             server.shutdown();
             Ok(())
@@ -566,12 +567,18 @@ fn main() -> Result<()> {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled, so a caller that announces readiness after calling it cannot be
+/// killed by a signal sent in between. Call it inside the runtime.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }
 
@@ -608,6 +615,7 @@ async fn daemon(o: DaemonOpts) -> Result<()> {
         None => None,
     };
     let source = Source::open(&o.pin_dir, o.allow_bpf);
+    let stop = shutdown_signal();
     if let Source::Bpf(p) = &source {
         for pin in p.pins() {
             tracing::info!("pinned map: bpftool map dump pinned {}", pin.display());
@@ -624,7 +632,6 @@ async fn daemon(o: DaemonOpts) -> Result<()> {
     let deadline = o.run_for.map(|d| Instant::now() + d);
     let mut ticker = tokio::time::interval(o.interval);
     ticker.tick().await;
-    let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -793,6 +800,8 @@ async fn serve(
         description: Some(format!("mirror volume {}", cfg.name)),
         ..Default::default()
     };
+    // Before "listening" is printed: a supervisor may send SIGTERM as soon as it reads it.
+    let stop = shutdown_signal();
     let tcp = NbdServer::bind(vol.router.clone(), NbdListen::Tcp(nbd), opts.clone()).await?;
     let unix = match nbd_unix {
         Some(p) => Some(NbdServer::bind(vol.router.clone(), NbdListen::Unix(p), opts).await?),
@@ -818,7 +827,7 @@ async fn serve(
     };
     let unix_task = unix.map(|u| tokio::spawn(u.run(stopped(stop_rx.clone()))));
     let tcp_task = tokio::spawn(tcp.run(stopped(stop_rx)));
-    shutdown_signal().await;
+    stop.await;
     tracing::info!("signal received: draining NBD connections, flushing both replicas");
     mirror::frontend::ublk::stop_for_serve(ublk).await;
     let _ = stop_tx.send(true);
