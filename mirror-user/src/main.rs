@@ -239,6 +239,12 @@ enum Command {
         /// run_cnt as JSON to this file on exit (used by `cargo xtask bench ebpf`).
         #[arg(long)]
         bpf_stats_out: Option<PathBuf>,
+        /// SIGUSR1 detaches the programs (maps and pins stay), SIGUSR2 attaches them again; each
+        /// change is acknowledged with a line `programs detached` / `programs attached` on
+        /// stdout. `cargo xtask bench ebpf` uses it to alternate with and without the programs
+        /// within one fio run.
+        #[arg(long)]
+        pause_signals: bool,
     },
     /// Show the block latency figures of a running daemon, read from its pinned maps.
     Top {
@@ -415,16 +421,25 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Daemon { pin_dir, interval, run_for, no_bpf, quiet, prometheus, bpf_stats_out } => rt
-            .block_on(daemon(DaemonOpts {
-                pin_dir,
-                interval,
-                run_for,
-                allow_bpf: !no_bpf,
-                quiet,
-                prometheus,
-                bpf_stats_out,
-            })),
+        Command::Daemon {
+            pin_dir,
+            interval,
+            run_for,
+            no_bpf,
+            quiet,
+            prometheus,
+            bpf_stats_out,
+            pause_signals,
+        } => rt.block_on(daemon(DaemonOpts {
+            pin_dir,
+            interval,
+            run_for,
+            allow_bpf: !no_bpf,
+            quiet,
+            prometheus,
+            bpf_stats_out,
+            pause_signals,
+        })),
         Command::Top { pin_dir, interval, count } => rt.block_on(top(pin_dir, interval, count)),
         Command::Replica {
             config,
@@ -591,6 +606,7 @@ struct DaemonOpts {
     quiet: bool,
     prometheus: bool,
     bpf_stats_out: Option<PathBuf>,
+    pause_signals: bool,
 }
 
 fn write_program_stats(path: &std::path::Path, stats: &[bpf::ProgramStats]) -> Result<()> {
@@ -616,6 +632,17 @@ async fn daemon(o: DaemonOpts) -> Result<()> {
     };
     let source = Source::open(&o.pin_dir, o.allow_bpf);
     let stop = shutdown_signal();
+    let mut pause = if o.pause_signals {
+        anyhow::ensure!(
+            matches!(source, Source::Bpf(_)),
+            "--pause-signals needs the eBPF programs (root, a kernel with BPF), not {}",
+            source.name()
+        );
+        use tokio::signal::unix::{signal, SignalKind};
+        Some((signal(SignalKind::user_defined1())?, signal(SignalKind::user_defined2())?))
+    } else {
+        None
+    };
     if let Source::Bpf(p) = &source {
         for pin in p.pins() {
             tracing::info!("pinned map: bpftool map dump pinned {}", pin.display());
@@ -634,8 +661,27 @@ async fn daemon(o: DaemonOpts) -> Result<()> {
     ticker.tick().await;
     tokio::pin!(stop);
     loop {
+        let toggle = async {
+            match &mut pause {
+                Some((detach, attach)) => tokio::select! {
+                    _ = detach.recv() => Some(false),
+                    _ = attach.recv() => Some(true),
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = &mut stop => { tracing::info!("signal received, detaching"); break; }
+            Some(on) = toggle => {
+                if let Source::Bpf(p) = collector.source_mut() {
+                    if on { p.resume()? } else { p.pause()? }
+                }
+                use std::io::Write;
+                let mut out = std::io::stdout();
+                let _ = writeln!(out, "programs {}", if on { "attached" } else { "detached" });
+                let _ = out.flush();
+                continue;
+            }
             _ = ticker.tick() => {}
         }
         let sample = collector.tick()?;

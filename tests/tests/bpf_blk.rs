@@ -112,6 +112,50 @@ fn bpftool_dump_shows_field_names_and_pins_go_away_on_stop() {
     assert!(!pin.exists(), "pin {} removed on shutdown", pin.display());
 }
 
+/// `--pause-signals`: SIGUSR1 detaches the programs (nothing is counted, the maps stay),
+/// SIGUSR2 attaches them again (counting resumes); each change is acknowledged on stdout.
+#[test]
+fn pause_signals_detach_and_reattach_the_programs() {
+    const T: &str = "bpf_blk::pause_signals_detach_and_reattach_the_programs";
+    if let Some(why) = bpf_unavailable() {
+        return skip(T, "BPF", &why);
+    }
+    use std::io::BufRead;
+    let lo = LoopDev::new(16 << 20);
+    let dev = blk::kdev_of_path(&lo.dev).expect("stat loop device");
+    let mut daemon = Daemon::start(&["--pause-signals"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let writes = |n: u64| {
+        let of = format!("of={}", lo.dev.display());
+        dd(&["if=/dev/zero", &of, "bs=4k", &format!("count={n}"), "oflag=direct"]);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let written = |d: &Daemon| {
+        let snap = bpf::read_pinned(&d.pin_dir).expect("read pinned map");
+        blk::interval(&Default::default(), &snap, 1.0)
+            .iter()
+            .find(|r| r.key == BlkStatsKey { dev, op: BLK_OP_WRITE })
+            .map_or(0, |r| r.ios)
+    };
+    let signal = |d: &mut Daemon, sig: i32, ack: &str| {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        assert_eq!(unsafe { libc::kill(d.child.id() as i32, sig) }, 0);
+        let mut line = String::new();
+        d.out.read_line(&mut line).expect("read daemon stdout");
+        assert_eq!(line.trim_end(), ack);
+    };
+    writes(32);
+    let attached = written(&daemon);
+    assert_eq!(attached, 32, "writes counted while attached");
+    signal(&mut daemon, libc::SIGUSR1, "programs detached");
+    writes(32);
+    assert_eq!(written(&daemon), attached, "nothing counted while detached");
+    signal(&mut daemon, libc::SIGUSR2, "programs attached");
+    writes(32);
+    assert_eq!(written(&daemon), attached + 32, "counting resumes once attached again");
+    assert!(daemon.stop(), "daemon exits cleanly on SIGTERM");
+}
+
 #[test]
 fn top_reads_a_running_daemons_maps() {
     const T: &str = "bpf_blk::top_reads_a_running_daemons_maps";

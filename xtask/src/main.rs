@@ -47,12 +47,20 @@ enum Cmd {
     Bench {
         /// Which benchmark: resync, nbd, ebpf, failover, ublk.
         name: String,
-        /// ebpf: pairs of runs without / with the programs.
-        #[arg(long, default_value_t = 8)]
-        pairs: usize,
-        /// ebpf: seconds per run.
+        /// ebpf: how to alternate without / with the programs: `windows` (one fio run, the
+        /// programs detached and attached every window) or `runs` (a fio run per side, the
+        /// daemon started for each "with" run).
+        #[arg(long, default_value = "windows", value_parser = ["windows", "runs"])]
+        method: String,
+        /// ebpf: pairs of windows or runs without / with the programs (default: 80 windows, 8 runs).
+        #[arg(long)]
+        pairs: Option<usize>,
+        /// ebpf: seconds per run (runs), and of the BPF-statistics run.
         #[arg(long, default_value_t = 3)]
         seconds: u64,
+        /// ebpf: milliseconds per window (windows).
+        #[arg(long, default_value_t = 500)]
+        window_ms: u64,
         /// ebpf: fio engine, io_uring or psync.
         #[arg(long, default_value = "io_uring", value_parser = ["io_uring", "psync"])]
         ioengine: String,
@@ -79,18 +87,22 @@ fn main() -> ExitCode {
         Cmd::Test { no_lint, no_vm } => test(no_lint, no_vm),
         Cmd::VmTest => vm_test_only(),
         Cmd::Demo { seconds } => demo(seconds),
-        Cmd::Bench { name, pairs, seconds, ioengine, iodepth, args } => match name.as_str() {
-            "ebpf" => bench::bench(
-                &name,
-                bench::EbpfOpts {
-                    pairs,
-                    seconds,
-                    ioengine: if ioengine == "psync" { "psync" } else { "io_uring" },
-                    iodepth: if ioengine == "psync" { 1 } else { iodepth },
-                },
-            ),
-            _ => bench_other(&name, &args),
-        },
+        Cmd::Bench { name, method, pairs, seconds, window_ms, ioengine, iodepth, args } => {
+            match name.as_str() {
+                "ebpf" => bench::bench(
+                    &name,
+                    bench::EbpfOpts {
+                        method: if method == "runs" { bench::Method::Runs } else { bench::Method::Windows },
+                        pairs: pairs.unwrap_or(if method == "runs" { 8 } else { 80 }),
+                        seconds,
+                        window: std::time::Duration::from_millis(window_ms),
+                        ioengine: if ioengine == "psync" { "psync" } else { "io_uring" },
+                        iodepth: if ioengine == "psync" { 1 } else { iodepth },
+                    },
+                ),
+                _ => bench_other(&name, &args),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     maps::{Map, MapData, PerCpuArray, PerCpuHashMap},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{tp_btf::BtfTracePointLinkId, trace_point::TracePointLinkId, BtfTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use mirror_common::{
@@ -97,6 +97,17 @@ pub struct Probe {
     pins: Pins,
     signals: Vec<Signal>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// One per (program, tracepoint) attachment; empty while paused.
+    links: Vec<(Signal, Link)>,
+    /// Set while [`Probe::pause`] has detached the programs.
+    paused: bool,
+}
+
+/// One attachment of a loaded program, to detach it again.
+#[derive(Debug)]
+enum Link {
+    Tp { name: &'static str, id: TracePointLinkId },
+    Btf { name: &'static str, id: BtfTracePointLinkId },
 }
 
 impl std::fmt::Debug for Probe {
@@ -105,6 +116,8 @@ impl std::fmt::Debug for Probe {
             .field("pins", &self.pins)
             .field("signals", &self.signals)
             .field("logger", &self.logger.is_some())
+            .field("links", &self.links.len())
+            .field("paused", &self.paused)
             .finish()
     }
 }
@@ -224,10 +237,11 @@ impl Probe {
         };
         // Block latency is required; another signal whose programs the kernel refuses (an old
         // kernel's tracepoint arguments, say) is dropped with one warning, the rest stays.
+        let mut links = Vec::new();
         for signal in signals.clone() {
             let progs = TRACEPOINTS.iter().filter(|t| t.0 == signal);
             let attached = progs.clone().try_for_each(|&(_, kind, name, category, tp)| {
-                attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref())
+                attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref(), &mut links, signal)
             });
             if let Err(e) = attached {
                 if signal == Signal::Blk {
@@ -240,14 +254,32 @@ impl Probe {
                 if signal == Signal::BlkRq {
                     tracing::warn!("{e}: block latency from the classic tracepoints instead");
                     for &(_, kind, name, category, tp) in TRACEPOINTS.iter().filter(|t| t.0 == Signal::Blk) {
-                        attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref())?;
+                        attach_one(
+                            &mut ebpf,
+                            kind,
+                            name,
+                            category,
+                            tp,
+                            btf.as_ref(),
+                            &mut links,
+                            Signal::Blk,
+                        )?;
                     }
                     signals.insert(0, Signal::Blk);
                 } else if signal == Signal::Sched && sched.valid != 0 {
                     tracing::warn!("{e}: run-queue latency from wakeup stamps instead");
                     let stamp = TRACEPOINTS.iter().filter(|t| t.0 == Signal::SchedStamp);
                     let attached = stamp.clone().try_for_each(|&(_, kind, name, category, tp)| {
-                        attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref())
+                        attach_one(
+                            &mut ebpf,
+                            kind,
+                            name,
+                            category,
+                            tp,
+                            btf.as_ref(),
+                            &mut links,
+                            Signal::SchedStamp,
+                        )
                     });
                     match attached {
                         Ok(()) => signals.push(Signal::SchedStamp),
@@ -276,7 +308,56 @@ impl Probe {
         }
         let names: Vec<&str> = signals.iter().map(|s| s.name()).collect();
         tracing::info!(pin_dir = %pin_dir.display(), "eBPF programs attached: {}", names.join(", "));
-        Ok(Probe { ebpf, pins, signals, logger })
+        // Attachments of a signal that was dropped went with its programs' unload.
+        links.retain(|(s, _)| signals.contains(s));
+        Ok(Probe { ebpf, pins, signals, logger, links, paused: false })
+    }
+
+    /// Detaches every program, keeping them loaded and the maps (and their pins) as they are;
+    /// [`Probe::resume`] attaches them again. Lets `cargo xtask bench ebpf` alternate with and
+    /// without the programs within one fio run. A no-op when already paused.
+    pub fn pause(&mut self) -> Result<(), TelemetryError> {
+        for (_, link) in self.links.drain(..) {
+            let (name, r) = match link {
+                Link::Tp { name, id } => (name, prog_mut::<TracePoint>(&mut self.ebpf, name)?.detach(id)),
+                Link::Btf { name, id } => (name, prog_mut::<BtfTracePoint>(&mut self.ebpf, name)?.detach(id)),
+            };
+            r.map_err(|source| TelemetryError::Program { name, source })?;
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Attaches the programs [`Probe::pause`] detached. A no-op when not paused.
+    pub fn resume(&mut self) -> Result<(), TelemetryError> {
+        if !self.paused {
+            return Ok(());
+        }
+        for &signal in &self.signals {
+            for &(_, kind, name, category, tp) in TRACEPOINTS.iter().filter(|t| t.0 == signal) {
+                let err = |source| TelemetryError::Program { name, source };
+                let link = match kind {
+                    Kind::TracePoint => Link::Tp {
+                        name,
+                        id: prog_mut::<TracePoint>(&mut self.ebpf, name)?
+                            .attach(category, tp)
+                            .map_err(err)?,
+                    },
+                    Kind::BtfTracePoint => Link::Btf {
+                        name,
+                        id: prog_mut::<BtfTracePoint>(&mut self.ebpf, name)?.attach().map_err(err)?,
+                    },
+                };
+                self.links.push((signal, link));
+            }
+        }
+        self.paused = false;
+        Ok(())
+    }
+
+    /// True between [`Probe::pause`] and [`Probe::resume`].
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// Signals whose programs are attached.
@@ -335,13 +416,27 @@ impl Probe {
     }
 }
 
+/// A loaded program of the object as its concrete type.
+fn prog_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, TelemetryError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(TelemetryError::MissingProgram(name))?;
+    prog.try_into().map_err(|source| TelemetryError::Program { name, source })
+}
+
+/// Loads (once) and attaches one program to one tracepoint, recording the attachment in `links`
+/// under `signal`.
+#[allow(clippy::too_many_arguments)]
 fn attach_one(
     ebpf: &mut Ebpf,
     kind: Kind,
     name: &'static str,
-    category: &str,
-    tp: &str,
+    category: &'static str,
+    tp: &'static str,
     btf: Option<&Btf>,
+    links: &mut Vec<(Signal, Link)>,
+    signal: Signal,
 ) -> Result<(), TelemetryError> {
     let prog = ebpf.program_mut(name).ok_or(TelemetryError::MissingProgram(name))?;
     let err = |source| TelemetryError::Program { name, source };
@@ -353,12 +448,14 @@ fn attach_one(
                 Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {}
                 Err(e) => return Err(err(e)),
             }
-            p.attach(category, tp).map_err(err)?;
+            let id = p.attach(category, tp).map_err(err)?;
+            links.push((signal, Link::Tp { name, id }));
         }
         (Kind::BtfTracePoint, Some(btf)) => {
             let p: &mut BtfTracePoint = prog.try_into().map_err(err)?;
             p.load(tp, btf).map_err(err)?;
-            p.attach().map_err(err)?;
+            let id = p.attach().map_err(err)?;
+            links.push((signal, Link::Btf { name, id }));
         }
         (Kind::BtfTracePoint, None) => {}
     }

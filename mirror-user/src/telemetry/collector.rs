@@ -251,6 +251,10 @@ impl Collector {
         &self.source
     }
 
+    pub fn source_mut(&mut self) -> &mut super::Source {
+        &mut self.source
+    }
+
     /// Time since the last snapshot.
     pub fn since_last(&self) -> Duration {
         self.prev_t.elapsed()

@@ -117,6 +117,8 @@ impl Drop for LoopDev {
 pub struct Daemon {
     pub child: Child,
     pub pin_dir: PathBuf,
+    /// The daemon's stdout after its "ready" line.
+    pub out: std::io::BufReader<std::process::ChildStdout>,
 }
 
 impl Daemon {
@@ -148,7 +150,7 @@ impl Daemon {
         );
         let stats = pin_dir.join(mirror_common::blk::MAP_BLK_STATS);
         assert!(stats.exists(), "daemon ready but {} missing", stats.display());
-        Daemon { child, pin_dir }
+        Daemon { child, pin_dir, out }
     }
 
     /// Sends SIGTERM and waits; returns whether it exited successfully.
