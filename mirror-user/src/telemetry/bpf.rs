@@ -239,54 +239,23 @@ impl Probe {
         // kernel's tracepoint arguments, say) is dropped with one warning, the rest stays.
         let mut links = Vec::new();
         for signal in signals.clone() {
-            let progs = TRACEPOINTS.iter().filter(|t| t.0 == signal);
-            let attached = progs.clone().try_for_each(|&(_, kind, name, category, tp)| {
-                attach_one(&mut ebpf, kind, name, category, tp, btf.as_ref(), &mut links, signal)
-            });
+            let attached = attach_signal(&mut ebpf, signal, btf.as_ref(), &mut links);
             if let Err(e) = attached {
                 if signal == Signal::Blk {
                     return Err(e);
                 }
-                for &(_, kind, name, _, _) in progs {
-                    unload(&mut ebpf, kind, name);
-                }
+                unload_signal(&mut ebpf, signal);
                 signals.retain(|s| *s != signal);
                 if signal == Signal::BlkRq {
                     tracing::warn!("{e}: block latency from the classic tracepoints instead");
-                    for &(_, kind, name, category, tp) in TRACEPOINTS.iter().filter(|t| t.0 == Signal::Blk) {
-                        attach_one(
-                            &mut ebpf,
-                            kind,
-                            name,
-                            category,
-                            tp,
-                            btf.as_ref(),
-                            &mut links,
-                            Signal::Blk,
-                        )?;
-                    }
+                    attach_signal(&mut ebpf, Signal::Blk, btf.as_ref(), &mut links)?;
                     signals.insert(0, Signal::Blk);
                 } else if signal == Signal::Sched && sched.valid != 0 {
                     tracing::warn!("{e}: run-queue latency from wakeup stamps instead");
-                    let stamp = TRACEPOINTS.iter().filter(|t| t.0 == Signal::SchedStamp);
-                    let attached = stamp.clone().try_for_each(|&(_, kind, name, category, tp)| {
-                        attach_one(
-                            &mut ebpf,
-                            kind,
-                            name,
-                            category,
-                            tp,
-                            btf.as_ref(),
-                            &mut links,
-                            Signal::SchedStamp,
-                        )
-                    });
-                    match attached {
+                    match attach_signal(&mut ebpf, Signal::SchedStamp, btf.as_ref(), &mut links) {
                         Ok(()) => signals.push(Signal::SchedStamp),
                         Err(e) => {
-                            for &(_, kind, name, _, _) in stamp {
-                                unload(&mut ebpf, kind, name);
-                            }
+                            unload_signal(&mut ebpf, Signal::SchedStamp);
                             tracing::warn!("{} not measured: {e}", Signal::SchedStamp.name());
                         }
                     }
@@ -425,15 +394,31 @@ where
     prog.try_into().map_err(|source| TelemetryError::Program { name, source })
 }
 
-/// Loads (once) and attaches one program to one tracepoint, recording the attachment in `links`
-/// under `signal`.
-#[allow(clippy::too_many_arguments)]
+/// Loads (once) and attaches every program of `signal`, recording the attachments in `links`.
+fn attach_signal(
+    ebpf: &mut Ebpf,
+    signal: Signal,
+    btf: Option<&Btf>,
+    links: &mut Vec<(Signal, Link)>,
+) -> Result<(), TelemetryError> {
+    TRACEPOINTS.iter().filter(|t| t.0 == signal).try_for_each(|&(_, kind, name, category, tp)| {
+        attach_one(ebpf, kind, (name, category, tp), btf, links, signal)
+    })
+}
+
+/// Detaches and unloads the programs of `signal` that were loaded (best effort).
+fn unload_signal(ebpf: &mut Ebpf, signal: Signal) {
+    for &(_, kind, name, _, _) in TRACEPOINTS.iter().filter(|t| t.0 == signal) {
+        unload(ebpf, kind, name);
+    }
+}
+
+/// Loads (once) and attaches program `name` to tracepoint `category:tp`, recording the attachment
+/// in `links` under `signal`.
 fn attach_one(
     ebpf: &mut Ebpf,
     kind: Kind,
-    name: &'static str,
-    category: &'static str,
-    tp: &'static str,
+    (name, category, tp): (&'static str, &'static str, &'static str),
     btf: Option<&Btf>,
     links: &mut Vec<(Signal, Link)>,
     signal: Signal,
