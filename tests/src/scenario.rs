@@ -741,7 +741,8 @@ mod tests {
     }
 }
 
-fn target_weight(s: &serde_json::Value) -> u64 {
+/// The target's read weight in a `mirror ctl status --json` answer.
+pub fn target_weight(s: &serde_json::Value) -> u64 {
     s["weights"]["target"].as_u64().unwrap_or(0)
 }
 

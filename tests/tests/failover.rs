@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use mirror_tests::scenario::{self, Cluster, Opts, ProbeServer, Workload};
+use mirror_tests::scenario::{self, target_weight, Cluster, Opts, ProbeServer, Workload};
 use support::skip;
 
 /// The scenarios share the machine: one at a time, or they would time each other.
@@ -27,10 +27,6 @@ fn cluster(test: &str, o: impl FnOnce(&mut Opts)) -> Option<(std::sync::MutexGua
     o(&mut opts);
     let c = Cluster::start(&opts).expect("start the two-node cluster");
     Some((guard, c))
-}
-
-fn target_weight(s: &serde_json::Value) -> u64 {
-    s["weights"]["target"].as_u64().unwrap_or(0)
 }
 
 #[test]

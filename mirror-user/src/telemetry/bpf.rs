@@ -146,14 +146,7 @@ impl Probe {
     /// when their tracepoints exist here, each missing one is said once. Needs root; mounts
     /// tracefs and bpffs when they are missing.
     pub fn attach(pin_dir: &Path) -> Result<Self, TelemetryError> {
-        if !has_object() {
-            return Err(TelemetryError::NoObject);
-        }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::geteuid() };
-        if uid != 0 {
-            return Err(TelemetryError::NotRoot(uid));
-        }
+        object_and_root()?;
         let root = tracefs::ensure_tracefs()?;
         tracefs::ensure_bpffs()?;
         let blk = tracefs::blk_offsets(&root)?;
@@ -560,6 +553,19 @@ pub fn read_pinned(pin_dir: &Path) -> Result<BlkSnapshot, TelemetryError> {
     sum_blk(&map)
 }
 
+/// Loading the object needs it built in, and root.
+fn object_and_root() -> Result<(), TelemetryError> {
+    if !has_object() {
+        return Err(TelemetryError::NoObject);
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        return Err(TelemetryError::NotRoot(uid));
+    }
+    Ok(())
+}
+
 /// The pinned read-weights map of one volume (see `mirror_common::weights`): created from the
 /// eBPF object without attaching any program, pinned at `pin`, removed on drop.
 pub struct WeightsMap {
@@ -579,14 +585,7 @@ impl WeightsMap {
     /// Creates and pins the map (replacing a stale pin). Needs root and bpffs.
     pub fn create(pin: &Path) -> Result<WeightsMap, TelemetryError> {
         use mirror_common::weights::MAP_READ_WEIGHTS;
-        if !has_object() {
-            return Err(TelemetryError::NoObject);
-        }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::geteuid() };
-        if uid != 0 {
-            return Err(TelemetryError::NotRoot(uid));
-        }
+        object_and_root()?;
         tracefs::ensure_bpffs()?;
         if let Some(dir) = pin.parent() {
             fs::create_dir_all(dir)

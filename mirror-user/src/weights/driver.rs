@@ -70,7 +70,7 @@ struct NodeView {
     datapath: Option<f64>,
     /// Baseline of the data-path latency, microseconds.
     baseline_us: Option<f64>,
-    /// Errors counted by the router at the previous tick.
+    /// Errors the router had counted at the previous tick (source only).
     errors_seen: u64,
 }
 
@@ -194,22 +194,15 @@ impl Driver {
                 node.map(|h| n.datapath.map_or(h, |d| h.min(d)))
             };
             let src = &self.router.replicas[0];
+            let new_errors = v.nodes[0].take_new_errors(src);
             let n0 = &v.nodes[0];
             Sample {
                 source_health: health(0, n0),
                 target_health: health(1, &v.nodes[1]),
-                source_errors: src.state() == FAILED || n0.unreachable || n0.errors_seen_now(src),
+                source_errors: src.state() == FAILED || n0.unreachable || new_errors,
                 source_in_sync: src.state() == IN_SYNC,
             }
         };
-        // Counters seen: the next tick reports only new errors.
-        {
-            let mut v = lock(&self.view);
-            for i in 0..2 {
-                v.nodes[i].errors_seen =
-                    self.router.replicas[i].stats.errors.load(std::sync::atomic::Ordering::Relaxed);
-            }
-        }
         let d = lock(&self.engine).tick(self.now(), sample);
         self.apply(d);
     }
@@ -386,8 +379,10 @@ impl Driver {
 }
 
 impl NodeView {
-    fn errors_seen_now(&self, r: &Replica) -> bool {
-        r.stats.errors.load(std::sync::atomic::Ordering::Relaxed) > self.errors_seen
+    /// True when the router counted errors on this replica since the last call.
+    fn take_new_errors(&mut self, r: &Replica) -> bool {
+        let now = r.stats.errors.load(std::sync::atomic::Ordering::Relaxed);
+        now > std::mem::replace(&mut self.errors_seen, now)
     }
 }
 

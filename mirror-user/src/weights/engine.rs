@@ -219,11 +219,20 @@ impl Engine {
     pub fn tick(&mut self, now: Duration, s: Sample) -> Decision {
         // The first tick starts the heartbeat clock: a source gets `heartbeat_timeout` to answer.
         self.last_heartbeat.get_or_insert(now);
-        if let Policy::Seed(seed) = self.cfg.policy {
-            if let Some(h) = s.source_health {
-                self.last_heartbeat = Some(now);
-                self.holt.update(now, h);
+        // The adaptive policy judges the source against the target: what both suffer (a
+        // node-wide condition they share) is no reason to move reads. The seed formula takes
+        // health as it is.
+        let judged = match self.cfg.policy {
+            Policy::Seed(_) => s,
+            Policy::Adaptive => {
+                Sample { source_health: s.source_health.map(|h| relative(h, s.target_health)), ..s }
             }
+        };
+        if let Some(h) = judged.source_health {
+            self.last_heartbeat = Some(now);
+            self.holt.update(now, h);
+        }
+        if let Policy::Seed(seed) = self.cfg.policy {
             if self.mode == Mode::Pinned && self.pin_until.is_none_or(|t| now < t) {
                 return self.unchanged("pinned");
             }
@@ -231,14 +240,8 @@ impl Engine {
             let w = seed.target_weight(s.source_health.unwrap_or(0.0), s.target_health.unwrap_or(0.0));
             return self.set(now, w, Mode::Normal, "seed formula".into());
         }
-        // The adaptive policy judges the source against the target: what both suffer (a
-        // node-wide condition they share) is no reason to move reads.
-        let s = Sample { source_health: s.source_health.map(|h| relative(h, s.target_health)), ..s };
+        let s = judged;
         self.floor = self.normal_share(s);
-        if let Some(h) = s.source_health {
-            self.last_heartbeat = Some(now);
-            self.holt.update(now, h);
-        }
         if self.mode == Mode::Pinned {
             match self.pin_until {
                 Some(t) if now >= t => {
@@ -251,14 +254,7 @@ impl Engine {
                         "operator pin expired: automatic weights".into(),
                     );
                 }
-                _ => {
-                    return Decision {
-                        target_weight: self.weight,
-                        mode: self.mode,
-                        changed: false,
-                        reason: "pinned".into(),
-                    }
-                }
+                _ => return self.unchanged("pinned"),
             }
         }
 
@@ -289,12 +285,7 @@ impl Engine {
         let healthy = !bad && s.source_in_sync && s.source_health.is_some() && level >= self.cfg.good;
         if !healthy {
             self.healthy_since = None;
-            return Decision {
-                target_weight: self.weight,
-                mode: self.mode,
-                changed: false,
-                reason: "failed over".into(),
-            };
+            return self.unchanged("failed over");
         }
         let since = *self.healthy_since.get_or_insert(now);
         if now.saturating_sub(since) >= self.cfg.failback_hold {
@@ -306,12 +297,7 @@ impl Engine {
                 "source resynced and healthy: failback ramp starts".into(),
             );
         }
-        Decision {
-            target_weight: self.weight,
-            mode: self.mode,
-            changed: false,
-            reason: "holding before failback".into(),
-        }
+        self.unchanged("holding before failback")
     }
 
     fn tick_failback(&mut self, now: Duration, s: Sample, bad: bool) -> Decision {
@@ -363,24 +349,14 @@ impl Engine {
         } else {
             let since = *self.release_since.get_or_insert(now);
             if now.saturating_sub(since) < self.cfg.release_hold {
-                return Decision {
-                    target_weight: self.weight,
-                    mode: self.mode,
-                    changed: false,
-                    reason: "holding before release".into(),
-                };
+                return self.unchanged("holding before release");
             }
         }
         let dwell_ok = self.last_change.is_none_or(|t| now.saturating_sub(t) >= self.cfg.dwell);
         // Moves toward the target are never held by dwell when large (>= 50 points).
         let urgent = diff >= 50;
         if diff == 0 || diff.abs() < needed || !(dwell_ok || urgent) {
-            return Decision {
-                target_weight: self.weight,
-                mode: self.mode,
-                changed: false,
-                reason: "within deadband".into(),
-            };
+            return self.unchanged("within deadband");
         }
         let mode = if want > floor { Mode::Predictive } else { Mode::Normal };
         self.set(
