@@ -925,6 +925,25 @@ async fn writer_task<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::Receiver<Reply>)
     w.shutdown().await
 }
 
+/// Runs a request on the reader's task as far as it goes without waiting: a request the device
+/// completes at once (a page-cache read, a small buffered write done inline) costs no task and
+/// no handoff between workers. Only a request that would wait becomes a task of its own (polled
+/// again there; its futures re-register their wakers), so a slow request never holds up the
+/// reading of the next ones.
+fn run_or_spawn<F: Future<Output = ()> + Send + 'static>(mut request: std::pin::Pin<Box<F>>) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    // A panic outside the device (which `CatchUnwind` already covers) would otherwise end the
+    // reader; as a task of its own it would only have lost this reply.
+    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| request.as_mut().poll(&mut cx)));
+    match polled {
+        Ok(std::task::Poll::Ready(())) => {}
+        Ok(std::task::Poll::Pending) => {
+            tokio::spawn(request);
+        }
+        Err(_) => tracing::error!("NBD: a request panicked outside the device; its reply is lost"),
+    }
+}
+
 async fn transmission<B, R, W>(
     shared: Arc<Shared<B>>,
     mut r: BufReader<R>,
@@ -1003,7 +1022,7 @@ where
         let op = validate(&shared, &h, structured, data);
         let shared = shared.clone();
         let tx = tx.clone();
-        tokio::spawn(async move {
+        let request = Box::pin(async move {
             let res = match op {
                 Ok(op) => {
                     // A panicking device fails this request with EIO instead of leaving it
@@ -1028,6 +1047,7 @@ where
             // A closed channel means the writer failed (client gone); the permits drop with it.
             let _ = tx.send(Reply { hdr, payload, _permits: (slot, bytes) }).await;
         });
+        run_or_spawn(request);
     };
     drop(tx);
     // Let the requests already read finish and their replies go out, then close. A client

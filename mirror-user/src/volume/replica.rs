@@ -80,9 +80,6 @@ pub struct Replica {
     pub state: AtomicU8,
     pub stats: ReplicaStats,
     pub block_size: u64,
-    /// A local write is running on the calling thread (at most one at a time per replica, see
-    /// [`Replica::inline_slot`]).
-    inline_busy: AtomicBool,
     /// Exponentially weighted mean duration of the writes done inline, microseconds.
     inline_lat_ewma_us: AtomicU64,
 }
@@ -94,12 +91,16 @@ const INLINE_SLOW_US: u64 = 500;
 /// ...except one in this many, which measures again whether the file became fast.
 const INLINE_PROBE: u64 = 256;
 
-/// Releases the inline slot of a replica (also if the write panics).
-struct InlineSlot<'a>(&'a AtomicBool);
+/// A local write is running on an async worker (at most one at a time in the whole process, see
+/// [`Replica::inline_slot`]).
+static INLINE_BUSY: AtomicBool = AtomicBool::new(false);
 
-impl Drop for InlineSlot<'_> {
+/// Releases the inline slot (also if the write panics).
+struct InlineSlot;
+
+impl Drop for InlineSlot {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        INLINE_BUSY.store(false, Ordering::Release);
     }
 }
 
@@ -115,7 +116,6 @@ impl Replica {
             state: AtomicU8::new(IN_SYNC),
             stats: ReplicaStats::default(),
             block_size,
-            inline_busy: AtomicBool::new(false),
             inline_lat_ewma_us: AtomicU64::new(0),
         }
     }
@@ -236,10 +236,10 @@ impl Replica {
     /// Whether a local write may run right here, on the async worker, as one buffered `pwrite`
     /// (what nbdkit's worker threads do): a handoff to the ring thread and its io-wq worker costs
     /// more than such a write. Only small, page-aligned writes (whole pages: no read of an
-    /// uncached page first), without FUA, while not tracking (no bitmap fsync), at most one per
-    /// replica at a time (the other worker keeps the runtime going if the file stalls), and only
-    /// while inline writes stay fast on average.
-    fn inline_slot(&self, v: &Volume, offset: u64, len: usize, fua: bool) -> Option<InlineSlot<'_>> {
+    /// uncached page first), without FUA, while not tracking (no bitmap fsync), at most one at a
+    /// time in the whole process (so a stalled file holds at most one worker: the others keep
+    /// the runtime going), and only while inline writes stay fast on average.
+    fn inline_slot(&self, v: &Volume, offset: u64, len: usize, fua: bool) -> Option<InlineSlot> {
         let page = ALIGN as u64;
         if fua
             || len == 0
@@ -257,10 +257,10 @@ impl Replica {
         if v.meta.tracking() {
             return None;
         }
-        self.inline_busy
+        INLINE_BUSY
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .ok()
-            .map(|_| InlineSlot(&self.inline_busy))
+            .map(|_| InlineSlot)
     }
 
     /// A local write through io_uring under the volume's write-intent rules (see
