@@ -102,8 +102,10 @@ struct Req {
 #[derive(Debug)]
 pub struct UringFile {
     tx: mpsc::Sender<Req>,
-    direct: bool,
-    /// The buffered descriptor, for reads served from the page cache without the ring.
+    /// The `O_DIRECT` descriptor (a duplicate of the ring thread's), for the ublk fast path.
+    direct: Option<File>,
+    /// The buffered descriptor, for reads served from the page cache without the ring (and the
+    /// ublk fast path's unaligned requests).
     cached: File,
 }
 
@@ -120,21 +122,31 @@ impl UringFile {
         };
         let ring = IoUring::new(RING_ENTRIES)?;
         let (tx, rx) = mpsc::channel::<Req>();
-        let has_direct = direct.is_some();
+        let direct_dup = direct.as_ref().map(File::try_clone).transpose()?;
         let cached = buffered.try_clone()?;
         std::thread::Builder::new()
             .name("mirror-uring".into())
             .spawn(move || ring_loop(ring, buffered, direct, rx))?;
-        Ok(UringFile { tx, direct: has_direct, cached })
+        Ok(UringFile { tx, direct: direct_dup, cached })
     }
 
     /// True when aligned requests bypass the page cache.
     pub fn is_direct(&self) -> bool {
-        self.direct
+        self.direct.is_some()
+    }
+
+    /// The descriptor a request of `len` bytes at `offset` from an [`ALIGN`]-aligned buffer uses:
+    /// the `O_DIRECT` one when the file has it and the request is aligned, else the buffered one
+    /// (the same choice as [`UringFile::read`] and [`UringFile::write`]). Valid while `self` is.
+    pub fn fd_for(&self, offset: u64, len: usize) -> std::os::fd::RawFd {
+        match &self.direct {
+            Some(d) if self.aligned(offset, len) => d.as_raw_fd(),
+            _ => self.cached.as_raw_fd(),
+        }
     }
 
     fn aligned(&self, offset: u64, len: usize) -> bool {
-        self.direct && len > 0 && offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN)
+        self.direct.is_some() && len > 0 && offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN)
     }
 
     async fn submit(&self, op: Op, direct: bool, offset: u64, buf: Buf) -> std::io::Result<(usize, Buf)> {
@@ -160,7 +172,7 @@ impl UringFile {
     }
 
     pub async fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        if len > 0 && len <= CACHED_READ_MAX && !self.direct {
+        if len > 0 && len <= CACHED_READ_MAX && self.direct.is_none() {
             if let Some(b) = self.read_cached(offset, len) {
                 return Ok(b);
             }
