@@ -1,28 +1,44 @@
 //! The ublk frontend: a [`BlockDev`] (the mirrored volume's router) as `/dev/ublkbN`.
 //!
-//! # Data path, and why the router's futures are polled on the queue thread
+//! # Data path
 //!
 //! Each ublk hardware queue gets one thread (libublk's `run_target`) with its own io_uring,
-//! which carries the ublk io commands (FETCH / COMMIT_AND_FETCH). A request that arrives on a
-//! queue becomes the router's future, and the queue thread polls it right away, inside the
-//! tokio runtime's context (`Handle::enter`: the router uses tokio's timers for read deadlines
-//! and write timeouts, `tokio::sync` locks and, for some local paths, the blocking pool). What the
-//! page cache answers (a cached read through `preadv2(RWF_NOWAIT)`, a small buffered write on
-//! both replicas) completes in that first poll, without leaving the thread. A future that has to
-//! wait (a replica's io_uring, a remote replica, a timer) is parked in the tag's slot; its waker
-//! pushes the tag to the queue's mailbox and bumps an eventfd, and the queue's ring holds a
-//! one-shot `POLL_ADD` on that eventfd, so the queue thread wakes in the same `io_uring_enter`
-//! that waits for new commands, polls the woken requests again and commits the finished ones.
+//! which carries the ublk io commands (FETCH / COMMIT_AND_FETCH). A request takes one of two
+//! paths, chosen per request by the volume ([`BlockDev::fast_read`] / [`BlockDev::fast_write`]).
 //!
-//! Measured alternatives (`cargo xtask bench ublk`, 2 rounds x 3 s, release, on a 2-core host
-//! shared with other builds, so absolute figures moved between runs): handing every request to
-//! the tokio runtime with `Handle::spawn` and posting results back through the same eventfd gave
-//! 4 KiB randwrite 0.19x md raid1 and randread 0.36x; polling on the queue thread gave 0.36x and
-//! 0.32x (single replica vs rublk: 0.88x / 0.53x spawned, 0.48x / 0.54x inline, the noisiest
-//! pair). Inline polling removes two thread handoffs per cached request, which is what the
-//! emulated CPU of the VM pays most for, so it is the design kept. libublk's own per-queue async
-//! executor (smol) was not an option: the router's futures need tokio's context. The cost left
-//! is one copy of the data between the ublk io buffer and the router's `Vec`.
+//! **Fast path** (like rublk's loop target): when every replica is a local file driven through
+//! io_uring, a read goes to the replica the router would pick (same `Weights`, same random
+//! choice, same in-sync rule), and a write without FUA goes to both when both are in sync, no
+//! failure was recorded and neither volume is tracking. The queue thread submits the file I/O as
+//! entries on the queue's own ring, straight into (read) or out of (write) the tag's ublk io
+//! buffer (page aligned, so aligned requests can use an `O_DIRECT` descriptor): no future, no
+//! `Vec`, no copy, no tokio, no other thread. A small page-aligned write to a buffered file is
+//! one `pwrite` on the queue thread instead, under the router's inline-write rules (a buffered
+//! write through io_uring is handed to an io-wq worker on tmpfs, which costs more). A write is
+//! committed to the kernel only after both files completed it. The per-replica counters
+//! (reads, writes, bytes, latency) and the volume's counters are updated as on the router path.
+//! Any failure or short transfer on the fast path redoes the whole request through the router
+//! path, which retries a read on the other replica and, for a write, marks the failed replica
+//! and records the range on the survivor before acknowledging: the fast path never acknowledges
+//! a write that is not on every replica, and never reports an error itself.
+//!
+//! **Router path** (everything else: a remote replica, one not in sync, tracking, FUA, flush,
+//! discard, write-zeroes, fast-path failures, `--ublk-no-fast-path`): the request becomes the
+//! router's future, polled right away on the queue thread inside the tokio runtime's context
+//! (`Handle::enter`: the router uses tokio's timers for read deadlines and write timeouts,
+//! `tokio::sync` locks and, for some local paths, the blocking pool). What the page cache
+//! answers completes in that first poll. A future that has to wait (a replica's io_uring, a
+//! remote replica, a timer) is parked in the tag's slot; its waker pushes the tag to the queue's
+//! mailbox and bumps an eventfd, and the queue's ring holds a one-shot `POLL_ADD` on that
+//! eventfd, so the queue thread wakes in the same `io_uring_enter` that waits for new commands.
+//! This path copies data once between the ublk io buffer and the router's `Vec`.
+//!
+//! Measured (`cargo xtask bench ublk`, see the README for the full table): FAST_PATH_FIGURES
+//!
+//! Earlier measurements of the router path alone: handing every request to the tokio runtime
+//! with `Handle::spawn` gave 4 KiB randwrite 0.19x md raid1 and randread 0.36x; polling on the
+//! queue thread 0.36x and 0.32x. libublk's own per-queue async executor (smol) was not an option
+//! for that path: the router's futures need tokio's context.
 //!
 //! # Lifecycle
 //!
@@ -397,12 +413,26 @@ fn fast_submit<D: BlockDev>(
     let mut fds = [None; 2];
     for (i, fd) in fds.iter_mut().enumerate() {
         if set & (1 << i) != 0 {
-            *fd = Some(dev.replica(i)?.fast_fd(write, off, len)?);
+            let r = dev.replica(i)?;
+            *fd = Some((r, r.fast_fd(write, off, len)?));
         }
     }
-    let mut left = 0;
+    let data = buf.as_slice().get(..len as usize)?;
+    // From here on nothing returns `None`: what was submitted must complete before the router
+    // may take the request (and the tag's buffer) over.
+    let t0 = std::time::Instant::now();
+    let (mut left, mut failed) = (0, false);
     for (i, fd) in fds.iter().enumerate() {
-        let Some(fd) = *fd else { continue };
+        let Some((r, fd)) = *fd else { continue };
+        if write {
+            // A small page-aligned write to a buffered file is one `pwrite` right here (what the
+            // page cache answers at once); a handoff to io_uring's workers costs more.
+            if let Some(ok) = r.fast_write_inline(off, data) {
+                r.fast_done(true, len, t0, ok);
+                failed |= !ok;
+                continue;
+            }
+        }
         let (fd, ptr) = (types::Fd(fd), buf.as_mut_ptr());
         let (op, sqe) = if write {
             (FAST_WRITE_OP, opcode::Write::new(fd, ptr.cast_const(), len).offset(off).build())
@@ -414,17 +444,32 @@ fn fast_submit<D: BlockDev>(
         // completion) and which outlives the ring (see `queue_main`).
         let sqe = sqe.user_data(UblkIOCtx::build_user_data(tag, op, i as u32, true));
         if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
-            // (Only when flushing a full submission queue fails.) With an entry already in
-            // flight, the request is marked failed and redone through the router once it completes.
+            // (Only when flushing a full submission queue fails.) The request is marked failed
+            // and redone through the router once what was submitted completed.
             tracing::error!(tag, "ublk: submitting a file request failed: {e}");
-            if left == 0 {
-                return None;
-            }
-            return Some(FastIo { write, len, left, failed: true, t0: std::time::Instant::now() });
+            failed = true;
+            break;
         }
         left += 1;
     }
-    Some(FastIo { write, len, left, failed: false, t0: std::time::Instant::now() })
+    Some(FastIo { write, len, left, failed, t0 })
+}
+
+/// A fast-path request whose file I/O is all done: committed, or (failed) redone through the
+/// router, which retries a read on the other replica and handles a failed write (replica marked
+/// failed, the range recorded on the survivor) before anything is acknowledged. The io buffer
+/// still holds the write's data: the kernel only takes the tag back at our commit.
+fn fast_finish<D: BlockDev>(q: &UblkQueue, tag: u16, f: FastIo, dev: &Arc<D>, st: &mut QueueState) {
+    if f.failed {
+        tracing::debug!(
+            tag,
+            write = f.write,
+            "ublk: fast-path request failed; redoing it through the router"
+        );
+        start(q, tag, dev, st, false);
+    } else if let Some(buf) = st.bufs.get(tag as usize) {
+        complete(q, tag, buf.as_slice(), f.len as i32);
+    }
 }
 
 /// Starts request `tag`: on the fast path when the volume allows, else as the router's future.
@@ -434,8 +479,12 @@ fn start<D: BlockDev>(q: &UblkQueue, tag: u16, dev: &Arc<D>, st: &mut QueueState
     let Some(buf) = st.bufs.get(t) else { return };
     if fast_ok {
         if let Some(f) = fast_submit(q, tag, &**dev, &iod, buf) {
-            st.fast[t] = Some(f);
-            st.fast_in_flight += 1;
+            if f.left == 0 {
+                fast_finish(q, tag, f, dev, st);
+            } else {
+                st.fast[t] = Some(f);
+                st.fast_in_flight += 1;
+            }
             return;
         }
     }
@@ -470,21 +519,10 @@ fn fast_complete<D: BlockDev>(
     if f.left > 0 {
         return;
     }
-    let (failed, len) = (f.failed, f.len);
+    let f = *f;
     st.fast[t] = None;
     st.fast_in_flight -= 1;
-    if !failed {
-        if let Some(buf) = st.bufs.get(t) {
-            complete(q, tag, buf.as_slice(), len as i32);
-        }
-        return;
-    }
-    // A failed (or short) file request: the whole request again through the router, which
-    // retries a read on the other replica and handles a failed write (replica marked failed, the
-    // range recorded on the survivor) before anything is acknowledged. The io buffer still holds
-    // the write's data: the kernel only takes the tag back at our commit.
-    tracing::debug!(tag, replica = i, res, "ublk: fast-path request failed; redoing it through the router");
-    start(q, tag, dev, st, false);
+    fast_finish(q, tag, f, dev, st);
 }
 
 /// Per-queue state of the io loop.

@@ -223,6 +223,26 @@ impl Replica {
         Some(u.fd_for(offset, len as usize))
     }
 
+    /// The fast path's write of `data` at `offset` done right here, as one buffered `pwrite`,
+    /// under the same rules as the router path's inline writes ([`Replica::inline_slot`]: small,
+    /// page-aligned, not tracking, inline writes fast on average) and only on a file without
+    /// `O_DIRECT`. `Some(ok)` when done, `None`: submit it. Call after [`Replica::fast_fd`].
+    pub fn fast_write_inline(&self, offset: u64, data: &[u8]) -> Option<bool> {
+        let Location::Local { vol: v, uring: Some(u), .. } = &self.location else { return None };
+        if u.is_direct() {
+            return None;
+        }
+        let slot = self.inline_slot(v, offset, data.len(), false)?;
+        let t = std::time::Instant::now();
+        let r = u.write_cached(offset, data);
+        ewma(&self.inline_lat_ewma_us, t.elapsed().as_micros() as u64);
+        drop(slot);
+        if let Err(e) = &r {
+            tracing::debug!(replica = self.role, offset, len = data.len(), "inline write failed: {e}");
+        }
+        Some(r.is_ok())
+    }
+
     /// Counts a fast-path request started at `t0` that completed here (`ok`), or an error.
     pub fn fast_done(&self, write: bool, len: u32, t0: std::time::Instant, ok: bool) {
         let s = &self.stats;

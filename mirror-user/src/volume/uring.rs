@@ -145,6 +145,11 @@ impl UringFile {
         }
     }
 
+    /// A buffered `pwrite` of all of `data` on the calling thread.
+    pub fn write_cached(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.cached, data, offset)
+    }
+
     fn aligned(&self, offset: u64, len: usize) -> bool {
         self.direct.is_some() && len > 0 && offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN)
     }
