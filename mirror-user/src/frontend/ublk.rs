@@ -33,7 +33,13 @@
 //! eventfd, so the queue thread wakes in the same `io_uring_enter` that waits for new commands.
 //! This path copies data once between the ublk io buffer and the router's `Vec`.
 //!
-//! Measured (`cargo xtask bench ublk`, see the README for the full table): FAST_PATH_FIGURES
+//! Measured (`cargo xtask bench ublk`, 3 rounds x 4 s, medians, VM under TCG on a 2-core host
+//! shared with other builds; the README has the table): two local replicas vs md raid1 over two
+//! loop devices, 4 KiB QD32 randread 1.49x and randwrite 1.85x (router path alone: 0.31x and
+//! 0.36x), 128 KiB sequential 0.47x / 0.49x; single replica vs rublk's loop target randread
+//! 0.67x, randwrite 0.51x (not the 0.9x target; the single-replica figures moved most between
+//! rounds, 6.2k-24k IOPS for reads). With io_uring writes instead of the inline `pwrite`, one
+//! round gave 1175 randwrite IOPS for two replicas where the inline write gave 2369.
 //!
 //! Earlier measurements of the router path alone: handing every request to the tokio runtime
 //! with `Handle::spawn` gave 4 KiB randwrite 0.19x md raid1 and randread 0.36x; polling on the
