@@ -12,7 +12,8 @@
 //! failure was recorded and neither volume is tracking. The queue thread submits the file I/O as
 //! entries on the queue's own ring, straight into (read) or out of (write) the tag's ublk io
 //! buffer (page aligned, so aligned requests can use an `O_DIRECT` descriptor): no future, no
-//! `Vec`, no copy, no tokio, no other thread. A small page-aligned write to a buffered file is
+//! `Vec`, no copy, no tokio, no other thread. A read the page cache holds is one
+//! `preadv2(RWF_NOWAIT)` into the io buffer on the queue thread. A small page-aligned write to a buffered file is
 //! one `pwrite` on the queue thread instead, under the router's inline-write rules (a buffered
 //! write through io_uring is handed to an io-wq worker on tmpfs, which costs more). A write is
 //! committed to the kernel only after both files completed it. The per-replica counters
@@ -401,7 +402,7 @@ fn fast_submit<D: BlockDev>(
     tag: u16,
     dev: &D,
     iod: &sys::ublksrv_io_desc,
-    buf: &IoBuf<u8>,
+    buf: &mut IoBuf<u8>,
 ) -> Option<FastIo> {
     let op = iod.op_flags & 0xff;
     let write = match op {
@@ -423,13 +424,18 @@ fn fast_submit<D: BlockDev>(
             *fd = Some((r, r.fast_fd(write, off, len)?));
         }
     }
-    let data = buf.as_slice().get(..len as usize)?;
     // From here on nothing returns `None`: what was submitted must complete before the router
     // may take the request (and the tag's buffer) over.
     let t0 = std::time::Instant::now();
     let (mut left, mut failed) = (0, false);
     for (i, fd) in fds.iter().enumerate() {
         let Some((r, fd)) = *fd else { continue };
+        let data = buf.as_mut_slice().get_mut(..len as usize).unwrap_or_default();
+        if !write && r.fast_read_cached(off, data) {
+            // A page-cache hit: read right here, no io_uring worker.
+            r.fast_done(false, len, t0, true);
+            continue;
+        }
         if write {
             // A small page-aligned write to a buffered file is one `pwrite` right here (what the
             // page cache answers at once); a handoff to io_uring's workers costs more.
@@ -482,7 +488,7 @@ fn fast_finish<D: BlockDev>(q: &UblkQueue, tag: u16, f: FastIo, dev: &Arc<D>, st
 fn start<D: BlockDev>(q: &UblkQueue, tag: u16, dev: &Arc<D>, st: &mut QueueState, fast_ok: bool) {
     let t = tag as usize;
     let iod = *q.get_iod(tag);
-    let Some(buf) = st.bufs.get(t) else { return };
+    let Some(buf) = st.bufs.get_mut(t) else { return };
     if fast_ok {
         if let Some(f) = fast_submit(q, tag, &**dev, &iod, buf) {
             if f.left == 0 {

@@ -223,6 +223,13 @@ impl Replica {
         Some(u.fd_for(offset, len as usize))
     }
 
+    /// The fast path's read into `buf` at `offset` done right here when the page cache holds all
+    /// of it (`preadv2(RWF_NOWAIT)` on a file without `O_DIRECT`): true when done; otherwise
+    /// submit it. Call after [`Replica::fast_fd`].
+    pub fn fast_read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
+        matches!(&self.location, Location::Local { uring: Some(u), .. } if u.read_cached_into(offset, buf))
+    }
+
     /// The fast path's write of `data` at `offset` done right here, as one buffered `pwrite`,
     /// under the same rules as the router path's inline writes ([`Replica::inline_slot`]: small,
     /// page-aligned, not tracking, inline writes fast on average) and only on a file without

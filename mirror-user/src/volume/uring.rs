@@ -167,13 +167,22 @@ impl UringFile {
     /// `RWF_NOWAIT` never waits for the disk); `None` otherwise (also on errors and short reads:
     /// the ring then does the read and reports them).
     fn read_cached(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
-        let off = libc::off_t::try_from(offset).ok()?;
         let mut buf = vec![0u8; len];
-        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
-        // SAFETY: `iov` describes `len` writable bytes of `buf`, which outlives this synchronous
+        self.read_cached_into(offset, &mut buf).then_some(buf)
+    }
+
+    /// [`UringFile::read`]'s page-cache attempt into the caller's buffer: true when all of `buf`
+    /// was read (never on a file with `O_DIRECT`, whose data the page cache may not hold).
+    pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let Ok(off) = libc::off_t::try_from(offset) else { return false };
+        if buf.is_empty() || self.direct.is_some() {
+            return false;
+        }
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: `iov` describes the writable bytes of `buf`, which outlives this synchronous
         // call; the descriptor is open for as long as `self`.
         let n = unsafe { libc::preadv2(self.cached.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
-        (usize::try_from(n).ok() == Some(len)).then_some(buf)
+        usize::try_from(n).ok() == Some(buf.len())
     }
 
     pub async fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
