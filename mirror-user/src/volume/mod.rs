@@ -11,6 +11,11 @@ pub mod uring;
 
 use std::future::Future;
 
+use replica::Replica;
+
+/// Replicas a fast-path write must reach, as a bit set (bit `i` = replica `i`).
+pub type ReplicaSet = u8;
+
 /// A block device of fixed size, driven by a frontend. Offsets and lengths are bytes; the
 /// frontend validates ranges against [`BlockDev::size`] before calling. Errors are
 /// `std::io::Error`s whose `raw_os_error` (when set) is the errno to report to the client.
@@ -34,4 +39,23 @@ pub trait BlockDev: Send + Sync + 'static {
     fn trim(&self, offset: u64, len: u64) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Writes zeroes over a range.
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = std::io::Result<()>> + Send;
+
+    // The fast path (ublk): a frontend that can submit file I/O itself asks, per request, which
+    // local replicas it may drive directly; `None` sends the request through the methods above.
+    // A fast-path request that fails is redone through them, so failure handling stays theirs.
+
+    /// The replica a read goes to, when the volume's choice (weights, in-sync rule) is a local
+    /// file the frontend may read itself ([`Replica::fast_fd`]).
+    fn fast_read(&self) -> Option<usize> {
+        None
+    }
+    /// The replicas a write goes to, when every one of them is a local file the frontend may
+    /// write itself and no failure handling is under way.
+    fn fast_write(&self) -> Option<ReplicaSet> {
+        None
+    }
+    /// Replica `i` of [`BlockDev::fast_read`] / [`BlockDev::fast_write`].
+    fn replica(&self, _i: usize) -> Option<&Replica> {
+        None
+    }
 }

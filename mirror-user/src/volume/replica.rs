@@ -194,6 +194,81 @@ impl Replica {
         r
     }
 
+    /// True when this replica is a local file driven through io_uring (what the ublk fast path
+    /// can submit to itself).
+    pub fn is_local_uring(&self) -> bool {
+        matches!(self.location, Location::Local { uring: Some(_), .. })
+    }
+
+    /// For a frontend that submits this replica's file I/O itself (the ublk fast path): the
+    /// descriptor for `[offset, offset+len)` from an [`ALIGN`]-aligned buffer, after the checks
+    /// [`Replica::read`] / [`Replica::write`] make (range, and for a write: the volume is not
+    /// tracking, whose write-intent rules only the slow path follows), with the volume's counters
+    /// updated. `None`: use [`Replica::read`] / [`Replica::write`]. The descriptor is valid while
+    /// the replica is. Report the outcome with [`Replica::fast_done`].
+    pub fn fast_fd(&self, write: bool, offset: u64, len: u32) -> Option<std::os::fd::RawFd> {
+        let Location::Local { vol: v, uring: Some(u), .. } = &self.location else { return None };
+        crate::replication::server::check_range(v, offset, u64::from(len)).ok()?;
+        if write && v.meta.tracking() {
+            return None;
+        }
+        v.touch();
+        let (n, bytes) = if write {
+            (&v.counters.writes, &v.counters.write_bytes)
+        } else {
+            (&v.counters.reads, &v.counters.read_bytes)
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+        Some(u.fd_for(offset, len as usize))
+    }
+
+    /// The fast path's read into `buf` at `offset` done right here when the page cache holds all
+    /// of it (`preadv2(RWF_NOWAIT)` on a file without `O_DIRECT`): true when done; otherwise
+    /// submit it. Call after [`Replica::fast_fd`].
+    pub fn fast_read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
+        matches!(&self.location, Location::Local { uring: Some(u), .. } if u.read_cached_into(offset, buf))
+    }
+
+    /// The fast path's write of `data` at `offset` done right here, as one buffered `pwrite`,
+    /// under the same rules as the router path's inline writes ([`Replica::inline_slot`]: small,
+    /// page-aligned, not tracking, inline writes fast on average) and only on a file without
+    /// `O_DIRECT`. `Some(ok)` when done, `None`: submit it. Call after [`Replica::fast_fd`].
+    pub fn fast_write_inline(&self, offset: u64, data: &[u8]) -> Option<bool> {
+        let Location::Local { vol: v, uring: Some(u), .. } = &self.location else { return None };
+        if u.is_direct() {
+            return None;
+        }
+        let slot = self.inline_slot(v, offset, data.len(), false)?;
+        let t = std::time::Instant::now();
+        let r = u.write_cached(offset, data);
+        ewma(&self.inline_lat_ewma_us, t.elapsed().as_micros() as u64);
+        drop(slot);
+        if let Err(e) = &r {
+            tracing::debug!(replica = self.role, offset, len = data.len(), "inline write failed: {e}");
+        }
+        Some(r.is_ok())
+    }
+
+    /// Counts a fast-path request started at `t0` that completed here (`ok`), or an error.
+    pub fn fast_done(&self, write: bool, len: u32, t0: std::time::Instant, ok: bool) {
+        let s = &self.stats;
+        if !ok {
+            s.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let us = t0.elapsed().as_micros() as u64;
+        if write {
+            s.writes.fetch_add(1, Ordering::Relaxed);
+            s.write_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+            ewma(&s.write_lat_ewma_us, us);
+        } else {
+            s.reads.fetch_add(1, Ordering::Relaxed);
+            s.read_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+            ewma(&s.read_lat_ewma_us, us);
+        }
+    }
+
     fn expect_ok(m: Message) -> std::io::Result<()> {
         match m {
             Message::Ok => Ok(()),

@@ -302,6 +302,29 @@ impl BlockDev for Router {
         self.block_size
     }
 
+    /// Both replicas local (so the weighted choice below is the router's own, not skewed by a
+    /// replica the fast path cannot drive): the same random choice and in-sync rule as `read`.
+    fn fast_read(&self) -> Option<usize> {
+        if !self.replicas.iter().all(|r| r.is_local_uring()) {
+            return None;
+        }
+        let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
+        [first, Self::other(first)].into_iter().find(|&i| self.replicas[i].serves_reads())
+    }
+
+    /// Both replicas local and in sync, and no failure recorded: a write to both, acknowledged
+    /// after both, is what `mirrored` would do. (Local replicas never return from `FAILED` in
+    /// this process, so no write that left one out can still be in flight: no `membership`.)
+    fn fast_write(&self) -> Option<super::ReplicaSet> {
+        let ok = !self.degraded_marked.load(Ordering::Acquire)
+            && self.replicas.iter().all(|r| r.is_local_uring() && r.state() == IN_SYNC);
+        ok.then_some(0b11)
+    }
+
+    fn replica(&self, i: usize) -> Option<&Replica> {
+        self.replicas.get(i).map(|r| &**r)
+    }
+
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
         let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
         let candidates: Vec<usize> =

@@ -102,8 +102,10 @@ struct Req {
 #[derive(Debug)]
 pub struct UringFile {
     tx: mpsc::Sender<Req>,
-    direct: bool,
-    /// The buffered descriptor, for reads served from the page cache without the ring.
+    /// The `O_DIRECT` descriptor (a duplicate of the ring thread's), for the ublk fast path.
+    direct: Option<File>,
+    /// The buffered descriptor, for reads served from the page cache without the ring (and the
+    /// ublk fast path's unaligned requests).
     cached: File,
 }
 
@@ -120,21 +122,36 @@ impl UringFile {
         };
         let ring = IoUring::new(RING_ENTRIES)?;
         let (tx, rx) = mpsc::channel::<Req>();
-        let has_direct = direct.is_some();
+        let direct_dup = direct.as_ref().map(File::try_clone).transpose()?;
         let cached = buffered.try_clone()?;
         std::thread::Builder::new()
             .name("mirror-uring".into())
             .spawn(move || ring_loop(ring, buffered, direct, rx))?;
-        Ok(UringFile { tx, direct: has_direct, cached })
+        Ok(UringFile { tx, direct: direct_dup, cached })
     }
 
     /// True when aligned requests bypass the page cache.
     pub fn is_direct(&self) -> bool {
-        self.direct
+        self.direct.is_some()
+    }
+
+    /// The descriptor a request of `len` bytes at `offset` from an [`ALIGN`]-aligned buffer uses:
+    /// the `O_DIRECT` one when the file has it and the request is aligned, else the buffered one
+    /// (the same choice as [`UringFile::read`] and [`UringFile::write`]). Valid while `self` is.
+    pub fn fd_for(&self, offset: u64, len: usize) -> std::os::fd::RawFd {
+        match &self.direct {
+            Some(d) if self.aligned(offset, len) => d.as_raw_fd(),
+            _ => self.cached.as_raw_fd(),
+        }
+    }
+
+    /// A buffered `pwrite` of all of `data` on the calling thread.
+    pub fn write_cached(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.cached, data, offset)
     }
 
     fn aligned(&self, offset: u64, len: usize) -> bool {
-        self.direct && len > 0 && offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN)
+        self.direct.is_some() && len > 0 && offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN)
     }
 
     async fn submit(&self, op: Op, direct: bool, offset: u64, buf: Buf) -> std::io::Result<(usize, Buf)> {
@@ -150,17 +167,26 @@ impl UringFile {
     /// `RWF_NOWAIT` never waits for the disk); `None` otherwise (also on errors and short reads:
     /// the ring then does the read and reports them).
     fn read_cached(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
-        let off = libc::off_t::try_from(offset).ok()?;
         let mut buf = vec![0u8; len];
-        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
-        // SAFETY: `iov` describes `len` writable bytes of `buf`, which outlives this synchronous
+        self.read_cached_into(offset, &mut buf).then_some(buf)
+    }
+
+    /// [`UringFile::read`]'s page-cache attempt into the caller's buffer: true when all of `buf`
+    /// was read (never on a file with `O_DIRECT`, whose data the page cache may not hold).
+    pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let Ok(off) = libc::off_t::try_from(offset) else { return false };
+        if buf.is_empty() || self.direct.is_some() {
+            return false;
+        }
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: `iov` describes the writable bytes of `buf`, which outlives this synchronous
         // call; the descriptor is open for as long as `self`.
         let n = unsafe { libc::preadv2(self.cached.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
-        (usize::try_from(n).ok() == Some(len)).then_some(buf)
+        usize::try_from(n).ok() == Some(buf.len())
     }
 
     pub async fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        if len > 0 && len <= CACHED_READ_MAX && !self.direct {
+        if len > 0 && len <= CACHED_READ_MAX && self.direct.is_none() {
             if let Some(b) = self.read_cached(offset, len) {
                 return Ok(b);
             }

@@ -40,6 +40,7 @@ struct Args {
     rublk: PathBuf,
     dir: PathBuf,
     out: PathBuf,
+    fast_path: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -51,9 +52,14 @@ fn parse_args() -> Result<Args> {
         rublk: PathBuf::from("/root/.cargo/bin/rublk"),
         dir: PathBuf::from("/run/mirror-bench-ublk"),
         out: PathBuf::from("target/bench/ublk.json"),
+        fast_path: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--no-fast-path" {
+            a.fast_path = false;
+            continue;
+        }
         let v = it.next().with_context(|| format!("{k} needs a value"))?;
         match k.as_str() {
             "--size" => a.size = mirror::parse_size(&v).map_err(anyhow::Error::msg)?,
@@ -63,7 +69,9 @@ fn parse_args() -> Result<Args> {
             "--rublk" => a.rublk = v.into(),
             "--dir" => a.dir = v.into(),
             "--out" => a.out = v.into(),
-            _ => bail!("unknown flag {k} (--size, --rounds, --runtime, --mirror-bin, --rublk, --dir, --out)"),
+            _ => bail!(
+                "unknown flag {k} (--size, --rounds, --runtime, --mirror-bin, --rublk, --dir, --out, --no-fast-path)"
+            ),
         }
     }
     Ok(a)
@@ -164,6 +172,15 @@ impl BlockDev for OneReplica {
     async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.r.write_zeroes(offset, len).await
     }
+    fn fast_read(&self) -> Option<usize> {
+        self.r.is_local_uring().then_some(0)
+    }
+    fn fast_write(&self) -> Option<u8> {
+        self.r.is_local_uring().then_some(1)
+    }
+    fn replica(&self, i: usize) -> Option<&Replica> {
+        (i == 0).then_some(&self.r)
+    }
 }
 
 /// A fio job: (name, rw, bs, iodepth).
@@ -229,6 +246,7 @@ fn main() -> Result<()> {
             "50",
         ])
         .args(["--ublk-queues", "1", "--ublk-depth", "128"])
+        .args(if a.fast_path { &[][..] } else { &["--ublk-no-fast-path"][..] })
         .arg("--secret-file")
         .arg(a.dir.join("secret"))
         .arg(format!("--source=local:{}", s.display()))
@@ -253,7 +271,7 @@ fn main() -> Result<()> {
 
     // ours-1replica, in this process
     let one = Arc::new(OneReplica::open(&data_file(&a, "one.img")?)?);
-    let opts = UblkOptions { queues: 1, depth: 128, ..Default::default() };
+    let opts = UblkOptions { queues: 1, depth: 128, fast_path: a.fast_path, ..Default::default() };
     let fe = UblkFrontend::start(one, &opts)?;
     devs.push(("ours-1replica", fe.bdev_path()));
 
@@ -339,6 +357,7 @@ fn main() -> Result<()> {
         }
     }
     js.insert("rounds".into(), a.rounds.into());
+    js.insert("fast_path".into(), a.fast_path.into());
     js.insert("runtime_s".into(), a.runtime.into());
     js.insert("size_bytes".into(), a.size.into());
     js.insert(
