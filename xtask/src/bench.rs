@@ -219,7 +219,8 @@ fn windows(dev: &str, bin: &Path, opts: &EbpfOpts) -> Result<(Vec<f64>, Vec<f64>
     let stdout = d.child.stdout.take().context("daemon stdout")?;
     let mut lines = std::io::BufReader::new(stdout).lines();
     let settle = Duration::from_millis(100);
-    let total = (opts.window + settle) * 2 * opts.pairs as u32 + Duration::from_secs(3);
+    // Generous: the windows also wait for acknowledgements; fio is stopped when they are done.
+    let total = (opts.window + settle) * 4 * opts.pairs as u32 + Duration::from_secs(10);
     let mut fio = Command::new("fio")
         .arg("--name=ebpf-bench")
         .args(fio_args(opts))
