@@ -69,8 +69,11 @@ pub enum Kind {
     BtfTracePoint,
 }
 
-/// Programs in the object: (signal, kind, program name, category, tracepoint).
-pub const TRACEPOINTS: &[(Signal, Kind, &str, &str, &str)] = &[
+/// A program of the object on one tracepoint: (signal, kind, program name, category, tracepoint).
+pub type Tracepoint = (Signal, Kind, &'static str, &'static str, &'static str);
+
+/// Programs in the object and where they attach.
+pub const TRACEPOINTS: &[Tracepoint] = &[
     (Signal::BlkRq, Kind::BtfTracePoint, "blk_rq_done", "block", "block_rq_complete"),
     (Signal::Blk, Kind::TracePoint, "blk_rq_issue", "block", "block_rq_issue"),
     (Signal::Blk, Kind::TracePoint, "blk_rq_complete", "block", "block_rq_complete"),
@@ -97,17 +100,17 @@ pub struct Probe {
     pins: Pins,
     signals: Vec<Signal>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    /// One per (program, tracepoint) attachment; empty while paused.
-    links: Vec<(Signal, Link)>,
-    /// Set while [`Probe::pause`] has detached the programs.
-    paused: bool,
+    /// What is attached, each with its link to detach it again.
+    links: Vec<(&'static Tracepoint, Link)>,
+    /// What [`Probe::pause`] detached, for [`Probe::resume`] to attach again.
+    paused: Vec<&'static Tracepoint>,
 }
 
-/// One attachment of a loaded program, to detach it again.
+/// One attachment of a loaded program.
 #[derive(Debug)]
 enum Link {
-    Tp { name: &'static str, id: TracePointLinkId },
-    Btf { name: &'static str, id: BtfTracePointLinkId },
+    Tp(TracePointLinkId),
+    Btf(BtfTracePointLinkId),
 }
 
 impl std::fmt::Debug for Probe {
@@ -117,7 +120,7 @@ impl std::fmt::Debug for Probe {
             .field("signals", &self.signals)
             .field("logger", &self.logger.is_some())
             .field("links", &self.links.len())
-            .field("paused", &self.paused)
+            .field("paused", &self.paused.len())
             .finish()
     }
 }
@@ -278,55 +281,33 @@ impl Probe {
         let names: Vec<&str> = signals.iter().map(|s| s.name()).collect();
         tracing::info!(pin_dir = %pin_dir.display(), "eBPF programs attached: {}", names.join(", "));
         // Attachments of a signal that was dropped went with its programs' unload.
-        links.retain(|(s, _)| signals.contains(s));
-        Ok(Probe { ebpf, pins, signals, logger, links, paused: false })
+        links.retain(|(t, _)| signals.contains(&t.0));
+        Ok(Probe { ebpf, pins, signals, logger, links, paused: Vec::new() })
     }
 
     /// Detaches every program, keeping them loaded and the maps (and their pins) as they are;
     /// [`Probe::resume`] attaches them again. Lets `cargo xtask bench ebpf` alternate with and
     /// without the programs within one fio run. A no-op when already paused.
     pub fn pause(&mut self) -> Result<(), TelemetryError> {
-        for (_, link) in self.links.drain(..) {
-            let (name, r) = match link {
-                Link::Tp { name, id } => (name, prog_mut::<TracePoint>(&mut self.ebpf, name)?.detach(id)),
-                Link::Btf { name, id } => (name, prog_mut::<BtfTracePoint>(&mut self.ebpf, name)?.detach(id)),
-            };
-            r.map_err(|source| TelemetryError::Program { name, source })?;
+        while let Some((t, link)) = self.links.pop() {
+            self.paused.push(t);
+            unlink(&mut self.ebpf, t, link)?;
         }
-        self.paused = true;
         Ok(())
     }
 
     /// Attaches the programs [`Probe::pause`] detached. A no-op when not paused.
     pub fn resume(&mut self) -> Result<(), TelemetryError> {
-        if !self.paused {
-            return Ok(());
-        }
-        for &signal in &self.signals {
-            for &(_, kind, name, category, tp) in TRACEPOINTS.iter().filter(|t| t.0 == signal) {
-                let err = |source| TelemetryError::Program { name, source };
-                let link = match kind {
-                    Kind::TracePoint => Link::Tp {
-                        name,
-                        id: prog_mut::<TracePoint>(&mut self.ebpf, name)?
-                            .attach(category, tp)
-                            .map_err(err)?,
-                    },
-                    Kind::BtfTracePoint => Link::Btf {
-                        name,
-                        id: prog_mut::<BtfTracePoint>(&mut self.ebpf, name)?.attach().map_err(err)?,
-                    },
-                };
-                self.links.push((signal, link));
+        while let Some(t) = self.paused.pop() {
+            match link(&mut self.ebpf, t) {
+                Ok(l) => self.links.push((t, l)),
+                Err(e) => {
+                    self.paused.push(t);
+                    return Err(e);
+                }
             }
         }
-        self.paused = false;
         Ok(())
-    }
-
-    /// True between [`Probe::pause`] and [`Probe::resume`].
-    pub fn is_paused(&self) -> bool {
-        self.paused
     }
 
     /// Signals whose programs are attached.
@@ -395,15 +376,19 @@ where
 }
 
 /// Loads (once) and attaches every program of `signal`, recording the attachments in `links`.
+/// A BTF program without kernel BTF is neither loaded nor attached.
 fn attach_signal(
     ebpf: &mut Ebpf,
     signal: Signal,
     btf: Option<&Btf>,
-    links: &mut Vec<(Signal, Link)>,
+    links: &mut Vec<(&'static Tracepoint, Link)>,
 ) -> Result<(), TelemetryError> {
-    TRACEPOINTS.iter().filter(|t| t.0 == signal).try_for_each(|&(_, kind, name, category, tp)| {
-        attach_one(ebpf, kind, (name, category, tp), btf, links, signal)
-    })
+    for t in TRACEPOINTS.iter().filter(|t| t.0 == signal) {
+        if load(ebpf, t, btf)? {
+            links.push((t, link(ebpf, t)?));
+        }
+    }
+    Ok(())
 }
 
 /// Detaches and unloads the programs of `signal` that were loaded (best effort).
@@ -413,38 +398,43 @@ fn unload_signal(ebpf: &mut Ebpf, signal: Signal) {
     }
 }
 
-/// Loads (once) and attaches program `name` to tracepoint `category:tp`, recording the attachment
-/// in `links` under `signal`.
-fn attach_one(
+/// Loads the program of `t` unless it is loaded already (a program attached to several
+/// tracepoints is loaded once); false for a BTF program when the kernel has no BTF.
+fn load(
     ebpf: &mut Ebpf,
-    kind: Kind,
-    (name, category, tp): (&'static str, &'static str, &'static str),
+    &(_, kind, name, _, tp): &Tracepoint,
     btf: Option<&Btf>,
-    links: &mut Vec<(Signal, Link)>,
-    signal: Signal,
-) -> Result<(), TelemetryError> {
-    let prog = ebpf.program_mut(name).ok_or(TelemetryError::MissingProgram(name))?;
+) -> Result<bool, TelemetryError> {
     let err = |source| TelemetryError::Program { name, source };
     match (kind, btf) {
-        (Kind::TracePoint, _) => {
-            let p: &mut TracePoint = prog.try_into().map_err(err)?;
-            // A program attached to several tracepoints is loaded once.
-            match p.load() {
-                Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {}
-                Err(e) => return Err(err(e)),
-            }
-            let id = p.attach(category, tp).map_err(err)?;
-            links.push((signal, Link::Tp { name, id }));
-        }
+        (Kind::TracePoint, _) => match prog_mut::<TracePoint>(ebpf, name)?.load() {
+            Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => Ok(true),
+            Err(e) => Err(err(e)),
+        },
         (Kind::BtfTracePoint, Some(btf)) => {
-            let p: &mut BtfTracePoint = prog.try_into().map_err(err)?;
-            p.load(tp, btf).map_err(err)?;
-            let id = p.attach().map_err(err)?;
-            links.push((signal, Link::Btf { name, id }));
+            prog_mut::<BtfTracePoint>(ebpf, name)?.load(tp, btf).map_err(err)?;
+            Ok(true)
         }
-        (Kind::BtfTracePoint, None) => {}
+        (Kind::BtfTracePoint, None) => Ok(false),
     }
-    Ok(())
+}
+
+/// Attaches the (loaded) program of `t` to its tracepoint.
+fn link(ebpf: &mut Ebpf, &(_, kind, name, category, tp): &Tracepoint) -> Result<Link, TelemetryError> {
+    let err = |source| TelemetryError::Program { name, source };
+    Ok(match kind {
+        Kind::TracePoint => Link::Tp(prog_mut::<TracePoint>(ebpf, name)?.attach(category, tp).map_err(err)?),
+        Kind::BtfTracePoint => Link::Btf(prog_mut::<BtfTracePoint>(ebpf, name)?.attach().map_err(err)?),
+    })
+}
+
+/// Detaches one attachment of the program of `t`.
+fn unlink(ebpf: &mut Ebpf, &(_, _, name, _, _): &Tracepoint, l: Link) -> Result<(), TelemetryError> {
+    let r = match l {
+        Link::Tp(id) => prog_mut::<TracePoint>(ebpf, name)?.detach(id),
+        Link::Btf(id) => prog_mut::<BtfTracePoint>(ebpf, name)?.detach(id),
+    };
+    r.map_err(|source| TelemetryError::Program { name, source })
 }
 
 /// Detaches and unloads a program if it was loaded (best effort).
