@@ -251,12 +251,11 @@ fn windows(dev: &str, bin: &Path, opts: &EbpfOpts) -> Result<(Vec<f64>, Vec<f64>
                 }
             }
             if (pair + 1) % 10 == 0 || pair + 1 == opts.pairs {
-                let per: Vec<f64> = without.iter().zip(&with).map(|(a, b)| (a - b) / a * 100.0).collect();
                 eprintln!(
                     "xtask: bench ebpf: {} / {} pairs, median overhead so far {:.2}%",
                     pair + 1,
                     opts.pairs,
-                    median(&per)
+                    median(&per_pair_overheads(&without, &with))
                 );
             }
         }
@@ -266,6 +265,11 @@ fn windows(dev: &str, bin: &Path, opts: &EbpfOpts) -> Result<(Vec<f64>, Vec<f64>
     let _ = fio.wait();
     d.stop()?;
     result
+}
+
+/// Overhead of each pair in percent: how much fewer IOPS with the programs than without.
+fn per_pair_overheads(without: &[f64], with: &[f64]) -> Vec<f64> {
+    without.iter().zip(with).map(|(a, b)| (a - b) / a * 100.0).collect()
 }
 
 fn loadavg() -> String {
@@ -413,7 +417,7 @@ fn ebpf(opts: EbpfOpts) -> Result<()> {
     let m0 = median(&without);
     let m1 = median(&with);
     // Per pair, the two runs are back to back: their ratio cancels slow drifts of the machine.
-    let per_pair: Vec<f64> = without.iter().zip(&with).map(|(a, b)| (a - b) / a * 100.0).collect();
+    let per_pair = per_pair_overheads(&without, &with);
     let overhead = median(&per_pair);
     let mean0 = without.iter().sum::<f64>() / without.len() as f64;
     let noise_pct = (without.iter().map(|v| (v - mean0).powi(2)).sum::<f64>() / without.len() as f64).sqrt()
