@@ -30,10 +30,7 @@ pub fn reclaim_begin(ctx: TracePointContext) -> u32 {
     let pid = current_pid();
     if RECLAIM_START.insert(&pid, &now, 0).is_err() {
         // Rare (the map holds more tasks than can stall at once): worth a line in the daemon log.
-        warn!(
-            &ctx,
-            "reclaim_start full: stall of pid {} not measured", pid
-        );
+        warn!(&ctx, "reclaim_start full: stall of pid {} not measured", pid);
     }
     0
 }

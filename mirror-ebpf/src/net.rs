@@ -8,20 +8,13 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
-use mirror_common::net::{
-    NetTpOffsets, TcpPeerKey, TcpRetrans, AF_INET, AF_INET6, TCP_RETRANS_ENTRIES,
-};
+use mirror_common::net::{NetTpOffsets, TcpPeerKey, TcpRetrans, AF_INET, AF_INET6, TCP_RETRANS_ENTRIES};
 
 use crate::record::Record;
 
 /// Tracepoint field offsets, filled in by userspace before load (see `NetTpOffsets`).
 #[unsafe(no_mangle)]
-static NET_OFFSETS: NetTpOffsets = NetTpOffsets {
-    family: 0,
-    daddr: 0,
-    daddr_v6: 0,
-    valid: 0,
-};
+static NET_OFFSETS: NetTpOffsets = NetTpOffsets { family: 0, daddr: 0, daddr_v6: 0, valid: 0 };
 
 #[btf_map(name = "tcp_retrans")]
 static TCP_RETRANS: PerCpuHashMap<TcpPeerKey, TcpRetrans, { TCP_RETRANS_ENTRIES as usize }> =
@@ -43,10 +36,7 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let rec = Record::read(ctx).ok_or(-1i64)?;
     let family = u32::from(rec.u16(off.family));
-    let mut key = TcpPeerKey {
-        family,
-        addr: [0; 16],
-    };
+    let mut key = TcpPeerKey { family, addr: [0; 16] };
     if family == AF_INET {
         let a = rec.bytes::<4>(off.daddr);
         key.addr[..4].copy_from_slice(&a);
@@ -57,15 +47,10 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), i64> {
         Some(p) => p,
         None => {
             let zero = TcpRetrans { retransmits: 0 };
-            if TCP_RETRANS
-                .insert(&key, &zero, u64::from(BPF_NOEXIST))
-                .is_err()
+            if TCP_RETRANS.insert(&key, &zero, u64::from(BPF_NOEXIST)).is_err()
                 && TCP_RETRANS.get_ptr(&key).is_none()
             {
-                warn!(
-                    ctx,
-                    "tcp_retrans full: retransmit to a new peer not counted"
-                );
+                warn!(ctx, "tcp_retrans full: retransmit to a new peer not counted");
                 return Ok(());
             }
             TCP_RETRANS.get_ptr_mut(&key).ok_or(-1i64)?

@@ -164,11 +164,8 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     // Preempted (or yielded) while runnable: it waits on the run queue from now.
-    let prev_pid = if still_runnable(preempt, prev_state) {
-        pid_of(ctx.arg::<u64>(1)).unwrap_or(0)
-    } else {
-        0
-    };
+    let prev_pid =
+        if still_runnable(preempt, prev_state) { pid_of(ctx.arg::<u64>(1)).unwrap_or(0) } else { 0 };
     let next_slot = if next_pid != 0 { slot(next_pid) } else { None };
     // SAFETY: an element of an array map (aligned 8-byte load).
     let next_stamp = next_slot.map_or(0, |s| unsafe { core::ptr::read_volatile(s) });
