@@ -12,7 +12,10 @@ use std::{
     os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
     path::Path,
     ptr::NonNull,
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
 };
 
 use io_uring::{opcode, types, IoUring};
@@ -107,6 +110,9 @@ pub struct UringFile {
     /// The buffered descriptor, for reads served from the page cache without the ring (and the
     /// ublk fast path's unaligned requests).
     cached: File,
+    /// False once `preadv2(RWF_NOWAIT)` said the filesystem does not support it (tmpfs, say):
+    /// then no read tries it again, instead of paying a failed system call before each.
+    nowait: AtomicBool,
 }
 
 impl UringFile {
@@ -127,7 +133,7 @@ impl UringFile {
         std::thread::Builder::new()
             .name("mirror-uring".into())
             .spawn(move || ring_loop(ring, buffered, direct, rx))?;
-        Ok(UringFile { tx, direct: direct_dup, cached })
+        Ok(UringFile { tx, direct: direct_dup, cached, nowait: AtomicBool::new(true) })
     }
 
     /// True when aligned requests bypass the page cache.
@@ -175,13 +181,17 @@ impl UringFile {
     /// was read (never on a file with `O_DIRECT`, whose data the page cache may not hold).
     pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> bool {
         let Ok(off) = libc::off_t::try_from(offset) else { return false };
-        if buf.is_empty() || self.direct.is_some() {
+        if buf.is_empty() || self.direct.is_some() || !self.nowait.load(Ordering::Relaxed) {
             return false;
         }
         let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
         // SAFETY: `iov` describes the writable bytes of `buf`, which outlives this synchronous
         // call; the descriptor is open for as long as `self`.
         let n = unsafe { libc::preadv2(self.cached.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            self.nowait.store(false, Ordering::Relaxed);
+            tracing::debug!("no RWF_NOWAIT reads on this filesystem: every read goes through io_uring");
+        }
         usize::try_from(n).ok() == Some(buf.len())
     }
 
