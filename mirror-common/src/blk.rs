@@ -8,6 +8,16 @@
 //! [`blk_stats_slot`] (linear probing in this CPU's copy, so CPUs may place it differently);
 //! userspace sums every CPU's slots by key. An array, not a hash map: its lookup is inlined by
 //! the verifier, where a per-CPU hash lookup cost ~35 ns per request.
+//!
+//! Latency sampling (the BTF program `blk_rq_done` only): counts, bytes and errors are exact
+//! for every request. Reading the clock is that program's largest cost, so at high request
+//! rates the latency of every `stride`-th request of a (device, op) on a CPU is measured, each
+//! measured request standing for `stride` requests in `lat_sum_ns` and `hist_us` (their totals
+//! still estimate all requests'; `lat_measured` counts the requests actually measured). The
+//! stride is chosen once per window of [`BLK_SAMPLE_WINDOW_NS`] from the previous window's count
+//! ([`blk_sample_weight`]): every request is measured below twice [`BLK_SAMPLE_TARGET`] requests
+//! per window (64k a second per CPU), exactly as without sampling; above, between that many and
+//! twice as many per window are. [`BlkRqOffsets::max_stride`] 1 turns sampling off.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -82,6 +92,68 @@ pub struct BlkRqOffsets {
     pub disk_major: u32,
     pub disk_first_minor: u32,
     pub valid: u32,
+    /// Largest latency sampling stride (a power of two; 1 measures every request, see the
+    /// module documentation).
+    pub max_stride: u32,
+}
+
+/// Length of a latency sampling window, in the requests' own start times.
+pub const BLK_SAMPLE_WINDOW_NS: u64 = 1_000_000;
+/// Requests per window (per device, op and CPU) measured at least once the stride rises above 1.
+pub const BLK_SAMPLE_TARGET: u32 = 32;
+/// Default [`BlkRqOffsets::max_stride`].
+pub const BLK_SAMPLE_MAX_STRIDE: u32 = 64;
+
+/// Latency sampling state of one (device, op) on one CPU, see [`blk_sample_weight`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BlkSample {
+    /// Start of the current window: the `start_time_ns` of the request that opened it.
+    pub win_start_ns: u64,
+    /// Requests completed in the current window.
+    pub win_count: u32,
+    /// Every `stride`-th request of the current window is measured (0 before the first window).
+    pub stride: u32,
+}
+
+/// The stride for a window after one of `count` requests: the largest power of two `p` with
+/// `count / p >= BLK_SAMPLE_TARGET` (1 when there is none), at most `max_stride`.
+#[inline(always)]
+pub const fn blk_sample_stride(count: u32, max_stride: u32) -> u32 {
+    let r = count / BLK_SAMPLE_TARGET;
+    let p = if r <= 1 { 1 } else { 1u32 << crate::log2_u64(r as u64) };
+    let max = if max_stride <= 1 { 1 } else { 1u32 << crate::log2_u64(max_stride as u64) };
+    if p > max {
+        max
+    } else {
+        p
+    }
+}
+
+/// Counts a request that started at `start_ns` (its `start_time_ns`) into the sampling state and
+/// returns its weight: 0 when its latency is not measured, else the number of requests it
+/// stands for. Requests that started before the current window (completions out of order)
+/// count in it. A window that ends more than a window after it began (the rate fell, or the
+/// device was idle) gives stride 1.
+#[inline(always)]
+pub fn blk_sample_weight(s: &mut BlkSample, start_ns: u64, max_stride: u32) -> u32 {
+    if start_ns > s.win_start_ns && start_ns - s.win_start_ns >= BLK_SAMPLE_WINDOW_NS {
+        s.stride = if start_ns - s.win_start_ns < 2 * BLK_SAMPLE_WINDOW_NS {
+            blk_sample_stride(s.win_count, max_stride)
+        } else {
+            1
+        };
+        s.win_start_ns = start_ns;
+        s.win_count = 0;
+    }
+    let n = s.win_count;
+    s.win_count = n.wrapping_add(1);
+    let stride = if s.stride == 0 { 1 } else { s.stride };
+    if n & (stride - 1) == 0 {
+        stride
+    } else {
+        0
+    }
 }
 
 /// `REQ_OP_*` (the low byte of `request.cmd_flags`) to an operation class.
@@ -142,6 +214,8 @@ pub struct BlkStats {
     pub lat_max_ns: u64,
     /// log2 histogram of latencies in microseconds, see [`BLK_HIST_SLOTS`].
     pub hist_us: [u64; BLK_HIST_SLOTS],
+    /// Requests whose latency was measured: `ios` unless sampled (see the module documentation).
+    pub lat_measured: u64,
 }
 
 impl Default for BlkStats {
@@ -157,6 +231,7 @@ impl BlkStats {
         self.bytes += other.bytes;
         self.errors += other.errors;
         self.lat_sum_ns += other.lat_sum_ns;
+        self.lat_measured += other.lat_measured;
         if other.lat_max_ns > self.lat_max_ns {
             self.lat_max_ns = other.lat_max_ns;
         }
@@ -174,6 +249,7 @@ impl BlkStats {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct BlkStatsSlot {
     pub key: BlkStatsKey,
+    pub sample: BlkSample,
     pub stats: BlkStats,
 }
 
@@ -219,14 +295,15 @@ pub fn classify_rwbs(rwbs: &[u8; 4]) -> u32 {
 
 const _: () = {
     assert!(core::mem::size_of::<BlkTpOffsets>() == 40);
-    assert!(core::mem::size_of::<BlkRqOffsets>() == 36);
+    assert!(core::mem::size_of::<BlkRqOffsets>() == 40);
+    assert!(core::mem::size_of::<BlkSample>() == 16);
     assert!(core::mem::size_of::<BlkStartKey>() == 16);
     assert!(core::mem::align_of::<BlkStartKey>() == 8);
     assert!(core::mem::size_of::<BlkStart>() == 16);
     assert!(core::mem::size_of::<BlkStatsKey>() == 8);
-    assert!(core::mem::size_of::<BlkStats>() == 8 * (5 + BLK_HIST_SLOTS));
+    assert!(core::mem::size_of::<BlkStats>() == 8 * (6 + BLK_HIST_SLOTS));
     assert!(core::mem::align_of::<BlkStats>() == 8);
-    assert!(core::mem::size_of::<BlkStatsSlot>() == 8 + 8 * (5 + BLK_HIST_SLOTS));
+    assert!(core::mem::size_of::<BlkStatsSlot>() == 8 + 16 + 8 * (6 + BLK_HIST_SLOTS));
     assert!(BLK_STATS_ENTRIES.is_power_of_two());
 };
 
@@ -249,6 +326,8 @@ mod user {
     unsafe impl aya::Pod for BlkStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for BlkStatsSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BlkSample {}
 }
 
 #[cfg(test)]
@@ -313,6 +392,69 @@ mod tests {
         assert_eq!(hist_slot(2_000), 1);
         assert_eq!(hist_slot(1_000_000), 9); // 1 ms = 1000 us, log2 = 9.97
         assert_eq!(hist_slot(u64::MAX), 31);
+    }
+
+    /// Requests at `per_ms` a millisecond for `ms` milliseconds: (requests, measured, weights).
+    fn sample_run(s: &mut BlkSample, t0: u64, per_ms: u64, ms: u64, max_stride: u32) -> (u64, u64, u64) {
+        let (mut n, mut measured, mut weights) = (0, 0, 0);
+        for i in 0..per_ms * ms {
+            let w = blk_sample_weight(s, t0 + i * 1_000_000 / per_ms, max_stride);
+            n += 1;
+            if w > 0 {
+                measured += 1;
+                weights += u64::from(w);
+            }
+        }
+        (n, measured, weights)
+    }
+
+    #[test]
+    fn sampling_strides() {
+        assert_eq!(blk_sample_stride(0, 64), 1);
+        assert_eq!(blk_sample_stride(63, 64), 1);
+        assert_eq!(blk_sample_stride(64, 64), 2);
+        assert_eq!(blk_sample_stride(280, 64), 8);
+        assert_eq!(blk_sample_stride(1 << 20, 64), 64);
+        assert_eq!(blk_sample_stride(1 << 20, 1), 1);
+        assert_eq!(blk_sample_stride(1 << 20, 0), 1);
+        assert_eq!(blk_sample_stride(1 << 20, 48), 32); // not a power of two: rounded down
+    }
+
+    #[test]
+    fn low_rates_measure_every_request() {
+        let mut s = BlkSample::default();
+        // 60 a millisecond (60k/s on one CPU): still below 2 x the target per window.
+        let (n, measured, weights) = sample_run(&mut s, 5_000_000, 60, 50, 64);
+        assert_eq!((measured, weights), (n, n));
+    }
+
+    #[test]
+    fn high_rates_measure_a_weighted_sample() {
+        let mut s = BlkSample::default();
+        // 1000 a millisecond: after the first window, stride 16 (1000 / 32 = 31 -> 16).
+        let (n, measured, weights) = sample_run(&mut s, 5_000_000, 1000, 100, 64);
+        assert_eq!(s.stride, 16);
+        assert!(measured < n / 12, "{measured} of {n} measured");
+        // The weights stand for every request, to within one stride per window.
+        assert!(weights.abs_diff(n) <= 16 * 100, "weights {weights} for {n} requests");
+        // Sampling off: every request.
+        let mut s = BlkSample::default();
+        let (n, measured, weights) = sample_run(&mut s, 5_000_000, 1000, 20, 1);
+        assert_eq!((measured, weights), (n, n));
+    }
+
+    #[test]
+    fn a_pause_resets_the_stride_and_old_requests_stay_in_the_window() {
+        let mut s = BlkSample::default();
+        sample_run(&mut s, 5_000_000, 1000, 10, 64);
+        assert_eq!(s.stride, 16);
+        // Idle for 10 ms, then slow requests: every one measured again.
+        let (n, measured, _) = sample_run(&mut s, 25_000_000, 10, 5, 64);
+        assert_eq!(measured, n);
+        // A request that started before the window (completed out of order) stays in it.
+        let before = s;
+        blk_sample_weight(&mut s, before.win_start_ns - 1, 64);
+        assert_eq!((s.win_start_ns, s.win_count), (before.win_start_ns, before.win_count + 1));
     }
 
     #[test]

@@ -11,8 +11,8 @@ use aya_log_ebpf::warn;
 
 use crate::record::Record;
 use mirror_common::blk::{
-    blk_stats_slot, classify_req_op, classify_rwbs, hist_slot, BlkRqOffsets, BlkStart, BlkStartKey,
-    BlkStatsKey, BlkStatsSlot, BlkTpOffsets, BLK_START_ENTRIES, BLK_STATS_ENTRIES,
+    blk_sample_weight, blk_stats_slot, classify_req_op, classify_rwbs, hist_slot, BlkRqOffsets, BlkStart,
+    BlkStartKey, BlkStatsKey, BlkStatsSlot, BlkTpOffsets, BLK_START_ENTRIES, BLK_STATS_ENTRIES,
     BLK_STATS_PROBES,
 };
 
@@ -67,24 +67,13 @@ fn try_issue(ctx: &TracePointContext) -> Result<(), i64> {
     let sector = rec.u64(off.issue_sector);
     let bytes = rec.u32(off.issue_bytes);
     let rwbs = rec.bytes::<4>(off.issue_rwbs);
-    let key = BlkStartKey {
-        dev,
-        _pad: 0,
-        sector,
-    };
+    let key = BlkStartKey { dev, _pad: 0, sector };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let issue_ns = unsafe { bpf_ktime_get_ns() };
-    let start = BlkStart {
-        issue_ns,
-        bytes,
-        op: classify_rwbs(&rwbs),
-    };
+    let start = BlkStart { issue_ns, bytes, op: classify_rwbs(&rwbs) };
     if let Err(e) = BLK_START.insert(&key, &start, 0) {
         // Only when more than BLK_START_ENTRIES requests are in flight: worth a daemon log line.
-        warn!(
-            ctx,
-            "blk_start full ({}): request on dev {} not measured", e, dev
-        );
+        warn!(ctx, "blk_start full ({}): request on dev {} not measured", e, dev);
     }
     Ok(())
 }
@@ -99,11 +88,7 @@ fn try_complete(ctx: &TracePointContext) -> Result<(), i64> {
     let dev = rec.u32(off.complete_dev);
     let sector = rec.u64(off.complete_sector);
     let error = rec.u32(off.complete_error) as i32;
-    let key = BlkStartKey {
-        dev,
-        _pad: 0,
-        sector,
-    };
+    let key = BlkStartKey { dev, _pad: 0, sector };
     let Some(start) = BLK_START.get_ptr(&key) else {
         // Issued before we attached, or its slot was taken by another request.
         return Ok(());
@@ -116,13 +101,22 @@ fn try_complete(ctx: &TracePointContext) -> Result<(), i64> {
     let lat = now.saturating_sub(start.issue_ns);
 
     let skey = BlkStatsKey { dev, op: start.op };
-    account(&skey, u64::from(start.bytes), error != 0, lat)
+    account(&skey, u64::from(start.bytes), error != 0, Lat::Measured(lat))
+}
+
+/// A completed request's latency: measured already, or to be measured (when sampled) from its
+/// start time.
+#[derive(Clone, Copy)]
+enum Lat {
+    Measured(u64),
+    Since { start_ns: u64, max_stride: u32 },
 }
 
 /// Adds one completed request to this CPU's statistics of its (device, op): the matching slot,
-/// or the first free one, of the `BLK_STATS_PROBES` from `blk_stats_slot`.
+/// or the first free one, of the `BLK_STATS_PROBES` from `blk_stats_slot`. Counts and bytes
+/// always; the latency with the weight the sampling gives it (`mirror_common::blk`).
 #[inline(always)]
-fn account(skey: &BlkStatsKey, bytes: u64, failed: bool, lat: u64) -> Result<(), i64> {
+fn account(skey: &BlkStatsKey, bytes: u64, failed: bool, lat: Lat) -> Result<(), i64> {
     let first = blk_stats_slot(skey);
     let mut i = 0;
     while i < BLK_STATS_PROBES {
@@ -135,22 +129,36 @@ fn account(skey: &BlkStatsKey, bytes: u64, failed: bool, lat: u64) -> Result<(),
         // running, and no other program instance touches this CPU's copy concurrently (the
         // kernel does not nest a program on one CPU).
         let slot = unsafe { &mut *slot };
-        let s = &mut slot.stats;
-        if s.ios == 0 {
+        if slot.stats.ios == 0 {
             slot.key = *skey;
         } else if slot.key != *skey {
             continue;
         }
+        let s = &mut slot.stats;
         s.ios += 1;
         s.bytes += bytes;
         if failed {
             s.errors += 1;
         }
-        s.lat_sum_ns += lat;
+        let (weight, lat) = match lat {
+            Lat::Measured(l) => (1, l),
+            Lat::Since { start_ns, max_stride } => {
+                let w = blk_sample_weight(&mut slot.sample, start_ns, max_stride);
+                if w == 0 {
+                    return Ok(());
+                }
+                // SAFETY: bpf_ktime_get_ns has no preconditions.
+                let now = unsafe { bpf_ktime_get_ns() };
+                (u64::from(w), now.saturating_sub(start_ns))
+            }
+        };
+        let s = &mut slot.stats;
+        s.lat_measured += 1;
+        s.lat_sum_ns += lat * weight;
         if lat > s.lat_max_ns {
             s.lat_max_ns = lat;
         }
-        s.hist_us[hist_slot(lat)] += 1;
+        s.hist_us[hist_slot(lat)] += weight;
         return Ok(());
     }
     // More (device, op) pairs near this one than BLK_STATS_PROBES: not counted.
@@ -169,13 +177,15 @@ static BLK_RQ_OFFSETS: BlkRqOffsets = BlkRqOffsets {
     disk_major: 0,
     disk_first_minor: 0,
     valid: 0,
+    max_stride: 1,
 };
 
 /// The cheap path, preferred when the kernel's BTF has the members: one BTF tracepoint at
 /// completion, `block_rq_complete(struct request *rq, blk_status_t error, unsigned int
 /// nr_bytes)`, keyed by the request itself. The latency starts at the request's own
 /// `start_time_ns` (stamped by the block layer for its I/O statistics when the request is set
-/// up), so no start map, no issue program and no hash-map update per request.
+/// up), so no start map, no issue program and no hash-map update per request. At high request
+/// rates only a weighted sample of the requests reads the clock (`mirror_common::blk`).
 #[btf_tracepoint(function = "block_rq_complete")]
 pub fn blk_rq_done(ctx: BtfTracePointContext) -> i32 {
     let _ = try_done(&ctx);
@@ -223,11 +233,7 @@ fn try_done(ctx: &BtfTracePointContext) -> Result<(), i64> {
         let minor = load::<u32>(disk, off.disk_first_minor);
         (major << 20) | (minor & 0xf_ffff)
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let skey = BlkStatsKey {
-        dev,
-        op: classify_req_op(load::<u32>(rq, off.rq_cmd_flags)),
-    };
-    account(&skey, nr_bytes, error != 0, now.saturating_sub(start))
+    let skey = BlkStatsKey { dev, op: classify_req_op(load::<u32>(rq, off.rq_cmd_flags)) };
+    let lat = Lat::Since { start_ns: start, max_stride: off.max_stride };
+    account(&skey, nr_bytes, error != 0, lat)
 }

@@ -103,9 +103,16 @@ fn bpftool_dump_shows_field_names_and_pins_go_away_on_stop() {
     let out = Command::new(&bpftool).args(["map", "dump", "pinned"]).arg(&pin).output().expect("bpftool");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
-    for field in
-        ["\"dev\"", "\"op\"", "\"ios\"", "\"bytes\"", "\"lat_sum_ns\"", "\"lat_max_ns\"", "\"hist_us\""]
-    {
+    for field in [
+        "\"dev\"",
+        "\"op\"",
+        "\"ios\"",
+        "\"bytes\"",
+        "\"lat_sum_ns\"",
+        "\"lat_max_ns\"",
+        "\"hist_us\"",
+        "\"lat_measured\"",
+    ] {
         assert!(text.contains(field), "bpftool output lacks {field}:\n{text}");
     }
     assert!(daemon.stop(), "daemon exits cleanly on SIGTERM");
@@ -154,6 +161,68 @@ fn pause_signals_detach_and_reattach_the_programs() {
     writes(32);
     assert_eq!(written(&daemon), attached + 32, "counting resumes once attached again");
     assert!(daemon.stop(), "daemon exits cleanly on SIGTERM");
+}
+
+/// Random 4 KiB reads at a high rate: by default the block program times a weighted sample of
+/// the requests (counts stay exact, the weights stand for every request); with
+/// `--exact-block-latency` it times every one.
+#[test]
+fn sampled_latency_weights_stand_for_every_request_and_exact_mode_times_all() {
+    const T: &str = "bpf_blk::sampled_latency_weights_stand_for_every_request_and_exact_mode_times_all";
+    if let Some(why) = bpf_unavailable() {
+        return skip(T, "BPF", &why);
+    }
+    if support::which("fio").is_none() {
+        return skip(T, "BPF", "fio not installed (cargo xtask setup)");
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    for exact in [false, true] {
+        let lo = LoopDev::cached(64 << 20);
+        let dev = blk::kdev_of_path(&lo.dev).expect("stat loop device");
+        let daemon = Daemon::start(if exact { &["--exact-block-latency"] } else { &[] });
+        std::thread::sleep(Duration::from_millis(300));
+        let before = bpf::read_pinned(&daemon.pin_dir).expect("read pinned map");
+        let out = Command::new("fio")
+            .args(["--name=sample", "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=io_uring"])
+            .args(["--iodepth=16", "--time_based", "--runtime=2", "--norandommap"])
+            .arg(format!("--filename={}", lo.dev.display()))
+            .output()
+            .expect("run fio");
+        assert!(out.status.success(), "fio: {}", String::from_utf8_lossy(&out.stderr));
+        let after = bpf::read_pinned(&daemon.pin_dir).expect("read pinned map");
+        let iv = blk::interval(&before, &after, 1.0);
+        let r = iv.iter().find(|r| r.key == BlkStatsKey { dev, op: BLK_OP_READ }).expect("reads recorded");
+        let weights: u64 = r.hist_us.iter().sum();
+        let iops = r.ios as f64 / 2.0;
+        eprintln!(
+            "{T}: exact={exact}: {} reads (~{iops:.0} IOPS), {} timed, histogram weights {weights}, \
+             avg {:.1} us, p50 {:.1} us, p99 {:.1} us",
+            r.ios,
+            r.lat_measured,
+            r.avg_us().unwrap_or(f64::NAN),
+            r.percentile_us(0.5).unwrap_or(f64::NAN),
+            r.percentile_us(0.99).unwrap_or(f64::NAN),
+        );
+        assert!(r.ios > 1000, "fio made only {} reads", r.ios);
+        if exact {
+            assert_eq!(r.lat_measured, r.ios, "every request timed");
+            assert_eq!(weights, r.ios, "the histogram holds every request once");
+        } else {
+            assert!(r.lat_measured <= r.ios);
+            // Each window overshoots by less than one stride (at most 64) per CPU; the windows
+            // cut by the two snapshots may lose as much.
+            let slack = r.ios / 10 + 2 * 64 * cpus as u64;
+            assert!(weights.abs_diff(r.ios) <= slack, "weights {weights} for {} requests", r.ios);
+            // Sampled above 64k requests a second per CPU: at 160k per CPU on average, some CPU is.
+            if iops / cpus > 160_000.0 {
+                assert!(r.lat_measured < r.ios, "no sampling at {iops:.0} IOPS");
+            }
+        }
+        let (p50, p99) = (r.percentile_us(0.5).expect("p50"), r.percentile_us(0.99).expect("p99"));
+        assert!(p50 > 0.0 && p50 <= p99 && p99 < 1_000_000.0, "p50 {p50} p99 {p99}");
+        let avg = r.avg_us().expect("avg");
+        assert!(avg > 0.0 && avg < 1_000_000.0, "avg {avg}");
+    }
 }
 
 #[test]

@@ -44,6 +44,8 @@ pub struct EbpfOpts {
     pub ioengine: &'static str,
     /// fio queue depth (1 for psync).
     pub iodepth: u32,
+    /// The daemon times every block request (`--exact-block-latency`) instead of sampling.
+    pub exact_latency: bool,
 }
 
 pub fn bench(name: &str, opts: EbpfOpts) -> Result<()> {
@@ -103,13 +105,13 @@ struct Attached {
 }
 
 impl Attached {
-    fn start(bin: &Path, stats_out: Option<&Path>) -> Result<Self> {
-        Self::start_with(bin, stats_out, false)
+    fn start(bin: &Path, stats_out: Option<&Path>, opts: &EbpfOpts) -> Result<Self> {
+        Self::start_with(bin, stats_out, false, opts)
     }
 
     /// With `pausable`, the daemon runs with `--pause-signals` and its stdout is piped (for
     /// [`Attached::set`]).
-    fn start_with(bin: &Path, stats_out: Option<&Path>, pausable: bool) -> Result<Self> {
+    fn start_with(bin: &Path, stats_out: Option<&Path>, pausable: bool, opts: &EbpfOpts) -> Result<Self> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mirror-bench-{}", std::process::id()));
         let mut cmd = Command::new(bin);
         cmd.args(["daemon", "--quiet", "--interval", "1s", "--pin-dir"])
@@ -118,6 +120,9 @@ impl Attached {
             .stdout(if pausable { Stdio::piped() } else { Stdio::null() });
         if pausable {
             cmd.arg("--pause-signals");
+        }
+        if opts.exact_latency {
+            cmd.arg("--exact-block-latency");
         }
         if let Some(p) = stats_out {
             cmd.arg("--bpf-stats-out").arg(p);
@@ -215,7 +220,7 @@ fn reads_completed(dev: &str) -> Result<u64> {
 /// (without, with, runs as JSON).
 fn windows(dev: &str, bin: &Path, opts: &EbpfOpts) -> Result<(Vec<f64>, Vec<f64>, Vec<Value>)> {
     use std::io::BufRead;
-    let mut d = Attached::start_with(bin, None, true)?;
+    let mut d = Attached::start_with(bin, None, true, opts)?;
     let stdout = d.child.stdout.take().context("daemon stdout")?;
     let mut lines = std::io::BufReader::new(stdout).lines();
     let settle = Duration::from_millis(100);
@@ -343,7 +348,7 @@ fn runs_method(dev: &str, bin: &Path, opts: &EbpfOpts) -> Result<(Vec<f64>, Vec<
         let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
         for attached in order {
             let iops = if attached {
-                let mut d = Attached::start(bin, None)?;
+                let mut d = Attached::start(bin, None, opts)?;
                 let r = fio(dev, opts.seconds, opts);
                 d.stop()?;
                 r?
@@ -405,7 +410,7 @@ fn ebpf(opts: EbpfOpts) -> Result<()> {
     // program run, so they are kept out of the IOPS comparison).
     let stats_path = out_dir.join("ebpf-progstats.json");
     let _ = std::fs::remove_file(&stats_path);
-    let mut d = Attached::start(&bin, Some(&stats_path))?;
+    let mut d = Attached::start(&bin, Some(&stats_path), &opts)?;
     let stats_iops = fio(&lo.dev, opts.seconds, &opts);
     d.stop()?;
     let stats_iops = stats_iops?;
@@ -518,6 +523,7 @@ fn ebpf(opts: EbpfOpts) -> Result<()> {
             "pairs": opts.pairs,
             "seconds_per_run": opts.seconds,
             "window_ms": opts.window.as_millis() as u64,
+            "block_latency": if opts.exact_latency { "exact" } else { "sampled above 64k requests/s per CPU" },
             "fio": fio_args(&opts).join(" "),
             "device": "loop, direct-io=off, backing file in page cache",
             "kernel": output("uname", &["-r"]),

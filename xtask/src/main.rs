@@ -67,6 +67,10 @@ enum Cmd {
         /// ebpf: fio queue depth (psync: 1).
         #[arg(long, default_value_t = 16)]
         iodepth: u32,
+        /// ebpf: run the daemon with `--exact-block-latency` (every block request timed, no
+        /// sampling), to measure what the sampling saves.
+        #[arg(long)]
+        exact_latency: bool,
         /// resync: extra arguments for the driver after `--` (e.g. -- --size 256M --rounds 5).
         #[arg(last = true)]
         args: Vec<String>,
@@ -87,7 +91,7 @@ fn main() -> ExitCode {
         Cmd::Test { no_lint, no_vm } => test(no_lint, no_vm),
         Cmd::VmTest => vm_test_only(),
         Cmd::Demo { seconds } => demo(seconds),
-        Cmd::Bench { name, method, pairs, seconds, window_ms, ioengine, iodepth, args } => {
+        Cmd::Bench { name, method, pairs, seconds, window_ms, ioengine, iodepth, exact_latency, args } => {
             match name.as_str() {
                 "ebpf" => bench::bench(
                     &name,
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
                         window: std::time::Duration::from_millis(window_ms),
                         ioengine: if ioengine == "psync" { "psync" } else { "io_uring" },
                         iodepth: if ioengine == "psync" { 1 } else { iodepth },
+                        exact_latency,
                     },
                 ),
                 _ => bench_other(&name, &args),

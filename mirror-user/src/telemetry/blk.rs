@@ -16,9 +16,14 @@ pub struct BlkInterval {
     pub ios: u64,
     pub bytes: u64,
     pub errors: u64,
+    /// Sum of latencies: of every request, or with sampling (`mirror_common::blk`) the weighted
+    /// sum of the timed ones, an estimate of every request's.
     pub lat_sum_ns: u64,
-    /// Interval histogram; all zero when the source has none (/proc fallback).
+    /// Interval histogram, weighted like `lat_sum_ns`; all zero when the source has none
+    /// (/proc fallback).
     pub hist_us: [u64; BLK_HIST_SLOTS],
+    /// Requests whose latency was timed: `ios` unless sampled, 0 from /proc.
+    pub lat_measured: u64,
     pub secs: f64,
 }
 
@@ -32,8 +37,12 @@ impl BlkInterval {
     pub fn mib_per_s(&self) -> f64 {
         self.bytes as f64 / self.secs / (1024.0 * 1024.0)
     }
+    /// Mean latency: over the histogram's weights when there is a histogram (they are what
+    /// `lat_sum_ns` sums over when sampled), else over every request (/proc).
     pub fn avg_us(&self) -> Option<f64> {
-        (self.ios > 0).then(|| self.lat_sum_ns as f64 / self.ios as f64 / 1000.0)
+        let weights: u64 = self.hist_us.iter().sum();
+        let n = if weights > 0 { weights } else { self.ios };
+        (n > 0).then(|| self.lat_sum_ns as f64 / n as f64 / 1000.0)
     }
     pub fn percentile_us(&self, q: f64) -> Option<f64> {
         percentile_us(&self.hist_us, q)
@@ -66,6 +75,7 @@ pub fn interval(prev: &BlkSnapshot, cur: &BlkSnapshot, secs: f64) -> Vec<BlkInte
             errors: c.errors.saturating_sub(p.errors),
             lat_sum_ns: c.lat_sum_ns.saturating_sub(p.lat_sum_ns),
             hist_us,
+            lat_measured: c.lat_measured.saturating_sub(p.lat_measured),
             secs,
         });
     }

@@ -14,7 +14,8 @@ use aya::{
 };
 use mirror_common::{
     blk::{
-        BlkRqOffsets, BlkStatsSlot, GLOBAL_BLK_OFFSETS, GLOBAL_BLK_RQ_OFFSETS, MAP_BLK_START, MAP_BLK_STATS,
+        BlkRqOffsets, BlkStatsSlot, BLK_SAMPLE_MAX_STRIDE, GLOBAL_BLK_OFFSETS, GLOBAL_BLK_RQ_OFFSETS,
+        MAP_BLK_START, MAP_BLK_STATS,
     },
     hist::LatHist,
     mm::{MAP_RECLAIM_START, MAP_RECLAIM_STATS},
@@ -125,6 +126,14 @@ impl std::fmt::Debug for Probe {
     }
 }
 
+/// How the programs measure (see [`Probe::attach`]).
+#[derive(Debug, Clone, Default)]
+pub struct ProbeOptions {
+    /// Read the clock for every block request, also at high rates, instead of a weighted sample
+    /// (`mirror_common::blk`): exact latency sums, maxima and histograms at a higher cost.
+    pub exact_block_latency: bool,
+}
+
 /// Removes the pinned maps when dropped, also when attaching fails half way.
 #[derive(Debug)]
 struct Pins(Vec<PathBuf>);
@@ -161,7 +170,7 @@ impl Probe {
     /// (replacing stale pins of a previous run). Block latency is required; the other signals are attached
     /// when their tracepoints exist here, each missing one is said once. Needs root; mounts
     /// tracefs and bpffs when they are missing.
-    pub fn attach(pin_dir: &Path) -> Result<Self, TelemetryError> {
+    pub fn attach(pin_dir: &Path, opts: &ProbeOptions) -> Result<Self, TelemetryError> {
         object_and_root()?;
         let root = tracefs::ensure_tracefs()?;
         tracefs::ensure_bpffs()?;
@@ -170,7 +179,11 @@ impl Probe {
         let rq = if std::env::var("MIRROR_BLK_CLASSIC").is_ok_and(|v| v == "1") {
             BlkRqOffsets::default()
         } else {
-            blk_rq_offsets()
+            let mut rq = blk_rq_offsets();
+            if opts.exact_block_latency {
+                rq.max_stride = 1;
+            }
+            rq
         };
         let mut signals = vec![if rq.valid != 0 { Signal::BlkRq } else { Signal::Blk }];
         let btf = match Btf::from_sys_fs() {
@@ -480,6 +493,7 @@ pub fn blk_rq_offsets() -> BlkRqOffsets {
         disk_major: major.offset,
         disk_first_minor: minor.offset,
         valid: 1,
+        max_stride: BLK_SAMPLE_MAX_STRIDE,
     }
 }
 

@@ -65,12 +65,12 @@ const FALLBACK: &str = "/proc/diskstats (block averages, no percentiles), /proc/
 
 impl Source {
     /// Attaches the eBPF programs, or falls back to /proc with one clear warning saying why.
-    pub fn open(pin_dir: &std::path::Path, allow_bpf: bool) -> Self {
+    pub fn open(pin_dir: &std::path::Path, allow_bpf: bool, opts: &bpf::ProbeOptions) -> Self {
         if !allow_bpf {
             tracing::info!("eBPF disabled by flag: telemetry from {FALLBACK}");
             return Self::Procfs;
         }
-        match bpf::Probe::attach(pin_dir) {
+        match bpf::Probe::attach(pin_dir, opts) {
             Ok(p) => Self::Bpf(Box::new(p)),
             Err(e) => {
                 tracing::warn!("eBPF telemetry unavailable ({e}); falling back to {FALLBACK}");
