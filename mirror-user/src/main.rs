@@ -247,8 +247,9 @@ enum Command {
         pause_signals: bool,
         /// Read the clock for every block request. By default, above 64k requests a second per
         /// device and CPU only a weighted sample of requests is timed (counts and bytes stay
-        /// exact; latency sums and histograms become estimates), which halves the block
-        /// program's cost.
+        /// exact; latency sums and histograms become estimates), which spares most of the block
+        /// program's clock reads (`cargo xtask bench ebpf --exact-latency` measures the
+        /// difference).
         #[arg(long)]
         exact_block_latency: bool,
     },
