@@ -132,7 +132,7 @@ pub fn bench_ublk(args: &[String]) -> Result<()> {
     cmd.current_dir(&root)
         .arg("-r")
         .arg(&vmlinuz)
-        .args(["--disable-kvm", "--force-9p", "--memory", "3G", "--cpus", "2", "--rwdir"])
+        .args(["--disable-kvm", "--force-9p", "--memory", "5G", "--cpus", "2", "--rwdir"])
         .arg(&out_dir)
         .arg("--exec")
         .arg(&script);

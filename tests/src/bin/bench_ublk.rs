@@ -1,6 +1,7 @@
 //! `cargo xtask bench ublk` (runs inside the VM, where ublk, loop and raid1 load): fio with
 //! io_uring and O_DIRECT on block devices, all set up side by side in the same VM on files of
-//! the same size in one tmpfs:
+//! the same size in one tmpfs (or, with `--fs ext4`, in one ext4 filesystem on a loop device over
+//! a tmpfs file: a disk filesystem serves page-cache reads without blocking, tmpfs does not):
 //!   - ours-2local:  `mirror serve --frontend ublk`, two local replicas (weights 50/50),
 //!   - ours-1replica: our ublk frontend over one local replica (the router needs two replicas,
 //!     so this is one `Replica` with the same local data path, io_uring and page cache, without
@@ -41,6 +42,10 @@ struct Args {
     dir: PathBuf,
     out: PathBuf,
     fast_path: bool,
+    /// Filesystem of the data files: `tmpfs`, or `ext4` (on a loop device over a tmpfs file).
+    fs: String,
+    /// Where the data files go (set in `main`).
+    data: PathBuf,
 }
 
 fn parse_args() -> Result<Args> {
@@ -53,6 +58,8 @@ fn parse_args() -> Result<Args> {
         dir: PathBuf::from("/run/mirror-bench-ublk"),
         out: PathBuf::from("target/bench/ublk.json"),
         fast_path: true,
+        fs: "tmpfs".into(),
+        data: PathBuf::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -69,8 +76,10 @@ fn parse_args() -> Result<Args> {
             "--rublk" => a.rublk = v.into(),
             "--dir" => a.dir = v.into(),
             "--out" => a.out = v.into(),
+            "--fs" if v == "tmpfs" || v == "ext4" => a.fs = v,
+            "--fs" => bail!("--fs is tmpfs or ext4, not {v:?}"),
             _ => bail!(
-                "unknown flag {k} (--size, --rounds, --runtime, --mirror-bin, --rublk, --dir, --out, --no-fast-path)"
+                "unknown flag {k} (--size, --rounds, --runtime, --mirror-bin, --rublk, --dir, --out, --fs, --no-fast-path)"
             ),
         }
     }
@@ -90,7 +99,7 @@ fn run(cmd: &mut Command) -> Result<String> {
 
 /// A data file (written, not sparse: every config starts from allocated pages).
 fn data_file(a: &Args, name: &str) -> Result<PathBuf> {
-    let p = a.dir.join(name);
+    let p = a.data.join(name);
     run(Command::new("dd").args([
         "if=/dev/zero",
         &format!("of={}", p.display()),
@@ -227,6 +236,21 @@ fn main() -> Result<()> {
         undo.0.push(vec!["umount".into(), "-l".into(), a.dir.display().to_string()]);
     }
     std::fs::write(a.dir.join("secret"), "bench-secret-0123456789\n")?;
+    let mut a = a;
+    a.data = a.dir.clone();
+    if a.fs == "ext4" {
+        // A disk filesystem, as replicas would live on: unlike tmpfs it serves page-cache reads
+        // without blocking (RWF_NOWAIT, io_uring's inline completion), for every device here.
+        let img = a.dir.join("ext4.img");
+        std::fs::File::create(&img)?.set_len(8 * a.size + (256 << 20))?;
+        let dev = losetup(&img, &mut undo)?;
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard", &dev]))?;
+        a.data = a.dir.join("ext4");
+        std::fs::create_dir_all(&a.data)?;
+        run(Command::new("mount").arg(&dev).arg(&a.data))?;
+        undo.0.push(vec!["umount".into(), "-l".into(), a.data.display().to_string()]);
+    }
+    let a = a;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let _enter = rt.enter();
     let mut devs: Vec<(&str, String)> = Vec::new();
@@ -333,8 +357,8 @@ fn main() -> Result<()> {
     let (o2, o1, md, ru, lo) =
         (idx("ours-2local"), idx("ours-1replica"), idx("md-raid1"), idx("rublk"), idx("loop"));
     println!(
-        "\nublk benchmark (VM, TCG; {} rounds x {} s; medians; 4k: IOPS, 128k: MiB/s)",
-        a.rounds, a.runtime
+        "\nublk benchmark (VM, TCG; data files on {}; {} rounds x {} s; medians; 4k: IOPS, 128k: MiB/s)",
+        a.fs, a.rounds, a.runtime
     );
     print!("{:<10}", "job");
     for (n, _) in &devs {
@@ -358,6 +382,7 @@ fn main() -> Result<()> {
     }
     js.insert("rounds".into(), a.rounds.into());
     js.insert("fast_path".into(), a.fast_path.into());
+    js.insert("filesystem".into(), a.fs.clone().into());
     js.insert("runtime_s".into(), a.runtime.into());
     js.insert("size_bytes".into(), a.size.into());
     js.insert(
