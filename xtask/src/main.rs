@@ -177,8 +177,9 @@ fn test(no_lint: bool, no_vm: bool) -> Result<()> {
         run(&mut build::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     }
     mount_kernel_fs();
-    let (host, host_ok) =
-        run_tally(build::cargo(&["test", "--workspace"]).env("MIRROR_BIN", build::mirror_bin(false)))?;
+    let (host, host_ok) = run_tally(
+        build::cargo(&["test", "--workspace", "--no-fail-fast"]).env("MIRROR_BIN", build::mirror_bin(false)),
+    )?;
     let vm = if no_vm { None } else { Some(vm::vm_test()?) };
     let all = print_summary(host, vm.map(|(t, _)| t));
     let ok = host_ok && vm.is_none_or(|(_, ok)| ok) && all.failed == 0;

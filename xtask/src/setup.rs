@@ -31,7 +31,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("mdadm", "md raid1 benchmark peer"),
     ("util-linux", "losetup"),
     ("python3-pip", "installing virtme-ng"),
+    ("busybox-static", "the VM's initramfs (virtme-ng 1.4x builds one with busybox)"),
 ];
+
+/// The virtme-ng release the VM tests are proven with (newer ones may change the guest's boot).
+const VIRTME_NG: &str = "virtme-ng==1.42";
 
 /// Where the VM kernel is cached (virtme-ng hides /var/cache inside the guest).
 pub const VM_DIR: &str = "/opt/mirror-vm";
@@ -39,10 +43,11 @@ pub const VM_DIR: &str = "/opt/mirror-vm";
 const MANUAL: &str = "\
 Manual steps (Debian 12 as root; see ../shared/ENVIRONMENT.md):
   1. apt-get install rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libclang-dev clang \\
-       bpftool fio kmod qemu-utils libnbd-bin nbdkit rsync e2fsprogs mdadm python3-pip
+       bpftool fio kmod qemu-utils libnbd-bin nbdkit rsync e2fsprogs mdadm python3-pip \\
+       busybox-static
      and qemu-system-x86 (from bookworm-backports when qemu-utils comes from there)
   2. LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --no-default-features --features llvm-22
-  3. pip install virtme-ng
+  3. pip install virtme-ng==1.42
   4. apt-get download linux-image-6.12.*-amd64 && dpkg -x it into /opt/mirror-vm/<version>,
      then link /lib/modules/<version> to its lib/modules/<version> and run depmod <version>";
 
@@ -154,9 +159,9 @@ fn virtme_ng() -> Result<()> {
         eprintln!("xtask: virtme-ng present ({})", p.display());
         return Ok(());
     }
-    eprintln!("xtask: installing virtme-ng from PyPI (runs the VM tests)");
-    run(Command::new("python3").args(["-m", "pip", "install", "-q", "--break-system-packages", "virtme-ng"]))
-        .or_else(|_| run(Command::new("python3").args(["-m", "pip", "install", "-q", "virtme-ng"])))?;
+    eprintln!("xtask: installing {VIRTME_NG} from PyPI (runs the VM tests)");
+    run(Command::new("python3").args(["-m", "pip", "install", "-q", "--break-system-packages", VIRTME_NG]))
+        .or_else(|_| run(Command::new("python3").args(["-m", "pip", "install", "-q", VIRTME_NG])))?;
     if vng().is_none() {
         bail!("virtme-ng installed but `vng` is not on PATH");
     }

@@ -87,7 +87,14 @@ pub fn vm_test() -> Result<(Tally, bool)> {
         .arg(&vmlinuz)
         .args(["--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2", "--exec"])
         .arg(&script);
-    run_tally(&mut cmd)
+    let (tally, ok) = run_tally(&mut cmd)?;
+    if tally.passed == 0 && tally.failed == 0 {
+        // The guest never reached the tests (virtme-ng failed to boot it, e.g. without busybox
+        // for its initramfs): that is a failure, not an empty success.
+        eprintln!("xtask: vm-test: the VM ran no test (see virtme-ng's output above)");
+        return Ok((tally, false));
+    }
+    Ok((tally, ok))
 }
 
 /// `cargo xtask bench ublk`: builds the release binaries, makes sure rublk is installed, and runs
