@@ -11,6 +11,13 @@
 //! tasks waiting at once in the same slot: the later stamp replaces the earlier one, whose wait is
 //! then not measured (with `W` tasks waiting at once, about `W / RUNQ_SLOTS` of the waits).
 //! Map `runq_hist` (per-CPU array, one [`LatHist`](crate::hist::LatHist) at index 0): cumulative.
+//! Map `runq_sampling` (array, one [`RunqSampling`] at index 0), written by the daemon only: how
+//! long the run-queue programs have been attached. The default program fires on every context
+//! switch, so the daemon attaches it for a share of each period only (a duty cycle, say 50 ms of
+//! every 250 ms): the histogram then holds a time sample of the switches, which leaves its
+//! percentiles unbiased (the wait of a task switched in during a window is measured whole,
+//! from the scheduler's own stamp, however long before the window it was queued), and rates
+//! are per second of attached time ([`RunqSampling::on_ns_at`]).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -18,6 +25,8 @@ use bytemuck::{Pod, Zeroable};
 pub const MAP_RUNQ_START: &str = "runq_start";
 /// Name (and pin name) of the histogram map.
 pub const MAP_RUNQ_HIST: &str = "runq_hist";
+/// Name (and pin name) of the duty-cycle map.
+pub const MAP_RUNQ_SAMPLING: &str = "runq_sampling";
 /// Name of the global holding the `task_struct` member offsets.
 pub const GLOBAL_SCHED_OFFSETS: &str = "SCHED_OFFSETS";
 /// `TASK_RUNNING`: the raw `__state` of a task that stays on the run queue.
@@ -87,7 +96,37 @@ pub const fn runq_wait(slot: u64, pid: u32, now: u64) -> Option<u64> {
     Some(now.wrapping_sub(since) & ((1 << RUNQ_TIME_BITS) - 1))
 }
 
+/// How long the run-queue programs have been attached (see the module documentation). Times are
+/// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`'s clock), so any process of the node can
+/// tell the attached time up to its own "now".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RunqSampling {
+    /// Attached time of every window already closed.
+    pub on_ns: u64,
+    /// Start of the open window; 0 while detached.
+    pub on_since_ns: u64,
+    /// Configured share of each period attached, percent (100: always attached).
+    pub duty_pct: u32,
+    /// Length of the sampling period, milliseconds.
+    pub period_ms: u32,
+}
+
+impl RunqSampling {
+    /// Attached time up to `now_ns`: the closed windows plus the open one's part before `now_ns`.
+    #[inline(always)]
+    pub const fn on_ns_at(&self, now_ns: u64) -> u64 {
+        if self.on_since_ns != 0 && now_ns > self.on_since_ns {
+            self.on_ns + (now_ns - self.on_since_ns)
+        } else {
+            self.on_ns
+        }
+    }
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<RunqSampling>() == 24);
+    assert!(core::mem::align_of::<RunqSampling>() == 8);
     assert!(core::mem::size_of::<SchedOffsets>() == 32);
     assert!(RUNQ_SLOTS.is_power_of_two());
 };
@@ -95,6 +134,10 @@ const _: () = {
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)], no padding (bytemuck's Pod derive checks it), every bit pattern valid.
 unsafe impl aya::Pod for SchedOffsets {}
+
+#[cfg(feature = "user")]
+// SAFETY: #[repr(C)], no padding (bytemuck's Pod derive checks it), every bit pattern valid.
+unsafe impl aya::Pod for RunqSampling {}
 
 #[cfg(test)]
 mod tests {
@@ -124,6 +167,16 @@ mod tests {
         // 4096 consecutive pids over 16384 slots: a Fibonacci hash leaves almost no collisions.
         assert!(distinct > 4000, "{distinct} distinct slots");
         assert!(runq_slot(4_194_303) < RUNQ_SLOTS);
+    }
+
+    #[test]
+    fn attached_time_counts_the_open_window_up_to_now() {
+        let mut s = RunqSampling { on_ns: 500, on_since_ns: 0, duty_pct: 20, period_ms: 250 };
+        assert_eq!(s.on_ns_at(10_000), 500);
+        s.on_since_ns = 9_000;
+        assert_eq!(s.on_ns_at(10_000), 1_500);
+        // A reader whose clock read came before the window opened.
+        assert_eq!(s.on_ns_at(8_000), 500);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use mirror_common::{
     hist::LatHist,
-    sched::{runq_pack, runq_slot, runq_wait, still_runnable, SchedOffsets, RUNQ_SLOTS},
+    sched::{runq_pack, runq_slot, runq_wait, still_runnable, RunqSampling, SchedOffsets, RUNQ_SLOTS},
 };
 
 /// `task_struct` member offsets, filled in by userspace from the kernel's BTF before load.
@@ -94,6 +94,11 @@ static RUNQ_START: Array<u64, { RUNQ_SLOTS as usize }> = Array::new();
 
 #[btf_map(name = "runq_hist")]
 static RUNQ_HIST: PerCpuArray<LatHist, 1> = PerCpuArray::new();
+
+/// The daemon's duty cycle of the run-queue programs (`mirror_common::sched::RunqSampling`);
+/// written by userspace only, pinned for readers and bpftool.
+#[btf_map(name = "runq_sampling")]
+static RUNQ_SAMPLING: Array<RunqSampling, 1> = Array::new();
 
 /// The pid of a task given as a `tp_btf` argument (`task_struct *`), or `None` when the
 /// offsets are missing (the programs then do nothing).

@@ -252,6 +252,17 @@ enum Command {
         /// difference).
         #[arg(long)]
         exact_block_latency: bool,
+        /// Percent of each --runq-period the run-queue latency program is attached (1-100). It
+        /// fires on every context switch, the most frequent event the daemon watches; attached
+        /// part of the time, it measures a time sample of the switches: percentiles unchanged
+        /// (each wait is read whole from the scheduler's own stamp), rates per second of
+        /// attached time, and its cost cut by the same share. 100 measures every switch.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100))]
+        runq_duty: u32,
+        /// Length of the run-queue duty cycle (every interval of this length holds the same
+        /// attached time; keep it at or below the health monitors' interval, 250ms).
+        #[arg(long, default_value = "250ms", value_parser = mirror::parse_duration)]
+        runq_period: Duration,
     },
     /// Show the block latency figures of a running daemon, read from its pinned maps.
     Top {
@@ -438,6 +449,8 @@ fn main() -> Result<()> {
             bpf_stats_out,
             pause_signals,
             exact_block_latency,
+            runq_duty,
+            runq_period,
         } => rt.block_on(daemon(DaemonOpts {
             pin_dir,
             interval,
@@ -447,7 +460,7 @@ fn main() -> Result<()> {
             prometheus,
             bpf_stats_out,
             pause_signals,
-            probe: bpf::ProbeOptions { exact_block_latency },
+            probe: bpf::ProbeOptions { exact_block_latency, runq_duty_pct: runq_duty, runq_period },
         })),
         Command::Top { pin_dir, interval, count } => rt.block_on(top(pin_dir, interval, count)),
         Command::Replica {
@@ -636,6 +649,10 @@ fn write_program_stats(path: &std::path::Path, stats: &[bpf::ProgramStats]) -> R
 
 async fn daemon(o: DaemonOpts) -> Result<()> {
     anyhow::ensure!(o.interval >= Duration::from_millis(10), "--interval must be at least 10ms");
+    anyhow::ensure!(
+        o.probe.runq_period >= Duration::from_millis(10),
+        "--runq-period must be at least 10ms (each window attaches and detaches a program)"
+    );
     let stats_fd = match &o.bpf_stats_out {
         Some(_) => Some(bpf::enable_run_time_stats()?),
         None => None,
@@ -669,8 +686,36 @@ async fn daemon(o: DaemonOpts) -> Result<()> {
     let deadline = o.run_for.map(|d| Instant::now() + d);
     let mut ticker = tokio::time::interval(o.interval);
     ticker.tick().await;
+    // The run-queue duty cycle: the window opened at attach; it closes after `on`, reopens at
+    // the next period.
+    let cycle = match collector.source() {
+        Source::Bpf(p) => p.runq_cycle(),
+        _ => None,
+    };
+    if let Some((on, period)) = cycle {
+        tracing::info!(
+            "run-queue latency measured {} ms of every {} ms (--runq-duty, --runq-period)",
+            on.as_millis(),
+            period.as_millis()
+        );
+    }
+    // Windows are scheduled at `window_start + k * period` (deadlines kept, not recomputed, so
+    // one that passed while the loop was busy still takes effect at once); each stays open
+    // `on` from when it really opened (the daemon itself waits for a CPU on a loaded node).
+    let mut window_start = tokio::time::Instant::now();
+    let mut opened_at = window_start;
+    let mut window_open = true;
     tokio::pin!(stop);
     loop {
+        let next_toggle = async {
+            match cycle {
+                Some((on, period)) => {
+                    tokio::time::sleep_until(if window_open { opened_at + on } else { window_start + period })
+                        .await
+                }
+                None => std::future::pending().await,
+            }
+        };
         let toggle = async {
             match &mut pause {
                 Some((detach, attach)) => tokio::select! {
@@ -682,6 +727,21 @@ async fn daemon(o: DaemonOpts) -> Result<()> {
         };
         tokio::select! {
             _ = &mut stop => { tracing::info!("signal received, detaching"); break; }
+            _ = next_toggle => {
+                window_open = !window_open;
+                if let (true, Some((_, period))) = (window_open, cycle) {
+                    window_start += period;
+                    // Far behind (the loop stalled): start afresh rather than catch up.
+                    if window_start + period < tokio::time::Instant::now() {
+                        window_start = tokio::time::Instant::now();
+                    }
+                }
+                if let Source::Bpf(p) = collector.source_mut() {
+                    p.set_runq_window(window_open)?;
+                }
+                opened_at = tokio::time::Instant::now();
+                continue;
+            }
             Some(on) = toggle => {
                 if let Source::Bpf(p) = collector.source_mut() {
                     if on { p.resume()? } else { p.pause()? }

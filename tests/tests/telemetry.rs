@@ -282,6 +282,58 @@ fn cpu_hogs_raise_run_queue_latency_with(t: &'static str, env: &[(&str, &str)]) 
     }
 }
 
+/// The run-queue program's duty cycle: attached `--runq-duty` percent of each `--runq-period`,
+/// the attached time published in `runq_sampling`, rates per attached second. Two daemons side
+/// by side over the same seconds under CPU hogs, one measuring 20% of the time and one always,
+/// agree on the switch rate and both see the hogs' tail.
+#[test]
+fn run_queue_duty_cycle_measures_a_share_of_the_time_with_the_same_rates() {
+    const T: &str = "telemetry::run_queue_duty_cycle_measures_a_share_of_the_time_with_the_same_rates";
+    if let Some(why) = bpf_unavailable() {
+        return skip(T, "BPF", &why);
+    }
+    let _serial = serial();
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hogs = Hogs::spawn(2 * cpus);
+    let duties = [20u32, 100];
+    let daemons: Vec<Daemon> = duties
+        .iter()
+        .map(|d| Daemon::start(&["--runq-duty", &d.to_string(), "--runq-period", "100ms"]))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let before: Vec<NodeSnapshot> = daemons.iter().map(snap).collect();
+    let t = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(2000));
+    let after: Vec<NodeSnapshot> = daemons.iter().map(snap).collect();
+    let secs = t.elapsed().as_secs_f64();
+    drop(hogs);
+    let mut rates = Vec::new();
+    for (i, duty) in duties.iter().enumerate() {
+        let r = collector::sample("ebpf", &before[i], &after[i], secs).runq.expect("runq signal attached");
+        let share = r.measured_s / secs;
+        eprintln!(
+            "{T}: duty {duty}%: measured {:.3} of {secs:.3} s ({:.0}%), {:.0} switches/s, wait {:.0} ms/s, p99 {:?} us",
+            r.measured_s,
+            100.0 * share,
+            r.events_per_s,
+            r.wait_ms_per_s,
+            r.p99_us
+        );
+        // A window lasts its share from when it really opened; the daemon's own wakeups come late
+        // under the hogs (more so in the emulated VM), which only lengthens windows.
+        let want = f64::from(*duty) / 100.0;
+        assert!(
+            share >= want - 0.05 && share <= want + 0.15,
+            "duty {duty}%: attached {:.0}% of the time",
+            100.0 * share
+        );
+        assert!(r.p99_us.is_some_and(|p| p >= 1000.0), "duty {duty}%: p99 {:?} under hogs", r.p99_us);
+        rates.push(r.events_per_s);
+    }
+    let ratio = rates[0] / rates[1];
+    assert!((0.6..1.6).contains(&ratio), "switch rate sampled {:.0}/s vs always {:.0}/s", rates[0], rates[1]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Memory-cgroup reclaim
 
@@ -468,6 +520,10 @@ fn bpftool_prints_field_names_of_every_map() {
     let runq = dump("runq_hist");
     for f in ["\"count\"", "\"sum_ns\"", "\"max_ns\"", "\"hist_us\""] {
         assert!(runq.contains(f), "runq_hist lacks {f}:\n{runq}");
+    }
+    let sampling = dump("runq_sampling");
+    for f in ["\"on_ns\"", "\"on_since_ns\"", "\"duty_pct\"", "\"period_ms\""] {
+        assert!(sampling.contains(f), "runq_sampling lacks {f}:\n{sampling}");
     }
     let reclaim = dump("reclaim_stats");
     assert!(reclaim.contains("\"sum_ns\""), "reclaim_stats:\n{reclaim}");

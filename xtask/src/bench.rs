@@ -46,6 +46,8 @@ pub struct EbpfOpts {
     pub iodepth: u32,
     /// The daemon times every block request (`--exact-block-latency`) instead of sampling.
     pub exact_latency: bool,
+    /// The daemon's `--runq-duty` (`None`: its default).
+    pub runq_duty: Option<u32>,
 }
 
 pub fn bench(name: &str, opts: EbpfOpts) -> Result<()> {
@@ -123,6 +125,9 @@ impl Attached {
         }
         if opts.exact_latency {
             cmd.arg("--exact-block-latency");
+        }
+        if let Some(d) = opts.runq_duty {
+            cmd.arg("--runq-duty").arg(d.to_string());
         }
         if let Some(p) = stats_out {
             cmd.arg("--bpf-stats-out").arg(p);
@@ -524,6 +529,7 @@ fn ebpf(opts: EbpfOpts) -> Result<()> {
             "seconds_per_run": opts.seconds,
             "window_ms": opts.window.as_millis() as u64,
             "block_latency": if opts.exact_latency { "exact" } else { "sampled above 64k requests/s per CPU" },
+            "runq_duty_pct": opts.runq_duty.map_or(serde_json::Value::from("daemon default"), serde_json::Value::from),
             "fio": fio_args(&opts).join(" "),
             "device": "loop, direct-io=off, backing file in page cache",
             "kernel": output("uname", &["-r"]),

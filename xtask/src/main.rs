@@ -71,6 +71,10 @@ enum Cmd {
         /// sampling), to measure what the sampling saves.
         #[arg(long)]
         exact_latency: bool,
+        /// ebpf: the daemon's `--runq-duty` (percent of the time the run-queue program is
+        /// attached; the daemon's default when not given), e.g. 100 to measure every switch.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+        runq_duty: Option<u32>,
         /// resync: extra arguments for the driver after `--` (e.g. -- --size 256M --rounds 5).
         #[arg(last = true)]
         args: Vec<String>,
@@ -91,23 +95,33 @@ fn main() -> ExitCode {
         Cmd::Test { no_lint, no_vm } => test(no_lint, no_vm),
         Cmd::VmTest => vm_test_only(),
         Cmd::Demo { seconds } => demo(seconds),
-        Cmd::Bench { name, method, pairs, seconds, window_ms, ioengine, iodepth, exact_latency, args } => {
-            match name.as_str() {
-                "ebpf" => bench::bench(
-                    &name,
-                    bench::EbpfOpts {
-                        method: if method == "runs" { bench::Method::Runs } else { bench::Method::Windows },
-                        pairs: pairs.unwrap_or(if method == "runs" { 8 } else { 80 }),
-                        seconds,
-                        window: std::time::Duration::from_millis(window_ms),
-                        ioengine: if ioengine == "psync" { "psync" } else { "io_uring" },
-                        iodepth: if ioengine == "psync" { 1 } else { iodepth },
-                        exact_latency,
-                    },
-                ),
-                _ => bench_other(&name, &args),
-            }
-        }
+        Cmd::Bench {
+            name,
+            method,
+            pairs,
+            seconds,
+            window_ms,
+            ioengine,
+            iodepth,
+            exact_latency,
+            runq_duty,
+            args,
+        } => match name.as_str() {
+            "ebpf" => bench::bench(
+                &name,
+                bench::EbpfOpts {
+                    method: if method == "runs" { bench::Method::Runs } else { bench::Method::Windows },
+                    pairs: pairs.unwrap_or(if method == "runs" { 8 } else { 80 }),
+                    seconds,
+                    window: std::time::Duration::from_millis(window_ms),
+                    ioengine: if ioengine == "psync" { "psync" } else { "io_uring" },
+                    iodepth: if ioengine == "psync" { 1 } else { iodepth },
+                    exact_latency,
+                    runq_duty,
+                },
+            ),
+            _ => bench_other(&name, &args),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

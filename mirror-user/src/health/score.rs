@@ -284,6 +284,7 @@ mod tests {
             runq: Some(LatencySample {
                 events_per_s: 100.0,
                 wait_ms_per_s: 1.0,
+                measured_s: 1.0,
                 avg_us: None,
                 p50_us: None,
                 p99_us: Some(runq_p99),

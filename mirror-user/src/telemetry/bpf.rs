@@ -20,7 +20,7 @@ use mirror_common::{
     hist::LatHist,
     mm::{MAP_RECLAIM_START, MAP_RECLAIM_STATS},
     net::{NetTpOffsets, TcpPeerKey, TcpRetrans, GLOBAL_NET_OFFSETS, MAP_TCP_RETRANS},
-    sched::{SchedOffsets, GLOBAL_SCHED_OFFSETS, MAP_RUNQ_HIST},
+    sched::{RunqSampling, SchedOffsets, GLOBAL_SCHED_OFFSETS, MAP_RUNQ_HIST, MAP_RUNQ_SAMPLING},
 };
 
 use super::{blk::BlkSnapshot, btf, collector::NodeSnapshot, diskstats, procfs, tracefs, TelemetryError};
@@ -92,8 +92,15 @@ pub const TRACEPOINTS: &[Tracepoint] = &[
 ];
 
 /// Every map the daemon pins, by name (also the pin file name).
-pub const PINNED_MAPS: &[&str] =
-    &[MAP_BLK_START, MAP_BLK_STATS, MAP_RUNQ_HIST, MAP_RECLAIM_START, MAP_RECLAIM_STATS, MAP_TCP_RETRANS];
+pub const PINNED_MAPS: &[&str] = &[
+    MAP_BLK_START,
+    MAP_BLK_STATS,
+    MAP_RUNQ_HIST,
+    MAP_RUNQ_SAMPLING,
+    MAP_RECLAIM_START,
+    MAP_RECLAIM_STATS,
+    MAP_TCP_RETRANS,
+];
 
 /// The attached programs. Dropping it detaches them and removes the pins.
 pub struct Probe {
@@ -105,6 +112,12 @@ pub struct Probe {
     links: Vec<(&'static Tracepoint, Link)>,
     /// What [`Probe::pause`] detached, for [`Probe::resume`] to attach again.
     paused: Vec<&'static Tracepoint>,
+    /// Between [`Probe::pause`] and [`Probe::resume`].
+    is_paused: bool,
+    /// The run-queue programs the duty cycle detached ([`Probe::set_runq_window`]).
+    runq_off: Vec<&'static Tracepoint>,
+    /// The duty cycle as published in the `runq_sampling` map.
+    runq: RunqSampling,
 }
 
 /// One attachment of a loaded program.
@@ -122,16 +135,43 @@ impl std::fmt::Debug for Probe {
             .field("logger", &self.logger.is_some())
             .field("links", &self.links.len())
             .field("paused", &self.paused.len())
+            .field("runq", &self.runq)
             .finish()
     }
 }
 
 /// How the programs measure (see [`Probe::attach`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ProbeOptions {
     /// Read the clock for every block request, also at high rates, instead of a weighted sample
     /// (`mirror_common::blk`): exact latency sums, maxima and histograms at a higher cost.
     pub exact_block_latency: bool,
+    /// Share of each [`Self::runq_period`] the run-queue program (`sched_switch_info`, which
+    /// fires on every context switch) is attached, percent, 1..=100 (see
+    /// `mirror_common::sched`). The wakeup-stamping fallback is always attached: it must see
+    /// the wakeups before the switches it measures.
+    pub runq_duty_pct: u32,
+    /// Length of the run-queue duty cycle.
+    pub runq_period: std::time::Duration,
+}
+
+impl Default for ProbeOptions {
+    /// Every request timed at low rates, a sample at high rates; the run queue always measured.
+    fn default() -> Self {
+        Self {
+            exact_block_latency: false,
+            runq_duty_pct: 100,
+            runq_period: std::time::Duration::from_millis(250),
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (`bpf_ktime_get_ns`'s clock, the same in every process).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Removes the pinned maps when dropped, also when attaching fails half way.
@@ -295,18 +335,108 @@ impl Probe {
         tracing::info!(pin_dir = %pin_dir.display(), "eBPF programs attached: {}", names.join(", "));
         // Attachments of a signal that was dropped went with its programs' unload.
         links.retain(|(t, _)| signals.contains(&t.0));
-        Ok(Probe { ebpf, pins, signals, logger, links, paused: Vec::new() })
+        let cycled = signals.contains(&Signal::Sched);
+        let runq = RunqSampling {
+            on_ns: 0,
+            on_since_ns: 0,
+            duty_pct: if cycled { opts.runq_duty_pct.clamp(1, 100) } else { 100 },
+            period_ms: opts.runq_period.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+        };
+        let mut probe = Probe {
+            ebpf,
+            pins,
+            signals,
+            logger,
+            links,
+            paused: Vec::new(),
+            is_paused: false,
+            runq_off: Vec::new(),
+            runq,
+        };
+        probe.publish_runq()?;
+        Ok(probe)
+    }
+
+    /// The run-queue duty cycle, `(attached, period)`, when the run-queue program is attached
+    /// for a part of each period only (`None`: always attached, or not at all).
+    pub fn runq_cycle(&self) -> Option<(std::time::Duration, std::time::Duration)> {
+        let r = &self.runq;
+        (self.signals.contains(&Signal::Sched) && r.duty_pct < 100).then(|| {
+            let period = std::time::Duration::from_millis(u64::from(r.period_ms));
+            (period * r.duty_pct / 100, period)
+        })
+    }
+
+    /// Opens (attaches the run-queue program) or closes (detaches it) a window of the duty
+    /// cycle, and publishes the attached time in `runq_sampling`. While paused it only
+    /// remembers a close, for [`Probe::resume`] to leave the program detached.
+    pub fn set_runq_window(&mut self, open: bool) -> Result<(), TelemetryError> {
+        if open {
+            if self.is_paused {
+                self.paused.append(&mut self.runq_off);
+                return Ok(());
+            }
+            while let Some(t) = self.runq_off.pop() {
+                match link(&mut self.ebpf, t) {
+                    Ok(l) => self.links.push((t, l)),
+                    Err(e) => {
+                        self.runq_off.push(t);
+                        self.publish_runq()?;
+                        return Err(e);
+                    }
+                }
+            }
+        } else {
+            let (off, keep): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.paused).into_iter().partition(|t| t.0 == Signal::Sched);
+            self.paused = keep;
+            self.runq_off.extend(off);
+            let mut i = 0;
+            while i < self.links.len() {
+                if self.links[i].0 .0 == Signal::Sched {
+                    let (t, l) = self.links.swap_remove(i);
+                    self.runq_off.push(t);
+                    unlink(&mut self.ebpf, t, l)?;
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        self.publish_runq()
+    }
+
+    /// Writes the run-queue programs' attached time to `runq_sampling`: a window opens when
+    /// one is attached and closes when none is.
+    fn publish_runq(&mut self) -> Result<(), TelemetryError> {
+        let attached = self.links.iter().any(|(t, _)| matches!(t.0, Signal::Sched | Signal::SchedStamp));
+        let now = monotonic_ns();
+        let r = &mut self.runq;
+        match (attached, r.on_since_ns != 0) {
+            (true, false) => r.on_since_ns = now.max(1),
+            (false, true) => {
+                r.on_ns += now.saturating_sub(r.on_since_ns);
+                r.on_since_ns = 0;
+            }
+            _ => {}
+        }
+        let v = *r;
+        let map =
+            self.ebpf.map_mut(MAP_RUNQ_SAMPLING).ok_or(TelemetryError::MissingMap(MAP_RUNQ_SAMPLING))?;
+        let mut arr: aya::maps::Array<&mut MapData, RunqSampling> =
+            aya::maps::Array::try_from(map).map_err(map_err(MAP_RUNQ_SAMPLING))?;
+        arr.set(0, v, 0).map_err(map_err(MAP_RUNQ_SAMPLING))
     }
 
     /// Detaches every program, keeping them loaded and the maps (and their pins) as they are;
     /// [`Probe::resume`] attaches them again. Lets `cargo xtask bench ebpf` alternate with and
     /// without the programs within one fio run. A no-op when already paused.
     pub fn pause(&mut self) -> Result<(), TelemetryError> {
+        self.is_paused = true;
         while let Some((t, link)) = self.links.pop() {
             self.paused.push(t);
             unlink(&mut self.ebpf, t, link)?;
         }
-        Ok(())
+        self.publish_runq()
     }
 
     /// Attaches the programs [`Probe::pause`] detached. A no-op when not paused.
@@ -316,11 +446,13 @@ impl Probe {
                 Ok(l) => self.links.push((t, l)),
                 Err(e) => {
                     self.paused.push(t);
+                    self.publish_runq()?;
                     return Err(e);
                 }
             }
         }
-        Ok(())
+        self.is_paused = false;
+        self.publish_runq()
     }
 
     /// Signals whose programs are attached.
@@ -565,6 +697,15 @@ fn read_maps(open: &Opener<'_>, signals: &[Signal]) -> Result<NodeSnapshot, Tele
     if signals.contains(&Signal::Sched) || signals.contains(&Signal::SchedStamp) {
         let m = open(MAP_RUNQ_HIST)?;
         snap.runq = Some(sum_hist(m.map(), MAP_RUNQ_HIST)?);
+        // The attached time of the duty cycle (absent: an older daemon, always attached).
+        if let Ok(m) = open(MAP_RUNQ_SAMPLING) {
+            let arr: aya::maps::Array<&MapData, RunqSampling> =
+                aya::maps::Array::try_from(m.map()).map_err(map_err(MAP_RUNQ_SAMPLING))?;
+            let v = arr.get(&0, 0).map_err(map_err(MAP_RUNQ_SAMPLING))?;
+            if v.duty_pct != 0 {
+                snap.runq_on_ns = Some(v.on_ns_at(monotonic_ns()));
+            }
+        }
     }
     if signals.contains(&Signal::Reclaim) {
         let m = open(MAP_RECLAIM_STATS)?;
@@ -692,13 +833,7 @@ impl WeightsMap {
 
     /// Stores the current weights, stamped with CLOCK_MONOTONIC (bpf_ktime_get_ns's clock).
     pub fn set(&mut self, w: &mirror_common::weights::ReadWeights) -> Result<(), TelemetryError> {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        let w = mirror_common::weights::ReadWeights {
-            updated_ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
-            ..*w
-        };
+        let w = mirror_common::weights::ReadWeights { updated_ns: monotonic_ns(), ..*w };
         self.map.set(0, w, 0).map_err(map_err(mirror_common::weights::MAP_READ_WEIGHTS))
     }
 }

@@ -24,6 +24,9 @@ pub struct NodeSnapshot {
     pub inflight: BTreeMap<u32, u64>,
     /// Run-queue latency histogram (eBPF only).
     pub runq: Option<LatHist>,
+    /// Nanoseconds the run-queue programs have been attached (they run a duty cycle, see
+    /// `mirror_common::sched`); `None`: always, as long as the snapshots' interval.
+    pub runq_on_ns: Option<u64>,
     /// Direct-reclaim stall histogram (eBPF only).
     pub reclaim: Option<LatHist>,
     /// TCP retransmits per remote peer (eBPF only).
@@ -61,9 +64,13 @@ pub struct DeviceSample {
 /// A latency signal during the interval (run-queue latency, reclaim stalls).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LatencySample {
+    /// Events per second of measured time.
     pub events_per_s: f64,
-    /// Time spent waiting, in milliseconds per second of wall time (summed over tasks).
+    /// Time spent waiting, in milliseconds per second of measured time (summed over tasks).
     pub wait_ms_per_s: f64,
+    /// Seconds of the interval the programs measured: all of it, or (the run queue's duty
+    /// cycle) the attached part; the rates are per second of it.
+    pub measured_s: f64,
     pub avg_us: Option<f64>,
     pub p50_us: Option<f64>,
     pub p99_us: Option<f64>,
@@ -113,6 +120,7 @@ pub struct TelemetrySample {
     pub pressure: Option<PressureSample>,
 }
 
+/// The interval's figures of a latency histogram measured during `secs` seconds (0: not at all).
 fn latency(prev: Option<&LatHist>, cur: &LatHist, secs: f64) -> LatencySample {
     let zero = LatHist::default();
     let p = match prev {
@@ -125,9 +133,11 @@ fn latency(prev: Option<&LatHist>, cur: &LatHist, secs: f64) -> LatencySample {
     for (i, h) in hist.iter_mut().enumerate() {
         *h = cur.hist_us[i].saturating_sub(p.hist_us[i]);
     }
+    let per_s = |x: f64| if secs > 0.0 { x / secs } else { 0.0 };
     LatencySample {
-        events_per_s: count as f64 / secs,
-        wait_ms_per_s: sum_ns as f64 / 1e6 / secs,
+        events_per_s: per_s(count as f64),
+        wait_ms_per_s: per_s(sum_ns as f64 / 1e6),
+        measured_s: secs,
         avg_us: (count > 0).then(|| sum_ns as f64 / count as f64 / 1000.0),
         p50_us: blk::percentile_us(&hist, 0.5),
         p99_us: blk::percentile_us(&hist, 0.99),
@@ -197,7 +207,7 @@ pub fn sample(source: &'static str, prev: &NodeSnapshot, cur: &NodeSnapshot, sec
         source,
         secs,
         devices: devices.into_values().collect(),
-        runq: cur.runq.as_ref().map(|c| latency(prev.runq.as_ref(), c, secs)),
+        runq: cur.runq.as_ref().map(|c| latency(prev.runq.as_ref(), c, runq_secs(prev, cur, secs))),
         reclaim: cur.reclaim.as_ref().map(|c| latency(prev.reclaim.as_ref(), c, secs)),
         retrans,
         retrans_per_s: match (prev.retrans_total, cur.retrans_total) {
@@ -205,6 +215,14 @@ pub fn sample(source: &'static str, prev: &NodeSnapshot, cur: &NodeSnapshot, sec
             _ => None,
         },
         pressure,
+    }
+}
+
+/// Seconds the run-queue programs were attached between two snapshots `secs` apart.
+fn runq_secs(prev: &NodeSnapshot, cur: &NodeSnapshot, secs: f64) -> f64 {
+    match (prev.runq_on_ns, cur.runq_on_ns) {
+        (Some(p), Some(c)) if c >= p => ((c - p) as f64 / 1e9).min(secs),
+        _ => secs,
     }
 }
 
@@ -378,6 +396,7 @@ mod tests {
             blk: BlkSnapshot::from([(k, s0)]),
             inflight: BTreeMap::new(),
             runq: Some(hist(1000, 1000 * 5_000, 2)),
+            runq_on_ns: None,
             reclaim: Some(LatHist::default()),
             retrans: Some(BTreeMap::from([(peer([10, 0, 0, 2]), 5)])),
             retrans_total: Some(50),
@@ -391,6 +410,7 @@ mod tests {
             blk: BlkSnapshot::from([(k, s1)]),
             inflight: BTreeMap::from([(blk::kdev(7, 0), 3), (blk::kdev(8, 0), 1)]),
             runq: Some(runq1),
+            runq_on_ns: None,
             reclaim: Some(hist(4, 40_000_000, 13)),
             retrans: Some(BTreeMap::from([(peer([10, 0, 0, 2]), 25), (peer([10, 0, 0, 3]), 1)])),
             retrans_total: Some(76),
@@ -436,6 +456,28 @@ mod tests {
         let p = s.pressure.unwrap();
         assert!((p.memory_some.pct - 10.0).abs() < 1e-9);
         assert_eq!(p.cpu_some.avg10, 3.5);
+    }
+
+    #[test]
+    fn runq_rates_are_per_second_of_attached_time() {
+        let (mut prev, mut cur) = snaps();
+        // Attached 0.4 s of the 2 s interval (a 20% duty cycle): the 1000 switches measured
+        // stand for 2500 a second, the waits' percentiles are unchanged.
+        prev.runq_on_ns = Some(7_000_000_000);
+        cur.runq_on_ns = Some(7_400_000_000);
+        let rq = sample("ebpf", &prev, &cur, 2.0).runq.unwrap();
+        assert!((rq.measured_s - 0.4).abs() < 1e-9);
+        assert!((rq.events_per_s - 2500.0).abs() < 1e-9);
+        assert!((rq.wait_ms_per_s - 7500.0).abs() < 1e-9);
+        assert!((2048.0..=4096.0).contains(&rq.p50_us.unwrap()));
+        // Continuous (no duty cycle known): the wall interval.
+        cur.runq_on_ns = None;
+        assert_eq!(sample("ebpf", &prev, &cur, 2.0).runq.unwrap().measured_s, 2.0);
+        // Not attached at all during the interval: no rates, no percentiles invented.
+        let mut idle = prev.clone();
+        idle.runq_on_ns = prev.runq_on_ns;
+        let rq = sample("ebpf", &prev, &idle, 2.0).runq.unwrap();
+        assert_eq!((rq.measured_s, rq.events_per_s, rq.p99_us), (0.0, 0.0, None));
     }
 
     #[test]

@@ -41,10 +41,16 @@ pub fn table(rows: &[BlkInterval]) -> String {
     s
 }
 
-fn latency_line(s: &mut String, what: &str, l: &LatencySample) {
+/// One signal's line; `secs` is the interval, to say when only a part of it was measured.
+fn latency_line(s: &mut String, what: &str, l: &LatencySample, secs: f64) {
+    let sampled = if l.measured_s < secs * 0.95 {
+        format!("  (measured {:.0}% of the time)", 100.0 * l.measured_s / secs)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         s,
-        "{what:<12} {:>10.1}/s  wait {:>8.1} ms/s  avg {:>8} us  p50 {:>8} us  p99 {:>8} us",
+        "{what:<12} {:>10.1}/s  wait {:>8.1} ms/s  avg {:>8} us  p50 {:>8} us  p99 {:>8} us{sampled}",
         l.events_per_s,
         l.wait_ms_per_s,
         opt(l.avg_us),
@@ -89,10 +95,10 @@ pub fn sample(smp: &TelemetrySample) -> String {
         }
     }
     if let Some(l) = &smp.runq {
-        latency_line(&mut s, "runq", l);
+        latency_line(&mut s, "runq", l, smp.secs);
     }
     if let Some(l) = &smp.reclaim {
-        latency_line(&mut s, "reclaim", l);
+        latency_line(&mut s, "reclaim", l, smp.secs);
     }
     if let Some(p) = &smp.pressure {
         let _ = writeln!(
