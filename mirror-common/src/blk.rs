@@ -16,8 +16,9 @@
 //! still estimate all requests'; `lat_measured` counts the requests actually measured). The
 //! stride is chosen once per window of [`BLK_SAMPLE_WINDOW_NS`] from the previous window's count
 //! ([`blk_sample_weight`]): every request is measured below twice [`BLK_SAMPLE_TARGET`] requests
-//! per window (64k a second per CPU), exactly as without sampling; above, between that many and
-//! twice as many per window are. [`BlkRqOffsets::max_stride`] 1 turns sampling off.
+//! per window (16k a second per CPU), exactly as without sampling; above, between that many and
+//! twice as many per window are (8k-16k timed requests a second per CPU: thousands per collector
+//! interval, plenty for a p99). [`BlkRqOffsets::max_stride`] 1 turns sampling off.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -100,7 +101,7 @@ pub struct BlkRqOffsets {
 /// Length of a latency sampling window, in the requests' own start times.
 pub const BLK_SAMPLE_WINDOW_NS: u64 = 1_000_000;
 /// Requests per window (per device, op and CPU) measured at least once the stride rises above 1.
-pub const BLK_SAMPLE_TARGET: u32 = 32;
+pub const BLK_SAMPLE_TARGET: u32 = 8;
 /// Default [`BlkRqOffsets::max_stride`].
 pub const BLK_SAMPLE_MAX_STRIDE: u32 = 64;
 
@@ -411,9 +412,10 @@ mod tests {
     #[test]
     fn sampling_strides() {
         assert_eq!(blk_sample_stride(0, 64), 1);
-        assert_eq!(blk_sample_stride(63, 64), 1);
-        assert_eq!(blk_sample_stride(64, 64), 2);
-        assert_eq!(blk_sample_stride(280, 64), 8);
+        assert_eq!(blk_sample_stride(15, 64), 1);
+        assert_eq!(blk_sample_stride(16, 64), 2);
+        assert_eq!(blk_sample_stride(70, 64), 8);
+        assert_eq!(blk_sample_stride(140, 64), 16);
         assert_eq!(blk_sample_stride(1 << 20, 64), 64);
         assert_eq!(blk_sample_stride(1 << 20, 1), 1);
         assert_eq!(blk_sample_stride(1 << 20, 0), 1);
@@ -423,20 +425,24 @@ mod tests {
     #[test]
     fn low_rates_measure_every_request() {
         let mut s = BlkSample::default();
-        // 60 a millisecond (60k/s on one CPU): still below 2 x the target per window.
-        let (n, measured, weights) = sample_run(&mut s, 5_000_000, 60, 50, 64);
+        // 15 a millisecond (15k/s on one CPU): still below 2 x the target per window.
+        let (n, measured, weights) = sample_run(&mut s, 5_000_000, 15, 50, 64);
         assert_eq!((measured, weights), (n, n));
     }
 
     #[test]
     fn high_rates_measure_a_weighted_sample() {
         let mut s = BlkSample::default();
-        // 1000 a millisecond: after the first window, stride 16 (1000 / 32 = 31 -> 16).
-        let (n, measured, weights) = sample_run(&mut s, 5_000_000, 1000, 100, 64);
+        // 200 a millisecond: after the first window, stride 16 (200 / 8 = 25 -> 16).
+        let (n, measured, weights) = sample_run(&mut s, 5_000_000, 200, 100, 64);
         assert_eq!(s.stride, 16);
         assert!(measured < n / 12, "{measured} of {n} measured");
         // The weights stand for every request, to within one stride per window.
         assert!(weights.abs_diff(n) <= 16 * 100, "weights {weights} for {n} requests");
+        // 1000 a millisecond: the stride stops at the maximum.
+        let mut s = BlkSample::default();
+        sample_run(&mut s, 5_000_000, 1000, 10, 64);
+        assert_eq!(s.stride, 64);
         // Sampling off: every request.
         let mut s = BlkSample::default();
         let (n, measured, weights) = sample_run(&mut s, 5_000_000, 1000, 20, 1);
@@ -446,7 +452,7 @@ mod tests {
     #[test]
     fn a_pause_resets_the_stride_and_old_requests_stay_in_the_window() {
         let mut s = BlkSample::default();
-        sample_run(&mut s, 5_000_000, 1000, 10, 64);
+        sample_run(&mut s, 5_000_000, 200, 10, 64);
         assert_eq!(s.stride, 16);
         // Idle for 10 ms, then slow requests: every one measured again.
         let (n, measured, _) = sample_run(&mut s, 25_000_000, 10, 5, 64);

@@ -206,34 +206,41 @@ fn load<T: Copy>(base: u64, off: u32) -> T {
     unsafe { core::ptr::read_volatile((base as *const u8).wrapping_add(off as usize) as *const T) }
 }
 
+/// One member offset of `BLK_RQ_OFFSETS`, loaded where it is used (a whole-struct volatile copy
+/// costs a load and a stack spill for every member, used or not).
+macro_rules! rq_off {
+    ($field:ident) => {
+        // SAFETY: a plain read of a static; volatile so the compiler does not constant-fold the
+        // zero initializer that userspace rewrites in .rodata before load.
+        unsafe { core::ptr::read_volatile(&BLK_RQ_OFFSETS.$field) }
+    };
+}
+
 #[inline(always)]
 fn try_done(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    // SAFETY: a plain read of a static; volatile so the compiler does not constant-fold the
-    // zero initializer that userspace rewrites in .rodata before load.
-    let off = unsafe { core::ptr::read_volatile(&BLK_RQ_OFFSETS) };
-    if off.valid == 0 {
+    if rq_off!(valid) == 0 {
         return Ok(());
     }
     let rq = ctx.arg::<u64>(0);
-    let error = ctx.arg::<u64>(1) & 0xff;
-    let nr_bytes = ctx.arg::<u64>(2) & 0xffff_ffff;
-    let start = load::<u64>(rq, off.rq_start_time_ns);
+    let start = load::<u64>(rq, rq_off!(rq_start_time_ns));
     if start == 0 {
         // The block layer did not stamp it (I/O statistics off for this queue).
         return Ok(());
     }
-    let part = load::<u64>(rq, off.rq_part);
+    let error = ctx.arg::<u64>(1) & 0xff;
+    let nr_bytes = ctx.arg::<u64>(2) & 0xffff_ffff;
+    let part = load::<u64>(rq, rq_off!(rq_part));
     let dev = if part != 0 {
         // bd_dev is already the kernel's dev_t encoding.
-        load::<u32>(part, off.bdev_dev)
+        load::<u32>(part, rq_off!(bdev_dev))
     } else {
         // No partition (e.g. a flush): the queue's disk.
-        let disk = load::<u64>(load::<u64>(rq, off.rq_q), off.q_disk);
-        let major = load::<u32>(disk, off.disk_major);
-        let minor = load::<u32>(disk, off.disk_first_minor);
+        let disk = load::<u64>(load::<u64>(rq, rq_off!(rq_q)), rq_off!(q_disk));
+        let major = load::<u32>(disk, rq_off!(disk_major));
+        let minor = load::<u32>(disk, rq_off!(disk_first_minor));
         (major << 20) | (minor & 0xf_ffff)
     };
-    let skey = BlkStatsKey { dev, op: classify_req_op(load::<u32>(rq, off.rq_cmd_flags)) };
-    let lat = Lat::Since { start_ns: start, max_stride: off.max_stride };
+    let skey = BlkStatsKey { dev, op: classify_req_op(load::<u32>(rq, rq_off!(rq_cmd_flags))) };
+    let lat = Lat::Since { start_ns: start, max_stride: rq_off!(max_stride) };
     account(&skey, nr_bytes, error != 0, lat)
 }

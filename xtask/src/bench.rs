@@ -528,7 +528,7 @@ fn ebpf(opts: EbpfOpts) -> Result<()> {
             "pairs": opts.pairs,
             "seconds_per_run": opts.seconds,
             "window_ms": opts.window.as_millis() as u64,
-            "block_latency": if opts.exact_latency { "exact" } else { "sampled above 64k requests/s per CPU" },
+            "block_latency": if opts.exact_latency { "exact" } else { "sampled above 16k requests/s per CPU" },
             "runq_duty_pct": opts.runq_duty.map_or(serde_json::Value::from("daemon default"), serde_json::Value::from),
             "fio": fio_args(&opts).join(" "),
             "device": "loop, direct-io=off, backing file in page cache",
