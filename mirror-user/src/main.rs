@@ -245,7 +245,7 @@ enum Command {
         /// within one fio run.
         #[arg(long)]
         pause_signals: bool,
-        /// Read the clock for every block request. By default, above 64k requests a second per
+        /// Read the clock for every block request. By default, above 16k requests a second per
         /// device and CPU only a weighted sample of requests is timed (counts and bytes stay
         /// exact; latency sums and histograms become estimates), which spares most of the block
         /// program's clock reads (`cargo xtask bench ebpf --exact-latency` measures the
@@ -346,6 +346,18 @@ enum Command {
         /// Connections per remote replica.
         #[arg(long, default_value_t = 4)]
         conns: usize,
+        /// Start even when a replica cannot be reached and the other's metadata does not show it
+        /// as behind: the operator vouches that the missing replica holds no newer writes. The
+        /// survivor records every write; the missing replica is resynced when it returns (one
+        /// that was written elsewhere meanwhile is refused as split brain, never overwritten).
+        /// Not needed when the survivor already knows the other is behind (it was degraded).
+        #[arg(long)]
+        degraded: bool,
+        /// Take two never-synced replicas as identical (like `mdadm --assume-clean`, e.g. both
+        /// freshly zeroed) instead of the initial full sync from the source. Ignored once the
+        /// replicas share a generation.
+        #[arg(long)]
+        assume_clean: bool,
         /// Control socket for `mirror ctl` (root only).
         #[arg(long, default_value = mirror::control::DEFAULT_SOCKET)]
         ctl_socket: PathBuf,
@@ -538,6 +550,8 @@ fn main() -> Result<()> {
             source_listen,
             target_listen,
             conns,
+            degraded,
+            assume_clean,
             ctl_socket,
             metrics,
             engine,
@@ -563,6 +577,8 @@ fn main() -> Result<()> {
                 conns,
                 rate: SyncRate::default(),
                 node_health,
+                allow_degraded: degraded,
+                assume_clean,
             };
             let pin_dir = health.pin_dir.clone();
             let ublk = (frontend != "nbd").then(|| (frontend == "ublk", ublk.options()));

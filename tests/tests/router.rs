@@ -201,6 +201,9 @@ async fn local_io_uring_replica_with_a_remote_peer_fails_over_and_resyncs() {
         conns: 2,
         rate: Default::default(),
         node_health: mirror::health::monitor::NodeHealth::new(),
+        allow_degraded: false,
+        // Both files hold the same bytes; their fresh metadata was never synced.
+        assume_clean: true,
     };
     let vol = open(&cfg).await.expect("open volume");
     let r = vol.router.clone();

@@ -30,9 +30,20 @@ fn free_addr() -> String {
 }
 
 fn serve(args: &[&str]) -> Serve {
+    // A control socket of its own (the default one may belong to a real router, or to another
+    // test running at the same time).
+    let own_ctl = (!args.contains(&"--ctl-socket")).then(|| {
+        let p = std::env::temp_dir().join(format!(
+            "mirror-serve-test-{}-{}.sock",
+            std::process::id(),
+            support::nanos()
+        ));
+        vec!["--ctl-socket".to_string(), p.display().to_string()]
+    });
     let mut child = Command::new(mirror_bin())
         .arg("serve")
         .args(args)
+        .args(own_ctl.unwrap_or_default())
         .args(["--nbd", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -282,6 +293,8 @@ fn ctl_pins_weights_and_reads_follow_them() {
         &sec,
         "--ctl-socket",
         &sock,
+        // Both files are zeroed alike; their metadata was never synced.
+        "--assume-clean",
     ]);
     let ctl = |args: &[&str]| {
         let mut all = vec!["ctl", "--socket", &sock];
@@ -326,4 +339,209 @@ fn ctl_pins_weights_and_reads_follow_them() {
     assert_eq!(st["weights"]["target"], 0, "{st:#}");
     let (ok, _, err) = support::mirror_cli(&["ctl", "--socket", &sock, "weights", "set", "--target", "101"]);
     assert!(!ok && err.contains("101"), "{err}");
+}
+
+fn argv(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `qemu-io` on the router's NBD export; panics on a failed command or pattern.
+fn qemu_io(srv: &Serve, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", &format!("nbd://{}/", srv.nbd)]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let text = run_tool(&mut cmd);
+    assert!(!text.contains("Pattern verification failed") && !text.contains("failed:"), "{cmds:?}:\n{text}");
+}
+
+/// Waits until the replica served at `node` records nothing for its peer and its sync job (if
+/// any) is done: the peer is in sync.
+fn wait_clean(node: &str, sec: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out, err) =
+            support::mirror_cli(&["status", "--node", node, "--volume", "v", "--secret-file", sec]);
+        if ok {
+            let js: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let job = js["job"]["state"].as_str().unwrap_or("none");
+            if js["tracking"] == false && js["dirty_bytes"] == 0 && job != "running" {
+                assert!(matches!(job, "none" | "done" | "up-to-date"), "{what}: sync job {job}: {out}");
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}: not clean after 60 s: {out}{err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A router restarted while its target was away must not read the target's stale blocks: the
+/// source's metadata (degraded, writes recorded) makes the target resync before it serves reads,
+/// even with every read weighted to it.
+#[test]
+fn a_restarted_router_resyncs_a_stale_target_before_reading_from_it() {
+    const T: &str = "serve::a_restarted_router_resyncs_a_stale_target_before_reading_from_it";
+    if which("qemu-io").is_none() {
+        return skip(T, "NBD", "qemu-io is not installed (cargo xtask setup)");
+    }
+    let dir = TempDir::new("serve-stale");
+    let secret = secret_file(&dir.0);
+    let sec = secret.display().to_string();
+    for f in ["s.img", "t.img"] {
+        std::fs::write(dir.0.join(f), vec![0u8; (16 * MIB) as usize]).unwrap();
+    }
+    let mut t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
+    let source_listen = free_addr();
+    let s0 = Replica::start(&dir.0.join("s.img"), &secret, Some(&source_listen), &[]);
+    support::sync_ok(&s0.addr, &t.addr, &secret, &[]);
+    drop(s0);
+    std::thread::sleep(Duration::from_millis(200));
+    let src = format!("local:{}", dir.0.join("s.img").display());
+    let tgt = format!("remote:{}", t.addr);
+    let args = |weight: &'static str| -> Vec<String> {
+        ["--volume", "v", "--source", &src, "--target", &tgt, "--secret-file", &sec]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--source-listen".into(), source_listen.clone(), "--target-weight".into(), weight.into()])
+            .chain(["--ctl-socket".into(), dir.0.join("ctl.sock").display().to_string()])
+            .collect()
+    };
+
+    let srv = serve(&argv(&args("0")));
+    qemu_io(&srv, &["write -P 0xaa 0 1M"]);
+    t.kill();
+    // Degraded: acknowledged from the source, recorded in its bitmap.
+    qemu_io(&srv, &["write -P 0xbb 0 1M", "read -P 0xbb 0 1M"]);
+    drop(srv); // SIGKILL: the router's own state is gone
+    t.restart(); // holds 0xaa
+
+    let srv = serve(&argv(&args("100")));
+    // Every read weighted to the target, which is stale: the router must read the source.
+    qemu_io(&srv, &["read -P 0xbb 0 1M"]);
+    wait_clean(&source_listen, &sec, "resync of the stale target");
+    // Back in service: now the target answers, with the resynced data.
+    std::thread::sleep(Duration::from_millis(600));
+    qemu_io(&srv, &["read -P 0xbb 0 1M", "read -P 0 1M 1M"]);
+    drop(srv);
+    assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")), "replicas differ");
+}
+
+/// A replica that cannot be reached at start: refused while nothing shows it is behind (it might
+/// hold newer writes), allowed with `--degraded`; once the survivor has recorded writes it knows
+/// the other is behind and starts without the flag; the returning replica is resynced.
+#[test]
+fn serve_starts_without_an_unreachable_replica_only_when_safe_and_resyncs_it_later() {
+    const T: &str = "serve::serve_starts_without_an_unreachable_replica_only_when_safe_and_resyncs_it_later";
+    if which("qemu-io").is_none() {
+        return skip(T, "NBD", "qemu-io is not installed (cargo xtask setup)");
+    }
+    let dir = TempDir::new("serve-missing");
+    let secret = secret_file(&dir.0);
+    let sec = secret.display().to_string();
+    for f in ["s.img", "t.img"] {
+        std::fs::write(dir.0.join(f), vec![0u8; (16 * MIB) as usize]).unwrap();
+    }
+    let mut t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
+    let source_listen = free_addr();
+    let s0 = Replica::start(&dir.0.join("s.img"), &secret, Some(&source_listen), &[]);
+    support::sync_ok(&s0.addr, &t.addr, &secret, &[]);
+    drop(s0);
+    t.kill();
+    std::thread::sleep(Duration::from_millis(200));
+    let src = format!("local:{}", dir.0.join("s.img").display());
+    let tgt = format!("remote:{}", t.addr);
+    let base: Vec<String> = [
+        "--volume",
+        "v",
+        "--source",
+        &src,
+        "--target",
+        &tgt,
+        "--secret-file",
+        &sec,
+        "--source-listen",
+        &source_listen,
+        "--target-weight",
+        "100",
+        "--ctl-socket",
+        &dir.0.join("ctl.sock").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().cloned().chain(extra.iter().map(|s| s.to_string())).collect()
+    };
+
+    let out = Command::new(mirror_bin())
+        .arg("serve")
+        .args(&base)
+        .args(["--nbd", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run mirror serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "refused with a clean error: {err}");
+    assert!(err.contains("unreachable") && err.contains("--degraded"), "{err}");
+
+    let srv = serve(&argv(&with(&["--degraded"])));
+    qemu_io(&srv, &["write -P 0xcc 0 1M", "read -P 0xcc 0 1M"]);
+    drop(srv);
+    // The source recorded writes the target lacks: no flag needed now.
+    let srv = serve(&argv(&base));
+    qemu_io(&srv, &["write -P 0xdd 2M 64k"]);
+    t.restart();
+    wait_clean(&source_listen, &sec, "resync of the returning target");
+    std::thread::sleep(Duration::from_millis(600));
+    qemu_io(&srv, &["read -P 0xcc 0 1M", "read -P 0xdd 2M 64k"]);
+    drop(srv);
+    assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")), "replicas differ");
+}
+
+/// Two replicas that were never synced hold different bytes: the router syncs the target from
+/// the source before it serves reads (every read weighted to the target still sees the source's
+/// data), and a second start finds them in sync.
+#[test]
+fn never_synced_replicas_get_an_initial_sync_before_the_target_serves_reads() {
+    const T: &str = "serve::never_synced_replicas_get_an_initial_sync_before_the_target_serves_reads";
+    if which("nbdcopy").is_none() {
+        return skip(T, "NBD", "nbdcopy is not installed (cargo xtask setup)");
+    }
+    let dir = TempDir::new("serve-initial");
+    let secret = secret_file(&dir.0);
+    let sec = secret.display().to_string();
+    let size = 16 * MIB as usize;
+    std::fs::write(dir.0.join("s.img"), random_bytes(size, 11)).unwrap();
+    std::fs::write(dir.0.join("t.img"), random_bytes(size, 12)).unwrap();
+    let source_digest = file_digest(&dir.0.join("s.img"));
+    let source_listen = free_addr();
+    let src = format!("local:{}", dir.0.join("s.img").display());
+    let tgt = format!("local:{}", dir.0.join("t.img").display());
+    let args = [
+        "--volume",
+        "v",
+        "--source",
+        &src,
+        "--target",
+        &tgt,
+        "--secret-file",
+        &sec,
+        "--source-listen",
+        &source_listen,
+        "--target-weight",
+        "100",
+    ];
+    let srv = serve(&args);
+    let back = dir.0.join("back.img");
+    run_tool(Command::new("nbdcopy").arg(format!("nbd://{}/", srv.nbd)).arg(&back));
+    assert_eq!(file_digest(&back), source_digest, "reads returned something else than the source's data");
+    wait_clean(&source_listen, &sec, "initial sync");
+    drop(srv);
+    assert_eq!(file_digest(&dir.0.join("t.img")), source_digest, "target not synced");
+    // Now they share a generation: a second start serves the target at once, with the same data.
+    let srv = serve(&args);
+    let _ = std::fs::remove_file(&back);
+    run_tool(Command::new("nbdcopy").arg(format!("nbd://{}/", srv.nbd)).arg(&back));
+    assert_eq!(file_digest(&back), source_digest);
 }

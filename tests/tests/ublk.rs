@@ -85,6 +85,8 @@ impl Vol {
             .arg(format!("--source=local:{}", self.path("s.img").display()))
             .arg(format!("--target=local:{}", self.path("t.img").display()))
             .args(["--ctl-socket", &self.ctl_sock(), "--frontend", "ublk"])
+            // Both files start zeroed alike (their metadata was never synced).
+            .arg("--assume-clean")
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
@@ -333,7 +335,7 @@ fn without_ublk_serve_names_the_nbd_frontend_and_auto_falls_back_to_it() {
             .args(["--volume", "v", "--secret-file", &vol.secret, "--nbd", "127.0.0.1:0"])
             .arg(format!("--source=local:{}", vol.path("s.img").display()))
             .arg(format!("--target=local:{}", vol.path("t.img").display()))
-            .args(["--ctl-socket", &vol.ctl_sock(), "--frontend", frontend])
+            .args(["--ctl-socket", &vol.ctl_sock(), "--frontend", frontend, "--assume-clean"])
             .env("RUST_LOG", "warn");
         c
     };

@@ -25,6 +25,30 @@ pub enum ClientError {
     Unexpected(String),
 }
 
+/// How long a TCP connect may take before the node counts as unreachable (a dead host answers
+/// nothing; the kernel's own SYN retries would take about two minutes).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn connect_tcp(addr: &str) -> std::io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address")))
+}
+
+impl ClientError {
+    /// The node did not answer at all (connection refused, timed out, no route): it may be
+    /// down. Anything else (a refusal, a failed proof) is a configuration error.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Connect { .. })
+    }
+}
+
 /// An authenticated connection to one volume on a replica server.
 #[derive(Debug)]
 pub struct Client {
@@ -38,7 +62,7 @@ impl Client {
     /// Connects and runs the handshake (version, mutual HMAC proof, volume).
     pub fn connect(addr: &str, volume: &str, secret: &[u8]) -> Result<Client, ClientError> {
         let stream =
-            TcpStream::connect(addr).map_err(|source| ClientError::Connect { addr: addr.into(), source })?;
+            connect_tcp(addr).map_err(|source| ClientError::Connect { addr: addr.into(), source })?;
         let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
         let mut conn =
             Conn::new(stream).map_err(|source| ClientError::Connect { addr: addr.into(), source })?;

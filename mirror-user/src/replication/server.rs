@@ -229,6 +229,25 @@ pub fn gen_json(g: &GenInfo) -> serde_json::Value {
     })
 }
 
+/// The inverse of [`gen_json`]; `None` when a field is missing or malformed.
+pub fn gen_from_json(v: &serde_json::Value) -> Option<GenInfo> {
+    let hex64 = |v: &serde_json::Value| u64::from_str_radix(v.as_str()?, 16).ok();
+    let mut history = [0u64; super::protocol::HISTORY];
+    let h = v["history"].as_array()?;
+    if h.len() != history.len() {
+        return None;
+    }
+    for (slot, x) in history.iter_mut().zip(h) {
+        *slot = hex64(x)?;
+    }
+    Some(GenInfo {
+        current: hex64(&v["current"])?,
+        history,
+        consistent: v["consistent"].as_bool()?,
+        sync_source: hex64(&v["sync_source"])?,
+    })
+}
+
 struct Shared {
     volumes: HashMap<String, Arc<Volume>>,
     secret: Vec<u8>,

@@ -11,8 +11,10 @@ use super::{
     router::{Router, RouterConfig, Weights},
 };
 use crate::replication::{
+    meta::{plan, SyncPlan},
+    protocol::GenInfo,
     rate::SyncRate,
-    server::{Server, ServerConfig, VolumeSpec},
+    server::{gen_from_json, Server, ServerConfig, VolumeSpec},
 };
 
 /// Where one replica lives, as given on the command line.
@@ -61,6 +63,92 @@ pub struct VolumeConfig {
     pub rate: SyncRate,
     /// This node's health, sent by the embedded servers of local replicas.
     pub node_health: Arc<crate::health::monitor::NodeHealth>,
+    /// Start from one replica when the other cannot be reached, although the reachable one's
+    /// metadata does not show the other as behind (the operator vouches that the missing one
+    /// holds no newer writes; if it does, the split brain is refused when it returns).
+    pub allow_degraded: bool,
+    /// Two replicas that were never synced are declared identical (the operator's word, like
+    /// `mdadm --assume-clean` on zeroed disks) instead of a full initial sync.
+    pub assume_clean: bool,
+}
+
+/// What a replica's metadata says, as its status reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standing {
+    pub gen: GenInfo,
+    /// Blocks it has that its peer may lack.
+    pub dirty_bits: u64,
+    /// Degraded or syncing: it records every write.
+    pub tracking: bool,
+}
+
+impl Standing {
+    fn from_status(st: &serde_json::Value) -> Option<Standing> {
+        let bs = st["block_size"].as_u64().filter(|&b| b > 0)?;
+        Some(Standing {
+            gen: gen_from_json(&st["generation"])?,
+            dirty_bits: st["dirty_bytes"].as_u64()? / bs,
+            tracking: st["tracking"].as_bool()?,
+        })
+    }
+}
+
+/// How a router starts on two reachable replicas (index 0 = source, 1 = target).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartPlan {
+    /// Same generation, nothing dirty on either side (or `--assume-clean` on a never-synced
+    /// pair): both serve reads.
+    InSync,
+    /// Replica `stale` lacks writes the other holds (it was away, a sync onto it was cut, or it
+    /// was never synced): it serves no reads until the other has resynced it.
+    Resync { stale: usize, why: String },
+    /// Neither may be brought up to date from the other automatically (split brain).
+    Refuse(String),
+}
+
+/// Decides how to start from the two replicas' metadata. Pure.
+pub fn start_plan(s: &Standing, t: &Standing, assume_clean: bool) -> StartPlan {
+    // Fresh metadata: no generation, no interrupted sync, nothing recorded.
+    let never = |x: &Standing| x.gen.current == 0 && x.gen.sync_source == 0 && x.dirty_bits == 0;
+    if never(s) && never(t) {
+        return if assume_clean {
+            StartPlan::InSync
+        } else {
+            StartPlan::Resync {
+                stale: 1,
+                why: "the replicas were never synced: initial full sync from the source (compares \
+                      every block, sends what differs; `--assume-clean` skips it for replicas \
+                      known identical)"
+                    .into(),
+            }
+        };
+    }
+    let from_s = plan(&s.gen, s.dirty_bits, &t.gen);
+    let from_t = plan(&t.gen, t.dirty_bits, &s.gen);
+    let pushes = |p: &SyncPlan| matches!(p, SyncPlan::Resync | SyncPlan::Full);
+    match (&from_s, &from_t) {
+        (SyncPlan::UpToDate, SyncPlan::UpToDate) => StartPlan::InSync,
+        // Both hold writes the other lacks at the same generation: nothing tells which is right.
+        (SyncPlan::Resync, SyncPlan::Resync) if s.gen.current == t.gen.current => StartPlan::Refuse(format!(
+            "both replicas record writes the other may lack at the same generation {:#x} (source {} \
+             blocks, target {} blocks): refusing to pick one; `mirror resolve --discard` the side \
+             to overwrite, then start again",
+            s.gen.current, s.dirty_bits, t.dirty_bits
+        )),
+        (p, _) if pushes(p) => StartPlan::Resync { stale: 1, why: resync_why(t, &from_s, "source") },
+        (_, p) if pushes(p) => StartPlan::Resync { stale: 0, why: resync_why(s, &from_t, "target") },
+        (SyncPlan::Refuse(a), SyncPlan::Refuse(_)) => StartPlan::Refuse(a.clone()),
+        (SyncPlan::Refuse(a), _) | (_, SyncPlan::Refuse(a)) => StartPlan::Refuse(a.clone()),
+        _ => StartPlan::InSync,
+    }
+}
+
+fn resync_why(stale: &Standing, p: &SyncPlan, from: &str) -> String {
+    match p {
+        SyncPlan::Full => format!("it holds no generation the {from} vouches for: full sync from the {from}"),
+        _ if !stale.gen.consistent => format!("a sync onto it was cut short: resuming it from the {from}"),
+        _ => format!("it is behind the {from} (missed writes while away): resync from the {from}"),
+    }
 }
 
 /// An open mirrored volume: the router, and the embedded servers of local replicas.
@@ -70,12 +158,16 @@ pub struct OpenVolume {
     pub local_servers: Vec<Server>,
 }
 
-/// Opens both replicas (connecting remote ones), checks they describe the same volume, and
-/// starts the router's supervisor. Must run inside a tokio runtime.
+/// Opens both replicas (connecting remote ones), checks they describe the same volume, decides
+/// from their metadata whether they are in sync ([`start_plan`]: a stale or never-synced one
+/// serves no reads until resynced; a split brain is refused), starts without an unreachable
+/// replica when that is safe (or allowed), and starts the router's supervisor. Must run inside a
+/// tokio runtime.
 pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
     let mut local_servers = Vec::new();
     let mut replicas = Vec::new();
     let mut sizes = Vec::new();
+    let mut missing: Option<(usize, String)> = None;
     for (i, (role, spec)) in [("source", &cfg.source), ("target", &cfg.target)].into_iter().enumerate() {
         let loc = match spec {
             ReplicaSpec::Local { path, size } => {
@@ -119,23 +211,32 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
                 }
             }
             ReplicaSpec::Remote { addr } => {
-                let (pool, size) = RemotePool::connect(addr, &cfg.name, &cfg.secret, cfg.conns)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{role} replica {addr}: {e}"))?;
-                sizes.push(size);
+                let pool = match RemotePool::connect(addr, &cfg.name, &cfg.secret, cfg.conns).await {
+                    Ok((pool, size)) => {
+                        sizes.push(size);
+                        Some(Arc::new(pool))
+                    }
+                    // Refusals (wrong secret, volume, version) are configuration errors; an
+                    // unreachable node may be started without (below).
+                    Err(e) if missing.is_none() && RemotePool::is_unreachable(&e) => {
+                        missing = Some((i, format!("{role} replica {addr} unreachable: {e}")));
+                        None
+                    }
+                    Err(e) => anyhow::bail!("{role} replica {addr}: {e}"),
+                };
                 Location::Remote {
                     addr: addr.clone(),
                     volume: cfg.name.clone(),
                     secret: cfg.secret.clone(),
                     conns: cfg.conns,
-                    pool: RwLock::new(Some(Arc::new(pool))),
+                    pool: RwLock::new(pool),
                 }
             }
         };
         replicas.push(Replica::new(role, loc, 4096));
     }
     anyhow::ensure!(
-        sizes[0] == sizes[1],
+        sizes.len() < 2 || sizes[0] == sizes[1],
         "the replicas differ in size: source {} bytes, target {} bytes",
         sizes[0],
         sizes[1]
@@ -149,13 +250,126 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
         Weights::new(cfg.target_weight),
         RouterConfig { secret: cfg.secret.clone(), rate: cfg.rate, ..Default::default() },
     );
+    reconcile(&router, missing, cfg).await?;
     router.spawn_supervisor();
     Ok(OpenVolume { router, local_servers })
+}
+
+/// Brings the router's view of the replicas in line with their metadata before any I/O.
+async fn reconcile(
+    router: &Router,
+    missing: Option<(usize, String)>,
+    cfg: &VolumeConfig,
+) -> anyhow::Result<()> {
+    let role = |i: usize| router.replicas[i].role;
+    let standing = |st: std::io::Result<serde_json::Value>, i: usize| -> anyhow::Result<Standing> {
+        let st = st.map_err(|e| anyhow::anyhow!("{} replica status: {e}", role(i)))?;
+        Standing::from_status(&st)
+            .ok_or_else(|| anyhow::anyhow!("{} replica status lacks its metadata: {st}", role(i)))
+    };
+    if let Some((i, why)) = missing {
+        let s = 1 - i;
+        let survivor = standing(router.replicas[s].status().await, s)?;
+        anyhow::ensure!(
+            survivor.gen.consistent,
+            "{why}, and the {} replica is inconsistent (a sync onto it was cut short): it cannot \
+             serve alone; bring the {} back",
+            role(s),
+            role(i)
+        );
+        if !survivor.tracking && !cfg.allow_degraded {
+            anyhow::bail!(
+                "{why}. The {} replica's metadata does not show the {} as behind, so the {} may hold \
+                 writes the {} lacks (made through another router). Bring it back, or start with \
+                 `--degraded` to serve from the {} alone: its writes are recorded and resynced when \
+                 the {} returns (a {} with writes of its own is then refused as split brain, never \
+                 overwritten)",
+                role(s),
+                role(i),
+                role(i),
+                role(s),
+                role(s),
+                role(i),
+                role(i)
+            );
+        }
+        tracing::warn!(
+            "{why}: serving from the {} replica alone; it records every write for the resync",
+            role(s)
+        );
+        router.start_without(i, &why).await?;
+        return Ok(());
+    }
+    let (s, t) = tokio::join!(router.replicas[0].status(), router.replicas[1].status());
+    let (s, t) = (standing(s, 0)?, standing(t, 1)?);
+    match start_plan(&s, &t, cfg.assume_clean) {
+        StartPlan::InSync => {
+            if cfg.assume_clean && s.gen.current == 0 {
+                tracing::warn!("--assume-clean: the never-synced replicas are taken as identical");
+            }
+            Ok(())
+        }
+        StartPlan::Resync { stale, why } => {
+            tracing::warn!(
+                replica = role(stale),
+                "the {} replica serves no reads until resynced: {why}",
+                role(stale)
+            );
+            router
+                .start_resync(stale)
+                .await
+                .map_err(|e| anyhow::anyhow!("starting the resync of the {} replica: {e}", role(stale)))
+        }
+        StartPlan::Refuse(why) => anyhow::bail!("refusing to serve the volume: {why}"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn standing(current: u64, history: &[u64], dirty_bits: u64) -> Standing {
+        let mut h = [0u64; crate::replication::protocol::HISTORY];
+        h[..history.len()].copy_from_slice(history);
+        Standing {
+            // Fresh metadata (generation 0) is not "consistent": nobody vouches for its data.
+            gen: GenInfo { current, history: h, consistent: current != 0, sync_source: 0 },
+            dirty_bits,
+            tracking: dirty_bits > 0,
+        }
+    }
+
+    #[test]
+    fn start_plans_from_metadata() {
+        let fresh = standing(0, &[], 0);
+        // Never synced: a full initial sync onto the target, unless declared identical.
+        assert!(matches!(start_plan(&fresh, &fresh, false), StartPlan::Resync { stale: 1, .. }));
+        assert_eq!(start_plan(&fresh, &fresh, true), StartPlan::InSync);
+        // In sync.
+        let g = standing(7, &[3], 0);
+        assert_eq!(start_plan(&g, &g, false), StartPlan::InSync);
+        // The source went on alone (new generation 9 after 7, writes recorded): the target is
+        // stale, whatever --assume-clean says.
+        let s = standing(9, &[7, 3], 12);
+        assert!(matches!(start_plan(&s, &g, true), StartPlan::Resync { stale: 1, .. }));
+        // The target went on alone: the source is the stale one.
+        assert!(matches!(start_plan(&g, &s, false), StartPlan::Resync { stale: 0, .. }));
+        // A sync onto the target was cut short: resume it.
+        let mut cut = g.clone();
+        cut.gen.consistent = false;
+        cut.gen.sync_source = 9;
+        assert!(matches!(start_plan(&s, &cut, false), StartPlan::Resync { stale: 1, .. }));
+        // Same generation, dirty bits on the source only (a write recorded, peer never flushed).
+        let d = standing(7, &[3], 4);
+        assert!(matches!(start_plan(&d, &g, false), StartPlan::Resync { stale: 1, .. }));
+        // Both went on alone: split brain.
+        let other = standing(11, &[7, 3], 5);
+        assert!(matches!(start_plan(&s, &other, false), StartPlan::Refuse(m) if m.contains("split brain")));
+        // Same generation, both dirty: nothing tells which is right.
+        assert!(matches!(start_plan(&d, &d, false), StartPlan::Refuse(_)));
+        // A replica with data nobody vouches for (discarded) gets a full sync.
+        assert!(matches!(start_plan(&g, &fresh, false), StartPlan::Resync { stale: 1, .. }));
+    }
 
     #[test]
     fn parses_specs() {

@@ -58,8 +58,16 @@ impl RemotePool {
         for _ in 0..n.max(1) {
             let (a, v, s) = (addr.to_string(), volume.to_string(), secret.to_vec());
             let (std_stream, sz) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-                let c = Client::connect(&a, &v, &s)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string()))?;
+                let c = Client::connect(&a, &v, &s).map_err(|e| {
+                    // Unreachable nodes keep a kind of their own (`is_unreachable`); refusals
+                    // (wrong secret, volume, version) are permission errors.
+                    let kind = if e.is_unreachable() {
+                        std::io::ErrorKind::ConnectionRefused
+                    } else {
+                        std::io::ErrorKind::PermissionDenied
+                    };
+                    std::io::Error::new(kind, e.to_string())
+                })?;
                 let size = c.info.size;
                 Ok((c.into_stream()?, size))
             })
@@ -70,6 +78,12 @@ impl RemotePool {
             conns.push(spawn_conn(TcpStream::from_std(std_stream)?));
         }
         Ok((RemotePool { addr: addr.into(), conns, next: AtomicUsize::new(0) }, size))
+    }
+
+    /// True when `e`, from [`RemotePool::connect`], says the node did not answer (it may be down),
+    /// rather than refused us.
+    pub fn is_unreachable(e: &std::io::Error) -> bool {
+        e.kind() == std::io::ErrorKind::ConnectionRefused
     }
 
     /// True when a connection has failed (the pool must be replaced).

@@ -419,13 +419,23 @@ impl Replica {
         }
     }
 
-    /// (Re)connects a remote replica.
-    pub async fn connect(&self) -> std::io::Result<()> {
-        if let Location::Remote { addr, volume, secret, conns, pool } = &self.location {
-            let (p, _) = RemotePool::connect(addr, volume, secret, *conns).await?;
-            *pool.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p));
+    /// (Re)connects a remote replica; returns the size of its volume (a local one: its store's).
+    pub async fn connect(&self) -> std::io::Result<u64> {
+        match &self.location {
+            Location::Remote { addr, volume, secret, conns, pool } => {
+                let (p, size) = RemotePool::connect(addr, volume, secret, *conns).await?;
+                *pool.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p));
+                Ok(size)
+            }
+            Location::Local { vol, .. } => Ok(vol.store.size()),
         }
-        Ok(())
+    }
+
+    /// Drops a remote replica's connections (it then counts as broken).
+    pub fn disconnect(&self) {
+        if let Location::Remote { pool, .. } = &self.location {
+            *pool.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     /// True when a remote replica's connections broke.

@@ -212,6 +212,40 @@ impl Router {
         Ok(())
     }
 
+    /// Puts replica `i` into resync (it receives writes, serves no reads) and has the other
+    /// replica push what `i` lacks; the supervisor returns `i` to service when that sync is done
+    /// and the other replica's bitmap is clean.
+    pub async fn start_resync(&self, i: usize) -> Result<(), String> {
+        let r = &self.replicas[i];
+        let s = &self.replicas[Self::other(i)];
+        {
+            // Wait out every write that left this replica out (see `membership`).
+            let _exclusive = self.membership.write().await;
+            r.state.store(RESYNCING, Ordering::Release);
+        }
+        let peer = r.addr().to_string();
+        match &s.location {
+            Location::Local { vol: v, .. } => {
+                start_local_job(v, self.cfg.secret.clone(), self.cfg.rate, JobKind::Sync, peer)
+            }
+            Location::Remote { .. } => match s.pool() {
+                Ok(p) => p
+                    .call(Message::StartJob { kind: JobKind::Sync, peer }, 0)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+
+    /// At start, a replica that cannot be reached: out of service, the other one records every
+    /// write from now on (a new generation), the supervisor reconnects and resyncs it.
+    pub async fn start_without(&self, i: usize, why: &str) -> std::io::Result<()> {
+        let e = eio(why.to_string());
+        self.fail_replica(i, &e, 0, 0).await
+    }
+
     /// One supervisor round.
     pub async fn supervise_once(&self) {
         for i in 0..2 {
@@ -223,36 +257,27 @@ impl Router {
                     let _ = self.fail_replica(i, &e, 0, 0).await;
                 }
                 FAILED if matches!(r.location, Location::Remote { .. }) && s.state() == IN_SYNC => {
-                    if r.connect().await.is_err() {
-                        continue;
+                    match r.connect().await {
+                        Ok(size) if size == self.size => {}
+                        Ok(size) => {
+                            tracing::error!(
+                                replica = r.role,
+                                "replica reachable again but its volume is {size} bytes, not {}: left out of service",
+                                self.size
+                            );
+                            r.disconnect();
+                            continue;
+                        }
+                        Err(_) => continue,
                     }
-                    // Back: it receives writes again, serves reads only where the survivor's
-                    // bitmap is clean, and the survivor pushes what it missed.
-                    {
-                        // Wait out every write that left this replica out (see `membership`).
-                        let _exclusive = self.membership.write().await;
-                        r.state.store(RESYNCING, Ordering::Release);
-                    }
+                    // Back: it receives writes again, serves no reads, and the survivor pushes
+                    // what it missed.
                     tracing::info!(
                         replica = r.role,
                         "replica reachable again: resyncing it from the {}",
                         s.role
                     );
-                    let peer = r.addr().to_string();
-                    let started = match &s.location {
-                        Location::Local { vol: v, .. } => {
-                            start_local_job(v, self.cfg.secret.clone(), self.cfg.rate, JobKind::Sync, peer)
-                        }
-                        Location::Remote { .. } => match s.pool() {
-                            Ok(p) => p
-                                .call(Message::StartJob { kind: JobKind::Sync, peer }, 0)
-                                .await
-                                .map(|_| ())
-                                .map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
-                        },
-                    };
-                    if let Err(e) = started {
+                    if let Err(e) = self.start_resync(i).await {
                         tracing::warn!(replica = r.role, "could not start the resync: {e}");
                         r.state.store(FAILED, Ordering::Release);
                     }
@@ -270,6 +295,19 @@ impl Router {
                             r.state.store(IN_SYNC, Ordering::Release);
                             self.degraded_marked.store(false, Ordering::Release);
                             tracing::info!(replica = r.role, "replica resynced and back in service");
+                        }
+                        "done" | "up-to-date" => {
+                            // The job ended with tracking still on: writes kept re-dirtying
+                            // blocks through all its passes. What they left is recorded; go
+                            // again (each pass sends less once the writes slow down).
+                            tracing::info!(
+                                replica = r.role,
+                                "resync ended with writes still arriving; starting another pass"
+                            );
+                            if let Err(e) = self.start_resync(i).await {
+                                tracing::warn!(replica = r.role, "could not restart the resync: {e}");
+                                r.state.store(FAILED, Ordering::Release);
+                            }
                         }
                         "failed" | "refused" | "cancelled" => {
                             tracing::warn!(replica = r.role, error = %status["job"]["error"], "resync {job_state}; replica stays out of service");

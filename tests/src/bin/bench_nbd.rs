@@ -121,6 +121,8 @@ fn serve_ours(
                 format!("127.0.0.1:{port}"),
                 "--target-weight".into(),
                 weight.to_string(),
+                // Every replica file is a copy of one seed (as for the peers): identical.
+                "--assume-clean".into(),
             ])
             .collect();
     let (k, _) = spawn_mirror(a, &args, "nbd listening on")?;

@@ -268,6 +268,8 @@ fn main() -> Result<()> {
             "ublk",
             "--target-weight",
             "50",
+            // Both data files are zeroed alike (md raid1 gets --assume-clean too).
+            "--assume-clean",
         ])
         .args(["--ublk-queues", "1", "--ublk-depth", "128"])
         .args(if a.fast_path { &[][..] } else { &["--ublk-no-fast-path"][..] })
