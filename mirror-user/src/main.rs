@@ -967,8 +967,10 @@ async fn serve(
     if let Some(t) = unix_task {
         let _ = t.await;
     }
-    if let Err(e) = vol.router.flush().await {
-        tracing::error!("final flush failed: {e}");
+    match vol.router.flush().await {
+        // Everything written is on both: the write intent goes (the next start needs no resync).
+        Ok(()) => vol.router.close_intents().await,
+        Err(e) => tracing::error!("final flush failed: {e}"),
     }
     for s in &vol.local_servers {
         s.shutdown();

@@ -545,3 +545,144 @@ fn never_synced_replicas_get_an_initial_sync_before_the_target_serves_reads() {
     run_tool(Command::new("nbdcopy").arg(format!("nbd://{}/", srv.nbd)).arg(&back));
     assert_eq!(file_digest(&back), source_digest);
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok =
+        Command::new("kill").args([sig, &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// The source's dirty bytes and whether it is tracking, from its embedded server.
+fn source_bits(node: &str, sec: &str) -> (u64, bool) {
+    let (ok, out, err) =
+        support::mirror_cli(&["status", "--node", node, "--volume", "v", "--secret-file", sec]);
+    assert!(ok, "mirror status: {err}");
+    let js: serde_json::Value = serde_json::from_str(&out).unwrap();
+    (js["dirty_bytes"].as_u64().unwrap(), js["tracking"] == true)
+}
+
+/// A router killed while a write is applied on the source but not on the target (the target
+/// node dies with it): the write intent recorded in the source's bitmap before the write makes
+/// the next start resync that extent, instead of trusting two replicas that differ.
+#[test]
+fn a_router_killed_mid_write_leaves_intent_and_the_next_start_resyncs_it() {
+    const T: &str = "serve::a_router_killed_mid_write_leaves_intent_and_the_next_start_resyncs_it";
+    if which("qemu-io").is_none() {
+        return skip(T, "NBD", "qemu-io is not installed (cargo xtask setup)");
+    }
+    let dir = TempDir::new("serve-intent");
+    let secret = secret_file(&dir.0);
+    let sec = secret.display().to_string();
+    for f in ["s.img", "t.img"] {
+        std::fs::write(dir.0.join(f), vec![0u8; (16 * MIB) as usize]).unwrap();
+    }
+    let mut t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
+    let source_listen = free_addr();
+    let s0 = Replica::start(&dir.0.join("s.img"), &secret, Some(&source_listen), &[]);
+    support::sync_ok(&s0.addr, &t.addr, &secret, &[]);
+    drop(s0);
+    std::thread::sleep(Duration::from_millis(200));
+    let (src, tgt) = (format!("local:{}", dir.0.join("s.img").display()), format!("remote:{}", t.addr));
+    let args = |weight: &str| -> Vec<String> {
+        [
+            "--volume",
+            "v",
+            "--source",
+            &src,
+            "--target",
+            &tgt,
+            "--secret-file",
+            &sec,
+            "--source-listen",
+            &source_listen,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--target-weight".into(), weight.into()])
+        .collect()
+    };
+
+    let srv = serve(&argv(&args("0")));
+    qemu_io(&srv, &["write -P 0xaa 0 1M"]);
+    // The target node freezes (it stops reading the router's connection), a write goes out: the
+    // source applies it, the target never will, and the router dies with the target.
+    signal(t.child.id(), "-STOP");
+    let mut pending = Command::new("qemu-io")
+        .args(["-f", "raw", &format!("nbd://{}/", srv.nbd), "-c", "write -P 0xbb 0 64k"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    std::thread::sleep(Duration::from_millis(800));
+    drop(srv); // SIGKILL
+    t.kill(); // SIGKILL of the stopped target: the buffered write is never applied
+    let _ = pending.kill();
+    let _ = pending.wait();
+    assert_ne!(
+        file_digest(&dir.0.join("s.img")),
+        file_digest(&dir.0.join("t.img")),
+        "the test did not make the replicas differ"
+    );
+    let (dirty, tracking) = source_bits_offline(&dir.0.join("s.img"), &secret);
+    assert!(dirty > 0 && !tracking, "no write intent on the source: {dirty} bytes, tracking {tracking}");
+
+    t.restart();
+    let srv = serve(&argv(&args("100")));
+    // Every read weighted to the target, which lacks the write: the start resynced it first.
+    qemu_io(&srv, &["read -P 0xbb 0 64k", "read -P 0xaa 64k 960k"]);
+    wait_clean(&source_listen, &sec, "resync of the extent with write intent");
+    std::thread::sleep(Duration::from_millis(600));
+    qemu_io(&srv, &["read -P 0xbb 0 64k"]);
+    drop(srv);
+    assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")), "replicas differ");
+}
+
+/// The source's metadata while no router runs: served briefly by a replica process.
+fn source_bits_offline(path: &std::path::Path, secret: &std::path::Path) -> (u64, bool) {
+    let r = Replica::start(path, secret, None, &[]);
+    source_bits(&r.addr, &secret.display().to_string())
+}
+
+/// A router stopped cleanly (SIGTERM) drops its write intent after the final flush: the next
+/// start needs no resync. While it runs, the intent of the written extent is on the source.
+#[test]
+fn a_clean_stop_drops_the_write_intent() {
+    const T: &str = "serve::a_clean_stop_drops_the_write_intent";
+    if which("qemu-io").is_none() {
+        return skip(T, "NBD", "qemu-io is not installed (cargo xtask setup)");
+    }
+    let dir = TempDir::new("serve-clean");
+    let secret = secret_file(&dir.0);
+    let sec = secret.display().to_string();
+    for f in ["s.img", "t.img"] {
+        std::fs::write(dir.0.join(f), vec![0u8; (16 * MIB) as usize]).unwrap();
+    }
+    let (src, tgt) = (
+        format!("local:{}", dir.0.join("s.img").display()),
+        format!("local:{}", dir.0.join("t.img").display()),
+    );
+    let source_listen = free_addr();
+    let args = [
+        "--volume",
+        "v",
+        "--source",
+        &src,
+        "--target",
+        &tgt,
+        "--secret-file",
+        &sec,
+        "--source-listen",
+        &source_listen,
+        "--assume-clean",
+    ];
+    let mut srv = serve(&args);
+    qemu_io(&srv, &["write -P 0xcc 5M 8k"]);
+    let (dirty, tracking) = source_bits(&source_listen, &sec);
+    assert_eq!((dirty, tracking), (4 << 20, false), "the written extent's intent (4 MiB), no tracking");
+    signal(srv.child.id(), "-TERM");
+    let status = srv.child.wait().unwrap();
+    assert!(status.success(), "serve exit {status:?}");
+    let (dirty, _) = source_bits_offline(&dir.0.join("s.img"), &secret);
+    assert_eq!(dirty, 0, "intent left after a clean stop");
+    assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")));
+}

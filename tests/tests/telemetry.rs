@@ -298,7 +298,7 @@ fn run_queue_duty_cycle_measures_a_share_of_the_time_with_the_same_rates() {
     let duties = [20u32, 100];
     let daemons: Vec<Daemon> = duties
         .iter()
-        .map(|d| Daemon::start(&["--runq-duty", &d.to_string(), "--runq-period", "100ms"]))
+        .map(|d| Daemon::start(&["--runq-duty", &d.to_string(), "--runq-period", "250ms"]))
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let before: Vec<NodeSnapshot> = daemons.iter().map(snap).collect();

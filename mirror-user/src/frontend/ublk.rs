@@ -415,7 +415,7 @@ fn fast_submit<D: BlockDev>(
     if len == 0 || len as usize > buf.len() || off.checked_add(u64::from(len))? > dev.size() {
         return None;
     }
-    let set = if write { dev.fast_write()? } else { 1 << dev.fast_read()? };
+    let set = if write { dev.fast_write(off, u64::from(len))? } else { 1 << dev.fast_read()? };
     // Every descriptor first (checks and counters), so nothing is submitted unless all are.
     let mut fds = [None; 2];
     for (i, fd) in fds.iter_mut().enumerate() {

@@ -290,6 +290,70 @@ impl VolumeMeta {
         self.set_bits(&mut st, offset, len)
     }
 
+    /// The router's write intent (activity log): records `[offset, offset+len)` durably as
+    /// possibly differing on the peer, without entering tracking or changing generations. A
+    /// router that dies with writes in flight leaves these bits; the next start resyncs them.
+    /// Returns whether any bit was newly set.
+    pub fn mark_intent(&self, offset: u64, len: u64) -> Result<bool, MetaError> {
+        self.mark_dirty(offset, len)
+    }
+
+    /// Drops the write intent of `[offset, offset+len)` once the router has flushed both
+    /// replicas after its last write there: clears the range's bits in memory and on disk,
+    /// durably. Not while tracking (degraded or syncing), when the bits are the record of what
+    /// the peer lacks: returns false then and clears nothing.
+    pub fn clear_intent(&self, offset: u64, len: u64) -> Result<bool, MetaError> {
+        let mut st = self.lock();
+        if st.hdr.tracking {
+            return Ok(false);
+        }
+        let bs = st.hdr.block_size as u64;
+        let r = bit_range(offset, len, bs, self.nbits);
+        let mut changed = false;
+        for bit in r.clone() {
+            let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
+            st.mem[w] &= !m;
+            if st.disk[w] & m != 0 {
+                st.disk[w] &= !m;
+                changed = true;
+            }
+        }
+        if changed {
+            let words = (r.start / 64) as usize..(r.end.div_ceil(64)) as usize;
+            self.persist_words(&st, words)?;
+        }
+        Ok(true)
+    }
+
+    /// ORs a peer's bitmap (as [`Self::bitmap_bytes`] gives it) into this one, durably: the
+    /// blocks the peer recorded as possibly differing (its write intent) are resent too.
+    /// Returns how many bits were newly set.
+    pub fn merge_bitmap(&self, bytes: &[u8]) -> Result<u64, MetaError> {
+        let mut st = self.lock();
+        let mut newly = 0u64;
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        for (w, chunk) in bytes.chunks(8).enumerate().take(st.disk.len()) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            let mut v = u64::from_le_bytes(b);
+            if w + 1 == st.disk.len() && !self.nbits.is_multiple_of(64) {
+                v &= (1u64 << (self.nbits % 64)) - 1;
+            }
+            st.mem[w] |= v;
+            let add = v & !st.disk[w];
+            if add != 0 {
+                st.disk[w] |= add;
+                newly += add.count_ones() as u64;
+                lo = lo.min(w);
+                hi = hi.max(w + 1);
+            }
+        }
+        if lo < hi {
+            self.persist_words(&st, lo..hi)?;
+        }
+        Ok(newly)
+    }
+
     /// Before applying a write: while tracking, records its range durably and counts it in
     /// flight. Returns whether the write is tracked (then [`Self::end_write`] must follow).
     pub fn begin_write(&self, offset: u64, len: u64) -> Result<bool, MetaError> {
@@ -512,6 +576,34 @@ mod tests {
     }
     fn tmp(tag: &str) -> Tmp {
         Tmp(std::env::temp_dir().join(format!("mirror-meta-{tag}-{}-{}", std::process::id(), random_u64())))
+    }
+
+    #[test]
+    fn write_intent_marks_and_clears_without_tracking_and_merges() {
+        let t = tmp("intent");
+        let m = VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        assert!(m.mark_intent(8192, 8192).unwrap());
+        assert!(!m.header().tracking, "intent is not degraded tracking");
+        assert_eq!(m.dirty_bits(), 2);
+        drop(m);
+        // Durable: a crashed router's intent survives.
+        let m = VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        assert_eq!(m.dirty_bits(), 2);
+        assert!(m.clear_intent(0, 1 << 20).unwrap());
+        assert_eq!((m.dirty_bits(), m.pending_bits()), (0, 0));
+        // While tracking the bits are the record of what the peer lacks: kept.
+        m.mark_intent(0, 4096).unwrap();
+        m.update(|h| h.tracking = true).unwrap();
+        assert!(!m.clear_intent(0, 4096).unwrap());
+        assert_eq!(m.dirty_bits(), 1);
+        // A peer's bitmap ORed in.
+        let t2 = tmp("intent-peer");
+        let peer = VolumeMeta::open(&t2.0, 1 << 20, 4096).unwrap();
+        peer.mark_intent(4096 * 10, 4096 * 3).unwrap();
+        peer.mark_intent(0, 4096).unwrap();
+        assert_eq!(m.merge_bitmap(&peer.bitmap_bytes()).unwrap(), 3, "bit 0 was set already");
+        assert_eq!(m.dirty_bits(), 4);
+        assert!(!m.is_clean(4096 * 12, 1) && m.is_clean(4096 * 13, 4096));
     }
 
     #[test]

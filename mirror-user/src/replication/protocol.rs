@@ -11,7 +11,7 @@ use std::fmt;
 /// Frame magic, "MRF1".
 pub const MAGIC: u32 = 0x3146_524d;
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted; larger frames are refused before any allocation.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
@@ -242,6 +242,19 @@ pub enum Message {
     CancelJob,
     /// Manual split-brain resolution: this replica's data is discarded (next sync is full).
     ResolveDiscard,
+    /// The router's write intent (activity log): records a range durably as possibly
+    /// differing on the peer, without entering tracking.
+    MarkIntent {
+        offset: u64,
+        len: u64,
+    },
+    /// Drops the write intent of a range (both replicas flushed since the last write there).
+    /// Reply: `Data([1])` cleared, `Data([0])` kept because the replica is tracking (its bits
+    /// then record what the peer lacks).
+    ClearIntent {
+        offset: u64,
+        len: u64,
+    },
     /// The dirty bitmap: bit i set = block i may be missing on the peer (one bit per
     /// `block_size`, little-endian u64 words). The router reads from the peer only clean blocks.
     GetBitmap,
@@ -297,6 +310,10 @@ impl fmt::Debug for Message {
             Message::CancelJob => write!(f, "CancelJob"),
             Message::ResolveDiscard => write!(f, "ResolveDiscard"),
             Message::GetBitmap => write!(f, "GetBitmap"),
+            Message::MarkIntent { offset, len } => write!(f, "MarkIntent {{ offset: {offset}, len: {len} }}"),
+            Message::ClearIntent { offset, len } => {
+                write!(f, "ClearIntent {{ offset: {offset}, len: {len} }}")
+            }
             Message::Ok => write!(f, "Ok"),
             Message::Error { code, message } => write!(f, "Error {{ code: {code}, message: {message:?} }}"),
             Message::HeartbeatAck { seq, health, report } => {
@@ -414,6 +431,8 @@ impl Message {
             Message::CancelJob => 30,
             Message::ResolveDiscard => 31,
             Message::GetBitmap => 32,
+            Message::MarkIntent { .. } => 33,
+            Message::ClearIntent { .. } => 34,
             Message::Ok => 64,
             Message::Data(_) => 65,
             Message::DigestList(_) => 66,
@@ -465,7 +484,9 @@ impl Message {
                 out.extend_from_slice(&raw_len.to_le_bytes());
                 out.extend_from_slice(data);
             }
-            Message::MarkDirty { offset, len } => {
+            Message::MarkDirty { offset, len }
+            | Message::MarkIntent { offset, len }
+            | Message::ClearIntent { offset, len } => {
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(&len.to_le_bytes());
             }
@@ -564,6 +585,8 @@ impl Message {
             30 => Message::CancelJob,
             31 => Message::ResolveDiscard,
             32 => Message::GetBitmap,
+            33 => Message::MarkIntent { offset: r.u64()?, len: r.u64()? },
+            34 => Message::ClearIntent { offset: r.u64()?, len: r.u64()? },
             64 => Message::Ok,
             65 => Message::Data(r.rest()),
             66 => {
@@ -609,6 +632,8 @@ fn kind_name(kind: u16) -> Option<&'static str> {
         30 => "CancelJob",
         31 => "ResolveDiscard",
         32 => "GetBitmap",
+        33 => "MarkIntent",
+        34 => "ClearIntent",
         64 => "Ok",
         65 => "Data",
         66 => "DigestList",
@@ -669,6 +694,8 @@ mod tests {
             Message::CancelJob,
             Message::ResolveDiscard,
             Message::GetBitmap,
+            Message::MarkIntent { offset: 4096, len: 4 << 20 },
+            Message::ClearIntent { offset: 0, len: 1 << 22 },
             Message::Ok,
             Message::Data(vec![5; 10]),
             Message::DigestList(vec![[1; 16], [2; 16]]),

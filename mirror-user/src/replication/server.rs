@@ -574,6 +574,21 @@ fn dispatch(vol: &Arc<Volume>, shared: &Shared, flags: u16, msg: Message) -> (Me
         }
         Message::Digests { grain, extents } => digests(vol, grain, &extents),
         Message::MarkDirty { offset, len } => dispatch_mark_dirty(vol, offset, len),
+        Message::MarkIntent { offset, len } => match check_range(vol, offset, len) {
+            Err(m) => m,
+            Ok(()) => match vol.meta.mark_intent(offset, len) {
+                Ok(_) => Message::Ok,
+                Err(e) => err(code::IO, e.to_string()),
+            },
+        },
+        Message::ClearIntent { offset, len } => match check_range(vol, offset, len) {
+            Err(m) => m,
+            // One byte: 1 cleared, 0 kept (tracking: the bits record what the peer lacks).
+            Ok(()) => match vol.meta.clear_intent(offset, len) {
+                Ok(cleared) => Message::Data(vec![cleared as u8]),
+                Err(e) => err(code::IO, e.to_string()),
+            },
+        },
         Message::Heartbeat { seq, .. } => {
             Message::HeartbeatAck { seq, health: shared.health.score(), report: shared.health.report() }
         }
@@ -615,7 +630,14 @@ fn dispatch(vol: &Arc<Volume>, shared: &Shared, flags: u16, msg: Message) -> (Me
             }
         }
         Message::StartJob { kind, peer } => start_job(vol, shared, kind, peer),
-        Message::GetBitmap => Message::Data(vol.meta.bitmap_bytes()),
+        Message::GetBitmap => {
+            let bits = vol.meta.bitmap_bytes();
+            if bits.len() > super::protocol::MAX_PAYLOAD as usize {
+                err(code::RANGE, format!("the bitmap ({} bytes) exceeds one frame", bits.len()))
+            } else {
+                Message::Data(bits)
+            }
+        }
         Message::JobStatus => {
             let j = vol.job.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|j| j.to_json());
             Message::Json(j.unwrap_or(serde_json::json!({"state": "none"})).to_string())

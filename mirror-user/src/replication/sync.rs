@@ -185,7 +185,7 @@ fn sync(vol: &Volume, c: &mut Client, st: &JobState, pacer: &mut Pacer) -> Resul
         SyncPlan::Refuse(r) => return Err(JobError::Refused(r)),
         SyncPlan::UpToDate => return Ok("up-to-date"),
         SyncPlan::Full => vol.meta.set_all_dirty()?,
-        SyncPlan::Resync => {}
+        SyncPlan::Resync => merge_peer_bitmap(vol, c)?,
     }
     let gen = vol
         .meta
@@ -201,6 +201,28 @@ fn sync(vol: &Volume, c: &mut Client, st: &JobState, pacer: &mut Pacer) -> Resul
     c.call_ok(&Message::SyncBegin { source_gen: gen.current })?;
     finish(vol, c, st, pacer, gen.current, gen.history)?;
     Ok("done")
+}
+
+/// A resync sends the union of both bitmaps (as DRBD does): blocks the peer recorded itself
+/// (a router's write intent left on it by a crash, with the write applied there but maybe not
+/// here) are sent from this side too, so the two end identical. A peer whose bitmap cannot be
+/// fetched in one reply (a volume past 512 GiB) gets every block compared instead.
+fn merge_peer_bitmap(vol: &Volume, c: &mut Client) -> Result<(), JobError> {
+    match c.call(&Message::GetBitmap) {
+        Ok(Message::Data(bits)) => {
+            let added = vol.meta.merge_bitmap(&bits)?;
+            if added > 0 {
+                tracing::info!(volume = %vol.name, peer = %c.addr, blocks = added, "resync includes the blocks the peer recorded");
+            }
+            Ok(())
+        }
+        Ok(Message::Error { message, .. }) | Err(ClientError::Remote { message, .. }) => {
+            tracing::warn!(volume = %vol.name, peer = %c.addr, "peer bitmap unavailable ({message}): comparing every block");
+            Ok(vol.meta.set_all_dirty()?)
+        }
+        Ok(m) => Err(JobError::Client(ClientError::Unexpected(format!("{m:?}")))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Sends what is pending, marks the peer consistent, and leaves tracking mode once nothing is

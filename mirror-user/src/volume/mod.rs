@@ -2,6 +2,7 @@
 //! implements it for a mirrored volume; [`file::FileDev`] implements it for one file (a single
 //! replica, used as a baseline and in frontend tests).
 
+pub mod activity;
 pub mod file;
 pub mod open;
 pub mod remote;
@@ -49,9 +50,10 @@ pub trait BlockDev: Send + Sync + 'static {
     fn fast_read(&self) -> Option<usize> {
         None
     }
-    /// The replicas a write goes to, when every one of them is a local file the frontend may
-    /// write itself and no failure handling is under way.
-    fn fast_write(&self) -> Option<ReplicaSet> {
+    /// The replicas a write of `[offset, offset+len)` goes to, when every one of them is a
+    /// local file the frontend may write itself and nothing else has to happen first (no
+    /// failure handling under way, the range's write intent already recorded).
+    fn fast_write(&self, _offset: u64, _len: u64) -> Option<ReplicaSet> {
         None
     }
     /// Replica `i` of [`BlockDev::fast_read`] / [`BlockDev::fast_write`].

@@ -128,13 +128,17 @@ pub fn start_plan(s: &Standing, t: &Standing, assume_clean: bool) -> StartPlan {
     let pushes = |p: &SyncPlan| matches!(p, SyncPlan::Resync | SyncPlan::Full);
     match (&from_s, &from_t) {
         (SyncPlan::UpToDate, SyncPlan::UpToDate) => StartPlan::InSync,
-        // Both hold writes the other lacks at the same generation: nothing tells which is right.
-        (SyncPlan::Resync, SyncPlan::Resync) if s.gen.current == t.gen.current => StartPlan::Refuse(format!(
-            "both replicas record writes the other may lack at the same generation {:#x} (source {} \
-             blocks, target {} blocks): refusing to pick one; `mirror resolve --discard` the side \
-             to overwrite, then start again",
-            s.gen.current, s.dirty_bits, t.dirty_bits
-        )),
+        // Both record blocks at the same generation: write intent of routers that died (a side
+        // that went on alone would have started a generation of its own). A resync from the
+        // source sends the union of both bitmaps, which leaves them identical.
+        (SyncPlan::Resync, SyncPlan::Resync) if s.gen.current == t.gen.current => StartPlan::Resync {
+            stale: 1,
+            why: format!(
+                "both replicas record blocks written when a router stopped uncleanly (source {}, \
+                 target {}): resync of their union from the source",
+                s.dirty_bits, t.dirty_bits
+            ),
+        },
         (p, _) if pushes(p) => StartPlan::Resync { stale: 1, why: resync_why(t, &from_s, "source") },
         (_, p) if pushes(p) => StartPlan::Resync { stale: 0, why: resync_why(s, &from_t, "target") },
         (SyncPlan::Refuse(a), SyncPlan::Refuse(_)) => StartPlan::Refuse(a.clone()),
@@ -359,14 +363,16 @@ mod tests {
         cut.gen.consistent = false;
         cut.gen.sync_source = 9;
         assert!(matches!(start_plan(&s, &cut, false), StartPlan::Resync { stale: 1, .. }));
-        // Same generation, dirty bits on the source only (a write recorded, peer never flushed).
+        // Same generation, bits on the source only: write intent left by a router that died.
         let d = standing(7, &[3], 4);
         assert!(matches!(start_plan(&d, &g, false), StartPlan::Resync { stale: 1, .. }));
+        // ... on the target only (roles swapped since): the source is resynced from it.
+        assert!(matches!(start_plan(&g, &d, false), StartPlan::Resync { stale: 0, .. }));
         // Both went on alone: split brain.
         let other = standing(11, &[7, 3], 5);
         assert!(matches!(start_plan(&s, &other, false), StartPlan::Refuse(m) if m.contains("split brain")));
-        // Same generation, both dirty: nothing tells which is right.
-        assert!(matches!(start_plan(&d, &d, false), StartPlan::Refuse(_)));
+        // Same generation, bits on both: the union from the source.
+        assert!(matches!(start_plan(&d, &d, false), StartPlan::Resync { stale: 1, .. }));
         // A replica with data nobody vouches for (discarded) gets a full sync.
         assert!(matches!(start_plan(&g, &fresh, false), StartPlan::Resync { stale: 1, .. }));
     }

@@ -408,6 +408,35 @@ impl Replica {
         }
     }
 
+    /// The router's write intent on this replica (see `VolumeMeta::mark_intent`), durable when
+    /// it returns.
+    pub async fn mark_intent(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match &self.location {
+            Location::Local { vol: v, .. } => {
+                Self::local(v, move |v| v.meta.mark_intent(offset, len).map(|_| ()).map_err(io_err)).await
+            }
+            Location::Remote { .. } => {
+                Self::expect_ok(self.pool()?.call(Message::MarkIntent { offset, len }, 0).await?)
+            }
+        }
+    }
+
+    /// Drops the router's write intent of a range; `Ok(false)` when the replica is tracking (its
+    /// bits then record what the peer lacks and stay).
+    pub async fn clear_intent(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        match &self.location {
+            Location::Local { vol: v, .. } => {
+                Self::local(v, move |v| v.meta.clear_intent(offset, len).map_err(io_err)).await
+            }
+            Location::Remote { .. } => {
+                match self.pool()?.call(Message::ClearIntent { offset, len }, 0).await? {
+                    Message::Data(d) if d.len() == 1 => Ok(d[0] == 1),
+                    m => Err(io_err(format!("unexpected reply {m:?}"))),
+                }
+            }
+        }
+    }
+
     /// The replica's volume status.
     pub async fn status(&self) -> std::io::Result<serde_json::Value> {
         match &self.location {

@@ -6,17 +6,20 @@
 //! flushes go to both in parallel; when one replica fails, it is marked failed and the range is
 //! recorded durably on the survivor *before* the write is acknowledged, so the application sees an
 //! error only when both fail. A supervisor reconnects a failed remote replica, has the survivor
-//! resync it, and returns it to service when the survivor's dirty bitmap is empty.
+//! resync it, and returns it to service when the survivor's dirty bitmap is empty. While both
+//! replicas are in sync, each write's 4 MiB extent carries a durable write intent on the source
+//! (`volume::activity`), so a router that dies mid-write leaves a record for the next start.
 
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicU8, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use super::{
+    activity::ActivityLog,
     replica::{Location, Replica, FAILED, IN_SYNC, RESYNCING},
     BlockDev,
 };
@@ -88,7 +91,12 @@ pub struct Router {
     /// the write set only under it exclusively, so every write that left the replica out has
     /// completed (and been recorded by the survivor) before the replica is written or read again.
     membership: tokio::sync::RwLock<()>,
+    /// Write intent for router crashes (see `volume::activity`), kept in the source's bitmap.
+    al: ActivityLog,
 }
+
+/// An extent with write intent recorded is dropped after this long without a write.
+pub const INTENT_IDLE: Duration = Duration::from_secs(10);
 
 fn eio(msg: impl Into<String>) -> std::io::Error {
     std::io::Error::other(msg.into())
@@ -110,6 +118,7 @@ impl Router {
             cfg,
             degraded_marked: AtomicBool::new(false),
             membership: tokio::sync::RwLock::new(()),
+            al: ActivityLog::new(size, INTENT_IDLE),
         })
     }
 
@@ -158,13 +167,95 @@ impl Router {
         Ok(())
     }
 
+    /// True while both replicas are in sync and nothing is being recorded: then writes need
+    /// their intent recorded (otherwise the survivor, or the sync source, records them all).
+    fn intent_needed(&self) -> bool {
+        !self.degraded_marked.load(Ordering::Acquire) && self.replicas.iter().all(|r| r.state() == IN_SYNC)
+    }
+
+    /// Makes sure the write intent of `[offset, offset+len)` is recorded on the source before a
+    /// write there is issued (lock-free when its extents are hot). A source that cannot record
+    /// it has failed: the target takes over and records the range.
+    async fn record_intent(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if self.al.touch_if_hot(offset, len) {
+            return Ok(());
+        }
+        let _marking = self.al.marking.lock().await;
+        for run in self.al.cold_runs(offset, len) {
+            let (o, l) = self.al.byte_range(run.clone());
+            if let Err(e) = self.replicas[0].mark_intent(o, l).await {
+                return self.fail_replica(0, &eio(format!("recording write intent: {e}")), offset, len).await;
+            }
+            self.al.set_hot(run, Instant::now());
+        }
+        self.al.touch_if_hot(offset, len);
+        Ok(())
+    }
+
+    /// Drops the intent of extents idle for [`INTENT_IDLE`]: both replicas flushed (every write
+    /// there completed long ago: a write that takes more than the write timeout fails its
+    /// replica), then the source's bits cleared. Skipped while a failure or a resync is being
+    /// recorded (the bits are then part of that record).
+    async fn drop_idle_intents(&self) {
+        self.al.tick(Instant::now());
+        if !self.intent_needed() {
+            return;
+        }
+        let Ok(_marking) = self.al.marking.try_lock() else { return };
+        let idle = self.al.take_cold(Instant::now());
+        if idle.is_empty() {
+            return;
+        }
+        self.drop_intents(idle).await;
+    }
+
+    async fn drop_intents(&self, runs: Vec<std::ops::Range<usize>>) {
+        let (a, b) = tokio::join!(self.replicas[0].flush(), self.replicas[1].flush());
+        if a.is_err() || b.is_err() {
+            // Kept: the flush failure is handled by the next write or flush.
+            for run in runs {
+                self.al.set_hot(run, Instant::now());
+            }
+            return;
+        }
+        for run in runs {
+            let (o, l) = self.al.byte_range(run.clone());
+            if let Err(e) = self.replicas[0].clear_intent(o, l).await {
+                tracing::debug!("dropping write intent of {o}+{l}: {e}; kept");
+                self.al.set_hot(run, Instant::now());
+            }
+        }
+    }
+
+    /// Clean shutdown, after the last write was flushed: drops every recorded intent, so the
+    /// next start finds the replicas in sync.
+    pub async fn close_intents(&self) {
+        if !self.intent_needed() {
+            return;
+        }
+        let _marking = self.al.marking.lock().await;
+        let all = self.al.take_all();
+        if !all.is_empty() {
+            self.drop_intents(all).await;
+        }
+    }
+
+    /// Extents of the volume with write intent recorded (for status).
+    pub fn intent_extents(&self) -> usize {
+        self.al.hot_count()
+    }
+
     /// Runs a write-like operation on every live replica; handles failures as described above.
-    async fn mirrored<F, Fut>(&self, offset: u64, len: u64, op: F) -> std::io::Result<()>
+    /// `intent`: a write, whose intent must be recorded first (not a flush).
+    async fn mirrored<F, Fut>(&self, offset: u64, len: u64, intent: bool, op: F) -> std::io::Result<()>
     where
         F: Fn(Arc<Replica>) -> Fut,
         Fut: std::future::Future<Output = std::io::Result<()>>,
     {
         let _membership = self.membership.read().await;
+        if intent && self.intent_needed() {
+            self.record_intent(offset, len).await?;
+        }
         // Read before the write is issued: only a survivor that was already tracking when this
         // write began has recorded it.
         let tracked_before = self.degraded_marked.load(Ordering::Acquire);
@@ -248,6 +339,7 @@ impl Router {
 
     /// One supervisor round.
     pub async fn supervise_once(&self) {
+        self.drop_idle_intents().await;
         for i in 0..2 {
             let r = &self.replicas[i];
             let s = &self.replicas[Self::other(i)];
@@ -292,6 +384,8 @@ impl Router {
                     let job_state = status["job"]["state"].as_str().unwrap_or("none").to_string();
                     match job_state.as_str() {
                         "done" | "up-to-date" if status["tracking"] == false => {
+                            // The sync left the source's bitmap empty: the log starts over.
+                            self.al.take_all();
                             r.state.store(IN_SYNC, Ordering::Release);
                             self.degraded_marked.store(false, Ordering::Release);
                             tracing::info!(replica = r.role, "replica resynced and back in service");
@@ -326,6 +420,7 @@ impl Router {
         serde_json::json!({
             "size": self.size,
             "weights": { "source": 100 - self.weights.target(), "target": self.weights.target() },
+            "intent_extents": self.al.hot_count(),
             "replicas": [self.replicas[0].stats_json(), self.replicas[1].stats_json()],
         })
     }
@@ -353,9 +448,10 @@ impl BlockDev for Router {
     /// Both replicas local and in sync, and no failure recorded: a write to both, acknowledged
     /// after both, is what `mirrored` would do. (Local replicas never return from `FAILED` in
     /// this process, so no write that left one out can still be in flight: no `membership`.)
-    fn fast_write(&self) -> Option<super::ReplicaSet> {
+    fn fast_write(&self, offset: u64, len: u64) -> Option<super::ReplicaSet> {
         let ok = !self.degraded_marked.load(Ordering::Acquire)
-            && self.replicas.iter().all(|r| r.is_local_uring() && r.state() == IN_SYNC);
+            && self.replicas.iter().all(|r| r.is_local_uring() && r.state() == IN_SYNC)
+            && self.al.touch_if_hot(offset, len);
         ok.then_some(0b11)
     }
 
@@ -412,7 +508,7 @@ impl BlockDev for Router {
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
         let len = data.len() as u64;
         let data = Arc::new(data);
-        self.mirrored(offset, len, |r| {
+        self.mirrored(offset, len, true, |r| {
             let d = data.clone();
             async move { r.write(offset, d, fua).await }
         })
@@ -423,7 +519,7 @@ impl BlockDev for Router {
         // A replica that fails a flush may have lost any write since its last flush: the whole
         // volume is recorded on the survivor (the resync compares digests, so it stays cheap).
         let size = self.size;
-        self.mirrored(0, size, |r| async move { r.flush().await }).await
+        self.mirrored(0, size, false, |r| async move { r.flush().await }).await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -431,6 +527,6 @@ impl BlockDev for Router {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.mirrored(offset, len, |r| async move { r.write_zeroes(offset, len).await }).await
+        self.mirrored(offset, len, true, |r| async move { r.write_zeroes(offset, len).await }).await
     }
 }

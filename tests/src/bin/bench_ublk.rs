@@ -184,7 +184,7 @@ impl BlockDev for OneReplica {
     fn fast_read(&self) -> Option<usize> {
         self.r.is_local_uring().then_some(0)
     }
-    fn fast_write(&self) -> Option<u8> {
+    fn fast_write(&self, _offset: u64, _len: u64) -> Option<u8> {
         self.r.is_local_uring().then_some(1)
     }
     fn replica(&self, i: usize) -> Option<&Replica> {
