@@ -13,9 +13,10 @@ use std::{
     path::Path,
     ptr::NonNull,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU64, AtomicU8, Ordering},
         mpsc,
     },
+    time::Instant,
 };
 
 use io_uring::{opcode, types, IoUring};
@@ -26,6 +27,34 @@ pub const ALIGN: usize = 4096;
 const RING_ENTRIES: u32 = 256;
 /// Largest read first tried from the page cache on the calling thread.
 const CACHED_READ_MAX: usize = 128 << 10;
+
+/// How [`UringFile::read_cached_into`] reads on the calling thread: `preadv2(RWF_NOWAIT)`, which
+/// never waits for a device...
+const INLINE_NOWAIT: u8 = 0;
+/// ...or, on a filesystem that refuses `RWF_NOWAIT` but keeps its data in memory (tmpfs,
+/// ramfs: there is no device to wait for, only a swapped-out page), a plain `pread`, as long as
+/// such reads stay fast on average...
+const INLINE_MEMORY: u8 = 1;
+/// ...or not at all (every read goes to the ring).
+const INLINE_NONE: u8 = 2;
+/// Inline reads of a memory-backed file slower than this on average (swapping) go to the ring...
+const INLINE_READ_SLOW_US: u64 = 500;
+/// ...except one in this many, which measures again whether they became fast.
+const INLINE_READ_PROBE: u64 = 256;
+
+/// True when `f`'s filesystem keeps file data in memory only (tmpfs, ramfs).
+fn memory_backed(f: &File) -> bool {
+    // SAFETY: `st` is a plain C struct that fstatfs fills in; all-zero bytes are a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open (borrowed from `f`) and `st` is writable for the call.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    // linux/magic.h; the C type of `f_type` differs between targets, the values fit in 32 bits.
+    const TMPFS_MAGIC: u32 = 0x0102_1994;
+    const RAMFS_MAGIC: u32 = 0x8584_58f6;
+    matches!(st.f_type as u32, TMPFS_MAGIC | RAMFS_MAGIC)
+}
 
 /// A heap buffer aligned to [`ALIGN`].
 struct AlignedBuf {
@@ -110,9 +139,15 @@ pub struct UringFile {
     /// The buffered descriptor, for reads served from the page cache without the ring (and the
     /// ublk fast path's unaligned requests).
     cached: File,
-    /// False once `preadv2(RWF_NOWAIT)` said the filesystem does not support it (tmpfs, say):
-    /// then no read tries it again, instead of paying a failed system call before each.
-    nowait: AtomicBool,
+    /// How reads are tried on the calling thread (`INLINE_*`): with `RWF_NOWAIT` until the
+    /// filesystem says it does not support it (tmpfs, say; then no read pays that failed call
+    /// again), then a plain `pread` if the data is in memory, else not at all.
+    inline: AtomicU8,
+    /// The filesystem keeps the data in memory (tmpfs, ramfs).
+    memory: bool,
+    /// Mean duration of the plain inline reads (`INLINE_MEMORY`), microseconds, and their count.
+    mem_read_ewma_us: AtomicU64,
+    mem_reads: AtomicU64,
 }
 
 impl UringFile {
@@ -133,7 +168,16 @@ impl UringFile {
         std::thread::Builder::new()
             .name("mirror-uring".into())
             .spawn(move || ring_loop(ring, buffered, direct, rx))?;
-        Ok(UringFile { tx, direct: direct_dup, cached, nowait: AtomicBool::new(true) })
+        let memory = memory_backed(&cached);
+        Ok(UringFile {
+            tx,
+            direct: direct_dup,
+            cached,
+            inline: AtomicU8::new(INLINE_NOWAIT),
+            memory,
+            mem_read_ewma_us: AtomicU64::new(0),
+            mem_reads: AtomicU64::new(0),
+        })
     }
 
     /// True when aligned requests bypass the page cache.
@@ -178,20 +222,48 @@ impl UringFile {
     }
 
     /// [`UringFile::read`]'s page-cache attempt into the caller's buffer: true when all of `buf`
-    /// was read (never on a file with `O_DIRECT`, whose data the page cache may not hold).
+    /// was read (never on a file with `O_DIRECT`, whose data the page cache may not hold). A
+    /// read that might wait for a device is never done here: with `RWF_NOWAIT` the kernel says
+    /// so; on tmpfs or ramfs, which refuse `RWF_NOWAIT`, the data is in memory (a plain `pread`
+    /// can wait only for a swapped-out page) and such reads are done here while they stay fast
+    /// on average, like the inline writes.
     pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> bool {
         let Ok(off) = libc::off_t::try_from(offset) else { return false };
-        if buf.is_empty() || self.direct.is_some() || !self.nowait.load(Ordering::Relaxed) {
+        if buf.is_empty() || self.direct.is_some() {
             return false;
         }
         let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-        // SAFETY: `iov` describes the writable bytes of `buf`, which outlives this synchronous
-        // call; the descriptor is open for as long as `self`.
-        let n = unsafe { libc::preadv2(self.cached.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
-        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
-            self.nowait.store(false, Ordering::Relaxed);
-            tracing::debug!("no RWF_NOWAIT reads on this filesystem: every read goes through io_uring");
-        }
+        let n = match self.inline.load(Ordering::Relaxed) {
+            INLINE_NOWAIT => {
+                // SAFETY: `iov` describes the writable bytes of `buf`, which outlives this
+                // synchronous call; the descriptor is open for as long as `self`.
+                let n = unsafe { libc::preadv2(self.cached.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+                if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    let (next, how) = if self.memory {
+                        (INLINE_MEMORY, "memory-backed: reads are plain preads on the calling thread")
+                    } else {
+                        (INLINE_NONE, "every read goes through io_uring")
+                    };
+                    self.inline.store(next, Ordering::Relaxed);
+                    tracing::debug!("no RWF_NOWAIT reads on this filesystem; {how}");
+                }
+                n
+            }
+            INLINE_MEMORY => {
+                let k = self.mem_reads.fetch_add(1, Ordering::Relaxed);
+                if self.mem_read_ewma_us.load(Ordering::Relaxed) > INLINE_READ_SLOW_US
+                    && !k.is_multiple_of(INLINE_READ_PROBE)
+                {
+                    return false;
+                }
+                let t = Instant::now();
+                // SAFETY: as above.
+                let n = unsafe { libc::preadv2(self.cached.as_raw_fd(), &iov, 1, off, 0) };
+                ewma(&self.mem_read_ewma_us, t.elapsed().as_micros() as u64);
+                n
+            }
+            _ => return false,
+        };
         usize::try_from(n).ok() == Some(buf.len())
     }
 
@@ -236,6 +308,12 @@ impl UringFile {
     pub async fn fsync(&self) -> std::io::Result<()> {
         self.submit(Op::Fsync, false, 0, Buf::Plain(Vec::new())).await.map(|_| ())
     }
+}
+
+fn ewma(a: &AtomicU64, sample_us: u64) {
+    let old = a.load(Ordering::Relaxed);
+    let new = if old == 0 { sample_us } else { (old * 7 + sample_us) / 8 };
+    a.store(new.max(1), Ordering::Relaxed);
 }
 
 fn ring_loop(mut ring: IoUring, buffered: File, direct: Option<File>, rx: mpsc::Receiver<Req>) {
@@ -339,5 +417,64 @@ mod tests {
         }
         assert!(f.read(1 << 20, 4096).await.is_err(), "read past the end is short");
         let _ = std::fs::remove_file(&p);
+    }
+
+    /// tmpfs refuses `RWF_NOWAIT`: the first cached read says so (and falls to the ring), the
+    /// next ones are plain `pread`s on the calling thread, with the right bytes; a file on a
+    /// device-backed filesystem never reads that way (only with `RWF_NOWAIT`).
+    #[test]
+    fn memory_backed_files_are_read_inline_after_rwf_nowait_is_refused() {
+        let shm = std::path::Path::new("/dev/shm");
+        let p = shm.join(format!("mirror-uring-shm-{}", std::process::id()));
+        if std::fs::write(&p, b"").is_err() {
+            eprintln!("skipped: no writable /dev/shm (tmpfs) here");
+            return;
+        }
+        let data: Vec<u8> = (0..16384u32).map(|i| (i * 13 + 5) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = UringFile::open(&p, false).unwrap();
+        assert!(f.memory, "/dev/shm is tmpfs");
+        let mut buf = vec![0u8; 4096];
+        let first = f.read_cached_into(4096, &mut buf);
+        if first {
+            // Newer kernels serve RWF_NOWAIT reads from tmpfs: then that is what runs.
+            assert_eq!(buf, data[4096..8192]);
+            assert_eq!(f.inline.load(Ordering::Relaxed), INLINE_NOWAIT);
+            eprintln!("note: this kernel reads tmpfs with RWF_NOWAIT; the plain-pread mode is tested forced");
+            f.inline.store(INLINE_MEMORY, Ordering::Relaxed);
+        } else {
+            assert_eq!(f.inline.load(Ordering::Relaxed), INLINE_MEMORY, "tmpfs refused RWF_NOWAIT");
+        }
+        buf.fill(0);
+        assert!(f.read_cached_into(8192, &mut buf), "a plain pread from memory");
+        assert_eq!(buf, data[8192..12288]);
+        assert!(!f.read_cached_into(16384, &mut buf), "past the end: short, not done inline");
+        assert_eq!(f.mem_reads.load(Ordering::Relaxed), 2);
+        // Slow on average (swapping): the ring takes them, but one in INLINE_READ_PROBE measures.
+        f.mem_read_ewma_us.store(INLINE_READ_SLOW_US * 10, Ordering::Relaxed);
+        let inline: usize =
+            (0..INLINE_READ_PROBE).map(|_| usize::from(f.read_cached_into(0, &mut buf))).sum();
+        assert_eq!(inline, 1, "one probe read in {INLINE_READ_PROBE}");
+        assert!(
+            f.mem_read_ewma_us.load(Ordering::Relaxed) < INLINE_READ_SLOW_US * 10,
+            "the probe updated the mean"
+        );
+        let _ = std::fs::remove_file(&p);
+
+        let q = std::env::temp_dir().join(format!("mirror-uring-disk-{}", std::process::id()));
+        std::fs::write(&q, &data).unwrap();
+        let g = UringFile::open(&q, false).unwrap();
+        if g.memory {
+            eprintln!("skipped (second half): the temporary directory is memory-backed here");
+        } else {
+            let _ = g.read_cached_into(0, &mut buf);
+            assert_ne!(
+                g.inline.load(Ordering::Relaxed),
+                INLINE_MEMORY,
+                "a disk filesystem never reads plain inline"
+            );
+            assert_eq!(g.mem_reads.load(Ordering::Relaxed), 0);
+        }
+        let _ = std::fs::remove_file(&q);
     }
 }

@@ -46,6 +46,12 @@ struct Args {
     fs: String,
     /// Where the data files go (set in `main`).
     data: PathBuf,
+    /// Only these jobs / devices (by name; empty: all), for quick experiments. The report's
+    /// ratios need both sides: a ratio whose device was left out reads NaN.
+    jobs: Vec<String>,
+    devices: Vec<String>,
+    /// Extra arguments for `mirror serve` (ours-2local), e.g. `--serve-arg=--ublk-queues=2`.
+    serve_args: Vec<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -60,11 +66,18 @@ fn parse_args() -> Result<Args> {
         fast_path: true,
         fs: "tmpfs".into(),
         data: PathBuf::new(),
+        jobs: Vec::new(),
+        devices: Vec::new(),
+        serve_args: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         if k == "--no-fast-path" {
             a.fast_path = false;
+            continue;
+        }
+        if let Some(v) = k.strip_prefix("--serve-arg=") {
+            a.serve_args.push(v.to_string());
             continue;
         }
         let v = it.next().with_context(|| format!("{k} needs a value"))?;
@@ -78,12 +91,31 @@ fn parse_args() -> Result<Args> {
             "--out" => a.out = v.into(),
             "--fs" if v == "tmpfs" || v == "ext4" => a.fs = v,
             "--fs" => bail!("--fs is tmpfs or ext4, not {v:?}"),
+            "--jobs" => a.jobs = list(&v, JOBS.iter().map(|j| j.0))?,
+            "--devices" => a.devices = list(&v, DEVICES.iter().copied())?,
             _ => bail!(
-                "unknown flag {k} (--size, --rounds, --runtime, --mirror-bin, --rublk, --dir, --out, --fs, --no-fast-path)"
+                "unknown flag {k} (--size, --rounds, --runtime, --mirror-bin, --rublk, --dir, --out, --fs, \
+                 --jobs, --devices, --serve-arg=ARG, --no-fast-path)"
             ),
         }
     }
     Ok(a)
+}
+
+/// Every device of the benchmark, in its order.
+const DEVICES: &[&str] = &["ours-2local", "ours-1replica", "md-raid1", "rublk", "loop"];
+
+/// A comma-separated subset of `known`.
+fn list<'a>(v: &str, known: impl Iterator<Item = &'a str> + Clone) -> Result<Vec<String>> {
+    let names: Vec<String> = v.split(',').filter(|n| !n.is_empty()).map(str::to_string).collect();
+    for n in &names {
+        ensure!(
+            known.clone().any(|k| k == n),
+            "unknown name {n:?} (known: {})",
+            known.collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(names)
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
@@ -253,86 +285,113 @@ fn main() -> Result<()> {
     let a = a;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let _enter = rt.enter();
+    let want = |d: &str| a.devices.is_empty() || a.devices.iter().any(|n| n == d);
     let mut devs: Vec<(&str, String)> = Vec::new();
 
     // ours-2local
-    let (s, t) = (data_file(&a, "s.img")?, data_file(&a, "t.img")?);
-    let mut child = Command::new(&a.mirror)
-        .args([
-            "serve",
-            "--volume",
-            "v",
-            "--nbd",
-            "127.0.0.1:0",
-            "--frontend",
-            "ublk",
-            "--target-weight",
-            "50",
-            // Both data files are zeroed alike (md raid1 gets --assume-clean too).
-            "--assume-clean",
-        ])
-        .args(["--ublk-queues", "1", "--ublk-depth", "128"])
-        .args(if a.fast_path { &[][..] } else { &["--ublk-no-fast-path"][..] })
-        .arg("--secret-file")
-        .arg(a.dir.join("secret"))
-        .arg(format!("--source=local:{}", s.display()))
-        .arg(format!("--target=local:{}", t.display()))
-        .arg("--ctl-socket")
-        .arg(a.dir.join("ctl.sock"))
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("mirror serve")?;
-    let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
-    let _serve = Kill(child);
-    let ours = loop {
-        let mut line = String::new();
-        ensure!(out.read_line(&mut line)? > 0, "mirror serve exited before its ublk device came up");
-        if let Some(d) = line.trim().strip_prefix("ublk device ") {
-            break d.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in out.lines() {});
-    devs.push(("ours-2local", ours));
+    let mut _serve = None;
+    if want("ours-2local") {
+        let (s, t) = (data_file(&a, "s.img")?, data_file(&a, "t.img")?);
+        let mut child = Command::new(&a.mirror)
+            .args([
+                "serve",
+                "--volume",
+                "v",
+                "--nbd",
+                "127.0.0.1:0",
+                "--frontend",
+                "ublk",
+                "--target-weight",
+                "50",
+                // Both data files are zeroed alike (md raid1 gets --assume-clean too).
+                "--assume-clean",
+            ])
+            .args(["--ublk-queues", "1", "--ublk-depth", "128"])
+            .args(if a.fast_path { &[][..] } else { &["--ublk-no-fast-path"][..] })
+            .args(&a.serve_args)
+            .arg("--secret-file")
+            .arg(a.dir.join("secret"))
+            .arg(format!("--source=local:{}", s.display()))
+            .arg(format!("--target=local:{}", t.display()))
+            .arg("--ctl-socket")
+            .arg(a.dir.join("ctl.sock"))
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("mirror serve")?;
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        _serve = Some(Kill(child));
+        let ours = loop {
+            let mut line = String::new();
+            ensure!(out.read_line(&mut line)? > 0, "mirror serve exited before its ublk device came up");
+            if let Some(d) = line.trim().strip_prefix("ublk device ") {
+                break d.to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in out.lines() {});
+        devs.push(("ours-2local", ours));
+    }
 
     // ours-1replica, in this process
-    let one = Arc::new(OneReplica::open(&data_file(&a, "one.img")?)?);
-    let opts = UblkOptions { queues: 1, depth: 128, fast_path: a.fast_path, ..Default::default() };
-    let fe = UblkFrontend::start(one, &opts)?;
-    devs.push(("ours-1replica", fe.bdev_path()));
+    let mut fe = None;
+    if want("ours-1replica") {
+        let one = Arc::new(OneReplica::open(&data_file(&a, "one.img")?)?);
+        let opts = UblkOptions { queues: 1, depth: 128, fast_path: a.fast_path, ..Default::default() };
+        let f = UblkFrontend::start(one, &opts)?;
+        devs.push(("ours-1replica", f.bdev_path()));
+        fe = Some(f);
+    }
 
     // md raid1 over two loop devices
-    let (la, lb) =
-        (losetup(&data_file(&a, "md-a.img")?, &mut undo)?, losetup(&data_file(&a, "md-b.img")?, &mut undo)?);
-    run(Command::new("mdadm")
-        .args(["--create", "/dev/md/mirrorbench", "--run", "--level=1", "--raid-devices=2", "--assume-clean"])
-        .args(["--metadata=1.2", "--bitmap=none", &la, &lb]))?;
-    undo.0.push(vec!["mdadm".into(), "--stop".into(), "/dev/md/mirrorbench".into()]);
-    devs.push(("md-raid1", "/dev/md/mirrorbench".into()));
+    if want("md-raid1") {
+        let (la, lb) = (
+            losetup(&data_file(&a, "md-a.img")?, &mut undo)?,
+            losetup(&data_file(&a, "md-b.img")?, &mut undo)?,
+        );
+        run(Command::new("mdadm")
+            .args([
+                "--create",
+                "/dev/md/mirrorbench",
+                "--run",
+                "--level=1",
+                "--raid-devices=2",
+                "--assume-clean",
+            ])
+            .args(["--metadata=1.2", "--bitmap=none", &la, &lb]))?;
+        undo.0.push(vec!["mdadm".into(), "--stop".into(), "/dev/md/mirrorbench".into()]);
+        devs.push(("md-raid1", "/dev/md/mirrorbench".into()));
+    }
 
     // rublk loop on one file
-    let rublk_id = 7;
-    let rf = data_file(&a, "rublk.img")?;
-    run(Command::new(&a.rublk)
-        .args([
-            "add",
-            "loop",
-            "-n",
-            &rublk_id.to_string(),
-            "-q",
-            "1",
-            "-d",
-            "128",
-            "--buffered-io",
-            "--quiet",
-            "-f",
-        ])
-        .arg(&rf))?;
-    undo.0.push(vec![a.rublk.display().to_string(), "del".into(), "-n".into(), rublk_id.to_string()]);
-    devs.push(("rublk", format!("/dev/ublkb{rublk_id}")));
+    if want("rublk") {
+        let rublk_id = 7;
+        let rf = data_file(&a, "rublk.img")?;
+        run(Command::new(&a.rublk)
+            .args([
+                "add",
+                "loop",
+                "-n",
+                &rublk_id.to_string(),
+                "-q",
+                "1",
+                "-d",
+                "128",
+                "--buffered-io",
+                "--quiet",
+                "-f",
+            ])
+            .arg(&rf))?;
+        undo.0.push(vec![a.rublk.display().to_string(), "del".into(), "-n".into(), rublk_id.to_string()]);
+        devs.push(("rublk", format!("/dev/ublkb{rublk_id}")));
+    }
 
     // kernel loop
-    devs.push(("loop", losetup(&data_file(&a, "loop.img")?, &mut undo)?));
+    if want("loop") {
+        devs.push(("loop", losetup(&data_file(&a, "loop.img")?, &mut undo)?));
+    }
+    // The data files were just written: their writeback would otherwise land on whichever
+    // device runs first.
+    run(&mut Command::new("sync"))?;
     for (_, d) in &devs {
         for _ in 0..100 {
             if Path::new(d).exists() {
@@ -343,43 +402,53 @@ fn main() -> Result<()> {
         ensure!(Path::new(d).exists(), "{d} did not appear");
     }
 
-    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); JOBS.len()]; devs.len()];
+    // Samples per device of DEVICES and job of JOBS (left-out ones stay empty: NaN medians).
+    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); JOBS.len()]; DEVICES.len()];
+    let slot = |n: &str| DEVICES.iter().position(|d| *d == n).expect("known device");
     for round in 0..a.rounds {
         for k in 0..devs.len() {
-            let i = (k + round) % devs.len();
-            for (j, (_, rw, bs, depth)) in JOBS.iter().enumerate() {
-                let v = fio(&devs[i].1, rw, bs, *depth, a.runtime)?;
-                eprintln!("round {round} {:<14} {rw:<9} {v:>10.0}", devs[i].0);
-                samples[i][j].push(v);
+            let (name, dev) = &devs[(k + round) % devs.len()];
+            for (j, (job, rw, bs, depth)) in JOBS.iter().enumerate() {
+                if !a.jobs.is_empty() && !a.jobs.iter().any(|n| n == job) {
+                    continue;
+                }
+                let v = fio(dev, rw, bs, *depth, a.runtime)?;
+                eprintln!("round {round} {name:<14} {rw:<9} {v:>10.0}");
+                samples[slot(name)][j].push(v);
             }
         }
     }
     let med: Vec<Vec<f64>> = samples.into_iter().map(|d| d.into_iter().map(median).collect()).collect();
-    let idx = |n: &str| devs.iter().position(|(d, _)| *d == n).expect("known device");
     let (o2, o1, md, ru, lo) =
-        (idx("ours-2local"), idx("ours-1replica"), idx("md-raid1"), idx("rublk"), idx("loop"));
+        (slot("ours-2local"), slot("ours-1replica"), slot("md-raid1"), slot("rublk"), slot("loop"));
+    // The devices that ran, in the table's order.
+    let shown: Vec<usize> =
+        (0..DEVICES.len()).filter(|&i| devs.iter().any(|(n, _)| *n == DEVICES[i])).collect();
     println!(
         "\nublk benchmark (VM, TCG; data files on {}; {} rounds x {} s; medians; 4k: IOPS, 128k: MiB/s)",
         a.fs, a.rounds, a.runtime
     );
     print!("{:<10}", "job");
-    for (n, _) in &devs {
-        print!("{n:>15}");
+    for &i in &shown {
+        print!("{:>15}", DEVICES[i]);
     }
     println!("{:>14}{:>14}", "2local/md", "1repl/rublk");
     let mut js = serde_json::Map::new();
     for (j, (job, ..)) in JOBS.iter().enumerate() {
+        if !a.jobs.is_empty() && !a.jobs.iter().any(|n| n == job) {
+            continue;
+        }
         print!("{job:<10}");
-        for d in &med {
-            print!("{:>15.0}", d[j]);
+        for &i in &shown {
+            print!("{:>15.0}", med[i][j]);
         }
         let (vs_md, vs_rublk) = (med[o2][j] / med[md][j], med[o1][j] / med[ru][j]);
         println!("{vs_md:>13.2}x{vs_rublk:>13.2}x");
         js.insert(format!("{job}_vs_md_raid1"), vs_md.into());
         js.insert(format!("single_replica_{job}_vs_rublk"), vs_rublk.into());
         js.insert(format!("{job}_vs_kernel_loop"), (med[o2][j] / med[lo][j]).into());
-        for (i, (n, _)) in devs.iter().enumerate() {
-            js.insert(format!("{n}_{job}"), med[i][j].into());
+        for &i in &shown {
+            js.insert(format!("{}_{job}", DEVICES[i]), med[i][j].into());
         }
     }
     js.insert("rounds".into(), a.rounds.into());
@@ -387,6 +456,11 @@ fn main() -> Result<()> {
     js.insert("filesystem".into(), a.fs.clone().into());
     js.insert("runtime_s".into(), a.runtime.into());
     js.insert("size_bytes".into(), a.size.into());
+    if !a.jobs.is_empty() || !a.devices.is_empty() || !a.serve_args.is_empty() {
+        js.insert("jobs".into(), a.jobs.clone().into());
+        js.insert("devices".into(), a.devices.clone().into());
+        js.insert("serve_args".into(), a.serve_args.clone().into());
+    }
     js.insert(
         "single_replica".into(),
         "our ublk frontend over one local Replica (same io_uring/page-cache data path; no router: it needs two replicas)".into(),
@@ -405,7 +479,7 @@ fn main() -> Result<()> {
     for (what, got, want) in targets {
         println!("target {what} >= {want:.1}x: {got:.2}x {}", if got >= want { "met" } else { "NOT met" });
     }
-    if let Err(e) = fe.stop() {
+    if let Some(Err(e)) = fe.map(UblkFrontend::stop) {
         eprintln!("stopping ours-1replica: {e}");
     }
     Ok(())
