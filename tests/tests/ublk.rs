@@ -190,10 +190,10 @@ fn fio_verify(dev: &str, size: &str, extra: &[&str]) -> Command {
     c
 }
 
-/// fio verifying random writes from two jobs on /dev/ublkbN (two queues), then a clean stop and
-/// both replica files identical.
-fn fio_verify_and_compare(vol: &Vol) {
-    let mut srv = vol.serve(&["--ublk-queues", "2"]);
+/// fio verifying random writes from two jobs on /dev/ublkbN (two queues, and `extra` serve
+/// flags), then a clean stop and both replica files identical.
+fn fio_verify_and_compare(vol: &Vol, extra: &[&str]) {
+    let mut srv = vol.serve(&[&["--ublk-queues", "2"], extra].concat());
     let size = std::fs::read_to_string(format!("/sys/block/ublkb{}/size", srv.id)).unwrap();
     assert_eq!(size.trim().parse::<u64>().unwrap() * 512, vol.size, "device size");
     // Two jobs on disjoint halves: a block written by one job is never rewritten by the other
@@ -214,16 +214,18 @@ fn fio_verify_through_ublk_leaves_both_replicas_identical() {
     if cannot_run(T, &["fio"]) {
         return;
     }
-    fio_verify_and_compare(&Vol::new("ublk-fio", 64 * MIB));
+    fio_verify_and_compare(&Vol::new("ublk-fio", 64 * MIB), &[]);
 }
 
+/// The other data paths: reads from memory-backed files (plain `pread` on the queue thread) and
+/// the second replica's writes on the queue's writer thread.
 #[test]
-fn fio_verify_through_ublk_with_replicas_on_tmpfs() {
-    const T: &str = "ublk::fio_verify_through_ublk_with_replicas_on_tmpfs";
+fn fio_verify_through_ublk_with_replicas_on_tmpfs_and_parallel_writes() {
+    const T: &str = "ublk::fio_verify_through_ublk_with_replicas_on_tmpfs_and_parallel_writes";
     if cannot_run(T, &["fio"]) {
         return;
     }
-    fio_verify_and_compare(&Vol::on_tmpfs("ublk-fio-tmpfs", 64 * MIB));
+    fio_verify_and_compare(&Vol::on_tmpfs("ublk-fio-tmpfs", 64 * MIB), &["--ublk-parallel-writes"]);
 }
 
 #[test]

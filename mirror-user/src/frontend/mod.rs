@@ -4,3 +4,4 @@
 
 pub mod nbd;
 pub mod ublk;
+mod ublk_writer;

@@ -12,11 +12,15 @@
 //! failure was recorded and neither volume is tracking. The queue thread submits the file I/O as
 //! entries on the queue's own ring, straight into (read) or out of (write) the tag's ublk io
 //! buffer (page aligned, so aligned requests can use an `O_DIRECT` descriptor): no future, no
-//! `Vec`, no copy, no tokio, no other thread. A read the page cache holds is one
-//! `preadv2(RWF_NOWAIT)` into the io buffer on the queue thread. A small page-aligned write to a buffered file is
-//! one `pwrite` on the queue thread instead, under the router's inline-write rules (a buffered
-//! write through io_uring is handed to an io-wq worker on tmpfs, which costs more). A write is
-//! committed to the kernel only after both files completed it. The per-replica counters
+//! `Vec`, no copy, no tokio. A read the page cache holds is one `preadv2(RWF_NOWAIT)` into the
+//! io buffer on the queue thread (on tmpfs / ramfs, which refuse `RWF_NOWAIT`, a plain `pread`:
+//! their data is in memory). A small page-aligned write to a buffered file is one `pwrite` on
+//! the queue thread instead, under the router's inline-write rules (a buffered write through
+//! io_uring is handed to an io-wq worker on tmpfs, which costs more); for a dual write to two
+//! buffered files, both `pwrite`s run one after the other on the queue thread, or with
+//! `--ublk-parallel-writes` the second one on the queue's writer thread
+//! ([`super::ublk_writer`]) meanwhile. A write is committed to the kernel only after both files
+//! completed it. The per-replica counters
 //! (reads, writes, bytes, latency) and the volume's counters are updated as on the router path.
 //! Any failure or short transfer on the fast path redoes the whole request through the router
 //! path, which retries a read on the other replica and, for a write, marks the failed replica
@@ -34,13 +38,15 @@
 //! eventfd, so the queue thread wakes in the same `io_uring_enter` that waits for new commands.
 //! This path copies data once between the ublk io buffer and the router's `Vec`.
 //!
-//! Measured (`cargo xtask bench ublk`, 3 rounds x 4 s, medians, VM under TCG on a 2-core host
-//! shared with other builds; the README has the table): two local replicas vs md raid1 over two
-//! loop devices, 4 KiB QD32 randread 1.49x and randwrite 1.85x (router path alone: 0.31x and
-//! 0.36x), 128 KiB sequential 0.47x / 0.49x; single replica vs rublk's loop target randread
-//! 0.67x, randwrite 0.51x (not the 0.9x target; the single-replica figures moved most between
-//! rounds, 6.2k-24k IOPS for reads). With io_uring writes instead of the inline `pwrite`, one
-//! round gave 1175 randwrite IOPS for two replicas where the inline write gave 2369.
+//! Measured (`cargo xtask bench ublk`, 3 rounds x 4 s, medians, VM under TCG on a 2-core host;
+//! the README has the tables): two local replicas on tmpfs vs md raid1 over two loop devices,
+//! 4 KiB QD32 randread 1.15x / 1.32x and randwrite 1.81x / 1.10x in two runs; single replica vs
+//! rublk's loop target 1.03x / 1.08x and 1.10x / 1.21x; 128 KiB sequential 0.28-0.40x md raid1
+//! (two copies through userspace). The router path alone gave 0.31x / 0.36x md raid1. With
+//! io_uring writes instead of the inline `pwrite`, one round gave 1175 randwrite IOPS for two
+//! replicas where the inline write gave 2369; the writer thread (`--ublk-parallel-writes`) gave
+//! 0.81x / 0.84x md raid1 for ext4 randwrite where the serial writes gave 1.19x / 0.92x in the
+//! same alternation (the VM's two vCPUs are busy anyway).
 //!
 //! Earlier measurements of the router path alone: handing every request to the tokio runtime
 //! with `Handle::spawn` gave 4 KiB randwrite 0.19x md raid1 and randread 0.36x; polling on the
@@ -79,6 +85,7 @@ use libublk::{
     sys, BufDesc, UblkFlags, UblkIORes,
 };
 
+use super::ublk_writer::{Job, Writer};
 use crate::volume::BlockDev;
 
 /// Errors of the ublk boundary.
@@ -135,6 +142,11 @@ pub struct UblkOptions {
     /// Submit local replicas' file I/O on the queue's own ring when the volume allows (the fast
     /// path, see the module doc); off: every request goes through the router's futures.
     pub fast_path: bool,
+    /// On the fast path, a dual write to two buffered files runs the second replica's `pwrite`
+    /// on the queue's writer thread while the queue thread does the first (off, the default:
+    /// one after the other on the queue thread; in the VM under TCG on two host cores, where
+    /// the CPU is the limit, the handoff cost more than the overlap gained).
+    pub parallel_writes: bool,
 }
 
 impl Default for UblkOptions {
@@ -151,6 +163,7 @@ impl Default for UblkOptions {
             user_recovery: false,
             recover: false,
             fast_path: true,
+            parallel_writes: false,
         }
     }
 }
@@ -188,6 +201,11 @@ pub struct UblkArgs {
     /// Send every request through the router's futures (no fast path on the queue's ring).
     #[arg(long = "ublk-no-fast-path")]
     pub no_fast_path: bool,
+    /// Write the second replica's buffered fast-path writes on a writer thread per queue, at
+    /// the same time as the first (default: one after the other on the queue thread). For
+    /// hosts with idle cores; where the CPU is the limit it costs more than it gains.
+    #[arg(long = "ublk-parallel-writes")]
+    pub parallel_writes: bool,
 }
 
 impl UblkArgs {
@@ -203,6 +221,7 @@ impl UblkArgs {
             user_recovery: self.recovery || self.recover.is_some(),
             recover: self.recover.is_some(),
             fast_path: !self.no_fast_path,
+            parallel_writes: self.parallel_writes,
             ..Default::default()
         }
     }
@@ -300,9 +319,9 @@ fn errno(e: &std::io::Error) -> i32 {
     -e.raw_os_error().filter(|&n| n > 0).unwrap_or(libc::EIO)
 }
 
-fn arm_poll(q: &UblkQueue, efd: &std::fs::File) {
+fn arm_poll(q: &UblkQueue, efd: &std::fs::File, op: u32) {
     use std::os::fd::AsRawFd;
-    let data = UblkIOCtx::build_user_data(0, POLL_OP, 0, true);
+    let data = UblkIOCtx::build_user_data(0, op, 0, true);
     let sqe = opcode::PollAdd::new(types::Fd(efd.as_raw_fd()), libc::POLLIN as u32).build().user_data(data);
     if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
         tracing::error!("ublk: arming the completion eventfd failed: {e}");
@@ -382,6 +401,8 @@ fn drive(q: &UblkQueue, tag: u16, pending: &mut [Option<Pending>], bufs: &mut [I
 /// Marks the fast path's file reads and writes (tgt_data: the replica).
 const FAST_READ_OP: u32 = 0xf0;
 const FAST_WRITE_OP: u32 = 0xf1;
+/// Marks the poll of the writer thread's eventfd.
+const WRITER_OP: u32 = 0xf2;
 
 /// A request on the fast path: its file I/O in flight on the queue's own ring.
 #[derive(Debug, Clone, Copy)]
@@ -403,6 +424,7 @@ fn fast_submit<D: BlockDev>(
     dev: &D,
     iod: &sys::ublksrv_io_desc,
     buf: &mut IoBuf<u8>,
+    writer: Option<&Writer>,
 ) -> Option<FastIo> {
     let op = iod.op_flags & 0xff;
     let write = match op {
@@ -428,6 +450,21 @@ fn fast_submit<D: BlockDev>(
     // may take the request (and the tag's buffer) over.
     let t0 = std::time::Instant::now();
     let (mut left, mut failed) = (0, false);
+    // A dual write of two buffered files: the second replica's `pwrite` goes to the queue's
+    // writer thread first, then the queue thread writes the first one meanwhile.
+    if let (Some(w), true, [Some((r0, _)), Some((r1, fd1))]) = (writer, write, fds) {
+        if r0.fast_write_elsewhere_ok(off, len as usize) && r1.fast_write_elsewhere_ok(off, len as usize) {
+            w.submit(Job {
+                tag,
+                fd: fd1,
+                ptr: buf.as_mut_ptr().cast_const(),
+                len: len as usize,
+                offset: off,
+            });
+            left += 1;
+            fds[1] = None;
+        }
+    }
     for (i, fd) in fds.iter().enumerate() {
         let Some((r, fd)) = *fd else { continue };
         let data = buf.as_mut_slice().get_mut(..len as usize).unwrap_or_default();
@@ -490,7 +527,7 @@ fn start<D: BlockDev>(q: &UblkQueue, tag: u16, dev: &Arc<D>, st: &mut QueueState
     let iod = *q.get_iod(tag);
     let Some(buf) = st.bufs.get_mut(t) else { return };
     if fast_ok {
-        if let Some(f) = fast_submit(q, tag, &**dev, &iod, buf) {
+        if let Some(f) = fast_submit(q, tag, &**dev, &iod, buf, st.writer.as_ref()) {
             if f.left == 0 {
                 fast_finish(q, tag, f, dev, st);
             } else {
@@ -544,6 +581,8 @@ struct QueueState {
     wakers: Vec<Waker>,
     fast: Vec<Option<FastIo>>,
     fast_in_flight: usize,
+    /// The second replica's buffered writes (see `ublk_writer`), when on.
+    writer: Option<Writer>,
 }
 
 /// The io loop of one queue thread.
@@ -553,6 +592,7 @@ fn queue_main<D: BlockDev>(
     dev: Arc<D>,
     rt: tokio::runtime::Handle,
     fast_path: bool,
+    parallel_writes: bool,
 ) {
     // The router's futures use tokio's timers and blocking pool: they need the runtime's context.
     let _rt = rt.enter();
@@ -573,7 +613,14 @@ fn queue_main<D: BlockDev>(
         wakers,
         fast: vec![None; n],
         fast_in_flight: 0,
+        writer: None,
     };
+    if fast_path && parallel_writes {
+        match Writer::start(qid) {
+            Ok(w) => st.writer = Some(w),
+            Err(e) => tracing::warn!(qid, "ublk: no writer thread ({e}): dual writes one after the other"),
+        }
+    }
     let q = match UblkQueue::new(qid, udev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&st.bufs))))
     {
@@ -583,13 +630,16 @@ fn queue_main<D: BlockDev>(
             return;
         }
     };
-    arm_poll(&q, &mb.efd);
+    arm_poll(&q, &mb.efd, POLL_OP);
+    if let Some(w) = &st.writer {
+        arm_poll(&q, w.efd(), WRITER_OP);
+    }
     let handler = |q: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
         if ctx.is_tgt_io() {
             let data = ctx.user_data();
             match UblkIOCtx::user_data_to_op(data) {
                 POLL_OP => {
-                    arm_poll(q, &mb.efd);
+                    arm_poll(q, &mb.efd, POLL_OP);
                     for tag in mb.take() {
                         drive(q, tag, &mut st.pending, &mut st.bufs, &st.wakers);
                     }
@@ -598,6 +648,17 @@ fn queue_main<D: BlockDev>(
                     let i = ((data >> 24) & 0xffff) as usize;
                     fast_complete(q, tag, i, ctx.result(), &dev, &mut st);
                 }
+                WRITER_OP => {
+                    let done = st.writer.as_ref().map(|w| {
+                        arm_poll(q, w.efd(), WRITER_OP);
+                        w.take_done()
+                    });
+                    for (tag, ok) in done.unwrap_or_default() {
+                        let len =
+                            st.fast.get(tag as usize).and_then(|f| f.as_ref()).map_or(0, |f| f.len as i32);
+                        fast_complete(q, tag, 1, if ok { len } else { -libc::EIO }, &dev, &mut st);
+                    }
+                }
                 _ => {}
             }
             return;
@@ -605,6 +666,10 @@ fn queue_main<D: BlockDev>(
         start(q, tag, &dev, &mut st, fast_path);
     };
     q.wait_and_handle_io(handler);
+    // What the writer thread was handed is written before the buffers can go.
+    if let Some(w) = st.writer.take() {
+        w.stop();
+    }
     if st.fast_in_flight > 0 {
         // The queue stopped with file requests still pointing into io buffers: the kernel may
         // write into them after this returns, so they are leaked rather than freed.
@@ -746,8 +811,9 @@ impl UblkFrontend {
                     udev.tgt.cq_depth = d.saturating_mul(3).saturating_add(1);
                     Ok(())
                 };
-                let fast_path = o.fast_path;
-                let q_fn = move |qid: u16, udev: &UblkDev| queue_main(qid, udev, dev, rt, fast_path);
+                let (fast_path, parallel) = (o.fast_path, o.parallel_writes);
+                let q_fn =
+                    move |qid: u16, udev: &UblkDev| queue_main(qid, udev, dev, rt, fast_path, parallel);
                 let tx = up_tx.clone();
                 let up = move |_: &UblkCtrl| {
                     let _ = tx.send(Ok((id, queues, depth)));

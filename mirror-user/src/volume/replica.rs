@@ -250,6 +250,22 @@ impl Replica {
         Some(r.is_ok())
     }
 
+    /// True when the fast path's write of `len` bytes at `offset` may be a plain buffered `pwrite`
+    /// on the ublk queue's writer thread (`frontend::ublk_writer`): a local file without
+    /// `O_DIRECT`, and the inline-write rules of size and alignment (small, whole pages). The
+    /// process-wide one-at-a-time rule of [`Replica::inline_slot`] does not apply: it keeps the
+    /// runtime's threads free, and that thread is the frontend's own. Call after
+    /// [`Replica::fast_fd`], which made the other checks and gave the descriptor.
+    pub fn fast_write_elsewhere_ok(&self, offset: u64, len: usize) -> bool {
+        let Location::Local { uring: Some(u), .. } = &self.location else { return false };
+        let page = ALIGN as u64;
+        !u.is_direct()
+            && len > 0
+            && len <= INLINE_MAX
+            && offset.is_multiple_of(page)
+            && (len as u64).is_multiple_of(page)
+    }
+
     /// Counts a fast-path request started at `t0` that completed here (`ok`), or an error.
     pub fn fast_done(&self, write: bool, len: u32, t0: std::time::Instant, ok: bool) {
         let s = &self.stats;
