@@ -101,23 +101,18 @@ impl Writer {
     }
 
     /// Writes what was handed over and joins the thread.
-    pub fn stop(mut self) {
-        self.shared.jobs.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
-        self.shared.cv.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub fn stop(self) {
+        drop(self);
     }
 }
 
 impl Drop for Writer {
+    /// As [`Writer::stop`]: nothing points into the io buffers once this returns.
     fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.shared.jobs.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
-            self.shared.cv.notify_one();
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
+        self.shared.jobs.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        self.shared.cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
