@@ -253,17 +253,18 @@ pub fn check_available() -> Result<(), UblkError> {
         .map_err(|e| UblkError::Unavailable(format!("open {CONTROL}: {e}")))
 }
 
-/// Requests of one queue that are waiting for something (a replica's io_uring, a timer, a
-/// lock): their wakers, on whatever thread, push the tag here and bump the eventfd; the queue
-/// thread polls them again when the eventfd fires.
+/// Items for a queue thread from other threads, with an eventfd its ring polls: requests of the
+/// queue that are waiting for something (a replica's io_uring, a timer, a lock), whose wakers
+/// push the tag here, and the writer thread's results (`ublk_writer`); the queue thread takes
+/// them when the eventfd fires.
 #[derive(Debug)]
-struct Mailbox {
-    ready: Mutex<Vec<u16>>,
+pub(super) struct Mailbox<T> {
+    ready: Mutex<Vec<T>>,
     efd: std::fs::File,
 }
 
-impl Mailbox {
-    fn new() -> std::io::Result<Arc<Mailbox>> {
+impl<T> Mailbox<T> {
+    pub(super) fn new() -> std::io::Result<Mailbox<T>> {
         // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -271,13 +272,18 @@ impl Mailbox {
         }
         // SAFETY: `fd` is a fresh descriptor we own; the File takes sole ownership.
         let efd = unsafe { std::fs::File::from_raw_fd(fd) };
-        Ok(Arc::new(Mailbox { ready: Mutex::new(Vec::new()), efd }))
+        Ok(Mailbox { ready: Mutex::new(Vec::new()), efd })
     }
 
-    fn post(&self, tag: u16) {
+    /// The eventfd that counts posts (poll it for `POLLIN`).
+    pub(super) fn efd(&self) -> &std::fs::File {
+        &self.efd
+    }
+
+    pub(super) fn post(&self, item: T) {
         let was_empty = {
             let mut q = self.ready.lock().unwrap_or_else(|e| e.into_inner());
-            q.push(tag);
+            q.push(item);
             q.len() == 1
         };
         // A non-empty mailbox has a wakeup pending already (the queue thread reads the eventfd
@@ -287,7 +293,8 @@ impl Mailbox {
         }
     }
 
-    fn take(&self) -> Vec<u16> {
+    /// What was posted since the last call.
+    pub(super) fn take(&self) -> Vec<T> {
         let mut buf = [0u8; 8];
         let _ = (&self.efd).read(&mut buf);
         std::mem::take(&mut *self.ready.lock().unwrap_or_else(|e| e.into_inner()))
@@ -297,7 +304,7 @@ impl Mailbox {
 /// Wakes request `tag` of a queue.
 struct TagWaker {
     tag: u16,
-    mb: Arc<Mailbox>,
+    mb: Arc<Mailbox<u16>>,
 }
 
 impl std::task::Wake for TagWaker {
@@ -597,7 +604,7 @@ fn queue_main<D: BlockDev>(
     // The router's futures use tokio's timers and blocking pool: they need the runtime's context.
     let _rt = rt.enter();
     let mb = match Mailbox::new() {
-        Ok(m) => m,
+        Ok(m) => Arc::new(m),
         Err(e) => {
             tracing::error!(qid, "ublk: eventfd: {e}");
             return;
@@ -630,7 +637,7 @@ fn queue_main<D: BlockDev>(
             return;
         }
     };
-    arm_poll(&q, &mb.efd, POLL_OP);
+    arm_poll(&q, mb.efd(), POLL_OP);
     if let Some(w) = &st.writer {
         arm_poll(&q, w.efd(), WRITER_OP);
     }
@@ -639,7 +646,7 @@ fn queue_main<D: BlockDev>(
             let data = ctx.user_data();
             match UblkIOCtx::user_data_to_op(data) {
                 POLL_OP => {
-                    arm_poll(q, &mb.efd, POLL_OP);
+                    arm_poll(q, mb.efd(), POLL_OP);
                     for tag in mb.take() {
                         drive(q, tag, &mut st.pending, &mut st.bufs, &st.wakers);
                     }

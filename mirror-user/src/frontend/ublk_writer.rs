@@ -11,11 +11,12 @@
 
 use std::{
     collections::VecDeque,
-    io::{Read, Write},
-    os::fd::{FromRawFd, RawFd},
+    os::fd::RawFd,
     sync::{Arc, Condvar, Mutex},
     thread::JoinHandle,
 };
+
+use super::ublk::Mailbox;
 
 /// One buffered write of `len` bytes at `ptr` to `fd` at `offset`, for request `tag`.
 #[derive(Debug)]
@@ -44,8 +45,8 @@ struct Jobs {
 struct Shared {
     jobs: Mutex<Jobs>,
     cv: Condvar,
-    done: Mutex<Vec<(u16, bool)>>,
-    efd: std::fs::File,
+    /// Results, `(tag, ok)`.
+    done: Mailbox<(u16, bool)>,
 }
 
 /// The writer thread of one ublk queue.
@@ -56,19 +57,8 @@ pub(crate) struct Writer {
 
 impl Writer {
     pub fn start(qid: u16) -> std::io::Result<Writer> {
-        // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor we own; the File takes sole ownership.
-        let efd = unsafe { std::fs::File::from_raw_fd(fd) };
-        let shared = Arc::new(Shared {
-            jobs: Mutex::new(Jobs::default()),
-            cv: Condvar::new(),
-            done: Mutex::new(Vec::new()),
-            efd,
-        });
+        let shared =
+            Arc::new(Shared { jobs: Mutex::new(Jobs::default()), cv: Condvar::new(), done: Mailbox::new()? });
         let s = shared.clone();
         let thread = std::thread::Builder::new().name(format!("mirror-ublk-w{qid}")).spawn(move || {
             let (n, failed) = run(&s);
@@ -79,7 +69,7 @@ impl Writer {
 
     /// The eventfd that counts posted results (poll it for `POLLIN`).
     pub fn efd(&self) -> &std::fs::File {
-        &self.shared.efd
+        self.shared.done.efd()
     }
 
     pub fn submit(&self, job: Job) {
@@ -95,9 +85,7 @@ impl Writer {
 
     /// The results posted since the last call: `(tag, ok)`.
     pub fn take_done(&self) -> Vec<(u16, bool)> {
-        let mut buf = [0u8; 8];
-        let _ = (&self.shared.efd).read(&mut buf);
-        std::mem::take(&mut *self.shared.done.lock().unwrap_or_else(|e| e.into_inner()))
+        self.shared.done.take()
     }
 
     /// Writes what was handed over and joins the thread.
@@ -138,16 +126,7 @@ fn run(s: &Shared) -> (u64, u64) {
         let ok = write_all(&job);
         n += 1;
         failed += u64::from(!ok);
-        let was_empty = {
-            let mut d = s.done.lock().unwrap_or_else(|e| e.into_inner());
-            d.push((job.tag, ok));
-            d.len() == 1
-        };
-        // A non-empty list has a wakeup pending already (the queue thread reads the eventfd
-        // before it takes the list).
-        if was_empty {
-            let _ = (&s.efd).write(&1u64.to_ne_bytes());
-        }
+        s.done.post((job.tag, ok));
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod activity;
 pub mod file;
+pub mod inline;
 pub mod open;
 pub mod remote;
 pub mod replica;

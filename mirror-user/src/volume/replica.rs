@@ -10,6 +10,7 @@ use std::{
 };
 
 use super::{
+    inline::{self, ewma},
     remote::RemotePool,
     uring::{UringFile, ALIGN},
 };
@@ -65,12 +66,6 @@ pub struct ReplicaStats {
     pub write_lat_ewma_us: AtomicU64,
 }
 
-fn ewma(a: &AtomicU64, sample_us: u64) {
-    let old = a.load(Ordering::Relaxed);
-    let new = if old == 0 { sample_us } else { (old * 7 + sample_us) / 8 };
-    a.store(new.max(1), Ordering::Relaxed);
-}
-
 /// A replica of the mirrored volume.
 #[derive(Debug)]
 pub struct Replica {
@@ -86,10 +81,6 @@ pub struct Replica {
 
 /// Largest write done on the calling thread (see [`Replica::inline_slot`]).
 const INLINE_MAX: usize = 64 << 10;
-/// Inline writes slower than this on average go back to the ring (or the blocking pool)...
-const INLINE_SLOW_US: u64 = 500;
-/// ...except one in this many, which measures again whether the file became fast.
-const INLINE_PROBE: u64 = 256;
 
 /// A local write is running on an async worker (at most one at a time in the whole process, see
 /// [`Replica::inline_slot`]).
@@ -258,12 +249,7 @@ impl Replica {
     /// [`Replica::fast_fd`], which made the other checks and gave the descriptor.
     pub fn fast_write_elsewhere_ok(&self, offset: u64, len: usize) -> bool {
         let Location::Local { uring: Some(u), .. } = &self.location else { return false };
-        let page = ALIGN as u64;
-        !u.is_direct()
-            && len > 0
-            && len <= INLINE_MAX
-            && offset.is_multiple_of(page)
-            && (len as u64).is_multiple_of(page)
+        !u.is_direct() && inline::whole_pages(offset, len, ALIGN as u64, INLINE_MAX)
     }
 
     /// Counts a fast-path request started at `t0` that completed here (`ok`), or an error.
@@ -331,18 +317,11 @@ impl Replica {
     /// time in the whole process (so a stalled file holds at most one worker: the others keep
     /// the runtime going), and only while inline writes stay fast on average.
     fn inline_slot(&self, v: &Volume, offset: u64, len: usize, fua: bool) -> Option<InlineSlot> {
-        let page = ALIGN as u64;
-        if fua
-            || len == 0
-            || len > INLINE_MAX
-            || !offset.is_multiple_of(page)
-            || !(len as u64).is_multiple_of(page)
-        {
+        if fua || !inline::whole_pages(offset, len, ALIGN as u64, INLINE_MAX) {
             return None;
         }
-        if self.inline_lat_ewma_us.load(Ordering::Relaxed) > INLINE_SLOW_US
-            && !self.stats.writes.load(Ordering::Relaxed).is_multiple_of(INLINE_PROBE)
-        {
+        // Slow on average: the ring (or the pool) takes them, one in `inline::PROBE` aside.
+        if inline::too_slow(&self.inline_lat_ewma_us, self.stats.writes.load(Ordering::Relaxed)) {
             return None;
         }
         if v.meta.tracking() {

@@ -20,6 +20,8 @@ use std::{
 };
 
 use io_uring::{opcode, types, IoUring};
+
+use super::inline;
 use tokio::sync::oneshot;
 
 /// Alignment (offset, length, buffer address) of direct I/O.
@@ -37,10 +39,6 @@ const INLINE_NOWAIT: u8 = 0;
 const INLINE_MEMORY: u8 = 1;
 /// ...or not at all (every read goes to the ring).
 const INLINE_NONE: u8 = 2;
-/// Inline reads of a memory-backed file slower than this on average (swapping) go to the ring...
-const INLINE_READ_SLOW_US: u64 = 500;
-/// ...except one in this many, which measures again whether they became fast.
-const INLINE_READ_PROBE: u64 = 256;
 
 /// True when `f`'s filesystem keeps file data in memory only (tmpfs, ramfs).
 fn memory_backed(f: &File) -> bool {
@@ -251,15 +249,14 @@ impl UringFile {
             }
             INLINE_MEMORY => {
                 let k = self.mem_reads.fetch_add(1, Ordering::Relaxed);
-                if self.mem_read_ewma_us.load(Ordering::Relaxed) > INLINE_READ_SLOW_US
-                    && !k.is_multiple_of(INLINE_READ_PROBE)
-                {
+                // Slow on average (swapping): the ring takes them, one in `inline::PROBE` aside.
+                if inline::too_slow(&self.mem_read_ewma_us, k) {
                     return false;
                 }
                 let t = Instant::now();
                 // SAFETY: as above.
                 let n = unsafe { libc::preadv2(self.cached.as_raw_fd(), &iov, 1, off, 0) };
-                ewma(&self.mem_read_ewma_us, t.elapsed().as_micros() as u64);
+                inline::ewma(&self.mem_read_ewma_us, t.elapsed().as_micros() as u64);
                 n
             }
             _ => return false,
@@ -308,12 +305,6 @@ impl UringFile {
     pub async fn fsync(&self) -> std::io::Result<()> {
         self.submit(Op::Fsync, false, 0, Buf::Plain(Vec::new())).await.map(|_| ())
     }
-}
-
-fn ewma(a: &AtomicU64, sample_us: u64) {
-    let old = a.load(Ordering::Relaxed);
-    let new = if old == 0 { sample_us } else { (old * 7 + sample_us) / 8 };
-    a.store(new.max(1), Ordering::Relaxed);
 }
 
 fn ring_loop(mut ring: IoUring, buffered: File, direct: Option<File>, rx: mpsc::Receiver<Req>) {
@@ -450,13 +441,12 @@ mod tests {
         assert_eq!(buf, data[8192..12288]);
         assert!(!f.read_cached_into(16384, &mut buf), "past the end: short, not done inline");
         assert_eq!(f.mem_reads.load(Ordering::Relaxed), 2);
-        // Slow on average (swapping): the ring takes them, but one in INLINE_READ_PROBE measures.
-        f.mem_read_ewma_us.store(INLINE_READ_SLOW_US * 10, Ordering::Relaxed);
-        let inline: usize =
-            (0..INLINE_READ_PROBE).map(|_| usize::from(f.read_cached_into(0, &mut buf))).sum();
-        assert_eq!(inline, 1, "one probe read in {INLINE_READ_PROBE}");
+        // Slow on average (swapping): the ring takes them, but one in inline::PROBE measures.
+        f.mem_read_ewma_us.store(inline::SLOW_US * 10, Ordering::Relaxed);
+        let inline: usize = (0..inline::PROBE).map(|_| usize::from(f.read_cached_into(0, &mut buf))).sum();
+        assert_eq!(inline, 1, "one probe read in {}", inline::PROBE);
         assert!(
-            f.mem_read_ewma_us.load(Ordering::Relaxed) < INLINE_READ_SLOW_US * 10,
+            f.mem_read_ewma_us.load(Ordering::Relaxed) < inline::SLOW_US * 10,
             "the probe updated the mean"
         );
         let _ = std::fs::remove_file(&p);
