@@ -40,6 +40,11 @@ up() {
     ip -n "$B" link set veth-b up
 }
 
+stop_serve() { # the router stops (SIGTERM: it drains, flushes and drops its write intent)
+    say "kill \$(cat $W/serve-a.pid)"
+    stop serve-a
+}
+
 stop() { # stop NAME: SIGTERM the process recorded in $W/NAME.pid, wait for it
     local f="$W/$1.pid" pid
     [ -f "$f" ] || return 0
@@ -89,6 +94,18 @@ wait_for() { # wait_for NAME TEXT: until TEXT shows in $W/NAME.log (30 s)
     return 1
 }
 
+replica() { # replica NAME NS ADDR FILE: a replica server of volume vol0 in FILE, in namespace NS
+    start "$1" "$2" mirror replica --listen "$3" --volume "vol0=$4" --secret-file "$W/secret"
+    wait_for "$1" "listening on"
+}
+
+crash() { # crash NAME WHAT: SIGKILL the process recorded in $W/NAME.pid
+    say "kill -KILL \$(cat $W/$1.pid)   # $2"
+    kill -KILL "$(cat "$W/$1.pid")"
+    wait "$(cat "$W/$1.pid")" 2>/dev/null || true
+    rm -f "$W/$1.pid"
+}
+
 until_status() { # until_status TEXT: poll `mirror ctl status` until it shows TEXT (120 s)
     for _ in $(seq 240); do
         "$MIRROR" ctl --socket "$CTL" status | grep -q "$1" && return 0
@@ -114,9 +131,7 @@ walkthrough() {
     head -c 32 /dev/urandom | base64 >"$W/secret"
 
     # Node B: a replica server.
-    start replica-b "$B" mirror replica --listen 10.77.0.2:7700 \
-        --volume "vol0=$W/b/vol0.img:1G" --secret-file "$W/secret"
-    wait_for replica-b "listening on"
+    replica replica-b "$B" 10.77.0.2:7700 "$W/b/vol0.img:1G"
 
     # Node A: the mirrored volume, a local source and node B's replica as the target.
     start serve-a "$A" mirror serve --volume vol0 --source "local:$W/a/vol0.img:1G" \
@@ -148,16 +163,11 @@ walkthrough() {
         --volume vol0 --secret-file "$W/secret"
 
     # Node B goes away: writes go on, recorded on node A; B comes back and is resynced.
-    say "kill -KILL \$(cat $W/replica-b.pid)   # node B dies"
-    kill -KILL "$(cat "$W/replica-b.pid")"
-    wait "$(cat "$W/replica-b.pid")" 2>/dev/null || true
-    rm -f "$W/replica-b.pid"
+    crash replica-b "node B dies"
     run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 -c "write -P 0xcd 4M 4M"
     until_status "target .*down"
     run mirror ctl status
-    start replica-b "$B" mirror replica --listen 10.77.0.2:7700 \
-        --volume "vol0=$W/b/vol0.img:1G" --secret-file "$W/secret"
-    wait_for replica-b "listening on"
+    replica replica-b "$B" 10.77.0.2:7700 "$W/b/vol0.img:1G"
     until_status "target .* in-sync"
     run mirror ctl status
     until_status "mode Normal"
@@ -191,48 +201,31 @@ split_brain() {
     mkdir -p "$W/a" "$W/b"
     head -c 32 /dev/urandom | base64 >"$W/secret"
     # Two replica servers, one per node, and a router over both (it syncs them first).
-    start replica-a "$A" mirror replica --listen 10.77.0.1:7700 \
-        --volume "vol0=$W/a/vol0.img:256M" --secret-file "$W/secret"
-    wait_for replica-a "listening on"
-    start replica-b "$B" mirror replica --listen 10.77.0.2:7700 \
-        --volume "vol0=$W/b/vol0.img:256M" --secret-file "$W/secret"
-    wait_for replica-b "listening on"
+    replica replica-a "$A" 10.77.0.1:7700 "$W/a/vol0.img:256M"
+    replica replica-b "$B" 10.77.0.2:7700 "$W/b/vol0.img:256M"
     serve_ab 10.77.0.1:7700 10.77.0.2:7700
     until_status "target .* in-sync"
     run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 -c "write -P 0xab 0 4M"
-    say "kill \$(cat $W/serve-a.pid)"
-    stop serve-a
+    stop_serve
 
     # Node B is away; a router serves from A alone (the operator vouches for it: --degraded).
-    say "kill -KILL \$(cat $W/replica-b.pid)   # node B dies"
-    kill -KILL "$(cat "$W/replica-b.pid")"
-    wait "$(cat "$W/replica-b.pid")" 2>/dev/null || true
-    rm -f "$W/replica-b.pid"
+    crash replica-b "node B dies"
     refused ip netns exec "$A" mirror serve --volume vol0 --source remote:10.77.0.1:7700 \
         --target remote:10.77.0.2:7700 --nbd 10.77.0.1:10809 --secret-file "$W/secret"
     serve_ab 10.77.0.1:7700 10.77.0.2:7700 --degraded
     run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 -c "write -P 0x11 0 4M"
-    say "kill \$(cat $W/serve-a.pid)"
-    stop serve-a
+    stop_serve
 
     # Then node A is away and B comes back; another router serves from B alone, also --degraded.
-    say "kill -KILL \$(cat $W/replica-a.pid)   # node A dies"
-    kill -KILL "$(cat "$W/replica-a.pid")"
-    wait "$(cat "$W/replica-a.pid")" 2>/dev/null || true
-    rm -f "$W/replica-a.pid"
-    start replica-b "$B" mirror replica --listen 10.77.0.2:7700 \
-        --volume "vol0=$W/b/vol0.img:256M" --secret-file "$W/secret"
-    wait_for replica-b "listening on"
+    crash replica-a "node A dies"
+    replica replica-b "$B" 10.77.0.2:7700 "$W/b/vol0.img:256M"
     serve_ab 10.77.0.2:7700 10.77.0.1:7700 --degraded
     run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 -c "write -P 0x22 0 4M"
-    say "kill \$(cat $W/serve-a.pid)"
-    stop serve-a
+    stop_serve
 
     # Both back: each holds writes the other lacks. Nothing syncs either way until the operator
     # chooses; here node B's writes are discarded.
-    start replica-a "$A" mirror replica --listen 10.77.0.1:7700 \
-        --volume "vol0=$W/a/vol0.img:256M" --secret-file "$W/secret"
-    wait_for replica-a "listening on"
+    replica replica-a "$A" 10.77.0.1:7700 "$W/a/vol0.img:256M"
     refused ip netns exec "$A" mirror serve --volume vol0 --source remote:10.77.0.1:7700 \
         --target remote:10.77.0.2:7700 --nbd 10.77.0.1:10809 --secret-file "$W/secret"
     refused ip netns exec "$A" mirror sync --node 10.77.0.1:7700 --peer 10.77.0.2:7700 \
