@@ -9,8 +9,11 @@
 #                                (idempotent)
 #
 # Root, iproute2, qemu-io and nbdinfo (Debian: qemu-utils, libnbd-bin). The binary comes from
-# `cargo build --release -p mirror-user` (MIRROR overrides the path). Every process it starts is
-# recorded in $W/*.pid and stopped by that pid.
+# `cargo build --release -p mirror-user` (MIRROR overrides the path). With EBPF=1 (a binary from
+# `cargo xtask build --release`), `run` also starts the node daemon on a bpffs mounted at $W/bpf
+# (`ip netns exec` mounts a fresh /sys, so pins under /sys/fs/bpf are not seen inside) and points
+# the replica and the router at it. Every process it starts is recorded in $W/*.pid and stopped by
+# that pid.
 set -euo pipefail
 unset RUST_BACKTRACE
 
@@ -61,6 +64,8 @@ down() {
     stop serve-a
     stop replica-a
     stop replica-b
+    stop daemon
+    if mountpoint -q "$W/bpf" 2>/dev/null; then umount "$W/bpf"; fi
     for ns in "$A" "$B"; do
         ip netns list | grep -qw "^$ns" && ip netns del "$ns"
     done
@@ -94,9 +99,11 @@ wait_for() { # wait_for NAME TEXT: until TEXT shows in $W/NAME.log (30 s)
     return 1
 }
 
-replica() { # replica NAME NS ADDR FILE: a replica server of volume vol0 in FILE, in namespace NS
-    start "$1" "$2" mirror replica --listen "$3" --volume "vol0=$4" --secret-file "$W/secret"
-    wait_for "$1" "listening on"
+replica() { # replica NAME NS ADDR FILE [FLAGS...]: a replica server of vol0 in FILE, in namespace NS
+    local name="$1" ns="$2" addr="$3" file="$4"
+    shift 4
+    start "$name" "$ns" mirror replica --listen "$addr" --volume "vol0=$file" --secret-file "$W/secret" "$@"
+    wait_for "$name" "listening on"
 }
 
 crash() { # crash NAME WHAT: SIGKILL the process recorded in $W/NAME.pid
@@ -130,13 +137,25 @@ walkthrough() {
     say "head -c 32 /dev/urandom | base64 > $W/secret"
     head -c 32 /dev/urandom | base64 >"$W/secret"
 
+    # With EBPF=1: the node daemon's eBPF telemetry, pinned where the namespaces see it.
+    PIN=()
+    if [ "${EBPF:-0}" = 1 ]; then
+        run mkdir -p "$W/bpf"
+        run mount -t bpf bpf "$W/bpf"
+        say "mirror daemon --pin-dir $W/bpf/mirror --quiet > $W/daemon.log 2>&1 &"
+        "$MIRROR" daemon --pin-dir "$W/bpf/mirror" --quiet >"$W/daemon.log" 2>&1 &
+        echo $! >"$W/daemon.pid"
+        wait_for daemon "ready: block statistics from ebpf"
+        PIN=(--pin-dir "$W/bpf/mirror")
+    fi
+
     # Node B: a replica server.
-    replica replica-b "$B" 10.77.0.2:7700 "$W/b/vol0.img:1G"
+    replica replica-b "$B" 10.77.0.2:7700 "$W/b/vol0.img:1G" "${PIN[@]}"
 
     # Node A: the mirrored volume, a local source and node B's replica as the target.
     start serve-a "$A" mirror serve --volume vol0 --source "local:$W/a/vol0.img:1G" \
         --target remote:10.77.0.2:7700 --source-listen 10.77.0.1:7700 \
-        --nbd 10.77.0.1:10809 --nbd-unix "$W/a/vol0.sock" --secret-file "$W/secret"
+        --nbd 10.77.0.1:10809 --nbd-unix "$W/a/vol0.sock" --secret-file "$W/secret" "${PIN[@]}"
     wait_for serve-a "nbd listening on"
     until_status "target .* in-sync"
     run mirror ctl status
@@ -146,6 +165,9 @@ walkthrough() {
         -c "write -P 0xab 0 4M" -c "read -P 0xab 0 4M"
     run nbdinfo "nbd+unix:///?socket=$W/a/vol0.sock"
     run mirror ctl status
+    if [ "${EBPF:-0}" = 1 ]; then
+        run bpftool map dump pinned "$W/bpf/mirror/weights-vol0"
+    fi
 
     # Failover: every read to node B.
     run mirror ctl failover
@@ -167,7 +189,7 @@ walkthrough() {
     run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 -c "write -P 0xcd 4M 4M"
     until_status "target .*down"
     run mirror ctl status
-    replica replica-b "$B" 10.77.0.2:7700 "$W/b/vol0.img:1G"
+    replica replica-b "$B" 10.77.0.2:7700 "$W/b/vol0.img:1G" "${PIN[@]}"
     until_status "target .* in-sync"
     run mirror ctl status
     until_status "mode Normal"
