@@ -18,7 +18,6 @@ use std::{
 use mirror_common::weights::{
     ReadWeights, MODE_FAILBACK, MODE_FAILOVER, MODE_NORMAL, MODE_PINNED, MODE_PREDICTIVE,
 };
-
 use serde::{Deserialize, Serialize};
 
 use super::engine::{Decision, Engine, EngineConfig, Mode, Override, Sample};
