@@ -1,18 +1,33 @@
 //! mirror: adaptive block-storage mirroring with predictive failover.
 //!
 //! Rooms: [`telemetry`] (eBPF programs, pinned maps, /proc fallback: what the node measures),
-//! [`replication`] (replica servers, the protocol, sync / resync / verify), [`frontend`] (the NBD
-//! server in front of a [`volume::BlockDev`]).
+//! [`health`] (the node's score), [`weights`] (the weighting engine and its loop),
+//! [`replication`] (replica servers, the protocol, sync / resync / verify), [`volume`] (the
+//! router and its replicas), [`frontend`] (NBD and ublk in front of a [`volume::BlockDev`]),
+//! [`serve`] (the lifecycle of `mirror serve`), [`control`] and [`metrics`] (its operator
+//! endpoints), [`cli`] (the command line: each command's flags with the code they drive).
 
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod frontend;
 pub mod health;
 pub mod metrics;
 pub mod replication;
+pub mod serve;
 pub mod telemetry;
 pub mod volume;
 pub mod weights;
+
+/// Prints a readiness line on stdout and flushes it at once: supervisors and tests wait for these
+/// lines (`listening on ADDR`, `nbd listening on ADDR`, `ready: ...`). A closed stdout is no
+/// reason to stop serving, so write errors are ignored.
+pub fn announce(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
 
 /// Parses sizes such as `4096`, `64K`, `256M`, `1G`, `1GiB`, `10MiB/s` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {

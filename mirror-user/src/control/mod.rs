@@ -1,9 +1,14 @@
 //! The control socket of `mirror serve`: a Unix socket only root may use (mode 0600, and the
 //! peer's uid is checked), one JSON request per line, one JSON reply per line.
 //!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"weights_set","target":N,"for_s":S?}`,
-//! `{"cmd":"weights_auto"}`, `{"cmd":"failover"}`, `{"cmd":"failback"}`. They reach the weighting
-//! engine as operator overrides.
+//! Requests ([`Request`]): `{"cmd":"status"}`, `{"cmd":"weights_set","for_s":S,"target":N}`
+//! (`for_s` may be `null` or left out), `{"cmd":"weights_auto"}`, `{"cmd":"failover"}`,
+//! `{"cmd":"failback"}`. They reach the weighting engine as operator overrides.
+//!
+//! Replies ([`Reply`]): `{"ok":true,"status":{..}}` to `status`,
+//! `{"mode":"Pinned","ok":true,"reason":"..","target":N}` to the others (the decision they led to),
+//! `{"error":"..","ok":false}` when refused. Both sides use these types; the JSON text is only
+//! made and read at the socket.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -12,15 +17,150 @@ use std::{
     time::Duration,
 };
 
+use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
 };
 
-use crate::weights::{driver::Driver, engine::Override};
+use crate::weights::{
+    driver::Driver,
+    engine::{Decision, Mode, Override},
+};
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/mirror/ctl.sock";
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Request {
+    /// Weights, mode, per-replica state, node health and signals, sync progress, events.
+    Status,
+    /// Pin the target's share of reads (0..=100), for `for_s` seconds or until `weights_auto`.
+    WeightsSet {
+        #[serde(default)]
+        for_s: Option<f64>,
+        target: u64,
+    },
+    /// Return to automatic weights.
+    WeightsAuto,
+    /// Send every read to the target (it must be in sync).
+    Failover,
+    /// Ramp reads back to the source now (it must be in sync).
+    Failback,
+}
+
+/// The decision a weights command led to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightsReply {
+    /// The target's share of reads, percent.
+    pub target: u8,
+    pub mode: Mode,
+    pub reason: String,
+}
+
+impl From<Decision> for WeightsReply {
+    fn from(d: Decision) -> Self {
+        WeightsReply { target: d.target_weight, mode: d.mode, reason: d.reason }
+    }
+}
+
+/// A reply on the control socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "WireReply", try_from = "WireReply")]
+pub enum Reply {
+    /// The status document of `mirror serve` (`mirror ctl status --json` prints it).
+    Status(serde_json::Value),
+    Weights(WeightsReply),
+    /// Refused, with why.
+    Error(String),
+}
+
+/// A reply as its JSON text spells it: `ok` and the fields of one kind of reply, in the order
+/// they always had on the wire (sorted).
+#[derive(Serialize, Deserialize)]
+struct WireReply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mode: Option<Mode>,
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target: Option<u8>,
+}
+
+impl From<Reply> for WireReply {
+    fn from(r: Reply) -> Self {
+        let none = WireReply { error: None, mode: None, ok: true, reason: None, status: None, target: None };
+        match r {
+            Reply::Status(s) => WireReply { status: Some(s), ..none },
+            Reply::Weights(w) => {
+                WireReply { mode: Some(w.mode), reason: Some(w.reason), target: Some(w.target), ..none }
+            }
+            Reply::Error(e) => WireReply { error: Some(e), ok: false, ..none },
+        }
+    }
+}
+
+impl TryFrom<WireReply> for Reply {
+    type Error = String;
+
+    fn try_from(w: WireReply) -> Result<Self, String> {
+        match w {
+            WireReply { ok: false, error, .. } => {
+                Ok(Reply::Error(error.unwrap_or_else(|| "request failed".into())))
+            }
+            WireReply { status: Some(s), .. } => Ok(Reply::Status(s)),
+            WireReply { mode: Some(mode), reason: Some(reason), target: Some(target), .. } => {
+                Ok(Reply::Weights(WeightsReply { target, mode, reason }))
+            }
+            _ => Err("a reply with neither a status nor a decision".into()),
+        }
+    }
+}
+
+/// Errors of the client side ([`request`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    #[error("cannot reach {}: {source} (is `mirror serve` running, and are you root?)", path.display())]
+    Unreachable { path: PathBuf, source: std::io::Error },
+    #[error("control socket {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("no reply from {}", path.display())]
+    NoReply { path: PathBuf },
+    #[error("reply from {} not understood: {source}", path.display())]
+    BadReply { path: PathBuf, source: serde_json::Error },
+    /// The server refused the request (`"ok":false`); its words.
+    #[error("{0}")]
+    Refused(String),
+    #[error("unexpected reply {0:?}")]
+    Unexpected(Box<Reply>),
+}
+
+impl Reply {
+    /// The status document, or what was answered instead.
+    pub fn into_status(self) -> Result<serde_json::Value, ControlError> {
+        match self {
+            Reply::Status(s) => Ok(s),
+            r => Err(ControlError::Unexpected(Box::new(r))),
+        }
+    }
+
+    /// The decision, or what was answered instead.
+    pub fn into_weights(self) -> Result<WeightsReply, ControlError> {
+        match self {
+            Reply::Weights(w) => Ok(w),
+            r => Err(ControlError::Unexpected(Box::new(r))),
+        }
+    }
+}
 
 /// What the control socket drives: the weighting loop.
 #[derive(Debug)]
@@ -34,32 +174,47 @@ impl Control {
     }
 
     /// Handles one request.
-    pub async fn handle(self: &Arc<Self>, req: &serde_json::Value) -> serde_json::Value {
-        let reply = |r: Result<crate::weights::engine::Decision, String>| match r {
-            Ok(d) => {
-                serde_json::json!({"ok": true, "target": d.target_weight, "mode": format!("{:?}", d.mode), "reason": d.reason})
-            }
-            Err(e) => serde_json::json!({"ok": false, "error": e}),
+    pub async fn handle(self: &Arc<Self>, req: &Request) -> Reply {
+        let reply = |r: Result<Decision, String>| match r {
+            Ok(d) => Reply::Weights(d.into()),
+            Err(e) => Reply::Error(e),
         };
-        match req["cmd"].as_str() {
-            Some("status") => serde_json::json!({"ok": true, "status": self.driver.status_json().await}),
-            Some("weights_set") => {
-                let Some(t) = req["target"].as_u64().filter(|t| *t <= 100) else {
-                    return serde_json::json!({"ok": false, "error": "target must be 0..=100"});
+        match *req {
+            Request::Status => Reply::Status(self.driver.status_json().await),
+            Request::WeightsSet { target, for_s } => {
+                let Some(t) = u8::try_from(target).ok().filter(|t| *t <= 100) else {
+                    return Reply::Error("target must be 0..=100".into());
                 };
-                let for_ = match req["for_s"].as_f64() {
+                let for_ = match for_s {
                     Some(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
-                    Some(_) => return serde_json::json!({"ok": false, "error": "for_s must be > 0"}),
+                    Some(_) => return Reply::Error("for_s must be > 0".into()),
                     None => None,
                 };
-                reply(self.driver.pin(t as u8, for_))
+                reply(self.driver.pin(t, for_))
             }
-            Some("weights_auto") => reply(self.driver.command(Override::Auto)),
-            Some("failover") => reply(self.driver.command(Override::ForceFailover)),
-            Some("failback") => reply(self.driver.command(Override::ForceFailback)),
-            _ => serde_json::json!({"ok": false, "error": format!("unknown request {req}")}),
+            Request::WeightsAuto => reply(self.driver.command(Override::Auto)),
+            Request::Failover => reply(self.driver.command(Override::ForceFailover)),
+            Request::Failback => reply(self.driver.command(Override::ForceFailback)),
         }
     }
+}
+
+/// The request in one line of the socket, or the reply that refuses it.
+fn decode_request(line: &str) -> Result<Request, Reply> {
+    serde_json::from_str(line).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => Reply::Error(format!("unknown request {line}: {e}")),
+        _ => Reply::Error(format!("bad request: {e}")),
+    })
+}
+
+/// One reply as a line of the socket.
+fn encode_reply(reply: &Reply) -> String {
+    // Strings, numbers and an already-built document always serialize.
+    let mut line = serde_json::to_string(reply).unwrap_or_else(|e| {
+        serde_json::to_string(&Reply::Error(format!("reply not encodable: {e}"))).unwrap_or_default()
+    });
+    line.push('\n');
+    line
 }
 
 /// Serves the control socket at `path` (replacing a stale socket file) until the task is
@@ -83,14 +238,14 @@ pub async fn serve(ctl: Arc<Control>, path: PathBuf) -> std::io::Result<()> {
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let reply = if uid != 0 {
-                    serde_json::json!({"ok": false, "error": "the control socket is for root only"})
+                    Reply::Error("the control socket is for root only".into())
                 } else {
-                    match serde_json::from_str::<serde_json::Value>(&line) {
+                    match decode_request(&line) {
                         Ok(req) => ctl.handle(&req).await,
-                        Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+                        Err(refused) => refused,
                     }
                 };
-                if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
+                if w.write_all(encode_reply(&reply).as_bytes()).await.is_err() {
                     return;
                 }
             }
@@ -98,18 +253,103 @@ pub async fn serve(ctl: Arc<Control>, path: PathBuf) -> std::io::Result<()> {
     }
 }
 
-/// Client side: sends one request, returns the reply.
-pub async fn request(path: &Path, req: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    let stream = UnixStream::connect(path).await.map_err(|e| {
-        anyhow::anyhow!("cannot reach {}: {e} (is `mirror serve` running, and are you root?)", path.display())
-    })?;
+/// Client side: sends one request, returns the reply; a refusal (`"ok":false`) is
+/// [`ControlError::Refused`].
+pub async fn request(path: &Path, req: &Request) -> Result<Reply, ControlError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::Unreachable { path: path.into(), source })?;
+    let io = |source| ControlError::Io { path: path.into(), source };
     let (r, mut w) = stream.into_split();
-    w.write_all(format!("{req}\n").as_bytes()).await?;
+    // A request of strings and numbers always serializes.
+    let mut line = serde_json::to_string(req).unwrap_or_default();
+    line.push('\n');
+    w.write_all(line.as_bytes()).await.map_err(io)?;
     let mut lines = BufReader::new(r).lines();
-    let line = lines.next_line().await?.ok_or_else(|| anyhow::anyhow!("no reply from {}", path.display()))?;
-    let reply: serde_json::Value = serde_json::from_str(&line)?;
-    if reply["ok"] != true {
-        anyhow::bail!("{}", reply["error"].as_str().unwrap_or("request failed"));
+    let line =
+        lines.next_line().await.map_err(io)?.ok_or_else(|| ControlError::NoReply { path: path.into() })?;
+    match serde_json::from_str(&line) {
+        Ok(Reply::Error(e)) => Err(ControlError::Refused(e)),
+        Ok(reply) => Ok(reply),
+        Err(source) => Err(ControlError::BadReply { path: path.into(), source }),
     }
-    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The requests as `mirror ctl` always sent them (`serde_json::json!`, keys sorted).
+    #[test]
+    fn requests_keep_their_wire_text() {
+        let text = |r: &Request| serde_json::to_string(r).unwrap();
+        assert_eq!(text(&Request::Status), r#"{"cmd":"status"}"#);
+        assert_eq!(
+            text(&Request::WeightsSet { for_s: Some(600.0), target: 30 }),
+            r#"{"cmd":"weights_set","for_s":600.0,"target":30}"#
+        );
+        assert_eq!(
+            text(&Request::WeightsSet { for_s: None, target: 100 }),
+            r#"{"cmd":"weights_set","for_s":null,"target":100}"#
+        );
+        assert_eq!(text(&Request::WeightsAuto), r#"{"cmd":"weights_auto"}"#);
+        assert_eq!(text(&Request::Failover), r#"{"cmd":"failover"}"#);
+        assert_eq!(text(&Request::Failback), r#"{"cmd":"failback"}"#);
+    }
+
+    #[test]
+    fn requests_decode_as_the_server_always_read_them() {
+        assert_eq!(decode_request(r#"{"cmd":"status"}"#), Ok(Request::Status));
+        // `for_s` may be left out, and any key order goes.
+        assert_eq!(
+            decode_request(r#"{"target":5,"cmd":"weights_set"}"#),
+            Ok(Request::WeightsSet { for_s: None, target: 5 })
+        );
+        assert_eq!(
+            decode_request(r#"{"cmd":"weights_set","target":5,"for_s":1}"#),
+            Ok(Request::WeightsSet { for_s: Some(1.0), target: 5 })
+        );
+        let refused = |line: &str| match decode_request(line) {
+            Err(Reply::Error(e)) => e,
+            r => panic!("{line}: {r:?}"),
+        };
+        assert!(refused(r#"{"cmd":"reboot"}"#).starts_with(r#"unknown request {"cmd":"reboot"}"#));
+        assert!(refused(r#"{"cmd":"weights_set"}"#).contains("target"));
+        assert!(refused("status").starts_with("bad request: "));
+    }
+
+    #[test]
+    fn replies_keep_their_wire_text() {
+        let text = |r: Reply| encode_reply(&r);
+        assert_eq!(
+            text(Reply::Weights(WeightsReply { target: 30, mode: Mode::Pinned, reason: "operator".into() })),
+            "{\"mode\":\"Pinned\",\"ok\":true,\"reason\":\"operator\",\"target\":30}\n"
+        );
+        assert_eq!(text(Reply::Error("no".into())), "{\"error\":\"no\",\"ok\":false}\n");
+        assert_eq!(
+            text(Reply::Status(serde_json::json!({"size": 4096}))),
+            "{\"ok\":true,\"status\":{\"size\":4096}}\n"
+        );
+    }
+
+    #[test]
+    fn replies_decode_to_their_kind() {
+        let reply = |line: &str| serde_json::from_str::<Reply>(line);
+        assert_eq!(
+            reply(r#"{"ok":true,"target":100,"mode":"Failover","reason":"operator failover"}"#).unwrap(),
+            Reply::Weights(WeightsReply {
+                target: 100,
+                mode: Mode::Failover,
+                reason: "operator failover".into()
+            })
+        );
+        assert_eq!(
+            reply(r#"{"ok":true,"status":{"mode":"Normal"}}"#).unwrap(),
+            Reply::Status(serde_json::json!({"mode": "Normal"}))
+        );
+        assert_eq!(reply(r#"{"ok":false,"error":"why"}"#).unwrap(), Reply::Error("why".into()));
+        assert_eq!(reply(r#"{"ok":false}"#).unwrap(), Reply::Error("request failed".into()));
+        assert!(reply(r#"{"ok":true}"#).is_err());
+        assert!(reply(r#"{"ok":true,"target":1,"mode":"Sideways","reason":""}"#).is_err());
+    }
 }

@@ -13,54 +13,120 @@ use std::{
     time::Duration,
 };
 
+use serde::{Deserialize, Serialize};
+
 use super::{
     probe::{ProbeSpec, Prober},
     score::{Health, ScoreConfig, Scorer},
 };
 use crate::telemetry::{collector::Collector, Source};
 
+/// A node's health as it reports it: the score and the signals behind it. The heartbeat reply
+/// carries it as JSON text (`{"score":S,"signals":[{"name":..,"score":..,"unit":..,"value":..}],
+/// "telemetry":"ebpf"}`, `{}` before the first score): [`NodeReport::to_wire`] and
+/// [`NodeReport::from_wire`] are that edge. Fields are declared in the order of that text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// 0..=100, rounded to two decimals.
+    pub score: f64,
+    pub signals: Vec<SignalReport>,
+    /// Where the figures came from: `ebpf`, `procfs`, ...
+    pub telemetry: String,
+}
+
+/// One signal of a [`NodeReport`], rounded to two decimals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalReport {
+    pub name: String,
+    /// Sub-score 0..=100.
+    pub score: f64,
+    pub unit: String,
+    /// The measured value in `unit`; not a number is written as `null`.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub value: f64,
+}
+
+/// `null` (how JSON writes a value that is not a number) reads back as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+impl NodeReport {
+    /// The report of a score.
+    pub fn new(h: &Health, telemetry: &str) -> NodeReport {
+        let round = |x: f64| (x * 100.0).round() / 100.0;
+        NodeReport {
+            score: round(h.score),
+            signals: h
+                .signals
+                .iter()
+                .map(|s| SignalReport {
+                    name: s.name.into(),
+                    score: round(s.score),
+                    unit: s.unit.into(),
+                    value: round(s.value),
+                })
+                .collect(),
+            telemetry: telemetry.into(),
+        }
+    }
+
+    /// The heartbeat reply's text of a report, `{}` for none yet.
+    pub fn to_wire(report: Option<&NodeReport>) -> String {
+        match report {
+            // A struct of strings and numbers always serializes.
+            Some(r) => serde_json::to_string(r).unwrap_or_else(|_| String::from("{}")),
+            None => String::from("{}"),
+        }
+    }
+
+    /// A report from a heartbeat reply's text: `None` for `{}` (not scored yet) and for text that
+    /// is no report (logged).
+    pub fn from_wire(text: &str) -> Option<NodeReport> {
+        if text.trim() == "{}" {
+            return None;
+        }
+        serde_json::from_str(text)
+            .map_err(|e| tracing::debug!("heartbeat: health report not understood ({e}): {text}"))
+            .ok()
+    }
+}
+
 /// This node's latest health: written by the monitor, read by heartbeats and status.
 #[derive(Debug)]
 pub struct NodeHealth {
     score: AtomicU8,
-    /// JSON: `{"score":S,"telemetry":"ebpf","signals":[{"name":..,"value":..,"unit":..,"score":..}]}`.
-    report: Mutex<String>,
+    /// `None` until the first score.
+    report: Mutex<Option<NodeReport>>,
 }
 
 impl NodeHealth {
     /// A node that has not been scored yet counts as healthy (100), with no signals.
     pub fn new() -> Arc<NodeHealth> {
-        Arc::new(NodeHealth { score: AtomicU8::new(100), report: Mutex::new(String::from("{}")) })
+        Arc::new(NodeHealth { score: AtomicU8::new(100), report: Mutex::new(None) })
     }
 
     pub fn score(&self) -> u8 {
         self.score.load(Ordering::Relaxed)
     }
 
-    /// The latest report as JSON text.
-    pub fn report(&self) -> String {
+    /// The latest report, `None` before the first score.
+    pub fn node_report(&self) -> Option<NodeReport> {
         self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The latest report as the heartbeat reply carries it (JSON text, `{}` before the first
+    /// score): encoded here, when the replica server answers.
+    pub fn report(&self) -> String {
+        NodeReport::to_wire(self.report.lock().unwrap_or_else(|e| e.into_inner()).as_ref())
     }
 
     /// Publishes a new score.
     pub fn publish(&self, h: &Health, telemetry: &str) {
         let score = h.score.round().clamp(0.0, 100.0) as u8;
-        let report = report_json(h, telemetry).to_string();
-        *self.report.lock().unwrap_or_else(|e| e.into_inner()) = report;
+        *self.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(NodeReport::new(h, telemetry));
         self.score.store(score, Ordering::Relaxed);
     }
-}
-
-/// A health score and its signals as JSON.
-pub fn report_json(h: &Health, telemetry: &str) -> serde_json::Value {
-    let round = |x: f64| (x * 100.0).round() / 100.0;
-    serde_json::json!({
-        "score": round(h.score),
-        "telemetry": telemetry,
-        "signals": h.signals.iter().map(|s| serde_json::json!({
-            "name": s.name, "value": round(s.value), "unit": s.unit, "score": round(s.score),
-        })).collect::<Vec<_>>(),
-    })
 }
 
 fn median(v: &std::collections::VecDeque<f64>) -> f64 {
@@ -136,6 +202,38 @@ pub fn spawn(cfg: MonitorConfig, out: Arc<NodeHealth>) {
 
 #[cfg(test)]
 mod tests {
+    use super::{NodeHealth, NodeReport};
+    use crate::health::score::{Health, Signal};
+
+    #[test]
+    fn the_report_keeps_its_wire_text() {
+        let h = Health {
+            score: 87.456,
+            signals: vec![
+                Signal { name: "disk_latency_ratio", value: 1.234_56, unit: "x baseline", score: 99.999 },
+                Signal { name: "runq_p99", value: f64::NAN, unit: "us", score: 100.0 },
+            ],
+        };
+        let health = NodeHealth::new();
+        assert_eq!(health.report(), "{}", "no report before the first score");
+        assert_eq!(health.node_report(), None);
+        health.publish(&h, "ebpf");
+        assert_eq!(health.score(), 87);
+        // The text `report_json` wrote (serde_json's sorted keys, two decimals, NaN as null).
+        let text = concat!(
+            r#"{"score":87.46,"signals":[{"name":"disk_latency_ratio","score":100.0,"unit":"x baseline","#,
+            r#""value":1.23},{"name":"runq_p99","score":100.0,"unit":"us","value":null}],"telemetry":"ebpf"}"#
+        );
+        assert_eq!(health.report(), text);
+        let back = NodeReport::from_wire(text).expect("decodes");
+        assert_eq!((back.score, back.telemetry.as_str(), back.signals.len()), (87.46, "ebpf", 2));
+        assert_eq!((back.signals[0].name.as_str(), back.signals[0].value), ("disk_latency_ratio", 1.23));
+        assert!(back.signals[1].value.is_nan());
+        assert_eq!(NodeReport::to_wire(Some(&back)), text);
+        assert_eq!(NodeReport::from_wire("{}"), None);
+        assert_eq!(NodeReport::from_wire("not json"), None);
+    }
+
     #[test]
     fn median_of_recent_scores() {
         let v: std::collections::VecDeque<f64> = [100.0, 10.0, 95.0].into_iter().collect();

@@ -1,13 +1,15 @@
 //! The telemetry path: eBPF programs attached to kernel tracepoints write into maps pinned under
 //! `/sys/fs/bpf/mirror/`; the collector reads them into per-interval figures. When BPF is not
 //! usable, [`diskstats`] and [`procfs`] read `/proc/diskstats`, `/proc/pressure` and
-//! `/proc/net/snmp` instead. [`collector`] turns snapshots into per-interval samples.
+//! `/proc/net/snmp` instead. [`collector`] turns snapshots into per-interval samples; [`duty`]
+//! schedules the run-queue program's duty cycle.
 
 pub mod blk;
 pub mod bpf;
 pub mod btf;
 pub mod collector;
 pub mod diskstats;
+pub mod duty;
 pub mod procfs;
 pub mod tracefs;
 pub mod view;

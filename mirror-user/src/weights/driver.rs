@@ -18,10 +18,14 @@ use std::{
 use mirror_common::weights::{
     ReadWeights, MODE_FAILBACK, MODE_FAILOVER, MODE_NORMAL, MODE_PINNED, MODE_PREDICTIVE,
 };
+use serde::{Deserialize, Serialize};
 
 use super::engine::{Decision, Engine, EngineConfig, Mode, Override, Sample};
 use crate::{
-    health::{monitor::NodeHealth, score::falloff},
+    health::{
+        monitor::{NodeHealth, NodeReport},
+        score::falloff,
+    },
     replication::protocol::Message,
     volume::{
         remote::RemotePool,
@@ -59,9 +63,9 @@ impl Default for DriverConfig {
 /// What the loop knows of one node.
 #[derive(Debug, Clone, Default)]
 struct NodeView {
-    /// Latest heartbeat answer: score and report.
+    /// Latest heartbeat answer: score and report (`None`: not scored yet, or not understood).
     score: Option<u8>,
-    report: serde_json::Value,
+    report: Option<NodeReport>,
     /// When the latest heartbeat answer arrived.
     seen: Option<Instant>,
     /// The node could not be reached at the last attempt (refused, reset, closed).
@@ -74,11 +78,23 @@ struct NodeView {
     errors_seen: u64,
 }
 
+/// One change of the read weights, as `mirror ctl status` lists it (`events`) and the demo's
+/// timeline draws it. Fields in the order of its JSON text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightEvent {
+    pub mode: Mode,
+    pub reason: String,
+    /// Milliseconds since `mirror serve` started.
+    pub t_ms: u64,
+    /// The target's share of reads after the change, percent.
+    pub target: u8,
+}
+
 #[derive(Debug)]
 struct View {
     nodes: [NodeView; 2],
     last: Decision,
-    events: VecDeque<serde_json::Value>,
+    events: VecDeque<WeightEvent>,
     changes: u64,
 }
 
@@ -277,12 +293,12 @@ impl Driver {
         );
         let mut v = lock(&self.view);
         v.changes += 1;
-        let ev = serde_json::json!({
-            "t_ms": self.now().as_millis() as u64,
-            "target": d.target_weight,
-            "mode": format!("{:?}", d.mode),
-            "reason": d.reason,
-        });
+        let ev = WeightEvent {
+            mode: d.mode,
+            reason: d.reason.clone(),
+            t_ms: self.now().as_millis() as u64,
+            target: d.target_weight,
+        };
         if v.events.len() == EVENTS_KEPT {
             v.events.pop_front();
         }
@@ -345,14 +361,14 @@ impl Driver {
             let r: &Replica = &self.router.replicas[i];
             let local = matches!(r.location, Location::Local { .. });
             let (score, report) = if local {
-                (Some(self.local_health.score()), serde_json::from_str(&self.local_health.report()).ok())
+                (Some(self.local_health.score()), self.local_health.node_report())
             } else {
-                (n.score, Some(n.report.clone()))
+                (n.score, n.report.clone())
             };
             let node = serde_json::json!({
                 "health": score,
-                "signals": report.as_ref().map(|r| r["signals"].clone()),
-                "telemetry": report.as_ref().map(|r| r["telemetry"].clone()),
+                "signals": report.as_ref().map(|r| &r.signals),
+                "telemetry": report.as_ref().map(|r| &r.telemetry),
                 "heartbeat_age_ms": if local { Some(0) } else { n.seen.map(|t| t.elapsed().as_millis() as u64) },
                 "reachable": local || !n.unreachable,
                 "datapath_score": n.datapath.map(|d| d.round()),
@@ -367,7 +383,7 @@ impl Driver {
             obj.insert("reason".into(), last.reason.into());
             obj.insert("weight_changes".into(), changes.into());
             obj.insert("uptime_ms".into(), (self.now().as_millis() as u64).into());
-            obj.insert("events".into(), events.into());
+            obj.insert("events".into(), serde_json::to_value(events).unwrap_or_default());
         }
         st
     }
@@ -427,7 +443,8 @@ async fn heartbeats(d: std::sync::Weak<Driver>, i: usize, addr: String, volume: 
             match answer {
                 Ok(Some((health, report))) => {
                     n.score = Some(health);
-                    n.report = serde_json::from_str(&report).unwrap_or(serde_json::Value::Null);
+                    // The protocol edge: decoded once, here.
+                    n.report = NodeReport::from_wire(&report);
                     n.seen = Some(Instant::now());
                     n.unreachable = false;
                 }

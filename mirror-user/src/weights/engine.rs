@@ -94,8 +94,9 @@ pub enum Override {
     ForceFailback,
 }
 
-/// The engine's states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The engine's states. Serialized by name (`"Normal"`, `"Failover"`, ...) in status, events and
+/// control replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Mode {
     Normal,
     Predictive,

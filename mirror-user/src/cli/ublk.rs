@@ -1,0 +1,37 @@
+//! `mirror ublk list|del`: the kernel's ublk devices, and deleting one a killed daemon left.
+
+use anyhow::Result;
+
+use crate::frontend::ublk;
+
+/// `mirror ublk` subcommands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UblkArgs {
+    #[command(subcommand)]
+    pub cmd: UblkCmd,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum UblkCmd {
+    /// One line per device: id, state, queues, depth, block device.
+    List,
+    /// Delete device N (stop it first when live).
+    Del { id: i32 },
+}
+
+impl UblkArgs {
+    pub fn run(self) -> Result<()> {
+        match self.cmd {
+            UblkCmd::List => {
+                for l in ublk::list()? {
+                    println!("{l}");
+                }
+            }
+            UblkCmd::Del { id } => {
+                ublk::delete(id)?;
+                println!("ublk device {id} deleted");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,192 @@
+//! The lifecycle of `mirror serve`: one mirrored volume behind its frontends, from start to a
+//! clean stop. [`run`] keeps this order:
+//!
+//! 1. open the volume (both replicas, their metadata reconciled before any I/O), start the
+//!    weighting loop, mirror its weights into a pinned BPF map when it can, bind the metrics
+//!    endpoint, start the control socket;
+//! 2. install the stop signal's handlers, *then* bind NBD (TCP, and a Unix socket when asked) and
+//!    print the readiness lines (`nbd listening on ADDR`, `metrics on ADDR`): a supervisor may send
+//!    SIGTERM as soon as it reads them, and that must reach the clean stop below, never the
+//!    default action (killed mid-write);
+//! 3. start the ublk device when asked (it prints `ublk device /dev/ublkbN`), serve;
+//! 4. on the signal: stop and delete the ublk device, stop accepting NBD clients and drain the
+//!    connections, flush both replicas and, only when that succeeded (everything acknowledged is
+//!    on both), drop the write intent so the next start needs no resync; then stop the embedded
+//!    replica servers.
+
+use std::{future::Future, net::SocketAddr, path::PathBuf};
+
+use crate::{
+    control::Control,
+    frontend::{
+        nbd::{NbdError, NbdListen, NbdOptions, NbdServer},
+        ublk::{self, UblkError, UblkOptions},
+    },
+    telemetry::bpf,
+    volume::{open::VolumeConfig, BlockDev},
+    weights::driver::{Driver, DriverConfig},
+};
+
+/// Which block-device frontends serve the volume (`mirror serve --frontend`): `nbd` NBD only,
+/// `ublk` also /dev/ublkbN (fail when the kernel has no ublk), `auto` also /dev/ublkbN when the
+/// kernel has ublk. NBD is always served. (The variants carry no doc comments: clap would list
+/// them under the flag, whose help already says it.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Frontend {
+    Nbd,
+    Ublk,
+    Auto,
+}
+
+impl Frontend {
+    /// What [`ublk::start_for_serve`] is asked: `Some((required, options))` for a device.
+    fn ublk(self, options: UblkOptions) -> Option<(bool, UblkOptions)> {
+        match self {
+            Frontend::Nbd => None,
+            Frontend::Ublk => Some((true, options)),
+            Frontend::Auto => Some((false, options)),
+        }
+    }
+}
+
+/// Where `mirror serve` is reached: NBD, the control socket, metrics, the weights map, ublk.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// NBD on TCP (port 0 picks a free one).
+    pub nbd: SocketAddr,
+    /// NBD on a Unix socket too.
+    pub nbd_unix: Option<PathBuf>,
+    pub export: String,
+    pub ctl_socket: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    /// Where the pinned weights map goes (`weights-VOLUME`).
+    pub pin_dir: PathBuf,
+    pub frontend: Frontend,
+    /// The ublk device's settings, when [`Self::frontend`] asks for one.
+    pub ublk: UblkOptions,
+}
+
+/// What stops `mirror serve` from starting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Opening the volume: a replica, its metadata, or the reconciliation of both.
+    #[error(transparent)]
+    Open(anyhow::Error),
+    #[error("metrics endpoint {addr}")]
+    Metrics { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+    #[error(transparent)]
+    Ublk(#[from] UblkError),
+}
+
+/// Serves the volume until the future of `stop_signal` resolves, then stops in the order of the
+/// module docs. `stop_signal` is called once, right before the frontends bind (the handlers it
+/// installs must be in place before any readiness line is printed).
+pub async fn run<S, F>(
+    volume: VolumeConfig,
+    driver: DriverConfig,
+    ep: Endpoints,
+    stop_signal: S,
+) -> Result<(), ServeError>
+where
+    S: FnOnce() -> F,
+    F: Future<Output = ()>,
+{
+    let Endpoints { nbd, nbd_unix, export, ctl_socket, metrics, pin_dir, frontend, ublk } = ep;
+    let vol = crate::volume::open::open(&volume).await.map_err(ServeError::Open)?;
+    let driver = Driver::start(vol.router.clone(), driver, volume.node_health.clone());
+    mirror_weights_in_bpf(&driver, &pin_dir.join(format!("weights-{}", volume.name)));
+    let metrics_addr = match metrics {
+        Some(addr) => Some(
+            crate::metrics::serve(driver.clone(), addr)
+                .await
+                .map_err(|source| ServeError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
+    let control = Control::new(driver.clone());
+    tokio::spawn(async move {
+        if let Err(e) = crate::control::serve(control, ctl_socket.clone()).await {
+            tracing::warn!(socket = %ctl_socket.display(), "control socket unavailable: {e}");
+        }
+    });
+    let opts = NbdOptions {
+        export_name: export,
+        description: Some(format!("mirror volume {}", volume.name)),
+        ..Default::default()
+    };
+    // Before "listening" is printed: a supervisor may send SIGTERM as soon as it reads it.
+    let stop = stop_signal();
+    let tcp = NbdServer::bind(vol.router.clone(), NbdListen::Tcp(nbd), opts.clone()).await?;
+    let unix = match nbd_unix {
+        Some(p) => Some(NbdServer::bind(vol.router.clone(), NbdListen::Unix(p), opts).await?),
+        None => None,
+    };
+    crate::announce(format_args!("nbd listening on {}", tcp.local_addr()));
+    if let Some(m) = metrics_addr {
+        crate::announce(format_args!("metrics on {m}"));
+    }
+    if let Some(u) = &unix {
+        crate::announce(format_args!("nbd listening on {}", u.local_addr()));
+    }
+    let ublk = ublk::start_for_serve(vol.router.clone(), frontend.ublk(ublk))?;
+    tracing::info!(volume = %volume.name, size = vol.router.size(), "serving");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let unix_task = unix.map(|u| tokio::spawn(u.run(stopped(stop_rx.clone()))));
+    let tcp_task = tokio::spawn(tcp.run(stopped(stop_rx)));
+    stop.await;
+    tracing::info!("signal received: draining NBD connections, flushing both replicas");
+    ublk::stop_for_serve(ublk).await;
+    let _ = stop_tx.send(true);
+    let _ = tcp_task.await;
+    if let Some(t) = unix_task {
+        let _ = t.await;
+    }
+    match vol.router.flush().await {
+        // Everything written is on both: the write intent goes (the next start needs no resync).
+        Ok(()) => vol.router.close_intents().await,
+        Err(e) => tracing::error!("final flush failed: {e}"),
+    }
+    for s in &vol.local_servers {
+        s.shutdown();
+    }
+    Ok(())
+}
+
+/// Mirrors the read weights after every tick into a BPF map pinned at `pin` (for bpftool); only
+/// logs when that is not possible here.
+fn mirror_weights_in_bpf(driver: &Driver, pin: &std::path::Path) {
+    match bpf::WeightsMap::create(pin) {
+        Ok(mut m) => {
+            tracing::info!("read weights mirrored in BPF: bpftool map dump pinned {}", pin.display());
+            let mut warned = false;
+            driver.set_sink(Box::new(move |w| {
+                if let Err(e) = m.set(w) {
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!("updating the pinned weights map failed: {e}");
+                    }
+                }
+            }));
+        }
+        Err(e) => tracing::info!("read weights not mirrored into a pinned BPF map: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Frontend;
+    use crate::frontend::ublk::UblkOptions;
+
+    #[test]
+    fn the_frontend_decides_whether_ublk_is_required() {
+        let o = UblkOptions::default();
+        assert!(Frontend::Nbd.ublk(o.clone()).is_none());
+        assert_eq!(Frontend::Ublk.ublk(o.clone()).map(|(r, _)| r), Some(true));
+        assert_eq!(Frontend::Auto.ublk(o).map(|(r, _)| r), Some(false));
+    }
+}
