@@ -135,6 +135,32 @@ impl<C> std::fmt::Debug for EtcdLeaseStore<C> {
     }
 }
 
+// gRPC status codes (fixed by the gRPC specification).
+const GRPC_CANCELLED: i32 = 1;
+const GRPC_DEADLINE_EXCEEDED: i32 = 4;
+const GRPC_UNAVAILABLE: i32 = 14;
+
+/// Which failures a request may be repeated after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Reads, keep-alives, grants, revokes: any unavailability.
+    Repeatable,
+    /// Compare-and-set transactions: only when the request cannot have reached etcd.
+    IfNeverSent,
+}
+
+/// The request cannot have been applied: no connection to the member, or the member has no
+/// leader (etcd refuses before proposing).
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(st) => {
+            i32::from(st.code()) == GRPC_UNAVAILABLE
+                && (st.message().contains("connect error") || st.message().contains("no leader"))
+        }
+        _ => false,
+    }
+}
+
 /// The etcd lease's TTL: whole seconds, at least one.
 fn ttl_secs(ttl: Duration) -> i64 {
     (ttl.as_millis().div_ceil(1000) as i64).max(1)
@@ -152,7 +178,6 @@ impl<C: Clock> EtcdLeaseStore<C> {
         let opts = ConnectOptions::new()
             .with_timeout(cfg.request_timeout)
             .with_connect_timeout(cfg.request_timeout)
-            .with_keep_alive(Duration::from_millis(500), cfg.request_timeout)
             .with_require_leader(true);
         let client =
             tokio::time::timeout(cfg.request_timeout * 2, Client::connect(&cfg.endpoints, Some(opts)))
@@ -170,7 +195,41 @@ impl<C: Clock> EtcdLeaseStore<C> {
         self.key(&format!("standby/{who}"))
     }
 
-    /// One request with the configured timeout.
+    /// A request, tried again (within three request timeouts) while etcd is unavailable in a way
+    /// that `retry` allows: any way for requests that may be repeated, only "never sent" (no
+    /// connection, no leader) for compare-and-set transactions, whose repetition after a lost
+    /// answer would misreport their outcome.
+    async fn call_retry<T, Fut>(
+        &self,
+        op: &'static str,
+        retry: Retry,
+        mut f: impl FnMut(Client) -> Fut,
+    ) -> Result<T, LeaseError>
+    where
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.cfg.request_timeout * 3;
+        loop {
+            let err = match self.call(op, f(self.client.clone())).await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let again = match (&err, retry) {
+                (LeaseError::Etcd { source, .. }, _) if never_sent(source) => true,
+                (LeaseError::Etcd { source: etcd_client::Error::GRpcStatus(st), .. }, Retry::Repeatable) => {
+                    [GRPC_UNAVAILABLE, GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED].contains(&i32::from(st.code()))
+                }
+                (LeaseError::EtcdTimeout { .. }, Retry::Repeatable) => true,
+                _ => false,
+            };
+            if !again || tokio::time::Instant::now() >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One attempt with the configured timeout.
     async fn call<T>(
         &self,
         op: &'static str,
@@ -182,25 +241,45 @@ impl<C: Clock> EtcdLeaseStore<C> {
         }
     }
 
+    /// A compare-and-set transaction.
+    async fn txn(&self, op: &'static str, txn: Txn) -> Result<etcd_client::TxnResponse, LeaseError> {
+        self.call_retry(op, Retry::IfNeverSent, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
+    async fn revoke(&self, id: i64) -> Result<(), LeaseError> {
+        self.call_retry("lease revoke", Retry::Repeatable, |mut c| async move { c.lease_revoke(id).await })
+            .await
+            .map(|_| ())
+    }
+
     fn corrupt(&self, key: &str, e: impl std::fmt::Display) -> LeaseError {
         LeaseError::Corrupt { key: key.into(), reason: e.to_string() }
     }
 
-    /// The session lease id (granting one if there is none).
-    async fn session_id(&self) -> Result<(i64, Duration, Duration), LeaseError> {
+    /// The session lease: (id, ttl, last sent, just granted), granting one if there is none.
+    async fn session_id(&self) -> Result<(i64, Duration, Duration, bool), LeaseError> {
         let mut s = self.session.lock().await;
         if let Some(s) = s.as_ref() {
-            return Ok((s.id, s.ttl, s.last_sent));
+            return Ok((s.id, s.ttl, s.last_sent, false));
         }
         let sent = self.clock.now();
-        let mut c = self.client.clone();
-        let g = self.call("lease grant", c.lease_grant(ttl_secs(self.ttl), None)).await?;
+        let secs = ttl_secs(self.ttl);
+        let g =
+            self.call_retry("lease grant", Retry::Repeatable, |mut c| async move {
+                c.lease_grant(secs, None).await
+            })
+            .await?;
         let ttl = Duration::from_secs(g.ttl().max(1) as u64);
         *s = Some(Session { id: g.id(), ttl, last_sent: sent, stream: None });
-        Ok((g.id(), ttl, sent))
+        Ok((g.id(), ttl, sent, true))
     }
 
-    /// One keep-alive round trip on the session lease: (sent_at, ttl granted).
+    /// One keep-alive round trip on the session lease: (sent_at, ttl granted). A broken stream (its
+    /// member went away) is replaced within the call: opening a stream is a keep-alive too.
     async fn keep_alive(&self, id: i64) -> Result<(Duration, Duration), LeaseError> {
         let mut guard = self.session.lock().await;
         let Some(s) = guard.as_mut().filter(|s| s.id == id) else {
@@ -210,8 +289,8 @@ impl<C: Clock> EtcdLeaseStore<C> {
                 reason: format!("etcd lease {id:x} is not this router's session"),
             });
         };
-        let sent = self.clock.now();
-        let ttl = match s.stream.as_mut() {
+        let mut sent = self.clock.now();
+        let mut ttl = match s.stream.as_mut() {
             Some((keeper, stream)) => {
                 let round = async {
                     keeper.keep_alive().await?;
@@ -221,15 +300,26 @@ impl<C: Clock> EtcdLeaseStore<C> {
                     Ok(Some(resp)) => Ok(resp.ttl()),
                     Ok(None) => Err(LeaseError::EtcdTimeout {
                         op: "keep-alive (stream closed)",
-                        timeout: self.cfg.request_timeout,
+                        timeout: Duration::ZERO,
                     }),
                     Err(e) => Err(e),
                 }
             }
             None => {
-                // Opening the stream sends the first keep-alive and waits for its answer.
-                let mut c = self.client.clone();
-                match self.call("keep-alive", c.lease_keep_alive(id)).await {
+                Err(LeaseError::EtcdTimeout { op: "keep-alive (no stream yet)", timeout: Duration::ZERO })
+            }
+        };
+        if ttl.is_err() {
+            // A fresh stream: a late answer on the old one must not be taken for a new request's.
+            s.stream = None;
+            sent = self.clock.now();
+            ttl =
+                match self
+                    .call_retry("keep-alive", Retry::Repeatable, |mut c| async move {
+                        c.lease_keep_alive(id).await
+                    })
+                    .await
+                {
                     Ok(pair) => {
                         s.stream = Some(pair);
                         Ok(s.ttl.as_secs() as i64)
@@ -242,9 +332,8 @@ impl<C: Clock> EtcdLeaseStore<C> {
                         })
                     }
                     Err(e) => Err(e),
-                }
-            }
-        };
+                };
+        }
         match ttl {
             Ok(t) if t > 0 => {
                 s.last_sent = sent;
@@ -259,7 +348,6 @@ impl<C: Clock> EtcdLeaseStore<C> {
                 })
             }
             Err(e) => {
-                // A fresh stream next time: a late answer on this one must not be taken for the next.
                 s.stream = None;
                 if matches!(e, LeaseError::Lost { .. }) {
                     *guard = None;
@@ -272,9 +360,13 @@ impl<C: Clock> EtcdLeaseStore<C> {
     /// Holder and counter read in one transaction (one revision).
     async fn read(&self) -> Result<(LeaseState, Option<i64>, i64), LeaseError> {
         let (hk, ek) = (self.key("holder"), self.key("epoch"));
-        let mut c = self.client.clone();
         let txn = Txn::new().and_then([TxnOp::get(hk.clone(), None), TxnOp::get(ek.clone(), None)]);
-        let resp = self.call("read", c.txn(txn)).await?;
+        let resp = self
+            .call_retry("read", Retry::Repeatable, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let gets: Vec<GetResponse> = resp
             .op_responses()
@@ -297,8 +389,13 @@ impl<C: Clock> EtcdLeaseStore<C> {
         let (record, lease) = match holder.kvs().first() {
             Some(kv) => {
                 let v: HolderValue = serde_json::from_slice(kv.value()).map_err(|e| self.corrupt(&hk, e))?;
-                let left =
-                    self.call("lease time-to-live", c.lease_time_to_live(kv.lease(), None)).await?.ttl();
+                let lease = kv.lease();
+                let left = self
+                    .call_retry("lease time-to-live", Retry::Repeatable, |mut c| async move {
+                        c.lease_time_to_live(lease, None).await
+                    })
+                    .await?
+                    .ttl();
                 let now = self.clock.now();
                 let rec = LeaseRecord {
                     volume: self.volume.clone(),
@@ -336,8 +433,7 @@ impl<C: Clock> EtcdLeaseStore<C> {
                 Compare::mod_revision(ek.clone(), CompareOp::Equal, state.revision),
             ])
             .and_then([TxnOp::put(ek, Self::epoch_value(state.last_epoch, replica), None)]);
-        let mut c = self.client.clone();
-        if self.call("mark outdated", c.txn(txn)).await?.succeeded() {
+        if self.txn("mark outdated", txn).await?.succeeded() {
             return Ok(());
         }
         Err(LeaseError::Lost {
@@ -362,20 +458,20 @@ impl<C: Clock> LeaseStore for EtcdLeaseStore<C> {
     }
 
     async fn stand_by(&self) -> Result<(), LeaseError> {
-        let (id, _, _) = self.session_id().await?;
+        let (id, ..) = self.session_id().await?;
         let v =
             serde_json::to_string(&StandbyValue { holder: self.me.clone(), lease: id }).unwrap_or_default();
-        let mut c = self.client.clone();
-        self.call(
-            "announce standby",
-            c.put(self.standby_key(&self.me), v, Some(PutOptions::new().with_lease(id))),
-        )
+        let key = self.standby_key(&self.me);
+        self.call_retry("announce standby", Retry::Repeatable, |mut c| {
+            let (key, v) = (key.clone(), v.clone());
+            async move { c.put(key, v, Some(PutOptions::new().with_lease(id))).await }
+        })
         .await?;
         Ok(())
     }
 
     async fn renew_standby(&self) -> Result<(), LeaseError> {
-        let (id, _, _) = self.session_id().await?;
+        let (id, ..) = self.session_id().await?;
         self.keep_alive(id).await.map(|_| ())
     }
 
@@ -387,7 +483,20 @@ impl<C: Clock> LeaseStore for EtcdLeaseStore<C> {
                 floor: seen.last_epoch,
             });
         }
-        let (id, ttl, sent_at) = self.session_id().await?;
+        // The tenure counts from the last keep-alive that was answered: an old session (a standby
+        // whose keep-alives went unanswered for a while) is renewed first, so the holder starts
+        // with a whole safe window, or learns that the session is gone and takes a new one.
+        let (id, ttl, sent_at) = match self.session_id().await? {
+            (id, ttl, sent, true) => (id, ttl, sent),
+            (id, ttl, _, false) => match self.keep_alive(id).await {
+                Ok((sent, _)) => (id, ttl, sent),
+                Err(LeaseError::Lost { .. }) => {
+                    let (id, ttl, sent, _) = self.session_id().await?;
+                    (id, ttl, sent)
+                }
+                Err(e) => return Err(e),
+            },
+        };
         let (hk, ek) = (self.key("holder"), self.key("epoch"));
         let handed_to_me = seen.record.as_ref().is_some_and(|r| r.holder == self.me);
         let holder_free_or_mine = if handed_to_me {
@@ -406,8 +515,7 @@ impl<C: Clock> LeaseStore for EtcdLeaseStore<C> {
                 TxnOp::put(ek, Self::epoch_value(how.epoch, seen.outdated.as_ref()), None),
                 TxnOp::delete(self.standby_key(&self.me), None),
             ]);
-        let mut c = self.client.clone();
-        if self.call("campaign", c.txn(txn)).await?.succeeded() {
+        if self.txn("campaign", txn).await?.succeeded() {
             return Ok(Held {
                 volume: self.volume.clone(),
                 holder: self.me.clone(),
@@ -452,8 +560,13 @@ impl<C: Clock> LeaseStore for EtcdLeaseStore<C> {
         let refused =
             |reason: String| LeaseError::Handover { volume: self.volume.clone(), to: to.clone(), reason };
         let sk = self.standby_key(to);
-        let mut c = self.client.clone();
-        let got = self.call("read standby", c.get(sk.clone(), None)).await?;
+        let key = sk.clone();
+        let got = self
+            .call_retry("read standby", Retry::Repeatable, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         let Some(kv) = got.kvs().first() else {
             return Err(refused(format!("no standby {to} is announced")));
         };
@@ -476,18 +589,17 @@ impl<C: Clock> LeaseStore for EtcdLeaseStore<C> {
                 TxnOp::put(ek, Self::epoch_value(epoch, state.outdated.as_ref()), None),
                 TxnOp::delete(sk, None),
             ]);
-        if !self.call("hand over", c.txn(txn)).await?.succeeded() {
+        if !self.txn("hand over", txn).await?.succeeded() {
             return Err(refused("the holder key, the counter or the standby changed meanwhile".into()));
         }
         // Nothing hangs on our session any more; revoking it is tidy, not needed.
-        let _ = self.call("lease revoke", c.lease_revoke(held.token)).await;
+        let _ = self.revoke(held.token).await;
         *self.session.lock().await = None;
         Ok(epoch)
     }
 
     async fn release(&self, held: &Held) -> Result<(), LeaseError> {
-        let mut c = self.client.clone();
-        self.call("lease revoke", c.lease_revoke(held.token)).await?;
+        self.revoke(held.token).await?;
         let mut s = self.session.lock().await;
         if s.as_ref().is_some_and(|s| s.id == held.token) {
             *s = None;
@@ -508,9 +620,13 @@ impl<C: Clock> LeaseStore for EtcdLeaseStore<C> {
         if !same(state.record.as_ref(), seen) {
             return Ok(state);
         }
-        let mut c = self.client.clone();
-        let opts = WatchOptions::new().with_start_revision(revision + 1);
-        let mut stream = self.call("watch", c.watch(self.key("holder"), Some(opts))).await?;
+        let key = self.key("holder");
+        let mut stream = self
+            .call_retry("watch", Retry::Repeatable, |mut c| {
+                let key = key.clone();
+                async move { c.watch(key, Some(WatchOptions::new().with_start_revision(revision + 1))).await }
+            })
+            .await?;
         let changed = async {
             loop {
                 match stream.message().await {
