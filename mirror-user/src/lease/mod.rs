@@ -267,8 +267,8 @@ pub trait LeaseStore: Send + Sync {
     fn stand_by(&self) -> impl Future<Output = Result<(), LeaseError>> + Send;
     /// Keeps the standby announcement alive (etcd); a no-op where there is none.
     fn renew_standby(&self) -> impl Future<Output = Result<(), LeaseError>> + Send;
-    /// Takes the lease if nothing changed since `seen`: free, expired, or handed to `me` (then the
-    /// epoch is the one the handover gave, at least `how.epoch`).
+    /// Takes the lease at epoch `how.epoch` if nothing changed since `seen`: free, expired, or
+    /// handed to `me`. `how` comes from [`take::decide`]; [`acquire`] does both.
     fn campaign(
         &self,
         seen: &LeaseState,
