@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod frontend;
 pub mod health;
+pub mod lease;
 pub mod metrics;
 pub mod replication;
 pub mod serve;

@@ -1,6 +1,7 @@
 //! Integration tests live in `tests/`; see README. This library holds what the benchmark drivers
 //! in `src/bin/` share.
 
+pub mod etcd;
 pub mod scenario;
 pub mod timeline;
 

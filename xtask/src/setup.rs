@@ -32,6 +32,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "losetup"),
     ("python3-pip", "installing virtme-ng"),
     ("busybox-static", "the VM's initramfs (virtme-ng 1.4x builds one with busybox)"),
+    ("etcd-server", "the lease store of the etcd mode, started by the lease tests"),
+    ("etcd-client", "etcdctl, for looking at the lease keys by hand"),
+    ("protobuf-compiler", "protoc for the etcd-client crate's build"),
+    ("libprotobuf-dev", "protobuf's well-known .proto files, imported by etcd's"),
 ];
 
 /// The virtme-ng release the VM tests are proven with (newer ones may change the guest's boot).
@@ -44,7 +48,7 @@ const MANUAL: &str = "\
 Manual steps (Debian 12 as root; see ../shared/ENVIRONMENT.md):
   1. apt-get install rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libclang-dev clang \\
        bpftool fio kmod qemu-utils libnbd-bin nbdkit rsync e2fsprogs mdadm python3-pip \\
-       busybox-static
+       busybox-static etcd-server etcd-client protobuf-compiler libprotobuf-dev
      and qemu-system-x86 (from bookworm-backports when qemu-utils comes from there)
   2. LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --no-default-features --features llvm-22
   3. pip install virtme-ng==1.42
