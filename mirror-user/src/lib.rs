@@ -2,7 +2,8 @@
 //!
 //! Rooms: [`telemetry`] (eBPF programs, pinned maps, /proc fallback: what the node measures),
 //! [`replication`] (replica servers, the protocol, sync / resync / verify), [`frontend`] (the NBD
-//! server in front of a [`volume::BlockDev`]).
+//! server in front of a [`volume::BlockDev`]), [`tls`] (X.509 credentials, TLS 1.3 endpoints,
+//! `mirror certs`).
 
 pub mod config;
 pub mod control;
@@ -11,6 +12,7 @@ pub mod health;
 pub mod metrics;
 pub mod replication;
 pub mod telemetry;
+pub mod tls;
 pub mod volume;
 pub mod weights;
 
