@@ -425,6 +425,7 @@ enum Command {
         #[arg(long, env = "MIRROR_SECRET_FILE")]
         secret_file: PathBuf,
     },
+    Certs(mirror::tls::certs_cmd::CertsArgs),
     /// Resolve a split brain: discard this replica's data (the next sync onto it is a full one).
     Resolve {
         /// The replica whose writes are discarded.
@@ -609,6 +610,9 @@ fn main() -> Result<()> {
             let mut c = Client::connect(&node, &volume, &load_secret(&secret_file)?)?;
             println!("{}", serde_json::to_string_pretty(&c.json(&Message::Status)?)?);
             Ok(())
+        }
+        Command::Certs(args) => {
+            Ok(mirror::tls::certs_cmd::run(&args, std::time::SystemTime::now(), &mut std::io::stdout())?)
         }
         Command::Resolve { node, volume, secret_file, discard } => {
             anyhow::ensure!(discard, "--discard is required");
