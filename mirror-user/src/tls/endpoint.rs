@@ -56,6 +56,35 @@ impl std::fmt::Display for PeerIdentity {
     }
 }
 
+/// What either end needs to name the reason of a failure: the CA file peers are checked against
+/// and the end the peer plays.
+#[derive(Debug, Clone)]
+struct Judge {
+    ca: PathBuf,
+    peer_end: Endpoint,
+}
+
+impl Judge {
+    fn handshake_error(&self, e: std::io::Error, timeout: Duration) -> TlsError {
+        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+            return TlsError::Timeout { after: timeout };
+        }
+        explain(e, &self.ca, self.peer_end, true)
+    }
+
+    /// Runs an async handshake within `timeout`.
+    async fn within<T>(
+        &self,
+        timeout: Duration,
+        handshake: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, TlsError> {
+        tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| TlsError::Timeout { after: timeout })?
+            .map_err(|e| self.handshake_error(e, timeout))
+    }
+}
+
 fn require_endpoint(creds: &Credentials, wanted: Endpoint) -> Result<(), TlsError> {
     if creds.endpoint() == wanted {
         return Ok(());
@@ -67,7 +96,7 @@ fn require_endpoint(creds: &Credentials, wanted: Endpoint) -> Result<(), TlsErro
 #[derive(Debug, Clone)]
 pub struct TlsServer {
     config: Arc<ServerConfig>,
-    ca: PathBuf,
+    judge: Judge,
     /// Our own certificate.
     pub identity: CertInfo,
 }
@@ -93,7 +122,7 @@ impl TlsServer {
         config.send_tls13_tickets = 0;
         Ok(TlsServer {
             config: Arc::new(config),
-            ca: creds.ca_path().to_path_buf(),
+            judge: Judge { ca: creds.ca_path().to_path_buf(), peer_end: Endpoint::Client },
             identity: creds.info().clone(),
         })
     }
@@ -116,7 +145,7 @@ impl TlsServer {
         timeout: Duration,
     ) -> Result<(StreamOwned<ServerConnection, TcpStream>, Option<PeerIdentity>), TlsError> {
         let mut conn = ServerConnection::new(self.config.clone()).map_err(TlsError::Config)?;
-        drive(&mut conn, &mut tcp, timeout).map_err(|e| self.handshake_error(e, timeout))?;
+        drive(&mut conn, &mut tcp, timeout).map_err(|e| self.judge.handshake_error(e, timeout))?;
         let peer = PeerIdentity::of(&conn)?;
         Ok((StreamOwned::new(conn, tcp), peer))
     }
@@ -128,10 +157,7 @@ impl TlsServer {
         timeout: Duration,
     ) -> Result<(tokio_rustls::server::TlsStream<S>, Option<PeerIdentity>), TlsError> {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.config.clone());
-        let stream = tokio::time::timeout(timeout, acceptor.accept(io))
-            .await
-            .map_err(|_| TlsError::Timeout { after: timeout })?
-            .map_err(|e| self.handshake_error(e, timeout))?;
+        let stream = self.judge.within(timeout, acceptor.accept(io)).await?;
         let peer = PeerIdentity::of(stream.get_ref().1)?;
         Ok((stream, peer))
     }
@@ -139,14 +165,7 @@ impl TlsServer {
     /// Names the reason behind an I/O error on an established connection (e.g. the peer's
     /// alert, a corrupted record); plain I/O errors stay [`TlsError::Io`].
     pub fn explain(&self, e: std::io::Error) -> TlsError {
-        explain(e, &self.ca, Endpoint::Client, false)
-    }
-
-    fn handshake_error(&self, e: std::io::Error, timeout: Duration) -> TlsError {
-        if is_timeout(&e) {
-            return TlsError::Timeout { after: timeout };
-        }
-        explain(e, &self.ca, Endpoint::Client, true)
+        explain(e, &self.judge.ca, self.judge.peer_end, false)
     }
 }
 
@@ -155,7 +174,7 @@ impl TlsServer {
 pub struct TlsClient {
     config: Arc<ClientConfig>,
     server_name: ServerName<'static>,
-    ca: PathBuf,
+    judge: Judge,
     /// Our own certificate.
     pub identity: CertInfo,
 }
@@ -184,7 +203,7 @@ impl TlsClient {
         Ok(TlsClient {
             config: Arc::new(config),
             server_name,
-            ca: creds.ca_path().to_path_buf(),
+            judge: Judge { ca: creds.ca_path().to_path_buf(), peer_end: Endpoint::Server },
             identity: creds.info().clone(),
         })
     }
@@ -210,7 +229,7 @@ impl TlsClient {
     ) -> Result<(StreamOwned<ClientConnection, TcpStream>, PeerIdentity), TlsError> {
         let mut conn =
             ClientConnection::new(self.config.clone(), self.server_name.clone()).map_err(TlsError::Config)?;
-        drive(&mut conn, &mut tcp, timeout).map_err(|e| self.handshake_error(e, timeout))?;
+        drive(&mut conn, &mut tcp, timeout).map_err(|e| self.judge.handshake_error(e, timeout))?;
         let peer = PeerIdentity::of(&conn)?.ok_or(TlsError::NoPeerCertificate)?;
         Ok((StreamOwned::new(conn, tcp), peer))
     }
@@ -222,29 +241,15 @@ impl TlsClient {
         timeout: Duration,
     ) -> Result<(tokio_rustls::client::TlsStream<S>, PeerIdentity), TlsError> {
         let connector = tokio_rustls::TlsConnector::from(self.config.clone());
-        let stream = tokio::time::timeout(timeout, connector.connect(self.server_name.clone(), io))
-            .await
-            .map_err(|_| TlsError::Timeout { after: timeout })?
-            .map_err(|e| self.handshake_error(e, timeout))?;
+        let stream = self.judge.within(timeout, connector.connect(self.server_name.clone(), io)).await?;
         let peer = PeerIdentity::of(stream.get_ref().1)?.ok_or(TlsError::NoPeerCertificate)?;
         Ok((stream, peer))
     }
 
     /// Names the reason behind an I/O error on an established connection.
     pub fn explain(&self, e: std::io::Error) -> TlsError {
-        explain(e, &self.ca, Endpoint::Server, false)
+        explain(e, &self.judge.ca, self.judge.peer_end, false)
     }
-
-    fn handshake_error(&self, e: std::io::Error, timeout: Duration) -> TlsError {
-        if is_timeout(&e) {
-            return TlsError::Timeout { after: timeout };
-        }
-        explain(e, &self.ca, Endpoint::Server, true)
-    }
-}
-
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
 
 /// Drives a handshake on a blocking socket to its end, bounded by `timeout` in all (each read

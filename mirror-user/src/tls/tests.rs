@@ -557,3 +557,37 @@ fn a_byte_flipped_after_the_handshake_breaks_the_connection() {
     up.join().expect("pump");
     down.join().expect("pump");
 }
+
+#[test]
+fn a_server_certificate_presented_by_a_client_is_refused() {
+    use std::sync::Arc;
+    let root = Scratch::new("purpose");
+    let ca = ca();
+    let (a, b) = (node(&root.0, &ca, "node-a"), node(&root.0, &ca, "node-b"));
+    let srv = server(&a, ClientAuth::Required(PeerPolicy::AnyNode));
+    let (tcp, t) = loopback(move |tcp| srv.accept(tcp, T).map(|_| ()));
+    // A client built by hand: `Credentials::load` would refuse this certificate up front.
+    let (roots, _) = super::creds::load_ca(&b.join(CA_CERT), now()).expect("CA");
+    let chain = super::creds::read_certs(&b.join("server-cert.pem")).expect("cert");
+    let key = super::creds::read_key(&b.join("server-key.pem")).expect("key");
+    let verifier = super::verify::NodeServerVerifier::new(roots, super::provider(), PeerPolicy::AnyNode);
+    let config = rustls::ClientConfig::builder_with_provider(super::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(chain, key)
+        .expect("client config");
+    let name = rustls::pki_types::ServerName::try_from("node-a").expect("name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("connection");
+    let mut tcp = tcp;
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut tcp).is_err() {
+            break;
+        }
+    }
+    match t.join().expect("server thread") {
+        Err(TlsError::WrongPurpose { cert: CertOrigin::Peer, wanted: Endpoint::Client }) => {}
+        other => panic!("server: {other:?}"),
+    }
+}
