@@ -611,9 +611,7 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&c.json(&Message::Status)?)?);
             Ok(())
         }
-        Command::Certs(args) => {
-            Ok(mirror::tls::certs_cmd::run(&args, std::time::SystemTime::now(), &mut std::io::stdout())?)
-        }
+        Command::Certs(args) => Ok(args.run()?),
         Command::Resolve { node, volume, secret_file, discard } => {
             anyhow::ensure!(discard, "--discard is required");
             let mut c = Client::connect(&node, &volume, &load_secret(&secret_file)?)?;

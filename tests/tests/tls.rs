@@ -207,6 +207,9 @@ fn nbdkit_serves_with_mirror_certs_and_verifies_peers() {
 
 #[test]
 fn certs_cli_keeps_keys_and_shows_problems() {
+    // The long help survives the registration (a doc comment on the variant would replace it).
+    let help = certs(&["--help"]);
+    assert!(help.contains("tls-creds-x509") && help.contains("mirror certs ca --dir"), "{help}");
     let root = TempDir::new("tls-cli");
     let node = node_dir(&root.0);
     let shown = certs(&["show", "--dir", &s(&node)]);

@@ -140,6 +140,13 @@ pub enum CertsError {
     Unusable { dir: PathBuf, problems: usize },
 }
 
+impl CertsArgs {
+    /// Runs the command now, printing to stdout (what `main` calls).
+    pub fn run(&self) -> Result<(), CertsError> {
+        run(self, SystemTime::now(), &mut std::io::stdout())
+    }
+}
+
 /// Runs `mirror certs` at time `now`, printing to `out`.
 pub fn run(args: &CertsArgs, now: SystemTime, out: &mut dyn Write) -> Result<(), CertsError> {
     match &args.cmd {

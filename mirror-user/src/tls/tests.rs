@@ -591,3 +591,17 @@ fn a_server_certificate_presented_by_a_client_is_refused() {
         other => panic!("server: {other:?}"),
     }
 }
+
+#[test]
+fn certs_help_explains_each_subcommand() {
+    use clap::Args;
+    let mut cmd = CertsArgs::augment_args(clap::Command::new("certs"));
+    cmd.build();
+    cmd.clone().debug_assert();
+    let long = cmd.render_long_help().to_string();
+    assert!(long.contains("tls-creds-x509") && long.contains("mirror certs node --ca"), "{long}");
+    for (sub, says) in [("ca", "ca-key.pem"), ("node", "--ip 127.0.0.1"), ("show", "verifies against")] {
+        let help = cmd.find_subcommand_mut(sub).expect("subcommand").render_long_help().to_string();
+        assert!(help.contains(says), "certs {sub} --help: {help}");
+    }
+}
