@@ -32,7 +32,8 @@ use super::{
 pub enum PeerPolicy {
     /// Any certificate the CA signed for the right end; its identity is returned, not checked.
     AnyNode,
-    /// The certificate must name one of these nodes (common name or DNS name).
+    /// The certificate must name one of these nodes (common name or DNS name, ASCII case
+    /// ignored); an empty list accepts nobody.
     Nodes(Vec<String>),
 }
 
