@@ -5,7 +5,8 @@
 //! [`replication`] (replica servers, the protocol, sync / resync / verify), [`volume`] (the
 //! router and its replicas), [`frontend`] (NBD and ublk in front of a [`volume::BlockDev`]),
 //! [`serve`] (the lifecycle of `mirror serve`), [`control`] and [`metrics`] (its operator
-//! endpoints), [`cli`] (the command line: each command's flags with the code they drive).
+//! endpoints), [`cli`] (the command line: each command's flags with the code they drive), [`lease`] (who
+//! may write: epochs and leases), [`tls`] (X.509 credentials, TLS 1.3 endpoints, `mirror certs`).
 
 pub mod cli;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod replication;
 pub mod serve;
 pub mod telemetry;
+pub mod tls;
 pub mod volume;
 pub mod weights;
 

@@ -25,5 +25,6 @@ fn main() -> Result<()> {
         Command::Sync(a) => a.run(),
         Command::Status(a) => a.run(),
         Command::Resolve(a) => a.run(),
+        Command::Certs(a) => Ok(a.run()?),
     }
 }

@@ -57,6 +57,7 @@ pub enum Command {
     Sync(sync::SyncArgs),
     /// Show a replica's volume status (generation, dirty bytes, counters, job).
     Status(status::StatusArgs),
+    Certs(crate::tls::certs_cmd::CertsArgs),
     /// Resolve a split brain: discard this replica's data (the next sync onto it is a full one).
     Resolve(resolve::ResolveArgs),
 }
