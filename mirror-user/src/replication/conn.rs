@@ -9,7 +9,9 @@ use std::{
     },
 };
 
-use super::protocol::{check_crc, decode_header, encode_frame, Header, Message, ProtoError, HEADER_LEN};
+use super::protocol::{
+    check_crc, decode_header, encode_frame, Header, Message, ProtoError, HEADER_LEN, MAX_PAYLOAD,
+};
 
 /// Errors on a framed connection.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +85,7 @@ impl Conn {
     pub fn recv(&mut self) -> Result<(Header, Message), ConnError> {
         let mut raw = [0u8; HEADER_LEN];
         self.r.read_exact(&mut raw)?;
-        let h = decode_header(&raw)?;
+        let h = decode_header(&raw, MAX_PAYLOAD)?;
         let mut payload = vec![0u8; h.len as usize];
         self.r.read_exact(&mut payload)?;
         self.wire.received.fetch_add((HEADER_LEN + payload.len()) as u64, Ordering::Relaxed);

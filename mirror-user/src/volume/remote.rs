@@ -18,7 +18,7 @@ use tokio::{
 
 use crate::replication::{
     client::Client,
-    protocol::{check_crc, decode_header, encode_frame, Message, HEADER_LEN},
+    protocol::{check_crc, decode_header, encode_frame, Message, HEADER_LEN, MAX_PAYLOAD},
 };
 
 type Reply = oneshot::Sender<std::io::Result<Message>>;
@@ -98,7 +98,7 @@ impl RemotePool {
         let (tx, rx) = oneshot::channel();
         self.conns[i].tx.send((msg, flags, tx)).await.map_err(|_| broken("replica connection closed"))?;
         match rx.await.map_err(|_| broken("replica connection closed"))?? {
-            Message::Error { code, message } => {
+            Message::Error { code, message, .. } => {
                 Err(std::io::Error::other(format!("{} (code {code}): {message}", self.addr)))
             }
             m => Ok(m),
@@ -166,7 +166,7 @@ fn spawn_conn(stream: TcpStream) -> Conn {
                 fail_all("replica connection closed");
                 return;
             }
-            let h = match decode_header(&raw) {
+            let h = match decode_header(&raw, MAX_PAYLOAD) {
                 Ok(h) => h,
                 Err(e) => {
                     fail_all(&format!("bad reply: {e}"));
