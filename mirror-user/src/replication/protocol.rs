@@ -1,6 +1,6 @@
 //! The replication protocol: length-prefixed typed frames with a crc32c, and the messages they
 //! carry. Pure code (no I/O): [`decode_header`] and [`Message::decode`] are what the fuzz target
-//! and the property tests exercise.
+//! and the property tests exercise; `frame::FrameDecoder` sequences them for a stream.
 //!
 //! Frame layout (little-endian), [`HEADER_LEN`] bytes then `len` bytes of payload:
 //! `magic u32 | kind u16 | flags u16 | id u64 | len u32 | crc32c u32` where the crc covers the
