@@ -330,9 +330,9 @@ enum Command {
         /// Also serve NBD on this Unix socket.
         #[arg(long)]
         nbd_unix: Option<PathBuf>,
-        /// NBD export name (clients may also ask for the default export "").
-        #[arg(long, default_value = "mirror")]
-        export: String,
+        /// NBD export name [default: the volume's name]; clients may also ask for the default export "".
+        #[arg(long)]
+        export: Option<String>,
         /// Start with the target's read share pinned at this value (0..=100) instead of automatic
         /// weights; `mirror ctl weights auto` hands it to the engine.
         #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
@@ -582,6 +582,7 @@ fn main() -> Result<()> {
             };
             let pin_dir = health.pin_dir.clone();
             let ublk = (frontend != "nbd").then(|| (frontend == "ublk", ublk.options()));
+            let export = export.unwrap_or_else(|| cfg.name.clone());
             let ep = Endpoints { nbd, nbd_unix, export, ctl_socket, metrics, pin_dir, ublk };
             rt.block_on(serve(cfg, driver_cfg, ep))
         }
