@@ -33,18 +33,13 @@ fuzz_target!(|data: &[u8]| {
     let step = data.first().map_or(1, |b| (*b as usize % 64) + 1);
     let mut d = FrameDecoder::default();
     let (mut got, mut got_err, mut pos) = (Vec::new(), None, 0);
-    while pos < data.len() {
-        let buf = d.buf();
-        let n = step.min(buf.len()).min(data.len() - pos);
-        buf[..n].copy_from_slice(&data[pos..pos + n]);
-        pos += n;
-        match d.filled(n) {
-            Ok(Some(f)) => got.push((f.header, f.msg)),
-            Ok(None) => {}
-            Err(e) => {
-                got_err = Some(e);
-                break;
+    while pos < data.len() && got_err.is_none() {
+        match d.push(&data[pos..(pos + step).min(data.len())]) {
+            Ok((n, f)) => {
+                pos += n;
+                got.extend(f.map(|f| (f.header, f.msg)));
             }
+            Err(e) => got_err = Some(e),
         }
     }
     assert_eq!(got, frames);
