@@ -14,8 +14,8 @@
 //! `Hex` (a generation, printed in hex), `Rest` (the rest of the payload: the bulk data of
 //! writes and reads, or the JSON text), `Extents` (`count u32 | (offset u64 | len u32)*`) and
 //! `Digests` (the rest of the payload, 16 bytes each). `Rest`, `Extents` and `Digests` end a
-//! message. A duplicate kind number is a compile error (an unreachable pattern under
-//! `-D warnings`).
+//! message. A duplicate kind number is a compile error (`kind_name` denies unreachable
+//! patterns).
 
 use std::{fmt, marker::PhantomData};
 
