@@ -252,33 +252,13 @@ fn fio_random_writes_verify_crc32c() {
 
 // ---- hand-made clients ----
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_ABORT: u32 = 2;
-const OPT_LIST: u32 = 3;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const REP_ACK: u32 = 1;
-const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
-const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
-const REP_ERR_INVALID: u32 = (1 << 31) + 3;
-const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-const EPERM: u32 = 1;
-const EINVAL: u32 = 22;
-const ENOSPC: u32 = 28;
+use mirror::frontend::nbd::wire::{
+    errno::{EINVAL, ENOSPC, EPERM},
+    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, IHAVEOPT, NBDMAGIC, OPT_ABORT,
+    OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_REPLY_MAGIC, OPT_STRUCTURED_REPLY, REP_ACK,
+    REP_ERR_INVALID, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_SERVER, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+};
 
 struct Raw(TcpStream);
 

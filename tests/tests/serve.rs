@@ -686,3 +686,76 @@ fn a_clean_stop_drops_the_write_intent() {
     assert_eq!(dirty, 0, "intent left after a clean stop");
     assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")));
 }
+
+/// `serve --volume v` exports `v`, which is also the default export; a client asking for
+/// another name is refused, and told the name there is.
+#[test]
+fn the_export_is_named_after_the_volume() {
+    const T: &str = "serve::the_export_is_named_after_the_volume";
+    for tool in ["qemu-io", "nbdinfo"] {
+        if which(tool).is_none() {
+            return skip(T, "NBD", &format!("{tool} is not installed (cargo xtask setup)"));
+        }
+    }
+    let dir = TempDir::new("serve-export");
+    let secret = secret_file(&dir.0);
+    let sec = secret.display().to_string();
+    let size = 8 * MIB;
+    for f in ["s.img", "t.img"] {
+        std::fs::write(dir.0.join(f), vec![0u8; size as usize]).unwrap();
+    }
+    let (src, tgt) = (
+        format!("local:{}", dir.0.join("s.img").display()),
+        format!("local:{}", dir.0.join("t.img").display()),
+    );
+    let unix = dir.0.join("nbd.sock");
+    let unix_arg = unix.display().to_string();
+    let srv = serve(&[
+        "--volume",
+        "v",
+        "--source",
+        &src,
+        "--target",
+        &tgt,
+        "--secret-file",
+        &sec,
+        "--assume-clean",
+        "--nbd-unix",
+        &unix_arg,
+    ]);
+    let sock = unix.display();
+
+    // By name and as the default export, over the Unix socket; the list names it.
+    let text = run_tool(Command::new("nbdinfo").args(["--json", &format!("nbd+unix:///v?socket={sock}")]));
+    let js: serde_json::Value = serde_json::from_str(&text).expect("nbdinfo json");
+    assert_eq!(js["exports"][0]["export-name"], "v", "{text}");
+    assert_eq!(js["exports"][0]["export-size"], size, "{text}");
+    let text = run_tool(Command::new("nbdinfo").args(["--size", &format!("nbd+unix:///?socket={sock}")]));
+    assert_eq!(text.trim(), size.to_string(), "default export");
+    let text = run_tool(Command::new("nbdinfo").args(["--list", "--json", &format!("nbd://{}", srv.nbd)]));
+    let js: serde_json::Value = serde_json::from_str(&text).expect("nbdinfo --list json");
+    let names: Vec<&str> =
+        js["exports"].as_array().expect("exports").iter().filter_map(|e| e["export-name"].as_str()).collect();
+    assert_eq!(names, ["v"], "{text}");
+
+    // qemu-io by name over TCP: a write reads back.
+    let text = run_tool(Command::new("qemu-io").args(["-f", "raw", &format!("nbd://{}/v", srv.nbd)]).args([
+        "-c",
+        "write -P 0x5a 4k 4k",
+        "-c",
+        "read -P 0x5a 4k 4k",
+    ]));
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+
+    // Another name is refused; qemu-io shows the server's message, which names the export.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", &format!("nbd://{}/w", srv.nbd), "-c", "read 0 4k"])
+        .output()
+        .expect("qemu-io");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "export w was opened:\n{text}");
+    assert!(text.contains(r#"no export named "w" (this server exports "v")"#), "{text}");
+    let out = Command::new("nbdinfo").arg(format!("nbd+unix:///w?socket={sock}")).output().expect("nbdinfo");
+    assert!(!out.status.success(), "nbdinfo opened export w");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("export: w"), "{out:?}");
+}

@@ -40,9 +40,9 @@ pub struct ServeArgs {
     /// Also serve NBD on this Unix socket.
     #[arg(long)]
     pub nbd_unix: Option<PathBuf>,
-    /// NBD export name (clients may also ask for the default export "").
-    #[arg(long, default_value = "mirror")]
-    pub export: String,
+    /// NBD export name [default: the volume's name]; clients may also ask for the default export "".
+    #[arg(long)]
+    pub export: Option<String>,
     /// Start with the target's read share pinned at this value (0..=100) instead of automatic
     /// weights; `mirror ctl weights auto` hands it to the engine.
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
@@ -186,6 +186,7 @@ impl ServeArgs {
         });
         let node_health = NodeHealth::new();
         self.health.spawn(&node_health, local.as_deref(), Default::default());
+        let volume_name = self.volume.clone();
         let volume = VolumeConfig {
             name: self.volume,
             source: self.source,
@@ -202,7 +203,7 @@ impl ServeArgs {
         let endpoints = Endpoints {
             nbd: self.nbd,
             nbd_unix: self.nbd_unix,
-            export: self.export,
+            export: self.export.unwrap_or_else(|| volume_name.clone()),
             ctl_socket: self.ctl_socket,
             metrics: self.metrics,
             pin_dir: self.health.pin_dir,

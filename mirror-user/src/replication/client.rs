@@ -105,7 +105,7 @@ impl Client {
         self.conn.flush()?;
         let (h, m) = self.conn.recv()?;
         match m {
-            Message::Error { code, message } => {
+            Message::Error { code, message, .. } => {
                 Err(ClientError::Remote { addr: self.addr.clone(), code, message })
             }
             m => Ok((h.id, m)),
@@ -158,7 +158,7 @@ impl Client {
 
 fn remote_or_unexpected(addr: &str, m: Message) -> ClientError {
     match m {
-        Message::Error { code, message } => ClientError::Remote { addr: addr.into(), code, message },
+        Message::Error { code, message, .. } => ClientError::Remote { addr: addr.into(), code, message },
         m => ClientError::Unexpected(format!("{m:?} during handshake")),
     }
 }

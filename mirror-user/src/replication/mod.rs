@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod client;
 pub mod conn;
+pub mod frame;
 pub mod meta;
 pub mod protocol;
 pub mod rate;

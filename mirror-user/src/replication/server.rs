@@ -371,7 +371,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
 
 fn refuse(conn: &mut Conn, peer: &str, code: u16, message: String) {
     tracing::warn!(%peer, "refused: {message}");
-    let _ = conn.send(0, 0, &Message::Error { code, message });
+    let _ = conn.send(0, 0, &Message::Error { code, errno: 0, message });
     let _ = conn.flush();
 }
 
@@ -459,7 +459,7 @@ fn handle(stream: TcpStream, peer: &str, shared: &Shared) {
             }
         };
         let (reply, close) = dispatch(&vol, shared, h.flags, msg);
-        if let Message::Error { code, message } = &reply {
+        if let Message::Error { code, message, .. } = &reply {
             vol.counters.errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, volume = %vol.name, code, "request failed: {message}");
         }
@@ -470,7 +470,7 @@ fn handle(stream: TcpStream, peer: &str, shared: &Shared) {
 }
 
 fn err(code: u16, message: impl Into<String>) -> Message {
-    Message::Error { code, message: message.into() }
+    Message::Error { code, errno: 0, message: message.into() }
 }
 
 pub(crate) fn check_range(vol: &Volume, offset: u64, len: u64) -> Result<(), Message> {

@@ -11,14 +11,15 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter},
+    io::{AsyncWriteExt, BufReader, BufWriter},
     net::TcpStream,
     sync::{mpsc, oneshot},
 };
 
 use crate::replication::{
     client::Client,
-    protocol::{check_crc, decode_header, encode_frame, Message, HEADER_LEN},
+    frame::{ConnError, Frame, FrameDecoder},
+    protocol::{encode_frame, Message},
 };
 
 type Reply = oneshot::Sender<std::io::Result<Message>>;
@@ -98,7 +99,7 @@ impl RemotePool {
         let (tx, rx) = oneshot::channel();
         self.conns[i].tx.send((msg, flags, tx)).await.map_err(|_| broken("replica connection closed"))?;
         match rx.await.map_err(|_| broken("replica connection closed"))?? {
-            Message::Error { code, message } => {
+            Message::Error { code, message, .. } => {
                 Err(std::io::Error::other(format!("{} (code {code}): {message}", self.addr)))
             }
             m => Ok(m),
@@ -160,36 +161,30 @@ fn spawn_conn(stream: TcpStream) -> Conn {
     });
     tokio::spawn(async move {
         let mut r = BufReader::with_capacity(256 << 10, r);
+        let mut frames = FrameDecoder::default();
         loop {
-            let mut raw = [0u8; HEADER_LEN];
-            if r.read_exact(&mut raw).await.is_err() {
-                fail_all("replica connection closed");
-                return;
-            }
-            let h = match decode_header(&raw) {
-                Ok(h) => h,
-                Err(e) => {
+            let Frame { header, msg } = match frames.read_async(&mut r).await {
+                Ok(f) => f,
+                Err(ConnError::Proto(e)) => {
                     fail_all(&format!("bad reply: {e}"));
                     return;
                 }
-            };
-            let mut payload = vec![0u8; h.len as usize];
-            if r.read_exact(&mut payload).await.is_err() {
-                fail_all("replica connection closed");
-                return;
-            }
-            let msg = check_crc(&raw, &payload).and_then(|_| Message::decode(h.kind, &payload));
-            let next = pending.lock().unwrap_or_else(|p| p.into_inner()).q.pop_front();
-            match (next, msg) {
-                (Some((id, reply)), Ok(m)) if id == h.id => {
-                    let _ = reply.send(Ok(m));
-                }
-                (Some((_, reply)), _) => {
-                    let _ = reply.send(Err(broken("reply out of order or corrupt")));
-                    fail_all("reply out of order or corrupt");
+                Err(_) => {
+                    fail_all("replica connection closed");
                     return;
                 }
-                (None, _) => {
+            };
+            let next = pending.lock().unwrap_or_else(|p| p.into_inner()).q.pop_front();
+            match next {
+                Some((id, reply)) if id == header.id => {
+                    let _ = reply.send(Ok(msg));
+                }
+                Some((_, reply)) => {
+                    let _ = reply.send(Err(broken("reply out of order")));
+                    fail_all("reply out of order");
+                    return;
+                }
+                None => {
                     fail_all("unsolicited reply");
                     return;
                 }
