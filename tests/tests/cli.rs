@@ -1,11 +1,14 @@
 //! The `mirror` binary as an operator meets it: help, bad input, the /proc fallback, no daemon.
 
-mod support;
-
 use std::process::Command;
 
+use mirror_tests::{
+    env::{is_root, mirror_bin, skip, which},
+    fs::TempDir,
+};
+
 fn mirror(args: &[&str]) -> std::process::Output {
-    let bin = support::mirror_bin();
+    let bin = mirror_bin();
     assert!(bin.is_file(), "{} not built (cargo build / cargo xtask build)", bin.display());
     Command::new(bin).args(args).output().expect("run mirror")
 }
@@ -43,17 +46,17 @@ fn daemon_falls_back_to_procfs_and_stops_on_time() {
 #[test]
 fn daemon_without_privileges_falls_back_once_and_clearly() {
     const T: &str = "cli::daemon_without_privileges_falls_back_once_and_clearly";
-    if !support::is_root() {
+    if !is_root() {
         // Already unprivileged: run it directly.
-    } else if support::which("setpriv").is_none() {
-        return support::skip(T, "BPF", "setpriv (util-linux) not installed");
+    } else if which("setpriv").is_none() {
+        return skip(T, "BPF", "setpriv (util-linux) not installed");
     }
-    let mut cmd = if support::is_root() {
+    let mut cmd = if is_root() {
         let mut c = std::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(support::mirror_bin());
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(mirror_bin());
         c
     } else {
-        std::process::Command::new(support::mirror_bin())
+        std::process::Command::new(mirror_bin())
     };
     let out = cmd
         .args(["daemon", "--interval", "100ms", "--for", "250ms"])
@@ -76,7 +79,7 @@ fn daemon_without_privileges_falls_back_once_and_clearly() {
 
 #[test]
 fn top_without_a_daemon_says_so() {
-    let dir = support::TempDir::new("nopin");
+    let dir = TempDir::new("nopin");
     let out = mirror(&["top", "--count", "1", "--pin-dir", &dir.0.display().to_string()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

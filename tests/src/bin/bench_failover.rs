@@ -12,8 +12,8 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use mirror_tests::{
-    bench::median,
     scenario::{self, Opts},
+    stats::median,
 };
 
 struct Args {

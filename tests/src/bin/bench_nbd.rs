@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use mirror_tests::bench::{fill_random, free_port, median, Kill};
+use mirror_tests::{fs::fill_random, net::free_port, proc::Kill, stats::median};
 
 struct Args {
     size: u64,

@@ -12,7 +12,12 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use mirror::replication::{client::Client, protocol::Message};
-use mirror_tests::bench::{file_digest, fill_random, free_port, median, xorshift_fill, Kill};
+use mirror_tests::{
+    fs::{fill_random, try_file_digest as file_digest, xorshift_fill},
+    net::free_port,
+    proc::Kill,
+    stats::median,
+};
 
 struct Args {
     size: u64,

@@ -31,7 +31,7 @@ use mirror::{
         BlockDev,
     },
 };
-use mirror_tests::bench::{median, Kill};
+use mirror_tests::{proc::Kill, stats::median};
 
 struct Args {
     size: u64,

@@ -150,7 +150,7 @@ fn main() -> Result<()> {
 
     println!("== restarting the source node: resync of what it missed, then the gradual failback");
     let t_restart = rec.mark("source node restarted");
-    c.source.restart()?;
+    c.source.try_restart()?;
     let took = watch(&c, &rec, 90.0, normal);
     let resynced =
         rec.points().iter().find(|pt| pt.t >= t_restart && pt.in_sync[0]).map(|pt| pt.t - t_restart);
