@@ -1,8 +1,9 @@
 //! mirror: adaptive block-storage mirroring with predictive failover.
 //!
 //! Rooms: [`telemetry`] (eBPF programs, pinned maps, /proc fallback: what the node measures),
-//! [`replication`] (replica servers, the protocol, sync / resync / verify), [`frontend`] (the NBD
-//! server in front of a [`volume::BlockDev`]).
+//! [`storage`] (one replica's storage engine: data, metadata, the write rule), [`replication`]
+//! (replica servers, the protocol, sync / resync / verify), [`volume`] (the router over a local
+//! or remote replica pair), [`frontend`] (NBD and ublk in front of a [`volume::BlockDev`]).
 
 pub mod config;
 pub mod control;
@@ -10,6 +11,7 @@ pub mod frontend;
 pub mod health;
 pub mod metrics;
 pub mod replication;
+pub mod storage;
 pub mod telemetry;
 pub mod volume;
 pub mod weights;

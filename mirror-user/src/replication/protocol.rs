@@ -11,7 +11,7 @@ use std::fmt;
 /// Frame magic, "MRF1".
 pub const MAGIC: u32 = 0x3146_524d;
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted; larger frames are refused before any allocation.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
@@ -106,12 +106,15 @@ pub fn encode_frame(out: &mut Vec<u8>, id: u64, flags: u16, msg: &Message) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct GenInfo {
     /// Current generation; 0 = never synced (no data anyone vouches for).
+    #[serde(with = "crate::storage::status::hex::u64_16")]
     pub current: u64,
     /// Previous generations, newest first, 0 = empty slot.
+    #[serde(with = "crate::storage::status::hex::u64_16_array")]
     pub history: [u64; HISTORY],
     /// False while a sync onto this replica is incomplete: its data is a mix.
     pub consistent: bool,
     /// While inconsistent: the source generation of the interrupted sync.
+    #[serde(with = "crate::storage::status::hex::u64_16")]
     pub sync_source: u64,
 }
 
@@ -262,8 +265,11 @@ pub enum Message {
     Ok,
     Data(Vec<u8>),
     DigestList(Vec<[u8; 16]>),
+    /// A refused or failed request: a [`code`], the errno of the failed system call behind it
+    /// (0 = none), and a message for the operator.
     Error {
         code: u16,
+        errno: u32,
         message: String,
     },
     /// The replica node's health score and, as JSON, the signals behind it.
@@ -315,7 +321,9 @@ impl fmt::Debug for Message {
                 write!(f, "ClearIntent {{ offset: {offset}, len: {len} }}")
             }
             Message::Ok => write!(f, "Ok"),
-            Message::Error { code, message } => write!(f, "Error {{ code: {code}, message: {message:?} }}"),
+            Message::Error { code, errno, message } => {
+                write!(f, "Error {{ code: {code}, errno: {errno}, message: {message:?} }}")
+            }
             Message::HeartbeatAck { seq, health, report } => {
                 write!(f, "HeartbeatAck {{ seq: {seq}, health: {health}, report: {} bytes }}", report.len())
             }
@@ -523,8 +531,9 @@ impl Message {
                     out.extend_from_slice(d);
                 }
             }
-            Message::Error { code, message } => {
+            Message::Error { code, errno, message } => {
                 out.extend_from_slice(&code.to_le_bytes());
+                out.extend_from_slice(&errno.to_le_bytes());
                 put_str(out, message);
             }
             Message::Json(s) => out.extend_from_slice(s.as_bytes()),
@@ -599,7 +608,7 @@ impl Message {
                 }
                 Message::DigestList(ds)
             }
-            67 => Message::Error { code: r.u16()?, message: r.string()? },
+            67 => Message::Error { code: r.u16()?, errno: r.u32()?, message: r.string()? },
             68 => Message::HeartbeatAck { seq: r.u64()?, health: r.u8()?, report: r.string()? },
             69 => Message::Json(String::from_utf8(r.rest()).map_err(|_| ProtoError::Invalid("utf-8 json"))?),
             _ => return Err(ProtoError::UnknownKind(kind)),
@@ -699,7 +708,12 @@ mod tests {
             Message::Ok,
             Message::Data(vec![5; 10]),
             Message::DigestList(vec![[1; 16], [2; 16]]),
-            Message::Error { code: code::AUTH, message: "no".into() },
+            Message::Error { code: code::AUTH, errno: 0, message: "no".into() },
+            Message::Error {
+                code: code::IO,
+                errno: 28,
+                message: "write at 0: No space left on device".into(),
+            },
             Message::HeartbeatAck { seq: 1, health: 100, report: "{\"score\":100}".into() },
             Message::Json("{}".into()),
         ]
