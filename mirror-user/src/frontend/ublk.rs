@@ -448,8 +448,8 @@ fn fast_submit<'d, D: BlockDev>(
         w.submit(Job { tag, fd, ptr: buf.as_mut_ptr().cast_const(), len: len as usize, offset: off });
         Some(i)
     });
-    let legs: Vec<usize> = plan.legs().filter(|&i| Some(i) != offloaded).collect();
-    for (k, &i) in legs.iter().enumerate() {
+    let legs = [0, 1].map(|i| plan.fd(i).is_some() && Some(i) != offloaded);
+    for i in (0..2).filter(|&i| legs[i]) {
         let data = buf.as_mut_slice().get_mut(..len as usize).unwrap_or_default();
         // A page-cache hit, or a small page-aligned write to a buffered file: right here (what
         // the page cache answers at once); a handoff to io_uring's workers costs more.
@@ -472,7 +472,7 @@ fn fast_submit<'d, D: BlockDev>(
             // (Only when flushing a full submission queue fails.) The request is marked failed
             // and redone through the router once what was submitted completed.
             tracing::error!(tag, "ublk: submitting a file request failed: {e}");
-            for &j in &legs[k..] {
+            for j in (i..2).filter(|&j| legs[j]) {
                 plan.abandon(j);
             }
             break;

@@ -61,10 +61,7 @@ impl<'a> FastPlan<'a> {
         let mut legs: [Option<(&Replica, &LocalReplica)>; 2] = [None, None];
         for (slot, r) in legs.iter_mut().zip(replicas) {
             if let Some(r) = r {
-                let local = r.as_local().filter(|l| l.is_uring())?;
-                if write && local.volume().tracking() {
-                    return None;
-                }
+                let local = r.as_local().filter(|l| if write { l.fast_write_ok() } else { l.is_uring() })?;
                 *slot = Some((r, local));
             }
         }

@@ -215,16 +215,19 @@ impl LocalReplica {
 
     // The fast path's parts (see `volume::fast`).
 
+    /// True when a write may take the fast path: through io_uring, and the volume is not
+    /// tracking (its write rule only the slow path follows).
+    pub(super) fn fast_write_ok(&self) -> bool {
+        self.uring.is_some() && !self.vol.tracking()
+    }
+
     /// The descriptor for `[offset, offset+len)` from an [`ALIGN`]-aligned buffer, after the
-    /// checks [`LocalReplica::read`] / [`LocalReplica::write`] make (range, and for a write: the
-    /// volume is not tracking, whose write rule only the slow path follows), with the volume's
-    /// counters updated. `None`: take the slow path. Valid while `self` is.
+    /// range check [`LocalReplica::read`] / [`LocalReplica::write`] make, with the volume's
+    /// counters updated (a write asks [`LocalReplica::fast_write_ok`] first). `None`: take the
+    /// slow path. Valid while `self` is.
     pub(super) fn fast_fd(&self, write: bool, offset: u64, len: u32) -> Option<RawFd> {
         let u = self.uring.as_ref()?;
         let access = if write { Access::Write } else { Access::Read };
-        if write && self.vol.tracking() {
-            return None;
-        }
         self.vol.admit(access, offset, u64::from(len)).ok()?;
         Some(u.fd_for(offset, len as usize))
     }
