@@ -2,8 +2,9 @@
 //!
 //! Rooms: [`telemetry`] (eBPF programs, pinned maps, /proc fallback: what the node measures),
 //! [`health`] (the node's score), [`weights`] (the weighting engine and its loop),
-//! [`replication`] (replica servers, the protocol, sync / resync / verify), [`volume`] (the
-//! router and its replicas), [`frontend`] (NBD and ublk in front of a [`volume::BlockDev`]),
+//! [`storage`] (one replica's storage engine: data, metadata, the write rule), [`replication`]
+//! (replica servers, the protocol, sync / resync / verify), [`volume`] (the router over a local
+//! or remote replica pair), [`frontend`] (NBD and ublk in front of a [`volume::BlockDev`]),
 //! [`serve`] (the lifecycle of `mirror serve`), [`control`] and [`metrics`] (its operator
 //! endpoints), [`cli`] (the command line: each command's flags with the code they drive), [`lease`] (who
 //! may write: epochs and leases), [`tls`] (X.509 credentials, TLS 1.3 endpoints, `mirror certs`).
@@ -17,6 +18,7 @@ pub mod lease;
 pub mod metrics;
 pub mod replication;
 pub mod serve;
+pub mod storage;
 pub mod telemetry;
 pub mod tls;
 pub mod volume;

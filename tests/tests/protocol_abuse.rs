@@ -75,7 +75,7 @@ fn wrong_secret_wrong_volume_and_wrong_version_are_refused() {
     s.write_all(&f).unwrap();
     let msgs = drain(&mut s);
     assert!(
-        matches!(&msgs[..], [Message::Error { code: code::VERSION, message, .. }] if message.contains("version")),
+        matches!(&msgs[..], [Message::Error { code: code::VERSION, errno: 0, message }] if message.contains("version")),
         "{msgs:?}"
     );
 

@@ -7,7 +7,8 @@ use mirror::{
     replication::auth::load_secret,
     volume::{
         remote::RemotePool,
-        replica::{Location, Replica, IN_SYNC},
+        remote::RemoteReplica,
+        replica::{Location, Replica, ReplicaState},
         router::{Router, RouterConfig, Weights},
         BlockDev,
     },
@@ -21,13 +22,7 @@ const MIB: u64 = 1 << 20;
 
 async fn remote(role: &'static str, p: &Proc, secret: &[u8]) -> Replica {
     let (pool, _) = RemotePool::connect(&p.addr, "v", secret, 4).await.expect("connect replica");
-    let loc = Location::Remote {
-        addr: p.addr.clone(),
-        volume: "v".into(),
-        secret: secret.to_vec(),
-        conns: 4,
-        pool: std::sync::RwLock::new(Some(Arc::new(pool))),
-    };
+    let loc = Location::Remote(RemoteReplica::new(&p.addr, "v", secret, 4, Some(pool)));
     Replica::new(role, loc, 4096)
 }
 
@@ -143,14 +138,14 @@ async fn a_killed_replica_costs_no_error_and_comes_back_resynced() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     su.t.kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_ne!(su.router.replicas[1].state(), IN_SYNC, "the router noticed the dead target");
+    assert_ne!(su.router.replicas[1].state(), ReplicaState::InSync, "the router noticed the dead target");
     su.t.restart();
     let (ops, errors) = worker.await.unwrap();
     assert_eq!(errors, 0, "the application saw errors ({errors} of {ops} operations)");
     // The supervisor reconnects, the source resyncs the target, the target returns to service.
     let mut waited = 0;
-    while su.router.replicas[1].state() != IN_SYNC {
-        assert!(waited < 300, "target not back in service: {}", su.router.status_json());
+    while su.router.replicas[1].state() != ReplicaState::InSync {
+        assert!(waited < 300, "target not back in service: {:?}", su.router.status());
         tokio::time::sleep(Duration::from_millis(100)).await;
         waited += 1;
     }
@@ -161,10 +156,10 @@ async fn a_killed_replica_costs_no_error_and_comes_back_resynced() {
         (0..a.len() / 4096).filter(|i| a[i * 4096..(i + 1) * 4096] != b[i * 4096..(i + 1) * 4096]).collect();
     assert!(
         differing.is_empty(),
-        "blocks differ: {:?} (of {}); router {}; source {}",
+        "blocks differ: {:?} (of {}); router {:?}; source {:?}",
         &differing[..differing.len().min(20)],
         differing.len(),
-        su.router.status_json(),
+        su.router.status(),
         su.router.replicas[0].status().await.unwrap()
     );
     let _ = &su.s;
@@ -208,7 +203,7 @@ async fn local_io_uring_replica_with_a_remote_peer_fails_over_and_resyncs() {
     };
     let vol = open(&cfg).await.expect("open volume");
     let r = vol.router.clone();
-    assert_eq!(r.replicas[0].stats_json()["io"], "io_uring");
+    assert_eq!(r.replicas[0].snapshot().io, "io_uring");
     // Aligned (direct) and unaligned (buffered) writes through the router.
     for i in 0..64u64 {
         r.write(i * 8192, random_bytes(4096, i), false).await.unwrap();
@@ -224,8 +219,8 @@ async fn local_io_uring_replica_with_a_remote_peer_fails_over_and_resyncs() {
     }
     t.restart();
     let mut waited = 0;
-    while r.replicas[1].state() != IN_SYNC {
-        assert!(waited < 300, "target not back: {}", r.status_json());
+    while r.replicas[1].state() != ReplicaState::InSync {
+        assert!(waited < 300, "target not back: {:?}", r.status());
         tokio::time::sleep(Duration::from_millis(100)).await;
         waited += 1;
     }

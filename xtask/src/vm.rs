@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Test targets of the `mirror-tests` crate that run inside the VM.
-const VM_TARGETS: &[&str] = &["vm", "bpf_blk", "telemetry", "ublk"];
+const VM_TARGETS: &[&str] = &["vm", "bpf_blk", "telemetry", "ublk", "storage_errors"];
 
 fn required() -> bool {
     std::env::var_os("MIRROR_REQUIRE_VM").is_some_and(|v| v == "1")

@@ -4,28 +4,29 @@
 //!
 //! Each ublk hardware queue gets one thread (libublk's `run_target`) with its own io_uring,
 //! which carries the ublk io commands (FETCH / COMMIT_AND_FETCH). A request takes one of two
-//! paths, chosen per request by the volume ([`BlockDev::fast_read`] / [`BlockDev::fast_write`]).
+//! paths, chosen per request by the volume ([`BlockDev::fast_path`]).
 //!
 //! **Fast path** (like rublk's loop target): when every replica is a local file driven through
-//! io_uring, a read goes to the replica the router would pick (same `Weights`, same random
-//! choice, same in-sync rule), and a write without FUA goes to both when both are in sync, no
-//! failure was recorded and neither volume is tracking. The queue thread submits the file I/O as
-//! entries on the queue's own ring, straight into (read) or out of (write) the tag's ublk io
-//! buffer (page aligned, so aligned requests can use an `O_DIRECT` descriptor): no future, no
-//! `Vec`, no copy, no tokio. A read the page cache holds is one `preadv2(RWF_NOWAIT)` into the
-//! io buffer on the queue thread (on tmpfs / ramfs, which refuse `RWF_NOWAIT`, a plain `pread`:
-//! their data is in memory). A small page-aligned write to a buffered file is one `pwrite` on
-//! the queue thread instead, under the router's inline-write rules (a buffered write through
-//! io_uring is handed to an io-wq worker on tmpfs, which costs more); for a dual write to two
-//! buffered files, both `pwrite`s run one after the other on the queue thread, or with
-//! `--ublk-parallel-writes` the second one on the queue's writer thread
-//! ([`super::ublk_writer`]) meanwhile. A write is committed to the kernel only after both files
-//! completed it. The per-replica counters
-//! (reads, writes, bytes, latency) and the volume's counters are updated as on the router path.
-//! Any failure or short transfer on the fast path redoes the whole request through the router
+//! io_uring, the volume hands the queue a plan per request (`volume::fast::FastPlan`): a read
+//! goes to the replica the router would pick (same `Weights`, same random choice, same in-sync
+//! rule), a write without FUA to both when both are in sync, no failure was recorded and neither
+//! volume is tracking. The queue only carries the plan out: it submits each leg as an entry on
+//! the queue's own ring, straight into (read) or out of (write) the tag's ublk io buffer (page
+//! aligned, so aligned requests can use an `O_DIRECT` descriptor): no future, no `Vec`, no copy,
+//! no tokio; or it lets the plan do a leg right here where its inline policy allows: a read the
+//! page cache holds is one `preadv2(RWF_NOWAIT)` into the io buffer (on tmpfs / ramfs, which
+//! refuse `RWF_NOWAIT`, a plain `pread`: their data is in memory), a small page-aligned write to
+//! a buffered file one `pwrite` (a buffered write through io_uring is handed to an io-wq worker
+//! on tmpfs, which costs more). For a dual write to two buffered files, both `pwrite`s run one
+//! after the other on the queue thread, or with `--ublk-parallel-writes` the leg the plan
+//! offloads on the queue's writer thread ([`super::ublk_writer`]) meanwhile. Each leg's
+//! completion goes back to the plan, which does the accounting (per-replica and volume
+//! counters, latency) as on the router path. A write is committed to the kernel only after every
+//! leg completed it; any failure or short transfer redoes the whole request through the router
 //! path, which retries a read on the other replica and, for a write, marks the failed replica
-//! and records the range on the survivor before acknowledging: the fast path never acknowledges
-//! a write that is not on every replica, and never reports an error itself.
+//! and records the range on the survivor before acknowledging (with the failure's errno when
+//! none is left): the fast path never acknowledges a write that is not on every replica, and
+//! never reports an error itself.
 //!
 //! **Router path** (everything else: a remote replica, one not in sync, tracking, FUA, flush,
 //! discard, write-zeroes, fast-path failures, `--ublk-no-fast-path`): the request becomes the
@@ -86,7 +87,10 @@ use libublk::{
 };
 
 use super::ublk_writer::{Job, Writer};
-use crate::volume::BlockDev;
+use crate::volume::{
+    fast::{FastOp, FastPlan},
+    BlockDev,
+};
 
 /// Errors of the ublk boundary.
 #[derive(Debug, thiserror::Error)]
@@ -411,32 +415,22 @@ const FAST_WRITE_OP: u32 = 0xf1;
 /// Marks the poll of the writer thread's eventfd.
 const WRITER_OP: u32 = 0xf2;
 
-/// A request on the fast path: its file I/O in flight on the queue's own ring.
-#[derive(Debug, Clone, Copy)]
-struct FastIo {
-    write: bool,
-    len: u32,
-    /// Completions still to come.
-    left: u8,
-    failed: bool,
-    t0: std::time::Instant,
-}
-
-/// Starts request `tag` on the fast path: the file I/O as entries on the queue's ring, straight
-/// into (read) or out of (write) the tag's io buffer. `None` when the volume says no (a remote
-/// replica, one not in sync, tracking, FUA, ...): then the router path takes it.
-fn fast_submit<D: BlockDev>(
+/// Starts request `tag` on the fast path: the volume's plan ([`BlockDev::fast_path`]) carried
+/// out as entries on the queue's ring, straight into (read) or out of (write) the tag's io
+/// buffer, or right here where the plan's inline policy allows. `None` when the volume says no
+/// (a remote replica, one not in sync, tracking, ...) or the request is not a plain read or
+/// write without FUA: then the router path takes it.
+fn fast_submit<'d, D: BlockDev>(
     q: &UblkQueue,
     tag: u16,
-    dev: &D,
+    dev: &'d D,
     iod: &sys::ublksrv_io_desc,
     buf: &mut IoBuf<u8>,
     writer: Option<&Writer>,
-) -> Option<FastIo> {
-    let op = iod.op_flags & 0xff;
-    let write = match op {
-        sys::UBLK_IO_OP_READ => false,
-        sys::UBLK_IO_OP_WRITE if iod.op_flags & sys::UBLK_IO_F_FUA == 0 => true,
+) -> Option<FastPlan<'d>> {
+    let op = match iod.op_flags & 0xff {
+        sys::UBLK_IO_OP_READ => FastOp::Read,
+        sys::UBLK_IO_OP_WRITE if iod.op_flags & sys::UBLK_IO_F_FUA == 0 => FastOp::Write,
         _ => return None,
     };
     let off = iod.start_sector.checked_mul(512)?;
@@ -444,101 +438,79 @@ fn fast_submit<D: BlockDev>(
     if len == 0 || len as usize > buf.len() || off.checked_add(u64::from(len))? > dev.size() {
         return None;
     }
-    let set = if write { dev.fast_write(off, u64::from(len))? } else { 1 << dev.fast_read()? };
-    // Every descriptor first (checks and counters), so nothing is submitted unless all are.
-    let mut fds = [None; 2];
-    for (i, fd) in fds.iter_mut().enumerate() {
-        if set & (1 << i) != 0 {
-            let r = dev.replica(i)?;
-            *fd = Some((r, r.fast_fd(write, off, len)?));
-        }
-    }
+    let mut plan = dev.fast_path(op, off, len)?;
     // From here on nothing returns `None`: what was submitted must complete before the router
     // may take the request (and the tag's buffer) over.
-    let t0 = std::time::Instant::now();
-    let (mut left, mut failed) = (0, false);
-    // A dual write of two buffered files: the second replica's `pwrite` goes to the queue's
-    // writer thread first, then the queue thread writes the first one meanwhile.
-    if let (Some(w), true, [Some((r0, _)), Some((r1, fd1))]) = (writer, write, fds) {
-        if r0.fast_write_elsewhere_ok(off, len as usize) && r1.fast_write_elsewhere_ok(off, len as usize) {
-            w.submit(Job {
-                tag,
-                fd: fd1,
-                ptr: buf.as_mut_ptr().cast_const(),
-                len: len as usize,
-                offset: off,
-            });
-            left += 1;
-            fds[1] = None;
-        }
-    }
-    for (i, fd) in fds.iter().enumerate() {
-        let Some((r, fd)) = *fd else { continue };
+    // A dual write of two buffered files: one leg goes to the queue's writer thread first, then
+    // the queue thread writes the other meanwhile.
+    let offloaded = writer.zip(plan.offload()).and_then(|(w, i)| {
+        let fd = plan.fd(i)?;
+        w.submit(Job { tag, fd, ptr: buf.as_mut_ptr().cast_const(), len: len as usize, offset: off });
+        Some(i)
+    });
+    let legs = [0, 1].map(|i| plan.fd(i).is_some() && Some(i) != offloaded);
+    for i in (0..2).filter(|&i| legs[i]) {
         let data = buf.as_mut_slice().get_mut(..len as usize).unwrap_or_default();
-        if !write && r.fast_read_cached(off, data) {
-            // A page-cache hit: read right here, no io_uring worker.
-            r.fast_done(false, len, t0, true);
+        // A page-cache hit, or a small page-aligned write to a buffered file: right here (what
+        // the page cache answers at once); a handoff to io_uring's workers costs more.
+        if plan.try_inline(i, data) {
             continue;
         }
-        if write {
-            // A small page-aligned write to a buffered file is one `pwrite` right here (what the
-            // page cache answers at once); a handoff to io_uring's workers costs more.
-            if let Some(ok) = r.fast_write_inline(off, data) {
-                r.fast_done(true, len, t0, ok);
-                failed |= !ok;
-                continue;
-            }
-        }
+        let Some(fd) = plan.fd(i) else { continue };
         let (fd, ptr) = (types::Fd(fd), buf.as_mut_ptr());
-        let (op, sqe) = if write {
-            (FAST_WRITE_OP, opcode::Write::new(fd, ptr.cast_const(), len).offset(off).build())
-        } else {
-            (FAST_READ_OP, opcode::Read::new(fd, ptr, len).offset(off).build())
+        let (ring_op, sqe) = match op {
+            FastOp::Write => {
+                (FAST_WRITE_OP, opcode::Write::new(fd, ptr.cast_const(), len).offset(off).build())
+            }
+            FastOp::Read => (FAST_READ_OP, opcode::Read::new(fd, ptr, len).offset(off).build()),
         };
         // The entry points into the tag's io buffer, which the kernel does not touch while the
         // tag is ours (between its FETCH completion and our COMMIT, which waits for this entry's
         // completion) and which outlives the ring (see `queue_main`).
-        let sqe = sqe.user_data(UblkIOCtx::build_user_data(tag, op, i as u32, true));
+        let sqe = sqe.user_data(UblkIOCtx::build_user_data(tag, ring_op, i as u32, true));
         if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
             // (Only when flushing a full submission queue fails.) The request is marked failed
             // and redone through the router once what was submitted completed.
             tracing::error!(tag, "ublk: submitting a file request failed: {e}");
-            failed = true;
+            for j in (i..2).filter(|&j| legs[j]) {
+                plan.abandon(j);
+            }
             break;
         }
-        left += 1;
     }
-    Some(FastIo { write, len, left, failed, t0 })
+    Some(plan)
 }
 
 /// A fast-path request whose file I/O is all done: committed, or (failed) redone through the
 /// router, which retries a read on the other replica and handles a failed write (replica marked
 /// failed, the range recorded on the survivor) before anything is acknowledged. The io buffer
 /// still holds the write's data: the kernel only takes the tag back at our commit.
-fn fast_finish<D: BlockDev>(q: &UblkQueue, tag: u16, f: FastIo, dev: &Arc<D>, st: &mut QueueState) {
-    if f.failed {
-        tracing::debug!(
-            tag,
-            write = f.write,
-            "ublk: fast-path request failed; redoing it through the router"
-        );
+fn fast_finish<'d, D: BlockDev>(
+    q: &UblkQueue,
+    tag: u16,
+    plan: FastPlan<'d>,
+    dev: &'d Arc<D>,
+    st: &mut QueueState<'d>,
+) {
+    if plan.failed() {
+        tracing::debug!(tag, op = ?plan.op(), "ublk: fast-path request failed; redoing it through the router");
         start(q, tag, dev, st, false);
     } else if let Some(buf) = st.bufs.get(tag as usize) {
-        complete(q, tag, buf.as_slice(), f.len as i32);
+        complete(q, tag, buf.as_slice(), plan.len() as i32);
     }
 }
 
 /// Starts request `tag`: on the fast path when the volume allows, else as the router's future.
-fn start<D: BlockDev>(q: &UblkQueue, tag: u16, dev: &Arc<D>, st: &mut QueueState, fast_ok: bool) {
+fn start<'d, D: BlockDev>(q: &UblkQueue, tag: u16, dev: &'d Arc<D>, st: &mut QueueState<'d>, fast_ok: bool) {
     let t = tag as usize;
     let iod = *q.get_iod(tag);
     let Some(buf) = st.bufs.get_mut(t) else { return };
     if fast_ok {
-        if let Some(f) = fast_submit(q, tag, &**dev, &iod, buf, st.writer.as_ref()) {
-            if f.left == 0 {
-                fast_finish(q, tag, f, dev, st);
+        if let Some(plan) = fast_submit(q, tag, &**dev, &iod, buf, st.writer.as_ref()) {
+            if plan.complete() {
+                fast_finish(q, tag, plan, dev, st);
             } else {
-                st.fast[t] = Some(f);
+                st.fast[t] = Some(plan);
                 st.fast_in_flight += 1;
             }
             return;
@@ -555,38 +527,31 @@ fn start<D: BlockDev>(q: &UblkQueue, tag: u16, dev: &Arc<D>, st: &mut QueueState
     }
 }
 
-/// One completion of a fast-path file request of `tag`, on replica `i`.
-fn fast_complete<D: BlockDev>(
+/// One completion of a fast-path leg of `tag` (replica `i`): `ok` when all of it transferred.
+fn fast_complete<'d, D: BlockDev>(
     q: &UblkQueue,
     tag: u16,
     i: usize,
-    res: i32,
-    dev: &Arc<D>,
-    st: &mut QueueState,
+    ok: bool,
+    dev: &'d Arc<D>,
+    st: &mut QueueState<'d>,
 ) {
     let t = tag as usize;
-    let Some(f) = st.fast.get_mut(t).and_then(|f| f.as_mut()) else { return };
-    let ok = res >= 0 && res as u32 == f.len;
-    if let Some(r) = dev.replica(i) {
-        r.fast_done(f.write, f.len, f.t0, ok);
-    }
-    f.failed |= !ok;
-    f.left = f.left.saturating_sub(1);
-    if f.left > 0 {
+    let Some(plan) = st.fast.get_mut(t).and_then(|f| f.as_mut()) else { return };
+    if !plan.leg_done(i, ok) {
         return;
     }
-    let f = *f;
-    st.fast[t] = None;
+    let Some(plan) = st.fast[t].take() else { return };
     st.fast_in_flight -= 1;
-    fast_finish(q, tag, f, dev, st);
+    fast_finish(q, tag, plan, dev, st);
 }
 
-/// Per-queue state of the io loop.
-struct QueueState {
+/// Per-queue state of the io loop; the fast path's plans borrow the volume (`'d`).
+struct QueueState<'d> {
     bufs: Vec<IoBuf<u8>>,
     pending: Vec<Option<Pending>>,
     wakers: Vec<Waker>,
-    fast: Vec<Option<FastIo>>,
+    fast: Vec<Option<FastPlan<'d>>>,
     fast_in_flight: usize,
     /// The second replica's buffered writes (see `ublk_writer`), when on.
     writer: Option<Writer>,
@@ -603,6 +568,8 @@ fn queue_main<D: BlockDev>(
 ) {
     // The router's futures use tokio's timers and blocking pool: they need the runtime's context.
     let _rt = rt.enter();
+    // The fast path's plans borrow the volume for as long as the queue runs.
+    let dev = &dev;
     let mb = match Mailbox::new() {
         Ok(m) => Arc::new(m),
         Err(e) => {
@@ -618,7 +585,7 @@ fn queue_main<D: BlockDev>(
         bufs,
         pending: (0..n).map(|_| None).collect(),
         wakers,
-        fast: vec![None; n],
+        fast: (0..n).map(|_| None).collect(),
         fast_in_flight: 0,
         writer: None,
     };
@@ -653,7 +620,10 @@ fn queue_main<D: BlockDev>(
                 }
                 FAST_READ_OP | FAST_WRITE_OP => {
                     let i = ((data >> 24) & 0xffff) as usize;
-                    fast_complete(q, tag, i, ctx.result(), &dev, &mut st);
+                    let res = ctx.result();
+                    let whole = st.fast.get(tag as usize).and_then(|f| f.as_ref()).map(|p| p.len());
+                    let ok = res >= 0 && whole == Some(res as u32);
+                    fast_complete(q, tag, i, ok, dev, &mut st);
                 }
                 WRITER_OP => {
                     let done = st.writer.as_ref().map(|w| {
@@ -661,16 +631,17 @@ fn queue_main<D: BlockDev>(
                         w.take_done()
                     });
                     for (tag, ok) in done.unwrap_or_default() {
-                        let len =
-                            st.fast.get(tag as usize).and_then(|f| f.as_ref()).map_or(0, |f| f.len as i32);
-                        fast_complete(q, tag, 1, if ok { len } else { -libc::EIO }, &dev, &mut st);
+                        // The leg the plan offloaded (the same on every call).
+                        let leg =
+                            st.fast.get(tag as usize).and_then(|f| f.as_ref()).and_then(|p| p.offload());
+                        fast_complete(q, tag, leg.unwrap_or(1), ok, dev, &mut st);
                     }
                 }
                 _ => {}
             }
             return;
         }
-        start(q, tag, &dev, &mut st, fast_path);
+        start(q, tag, dev, &mut st, fast_path);
     };
     q.wait_and_handle_io(handler);
     // What the writer thread was handed is written before the buffers can go.

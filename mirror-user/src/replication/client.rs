@@ -18,7 +18,7 @@ pub enum ClientError {
     #[error(transparent)]
     Conn(#[from] ConnError),
     #[error("{addr} refused: {message}")]
-    Remote { addr: String, code: u16, message: String },
+    Remote { addr: String, code: u16, errno: u32, message: String },
     #[error("{0} failed to prove it knows the shared secret")]
     ServerAuth(String),
     #[error("unexpected reply {0}")]
@@ -105,8 +105,8 @@ impl Client {
         self.conn.flush()?;
         let (h, m) = self.conn.recv()?;
         match m {
-            Message::Error { code, message, .. } => {
-                Err(ClientError::Remote { addr: self.addr.clone(), code, message })
+            Message::Error { code, errno, message } => {
+                Err(ClientError::Remote { addr: self.addr.clone(), code, errno, message })
             }
             m => Ok((h.id, m)),
         }
@@ -158,7 +158,9 @@ impl Client {
 
 fn remote_or_unexpected(addr: &str, m: Message) -> ClientError {
     match m {
-        Message::Error { code, message, .. } => ClientError::Remote { addr: addr.into(), code, message },
+        Message::Error { code, errno, message } => {
+            ClientError::Remote { addr: addr.into(), code, errno, message }
+        }
         m => ClientError::Unexpected(format!("{m:?} during handshake")),
     }
 }

@@ -119,12 +119,15 @@ pub fn encode_frame(out: &mut Vec<u8>, id: u64, flags: u16, msg: &Message) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct GenInfo {
     /// Current generation; 0 = never synced (no data anyone vouches for).
+    #[serde(with = "crate::storage::status::hex::u64_16")]
     pub current: u64,
     /// Previous generations, newest first, 0 = empty slot.
+    #[serde(with = "crate::storage::status::hex::u64_16_array")]
     pub history: [u64; HISTORY],
     /// False while a sync onto this replica is incomplete: its data is a mix.
     pub consistent: bool,
     /// While inconsistent: the source generation of the interrupted sync.
+    #[serde(with = "crate::storage::status::hex::u64_16")]
     pub sync_source: u64,
 }
 

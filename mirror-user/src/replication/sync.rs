@@ -9,21 +9,20 @@
 //! cleared on disk, so an interrupted sync resumes where it stopped.
 
 use std::{
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::{Duration, Instant},
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
 };
 
 use super::{
     client::{Client, ClientError},
-    conn::Wire,
-    meta::{new_generation, plan, MetaError, SyncPlan},
     protocol::{JobKind, Message},
     rate::{Pacer, SyncRate},
-    server::Volume,
+};
+use crate::storage::{
+    job::WireBytes,
+    meta::{new_generation, plan, MetaError, SyncPlan},
     store::{digest, is_zero, Digest},
+    Job, JobState, StorageError, Volume,
 };
 
 /// Size of a sync block: the unit of the first digest comparison.
@@ -53,101 +52,44 @@ pub enum JobError {
     Mismatch(String),
 }
 
-/// Live state of a job, shared with status requests.
-#[derive(Debug)]
-pub struct JobState {
-    pub kind: JobKind,
-    pub peer: String,
-    started: Instant,
-    pub cancel: AtomicBool,
-    finished: AtomicBool,
-    /// Bytes of volume to examine (grows if writes re-dirty blocks).
-    pub total_bytes: AtomicU64,
-    /// Bytes of volume examined.
-    pub done_bytes: AtomicU64,
-    /// Payload bytes of data sent (after compression).
-    pub data_bytes: AtomicU64,
-    /// Bytes found different and rewritten on the peer (before compression).
-    pub changed_bytes: AtomicU64,
-    wire: Mutex<Option<Arc<Wire>>>,
-    state: Mutex<String>,
-    plan: Mutex<String>,
-    error: Mutex<Option<String>>,
-    mismatches: Mutex<Vec<(u64, u64)>>,
-    elapsed: Mutex<Option<Duration>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl JobState {
-    pub fn new(kind: JobKind, peer: String) -> Self {
-        JobState {
-            kind,
-            peer,
-            started: Instant::now(),
-            cancel: AtomicBool::new(false),
-            finished: AtomicBool::new(false),
-            total_bytes: AtomicU64::new(0),
-            done_bytes: AtomicU64::new(0),
-            data_bytes: AtomicU64::new(0),
-            changed_bytes: AtomicU64::new(0),
-            wire: Mutex::new(None),
-            state: Mutex::new("connecting".into()),
-            plan: Mutex::new(String::new()),
-            error: Mutex::new(None),
-            mismatches: Mutex::new(Vec::new()),
-            elapsed: Mutex::new(None),
+/// Starts a job on `vol` pushing to `peer`, on a thread of its own: the one entry for jobs a
+/// peer asks for (`StartJob`) and for resyncs a router starts from a local replica. `Busy` while
+/// a job runs on the volume.
+pub fn start_job(
+    vol: &Arc<Volume>,
+    secret: Vec<u8>,
+    rate: SyncRate,
+    kind: JobKind,
+    peer: String,
+) -> Result<(), StorageError> {
+    let job = vol.claim_job(kind, peer.clone())?;
+    let (v, j) = (vol.clone(), job.clone());
+    match std::thread::Builder::new()
+        .name("mirror-job".into())
+        .spawn(move || run_job(&v, &peer, &secret, rate, &j))
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            // The slot must not stay taken by a job that never ran.
+            job.finish(JobState::Failed, Some(format!("spawn job: {e}")));
+            Err(StorageError::Spawn(e))
         }
-    }
-
-    pub fn finished(&self) -> bool {
-        self.finished.load(Ordering::SeqCst)
-    }
-
-    fn set_state(&self, s: &str) {
-        *lock(&self.state) = s.into();
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        let elapsed = lock(&self.elapsed).unwrap_or_else(|| self.started.elapsed()).as_secs_f64();
-        let done = self.done_bytes.load(Ordering::Relaxed);
-        let total = self.total_bytes.load(Ordering::Relaxed).max(done);
-        let rate = if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 };
-        let eta = if rate > 0.0 && !self.finished() { Some((total - done) as f64 / rate) } else { None };
-        let wire = lock(&self.wire).as_ref().map(|w| w.total()).unwrap_or(0);
-        serde_json::json!({
-            "kind": self.kind,
-            "peer": self.peer,
-            "state": *lock(&self.state),
-            "plan": *lock(&self.plan),
-            "total_bytes": total,
-            "done_bytes": done,
-            "changed_bytes": self.changed_bytes.load(Ordering::Relaxed),
-            "data_bytes": self.data_bytes.load(Ordering::Relaxed),
-            "wire_bytes": wire,
-            "rate_bps": rate,
-            "eta_s": eta,
-            "elapsed_s": elapsed,
-            "mismatches": *lock(&self.mismatches),
-            "error": *lock(&self.error),
-        })
     }
 }
 
 /// Runs a job to its end, recording the outcome in `st`.
-pub fn run_job(vol: &Volume, peer: &str, secret: &[u8], rate: SyncRate, st: &JobState) {
-    let r = (|| -> Result<&'static str, JobError> {
-        let mut c = Client::connect(peer, &vol.name, secret)?;
-        *lock(&st.wire) = Some(c.conn.wire.clone());
-        if c.info.size != vol.store.size() || c.info.block_size != vol.block_size {
+pub fn run_job(vol: &Volume, peer: &str, secret: &[u8], rate: SyncRate, st: &Job) {
+    let r = (|| -> Result<JobState, JobError> {
+        let mut c = Client::connect(peer, vol.name(), secret)?;
+        let wire = c.conn.wire.clone();
+        st.set_wire(WireBytes(Arc::new(move || wire.total())));
+        if c.info.size != vol.size() || c.info.block_size != vol.block_size() {
             return Err(JobError::Refused(format!(
                 "peer volume is {} bytes / block {}, this one {} / {}",
                 c.info.size,
                 c.info.block_size,
-                vol.store.size(),
-                vol.block_size
+                vol.size(),
+                vol.block_size()
             )));
         }
         let mut pacer = Pacer::new(rate);
@@ -157,38 +99,35 @@ pub fn run_job(vol: &Volume, peer: &str, secret: &[u8], rate: SyncRate, st: &Job
             JobKind::VerifyRepair => verify(vol, &mut c, st, &mut pacer, true),
         }
     })();
-    *lock(&st.elapsed) = Some(st.started.elapsed());
     match r {
         Ok(s) => {
-            st.set_state(s);
-            tracing::info!(volume = %vol.name, peer, job = ?st.kind, status = %st.to_json(), "job finished");
+            st.finish(s, None);
+            tracing::info!(volume = %vol.name(), peer, job = ?st.kind, status = ?st.status(), "job finished");
         }
         Err(e) => {
             let state = match e {
-                JobError::Refused(_) => "refused",
-                JobError::Cancelled => "cancelled",
-                _ => "failed",
+                JobError::Refused(_) => JobState::Refused,
+                JobError::Cancelled => JobState::Cancelled,
+                _ => JobState::Failed,
             };
-            st.set_state(state);
-            tracing::warn!(volume = %vol.name, peer, job = ?st.kind, "job {state}: {e}");
-            *lock(&st.error) = Some(e.to_string());
+            tracing::warn!(volume = %vol.name(), peer, job = ?st.kind, "job {state}: {e}");
+            st.finish(state, Some(e.to_string()));
         }
     }
-    st.finished.store(true, Ordering::SeqCst);
 }
 
-fn sync(vol: &Volume, c: &mut Client, st: &JobState, pacer: &mut Pacer) -> Result<&'static str, JobError> {
-    let local = vol.meta.header().gen;
-    let p = plan(&local, vol.meta.dirty_bits(), &c.info.gen);
-    *lock(&st.plan) = format!("{p:?}");
+fn sync(vol: &Volume, c: &mut Client, st: &Job, pacer: &mut Pacer) -> Result<JobState, JobError> {
+    let local = vol.meta().header().gen;
+    let p = plan(&local, vol.meta().dirty_bits(), &c.info.gen);
+    st.set_plan(format!("{p:?}"));
     match p {
         SyncPlan::Refuse(r) => return Err(JobError::Refused(r)),
-        SyncPlan::UpToDate => return Ok("up-to-date"),
-        SyncPlan::Full => vol.meta.set_all_dirty()?,
+        SyncPlan::UpToDate => return Ok(JobState::UpToDate),
+        SyncPlan::Full => vol.meta().set_all_dirty()?,
         SyncPlan::Resync => merge_peer_bitmap(vol, c)?,
     }
     let gen = vol
-        .meta
+        .meta()
         .update(|h| {
             if h.gen.current == 0 {
                 new_generation(&mut h.gen);
@@ -196,11 +135,11 @@ fn sync(vol: &Volume, c: &mut Client, st: &JobState, pacer: &mut Pacer) -> Resul
             h.tracking = true;
         })?
         .gen;
-    tracing::info!(volume = %vol.name, peer = %c.addr, plan = %lock(&st.plan), dirty_bytes = vol.meta.dirty_bits() * vol.block_size as u64, "sync starting");
-    st.set_state("syncing");
+    tracing::info!(volume = %vol.name(), peer = %c.addr, plan = %st.plan(), dirty_bytes = vol.meta().dirty_bits() * u64::from(vol.block_size()), "sync starting");
+    st.set_state(JobState::Syncing);
     c.call_ok(&Message::SyncBegin { source_gen: gen.current })?;
     finish(vol, c, st, pacer, gen.current, gen.history)?;
-    Ok("done")
+    Ok(JobState::Done)
 }
 
 /// A resync sends the union of both bitmaps (as DRBD does): blocks the peer recorded itself
@@ -210,15 +149,15 @@ fn sync(vol: &Volume, c: &mut Client, st: &JobState, pacer: &mut Pacer) -> Resul
 fn merge_peer_bitmap(vol: &Volume, c: &mut Client) -> Result<(), JobError> {
     match c.call(&Message::GetBitmap) {
         Ok(Message::Data(bits)) => {
-            let added = vol.meta.merge_bitmap(&bits)?;
+            let added = vol.meta().merge_bitmap(&bits)?;
             if added > 0 {
-                tracing::info!(volume = %vol.name, peer = %c.addr, blocks = added, "resync includes the blocks the peer recorded");
+                tracing::info!(volume = %vol.name(), peer = %c.addr, blocks = added, "resync includes the blocks the peer recorded");
             }
             Ok(())
         }
         Ok(Message::Error { message, .. }) | Err(ClientError::Remote { message, .. }) => {
-            tracing::warn!(volume = %vol.name, peer = %c.addr, "peer bitmap unavailable ({message}): comparing every block");
-            Ok(vol.meta.set_all_dirty()?)
+            tracing::warn!(volume = %vol.name(), peer = %c.addr, "peer bitmap unavailable ({message}): comparing every block");
+            Ok(vol.meta().set_all_dirty()?)
         }
         Ok(m) => Err(JobError::Client(ClientError::Unexpected(format!("{m:?}")))),
         Err(e) => Err(e.into()),
@@ -232,7 +171,7 @@ fn merge_peer_bitmap(vol: &Volume, c: &mut Client) -> Result<(), JobError> {
 fn finish(
     vol: &Volume,
     c: &mut Client,
-    st: &JobState,
+    st: &Job,
     pacer: &mut Pacer,
     current: u64,
     history: [u64; super::protocol::HISTORY],
@@ -240,37 +179,37 @@ fn finish(
     for _ in 0..32 {
         sync_pending(vol, c, st, pacer)?;
         c.call_ok(&Message::SyncEnd { current, history })?;
-        if vol.meta.end_tracking_if_clean()? {
+        if vol.meta().end_tracking_if_clean()? {
             return Ok(());
         }
     }
-    tracing::warn!(volume = %vol.name, pending = vol.meta.pending_bits(), "writes keep re-dirtying blocks: ending the sync with tracking on");
+    tracing::warn!(volume = %vol.name(), pending = vol.meta().pending_bits(), "writes keep re-dirtying blocks: ending the sync with tracking on");
     Ok(())
 }
 
 /// Sends every pending block, pass after pass, until nothing is pending.
-fn sync_pending(vol: &Volume, c: &mut Client, st: &JobState, pacer: &mut Pacer) -> Result<(), JobError> {
-    let bs = vol.block_size as u64;
+fn sync_pending(vol: &Volume, c: &mut Client, st: &Job, pacer: &mut Pacer) -> Result<(), JobError> {
+    let bs = u64::from(vol.block_size());
     let bits_per_window = WINDOW / bs;
     loop {
-        let pending = vol.meta.pending_bits();
+        let pending = vol.meta().pending_bits();
         if pending == 0 {
             return Ok(());
         }
         st.total_bytes.store(st.done_bytes.load(Ordering::Relaxed) + pending * bs, Ordering::Relaxed);
         let mut uncommitted: Vec<(u64, Vec<bool>)> = Vec::new();
         let mut pos = 0u64;
-        while let Some(bit) = vol.meta.next_pending(pos) {
-            if st.cancel.load(Ordering::SeqCst) {
+        while let Some(bit) = vol.meta().next_pending(pos) {
+            if st.cancelled() {
                 restore_all(vol, &uncommitted);
                 return Err(JobError::Cancelled);
             }
             let start = bit / bits_per_window * bits_per_window;
-            let bits = vol.meta.take(start, bits_per_window);
+            let bits = vol.meta().take(start, bits_per_window);
             let moved = match sync_window(vol, c, start, &bits, st) {
                 Ok(n) => n,
                 Err(e) => {
-                    vol.meta.restore(start, &bits);
+                    vol.meta().restore(start, &bits);
                     restore_all(vol, &uncommitted);
                     return Err(e);
                 }
@@ -279,7 +218,7 @@ fn sync_pending(vol: &Volume, c: &mut Client, st: &JobState, pacer: &mut Pacer) 
             if uncommitted.len() >= COMMIT_EVERY {
                 commit(vol, c, &mut uncommitted)?;
             }
-            let wait = pacer.delay(vol.epoch.elapsed(), moved, vol.app_active(Duration::from_millis(200)));
+            let wait = pacer.delay(vol.uptime(), moved, vol.app_active(Duration::from_millis(200)));
             if !wait.is_zero() {
                 std::thread::sleep(wait);
             }
@@ -291,7 +230,7 @@ fn sync_pending(vol: &Volume, c: &mut Client, st: &JobState, pacer: &mut Pacer) 
 
 fn restore_all(vol: &Volume, windows: &[(u64, Vec<bool>)]) {
     for (s, b) in windows {
-        vol.meta.restore(*s, b);
+        vol.meta().restore(*s, b);
     }
 }
 
@@ -304,7 +243,7 @@ fn commit(vol: &Volume, c: &mut Client, windows: &mut Vec<(u64, Vec<bool>)>) -> 
         return Err(e.into());
     }
     for (s, b) in windows.drain(..) {
-        vol.meta.commit(s, &b)?;
+        vol.meta().commit(s, &b)?;
     }
     Ok(())
 }
@@ -335,7 +274,7 @@ fn remote_digests(c: &mut Client, grain: u64, pieces: &[(u64, u64)]) -> Result<V
 fn local_digests(vol: &Volume, grain: u64, pieces: &[(u64, u64)]) -> Result<Vec<Digest>, JobError> {
     let mut out = Vec::new();
     for &(o, l) in pieces {
-        vol.store.digests(o, l, grain as u32, &mut out)?;
+        vol.store().digests(o, l, grain as u32, &mut out)?;
     }
     Ok(out)
 }
@@ -376,10 +315,10 @@ fn sync_window(
     c: &mut Client,
     start_bit: u64,
     bits: &[bool],
-    st: &JobState,
+    st: &Job,
 ) -> Result<u64, JobError> {
-    let bs = vol.block_size as u64;
-    let size = vol.store.size();
+    let bs = u64::from(vol.block_size());
+    let size = vol.size();
     let per_block = (SYNC_BLOCK / bs).max(1) as usize;
     let mut coarse: Vec<(u64, u64)> = Vec::new();
     let mut fine: Vec<(u64, u64)> = Vec::new();
@@ -418,12 +357,12 @@ fn sync_window(
 }
 
 /// Sends the given pieces (merged into runs) from the local store, pipelined.
-fn send_pieces(vol: &Volume, c: &mut Client, pieces: &[(u64, u64)], st: &JobState) -> Result<(), JobError> {
+fn send_pieces(vol: &Volume, c: &mut Client, pieces: &[(u64, u64)], st: &Job) -> Result<(), JobError> {
     let runs = merge(pieces, MAX_RUN);
     let mut sent = 0usize;
     for &(off, len) in &runs {
         let mut buf = vec![0u8; len as usize];
-        vol.store.read_at(&mut buf, off)?;
+        vol.store().read_at(&mut buf, off)?;
         st.changed_bytes.fetch_add(len as u64, Ordering::Relaxed);
         let msg = if is_zero(&buf) {
             Message::WriteZeroes { offset: off, len }
@@ -454,18 +393,18 @@ fn send_pieces(vol: &Volume, c: &mut Client, pieces: &[(u64, u64)], st: &JobStat
 fn verify(
     vol: &Volume,
     c: &mut Client,
-    st: &JobState,
+    st: &Job,
     pacer: &mut Pacer,
     repair: bool,
-) -> Result<&'static str, JobError> {
-    let size = vol.store.size();
-    let bs = vol.block_size as u64;
+) -> Result<JobState, JobError> {
+    let size = vol.size();
+    let bs = u64::from(vol.block_size());
     st.total_bytes.store(size, Ordering::Relaxed);
-    st.set_state("verifying");
+    st.set_state(JobState::Verifying);
     let mut found: Vec<(u64, u64)> = Vec::new();
     let mut off = 0u64;
     while off < size {
-        if st.cancel.load(Ordering::SeqCst) {
+        if st.cancelled() {
             return Err(JobError::Cancelled);
         }
         let len = WINDOW.min(size - off);
@@ -482,10 +421,10 @@ fn verify(
                     _ => found.push(p),
                 }
             }
-            *lock(&st.mismatches) = found.clone();
+            st.set_mismatches(found.clone());
         }
         st.done_bytes.fetch_add(len, Ordering::Relaxed);
-        let wait = pacer.delay(vol.epoch.elapsed(), len, vol.app_active(Duration::from_millis(200)));
+        let wait = pacer.delay(vol.uptime(), len, vol.app_active(Duration::from_millis(200)));
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
@@ -493,27 +432,27 @@ fn verify(
     }
     let total: u64 = found.iter().map(|r| r.1).sum();
     if found.is_empty() {
-        return Ok("done");
+        return Ok(JobState::Done);
     }
-    tracing::warn!(volume = %vol.name, peer = %c.addr, ranges = found.len(), bytes = total, "verify found mismatching ranges: {found:?}");
+    tracing::warn!(volume = %vol.name(), peer = %c.addr, ranges = found.len(), bytes = total, "verify found mismatching ranges: {found:?}");
     if !repair {
-        return Ok("done-mismatches");
+        return Ok(JobState::DoneMismatches);
     }
-    st.set_state("repairing");
-    vol.meta.update(|h| h.tracking = true)?;
+    st.set_state(JobState::Repairing);
+    vol.meta().update(|h| h.tracking = true)?;
     for &(o, l) in &found {
-        vol.meta.mark_dirty(o, l)?;
+        vol.meta().mark_dirty(o, l)?;
     }
-    let gen = vol.meta.header().gen;
+    let gen = vol.meta().header().gen;
     c.call_ok(&Message::SyncBegin { source_gen: gen.current })?;
     finish(vol, c, st, pacer, gen.current, gen.history)?;
-    Ok("repaired")
+    Ok(JobState::Repaired)
 }
 
 /// Digest of a local range, for tests and tools comparing replicas.
 pub fn range_digest(vol: &Volume, offset: u64, len: u64) -> std::io::Result<Digest> {
     let mut buf = vec![0u8; len as usize];
-    vol.store.read_at(&mut buf, offset)?;
+    vol.store().read_at(&mut buf, offset)?;
     Ok(digest(&buf))
 }
 

@@ -4,7 +4,7 @@
 use std::{path::Path, sync::Arc};
 
 use super::BlockDev;
-use crate::replication::store::Store;
+use crate::storage::store::Store;
 
 /// A single file or block device.
 #[derive(Debug, Clone)]

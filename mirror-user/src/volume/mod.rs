@@ -1,10 +1,15 @@
 //! The request path: what a frontend (NBD, ublk) drives. [`BlockDev`] is the seam: the router
-//! implements it for a mirrored volume; [`file::FileDev`] implements it for one file (a single
-//! replica, used as a baseline and in frontend tests).
+//! implements it for a mirrored volume over two [`replica::Replica`]s (each a
+//! [`local::LocalReplica`] or a [`remote::RemoteReplica`], failing with a
+//! [`error::ReplicaError`]); [`file::FileDev`] implements it for one file (a single replica, used
+//! as a baseline and in frontend tests).
 
 pub mod activity;
+pub mod error;
+pub mod fast;
 pub mod file;
 pub mod inline;
+pub mod local;
 pub mod open;
 pub mod remote;
 pub mod replica;
@@ -13,10 +18,7 @@ pub mod uring;
 
 use std::future::Future;
 
-use replica::Replica;
-
-/// Replicas a fast-path write must reach, as a bit set (bit `i` = replica `i`).
-pub type ReplicaSet = u8;
+use fast::{FastOp, FastPlan};
 
 /// A block device of fixed size, driven by a frontend. Offsets and lengths are bytes; the
 /// frontend validates ranges against [`BlockDev::size`] before calling. Errors are
@@ -42,23 +44,11 @@ pub trait BlockDev: Send + Sync + 'static {
     /// Writes zeroes over a range.
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = std::io::Result<()>> + Send;
 
-    // The fast path (ublk): a frontend that can submit file I/O itself asks, per request, which
-    // local replicas it may drive directly; `None` sends the request through the methods above.
-    // A fast-path request that fails is redone through them, so failure handling stays theirs.
-
-    /// The replica a read goes to, when the volume's choice (weights, in-sync rule) is a local
-    /// file the frontend may read itself ([`Replica::fast_fd`]).
-    fn fast_read(&self) -> Option<usize> {
-        None
-    }
-    /// The replicas a write of `[offset, offset+len)` goes to, when every one of them is a
-    /// local file the frontend may write itself and nothing else has to happen first (no
-    /// failure handling under way, the range's write intent already recorded).
-    fn fast_write(&self, _offset: u64, _len: u64) -> Option<ReplicaSet> {
-        None
-    }
-    /// Replica `i` of [`BlockDev::fast_read`] / [`BlockDev::fast_write`].
-    fn replica(&self, _i: usize) -> Option<&Replica> {
+    /// The fast path (ublk): a frontend that can submit file I/O itself asks, per request,
+    /// whether it may drive the volume's local replicas directly, and gets the plan to follow
+    /// ([`FastPlan`]); `None` sends the request through the methods above. A plan that fails is
+    /// redone through them, so failure handling stays theirs.
+    fn fast_path(&self, _op: FastOp, _offset: u64, _len: u32) -> Option<FastPlan<'_>> {
         None
     }
 }

@@ -1,20 +1,24 @@
 //! Building a mirrored volume from its description: the two replica specs, the secret, weights.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, RwLock},
-};
+use std::{path::PathBuf, sync::Arc};
 
 use super::{
-    remote::RemotePool,
+    error::ReplicaError,
+    local::LocalReplica,
+    remote::{RemotePool, RemoteReplica},
     replica::{Location, Replica},
     router::{Router, RouterConfig, Weights},
 };
-use crate::replication::{
-    meta::{plan, SyncPlan},
-    protocol::GenInfo,
-    rate::SyncRate,
-    server::{gen_from_json, Server, ServerConfig, VolumeSpec},
+use crate::{
+    replication::{
+        protocol::GenInfo,
+        rate::SyncRate,
+        server::{Server, ServerConfig},
+    },
+    storage::{
+        meta::{plan, SyncPlan},
+        VolumeSpec, VolumeStatus,
+    },
 };
 
 /// Where one replica lives, as given on the command line.
@@ -82,14 +86,13 @@ pub struct Standing {
     pub tracking: bool,
 }
 
-impl Standing {
-    fn from_status(st: &serde_json::Value) -> Option<Standing> {
-        let bs = st["block_size"].as_u64().filter(|&b| b > 0)?;
-        Some(Standing {
-            gen: gen_from_json(&st["generation"])?,
-            dirty_bits: st["dirty_bytes"].as_u64()? / bs,
-            tracking: st["tracking"].as_bool()?,
-        })
+impl From<&VolumeStatus> for Standing {
+    fn from(st: &VolumeStatus) -> Standing {
+        Standing {
+            gen: st.generation,
+            dirty_bits: st.dirty_bytes / u64::from(st.block_size.max(1)),
+            tracking: st.tracking,
+        }
     }
 }
 
@@ -190,7 +193,7 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
                     health: cfg.node_health.clone(),
                 })?;
                 let vol = server.volume(&cfg.name).expect("the server serves the volume it was given");
-                sizes.push(vol.store.size());
+                sizes.push(vol.size());
                 tracing::info!(role, addr = %server.addr, "local replica served to its peer");
                 local_servers.push(server);
                 // Buffered: the embedded replica server and sync jobs read this file through the
@@ -208,33 +211,24 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
                         None
                     }
                 };
-                Location::Local {
-                    vol,
-                    addr: local_servers.last().map(|s| s.addr.to_string()).unwrap_or_default(),
-                    uring,
-                }
+                let addr = local_servers.last().map(|s| s.addr.to_string()).unwrap_or_default();
+                Location::Local(LocalReplica::new(vol, addr, uring))
             }
             ReplicaSpec::Remote { addr } => {
                 let pool = match RemotePool::connect(addr, &cfg.name, &cfg.secret, cfg.conns).await {
                     Ok((pool, size)) => {
                         sizes.push(size);
-                        Some(Arc::new(pool))
+                        Some(pool)
                     }
                     // Refusals (wrong secret, volume, version) are configuration errors; an
                     // unreachable node may be started without (below).
-                    Err(e) if missing.is_none() && RemotePool::is_unreachable(&e) => {
-                        missing = Some((i, format!("{role} replica {addr} unreachable: {e}")));
+                    Err(e) if missing.is_none() && e.is_unreachable() => {
+                        missing = Some((i, format!("{role} replica {e}")));
                         None
                     }
                     Err(e) => anyhow::bail!("{role} replica {addr}: {e}"),
                 };
-                Location::Remote {
-                    addr: addr.clone(),
-                    volume: cfg.name.clone(),
-                    secret: cfg.secret.clone(),
-                    conns: cfg.conns,
-                    pool: RwLock::new(pool),
-                }
+                Location::Remote(RemoteReplica::new(addr, &cfg.name, &cfg.secret, cfg.conns, pool))
             }
         };
         replicas.push(Replica::new(role, loc, 4096));
@@ -266,10 +260,9 @@ async fn reconcile(
     cfg: &VolumeConfig,
 ) -> anyhow::Result<()> {
     let role = |i: usize| router.replicas[i].role;
-    let standing = |st: std::io::Result<serde_json::Value>, i: usize| -> anyhow::Result<Standing> {
+    let standing = |st: Result<VolumeStatus, ReplicaError>, i: usize| -> anyhow::Result<Standing> {
         let st = st.map_err(|e| anyhow::anyhow!("{} replica status: {e}", role(i)))?;
-        Standing::from_status(&st)
-            .ok_or_else(|| anyhow::anyhow!("{} replica status lacks its metadata: {st}", role(i)))
+        Ok(Standing::from(&st))
     };
     if let Some((i, why)) = missing {
         let s = 1 - i;

@@ -1,12 +1,14 @@
-//! A remote replica: a pool of authenticated, pipelined protocol connections to a replica
-//! server, driven from tokio. Each connection has a writer task (requests in order) and a reader
-//! task (replies come back in request order and complete their requests).
+//! A remote replica: [`RemoteReplica`], the replica operations as protocol requests, over a
+//! [`RemotePool`] of authenticated, pipelined connections to a replica server, driven from
+//! tokio. Each connection has a writer task (requests in order) and a reader task (replies come
+//! back in request order and complete their requests). A remote `Error` reply becomes
+//! [`ReplicaError::Remote`] with the errno the server's disk gave.
 
 use std::{
     collections::VecDeque,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
     },
 };
 
@@ -16,13 +18,18 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::replication::{
-    client::Client,
-    frame::{ConnError, Frame, FrameDecoder},
-    protocol::{encode_frame, Message},
+use super::error::ReplicaError;
+use crate::{
+    replication::{
+        client::Client,
+        frame::{ConnError, Frame, FrameDecoder},
+        protocol::{encode_frame, JobKind, Message},
+    },
+    storage::VolumeStatus,
 };
 
-type Reply = oneshot::Sender<std::io::Result<Message>>;
+/// A reply, or why the connection broke before it came.
+type Reply = oneshot::Sender<Result<Message, String>>;
 
 struct Conn {
     tx: mpsc::Sender<(Message, u16, Reply)>,
@@ -42,8 +49,8 @@ impl std::fmt::Debug for RemotePool {
     }
 }
 
-fn broken(what: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::BrokenPipe, what.to_string())
+fn broken(what: &str) -> String {
+    what.to_string()
 }
 
 impl RemotePool {
@@ -53,38 +60,35 @@ impl RemotePool {
         volume: &str,
         secret: &[u8],
         n: usize,
-    ) -> std::io::Result<(RemotePool, u64)> {
+    ) -> Result<(RemotePool, u64), ReplicaError> {
+        let lost = |e: std::io::Error| ReplicaError::ConnectionLost { addr: addr.into(), why: e.to_string() };
         let mut conns = Vec::new();
         let mut size = 0;
         for _ in 0..n.max(1) {
             let (a, v, s) = (addr.to_string(), volume.to_string(), secret.to_vec());
-            let (std_stream, sz) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-                let c = Client::connect(&a, &v, &s).map_err(|e| {
-                    // Unreachable nodes keep a kind of their own (`is_unreachable`); refusals
-                    // (wrong secret, volume, version) are permission errors.
-                    let kind = if e.is_unreachable() {
-                        std::io::ErrorKind::ConnectionRefused
+            let (std_stream, sz) = tokio::task::spawn_blocking(move || {
+                let c = Client::connect(&a, &v, &s).map_err(|source| {
+                    // Unreachable nodes (it may be down) apart from refusals (wrong secret,
+                    // volume, version: a configuration error).
+                    if source.is_unreachable() {
+                        ReplicaError::Unreachable { addr: a.clone(), source }
                     } else {
-                        std::io::ErrorKind::PermissionDenied
-                    };
-                    std::io::Error::new(kind, e.to_string())
+                        ReplicaError::Refused { addr: a.clone(), source }
+                    }
                 })?;
                 let size = c.info.size;
-                Ok((c.into_stream()?, size))
+                let stream = c
+                    .into_stream()
+                    .map_err(|e| ReplicaError::ConnectionLost { addr: a, why: e.to_string() })?;
+                Ok::<_, ReplicaError>((stream, size))
             })
             .await
-            .map_err(std::io::Error::other)??;
+            .map_err(|e| ReplicaError::Task(e.to_string()))??;
             size = sz;
-            std_stream.set_nonblocking(true)?;
-            conns.push(spawn_conn(TcpStream::from_std(std_stream)?));
+            std_stream.set_nonblocking(true).map_err(lost)?;
+            conns.push(spawn_conn(TcpStream::from_std(std_stream).map_err(lost)?));
         }
         Ok((RemotePool { addr: addr.into(), conns, next: AtomicUsize::new(0) }, size))
-    }
-
-    /// True when `e`, from [`RemotePool::connect`], says the node did not answer (it may be down),
-    /// rather than refused us.
-    pub fn is_unreachable(e: &std::io::Error) -> bool {
-        e.kind() == std::io::ErrorKind::ConnectionRefused
     }
 
     /// True when a connection has failed (the pool must be replaced).
@@ -93,17 +97,166 @@ impl RemotePool {
     }
 
     /// Sends a request on the next connection and waits for its reply. A remote error reply
-    /// becomes an `io::Error` carrying its message.
-    pub async fn call(&self, msg: Message, flags: u16) -> std::io::Result<Message> {
+    /// becomes [`ReplicaError::Remote`], with the server's code, errno and message.
+    pub async fn call(&self, msg: Message, flags: u16) -> Result<Message, ReplicaError> {
+        let lost = |why: String| ReplicaError::ConnectionLost { addr: self.addr.clone(), why };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let (tx, rx) = oneshot::channel();
-        self.conns[i].tx.send((msg, flags, tx)).await.map_err(|_| broken("replica connection closed"))?;
-        match rx.await.map_err(|_| broken("replica connection closed"))?? {
-            Message::Error { code, message, .. } => {
-                Err(std::io::Error::other(format!("{} (code {code}): {message}", self.addr)))
+        self.conns[i]
+            .tx
+            .send((msg, flags, tx))
+            .await
+            .map_err(|_| lost(broken("replica connection closed")))?;
+        match rx.await.map_err(|_| lost(broken("replica connection closed")))?.map_err(lost)? {
+            Message::Error { code, errno, message } => {
+                Err(ReplicaError::Remote { addr: self.addr.clone(), code, errno, message })
             }
             m => Ok(m),
         }
+    }
+}
+
+/// A replica on a replica server: the replica operations as protocol requests over a
+/// [`RemotePool`], which the router's supervisor replaces when it breaks.
+#[derive(Debug)]
+pub struct RemoteReplica {
+    addr: String,
+    volume: String,
+    secret: Vec<u8>,
+    conns: usize,
+    pool: RwLock<Option<Arc<RemotePool>>>,
+}
+
+impl RemoteReplica {
+    /// Volume `volume` on the server at `addr`, over `conns` connections; `pool`: connected
+    /// already (else the supervisor connects it).
+    pub fn new(
+        addr: &str,
+        volume: &str,
+        secret: &[u8],
+        conns: usize,
+        pool: Option<RemotePool>,
+    ) -> RemoteReplica {
+        RemoteReplica {
+            addr: addr.into(),
+            volume: volume.into(),
+            secret: secret.to_vec(),
+            conns,
+            pool: RwLock::new(pool.map(Arc::new)),
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    pub fn secret(&self) -> &[u8] {
+        &self.secret
+    }
+
+    fn pool(&self) -> Result<Arc<RemotePool>, ReplicaError> {
+        self.pool
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| ReplicaError::NotConnected { addr: self.addr.clone() })
+    }
+
+    async fn call(&self, msg: Message, flags: u16) -> Result<Message, ReplicaError> {
+        self.pool()?.call(msg, flags).await
+    }
+
+    fn unexpected(&self, m: &Message) -> ReplicaError {
+        ReplicaError::Protocol { addr: self.addr.clone(), reply: format!("{m:?}") }
+    }
+
+    async fn call_ok(&self, msg: Message, flags: u16) -> Result<(), ReplicaError> {
+        match self.call(msg, flags).await? {
+            Message::Ok => Ok(()),
+            m => Err(self.unexpected(&m)),
+        }
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ReplicaError> {
+        match self.call(Message::Read { offset, len }, 0).await? {
+            Message::Data(d) if d.len() == len as usize => Ok(d),
+            m => Err(self.unexpected(&m)),
+        }
+    }
+
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ReplicaError> {
+        let flags = if fua { crate::replication::protocol::FLAG_FUA } else { 0 };
+        self.call_ok(Message::Write { offset, data: data.to_vec() }, flags).await
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
+        let pool = self.pool()?;
+        let mut o = offset;
+        while o < offset + len {
+            let n = (offset + len - o).min(1 << 30) as u32;
+            match pool.call(Message::WriteZeroes { offset: o, len: n }, 0).await? {
+                Message::Ok => {}
+                m => return Err(self.unexpected(&m)),
+            }
+            o += u64::from(n);
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&self) -> Result<(), ReplicaError> {
+        self.call_ok(Message::Flush, 0).await
+    }
+
+    pub async fn mark_dirty(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
+        self.call_ok(Message::MarkDirty { offset, len }, 0).await
+    }
+
+    pub async fn mark_intent(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
+        self.call_ok(Message::MarkIntent { offset, len }, 0).await
+    }
+
+    pub async fn clear_intent(&self, offset: u64, len: u64) -> Result<bool, ReplicaError> {
+        match self.call(Message::ClearIntent { offset, len }, 0).await? {
+            Message::Data(d) if d.len() == 1 => Ok(d[0] == 1),
+            m => Err(self.unexpected(&m)),
+        }
+    }
+
+    /// The volume's status, decoded from the server's JSON right here.
+    pub async fn status(&self) -> Result<VolumeStatus, ReplicaError> {
+        match self.call(Message::Status, 0).await? {
+            Message::Json(s) => serde_json::from_str(&s).map_err(|e| ReplicaError::Protocol {
+                addr: self.addr.clone(),
+                reply: format!("status that does not decode ({e}): {s}"),
+            }),
+            m => Err(self.unexpected(&m)),
+        }
+    }
+
+    /// Has the server run a job on its volume pushing to `peer`.
+    pub async fn start_job(&self, kind: JobKind, peer: String) -> Result<(), ReplicaError> {
+        self.call_ok(Message::StartJob { kind, peer }, 0).await
+    }
+
+    /// (Re)connects; returns the size of the volume.
+    pub async fn connect(&self) -> Result<u64, ReplicaError> {
+        let (p, size) = RemotePool::connect(&self.addr, &self.volume, &self.secret, self.conns).await?;
+        *self.pool.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p));
+        Ok(size)
+    }
+
+    /// Drops the connections (the replica then counts as broken).
+    pub fn disconnect(&self) {
+        *self.pool.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// True when the connections broke (or there are none).
+    pub fn connection_broken(&self) -> bool {
+        self.pool.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|p| p.is_broken())
     }
 }
 

@@ -20,14 +20,12 @@ use std::{
 
 use super::{
     activity::ActivityLog,
-    replica::{Location, Replica, FAILED, IN_SYNC, RESYNCING},
+    error::ReplicaError,
+    fast::{FastOp, FastPlan},
+    replica::{Replica, ReplicaSnapshot, ReplicaState},
     BlockDev,
 };
-use crate::replication::{
-    protocol::{JobKind, Message},
-    rate::SyncRate,
-    server::start_local_job,
-};
+use crate::{replication::rate::SyncRate, storage::JobState};
 
 /// Read weights: the target's share in percent; the source gets the rest.
 #[derive(Debug)]
@@ -98,8 +96,44 @@ pub struct Router {
 /// An extent with write intent recorded is dropped after this long without a write.
 pub const INTENT_IDLE: Duration = Duration::from_secs(10);
 
+/// The router's status (`ctl status`, metrics).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RouterStatus {
+    pub size: u64,
+    /// Read weights in percent.
+    pub weights: WeightsStatus,
+    /// Extents of the volume with write intent recorded.
+    pub intent_extents: usize,
+    /// Source, target.
+    pub replicas: [ReplicaSnapshot; 2],
+}
+
+/// The read weights: each replica's share in percent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WeightsStatus {
+    pub source: u8,
+    pub target: u8,
+}
+
 fn eio(msg: impl Into<String>) -> std::io::Error {
     std::io::Error::other(msg.into())
+}
+
+/// Why a replica's failure could not be absorbed by the other replica.
+#[derive(Debug)]
+enum Unabsorbed {
+    /// The other replica has failed too.
+    NoSurvivor,
+    /// The survivor could not record the range (the write must not be acknowledged).
+    Recording(ReplicaError),
+}
+
+/// Of the failures of one request, the one to report: the first with an errno (a disk's ENOSPC
+/// reaches the application as ENOSPC), else the first.
+fn keep_reportable(kept: &mut Option<ReplicaError>, e: ReplicaError) {
+    if kept.as_ref().is_none_or(|k| k.errno().is_none() && e.errno().is_some()) {
+        *kept = Some(e);
+    }
 }
 
 impl Router {
@@ -145,12 +179,12 @@ impl Router {
     async fn fail_replica(
         &self,
         i: usize,
-        why: &std::io::Error,
+        why: &(dyn std::fmt::Display + Sync),
         offset: u64,
         len: u64,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), Unabsorbed> {
         let r = &self.replicas[i];
-        if r.state.swap(FAILED, Ordering::AcqRel) != FAILED {
+        if r.swap_state(ReplicaState::Failed) != ReplicaState::Failed {
             tracing::warn!(
                 replica = r.role,
                 "replica failed: {why}; serving from the {} replica",
@@ -159,10 +193,11 @@ impl Router {
         }
         r.stats.errors.fetch_add(1, Ordering::Relaxed);
         let s = &self.replicas[Self::other(i)];
-        if s.state() == FAILED {
-            return Err(eio("both replicas failed"));
+        if s.state() == ReplicaState::Failed {
+            tracing::error!(replica = r.role, "both replicas failed: {why}");
+            return Err(Unabsorbed::NoSurvivor);
         }
-        s.mark_degraded(offset, len).await?;
+        s.mark_degraded(offset, len).await.map_err(Unabsorbed::Recording)?;
         self.degraded_marked.store(true, Ordering::Release);
         Ok(())
     }
@@ -170,13 +205,14 @@ impl Router {
     /// True while both replicas are in sync and nothing is being recorded: then writes need
     /// their intent recorded (otherwise the survivor, or the sync source, records them all).
     fn intent_needed(&self) -> bool {
-        !self.degraded_marked.load(Ordering::Acquire) && self.replicas.iter().all(|r| r.state() == IN_SYNC)
+        !self.degraded_marked.load(Ordering::Acquire)
+            && self.replicas.iter().all(|r| r.state() == ReplicaState::InSync)
     }
 
     /// Makes sure the write intent of `[offset, offset+len)` is recorded on the source before a
     /// write there is issued (lock-free when its extents are hot). A source that cannot record
     /// it has failed: the target takes over and records the range.
-    async fn record_intent(&self, offset: u64, len: u64) -> std::io::Result<()> {
+    async fn record_intent(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
         if self.al.touch_if_hot(offset, len) {
             return Ok(());
         }
@@ -184,7 +220,12 @@ impl Router {
         for run in self.al.cold_runs(offset, len) {
             let (o, l) = self.al.byte_range(run.clone());
             if let Err(e) = self.replicas[0].mark_intent(o, l).await {
-                return self.fail_replica(0, &eio(format!("recording write intent: {e}")), offset, len).await;
+                let why = format!("recording write intent: {e}");
+                return match self.fail_replica(0, &why, offset, len).await {
+                    Ok(()) => Ok(()),
+                    Err(Unabsorbed::NoSurvivor) => Err(e),
+                    Err(Unabsorbed::Recording(e2)) => Err(e2),
+                };
             }
             self.al.set_hot(run, Instant::now());
         }
@@ -250,24 +291,20 @@ impl Router {
     async fn mirrored<F, Fut>(&self, offset: u64, len: u64, intent: bool, op: F) -> std::io::Result<()>
     where
         F: Fn(Arc<Replica>) -> Fut,
-        Fut: std::future::Future<Output = std::io::Result<()>>,
+        Fut: std::future::Future<Output = Result<(), ReplicaError>>,
     {
         let _membership = self.membership.read().await;
         if intent && self.intent_needed() {
-            self.record_intent(offset, len).await?;
+            self.record_intent(offset, len).await.map_err(|e| e.to_io())?;
         }
         // Read before the write is issued: only a survivor that was already tracking when this
         // write began has recorded it.
         let tracked_before = self.degraded_marked.load(Ordering::Acquire);
-        let live: Vec<usize> = (0..2).filter(|&i| self.replicas[i].state() != FAILED).collect();
+        let live: Vec<usize> = (0..2).filter(|&i| self.replicas[i].state() != ReplicaState::Failed).collect();
         let limit = self.cfg.write_timeout;
         let op = |r: Arc<Replica>| {
             let f = op(r);
-            async move {
-                tokio::time::timeout(limit, f)
-                    .await
-                    .unwrap_or_else(|_| Err(eio(format!("no completion within {limit:?}"))))
-            }
+            async move { tokio::time::timeout(limit, f).await.unwrap_or(Err(ReplicaError::Timeout(limit))) }
         };
         let (a, b) = match live.as_slice() {
             [a, b] => {
@@ -278,26 +315,31 @@ impl Router {
             _ => return Err(eio("no replica available")),
         };
         let mut ok = 0;
-        let mut first_err = None;
+        let mut failure = None;
         for (i, r) in [a, b].into_iter().flatten() {
             match r {
                 Ok(()) => ok += 1,
                 Err(e) => {
-                    if let Err(e2) = self.fail_replica(i, &e, offset, len).await {
-                        tracing::error!("recording a failed write on the survivor failed: {e2}");
-                        return Err(e2);
+                    match self.fail_replica(i, &e, offset, len).await {
+                        // Absorbed by the survivor, or no survivor: then `ok == 0` below.
+                        Ok(()) | Err(Unabsorbed::NoSurvivor) => {}
+                        Err(Unabsorbed::Recording(e2)) => {
+                            tracing::error!("recording a failed write on the survivor failed: {e2}");
+                            return Err(e2.to_io());
+                        }
                     }
-                    first_err = Some(e);
+                    keep_reportable(&mut failure, e);
                 }
             }
         }
         if ok == 0 {
-            return Err(first_err.unwrap_or_else(|| eio("write failed")));
+            // Every replica failed the request: the application gets the failure's errno.
+            return Err(failure.map_or_else(|| eio("write failed"), |e| e.to_io()));
         }
         if live.len() == 1 && !tracked_before {
             // A replica is down and the survivor may not be tracking yet: record this range.
             let s = &self.replicas[live[0]];
-            s.mark_degraded(offset, len).await?;
+            s.mark_degraded(offset, len).await.map_err(|e| e.to_io())?;
             self.degraded_marked.store(true, Ordering::Release);
         }
         Ok(())
@@ -306,35 +348,27 @@ impl Router {
     /// Puts replica `i` into resync (it receives writes, serves no reads) and has the other
     /// replica push what `i` lacks; the supervisor returns `i` to service when that sync is done
     /// and the other replica's bitmap is clean.
-    pub async fn start_resync(&self, i: usize) -> Result<(), String> {
+    pub async fn start_resync(&self, i: usize) -> Result<(), ReplicaError> {
         let r = &self.replicas[i];
         let s = &self.replicas[Self::other(i)];
         {
             // Wait out every write that left this replica out (see `membership`).
             let _exclusive = self.membership.write().await;
-            r.state.store(RESYNCING, Ordering::Release);
+            r.set_state(ReplicaState::Resyncing);
         }
-        let peer = r.addr().to_string();
-        match &s.location {
-            Location::Local { vol: v, .. } => {
-                start_local_job(v, self.cfg.secret.clone(), self.cfg.rate, JobKind::Sync, peer)
-            }
-            Location::Remote { .. } => match s.pool() {
-                Ok(p) => p
-                    .call(Message::StartJob { kind: JobKind::Sync, peer }, 0)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-        }
+        s.start_sync(r.addr().to_string(), &self.cfg.secret, self.cfg.rate).await
     }
 
     /// At start, a replica that cannot be reached: out of service, the other one records every
     /// write from now on (a new generation), the supervisor reconnects and resyncs it.
-    pub async fn start_without(&self, i: usize, why: &str) -> std::io::Result<()> {
-        let e = eio(why.to_string());
-        self.fail_replica(i, &e, 0, 0).await
+    pub async fn start_without(&self, i: usize, why: &str) -> Result<(), ReplicaError> {
+        match self.fail_replica(i, &why, 0, 0).await {
+            Ok(()) => Ok(()),
+            Err(Unabsorbed::Recording(e)) => Err(e),
+            Err(Unabsorbed::NoSurvivor) => {
+                Err(ReplicaError::NotConnected { addr: self.replicas[i].addr().to_string() })
+            }
+        }
     }
 
     /// One supervisor round.
@@ -344,11 +378,10 @@ impl Router {
             let r = &self.replicas[i];
             let s = &self.replicas[Self::other(i)];
             match r.state() {
-                IN_SYNC if r.connection_broken() => {
-                    let e = eio("connection lost");
-                    let _ = self.fail_replica(i, &e, 0, 0).await;
+                ReplicaState::InSync if r.connection_broken() => {
+                    let _ = self.fail_replica(i, &"connection lost", 0, 0).await;
                 }
-                FAILED if matches!(r.location, Location::Remote { .. }) && s.state() == IN_SYNC => {
+                ReplicaState::Failed if !r.is_local() && s.state() == ReplicaState::InSync => {
                     match r.connect().await {
                         Ok(size) if size == self.size => {}
                         Ok(size) => {
@@ -371,26 +404,25 @@ impl Router {
                     );
                     if let Err(e) = self.start_resync(i).await {
                         tracing::warn!(replica = r.role, "could not start the resync: {e}");
-                        r.state.store(FAILED, Ordering::Release);
+                        r.set_state(ReplicaState::Failed);
                     }
                 }
-                RESYNCING => {
+                ReplicaState::Resyncing => {
                     if r.connection_broken() {
-                        let e = eio("connection lost during resync");
-                        let _ = self.fail_replica(i, &e, 0, 0).await;
+                        let _ = self.fail_replica(i, &"connection lost during resync", 0, 0).await;
                         continue;
                     }
                     let Ok(status) = s.status().await else { continue };
-                    let job_state = status["job"]["state"].as_str().unwrap_or("none").to_string();
-                    match job_state.as_str() {
-                        "done" | "up-to-date" if status["tracking"] == false => {
+                    let Some(job) = status.job else { continue };
+                    match job.state {
+                        JobState::Done | JobState::UpToDate if !status.tracking => {
                             // The sync left the source's bitmap empty: the log starts over.
                             self.al.take_all();
-                            r.state.store(IN_SYNC, Ordering::Release);
+                            r.set_state(ReplicaState::InSync);
                             self.degraded_marked.store(false, Ordering::Release);
                             tracing::info!(replica = r.role, "replica resynced and back in service");
                         }
-                        "done" | "up-to-date" => {
+                        JobState::Done | JobState::UpToDate => {
                             // The job ended with tracking still on: writes kept re-dirtying
                             // blocks through all its passes. What they left is recorded; go
                             // again (each pass sends less once the writes slow down).
@@ -400,12 +432,17 @@ impl Router {
                             );
                             if let Err(e) = self.start_resync(i).await {
                                 tracing::warn!(replica = r.role, "could not restart the resync: {e}");
-                                r.state.store(FAILED, Ordering::Release);
+                                r.set_state(ReplicaState::Failed);
                             }
                         }
-                        "failed" | "refused" | "cancelled" => {
-                            tracing::warn!(replica = r.role, error = %status["job"]["error"], "resync {job_state}; replica stays out of service");
-                            r.state.store(FAILED, Ordering::Release);
+                        state @ (JobState::Failed | JobState::Refused | JobState::Cancelled) => {
+                            let error = job.error.as_deref().unwrap_or("");
+                            tracing::warn!(
+                                replica = r.role,
+                                error,
+                                "resync {state}; replica stays out of service"
+                            );
+                            r.set_state(ReplicaState::Failed);
                         }
                         _ => {}
                     }
@@ -416,13 +453,14 @@ impl Router {
     }
 
     /// Status of the volume and both replicas, for `ctl status` and metrics.
-    pub fn status_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "size": self.size,
-            "weights": { "source": 100 - self.weights.target(), "target": self.weights.target() },
-            "intent_extents": self.al.hot_count(),
-            "replicas": [self.replicas[0].stats_json(), self.replicas[1].stats_json()],
-        })
+    pub fn status(&self) -> RouterStatus {
+        let target = self.weights.target();
+        RouterStatus {
+            size: self.size,
+            weights: WeightsStatus { source: 100 - target, target },
+            intent_extents: self.al.hot_count(),
+            replicas: [self.replicas[0].snapshot(), self.replicas[1].snapshot()],
+        }
     }
 }
 
@@ -435,28 +473,36 @@ impl BlockDev for Router {
         self.block_size
     }
 
-    /// Both replicas local (so the weighted choice below is the router's own, not skewed by a
-    /// replica the fast path cannot drive): the same random choice and in-sync rule as `read`.
-    fn fast_read(&self) -> Option<usize> {
-        if !self.replicas.iter().all(|r| r.is_local_uring()) {
-            return None;
-        }
-        let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
-        [first, Self::other(first)].into_iter().find(|&i| self.replicas[i].serves_reads())
-    }
-
-    /// Both replicas local and in sync, and no failure recorded: a write to both, acknowledged
-    /// after both, is what `mirrored` would do. (Local replicas never return from `FAILED` in
-    /// this process, so no write that left one out can still be in flight: no `membership`.)
-    fn fast_write(&self, offset: u64, len: u64) -> Option<super::ReplicaSet> {
-        let ok = !self.degraded_marked.load(Ordering::Acquire)
-            && self.replicas.iter().all(|r| r.is_local_uring() && r.state() == IN_SYNC)
-            && self.al.touch_if_hot(offset, len);
-        ok.then_some(0b11)
-    }
-
-    fn replica(&self, i: usize) -> Option<&Replica> {
-        self.replicas.get(i).map(|r| &**r)
+    /// Reads: both replicas local (so the weighted choice below is the router's own, not skewed
+    /// by a replica the fast path cannot drive), the same random choice and in-sync rule as
+    /// `read`. Writes: both replicas local and in sync, no failure recorded, the range's intent
+    /// recorded already: a write to both, acknowledged after both, is what `mirrored` would do.
+    /// (Local replicas never return from failed in this process, so no write that left one out
+    /// can still be in flight: no `membership`.)
+    fn fast_path(&self, op: FastOp, offset: u64, len: u32) -> Option<FastPlan<'_>> {
+        let [s, t] = &self.replicas;
+        let replicas = match op {
+            FastOp::Read => {
+                if !(s.is_local_uring() && t.is_local_uring()) {
+                    return None;
+                }
+                let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
+                let i = [first, Self::other(first)].into_iter().find(|&i| self.replicas[i].serves_reads())?;
+                let mut one = [None, None];
+                one[i] = Some(&*self.replicas[i]);
+                one
+            }
+            FastOp::Write => {
+                let ok = !self.degraded_marked.load(Ordering::Acquire)
+                    && self.replicas.iter().all(|r| r.is_local_uring() && r.state() == ReplicaState::InSync)
+                    && self.al.touch_if_hot(offset, u64::from(len));
+                if !ok {
+                    return None;
+                }
+                [Some(&**s), Some(&**t)]
+            }
+        };
+        FastPlan::new(op, offset, len, replicas)
     }
 
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
@@ -472,14 +518,21 @@ impl BlockDev for Router {
             // A deadline only where another replica could take over; the last one is waited for.
             let last = k + 1 == candidates.len();
             let result = if last {
-                Ok(r.read(offset, len).await)
+                r.read(offset, len).await
             } else {
                 let deadline = r.read_deadline(self.cfg.read_deadline_min, self.cfg.read_deadline_cap);
-                tokio::time::timeout(deadline, r.read(offset, len)).await.map_err(|_| deadline)
+                tokio::time::timeout(deadline, r.read(offset, len))
+                    .await
+                    .unwrap_or(Err(ReplicaError::Timeout(deadline)))
             };
             match result {
-                Ok(Ok(d)) => return Ok(d),
-                Ok(Err(e)) => {
+                Ok(d) => return Ok(d),
+                Err(e @ ReplicaError::Timeout(_)) => {
+                    r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(replica = r.role, offset, len, "read: {e}; trying the other replica");
+                    last_err = Some(e);
+                }
+                Err(e) => {
                     r.stats.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
                         replica = r.role,
@@ -489,20 +542,9 @@ impl BlockDev for Router {
                     );
                     last_err = Some(e);
                 }
-                Err(deadline) => {
-                    r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(
-                        replica = r.role,
-                        offset,
-                        len,
-                        ?deadline,
-                        "read missed its deadline; trying the other replica"
-                    );
-                    last_err = Some(eio(format!("read timed out after {deadline:?}")));
-                }
             }
         }
-        Err(last_err.unwrap_or_else(|| eio("no replica holds this range in sync")))
+        Err(last_err.map_or_else(|| eio("no replica holds this range in sync"), |e| e.to_io()))
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {

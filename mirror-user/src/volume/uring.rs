@@ -282,21 +282,28 @@ impl UringFile {
         Ok(buf.into_vec())
     }
 
+    /// Writes all of `data` at `offset`. A short write goes on with the rest, so a filesystem
+    /// that ran out of space reports it (ENOSPC) instead of a count.
     pub async fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let direct = self.aligned(offset, data.len());
-        let buf = if direct {
-            let mut b = AlignedBuf::new(data.len());
-            b.as_mut_slice().copy_from_slice(data);
-            Buf::Aligned(b)
-        } else {
-            Buf::Plain(data.to_vec())
-        };
-        let (n, _) = self.submit(Op::Write, direct, offset, buf).await?;
-        if n != data.len() {
-            return Err(std::io::Error::other(format!(
-                "short write: {n} of {} bytes at {offset}",
-                data.len()
-            )));
+        let mut done = 0;
+        while done < data.len() {
+            let (off, rest) = (offset + done as u64, &data[done..]);
+            let direct = self.aligned(off, rest.len());
+            let buf = if direct {
+                let mut b = AlignedBuf::new(rest.len());
+                b.as_mut_slice().copy_from_slice(rest);
+                Buf::Aligned(b)
+            } else {
+                Buf::Plain(rest.to_vec())
+            };
+            let (n, _) = self.submit(Op::Write, direct, off, buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("wrote nothing of {} bytes at {off}", rest.len()),
+                ));
+            }
+            done += n;
         }
         Ok(())
     }

@@ -29,7 +29,7 @@ use crate::{
     replication::protocol::Message,
     volume::{
         remote::RemotePool,
-        replica::{state_name, Location, Replica, FAILED, IN_SYNC},
+        replica::{Replica, ReplicaState},
         router::Router,
     },
 };
@@ -156,8 +156,10 @@ impl Driver {
         });
         d.record(&first);
         for i in 0..2 {
-            if let Location::Remote { addr, volume, secret, .. } = &d.router.replicas[i].location {
-                tokio::spawn(heartbeats(Arc::downgrade(&d), i, addr.clone(), volume.clone(), secret.clone()));
+            if let Some(r) = d.router.replicas[i].as_remote() {
+                let (addr, volume, secret) =
+                    (r.addr().to_string(), r.volume().to_string(), r.secret().to_vec());
+                tokio::spawn(heartbeats(Arc::downgrade(&d), i, addr, volume, secret));
             }
         }
         let weak = Arc::downgrade(&d);
@@ -187,10 +189,7 @@ impl Driver {
             let mut v = lock(&self.view);
             // Judge nothing before both nodes were heard once (their health is relative to each
             // other), unless one stays silent past twice the heartbeat timeout.
-            let heard = |i: usize| {
-                matches!(self.router.replicas[i].location, Location::Local { .. })
-                    || v.nodes[i].seen.is_some()
-            };
+            let heard = |i: usize| self.router.replicas[i].is_local() || v.nodes[i].seen.is_some();
             if !(heard(0) && heard(1)) && self.epoch.elapsed() < 2 * self.cfg.engine.heartbeat_timeout {
                 return;
             }
@@ -203,9 +202,10 @@ impl Driver {
             let timeout = self.cfg.engine.heartbeat_timeout;
             let health = |i: usize, n: &NodeView| -> Option<f64> {
                 let fresh = |t: &Instant| if i == 0 { *t >= since } else { t.elapsed() <= timeout };
-                let node = match &self.router.replicas[i].location {
-                    Location::Local { .. } => Some(self.local_health.score() as f64),
-                    Location::Remote { .. } => n.seen.filter(fresh).and(n.score).map(|s| s as f64),
+                let node = if self.router.replicas[i].is_local() {
+                    Some(self.local_health.score() as f64)
+                } else {
+                    n.seen.filter(fresh).and(n.score).map(|s| s as f64)
                 };
                 node.map(|h| n.datapath.map_or(h, |d| h.min(d)))
             };
@@ -215,8 +215,8 @@ impl Driver {
             Sample {
                 source_health: health(0, n0),
                 target_health: health(1, &v.nodes[1]),
-                source_errors: src.state() == FAILED || n0.unreachable || new_errors,
-                source_in_sync: src.state() == IN_SYNC,
+                source_errors: src.state() == ReplicaState::Failed || n0.unreachable || new_errors,
+                source_in_sync: src.state() == ReplicaState::InSync,
             }
         };
         let d = lock(&self.engine).tick(self.now(), sample);
@@ -254,9 +254,10 @@ impl Driver {
         }
         let rw = {
             let mut v = lock(&self.view);
-            let health = |i: usize| match &self.router.replicas[i].location {
-                Location::Local { .. } => self.local_health.score() as u32,
-                Location::Remote { .. } => {
+            let health = |i: usize| {
+                if self.router.replicas[i].is_local() {
+                    self.local_health.score() as u32
+                } else {
                     v.nodes[i].score.filter(|_| !v.nodes[i].unreachable).map_or(u32::MAX, u32::from)
                 }
             };
@@ -310,17 +311,14 @@ impl Driver {
     pub fn command(&self, o: Override) -> Result<Decision, String> {
         let [src, tgt] = &self.router.replicas;
         match o {
-            Override::ForceFailover if tgt.state() != IN_SYNC => {
+            Override::ForceFailover if tgt.state() != ReplicaState::InSync => {
                 return Err(format!(
                     "the target is {}; failing over to it would leave no replica in sync to read",
-                    state_name(tgt.state())
+                    tgt.state()
                 ))
             }
-            Override::ForceFailback if src.state() != IN_SYNC => {
-                return Err(format!(
-                    "the source is {}; failback starts once it is resynced",
-                    state_name(src.state())
-                ))
+            Override::ForceFailback if src.state() != ReplicaState::InSync => {
+                return Err(format!("the source is {}; failback starts once it is resynced", src.state()))
             }
             _ => {}
         }
@@ -341,7 +339,7 @@ impl Driver {
     /// Status for `mirror ctl status` and metrics: the router's, plus mode, reason, per-node
     /// health and signals, sync progress, and the recent weight changes.
     pub async fn status_json(&self) -> serde_json::Value {
-        let mut st = self.router.status_json();
+        let mut st = serde_json::to_value(self.router.status()).unwrap_or_default();
         let (nodes, last, events, changes) = {
             let v = lock(&self.view);
             (v.nodes.clone(), v.last.clone(), v.events.iter().cloned().collect::<Vec<_>>(), v.changes)
@@ -349,17 +347,17 @@ impl Driver {
         let mut sync = [serde_json::Value::Null, serde_json::Value::Null];
         for (i, slot) in sync.iter_mut().enumerate() {
             let r = &self.router.replicas[i];
-            if r.state() != IN_SYNC {
+            if r.state() != ReplicaState::InSync {
                 // The survivor runs the resync job: its progress is this replica's.
                 let survivor = &self.router.replicas[1 - i];
                 if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), survivor.status()).await {
-                    *slot = s["job"].clone();
+                    *slot = serde_json::to_value(&s.job).unwrap_or_default();
                 }
             }
         }
         for (i, n) in nodes.iter().enumerate() {
             let r: &Replica = &self.router.replicas[i];
-            let local = matches!(r.location, Location::Local { .. });
+            let local = r.is_local();
             let (score, report) = if local {
                 (Some(self.local_health.score()), self.local_health.node_report())
             } else {

@@ -27,6 +27,8 @@ use mirror::{
     frontend::ublk::{UblkFrontend, UblkOptions},
     replication::server::{Server, ServerConfig, VolumeSpec},
     volume::{
+        fast::{FastOp, FastPlan},
+        local::LocalReplica,
         replica::{Location, Replica},
         uring::UringFile,
         BlockDev,
@@ -185,9 +187,9 @@ impl OneReplica {
             health: mirror::health::monitor::NodeHealth::new(),
         })?;
         let vol = server.volume("v").context("volume v")?;
-        let size = vol.store.size();
+        let size = vol.size();
         let uring = Some(Arc::new(UringFile::open(path, false)?));
-        let loc = Location::Local { vol, addr: server.addr.to_string(), uring };
+        let loc = Location::Local(LocalReplica::new(vol, server.addr.to_string(), uring));
         Ok(OneReplica { r: Replica::new("source", loc, 4096), size, _server: server })
     }
 }
@@ -200,28 +202,22 @@ impl BlockDev for OneReplica {
         4096
     }
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
-        self.r.read(offset, len).await
+        self.r.read(offset, len).await.map_err(|e| e.to_io())
     }
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
-        self.r.write(offset, Arc::new(data), fua).await
+        self.r.write(offset, Arc::new(data), fua).await.map_err(|e| e.to_io())
     }
     async fn flush(&self) -> std::io::Result<()> {
-        self.r.flush().await
+        self.r.flush().await.map_err(|e| e.to_io())
     }
     async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.r.write_zeroes(offset, len).await
+        self.r.write_zeroes(offset, len).await.map_err(|e| e.to_io())
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.r.write_zeroes(offset, len).await
+        self.r.write_zeroes(offset, len).await.map_err(|e| e.to_io())
     }
-    fn fast_read(&self) -> Option<usize> {
-        self.r.is_local_uring().then_some(0)
-    }
-    fn fast_write(&self, _offset: u64, _len: u64) -> Option<u8> {
-        self.r.is_local_uring().then_some(1)
-    }
-    fn replica(&self, i: usize) -> Option<&Replica> {
-        (i == 0).then_some(&self.r)
+    fn fast_path(&self, op: FastOp, offset: u64, len: u32) -> Option<FastPlan<'_>> {
+        FastPlan::new(op, offset, len, [Some(&self.r), None])
     }
 }
 

@@ -18,7 +18,7 @@ use std::{
     sync::Mutex,
 };
 
-use super::protocol::{GenInfo, HISTORY};
+use crate::replication::protocol::{GenInfo, HISTORY};
 
 const MAGIC: &[u8; 8] = b"MRMETA01";
 const SLOT: u64 = 4096;
