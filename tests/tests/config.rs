@@ -177,7 +177,7 @@ fn a_bad_config_file_stops_serve_naming_the_key() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(out.status.code(), Some(2), "a config error is a usage error: {err}");
         assert!(err.contains(&f), "the file is named: {err}");
         for w in words {
             assert!(err.contains(w), "{w:?} not in {err}");
@@ -188,5 +188,5 @@ fn a_bad_config_file_stops_serve_naming_the_key() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
 }

@@ -13,6 +13,9 @@ pub struct CtlArgs {
     /// The control socket.
     #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Print the reply as JSON (for every subcommand; `status --json` too).
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub cmd: CtlCmd,
 }
@@ -20,11 +23,7 @@ pub struct CtlArgs {
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum CtlCmd {
     /// Weights and per-replica state and counters.
-    Status {
-        /// Print the raw JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
     /// Read weights: pin them or return to automatic.
     Weights {
         #[command(subcommand)]
@@ -59,31 +58,57 @@ fn said(r: &WeightsReply) -> String {
 impl CtlArgs {
     pub async fn run(self) -> Result<()> {
         let socket = &self.socket;
-        let weights = |req: Request| async move { request(socket, &req).await?.into_weights() };
+        let json = self.json;
+        let weights = |req: Request| async move {
+            let r = request(socket, &req).await?.into_weights()?;
+            if json {
+                crate::outln!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            anyhow::Ok(r)
+        };
         match self.cmd {
-            CtlCmd::Status { json } => {
+            CtlCmd::Status => {
                 let st = request(socket, &Request::Status).await?.into_status()?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&st)?);
+                    crate::outln!("{}", serde_json::to_string_pretty(&st)?);
                 } else {
-                    print!("{}", status_table(&st));
+                    crate::out!("{}", status_table(&st));
                 }
             }
             CtlCmd::Weights { cmd: WeightsCmd::Set { target, for_ } } => {
                 let req = Request::WeightsSet { for_s: for_.map(|d| d.as_secs_f64()), target: target.into() };
                 weights(req).await?;
                 match for_ {
+                    _ if json => {}
                     Some(d) => {
-                        println!("target weight pinned at {target} for {}", humantime::format_duration(d))
+                        crate::outln!(
+                            "target weight pinned at {target} for {}",
+                            humantime::format_duration(d)
+                        )
                     }
-                    None => println!("target weight pinned at {target} (until `mirror ctl weights auto`)"),
+                    None => {
+                        crate::outln!("target weight pinned at {target} (until `mirror ctl weights auto`)")
+                    }
                 }
             }
             CtlCmd::Weights { cmd: WeightsCmd::Auto } => {
-                println!("automatic weights: {}", said(&weights(Request::WeightsAuto).await?));
+                let r = weights(Request::WeightsAuto).await?;
+                if !json {
+                    crate::outln!("automatic weights: {}", said(&r));
+                }
             }
-            CtlCmd::Failover => println!("failover: {}", said(&weights(Request::Failover).await?)),
-            CtlCmd::Failback => println!("failback: {}", said(&weights(Request::Failback).await?)),
+            CtlCmd::Failover => {
+                let r = weights(Request::Failover).await?;
+                if !json {
+                    crate::outln!("failover: {}", said(&r));
+                }
+            }
+            CtlCmd::Failback => {
+                let r = weights(Request::Failback).await?;
+                if !json {
+                    crate::outln!("failback: {}", said(&r));
+                }
+            }
         }
         Ok(())
     }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::health::{HealthArgs, MonitorSettings};
+use super::{
+    exit::CliError,
+    health::{HealthArgs, MonitorSettings},
+};
 use crate::{
     config::{ReplicaFile, Size},
     health::{monitor::NodeHealth, score::ScoreConfig},
@@ -112,10 +115,10 @@ impl ReplicaArgs {
     /// ready.
     pub fn run(self, rt: &tokio::runtime::Runtime) -> Result<()> {
         let file = match &self.config {
-            Some(p) => ReplicaFile::load(p)?,
+            Some(p) => ReplicaFile::load(p).map_err(CliError::usage)?,
             None => ReplicaFile::default(),
         };
-        let s = self.settings(&file)?;
+        let s = self.settings(&file).map_err(CliError::usage)?;
         let cfg = ServerConfig {
             listen: s.listen,
             volumes: s.volumes,

@@ -6,7 +6,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 
-use super::health::{HealthArgs, MonitorSettings};
+use super::{
+    exit::CliError,
+    health::{HealthArgs, MonitorSettings},
+};
 use crate::{
     config::{EngineFile, ServeFile},
     frontend::ublk::UblkArgs,
@@ -287,10 +290,10 @@ impl ServeArgs {
     /// the disk under the first local replica), then serves until SIGINT / SIGTERM.
     pub async fn run(self) -> Result<()> {
         let file = match &self.config {
-            Some(p) => ServeFile::load(p)?,
+            Some(p) => ServeFile::load(p).map_err(CliError::usage)?,
             None => ServeFile::default(),
         };
-        let s = self.settings(&file)?;
+        let s = self.settings(&file).map_err(CliError::usage)?;
         let local = [&s.source, &s.target].into_iter().find_map(|r| match r {
             ReplicaSpec::Local { path, .. } => Some(path.clone()),
             ReplicaSpec::Remote { .. } => None,
