@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -53,10 +53,6 @@ pub fn binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// A plain HTTP GET on a member's client port (etcd serves /health and /metrics there).
 fn http_get(addr: &str, path: &str) -> Result<String> {
     let mut s = TcpStream::connect(addr)?;
@@ -78,8 +74,8 @@ impl Etcd {
         for i in 0..n {
             members.push(Member {
                 name: format!("m{i}"),
-                client_url: format!("http://127.0.0.1:{}", free_port()?),
-                peer_url: format!("http://127.0.0.1:{}", free_port()?),
+                client_url: format!("http://127.0.0.1:{}", crate::net::free_port()?),
+                peer_url: format!("http://127.0.0.1:{}", crate::net::free_port()?),
                 dir: root.join(format!("m{i}")),
                 child: None,
             });

@@ -9,10 +9,10 @@
 //! - a verifying workload (fio's nbd engine, `--verify=crc32c`) and a recorder of the timeline.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::TcpListener,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -20,9 +20,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::bench::{free_port, Kill};
+use crate::{
+    blockdev::LoopDev,
+    cgroup::{IoCgroup, IoLimit},
+    env::{is_root, which},
+    fs::{try_file_digest, TempDir},
+    net::free_port,
+    proc::{mirror_out, spawn_until, terminate, Daemon, Kill, Replica, ReplicaLaunch},
+};
 
 /// Settings of a cluster.
 #[derive(Debug, Clone)]
@@ -54,188 +61,41 @@ impl Opts {
 
 /// Why the cluster cannot run here (not root, no loop devices, no cgroup I/O controller).
 pub fn unavailable() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Some("needs root (loop devices, cgroups, eBPF)".into());
     }
-    if !Path::new("/sys/fs/cgroup/blkio/blkio.throttle.write_iops_device").exists()
-        && !std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default().contains("io")
-    {
+    if !crate::cgroup::io_available() {
         return Some("no cgroup v1 blkio or v2 io controller to throttle the source disk".into());
     }
     for tool in ["losetup", "fio"] {
-        if !Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
+        if which(tool).is_none() {
             return Some(format!("{tool} is not installed (cargo xtask setup)"));
         }
     }
     None
 }
 
-/// A loop device, detached on drop.
-#[derive(Debug)]
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(backing: &Path, direct: bool) -> Result<Loop> {
-        if !Path::new("/dev/loop-control").exists() {
-            let _ = Command::new("modprobe").arg("loop").status();
-        }
-        let out = Command::new("losetup")
-            .args(["-f", "--show", if direct { "--direct-io=on" } else { "--direct-io=off" }])
-            .arg(backing)
-            .output()
-            .context("losetup")?;
-        if !out.status.success() {
-            bail!("losetup {}: {}", backing.display(), String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(Loop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
-fn major_minor(dev: &Path) -> Result<(u32, u32)> {
-    use std::os::unix::fs::MetadataExt;
-    let rdev = std::fs::metadata(dev)?.rdev();
-    Ok((libc::major(rdev), libc::minor(rdev)))
-}
-
-/// The source node's cgroup: its I/O to the lower loop device can be throttled.
-#[derive(Debug)]
-struct Cgroup {
-    dir: PathBuf,
-    v2: bool,
-    dev: (u32, u32),
-}
-
-impl Cgroup {
-    fn new(dev: &Path) -> Result<Cgroup> {
-        let name = format!("mirror-scenario-{}-{}", std::process::id(), free_port()?);
-        let v1 = Path::new("/sys/fs/cgroup/blkio");
-        let (dir, v2) = if v1.join("blkio.throttle.write_iops_device").exists() {
-            (v1.join(&name), false)
-        } else {
-            let root = Path::new("/sys/fs/cgroup");
-            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+io");
-            (root.join(&name), true)
-        };
-        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        Ok(Cgroup { dir, v2, dev: major_minor(dev)? })
-    }
-
-    /// Limits read and write IOPS of the device (None: no limit).
-    fn throttle(&self, iops: Option<u32>) -> Result<()> {
-        let (ma, mi) = self.dev;
-        if self.v2 {
-            let v = iops.map_or("max".to_string(), |i| i.to_string());
-            std::fs::write(self.dir.join("io.max"), format!("{ma}:{mi} riops={v} wiops={v}"))?;
-        } else {
-            let v = iops.unwrap_or(0);
-            for f in ["blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device"] {
-                std::fs::write(self.dir.join(f), format!("{ma}:{mi} {v}"))
-                    .with_context(|| format!("write {f}"))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn procs(&self) -> PathBuf {
-        self.dir.join("cgroup.procs")
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = self.throttle(None);
-        // The members have exited by now (the cluster kills them first).
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// A `mirror replica` process that can be killed and restarted with the same arguments.
-#[derive(Debug)]
-pub struct Node {
-    bin: PathBuf,
-    args: Vec<String>,
-    cgroup_procs: Option<PathBuf>,
-    child: Option<Kill>,
-    log: PathBuf,
-    pub addr: String,
-    /// What the node serves (for digests).
-    pub data: PathBuf,
-}
-
-impl Node {
-    fn start(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let mut cmd = match &self.cgroup_procs {
-            Some(procs) => {
-                let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg(format!("echo $$ > {} && exec \"$0\" \"$@\"", procs.display()))
-                    .arg(&self.bin)
-                    .args(&self.args);
-                c
-            }
-            None => {
-                let mut c = Command::new(&self.bin);
-                c.args(&self.args);
-                c
-            }
-        };
-        let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().context("start mirror replica")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        if !line.starts_with("listening on") {
-            let _ = child.kill();
-            bail!("replica did not start (see {}): {line}", self.log.display());
-        }
-        self.child = Some(Kill(child));
-        Ok(())
-    }
-
-    /// SIGKILL.
-    pub fn kill(&mut self) {
-        self.child = None;
-    }
-
-    pub fn restart(&mut self) -> Result<()> {
-        self.kill();
-        self.start()
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.0.id())
-    }
-}
-
 /// The whole cluster; everything is stopped and removed on drop.
 pub struct Cluster {
     pub dir: PathBuf,
+    /// Owns `dir` (removed on drop unless MIRROR_KEEP_SCENARIO is set).
+    tmp: Option<TempDir>,
     bin: PathBuf,
     secret: PathBuf,
     pub ctl: PathBuf,
     pub nbd: String,
-    pub source: Node,
-    pub target: Node,
+    /// The source node: serves a loop device stacked on `source_disk`.
+    pub source: Replica,
+    /// The target node: serves a file.
+    pub target: Replica,
     serve: Option<Kill>,
-    daemon: Option<Kill>,
+    daemon: Option<Daemon>,
     pin_dir: PathBuf,
-    cgroup: Cgroup,
-    loops: Vec<Loop>,
+    /// The source node's cgroup: its I/O to `source_disk` can be throttled.
+    cgroup: IoCgroup,
+    /// The lower loop device of the source's disk, the one throttled.
+    source_disk: PathBuf,
+    loops: Vec<LoopDev>,
     pub epoch: Instant,
 }
 
@@ -245,48 +105,35 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-fn mirror_out(bin: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(bin).args(args).output()?;
-    if !out.status.success() {
-        bail!("mirror {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 impl Cluster {
     /// Builds and starts everything; returns when NBD is listening and the engine runs.
     pub fn start(o: &Opts) -> Result<Cluster> {
-        let dir =
-            std::env::temp_dir().join(format!("mirror-scenario-{}-{}", std::process::id(), free_port()?));
-        std::fs::create_dir_all(&dir)?;
+        let tmp = TempDir::create("scenario")?;
+        let dir = tmp.path().to_path_buf();
         let secret = dir.join("secret");
         std::fs::write(&secret, "scenario-secret-0123456789abcdef\n")?;
         // Source disk: file -> lower loop -> upper loop (O_DIRECT to the lower one).
         let s_img = dir.join("source.img");
         std::fs::File::create(&s_img)?.set_len(o.size)?;
-        let lower = Loop::attach(&s_img, false)?;
-        let upper = Loop::attach(&lower.0, true)?;
-        let cgroup = Cgroup::new(&lower.0)?;
+        let lower = LoopDev::attach(&s_img, false)?;
+        let upper = LoopDev::attach(&lower.dev, true)?;
+        let cgroup = IoCgroup::new("scenario")?;
         let t_img = dir.join("target.img");
         std::fs::File::create(&t_img)?.set_len(o.size)?;
 
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mirror-scenario-{}", std::process::id()));
-        let mut daemon = Command::new(&o.bin)
-            .args(["daemon", "--quiet", "--interval", "1s", "--pin-dir"])
-            .arg(&pin_dir)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join("daemon.log"))?)
-            .spawn()?;
-        let mut line = String::new();
-        BufReader::new(daemon.stdout.take().expect("piped")).read_line(&mut line)?;
-        let daemon = Some(Kill(daemon));
+        let pin_dir = Path::new("/sys/fs/bpf").join(crate::fs::unique_name("scenario"));
+        let mut daemon = Daemon::command(&o.bin, &pin_dir, "1s");
+        daemon.stderr(std::fs::File::create(dir.join("daemon.log"))?);
+        let (daemon, _) = Daemon::spawn(&mut daemon, pin_dir.clone())
+            .with_context(|| format!("mirror daemon (see {})", dir.join("daemon.log").display()))?;
+        let daemon = Some(daemon);
 
         let node = |name: &str,
                     vol: &Path,
                     cfg: String,
-                    procs: Option<PathBuf>,
+                    cgroup: Option<&Path>,
                     probes: &[String]|
-         -> Result<Node> {
+         -> Result<Replica> {
             let port = free_port()?;
             let conf = dir.join(format!("{name}.toml"));
             std::fs::write(&conf, cfg)?;
@@ -305,17 +152,10 @@ impl Cluster {
             for p in probes {
                 args.extend(["--probe".into(), format!("{p},timeout=200ms")]);
             }
-            let mut n = Node {
-                bin: o.bin.clone(),
-                args,
-                cgroup_procs: procs,
-                child: None,
-                log: dir.join(format!("{name}.log")),
-                addr: format!("127.0.0.1:{port}"),
-                data: vol.to_path_buf(),
-            };
-            n.start()?;
-            Ok(n)
+            let mut launch = ReplicaLaunch::new(o.bin.clone(), args);
+            launch.cgroup = cgroup.map(Path::to_path_buf);
+            launch.log = Some(dir.join(format!("{name}.log")));
+            Replica::launch(launch, vol)
         };
         let vol_cfg = |path: &Path, meta: &Path| {
             format!(
@@ -326,9 +166,9 @@ impl Cluster {
         };
         let source = node(
             "source",
-            &upper.0,
-            vol_cfg(&upper.0, &dir.join("source.meta")),
-            Some(cgroup.procs()),
+            &upper.dev,
+            vol_cfg(&upper.dev, &dir.join("source.meta")),
+            Some(cgroup.dir()),
             &o.source_probes,
         )?;
         let target = node("target", &t_img, vol_cfg(&t_img, &dir.join("target.meta")), None, &[])?;
@@ -363,16 +203,12 @@ impl Cluster {
             .arg("--pin-dir")
             .arg(&pin_dir)
             .args(&o.serve_args)
-            .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("serve.log"))?);
-        let mut serve = serve.spawn()?;
-        let mut line = String::new();
-        BufReader::new(serve.stdout.take().expect("piped")).read_line(&mut line)?;
-        let nbd = line.trim().strip_prefix("nbd listening on ").map(str::to_string).ok_or_else(|| {
-            anyhow::anyhow!("serve did not start (see {}): {line}", dir.join("serve.log").display())
-        })?;
+        let (serve, nbd, _) = spawn_until(&mut serve, "nbd listening on ")
+            .with_context(|| format!("serve did not start (see {})", dir.join("serve.log").display()))?;
         let c = Cluster {
             dir,
+            tmp: Some(tmp),
             bin: o.bin.clone(),
             secret,
             ctl,
@@ -383,6 +219,7 @@ impl Cluster {
             daemon,
             pin_dir,
             cgroup,
+            source_disk: lower.dev.clone(),
             loops: vec![upper, lower],
             epoch: Instant::now(),
         };
@@ -422,7 +259,7 @@ impl Cluster {
                 }
             }
             if t0.elapsed() > limit {
-                bail!(
+                anyhow::bail!(
                     "timed out after {limit:?} waiting for {what}; status: {:#}",
                     self.status().unwrap_or_default()
                 );
@@ -431,14 +268,15 @@ impl Cluster {
         }
     }
 
-    /// Throttles the source disk to `iops` (None: unthrottled).
+    /// Throttles the source disk's reads and writes to `iops` (None: unthrottled).
     pub fn throttle_source(&self, iops: Option<u32>) -> Result<()> {
-        self.cgroup.throttle(iops)
+        let v = iops.map(u64::from);
+        self.cgroup.limit(&self.source_disk, &[(IoLimit::ReadIops, v), (IoLimit::WriteIops, v)])
     }
 
     /// Digests of the two replicas' data.
     pub fn digests(&self) -> Result<(u128, u128)> {
-        Ok((crate::bench::file_digest(&self.source.data)?, crate::bench::file_digest(&self.target.data)?))
+        Ok((try_file_digest(&self.source.path)?, try_file_digest(&self.target.path)?))
     }
 
     /// The serve log (for failure messages).
@@ -446,19 +284,10 @@ impl Cluster {
         std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
     }
 
-    /// Stops serve (SIGTERM, so it flushes), then the nodes.
+    /// Stops serve (SIGTERM, so it flushes; SIGKILL after 10 s), then the nodes.
     pub fn stop_serve(&mut self) {
-        if let Some(k) = self.serve.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(k.0.id() as i32, libc::SIGTERM) };
-            let mut k = k;
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = k.0.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        if let Some(mut k) = self.serve.take() {
+            terminate(&mut k.0, Duration::from_secs(10));
         }
     }
 
@@ -479,8 +308,10 @@ impl Drop for Cluster {
         self.target.kill();
         self.daemon = None;
         self.loops.clear();
-        if std::env::var_os("MIRROR_KEEP_SCENARIO").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("MIRROR_KEEP_SCENARIO").is_some() {
+            if let Some(t) = self.tmp.take() {
+                t.keep();
+            }
         }
     }
 }
@@ -806,7 +637,7 @@ pub fn scenario_bc(o: &Opts) -> Result<KillResult> {
     c.source.kill();
     let failover = c.wait_for("target 100", Duration::from_secs(5), |s| target_weight(s) == 100)?;
     std::thread::sleep(Duration::from_secs(2));
-    c.source.restart()?;
+    c.source.try_restart()?;
     let back = c
         .wait_for("failback complete", Duration::from_secs(120), |s| {
             s["replicas"][0]["state"] == "in-sync" && s["mode"] == "Normal" && target_weight(s) == 0

@@ -2,27 +2,15 @@
 //! loop device. Needs root and a binary built with the eBPF object (`cargo xtask build`).
 //! Also runs inside the VM (`cargo xtask vm-test`) on the Debian 6.12 kernel.
 
-mod support;
-
 use std::{process::Command, time::Duration};
 
 use mirror::telemetry::{blk, bpf};
 use mirror_common::blk::{BlkStatsKey, BLK_OP_READ, BLK_OP_WRITE, MAP_BLK_STATS};
-use support::{dd, is_root, skip, Daemon, LoopDev};
-
-/// Returns why BPF tests cannot run here, if they cannot.
-fn bpf_unavailable() -> Option<String> {
-    if !is_root() {
-        return Some("needs root (CAP_BPF, CAP_PERFMON) to attach eBPF programs".into());
-    }
-    if !support::mirror_bin().is_file() {
-        return Some(format!("{} not built: run `cargo xtask build`", support::mirror_bin().display()));
-    }
-    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
-        return Some("kernel has no BTF (/sys/kernel/btf/vmlinux)".into());
-    }
-    None
-}
+use mirror_tests::{
+    blockdev::{dd, LoopDev},
+    env::{bpf_unavailable, mirror_bin, skip, which},
+    proc::Daemon,
+};
 
 const WRITES: u64 = 512;
 const READS: u64 = 256;
@@ -122,7 +110,7 @@ fn bpftool_dump_shows_field_names_and_pins_go_away_on_stop() {
     if let Some(why) = bpf_unavailable() {
         return skip(T, "BPF", &why);
     }
-    let Some(bpftool) = support::which("bpftool").or_else(|| {
+    let Some(bpftool) = which("bpftool").or_else(|| {
         ["/usr/sbin/bpftool", "/sbin/bpftool"].iter().map(std::path::PathBuf::from).find(|p| p.is_file())
     }) else {
         return skip(T, "BPF", "bpftool not installed (cargo xtask setup)");
@@ -204,7 +192,7 @@ fn sampled_latency_weights_stand_for_every_request_and_exact_mode_times_all() {
     if let Some(why) = bpf_unavailable() {
         return skip(T, "BPF", &why);
     }
-    if support::which("fio").is_none() {
+    if which("fio").is_none() {
         return skip(T, "BPF", "fio not installed (cargo xtask setup)");
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -272,7 +260,7 @@ fn top_reads_a_running_daemons_maps() {
             std::thread::sleep(Duration::from_millis(50));
         }
     });
-    let out = Command::new(support::mirror_bin())
+    let out = Command::new(mirror_bin())
         .args(["top", "--interval", "300ms", "--count", "2", "--pin-dir"])
         .arg(&daemon.pin_dir)
         .output()

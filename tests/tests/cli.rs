@@ -1,11 +1,14 @@
 //! The `mirror` binary as an operator meets it: help, bad input, the /proc fallback, no daemon.
 
-mod support;
-
 use std::process::Command;
 
+use mirror_tests::{
+    env::{is_root, mirror_bin, skip, which},
+    fs::TempDir,
+};
+
 fn mirror(args: &[&str]) -> std::process::Output {
-    let bin = support::mirror_bin();
+    let bin = mirror_bin();
     assert!(bin.is_file(), "{} not built (cargo build / cargo xtask build)", bin.display());
     Command::new(bin).args(args).output().expect("run mirror")
 }
@@ -43,17 +46,17 @@ fn daemon_falls_back_to_procfs_and_stops_on_time() {
 #[test]
 fn daemon_without_privileges_falls_back_once_and_clearly() {
     const T: &str = "cli::daemon_without_privileges_falls_back_once_and_clearly";
-    if !support::is_root() {
+    if !is_root() {
         // Already unprivileged: run it directly.
-    } else if support::which("setpriv").is_none() {
-        return support::skip(T, "BPF", "setpriv (util-linux) not installed");
+    } else if which("setpriv").is_none() {
+        return skip(T, "BPF", "setpriv (util-linux) not installed");
     }
-    let mut cmd = if support::is_root() {
+    let mut cmd = if is_root() {
         let mut c = std::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(support::mirror_bin());
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(mirror_bin());
         c
     } else {
-        std::process::Command::new(support::mirror_bin())
+        std::process::Command::new(mirror_bin())
     };
     let out = cmd
         .args(["daemon", "--interval", "100ms", "--for", "250ms"])
@@ -76,7 +79,7 @@ fn daemon_without_privileges_falls_back_once_and_clearly() {
 
 #[test]
 fn top_without_a_daemon_says_so() {
-    let dir = support::TempDir::new("nopin");
+    let dir = TempDir::new("nopin");
     let out = mirror(&["top", "--count", "1", "--pin-dir", &dir.0.display().to_string()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -106,9 +109,9 @@ fn serve_names_the_policies_and_frontends_it_knows() {
 
 #[test]
 fn ctl_without_a_server_says_how_to_reach_one() {
-    let dir = support::TempDir::new("noctl");
+    let dir = mirror_tests::fs::TempDir::new("noctl");
     let sock = dir.0.join("ctl.sock").display().to_string();
-    let (ok, _, err) = support::mirror_cli(&["ctl", "--socket", &sock, "status"]);
+    let (ok, _, err) = mirror_tests::proc::mirror_cli(&["ctl", "--socket", &sock, "status"]);
     assert!(!ok);
     assert!(err.contains("cannot reach") && err.contains("mirror serve"), "{err}");
 }
@@ -117,7 +120,7 @@ fn ctl_without_a_server_says_how_to_reach_one() {
 /// once, as a supervisor may, and returns the line, whether it exited successfully, and stderr.
 fn term_when_ready(args: &[&str]) -> (String, bool, String) {
     use std::io::{BufRead, Read};
-    let mut child = Command::new(support::mirror_bin())
+    let mut child = Command::new(mirror_tests::env::mirror_bin())
         .args(args)
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::piped())
@@ -141,8 +144,8 @@ fn term_when_ready(args: &[&str]) -> (String, bool, String) {
 /// is printed; a handler installed a few microseconds after it would pass this test unseen.)
 #[test]
 fn sigterm_right_after_the_readiness_line_stops_cleanly() {
-    let dir = support::TempDir::new("cli-term");
-    let secret = support::secret_file(&dir.0);
+    let dir = mirror_tests::fs::TempDir::new("cli-term");
+    let secret = mirror_tests::fs::secret_file(&dir.0);
     let sec = secret.display().to_string();
     for f in ["a.img", "b.img"] {
         std::fs::write(dir.0.join(f), vec![0u8; 1 << 20]).unwrap();

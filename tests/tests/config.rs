@@ -3,26 +3,19 @@
 //! --config /etc/mirror/volumes/NAME.toml`): the volume is served where the files say, written
 //! and read by a real NBD client by its export name, and the replicas end identical.
 
-mod support;
-
 use std::{
     io::BufRead,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use support::{file_digest, mirror_bin, mirror_cli, secret_file, skip, which, TempDir};
-
-/// A child killed on drop.
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use mirror_tests::{
+    env::{mirror_bin, skip, which},
+    fs::{file_digest, secret_file, TempDir},
+    net::{free_addr, http_get},
+    proc::{drain, mirror_cli, run_tool, Kill},
+};
 
 /// Starts `mirror ARGS` and returns it with the first `n` lines of its stdout.
 fn start(args: &[&str], n: usize) -> (Kill, Vec<String>) {
@@ -40,35 +33,13 @@ fn start(args: &[&str], n: usize) -> (Kill, Vec<String>) {
         out.read_line(&mut line).unwrap();
         lines.push(line.trim().to_string());
     }
-    std::thread::spawn(move || for _ in out.lines() {});
+    drain(out);
     (Kill(child), lines)
-}
-
-fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
 }
 
 fn write(path: &Path, text: &str) -> String {
     std::fs::write(path, text).unwrap();
     path.display().to_string()
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{cmd:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
-    text
-}
-
-/// A plain HTTP/1.0 GET; the body.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"), "{text}");
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
 }
 
 #[test]
@@ -128,11 +99,11 @@ fn a_volume_is_served_from_its_config_file() {
     assert_eq!(lines, want, "the endpoints the file names");
 
     // The export is named after the volume (and is the default export).
-    let info = run_ok(Command::new("nbdinfo").arg(format!("nbd://{nbd}/vol0")));
+    let info = run_tool(Command::new("nbdinfo").arg(format!("nbd://{nbd}/vol0")));
     assert!(info.contains("export=\"vol0\"") && info.contains("33554432"), "{info}");
     let unix = format!("nbd+unix:///vol0?socket={d}/vol0.nbd");
-    run_ok(Command::new("qemu-io").args(["-f", "raw", &unix, "-c", "write -P 0x5a 1M 2M"]));
-    run_ok(Command::new("qemu-io").args(["-f", "raw", &format!("nbd://{nbd}/vol0")]).args([
+    run_tool(Command::new("qemu-io").args(["-f", "raw", &unix, "-c", "write -P 0x5a 1M 2M"]));
+    run_tool(Command::new("qemu-io").args(["-f", "raw", &format!("nbd://{nbd}/vol0")]).args([
         "-c",
         "read -P 0x5a 1M 2M",
         "-c",
@@ -151,12 +122,12 @@ fn a_volume_is_served_from_its_config_file() {
         assert!(Instant::now() < deadline, "the target never got in sync: {st}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let scrape = http_get(&metrics, "/metrics");
+    let scrape = http_get(&metrics, "/metrics").unwrap();
     assert!(scrape.contains("mirror_replica_in_sync{replica=\"target\"} 1"), "{scrape}");
 
     // A clean stop flushes both; the replicas hold the same bytes.
     let pid = serve.0.id().to_string();
-    run_ok(Command::new("kill").args(["-TERM", &pid]));
+    run_tool(Command::new("kill").args(["-TERM", &pid]));
     let mut serve = serve;
     let status = serve.0.wait().unwrap();
     assert!(status.success(), "serve exited with {status}");

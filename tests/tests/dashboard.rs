@@ -3,8 +3,6 @@
 //! label its selectors use is one that the running router's `/metrics` exports. The names come
 //! from the dashboard's own queries, never from a list kept here.
 
-mod support;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::BufRead,
@@ -12,8 +10,12 @@ use std::{
     process::{Command, Stdio},
 };
 
+use mirror_tests::{
+    env::mirror_bin,
+    fs::{secret_file, TempDir},
+    net::http_get,
+};
 use promql_parser::parser::{self, Expr};
-use support::{mirror_bin, secret_file, TempDir};
 
 const DASHBOARD: &str = "../packaging/grafana/dashboards/mirror.json";
 
@@ -93,15 +95,6 @@ fn exported(text: &str) -> BTreeMap<String, BTreeSet<String>> {
     m
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
-}
-
 #[test]
 fn every_metric_the_dashboard_queries_is_exported_by_a_running_serve() {
     let dash: serde_json::Value = serde_json::from_str(
@@ -153,7 +146,7 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_running_serve() {
     // The health monitor publishes its first score after one interval; scrape once it has.
     let mut text = String::new();
     for _ in 0..50 {
-        text = http_get(&addr, "/metrics");
+        text = http_get(&addr, "/metrics").unwrap();
         if text.contains("mirror_node_signal_score{") {
             break;
         }

@@ -3,12 +3,13 @@
 //! verifying through NBD. The numbers are the acceptance bars. Root only (loop devices, cgroups).
 //! `cargo xtask bench failover` runs the same scenarios and records the figures.
 
-mod support;
-
 use std::time::Duration;
 
-use mirror_tests::scenario::{self, target_weight, Cluster, Opts, ProbeServer, Workload};
-use support::skip;
+use mirror_tests::{
+    env::{mirror_bin, skip},
+    net::free_addr,
+    scenario::{self, target_weight, Cluster, Opts, ProbeServer, Workload},
+};
 
 /// The scenarios share the machine: one at a time, or they would time each other.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -19,7 +20,7 @@ fn opts(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Opts)> {
         return None;
     }
     let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    Some((guard, Opts::new(support::mirror_bin())))
+    Some((guard, Opts::new(mirror_bin())))
 }
 
 fn cluster(test: &str, o: impl FnOnce(&mut Opts)) -> Option<(std::sync::MutexGuard<'static, ()>, Cluster)> {
@@ -75,7 +76,7 @@ fn d_health_oscillating_around_the_threshold_for_a_minute_changes_direction_at_m
 fn e_a_failing_http_probe_on_the_source_lowers_its_health_and_shifts_reads() {
     const T: &str = "failover::e_a_failing_http_probe_on_the_source_lowers_its_health_and_shifts_reads";
     let app = ProbeServer::start().unwrap();
-    let metrics = format!("127.0.0.1:{}", mirror_tests::bench::free_port().unwrap());
+    let metrics = free_addr();
     let Some((_g, c)) = cluster(T, |o| {
         o.source_probes = vec![app.url.clone()];
         o.serve_args = vec!["--metrics".into(), metrics.clone()];

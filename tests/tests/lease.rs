@@ -3,8 +3,6 @@
 //! only grow, a handover, and a handover that completes while a member of a three-member cluster is
 //! killed. Real time (2 s TTLs), real processes; etcd is never mocked.
 
-mod support;
-
 use std::{sync::Arc, time::Duration};
 
 use mirror::lease::{
@@ -14,8 +12,8 @@ use mirror::lease::{
     tenure::{Tenure, TenureConfig},
     Clock, Epoch, Held, Holder, LeaseError, LeaseStore, MonotonicClock, ReplicaId,
 };
+use mirror_tests::env::skip;
 use mirror_tests::etcd::{self, Etcd};
-use support::skip;
 
 const TTL: Duration = Duration::from_secs(2);
 

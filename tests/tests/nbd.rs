@@ -1,8 +1,6 @@
 //! The NBD frontend (`nbd_file`: one file served with `FileDev`) against real clients nobody here
 //! wrote (qemu-io, nbdinfo, nbdcopy, fio's nbd engine) and against hand-made bad clients.
 
-mod support;
-
 use std::{
     io::{BufRead, Read, Write},
     net::TcpStream,
@@ -11,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use support::{file_digest, random_bytes, skip, which, TempDir};
+use mirror_tests::{
+    env::{skip, which},
+    fs::{file_digest, random_bytes, TempDir},
+};
 
 const SIZE: u64 = 64 << 20;
 const MAX_REQUEST: u32 = 32 << 20;

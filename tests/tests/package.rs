@@ -11,8 +11,6 @@
 //! `mirror` package is already installed. Without a package it says `skipped:` (CI builds one,
 //! so there it runs).
 
-mod support;
-
 use std::{
     io::BufRead,
     path::{Path, PathBuf},
@@ -20,23 +18,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{is_root, skip, which};
+use mirror_tests::{
+    env::{is_root, skip, which},
+    net::free_port,
+    proc::{captured, drain, output, Kill},
+};
 
 const T: &str = "package::the_package_installs_serves_from_etc_mirror_and_removes_cleanly";
 
 fn sh(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    captured(cmd).unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
+/// Stdout of a command that must succeed.
 fn ok(cmd: &mut Command) -> String {
-    let (ok, out, err) = sh(cmd);
-    assert!(ok, "{cmd:?} failed: {out}{err}");
-    out
+    output(cmd).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The package to test: `MIRROR_DEB`, or the newest `target/package/mirror_*.deb`.
@@ -82,18 +78,8 @@ fn unit_command(unit: &str, instance: &str) -> Command {
     cmd
 }
 
-/// A child killed on drop (when an assertion ends the test before [`stop`]).
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `cmd` and reads `n` lines of its stdout.
-fn start(mut cmd: Command, n: usize) -> (Proc, Vec<String>) {
+fn start(mut cmd: Command, n: usize) -> (Kill, Vec<String>) {
     let mut child = cmd.env("RUST_LOG", "warn").stdout(Stdio::piped()).spawn().expect("spawn");
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut lines = Vec::new();
@@ -102,18 +88,14 @@ fn start(mut cmd: Command, n: usize) -> (Proc, Vec<String>) {
         out.read_line(&mut l).unwrap();
         lines.push(l.trim().to_string());
     }
-    std::thread::spawn(move || for _ in out.lines() {});
-    (Proc(child), lines)
+    drain(out);
+    (Kill(child), lines)
 }
 
 /// SIGTERM, as systemd stops a unit; whether it exited successfully.
-fn stop(p: &mut Proc) -> bool {
+fn stop(p: &mut Kill) -> bool {
     ok(Command::new("kill").args(["-TERM", &p.0.id().to_string()]));
     p.0.wait().unwrap().success()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// What an operator put in /etc/mirror and /var/lib/mirror for the test; removed on drop
@@ -213,7 +195,8 @@ fn the_package_installs_serves_from_etc_mirror_and_removes_cleanly() {
     // As an operator sets up a node from the README: the secret, a volume in the packaged
     // replica.toml (a conffile, now changed), a volume file for mirror-serve@pkgtest.
     std::fs::write("/etc/mirror/secret", "pkgtest-secret-0123456789abcdef\n").unwrap();
-    let (rport, nbd, metrics) = (free_port(), free_port(), free_port());
+    let port = || free_port().expect("a free port");
+    let (rport, nbd, metrics) = (port(), port(), port());
     let replica_toml = std::fs::read_to_string("/etc/mirror/replica.toml").unwrap();
     assert!(replica_toml.contains("secret_file = \"/etc/mirror/secret\""), "{replica_toml}");
     let changed = replica_toml

@@ -2,8 +2,6 @@
 //! oversize and truncated frames, out-of-range requests. Each gets an error or a closed
 //! connection; nothing partial is ever written; the server keeps serving everyone else.
 
-mod support;
-
 use std::{
     io::{Read, Write},
     net::TcpStream,
@@ -15,7 +13,10 @@ use mirror::replication::{
     client::{Client, ClientError},
     protocol::{code, decode_frame, encode_frame, Message, MAX_PAYLOAD, VERSION},
 };
-use support::{file_digest, random_bytes, secret_file, Replica, TempDir};
+use mirror_tests::{
+    fs::{file_digest, random_bytes, secret_file, TempDir},
+    proc::Replica,
+};
 
 const SECRET: &[u8] = b"test-secret-0123456789abcdef";
 

@@ -2,8 +2,6 @@
 //! `mirror sync` CLI. Every scenario ends with the two backing files identical (by digest) or
 //! with the documented refusal.
 
-mod support;
-
 use std::{
     fs::OpenOptions,
     os::unix::fs::FileExt,
@@ -12,7 +10,10 @@ use std::{
 };
 
 use mirror::replication::{client::Client, protocol::Message};
-use support::{file_digest, mirror_cli, random_bytes, secret_file, Replica, TempDir};
+use mirror_tests::{
+    fs::{file_digest, random_bytes, secret_file, TempDir},
+    proc::{mirror_cli, sync_ok, Replica},
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -98,7 +99,7 @@ fn target_killed_mid_sync_resumes_without_recopying_finished_ranges() {
     t.path = dir.0.join("t.img");
     let s_addr = s.addr.clone();
 
-    support::sync_ok(&s_addr, &t.addr, &secret, &["--no-wait"]);
+    sync_ok(&s_addr, &t.addr, &secret, &["--no-wait"]);
     // Let it get part way (48 MiB/s: ~5 s for everything), then kill the target.
     let mut c = client(&s, &secret);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -277,7 +278,7 @@ fn sync_while_the_volume_is_live_converges() {
         &["--sync-min-rate", "12M", "--sync-max-rate", "12M"],
     );
     let t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
-    support::sync_ok(&s.addr, &t.addr, &secret, &["--no-wait"]);
+    sync_ok(&s.addr, &t.addr, &secret, &["--no-wait"]);
 
     // A router: every write goes to both replicas, while the sync copies underneath.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

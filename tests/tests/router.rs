@@ -1,8 +1,6 @@
 //! The router over two real replica servers (processes on loopback): weighted reads, dual
 //! writes, a replica killed under load, automatic resync and return to service.
 
-mod support;
-
 use std::{sync::Arc, time::Duration};
 
 use mirror::{
@@ -14,7 +12,10 @@ use mirror::{
         BlockDev,
     },
 };
-use support::{file_digest, random_bytes, secret_file, Replica as Proc, TempDir};
+use mirror_tests::{
+    fs::{file_digest, random_bytes, secret_file, TempDir},
+    proc::{sync_ok, Replica as Proc},
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -46,7 +47,7 @@ async fn setup(tag: &str, size: u64, target_weight: u8) -> Setup {
     let s = Proc::start(&dir.0.join("s.img"), &secret_path, None, &[]);
     let t = Proc::start(&dir.0.join("t.img"), &secret_path, None, &[]);
     // Identical content: the first sync establishes the shared generation without moving data.
-    support::sync_ok(&s.addr, &t.addr, &secret_path, &[]);
+    sync_ok(&s.addr, &t.addr, &secret_path, &[]);
     let secret = load_secret(&secret_path).unwrap();
     let cfg = RouterConfig {
         secret: secret.clone(),

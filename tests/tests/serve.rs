@@ -1,64 +1,45 @@
 //! `mirror serve` end to end: the router behind the NBD frontend, driven by fio's nbd engine (a
 //! client nobody here wrote), with a replica server killed in the middle of a verifying run.
 
-mod support;
-
 use std::{
-    io::BufRead,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use support::{file_digest, mirror_bin, random_bytes, secret_file, skip, which, Replica, TempDir};
+use mirror_tests::{
+    env::{is_root, mirror_bin, skip, which},
+    fs::{file_digest, random_bytes, secret_file, unique_name, TempDir},
+    net::free_addr,
+    proc::{drain, mirror_cli, run_tool, spawn_until, sync_ok, Kill, Replica},
+};
 
 const MIB: u64 = 1 << 20;
 
+/// `mirror serve`, killed (SIGKILL) on drop.
 struct Serve {
-    child: std::process::Child,
+    child: Kill,
     nbd: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
 }
 
 fn serve(args: &[&str]) -> Serve {
     // A control socket of its own (the default one may belong to a real router, or to another
     // test running at the same time).
     let own_ctl = (!args.contains(&"--ctl-socket")).then(|| {
-        let p = std::env::temp_dir().join(format!(
-            "mirror-serve-test-{}-{}.sock",
-            std::process::id(),
-            support::nanos()
-        ));
+        let p = std::env::temp_dir().join(format!("{}.sock", unique_name("serve-test")));
         vec!["--ctl-socket".to_string(), p.display().to_string()]
     });
-    let mut child = Command::new(mirror_bin())
-        .arg("serve")
-        .args(args)
-        .args(own_ctl.unwrap_or_default())
-        .args(["--nbd", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn mirror serve");
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let nbd = line
-        .trim()
-        .strip_prefix("nbd listening on ")
-        .unwrap_or_else(|| panic!("serve said {line:?}"))
-        .to_string();
-    std::thread::spawn(move || for _ in out.lines() {});
-    Serve { child, nbd }
+    let (child, nbd, out) = spawn_until(
+        Command::new(mirror_bin())
+            .arg("serve")
+            .args(args)
+            .args(own_ctl.unwrap_or_default())
+            .args(["--nbd", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn"),
+        "nbd listening on ",
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    drain(out);
+    Serve { child: Kill(child), nbd }
 }
 
 #[test]
@@ -80,7 +61,7 @@ fn fio_verify_survives_a_killed_replica_and_the_replicas_end_identical() {
     let tgt = format!("remote:{}", t.addr);
     // Identical content, new metadata: the first sync only agrees on a generation.
     let s0 = Replica::start(&dir.0.join("s.img"), &secret, Some(&source_listen), &[]);
-    support::sync_ok(&s0.addr, &t.addr, &secret, &[]);
+    sync_ok(&s0.addr, &t.addr, &secret, &[]);
     drop(s0);
     std::thread::sleep(Duration::from_millis(200));
 
@@ -125,15 +106,8 @@ fn fio_verify_survives_a_killed_replica_and_the_replicas_end_identical() {
     // The source's embedded server reports the resync; wait until it is done and clean.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (ok, out, _) = support::mirror_cli(&[
-            "status",
-            "--node",
-            &source_listen,
-            "--volume",
-            "v",
-            "--secret-file",
-            &sec,
-        ]);
+        let (ok, out, _) =
+            mirror_cli(&["status", "--node", &source_listen, "--volume", "v", "--secret-file", &sec]);
         if ok {
             let js: serde_json::Value = serde_json::from_str(&out).unwrap();
             if js["tracking"] == false && js["dirty_bytes"] == 0 {
@@ -149,13 +123,6 @@ fn fio_verify_survives_a_killed_replica_and_the_replicas_end_identical() {
         file_digest(&dir.0.join("t.img")),
         "replicas differ after resync"
     );
-}
-
-fn run_tool(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
 }
 
 #[test]
@@ -177,7 +144,7 @@ fn real_clients_through_the_router_leave_both_replicas_identical() {
     let tgt = format!("remote:{}", t.addr);
     // The replicas start identical (zeroes); the first sync only agrees on a generation.
     let s0 = Replica::start(&dir.0.join("s.img"), &secret, None, &[]);
-    support::sync_ok(&s0.addr, &t.addr, &secret, &[]);
+    sync_ok(&s0.addr, &t.addr, &secret, &[]);
     drop(s0);
     let unix = dir.0.join("nbd.sock");
     let srv = serve(&[
@@ -267,7 +234,7 @@ fn real_clients_through_the_router_leave_both_replicas_identical() {
 #[test]
 fn ctl_pins_weights_and_reads_follow_them() {
     const T: &str = "serve::ctl_pins_weights_and_reads_follow_them";
-    if !support::is_root() {
+    if !is_root() {
         return skip(T, "NBD", "the control socket is root only");
     }
     if which("fio").is_none() {
@@ -299,7 +266,7 @@ fn ctl_pins_weights_and_reads_follow_them() {
     let ctl = |args: &[&str]| {
         let mut all = vec!["ctl", "--socket", &sock];
         all.extend_from_slice(args);
-        let (ok, out, err) = support::mirror_cli(&all);
+        let (ok, out, err) = mirror_cli(&all);
         assert!(ok, "mirror {all:?}: {err}");
         out
     };
@@ -337,7 +304,7 @@ fn ctl_pins_weights_and_reads_follow_them() {
     ctl(&["weights", "auto"]);
     let st = status();
     assert_eq!(st["weights"]["target"], 0, "{st:#}");
-    let (ok, _, err) = support::mirror_cli(&["ctl", "--socket", &sock, "weights", "set", "--target", "101"]);
+    let (ok, _, err) = mirror_cli(&["ctl", "--socket", &sock, "weights", "set", "--target", "101"]);
     assert!(!ok && err.contains("101"), "{err}");
 }
 
@@ -361,8 +328,7 @@ fn qemu_io(srv: &Serve, cmds: &[&str]) {
 fn wait_clean(node: &str, sec: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (ok, out, err) =
-            support::mirror_cli(&["status", "--node", node, "--volume", "v", "--secret-file", sec]);
+        let (ok, out, err) = mirror_cli(&["status", "--node", node, "--volume", "v", "--secret-file", sec]);
         if ok {
             let js: serde_json::Value = serde_json::from_str(&out).unwrap();
             let job = js["job"]["state"].as_str().unwrap_or("none");
@@ -394,7 +360,7 @@ fn a_restarted_router_resyncs_a_stale_target_before_reading_from_it() {
     let mut t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
     let source_listen = free_addr();
     let s0 = Replica::start(&dir.0.join("s.img"), &secret, Some(&source_listen), &[]);
-    support::sync_ok(&s0.addr, &t.addr, &secret, &[]);
+    sync_ok(&s0.addr, &t.addr, &secret, &[]);
     drop(s0);
     std::thread::sleep(Duration::from_millis(200));
     let src = format!("local:{}", dir.0.join("s.img").display());
@@ -445,7 +411,7 @@ fn serve_starts_without_an_unreachable_replica_only_when_safe_and_resyncs_it_lat
     let mut t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
     let source_listen = free_addr();
     let s0 = Replica::start(&dir.0.join("s.img"), &secret, Some(&source_listen), &[]);
-    support::sync_ok(&s0.addr, &t.addr, &secret, &[]);
+    sync_ok(&s0.addr, &t.addr, &secret, &[]);
     drop(s0);
     t.kill();
     std::thread::sleep(Duration::from_millis(200));
@@ -554,8 +520,7 @@ fn signal(pid: u32, sig: &str) {
 
 /// The source's dirty bytes and whether it is tracking, from its embedded server.
 fn source_bits(node: &str, sec: &str) -> (u64, bool) {
-    let (ok, out, err) =
-        support::mirror_cli(&["status", "--node", node, "--volume", "v", "--secret-file", sec]);
+    let (ok, out, err) = mirror_cli(&["status", "--node", node, "--volume", "v", "--secret-file", sec]);
     assert!(ok, "mirror status: {err}");
     let js: serde_json::Value = serde_json::from_str(&out).unwrap();
     (js["dirty_bytes"].as_u64().unwrap(), js["tracking"] == true)
@@ -579,7 +544,7 @@ fn a_router_killed_mid_write_leaves_intent_and_the_next_start_resyncs_it() {
     let mut t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
     let source_listen = free_addr();
     let s0 = Replica::start(&dir.0.join("s.img"), &secret, Some(&source_listen), &[]);
-    support::sync_ok(&s0.addr, &t.addr, &secret, &[]);
+    sync_ok(&s0.addr, &t.addr, &secret, &[]);
     drop(s0);
     std::thread::sleep(Duration::from_millis(200));
     let (src, tgt) = (format!("local:{}", dir.0.join("s.img").display()), format!("remote:{}", t.addr));
@@ -679,8 +644,8 @@ fn a_clean_stop_drops_the_write_intent() {
     qemu_io(&srv, &["write -P 0xcc 5M 8k"]);
     let (dirty, tracking) = source_bits(&source_listen, &sec);
     assert_eq!((dirty, tracking), (4 << 20, false), "the written extent's intent (4 MiB), no tracking");
-    signal(srv.child.id(), "-TERM");
-    let status = srv.child.wait().unwrap();
+    signal(srv.child.0.id(), "-TERM");
+    let status = srv.child.0.wait().unwrap();
     assert!(status.success(), "serve exit {status:?}");
     let (dirty, _) = source_bits_offline(&dir.0.join("s.img"), &secret);
     assert_eq!(dirty, 0, "intent left after a clean stop");

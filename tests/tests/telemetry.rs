@@ -4,11 +4,9 @@
 //! unanswered SYNs show as retransmits to that peer, and bpftool prints every map's field names.
 //! Needs root. Also runs inside the VM (`cargo xtask vm-test`, Debian 6.12, cgroup2 only).
 
-mod support;
-
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Mutex,
     time::Duration,
 };
@@ -17,7 +15,13 @@ use mirror::telemetry::{
     blk, bpf,
     collector::{self, NodeSnapshot, TelemetrySample},
 };
-use support::{is_root, skip, Daemon, LoopDev};
+use mirror_tests::{
+    blockdev::{dd, LoopDev},
+    cgroup::{IoCgroup, IoLimit, MemCgroup},
+    env::{bpf_unavailable, in_vm, skip, which},
+    net::SilentPeer,
+    proc::{Daemon, Hogs},
+};
 
 /// The tests measure latency: one at a time, so a hog does not disturb a baseline.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -26,23 +30,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn bpf_unavailable() -> Option<String> {
-    if !is_root() {
-        return Some("needs root (CAP_BPF, CAP_PERFMON) to attach eBPF programs".into());
-    }
-    if !support::mirror_bin().is_file() {
-        return Some(format!("{} not built: run `cargo xtask build`", support::mirror_bin().display()));
-    }
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        return Some("kernel has no BTF (/sys/kernel/btf/vmlinux)".into());
-    }
-    None
-}
-
 /// A facility this machine lacks (a cgroup controller, veth): inside the VM that is the VM
 /// image's business and only said; on the host CI requires it.
 fn skip_env(test: &str, why: &str) {
-    if support::in_vm() {
+    if in_vm() {
         eprintln!("skipped: {test}: {why} (in the VM)");
     } else {
         skip(test, "BPF", why);
@@ -65,81 +56,22 @@ fn measure(d: &Daemon, f: impl FnOnce()) -> TelemetrySample {
 // ---------------------------------------------------------------------------------------------
 // cgroup I/O throttle
 
-/// A cgroup limiting read IOPS on one device, v1 `blkio` or v2 `io`; removed on drop.
-struct ThrottleCgroup {
-    dir: PathBuf,
-    /// File and line that set the limit, and the line that lifts it.
-    limit_file: PathBuf,
-    unlimit: String,
-}
-
-impl ThrottleCgroup {
-    fn new(tag: &str) -> Result<Self, String> {
-        let name = format!("mirror-{tag}-{}-{}", std::process::id(), support::nanos());
-        let v1 = Path::new("/sys/fs/cgroup/blkio");
-        if v1.join("blkio.throttle.read_iops_device").exists() {
-            let dir = v1.join(name);
-            std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-            return Ok(Self {
-                limit_file: dir.join("blkio.throttle.read_iops_device"),
-                dir,
-                unlimit: String::new(),
-            });
-        }
-        let v2 = Path::new("/sys/fs/cgroup");
-        let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
-        if !controllers.split_whitespace().any(|c| c == "io") {
-            return Err("no cgroup v1 blkio and no cgroup v2 io controller".into());
-        }
-        let _ = std::fs::write(v2.join("cgroup.subtree_control"), "+io");
-        let dir = v2.join(name);
-        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        if !dir.join("io.max").exists() {
-            let _ = std::fs::remove_dir(&dir);
-            return Err("cgroup v2 io controller not enabled for children (no io.max)".into());
-        }
-        Ok(Self { limit_file: dir.join("io.max"), dir, unlimit: String::new() })
-    }
-
-    /// Limits reads of `dev` (a block device node) to `iops` per second.
-    fn limit_read_iops(&mut self, dev: &Path, iops: u32) {
-        let (ma, mi) = blk::major_minor(blk::kdev_of_path(dev).expect("stat device"));
-        let v2 = self.limit_file.ends_with("io.max");
-        let (set, unset) = if v2 {
-            (format!("{ma}:{mi} riops={iops}"), format!("{ma}:{mi} riops=max"))
-        } else {
-            (format!("{ma}:{mi} {iops}"), format!("{ma}:{mi} 0"))
-        };
-        std::fs::write(&self.limit_file, &set)
-            .unwrap_or_else(|e| panic!("write {set:?} to {}: {e}", self.limit_file.display()));
-        self.unlimit = unset;
-    }
-
-    /// Runs `dd` reading `count` 4 KiB blocks with O_DIRECT from `dev` inside the cgroup.
-    fn dd_read(&self, dev: &Path, count: u32, skip_blocks: u32) {
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec dd if={} of=/dev/null bs=4k count={count} \
-             skip={skip_blocks} iflag=direct",
-            self.dir.display(),
-            dev.display()
-        );
-        let out = Command::new("sh")
-            .args(["-c", &script])
-            .stderr(Stdio::piped())
-            .output()
-            .expect("run dd in the cgroup");
-        assert!(out.status.success(), "dd in cgroup: {}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
-impl Drop for ThrottleCgroup {
-    fn drop(&mut self) {
-        if !self.unlimit.is_empty() {
-            let _ = std::fs::write(&self.limit_file, &self.unlimit);
-        }
-        // dd has exited by now (dd_read waits), so the cgroup is empty.
-        let _ = std::fs::remove_dir(&self.dir);
-    }
+/// Runs `dd` reading `count` 4 KiB blocks with O_DIRECT from `dev` inside the cgroup.
+fn dd_read(cg: &IoCgroup, dev: &Path, count: u32, skip_blocks: u32) {
+    let out = cg
+        .command("dd")
+        .arg(format!("if={}", dev.display()))
+        .args([
+            "of=/dev/null",
+            "bs=4k",
+            &format!("count={count}"),
+            &format!("skip={skip_blocks}"),
+            "iflag=direct",
+        ])
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run dd in the cgroup");
+    assert!(out.status.success(), "dd in cgroup: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// blk-throttle holds bios before they become requests, so a throttle on a device does not show
@@ -153,9 +85,9 @@ fn cgroup_io_throttle_moves_measured_latency() {
         return skip(T, "BPF", &why);
     }
     let _serial = serial();
-    let mut cg = match ThrottleCgroup::new("throttle") {
+    let cg = match IoCgroup::new("throttle") {
         Ok(c) => c,
-        Err(why) => return skip_env(T, &why),
+        Err(why) => return skip_env(T, &format!("{why:#}")),
     };
     let lower = LoopDev::new(64 << 20);
     let upper = LoopDev::over(&lower.dev);
@@ -174,9 +106,9 @@ fn cgroup_io_throttle_moves_measured_latency() {
         let r = d.ops.iter().find(|o| o.op == "read").expect("read row");
         ((r.iops * s.secs).round(), r.avg_us.expect("avg"), r.p99_us.expect("p99"))
     };
-    let base = measure(&daemon, || cg.dd_read(&upper.dev, COUNT, 0));
-    cg.limit_read_iops(&lower.dev, IOPS);
-    let thr = measure(&daemon, || cg.dd_read(&upper.dev, COUNT, 4 * COUNT));
+    let base = measure(&daemon, || dd_read(&cg, &upper.dev, COUNT, 0));
+    cg.limit(&lower.dev, &[(IoLimit::ReadIops, Some(IOPS.into()))]).unwrap_or_else(|e| panic!("{e:#}"));
+    let thr = measure(&daemon, || dd_read(&cg, &upper.dev, COUNT, 4 * COUNT));
     let (n0, avg0, p99_0) = read_stats(&base);
     let (n1, avg1, p99_1) = read_stats(&thr);
     eprintln!(
@@ -194,28 +126,6 @@ fn cgroup_io_throttle_moves_measured_latency() {
 
 // ---------------------------------------------------------------------------------------------
 // CPU hogs
-
-/// Busy-looping shells, killed on drop.
-struct Hogs(Vec<Child>);
-
-impl Hogs {
-    fn spawn(n: usize) -> Self {
-        Hogs(
-            (0..n)
-                .map(|_| Command::new("sh").args(["-c", "while :; do :; done"]).spawn().expect("spawn hog"))
-                .collect(),
-        )
-    }
-}
-
-impl Drop for Hogs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 #[test]
 fn cpu_hogs_raise_run_queue_latency() {
@@ -337,37 +247,6 @@ fn run_queue_duty_cycle_measures_a_share_of_the_time_with_the_same_rates() {
 // ---------------------------------------------------------------------------------------------
 // Memory-cgroup reclaim
 
-/// A memory cgroup with a small limit (v1 `memory` or v2), removed on drop.
-struct MemCgroup(PathBuf);
-
-impl MemCgroup {
-    fn new(limit: u64) -> Result<Self, String> {
-        let name = format!("mirror-mem-{}-{}", std::process::id(), support::nanos());
-        let v1 = Path::new("/sys/fs/cgroup/memory");
-        let (dir, file) = if v1.join("memory.limit_in_bytes").exists() {
-            (v1.join(name), "memory.limit_in_bytes")
-        } else {
-            let v2 = Path::new("/sys/fs/cgroup");
-            let c = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
-            if !c.split_whitespace().any(|c| c == "memory") {
-                return Err("no cgroup v1 memory and no cgroup v2 memory controller".into());
-            }
-            let _ = std::fs::write(v2.join("cgroup.subtree_control"), "+memory");
-            (v2.join(name), "memory.max")
-        };
-        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        let cg = MemCgroup(dir);
-        std::fs::write(cg.0.join(file), limit.to_string()).map_err(|e| format!("write {file}: {e}"))?;
-        Ok(cg)
-    }
-}
-
-impl Drop for MemCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// Reading a device through the page cache inside a cgroup limited far below the data read
 /// makes the reader reclaim its own cgroup's pages: memcg direct reclaim, a stall the daemon
 /// must see.
@@ -380,18 +259,15 @@ fn cgroup_memory_limit_shows_reclaim_stalls() {
     let _serial = serial();
     let cg = match MemCgroup::new(24 << 20) {
         Ok(c) => c,
-        Err(why) => return skip_env(T, &why),
+        Err(why) => return skip_env(T, &format!("{why:#}")),
     };
     let lo = LoopDev::new(160 << 20);
     let daemon = Daemon::start(&[]);
     let s = measure(&daemon, || {
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec dd if={} of=/dev/null bs=1M count=160",
-            cg.0.display(),
-            lo.dev.display()
-        );
-        let out = Command::new("sh")
-            .args(["-c", &script])
+        let out = cg
+            .command("dd")
+            .arg(format!("if={}", lo.dev.display()))
+            .args(["of=/dev/null", "bs=1M", "count=160"])
             .stderr(Stdio::piped())
             .output()
             .expect("run dd in the memory cgroup");
@@ -407,56 +283,6 @@ fn cgroup_memory_limit_shows_reclaim_stalls() {
 // ---------------------------------------------------------------------------------------------
 // TCP retransmits
 
-/// A veth pair with an address on one end and a fake neighbour behind it: SYNs to the neighbour
-/// go out and are never answered, so the kernel retransmits them. Deleted on drop.
-struct SilentPeer {
-    link: String,
-    peer: std::net::Ipv4Addr,
-}
-
-impl SilentPeer {
-    fn new() -> Result<Self, String> {
-        let n = std::process::id() % 10_000;
-        let link = format!("mtel{n}");
-        let peer = std::net::Ipv4Addr::new(10, 254, (n % 250) as u8, 2);
-        let local = format!("10.254.{}.1/30", n % 250);
-        let ip = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-            }
-        };
-        if Command::new("ip").arg("-V").output().is_err() {
-            return Err("iproute2 (ip) not installed".into());
-        }
-        let _ = Command::new("modprobe").arg("veth").stderr(Stdio::null()).status();
-        ip(&["link", "add", &link, "type", "veth", "peer", "name", &format!("{link}p")])?;
-        let me = SilentPeer { link, peer };
-        ip(&["addr", "add", &local, "dev", &me.link])?;
-        ip(&["link", "set", &me.link, "up"])?;
-        ip(&[
-            "neigh",
-            "add",
-            &peer.to_string(),
-            "lladdr",
-            "02:00:00:00:00:01",
-            "dev",
-            &me.link,
-            "nud",
-            "permanent",
-        ])?;
-        Ok(me)
-    }
-}
-
-impl Drop for SilentPeer {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.link]).status();
-    }
-}
-
 #[test]
 fn unanswered_syns_show_as_retransmits_to_that_peer() {
     const T: &str = "telemetry::unanswered_syns_show_as_retransmits_to_that_peer";
@@ -466,7 +292,7 @@ fn unanswered_syns_show_as_retransmits_to_that_peer() {
     let _serial = serial();
     let peer = match SilentPeer::new() {
         Ok(p) => p,
-        Err(why) => return skip_env(T, &why),
+        Err(why) => return skip_env(T, &format!("{why:#}")),
     };
     let daemon = Daemon::start(&[]);
     let addr = std::net::SocketAddr::from((peer.peer, 9));
@@ -495,7 +321,7 @@ fn bpftool_prints_field_names_of_every_map() {
     if let Some(why) = bpf_unavailable() {
         return skip(T, "BPF", &why);
     }
-    let Some(bpftool) = support::which("bpftool")
+    let Some(bpftool) = which("bpftool")
         .or_else(|| ["/usr/sbin/bpftool", "/sbin/bpftool"].iter().map(PathBuf::from).find(|p| p.is_file()))
     else {
         return skip(T, "BPF", "bpftool not installed (cargo xtask setup)");
@@ -506,7 +332,7 @@ fn bpftool_prints_field_names_of_every_map() {
     // Something in every map that can fill at will: block I/O (blk_stats), and the scheduler
     // runs all the time (runq_hist). blk_start and runq_start are transient; their value types
     // are checked through `map show`-independent BTF via `btf dump`.
-    support::dd(&["if=/dev/zero", &format!("of={}", lo.dev.display()), "bs=4k", "count=16", "oflag=direct"]);
+    dd(&["if=/dev/zero", &format!("of={}", lo.dev.display()), "bs=4k", "count=16", "oflag=direct"]);
     std::thread::sleep(Duration::from_millis(200));
     let dump = |map: &str| {
         let out = Command::new(&bpftool)

@@ -5,8 +5,6 @@
 //! certificate of another CA is refused. The CLI's own checks (`show`, no overwriting) run on the
 //! binary.
 
-mod support;
-
 use std::{
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
@@ -14,7 +12,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{file_digest, mirror_cli, random_bytes, skip, which, TempDir};
+use mirror_tests::env::skip;
+use mirror_tests::env::which;
+use mirror_tests::fs::file_digest;
+use mirror_tests::fs::random_bytes;
+use mirror_tests::fs::TempDir;
+use mirror_tests::proc::mirror_cli;
 
 const SIZE: usize = 8 << 20;
 

@@ -2,8 +2,6 @@
 //! ublk_drv): `mirror serve --frontend ublk` over two local replicas, driven through
 //! /dev/ublkbN by fio, ext4 and a SIGKILL of the daemon.
 
-mod support;
-
 use std::{
     io::BufRead,
     path::{Path, PathBuf},
@@ -11,7 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{file_digest, mirror_bin, not_in_vm, secret_file, which, TempDir};
+use mirror_tests::{
+    env::{mirror_bin, not_in_vm, skip, which},
+    fs::{file_digest, random_bytes, secret_file, TempDir},
+    proc::{mirror_cli, run_tool},
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -158,13 +160,6 @@ impl Drop for Vol {
     }
 }
 
-fn run_tool(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
-
 /// Skips (loudly) outside the VM or without a tool.
 fn cannot_run(test: &str, tools: &[&str]) -> bool {
     if not_in_vm(test) {
@@ -172,7 +167,7 @@ fn cannot_run(test: &str, tools: &[&str]) -> bool {
     }
     for t in tools {
         if which(t).is_none() {
-            support::skip(test, "VM", &format!("{t} is not installed (cargo xtask setup)"));
+            skip(test, "VM", &format!("{t} is not installed (cargo xtask setup)"));
             return true;
         }
     }
@@ -241,7 +236,7 @@ fn ext4_on_ublk_mounts_keeps_files_and_checks_clean() {
     std::fs::create_dir(&mnt).unwrap();
     run_tool(Command::new("mount").arg(&srv.dev).arg(&mnt));
     let files: Vec<(PathBuf, Vec<u8>)> = (0..8u64)
-        .map(|i| (mnt.join(format!("f{i}")), support::random_bytes((i as usize + 1) * 700_000, i + 11)))
+        .map(|i| (mnt.join(format!("f{i}")), random_bytes((i as usize + 1) * 700_000, i + 11)))
         .collect();
     for (p, d) in &files {
         std::fs::write(p, d).unwrap();
@@ -275,13 +270,13 @@ fn sigkill_under_fio_then_recover_loses_no_acknowledged_write() {
         fio_verify(&dev, "48M", &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run fio");
     std::thread::sleep(Duration::from_secs(3));
     srv.kill();
-    let (ok, list, err) = support::mirror_cli(&["ublk", "list"]);
+    let (ok, list, err) = mirror_cli(&["ublk", "list"]);
     assert!(ok, "mirror ublk list: {err}");
     assert!(list.lines().any(|l| l.starts_with(&format!("{id}\t"))), "device {id} not listed: {list}");
     // The kernel quiesces the device once it notices the daemon is gone.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, list, _) = support::mirror_cli(&["ublk", "list"]);
+        let (_, list, _) = mirror_cli(&["ublk", "list"]);
         if list.lines().any(|l| l.starts_with(&format!("{id}\tquiesced"))) {
             break;
         }
@@ -295,7 +290,7 @@ fn sigkill_under_fio_then_recover_loses_no_acknowledged_write() {
     assert!(out.status.success(), "fio failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("err= 0"), "fio reports errors:\n{text}");
     srv2.stop();
-    let (_, list, _) = support::mirror_cli(&["ublk", "list"]);
+    let (_, list, _) = mirror_cli(&["ublk", "list"]);
     assert!(!list.lines().any(|l| l.starts_with(&format!("{id}\t"))), "device {id} left: {list}");
     vol.assert_identical("kill and recovery");
 }
@@ -326,9 +321,9 @@ fn sigkill_without_recovery_fails_io_and_the_device_is_deleted() {
         assert!(started.elapsed() < Duration::from_secs(60), "fio hangs after the daemon was killed");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (ok, _, err) = support::mirror_cli(&["ublk", "del", &id.to_string()]);
+    let (ok, _, err) = mirror_cli(&["ublk", "del", &id.to_string()]);
     assert!(ok, "mirror ublk del {id}: {err}");
-    let (_, list, _) = support::mirror_cli(&["ublk", "list"]);
+    let (_, list, _) = mirror_cli(&["ublk", "list"]);
     assert!(!list.lines().any(|l| l.starts_with(&format!("{id}\t"))), "device {id} left: {list}");
 }
 
@@ -344,7 +339,7 @@ fn reads_follow_weights_30_70_through_ublk() {
     let ctl = |args: &[&str]| {
         let mut all = vec!["ctl", "--socket", &sock];
         all.extend_from_slice(args);
-        let (ok, out, err) = support::mirror_cli(&all);
+        let (ok, out, err) = mirror_cli(&all);
         assert!(ok, "mirror {all:?}: {err}");
         out
     };
@@ -380,7 +375,7 @@ fn reads_follow_weights_30_70_through_ublk() {
 fn without_ublk_serve_names_the_nbd_frontend_and_auto_falls_back_to_it() {
     const T: &str = "ublk::without_ublk_serve_names_the_nbd_frontend_and_auto_falls_back_to_it";
     if Path::new("/dev/ublk-control").exists() {
-        return support::skip(T, "NOUBLK", "this kernel has ublk (the VM tests cover it)");
+        return skip(T, "NOUBLK", "this kernel has ublk (the VM tests cover it)");
     }
     let vol = Vol::new("ublk-absent", 4 * MIB);
     let base = |frontend: &str| {

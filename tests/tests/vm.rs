@@ -1,9 +1,7 @@
 //! Tests that need the VM kernel (Debian 6.12 under virtme-ng): kernel features the host lacks.
 //! `cargo xtask vm-test` runs this binary inside the VM with MIRROR_IN_VM=1.
 
-mod support;
-
-use support::not_in_vm;
+use mirror_tests::env::not_in_vm;
 
 #[test]
 fn ublk_driver_is_loadable_in_the_vm() {

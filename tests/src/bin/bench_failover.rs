@@ -10,44 +10,35 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use clap::Parser;
 use mirror_tests::{
-    bench::median,
     scenario::{self, Opts},
+    stats::median,
 };
 
+/// Issue 7's failover scenarios with real processes (two replica nodes, the node daemon, `mirror
+/// serve`, fio verifying through NBD), for the adaptive policy and the seed formula in the same
+/// run: (a) source disk throttled, (b) SIGKILL of the source, (c) restart, resync and failback,
+/// (d) source health oscillating. Needs root. Prints a table of medians and writes them as JSON.
+#[derive(Debug, Parser)]
+#[command(name = "bench-failover", args_override_self = true)]
 struct Args {
+    /// The `mirror` binary to measure.
+    #[arg(long = "mirror-bin", value_name = "PATH", default_value = "target/release/mirror")]
     mirror: PathBuf,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "target/bench/failover.json")]
     out: PathBuf,
-    rounds: usize,
+    /// Rounds of (a), (b) and (c); the rounds of (a) alternate which policy goes first.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+    /// Seconds of the oscillation of scenario (d), per policy.
+    #[arg(long, default_value_t = 60)]
     oscillation_secs: u64,
+    /// IOPS the source disk is throttled to in scenario (a).
+    #[arg(long, default_value_t = 100)]
     throttle_iops: u32,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        mirror: PathBuf::from("target/release/mirror"),
-        out: PathBuf::from("target/bench/failover.json"),
-        rounds: 3,
-        oscillation_secs: 60,
-        throttle_iops: 100,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let v = it.next().with_context(|| format!("{k} needs a value"))?;
-        match k.as_str() {
-            "--mirror-bin" => a.mirror = v.into(),
-            "--out" => a.out = v.into(),
-            "--rounds" => a.rounds = v.parse()?,
-            "--oscillation-secs" => a.oscillation_secs = v.parse()?,
-            "--throttle-iops" => a.throttle_iops = v.parse()?,
-            _ => {
-                bail!("unknown flag {k} (--mirror-bin, --out, --rounds, --oscillation-secs, --throttle-iops)")
-            }
-        }
-    }
-    anyhow::ensure!(a.rounds >= 1, "--rounds must be at least 1");
-    Ok(a)
 }
 
 fn opts(a: &Args, seed: bool) -> Opts {
@@ -65,7 +56,7 @@ fn fmt(x: Option<f64>) -> String {
 }
 
 fn main() -> Result<()> {
-    let a = parse_args()?;
+    let a = Args::parse();
     if let Some(why) = scenario::unavailable() {
         bail!("cannot run the failover benchmark: {why}");
     }

@@ -11,52 +11,51 @@
 //! Writes target/bench/nbd.json.
 
 use std::{
-    io::BufRead,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use mirror_tests::bench::{fill_random, free_port, median, Kill};
+use clap::Parser;
+use mirror_tests::{
+    blockdev::LoopDev,
+    cgroup::{IoCgroup, IoLimit},
+    fs::fill_random,
+    net::free_port,
+    proc::{drain, spawn_until, Kill},
+    stats::median,
+};
 
+/// The router behind NBD (`mirror serve`, two local replicas or a local and a remote one)
+/// against nbdkit and qemu-nbd, with fio's nbd engine: 4 KiB random and 128 KiB sequential reads
+/// and writes, rounds alternating the servers; then random reads over two replicas on throttled
+/// loop devices against one. Prints a table of medians and writes them as JSON.
+#[derive(Debug, Parser)]
+#[command(name = "bench-nbd", args_override_self = true)]
 struct Args {
+    /// Size of each server's file (suffixes K, M, G).
+    #[arg(long, default_value = "512M", value_parser = mirror::parse_size)]
     size: u64,
+    /// Rounds; each rotates the order of the servers.
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Seconds per fio job.
+    #[arg(long, default_value_t = 5)]
     runtime: u64,
+    /// The `mirror` binary to measure.
+    #[arg(long = "mirror-bin", value_name = "PATH", default_value = "target/release/mirror")]
     mirror: PathBuf,
+    /// Scratch directory for the files (emptied first, removed at the end).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("mirror-bench-nbd"))]
     dir: PathBuf,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "target/bench/nbd.json")]
     out: PathBuf,
+    /// Read bandwidth each replica's loop device is throttled to in the scaling run, per second
+    /// (suffixes K, M, G).
+    #[arg(long = "throttle", value_name = "BYTES", default_value = "8M", value_parser = mirror::parse_size)]
     throttle_bps: u64,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        size: 512 << 20,
-        rounds: 3,
-        runtime: 5,
-        mirror: PathBuf::from("target/release/mirror"),
-        dir: std::env::temp_dir().join("mirror-bench-nbd"),
-        out: PathBuf::from("target/bench/nbd.json"),
-        throttle_bps: 8 << 20,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let v = it.next().with_context(|| format!("{k} needs a value"))?;
-        match k.as_str() {
-            "--size" => a.size = mirror::parse_size(&v).map_err(anyhow::Error::msg)?,
-            "--rounds" => a.rounds = v.parse()?,
-            "--runtime" => a.runtime = v.parse()?,
-            "--mirror-bin" => a.mirror = v.into(),
-            "--dir" => a.dir = v.into(),
-            "--out" => a.out = v.into(),
-            "--throttle" => a.throttle_bps = mirror::parse_size(&v).map_err(anyhow::Error::msg)?,
-            _ => bail!(
-                "unknown flag {k} (--size, --rounds, --runtime, --mirror-bin, --dir, --out, --throttle)"
-            ),
-        }
-    }
-    Ok(a)
 }
 
 /// Waits until something accepts TCP connections on `port`.
@@ -73,26 +72,11 @@ fn wait_port(port: u16) -> Result<()> {
 /// Spawns a `mirror` process and waits for the stdout line starting with `prefix`; returns the
 /// rest of that line.
 fn spawn_mirror(a: &Args, args: &[String], prefix: &str) -> Result<(Kill, String)> {
-    let mut child = Command::new(&a.mirror)
-        .args(args)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
+    let (child, rest, out) = spawn_until(Command::new(&a.mirror).args(args).env("RUST_LOG", "error"), prefix)
         .with_context(|| format!("starting {}", a.mirror.display()))?;
-    let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if out.read_line(&mut line)? == 0 {
-            bail!("mirror {args:?} exited before printing {prefix:?}");
-        }
-        if let Some(rest) = line.trim().strip_prefix(prefix) {
-            let rest = rest.trim().to_string();
-            // Keep draining stdout so the process never blocks on a full pipe.
-            std::thread::spawn(move || for _ in out.lines() {});
-            return Ok((Kill(child), rest));
-        }
-    }
+    // Keep draining stdout so the process never blocks on a full pipe.
+    drain(out);
+    Ok((Kill(child), rest))
 }
 
 /// A running NBD server to measure: its processes and URI.
@@ -224,36 +208,23 @@ fn fio(uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64, size: u64) -> Re
     })
 }
 
-/// Attaches a loop device (direct I/O to its file, so the throttle sees every read).
-fn losetup(file: &Path) -> Result<String> {
-    let out = Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(file).output()?;
-    ensure!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn major_minor(dev: &str) -> Result<String> {
-    let name = Path::new(dev).file_name().context("device name")?.to_string_lossy().to_string();
-    Ok(std::fs::read_to_string(format!("/sys/class/block/{name}/dev"))?.trim().to_string())
-}
-
 /// Random-read IOPS of `mirror serve` over two throttled loop devices, at a given target weight.
-fn throttled_run(a: &Args, loops: &[String; 2], weight: u8, cgroup: &Path) -> Result<f64> {
+fn throttled_run(a: &Args, loops: &[LoopDev; 2], weight: u8, cgroup: &IoCgroup) -> Result<f64> {
     let srv = serve_ours(
         a,
         "throttled",
-        &format!("local:{}", loops[0]),
-        &format!("local:{}", loops[1]),
+        &format!("local:{}", loops[0].dev.display()),
+        &format!("local:{}", loops[1].dev.display()),
         weight,
         vec![],
     )?;
     let pid = srv._procs.last().map(|k| k.0.id()).context("server pid")?;
-    std::fs::write(cgroup.join("cgroup.procs"), pid.to_string())
-        .context("moving the server into the throttled cgroup")?;
+    cgroup.add(pid).context("moving the server into the throttled cgroup")?;
     fio(&srv.uri, "randread", "4k", 32, a.runtime, a.size)
 }
 
 fn main() -> Result<()> {
-    let a = parse_args()?;
+    let a = Args::parse();
     for tool in ["fio", "nbdkit", "qemu-nbd", "losetup"] {
         ensure!(
             Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok(),
@@ -313,47 +284,47 @@ fn main() -> Result<()> {
         }
     }
 
-    // Throttled replicas: cgroup v1 blkio limits on two loop devices.
-    let cg = Path::new("/sys/fs/cgroup/blkio").join(format!("mirror-bench-{}", std::process::id()));
+    // Throttled replicas: cgroup read-bandwidth limits on two loop devices (direct I/O to their
+    // files, so the throttle sees every read).
     let mut throttled = (Vec::new(), Vec::new());
     let throttle_note;
-    if Path::new("/sys/fs/cgroup/blkio").is_dir() {
-        let loops = [losetup(&files[0])?, losetup(&files[1])?];
-        std::fs::create_dir_all(&cg)?;
-        for l in &loops {
-            std::fs::write(
-                cg.join("blkio.throttle.read_bps_device"),
-                format!("{} {}", major_minor(l)?, a.throttle_bps),
-            )?;
-        }
-        let r = (|| -> Result<()> {
-            for round in 0..a.rounds {
-                let (one, two) = if round % 2 == 0 {
-                    (throttled_run(&a, &loops, 0, &cg)?, throttled_run(&a, &loops, 50, &cg)?)
-                } else {
-                    let two = throttled_run(&a, &loops, 50, &cg)?;
-                    (throttled_run(&a, &loops, 0, &cg)?, two)
-                };
-                eprintln!("  throttled round {round}: one replica {one:.1} IOPS, two {two:.1} IOPS");
-                throttled.0.push(one);
-                throttled.1.push(two);
+    match IoCgroup::new("bench-nbd") {
+        Ok(cg) => {
+            let loops = [LoopDev::attach(&files[0], true)?, LoopDev::attach(&files[1], true)?];
+            for l in &loops {
+                cg.limit(&l.dev, &[(IoLimit::ReadBps, Some(a.throttle_bps))])?;
             }
-            Ok(())
-        })();
-        for l in &loops {
-            // Its metadata belongs to this run's loop device, not to the next one of that name.
-            let meta = mirror::replication::server::default_meta_path(Path::new(l));
-            let _ = Command::new("losetup").args(["-d", l]).status();
-            let _ = std::fs::remove_file(meta);
+            let r = (|| -> Result<()> {
+                for round in 0..a.rounds {
+                    let (one, two) = if round % 2 == 0 {
+                        (throttled_run(&a, &loops, 0, &cg)?, throttled_run(&a, &loops, 50, &cg)?)
+                    } else {
+                        let two = throttled_run(&a, &loops, 50, &cg)?;
+                        (throttled_run(&a, &loops, 0, &cg)?, two)
+                    };
+                    eprintln!("  throttled round {round}: one replica {one:.1} IOPS, two {two:.1} IOPS");
+                    throttled.0.push(one);
+                    throttled.1.push(two);
+                }
+                Ok(())
+            })();
+            // Their metadata belongs to this run's loop devices, not to the next ones of those names.
+            let metas: Vec<PathBuf> =
+                loops.iter().map(|l| mirror::replication::server::default_meta_path(&l.dev)).collect();
+            drop(loops);
+            for m in metas {
+                let _ = std::fs::remove_file(m);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            drop(cg);
+            r?;
+            throttle_note =
+                format!("each replica a loop device limited to {} MiB/s of reads", a.throttle_bps >> 20);
         }
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = std::fs::remove_dir(&cg);
-        r?;
-        throttle_note =
-            format!("each replica a loop device limited to {} MiB/s of reads", a.throttle_bps >> 20);
-    } else {
-        throttle_note = "skipped: no cgroup v1 blkio hierarchy at /sys/fs/cgroup/blkio".into();
-        eprintln!("{throttle_note}");
+        Err(why) => {
+            throttle_note = format!("skipped: {why:#}");
+            eprintln!("{throttle_note}");
+        }
     }
 
     let med = |s: &str, j: &str| median(results.get(&(s, j)).cloned().unwrap_or_default());

@@ -10,38 +10,41 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
 use mirror::replication::{client::Client, protocol::Message};
-use mirror_tests::bench::{file_digest, fill_random, free_port, median, xorshift_fill, Kill};
+use mirror_tests::{
+    fs::{fill_random, try_file_digest, xorshift_fill, xorshift_next},
+    net::free_port,
+    proc::{spawn_until, Kill},
+    stats::median,
+};
 
+/// Bytes on the wire and time of `mirror sync` against `rsync --inplace --no-whole-file` over
+/// loopback: (a) a first sync of identical volumes, (b) a resync after 1% of the volume was
+/// rewritten at random 4 KiB offsets. Prints a table of medians and writes them as JSON.
+#[derive(Debug, Parser)]
+#[command(name = "bench-resync", args_override_self = true)]
 struct Args {
+    /// Volume size (a multiple of 4 KiB, at least 16 MiB; suffixes K, M, G).
+    #[arg(long, default_value = "1G", value_parser = mirror::parse_size)]
     size: u64,
+    /// Rounds per case; they alternate which tool goes first.
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// The `mirror` binary to measure.
+    #[arg(long = "mirror-bin", value_name = "PATH", default_value = "target/release/mirror")]
     mirror: PathBuf,
+    /// Scratch directory for the volumes (emptied first, removed at the end).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("mirror-bench-resync"))]
     dir: PathBuf,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "target/bench/resync.json")]
     out: PathBuf,
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        size: 1 << 30,
-        rounds: 3,
-        mirror: PathBuf::from("target/release/mirror"),
-        dir: std::env::temp_dir().join("mirror-bench-resync"),
-        out: PathBuf::from("target/bench/resync.json"),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let v = it.next().with_context(|| format!("{k} needs a value"))?;
-        match k.as_str() {
-            "--size" => a.size = mirror::parse_size(&v).map_err(anyhow::Error::msg)?,
-            "--rounds" => a.rounds = v.parse()?,
-            "--mirror-bin" => a.mirror = v.into(),
-            "--dir" => a.dir = v.into(),
-            "--out" => a.out = v.into(),
-            _ => bail!("unknown flag {k} (--size, --rounds, --mirror-bin, --dir, --out)"),
-        }
-    }
+    let a = Args::parse();
     ensure!(
         a.size >= 16 << 20 && a.size.is_multiple_of(4096),
         "--size must be a multiple of 4 KiB, at least 16 MiB"
@@ -50,19 +53,16 @@ fn parse_args() -> Result<Args> {
 }
 
 fn start_replica(a: &Args, path: &Path, secret: &Path) -> Result<(Kill, String)> {
-    use std::io::BufRead;
-    let mut child = Command::new(&a.mirror)
-        .args(["replica", "--listen", "127.0.0.1:0", "--sync-max-rate", "0", "--volume"])
-        .arg(format!("v={}", path.display()))
-        .arg("--secret-file")
-        .arg(secret)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", a.mirror.display()))?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-    let addr = line.trim().strip_prefix("listening on ").context("replica did not start")?.to_string();
+    let (child, addr, _) = spawn_until(
+        Command::new(&a.mirror)
+            .args(["replica", "--listen", "127.0.0.1:0", "--sync-max-rate", "0", "--volume"])
+            .arg(format!("v={}", path.display()))
+            .arg("--secret-file")
+            .arg(secret)
+            .env("RUST_LOG", "error"),
+        "listening on ",
+    )
+    .with_context(|| format!("starting {}", a.mirror.display()))?;
     Ok((Kill(child), addr))
 }
 
@@ -184,10 +184,7 @@ fn main() -> Result<()> {
         c.call_ok(&Message::MarkDirty { offset: 0, len: 0 })?;
         let mut offsets = std::collections::BTreeSet::new();
         while offsets.len() < n {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            offsets.insert(seed % blocks * 4096);
+            offsets.insert(xorshift_next(&mut seed) % blocks * 4096);
         }
         let mut buf = vec![0u8; 4096];
         for &o in &offsets {
@@ -213,9 +210,9 @@ fn main() -> Result<()> {
             b_rsync[round]
         );
     }
-    let ds = file_digest(&sp)?;
-    ensure!(ds == file_digest(&tp)?, "our target differs from the source after the runs");
-    ensure!(ds == file_digest(&rp)?, "rsync's copy differs from the source after the runs");
+    let ds = try_file_digest(&sp)?;
+    ensure!(ds == try_file_digest(&tp)?, "our target differs from the source after the runs");
+    ensure!(ds == try_file_digest(&rp)?, "rsync's copy differs from the source after the runs");
 
     let med = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
     let w = |r: &Run| r.wire as f64;

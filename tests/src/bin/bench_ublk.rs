@@ -15,13 +15,14 @@
 //! ours / md raid1 and ours-1replica / rublk. Writes the JSON to `--out`.
 
 use std::{
-    io::BufRead,
+    any::Any,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Arc,
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use clap::{Parser, ValueEnum};
 use mirror::{
     frontend::ublk::{UblkFrontend, UblkOptions},
     replication::server::{Server, ServerConfig, VolumeSpec},
@@ -31,103 +32,80 @@ use mirror::{
         BlockDev,
     },
 };
-use mirror_tests::bench::{median, Kill};
+use mirror_tests::{
+    blockdev::LoopDev,
+    proc::{drain, output as run, spawn_until, Kill},
+    stats::median,
+};
 
+/// Our ublk device against md raid1, rublk and the kernel loop device, inside the VM (`cargo
+/// xtask bench ublk`): fio with io_uring and O_DIRECT, 4 KiB random and 128 KiB sequential reads
+/// and writes, rounds rotating the devices. Prints a table of medians and ratios and writes them
+/// as JSON.
+#[derive(Debug, Parser)]
+#[command(name = "bench-ublk", args_override_self = true)]
 struct Args {
+    /// Size of each data file (suffixes K, M, G).
+    #[arg(long, default_value = "256M", value_parser = mirror::parse_size)]
     size: u64,
+    /// Rounds; each rotates the order of the devices.
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Seconds per fio job (after one second of ramp).
+    #[arg(long, default_value_t = 4)]
     runtime: u64,
+    /// The `mirror` binary to measure.
+    #[arg(long = "mirror-bin", value_name = "PATH", default_value = "target/release/mirror")]
     mirror: PathBuf,
+    /// The rublk binary (the reference ublk server).
+    #[arg(long, default_value = "/root/.cargo/bin/rublk")]
     rublk: PathBuf,
+    /// Scratch directory (a tmpfs is mounted on it unless one is there).
+    #[arg(long, default_value = "/run/mirror-bench-ublk")]
     dir: PathBuf,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "target/bench/ublk.json")]
     out: PathBuf,
+    /// Our devices without the queue-thread fast path (`--ublk-no-fast-path`).
+    #[arg(long = "no-fast-path", action = clap::ArgAction::SetFalse)]
     fast_path: bool,
-    /// Filesystem of the data files: `tmpfs`, or `ext4` (on a loop device over a tmpfs file).
-    fs: String,
-    /// Where the data files go (set in `main`).
-    data: PathBuf,
-    /// Only these jobs / devices (by name; empty: all), for quick experiments. The report's
-    /// ratios need both sides: a ratio whose device was left out reads NaN.
+    /// Filesystem of the data files: the tmpfs itself, or ext4 on a loop device over a tmpfs
+    /// file (a disk filesystem serves page-cache reads without blocking, tmpfs does not).
+    #[arg(long, value_enum, default_value_t = Fs::Tmpfs)]
+    fs: Fs,
+    /// Only these jobs (comma-separated; default: all), for quick experiments. A ratio whose
+    /// side was left out reads NaN.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(JOBS.iter().map(|j| j.0)))]
     jobs: Vec<String>,
+    /// Only these devices (comma-separated; default: all).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(DEVICES))]
     devices: Vec<String>,
-    /// Extra arguments for `mirror serve` (ours-2local), e.g. `--serve-arg=--ublk-queues=2`.
+    /// An extra argument for `mirror serve` (ours-2local), repeatable: `--serve-arg=--ublk-queues=2`.
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
     serve_args: Vec<String>,
+    /// Where the data files go (set in `main`).
+    #[arg(skip)]
+    data: PathBuf,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        size: 256 << 20,
-        rounds: 3,
-        runtime: 4,
-        mirror: PathBuf::from("target/release/mirror"),
-        rublk: PathBuf::from("/root/.cargo/bin/rublk"),
-        dir: PathBuf::from("/run/mirror-bench-ublk"),
-        out: PathBuf::from("target/bench/ublk.json"),
-        fast_path: true,
-        fs: "tmpfs".into(),
-        data: PathBuf::new(),
-        jobs: Vec::new(),
-        devices: Vec::new(),
-        serve_args: Vec::new(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        if k == "--no-fast-path" {
-            a.fast_path = false;
-            continue;
-        }
-        if let Some(v) = k.strip_prefix("--serve-arg=") {
-            a.serve_args.push(v.to_string());
-            continue;
-        }
-        let v = it.next().with_context(|| format!("{k} needs a value"))?;
-        match k.as_str() {
-            "--size" => a.size = mirror::parse_size(&v).map_err(anyhow::Error::msg)?,
-            "--rounds" => a.rounds = v.parse()?,
-            "--runtime" => a.runtime = v.parse()?,
-            "--mirror-bin" => a.mirror = v.into(),
-            "--rublk" => a.rublk = v.into(),
-            "--dir" => a.dir = v.into(),
-            "--out" => a.out = v.into(),
-            "--fs" if v == "tmpfs" || v == "ext4" => a.fs = v,
-            "--fs" => bail!("--fs is tmpfs or ext4, not {v:?}"),
-            "--jobs" => a.jobs = list(&v, JOBS.iter().map(|j| j.0))?,
-            "--devices" => a.devices = list(&v, DEVICES.iter().copied())?,
-            _ => bail!(
-                "unknown flag {k} (--size, --rounds, --runtime, --mirror-bin, --rublk, --dir, --out, --fs, \
-                 --jobs, --devices, --serve-arg=ARG, --no-fast-path)"
-            ),
+/// Filesystem of the data files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Fs {
+    Tmpfs,
+    Ext4,
+}
+
+impl Fs {
+    fn name(self) -> &'static str {
+        match self {
+            Fs::Tmpfs => "tmpfs",
+            Fs::Ext4 => "ext4",
         }
     }
-    Ok(a)
 }
 
 /// Every device of the benchmark, in its order.
 const DEVICES: &[&str] = &["ours-2local", "ours-1replica", "md-raid1", "rublk", "loop"];
-
-/// A comma-separated subset of `known`.
-fn list<'a>(v: &str, known: impl Iterator<Item = &'a str> + Clone) -> Result<Vec<String>> {
-    let names: Vec<String> = v.split(',').filter(|n| !n.is_empty()).map(str::to_string).collect();
-    for n in &names {
-        ensure!(
-            known.clone().any(|k| k == n),
-            "unknown name {n:?} (known: {})",
-            known.collect::<Vec<_>>().join(", ")
-        );
-    }
-    Ok(names)
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// A data file (written, not sparse: every config starts from allocated pages).
 fn data_file(a: &Args, name: &str) -> Result<PathBuf> {
@@ -142,21 +120,44 @@ fn data_file(a: &Args, name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// Something torn down at the end (loop devices, md array, rublk device).
-struct Undo(Vec<Vec<String>>);
+/// What is torn down at the end, the last set up first (an md array before its loop devices, a
+/// filesystem before the loop device under it): guards (loop devices) and [`Cmd`]s.
+#[derive(Default)]
+struct Undo(Vec<Box<dyn Any>>);
+
+impl Undo {
+    fn push(&mut self, guard: impl Any) {
+        self.0.push(Box::new(guard));
+    }
+
+    /// A command to run at teardown.
+    fn cmd(&mut self, argv: Vec<String>) {
+        self.push(Cmd(argv));
+    }
+}
 
 impl Drop for Undo {
     fn drop(&mut self) {
-        for c in self.0.iter().rev() {
-            let _ = Command::new(&c[0]).args(&c[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        while let Some(g) = self.0.pop() {
+            drop(g);
         }
     }
 }
 
+/// A command run on drop, its output discarded.
+struct Cmd(Vec<String>);
+
+impl Drop for Cmd {
+    fn drop(&mut self) {
+        let c = &self.0;
+        let _ = Command::new(&c[0]).args(&c[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
 fn losetup(file: &Path, undo: &mut Undo) -> Result<String> {
-    let dev =
-        run(Command::new("losetup").args(["-f", "--show", "--direct-io=off"]).arg(file))?.trim().to_string();
-    undo.0.push(vec!["losetup".into(), "-d".into(), dev.clone()]);
+    let l = LoopDev::attach(file, false)?;
+    let dev = l.dev.display().to_string();
+    undo.push(l);
     Ok(dev)
 }
 
@@ -254,7 +255,7 @@ fn fio(dev: &str, rw: &str, bs: &str, depth: u32, runtime: u64) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    let a = parse_args()?;
+    let a = Args::parse();
     for m in ["ublk_drv", "loop", "raid1"] {
         let _ = Command::new("modprobe").arg(m).status();
     }
@@ -262,15 +263,15 @@ fn main() -> Result<()> {
     let mounted = std::fs::read_to_string("/proc/mounts")?
         .lines()
         .any(|l| l.split_whitespace().nth(1) == a.dir.to_str());
-    let mut undo = Undo(Vec::new());
+    let mut undo = Undo::default();
     if !mounted {
         run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=90%", "tmpfs"]).arg(&a.dir))?;
-        undo.0.push(vec!["umount".into(), "-l".into(), a.dir.display().to_string()]);
+        undo.cmd(vec!["umount".into(), "-l".into(), a.dir.display().to_string()]);
     }
     std::fs::write(a.dir.join("secret"), "bench-secret-0123456789\n")?;
     let mut a = a;
     a.data = a.dir.clone();
-    if a.fs == "ext4" {
+    if a.fs == Fs::Ext4 {
         // A disk filesystem, as replicas would live on: unlike tmpfs it serves page-cache reads
         // without blocking (RWF_NOWAIT, io_uring's inline completion), for every device here.
         let img = a.dir.join("ext4.img");
@@ -280,7 +281,7 @@ fn main() -> Result<()> {
         a.data = a.dir.join("ext4");
         std::fs::create_dir_all(&a.data)?;
         run(Command::new("mount").arg(&dev).arg(&a.data))?;
-        undo.0.push(vec!["umount".into(), "-l".into(), a.data.display().to_string()]);
+        undo.cmd(vec!["umount".into(), "-l".into(), a.data.display().to_string()]);
     }
     let a = a;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -292,7 +293,8 @@ fn main() -> Result<()> {
     let mut _serve = None;
     if want("ours-2local") {
         let (s, t) = (data_file(&a, "s.img")?, data_file(&a, "t.img")?);
-        let mut child = Command::new(&a.mirror)
+        let mut serve = Command::new(&a.mirror);
+        serve
             .args([
                 "serve",
                 "--volume",
@@ -315,20 +317,11 @@ fn main() -> Result<()> {
             .arg(format!("--target=local:{}", t.display()))
             .arg("--ctl-socket")
             .arg(a.dir.join("ctl.sock"))
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("mirror serve")?;
-        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+            .env("RUST_LOG", "error");
+        let (child, ours, out) = spawn_until(&mut serve, "ublk device ")
+            .context("mirror serve: its ublk device did not come up")?;
         _serve = Some(Kill(child));
-        let ours = loop {
-            let mut line = String::new();
-            ensure!(out.read_line(&mut line)? > 0, "mirror serve exited before its ublk device came up");
-            if let Some(d) = line.trim().strip_prefix("ublk device ") {
-                break d.to_string();
-            }
-        };
-        std::thread::spawn(move || for _ in out.lines() {});
+        drain(out);
         devs.push(("ours-2local", ours));
     }
 
@@ -358,7 +351,7 @@ fn main() -> Result<()> {
                 "--assume-clean",
             ])
             .args(["--metadata=1.2", "--bitmap=none", &la, &lb]))?;
-        undo.0.push(vec!["mdadm".into(), "--stop".into(), "/dev/md/mirrorbench".into()]);
+        undo.cmd(vec!["mdadm".into(), "--stop".into(), "/dev/md/mirrorbench".into()]);
         devs.push(("md-raid1", "/dev/md/mirrorbench".into()));
     }
 
@@ -381,7 +374,7 @@ fn main() -> Result<()> {
                 "-f",
             ])
             .arg(&rf))?;
-        undo.0.push(vec![a.rublk.display().to_string(), "del".into(), "-n".into(), rublk_id.to_string()]);
+        undo.cmd(vec![a.rublk.display().to_string(), "del".into(), "-n".into(), rublk_id.to_string()]);
         devs.push(("rublk", format!("/dev/ublkb{rublk_id}")));
     }
 
@@ -426,7 +419,9 @@ fn main() -> Result<()> {
         (0..DEVICES.len()).filter(|&i| devs.iter().any(|(n, _)| *n == DEVICES[i])).collect();
     println!(
         "\nublk benchmark (VM, TCG; data files on {}; {} rounds x {} s; medians; 4k: IOPS, 128k: MiB/s)",
-        a.fs, a.rounds, a.runtime
+        a.fs.name(),
+        a.rounds,
+        a.runtime
     );
     print!("{:<10}", "job");
     for &i in &shown {
@@ -453,7 +448,7 @@ fn main() -> Result<()> {
     }
     js.insert("rounds".into(), a.rounds.into());
     js.insert("fast_path".into(), a.fast_path.into());
-    js.insert("filesystem".into(), a.fs.clone().into());
+    js.insert("filesystem".into(), a.fs.name().into());
     js.insert("runtime_s".into(), a.runtime.into());
     js.insert("size_bytes".into(), a.size.into());
     if !a.jobs.is_empty() || !a.devices.is_empty() || !a.serve_args.is_empty() {
@@ -483,4 +478,46 @@ fn main() -> Result<()> {
         eprintln!("stopping ours-1replica: {e}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As `cargo xtask bench ublk -- ARGS` passes them: its own `--mirror-bin`, `--rublk` and
+    /// `--out` first, then the user's (a repeated flag: the last one counts).
+    #[test]
+    fn flags_parse_as_xtask_passes_them() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+        let a = Args::try_parse_from([
+            "bench-ublk",
+            "--mirror-bin",
+            "/r/mirror",
+            "--rublk",
+            "/r/rublk",
+            "--out",
+            "/r/ublk.json",
+            "--out",
+            "/x.json",
+            "--serve-arg=--ublk-queues=2",
+            "--serve-arg",
+            "--ublk-depth=64",
+            "--jobs",
+            "randread,seqwrite",
+            "--fs",
+            "ext4",
+            "--no-fast-path",
+            "--size",
+            "64M",
+        ])
+        .unwrap();
+        assert_eq!(a.out, PathBuf::from("/x.json"));
+        assert_eq!(a.mirror, PathBuf::from("/r/mirror"));
+        assert_eq!(a.serve_args, ["--ublk-queues=2", "--ublk-depth=64"]);
+        assert_eq!(a.jobs, ["randread", "seqwrite"]);
+        assert!(a.devices.is_empty() && a.fs == Fs::Ext4 && !a.fast_path && a.size == 64 << 20);
+        let d = Args::try_parse_from(["bench-ublk"]).unwrap();
+        assert!(d.fast_path && d.fs == Fs::Tmpfs && d.size == 256 << 20 && d.rounds == 3 && d.runtime == 4);
+    }
 }

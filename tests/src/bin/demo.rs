@@ -13,33 +13,26 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use clap::Parser;
 use mirror_tests::scenario::{self, Cluster, Opts, Recorder, Workload};
 
+/// The whole product on one machine (`cargo xtask demo`, root): two nodes, the node daemon,
+/// `mirror serve` and fio verifying through NBD, while the source disk slows down step by step,
+/// recovers, and the source node is killed and restarted. Ends with a summary table and writes
+/// a timeline plot (SVG) and its points (JSON).
+#[derive(Debug, Parser)]
+#[command(name = "demo", args_override_self = true)]
 struct Args {
+    /// The `mirror` binary to run.
+    #[arg(long = "mirror-bin", value_name = "PATH", default_value = "target/release/mirror")]
     mirror: PathBuf,
+    /// Where timeline.svg and timeline.json go.
+    #[arg(long, default_value = "target/demo")]
     out_dir: PathBuf,
-    /// Seconds of each calm phase.
+    /// Seconds of each calm phase of the story (the whole demo takes about 10x this).
+    #[arg(long = "phase-seconds", default_value_t = 6)]
     phase: u64,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        mirror: PathBuf::from("target/release/mirror"),
-        out_dir: PathBuf::from("target/demo"),
-        phase: 6,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let v = it.next().with_context(|| format!("{k} needs a value"))?;
-        match k.as_str() {
-            "--mirror-bin" => a.mirror = v.into(),
-            "--out-dir" => a.out_dir = v.into(),
-            "--phase-seconds" => a.phase = v.parse()?,
-            _ => bail!("unknown flag {k} (--mirror-bin, --out-dir, --phase-seconds)"),
-        }
-    }
-    Ok(a)
 }
 
 /// Prints one live line per `every` for `secs` seconds (or until `until` holds).
@@ -91,7 +84,7 @@ fn watch(c: &Cluster, rec: &Recorder, secs: f64, until: impl Fn(&serde_json::Val
 }
 
 fn main() -> Result<()> {
-    let a = parse_args()?;
+    let a = Args::parse();
     if let Some(why) = scenario::unavailable() {
         bail!("the demo cannot run here: {why}");
     }
@@ -150,7 +143,7 @@ fn main() -> Result<()> {
 
     println!("== restarting the source node: resync of what it missed, then the gradual failback");
     let t_restart = rec.mark("source node restarted");
-    c.source.restart()?;
+    c.source.try_restart()?;
     let took = watch(&c, &rec, 90.0, normal);
     let resynced =
         rec.points().iter().find(|pt| pt.t >= t_restart && pt.in_sync[0]).map(|pt| pt.t - t_restart);
