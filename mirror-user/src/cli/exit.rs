@@ -121,4 +121,24 @@ mod tests {
         let codes: Vec<u8> = Exit::ALL.iter().map(|e| e.code()).collect();
         assert_eq!(codes, [0, 1, 2, 3]);
     }
+
+    #[test]
+    fn docs_commands_md_lists_exactly_these_statuses() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/commands.md")).unwrap();
+        let table = doc.split("## Exit status").nth(1).expect("docs/commands.md has an Exit status section");
+        let rows: Vec<(u8, String)> = table
+            .lines()
+            .skip_while(|l| !l.starts_with("| status"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                let l = l.replace("\\|", "\u{1}");
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                (cells[1].parse().unwrap(), cells[2].replace('\u{1}', "|"))
+            })
+            .collect();
+        let want: Vec<(u8, String)> = Exit::ALL.iter().map(|e| (e.code(), e.meaning().to_string())).collect();
+        assert_eq!(rows, want);
+    }
 }
