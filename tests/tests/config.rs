@@ -4,9 +4,8 @@
 //! and read by a real NBD client by its export name, and the replicas end identical.
 
 use std::{
-    io::BufRead,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -14,27 +13,14 @@ use mirror_tests::{
     env::{mirror_bin, skip, which},
     fs::{file_digest, secret_file, TempDir},
     net::{free_addr, http_get},
-    proc::{drain, mirror_cli, run_tool, Kill},
+    proc::{mirror_cli, run_tool, spawn_lines, Kill},
 };
 
 /// Starts `mirror ARGS` and returns it with the first `n` lines of its stdout.
 fn start(args: &[&str], n: usize) -> (Kill, Vec<String>) {
-    let mut child = Command::new(mirror_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env_remove("MIRROR_SECRET_FILE")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn mirror");
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut lines = Vec::new();
-    for _ in 0..n {
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        lines.push(line.trim().to_string());
-    }
-    drain(out);
-    (Kill(child), lines)
+    let mut cmd = Command::new(mirror_bin());
+    cmd.args(args).env("RUST_LOG", "warn").env_remove("MIRROR_SECRET_FILE");
+    spawn_lines(&mut cmd, n).unwrap()
 }
 
 fn write(path: &Path, text: &str) -> String {

@@ -12,16 +12,15 @@
 //! so there it runs).
 
 use std::{
-    io::BufRead,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use mirror_tests::{
     env::{is_root, skip, which},
     net::free_port,
-    proc::{captured, drain, output, Kill},
+    proc::{captured, output, spawn_lines, Kill},
 };
 
 const T: &str = "package::the_package_installs_serves_from_etc_mirror_and_removes_cleanly";
@@ -80,16 +79,7 @@ fn unit_command(unit: &str, instance: &str) -> Command {
 
 /// Starts `cmd` and reads `n` lines of its stdout.
 fn start(mut cmd: Command, n: usize) -> (Kill, Vec<String>) {
-    let mut child = cmd.env("RUST_LOG", "warn").stdout(Stdio::piped()).spawn().expect("spawn");
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut lines = Vec::new();
-    for _ in 0..n {
-        let mut l = String::new();
-        out.read_line(&mut l).unwrap();
-        lines.push(l.trim().to_string());
-    }
-    drain(out);
-    (Kill(child), lines)
+    spawn_lines(cmd.env("RUST_LOG", "warn"), n).unwrap()
 }
 
 /// SIGTERM, as systemd stops a unit; whether it exited successfully.
