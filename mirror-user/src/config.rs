@@ -1,6 +1,19 @@
-//! Configuration files (TOML) turned into typed, validated settings with clear errors.
+//! Configuration files (TOML) turned into typed, validated settings with clear errors. Each
+//! key is the long flag of the same name with `_` for `-` (`--sync-min-rate` is
+//! `sync_min_rate`), except for the tables: `[[volume]]` (a replica's volumes), `[health]` (how
+//! the node's health score is made, no flags), `[monitor]` (the health monitor's flags) and
+//! `[engine]` (the weighting engine's flags). Unknown keys are errors that name the key. The
+//! commands lay their flags over the file and the file over the defaults
+//! ([`crate::cli::replica::ReplicaArgs::settings`], [`crate::cli::serve::ServeArgs::settings`]).
+//! Values are parsed here, where the file is read (a bad one is reported with its key and
+//! line), into the types the flags parse to.
 //!
-//! A replica server's file:
+//! The documented layout under `/etc/mirror/`: `secret` (the shared secret), `replica.toml` (the
+//! replica server of this node), `volumes/NAME.toml` (one `mirror serve` per volume, the
+//! `mirror-serve@NAME` service), `tls/` (`mirror certs node --dir /etc/mirror/tls`). The
+//! package installs commented examples (`packaging/etc/`).
+//!
+//! A replica server's file (`/etc/mirror/replica.toml`):
 //! ```toml
 //! listen = "0.0.0.0:7700"
 //! secret_file = "/etc/mirror/secret"
@@ -15,6 +28,12 @@
 //! # meta = "/var/lib/mirror/vol0.meta"
 //! # direct_io = true     # aligned I/O with O_DIRECT (bypass this node's page cache)
 //!
+//! [monitor]               # the health monitor (all optional)
+//! interval = "250ms"
+//! # probe = ["http://127.0.0.1:8080/health,timeout=2s"]
+//! # device = "/dev/vdb"   # the disk scored [default: the one under the first volume]
+//! # pin_dir = "/sys/fs/bpf/mirror"
+//!
 //! [health]                # how this node's health score is made (all optional)
 //! disk_ratio_good = 2.0   # disk latency / baseline where the disk sub-score starts to fall
 //! disk_ratio_bad = 10.0   # ... and where it is 0
@@ -24,12 +43,47 @@
 //! worst_margin = 15.0     # the score is at most the worst signal + this
 //! weights = { disk = 0.35, cpu = 0.15, memory = 0.15, network = 0.15, app = 0.2 }
 //! ```
+//!
+//! A mirrored volume's file (`/etc/mirror/volumes/vol0.toml`, [`ServeFile`]):
+//! ```toml
+//! volume = "vol0"         # [default: the unit's instance name, given as --volume]
+//! source = "local:/var/lib/mirror/vol0.img:10G"
+//! target = "remote:10.0.0.2:7700"
+//! secret_file = "/etc/mirror/secret"
+//! source_listen = "0.0.0.0:7700"
+//! nbd = "127.0.0.1:10809"
+//! # nbd_unix = "/run/mirror/vol0.nbd"
+//! # export = "vol0"
+//! ctl_socket = "/run/mirror/ctl.sock"
+//! metrics = "127.0.0.1:9187"
+//! # frontend = "auto"
+//! # conns = 4
+//!
+//! [engine]
+//! # policy = "adaptive"
+//! # failback_hold = "10s"
+//! # ramp = "30s"
+//! ```
+//! `--degraded`, `--assume-clean`, `--target-weight` and the `--ublk-*` flags stay flags: the
+//! first three are decisions an operator takes for one start, which a file that a service
+//! restarts from would repeat at every start; the ublk flags keep their clap defaults in
+//! [`crate::frontend::ublk::UblkArgs`] (a systemd drop-in adds them to `ExecStart`).
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
-use crate::replication::server::VolumeSpec;
+use crate::{
+    cli::serve::PolicyName,
+    health::{probe::ProbeSpec, score::ScoreConfig},
+    replication::server::VolumeSpec,
+    serve::Frontend,
+    volume::open::ReplicaSpec,
+};
 
 /// A size written as a number of bytes or a string with a unit ("16M").
 #[derive(Debug, Clone, Deserialize)]
@@ -70,15 +124,37 @@ pub struct ReplicaFile {
     pub block_size: Option<u32>,
     #[serde(default)]
     pub volume: Vec<VolumeEntry>,
+    /// The health monitor's settings.
+    #[serde(default)]
+    pub monitor: MonitorFile,
     /// How the node's health is scored.
-    pub health: Option<crate::health::score::ScoreConfig>,
+    pub health: Option<ScoreConfig>,
+}
+
+/// Reads a config file, naming it in every error.
+fn load<T>(path: &Path, parse: impl Fn(&str) -> Result<T, String>) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+    parse(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+}
+
+/// The `[health]` table's thresholds must be ordered.
+fn check_score(h: &Option<ScoreConfig>) -> Result<(), String> {
+    match h {
+        Some(h)
+            if !(h.disk_ratio_good < h.disk_ratio_bad
+                && h.runq_good_us < h.runq_bad_us
+                && h.worst_margin >= 0.0) =>
+        {
+            Err("[health]: each *_good must be below its *_bad, worst_margin >= 0".into())
+        }
+        _ => Ok(()),
+    }
 }
 
 impl ReplicaFile {
     pub fn load(path: &Path) -> anyhow::Result<ReplicaFile> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+        load(path, Self::parse)
     }
 
     pub fn parse(text: &str) -> Result<ReplicaFile, String> {
@@ -89,14 +165,7 @@ impl ReplicaFile {
                 s.bytes().map_err(|e| format!("volume {}: size {e}", v.name))?;
             }
         }
-        if let Some(h) = &f.health {
-            if !(h.disk_ratio_good < h.disk_ratio_bad
-                && h.runq_good_us < h.runq_bad_us
-                && h.worst_margin >= 0.0)
-            {
-                return Err("[health]: each *_good must be below its *_bad, worst_margin >= 0".into());
-            }
-        }
+        check_score(&f.health)?;
         for (k, r) in [("sync_min_rate", &f.sync_min_rate), ("sync_max_rate", &f.sync_max_rate)] {
             if let Some(r) = r {
                 r.bytes().map_err(|e| format!("{k}: {e}"))?;
@@ -117,6 +186,127 @@ impl ReplicaFile {
                 block_size,
                 direct_io: v.direct_io,
             })
+            .collect()
+    }
+}
+
+/// The `[monitor]` table: the node health monitor's flags (`--health-interval`, `--probe`,
+/// `--health-device`, `--pin-dir`), for `replica` and `serve` alike.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorFile {
+    #[serde(default, deserialize_with = "de::duration")]
+    pub interval: Option<Duration>,
+    /// `URL[,timeout=2s][,status=200]`, as `--probe`; the flags' probes come after these.
+    #[serde(default, deserialize_with = "de::probes")]
+    pub probe: Vec<ProbeSpec>,
+    pub device: Option<PathBuf>,
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// The `[engine]` table of a volume's file: the weighting engine's flags.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineFile {
+    #[serde(default, deserialize_with = "de::value_enum")]
+    pub policy: Option<PolicyName>,
+    /// `SOURCE,TARGET`, as `--seed-factors`.
+    pub seed_factors: Option<String>,
+    pub good_health: Option<f64>,
+    pub critical_health: Option<f64>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub heartbeat_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub failback_hold: Option<Duration>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub ramp: Option<Duration>,
+    /// `true` turns it on; the flag can only turn it on too.
+    #[serde(default)]
+    pub balance_reads: bool,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub tick: Option<Duration>,
+}
+
+/// A mirrored volume's file (`mirror serve --config`, `/etc/mirror/volumes/NAME.toml`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeFile {
+    pub volume: Option<String>,
+    #[serde(default, deserialize_with = "de::replica")]
+    pub source: Option<ReplicaSpec>,
+    #[serde(default, deserialize_with = "de::replica")]
+    pub target: Option<ReplicaSpec>,
+    pub secret_file: Option<PathBuf>,
+    pub nbd: Option<SocketAddr>,
+    pub nbd_unix: Option<PathBuf>,
+    pub export: Option<String>,
+    pub source_listen: Option<String>,
+    pub target_listen: Option<String>,
+    pub conns: Option<usize>,
+    pub ctl_socket: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "de::value_enum")]
+    pub frontend: Option<Frontend>,
+    #[serde(default)]
+    pub engine: EngineFile,
+    #[serde(default)]
+    pub monitor: MonitorFile,
+    /// How this node's health is scored (for local replicas), as a replica's `[health]`.
+    pub health: Option<ScoreConfig>,
+}
+
+impl ServeFile {
+    pub fn load(path: &Path) -> anyhow::Result<ServeFile> {
+        load(path, Self::parse)
+    }
+
+    pub fn parse(text: &str) -> Result<ServeFile, String> {
+        let f: ServeFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        check_score(&f.health)?;
+        if f.conns == Some(0) {
+            return Err("conns: at least 1 connection per remote replica".into());
+        }
+        Ok(f)
+    }
+}
+
+/// Values of the file parsed by the flags' own parsers, so a file and a flag accept the same
+/// text and a bad value fails where the file is read, with its key and line.
+mod de {
+    use super::*;
+
+    fn parsed<'de, D: Deserializer<'de>, T>(
+        d: D,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map(Some).map_err(serde::de::Error::custom)
+    }
+
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        parsed(d, crate::parse_duration)
+    }
+
+    pub fn replica<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ReplicaSpec>, D::Error> {
+        parsed(d, ReplicaSpec::parse)
+    }
+
+    pub fn value_enum<'de, D: Deserializer<'de>, T: clap::ValueEnum>(d: D) -> Result<Option<T>, D::Error> {
+        parsed(d, |s| {
+            T::from_str(s, false).map_err(|_| {
+                let known: Vec<String> = T::value_variants()
+                    .iter()
+                    .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+                    .collect();
+                format!("`{s}`: expected one of {}", known.join(", "))
+            })
+        })
+    }
+
+    pub fn probes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ProbeSpec>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| ProbeSpec::parse(s).map_err(serde::de::Error::custom))
             .collect()
     }
 }
@@ -169,5 +359,64 @@ mod tests {
         assert!(e.contains("[health]"), "{e}");
         let e = ReplicaFile::parse("[health]\ndisk_ratio_godo = 2.0").unwrap_err();
         assert!(e.contains("disk_ratio_godo"), "{e}");
+    }
+
+    #[test]
+    fn a_serve_file_is_typed_where_it_is_read() {
+        let f = ServeFile::parse(
+            r#"
+            source = "local:/var/lib/mirror/vol0.img:10G"
+            target = "remote:10.0.0.2:7700"
+            nbd = "127.0.0.1:10809"
+            frontend = "ublk"
+            [engine]
+            ramp = "1m"
+            [monitor]
+            probe = ["http://127.0.0.1:8080/,status=204"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            f.source,
+            Some(ReplicaSpec::Local { path: "/var/lib/mirror/vol0.img".into(), size: Some(10 << 30) })
+        );
+        assert_eq!(f.target, Some(ReplicaSpec::Remote { addr: "10.0.0.2:7700".into() }));
+        assert_eq!(f.frontend, Some(Frontend::Ublk));
+        assert_eq!(f.engine.ramp, Some(Duration::from_secs(60)));
+        assert_eq!(f.monitor.probe[0].expect_status, 204);
+        assert!(f.volume.is_none() && f.engine.policy.is_none());
+    }
+
+    #[test]
+    fn serve_file_errors_name_the_key_and_the_value() {
+        for (text, words) in [
+            ("volum = \"v\"", &["volum"][..]),
+            ("[engine]\npolcy = \"seed\"", &["polcy"]),
+            ("[monitor]\ninterval_ms = 5", &["interval_ms"]),
+            ("source = \"nfs:/x\"", &["source", "local:PATH"]),
+            ("target = \"remote:host\"", &["target", "needs a port"]),
+            ("frontend = \"floppy\"", &["frontend", "nbd, ublk, auto"]),
+            ("[engine]\npolicy = \"random\"", &["policy", "adaptive, seed"]),
+            ("[engine]\nramp = \"soon\"", &["ramp", "examples"]),
+            ("nbd = \"localhost\"", &["nbd"]),
+            ("[monitor]\nprobe = [\"not a url\"]", &["probe", "not a URL"]),
+            ("[health]\ndisk_ratio_good = 20.0", &["[health]"]),
+        ] {
+            let e = ServeFile::parse(text).unwrap_err();
+            for w in words {
+                assert!(e.contains(w), "{text:?}: {w:?} not in {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_shipped_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/etc");
+        let replica =
+            ReplicaFile::parse(&std::fs::read_to_string(dir.join("replica.toml")).unwrap()).unwrap();
+        assert_eq!(replica.secret_file.as_deref(), Some(Path::new("/etc/mirror/secret")));
+        let vol = ServeFile::parse(&std::fs::read_to_string(dir.join("volume.toml")).unwrap()).unwrap();
+        assert_eq!(vol.secret_file.as_deref(), Some(Path::new("/etc/mirror/secret")));
+        assert!(vol.source.is_some() && vol.target.is_some());
     }
 }

@@ -1,11 +1,13 @@
 //! `mirror`: the node daemon and its CLI. Parses the command line ([`mirror::cli::Cli`]) and
-//! hands each command to its module in [`mirror::cli`]; nothing else lives here.
+//! hands each command to its module in [`mirror::cli`]; nothing else lives here. An error is
+//! printed and ends the process with its status ([`mirror::cli::exit`]).
 
-use anyhow::Result;
+use std::process::ExitCode;
+
 use clap::Parser;
-use mirror::cli::{Cli, Command};
+use mirror::cli::{exit, Cli, Command};
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -13,7 +15,16 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::from(exit::status_of(&e).code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Daemon(a) => rt.block_on(a.run()),

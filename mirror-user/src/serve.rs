@@ -107,11 +107,17 @@ where
         None => None,
     };
     let control = Control::new(driver.clone());
-    tokio::spawn(async move {
-        if let Err(e) = crate::control::serve(control, ctl_socket.clone()).await {
-            tracing::warn!(socket = %ctl_socket.display(), "control socket unavailable: {e}");
+    // Bound here, before the readiness lines: `mirror ctl` right after them finds it.
+    match crate::control::bind(&ctl_socket).await {
+        Ok(listener) => {
+            tokio::spawn(async move {
+                if let Err(e) = crate::control::serve(control, listener).await {
+                    tracing::warn!(socket = %ctl_socket.display(), "control socket failed: {e}");
+                }
+            });
         }
-    });
+        Err(e) => tracing::warn!(socket = %ctl_socket.display(), "control socket unavailable: {e}"),
+    }
     let opts = NbdOptions {
         export_name: export,
         description: Some(format!("mirror volume {}", volume.name)),

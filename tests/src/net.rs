@@ -13,6 +13,22 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The body of a plain HTTP/1.0 `GET path` on `addr` (a metrics endpoint); an error unless
+/// the status is 200.
+pub fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if head.split_whitespace().nth(1) != Some("200") {
+        bail!("GET http://{addr}{path}: {head}");
+    }
+    Ok(body.to_string())
+}
+
 /// `127.0.0.1:PORT` with a port free at the time of the call; panics when there is none.
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port().expect("a free loopback port"))

@@ -75,6 +75,24 @@ pub fn spawn_until(cmd: &mut Command, prefix: &str) -> Result<(Child, String, Bu
     }
 }
 
+/// Spawns `cmd` with its stdout piped, reads its first `n` lines (trimmed; a server's readiness
+/// lines, in whatever order it prints them) and drains the rest. The child is killed on drop.
+pub fn spawn_lines(cmd: &mut Command, n: usize) -> Result<(Kill, Vec<String>)> {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("spawn {cmd:?}"))?;
+    let mut out = BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let child = Kill(child);
+    let mut lines = Vec::new();
+    for _ in 0..n {
+        let mut line = String::new();
+        if out.read_line(&mut line)? == 0 {
+            bail!("{cmd:?} ended its stdout after {lines:?}");
+        }
+        lines.push(line.trim().to_string());
+    }
+    drain(out);
+    Ok((child, lines))
+}
+
 /// Reads and discards the rest of a child's stdout in a thread, so the child never blocks on a
 /// full pipe.
 pub fn drain(out: BufReader<ChildStdout>) {
@@ -82,7 +100,7 @@ pub fn drain(out: BufReader<ChildStdout>) {
 }
 
 /// Runs `cmd` to completion: (success, stdout, stderr).
-fn captured(cmd: &mut Command) -> std::io::Result<(bool, String, String)> {
+pub fn captured(cmd: &mut Command) -> std::io::Result<(bool, String, String)> {
     let out = cmd.output()?;
     Ok((
         out.status.success(),

@@ -2,6 +2,7 @@
 
 mod bench;
 mod build;
+mod package;
 mod setup;
 mod util;
 mod vm;
@@ -39,6 +40,13 @@ enum Cmd {
     },
     /// Boot the Debian 6.12 kernel with virtme-ng and run the tests that need it (ublk, ...).
     VmTest,
+    /// Build the Debian package target/package/mirror_VERSION_ARCH.deb: the release binary
+    /// (eBPF embedded), systemd units, man pages, completions, example config, dashboard.
+    Package {
+        /// Package the dev build instead of the release one (what `cargo xtask test` installs).
+        #[arg(long)]
+        debug: bool,
+    },
     /// Run a benchmark: `resync` (sync/resync vs rsync), `nbd` (router + NBD vs nbdkit and
     /// qemu-nbd), `ebpf` (overhead of the telemetry programs), `failover` (issue 7's scenarios,
     /// adaptive policy vs the seed formula) or `ublk` (in the VM: vs md raid1, rublk, loop).
@@ -94,6 +102,7 @@ fn main() -> ExitCode {
         Cmd::Build { release } => build::build(release),
         Cmd::Test { no_lint, no_vm } => test(no_lint, no_vm),
         Cmd::VmTest => vm_test_only(),
+        Cmd::Package { debug } => package::package(debug).map(drop),
         Cmd::Demo { seconds } => demo(seconds),
         Cmd::Bench {
             name,
@@ -191,9 +200,16 @@ fn test(no_lint: bool, no_vm: bool) -> Result<()> {
         run(&mut build::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     }
     mount_kernel_fs();
-    let (host, host_ok) = run_tally(
-        build::cargo(&["test", "--workspace", "--no-fail-fast"]).env("MIRROR_BIN", build::mirror_bin(false)),
-    )?;
+    // The package of the dev build, for tests/tests/package.rs (install, use, remove), where
+    // dpkg can install it.
+    let deb =
+        if is_root() && util::which("dpkg-deb").is_some() { Some(package::package(true)?) } else { None };
+    let mut host_tests = build::cargo(&["test", "--workspace", "--no-fail-fast"]);
+    host_tests.env("MIRROR_BIN", build::mirror_bin(false));
+    if let Some(deb) = &deb {
+        host_tests.env("MIRROR_DEB", deb);
+    }
+    let (host, host_ok) = run_tally(&mut host_tests)?;
     let vm = if no_vm { None } else { Some(vm::vm_test()?) };
     let all = print_summary(host, vm.map(|(t, _)| t));
     let ok = host_ok && vm.is_none_or(|(_, ok)| ok) && all.failed == 0;

@@ -35,6 +35,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("etcd-server", "the lease store of the etcd mode, started by the lease tests"),
     ("etcd-client", "etcdctl, for looking at the lease keys by hand"),
     ("protobuf-compiler", "protoc for the etcd-client crate's build"),
+    ("dpkg-dev", "dpkg-shlibdeps for `cargo xtask package`"),
+    ("binutils", "strip for `cargo xtask package`"),
+    ("systemd", "systemd-analyze verify of the packaged units"),
+    ("man-db", "man -w, finding the packaged man pages"),
+    ("bash-completion", "the packaged bash completion, tried in the package test"),
     ("libprotobuf-dev", "protobuf's well-known .proto files, imported by etcd's"),
 ];
 
@@ -48,7 +53,8 @@ const MANUAL: &str = "\
 Manual steps (Debian 12 as root; see ../shared/ENVIRONMENT.md):
   1. apt-get install rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libclang-dev clang \\
        bpftool fio kmod qemu-utils libnbd-bin nbdkit rsync e2fsprogs mdadm python3-pip \\
-       busybox-static etcd-server etcd-client protobuf-compiler libprotobuf-dev
+       busybox-static etcd-server etcd-client protobuf-compiler libprotobuf-dev dpkg-dev binutils \\
+       systemd man-db bash-completion
      and qemu-system-x86 (from bookworm-backports when qemu-utils comes from there)
   2. LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --no-default-features --features llvm-22
   3. pip install virtme-ng==1.42

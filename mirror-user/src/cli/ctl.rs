@@ -13,17 +13,26 @@ pub struct CtlArgs {
     /// The control socket.
     #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Print the reply as JSON (for every subcommand; `status --json` too).
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub cmd: CtlCmd,
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum CtlCmd {
-    /// Weights and per-replica state and counters.
+    /// Weights and per-replica state and counters; with --watch, live until interrupted.
     Status {
-        /// Print the raw JSON.
+        /// Show the status again every --interval: a redrawn screen on a terminal (weights as
+        /// bars, the table, the last weight changes), otherwise one line per update (with
+        /// --json, one JSON document per line). Stops on Ctrl-C; an unreachable `serve` is
+        /// reported and retried.
         #[arg(long)]
-        json: bool,
+        watch: bool,
+        /// How often --watch updates.
+        #[arg(long, default_value = "1s", value_parser = crate::parse_duration, requires = "watch")]
+        interval: Duration,
     },
     /// Read weights: pin them or return to automatic.
     Weights {
@@ -59,33 +68,187 @@ fn said(r: &WeightsReply) -> String {
 impl CtlArgs {
     pub async fn run(self) -> Result<()> {
         let socket = &self.socket;
-        let weights = |req: Request| async move { request(socket, &req).await?.into_weights() };
+        let json = self.json;
+        let weights = |req: Request| async move {
+            let r = request(socket, &req).await?.into_weights()?;
+            if json {
+                crate::outln!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            anyhow::Ok(r)
+        };
         match self.cmd {
-            CtlCmd::Status { json } => {
+            CtlCmd::Status { watch: true, interval } => return watch(socket, interval, json).await,
+            CtlCmd::Status { watch: false, .. } => {
                 let st = request(socket, &Request::Status).await?.into_status()?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&st)?);
+                    crate::outln!("{}", serde_json::to_string_pretty(&st)?);
                 } else {
-                    print!("{}", status_table(&st));
+                    crate::out!("{}", status_table(&st));
                 }
             }
             CtlCmd::Weights { cmd: WeightsCmd::Set { target, for_ } } => {
                 let req = Request::WeightsSet { for_s: for_.map(|d| d.as_secs_f64()), target: target.into() };
                 weights(req).await?;
                 match for_ {
+                    _ if json => {}
                     Some(d) => {
-                        println!("target weight pinned at {target} for {}", humantime::format_duration(d))
+                        crate::outln!(
+                            "target weight pinned at {target} for {}",
+                            humantime::format_duration(d)
+                        )
                     }
-                    None => println!("target weight pinned at {target} (until `mirror ctl weights auto`)"),
+                    None => {
+                        crate::outln!("target weight pinned at {target} (until `mirror ctl weights auto`)")
+                    }
                 }
             }
             CtlCmd::Weights { cmd: WeightsCmd::Auto } => {
-                println!("automatic weights: {}", said(&weights(Request::WeightsAuto).await?));
+                let r = weights(Request::WeightsAuto).await?;
+                if !json {
+                    crate::outln!("automatic weights: {}", said(&r));
+                }
             }
-            CtlCmd::Failover => println!("failover: {}", said(&weights(Request::Failover).await?)),
-            CtlCmd::Failback => println!("failback: {}", said(&weights(Request::Failback).await?)),
+            CtlCmd::Failover => {
+                let r = weights(Request::Failover).await?;
+                if !json {
+                    crate::outln!("failover: {}", said(&r));
+                }
+            }
+            CtlCmd::Failback => {
+                let r = weights(Request::Failback).await?;
+                if !json {
+                    crate::outln!("failback: {}", said(&r));
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// `mirror ctl status --watch`: the status every `interval` until Ctrl-C, redrawn on a terminal
+/// ([`watch_screen`]), a line per update otherwise ([`status_line`], or the JSON document).
+async fn watch(socket: &std::path::Path, interval: Duration, json: bool) -> Result<()> {
+    use std::io::IsTerminal;
+    anyhow::ensure!(interval >= Duration::from_millis(100), "--interval must be at least 100ms");
+    let terminal = std::io::stdout().is_terminal() && !json;
+    let stop = super::shutdown_signal();
+    tokio::pin!(stop);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = ticker.tick() => {}
+        }
+        let st = request(socket, &Request::Status).await.and_then(|r| r.into_status());
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        match (&st, terminal, json) {
+            (Ok(st), true, _) => crate::out!("{}", watch_screen(st, &now.to_string(), interval)),
+            (Ok(st), false, true) => crate::outln!("{}", serde_json::to_string(st)?),
+            (Ok(st), false, false) => crate::outln!("{now} {}", status_line(st)),
+            (Err(e), true, _) => crate::out!("{CLEAR}{now}  {e}\n"),
+            (Err(e), false, _) => crate::outln!("{now} unreachable: {e}"),
+        }
+    }
+    if terminal {
+        crate::outln!();
+    }
+    Ok(())
+}
+
+/// Moves the cursor home and clears the screen (ANSI), for a redrawn `--watch` screen.
+const CLEAR: &str = "\x1b[H\x1b[2J";
+
+/// A share of reads as a bar of 20 cells.
+fn bar(percent: u64) -> String {
+    let n = (percent.min(100) / 5) as usize;
+    format!("{}{}", "#".repeat(n), ".".repeat(20 - n))
+}
+
+/// The `--watch` screen: weights as bars with the mode, the status table, the last weight changes.
+pub fn watch_screen(st: &serde_json::Value, now: &str, interval: Duration) -> String {
+    use std::fmt::Write;
+    let mut o = String::from(CLEAR);
+    let tw = st["weights"]["target"].as_u64().unwrap_or(0);
+    let _ = writeln!(
+        o,
+        "mirror ctl status --watch   every {}   {now}   (Ctrl-C stops)\n",
+        humantime::format_duration(interval)
+    );
+    let _ = writeln!(
+        o,
+        "source {:>3}% {}   target {:>3}% {}",
+        100 - tw.min(100),
+        bar(100 - tw.min(100)),
+        tw,
+        bar(tw)
+    );
+    let _ = writeln!(o);
+    o.push_str(&status_table(st));
+    let events = st["events"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !events.is_empty() {
+        let _ = writeln!(o, "\nlast weight changes ({} since start):", st["weight_changes"]);
+        for e in events.iter().rev().take(5) {
+            let _ = writeln!(
+                o,
+                "  {:>9.1}s  target {:>3}%  {:<10} {}",
+                e["t_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+                e["target"].as_u64().unwrap_or(0),
+                e["mode"].as_str().unwrap_or("?"),
+                e["reason"].as_str().unwrap_or("")
+            );
+        }
+    }
+    o
+}
+
+/// One `--watch` update as a line (the demo's live line): the weights and mode, then each
+/// replica's health, state, sync progress and data-path latency.
+pub fn status_line(st: &serde_json::Value) -> String {
+    let tw = st["weights"]["target"].as_u64().unwrap_or(0);
+    let replicas: Vec<String> = st["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let lat =
+                r["read_latency_us"].as_u64().unwrap_or(0).max(r["write_latency_us"].as_u64().unwrap_or(0));
+            format!(
+                "{} health {} {} sync {} lat {lat}us",
+                r["role"].as_str().unwrap_or("?"),
+                health_cell(r),
+                r["state"].as_str().unwrap_or("?"),
+                sync_cell(r)
+            )
+        })
+        .collect();
+    format!(
+        "source {}% target {tw}% mode {} | {}",
+        100 - tw.min(100),
+        st["mode"].as_str().unwrap_or("?"),
+        replicas.join(" | ")
+    )
+}
+
+/// A replica's SYNC cell: its node's current or last job and progress, `-` when in sync with
+/// none, `waiting` otherwise.
+fn sync_cell(r: &serde_json::Value) -> String {
+    let job = &r["node"]["sync"];
+    match (job["state"].as_str(), job["total_bytes"].as_u64()) {
+        (Some(s), Some(t)) if t > 0 => {
+            format!("{s} {:.0}%", job["done_bytes"].as_u64().unwrap_or(0) as f64 * 100.0 / t as f64)
+        }
+        (Some(s), _) => s.to_string(),
+        _ if r["state"] == "in-sync" => "-".to_string(),
+        _ => "waiting".to_string(),
+    }
+}
+
+/// A replica's HEALTH cell: its node's score, `down` when unreachable.
+fn health_cell(r: &serde_json::Value) -> String {
+    match r["node"]["health"].as_u64() {
+        Some(h) if r["node"]["reachable"] != false => h.to_string(),
+        _ => "down".to_string(),
     }
 }
 
@@ -122,19 +285,7 @@ pub fn status_table(st: &serde_json::Value) -> String {
     for r in st["replicas"].as_array().into_iter().flatten() {
         let role = r["role"].as_str().unwrap_or("?");
         let weight = if role == "target" { &st["weights"]["target"] } else { &st["weights"]["source"] };
-        let job = &r["node"]["sync"];
-        let sync = match (job["state"].as_str(), job["total_bytes"].as_u64()) {
-            (Some(s), Some(t)) if t > 0 => {
-                format!("{s} {:.0}%", job["done_bytes"].as_u64().unwrap_or(0) as f64 * 100.0 / t as f64)
-            }
-            (Some(s), _) => s.to_string(),
-            _ if r["state"] == "in-sync" => "-".to_string(),
-            _ => "waiting".to_string(),
-        };
-        let health = match r["node"]["health"].as_u64() {
-            Some(h) if r["node"]["reachable"] != false => h.to_string(),
-            _ => "down".to_string(),
-        };
+        let (sync, health) = (sync_cell(r), health_cell(r));
         let _ = writeln!(
             o,
             "{:<7} {:>6} {:>7} {:<10} {:<16} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>9}",
@@ -143,13 +294,14 @@ pub fn status_table(st: &serde_json::Value) -> String {
             weight.to_string(),
             r["state"].as_str().unwrap_or("?"),
             sync,
-            r["reads"],
-            r["writes"],
-            r["errors"],
-            r["timeouts"],
-            r["retries"],
-            r["read_latency_us"],
-            r["write_latency_us"]
+            // (A JSON value ignores width and alignment: each number goes in as text.)
+            r["reads"].to_string(),
+            r["writes"].to_string(),
+            r["errors"].to_string(),
+            r["timeouts"].to_string(),
+            r["retries"].to_string(),
+            r["read_latency_us"].to_string(),
+            r["write_latency_us"].to_string()
         );
     }
     for r in st["replicas"].as_array().into_iter().flatten() {
@@ -176,4 +328,60 @@ pub fn status_table(st: &serde_json::Value) -> String {
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> serde_json::Value {
+        serde_json::json!({
+            "mode": "Failback", "reason": "ramping reads back", "size": 1024, "weight_changes": 3,
+            "weights": {"source": 40, "target": 60},
+            "events": [{"t_ms": 1500, "target": 100, "mode": "Failover", "reason": "source down"},
+                       {"t_ms": 9000, "target": 60, "mode": "Failback", "reason": "ramping reads back"}],
+            "replicas": [
+                {"role": "source", "state": "resyncing", "reads": 12345, "writes": 7, "errors": 1, "timeouts": 0,
+                 "retries": 2, "read_latency_us": 150, "write_latency_us": 900,
+                 "node": {"health": 91, "reachable": true, "signals": [],
+                          "sync": {"state": "syncing", "done_bytes": 256, "total_bytes": 1024}}},
+                {"role": "target", "state": "in-sync", "reads": 3, "writes": 7, "errors": 0, "timeouts": 0,
+                 "retries": 0, "read_latency_us": 80, "write_latency_us": 700,
+                 "node": {"health": null, "reachable": false, "signals": [], "sync": null}},
+            ],
+        })
+    }
+
+    #[test]
+    fn a_watch_line_carries_weights_mode_health_sync_and_latency() {
+        assert_eq!(
+            status_line(&status()),
+            "source 40% target 60% mode Failback | source health 91 resyncing sync syncing 25% lat 900us | \
+             target health down in-sync sync - lat 700us"
+        );
+    }
+
+    #[test]
+    fn the_watch_screen_redraws_bars_table_and_the_last_changes() {
+        let s = watch_screen(&status(), "2026-12-06T10:00:00Z", Duration::from_secs(1));
+        assert!(s.starts_with(CLEAR), "{s:?}");
+        assert!(s.contains("every 1s   2026-12-06T10:00:00Z"), "{s}");
+        assert!(s.contains("source  40% ########............   target  60% ############........"), "{s}");
+        assert!(s.contains(&status_table(&status())), "{s}");
+        let newest = s.find("Failback   ramping").unwrap();
+        let older = s.find("Failover   source down").unwrap();
+        assert!(newest < older, "the newest change first: {s}");
+    }
+
+    #[test]
+    fn the_table_aligns_its_numbers() {
+        let t = status_table(&status());
+        let rows: Vec<&str> =
+            t.lines().filter(|l| l.starts_with("source ") || l.starts_with("target ")).collect();
+        let header = t.lines().nth(1).unwrap();
+        for r in &rows[..2] {
+            assert_eq!(r.len(), header.len(), "{header}\n{r}");
+        }
+        assert!(rows[0].contains("     12345"), "{t}");
+    }
 }

@@ -32,8 +32,11 @@ pub struct DaemonArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Print each interval in the Prometheus text format instead of the table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "json")]
     pub prometheus: bool,
+    /// Print each interval as one JSON object (a line) instead of the table.
+    #[arg(long)]
+    pub json: bool,
     /// Turn on the kernel's BPF run-time statistics and write each program's run_time_ns and
     /// run_cnt as JSON to this file on exit (used by `cargo xtask bench ebpf`).
     #[arg(long)]
@@ -162,11 +165,13 @@ impl DaemonArgs {
                 _ = ticker.tick() => {}
             }
             let sample = collector.tick()?;
-            if self.prometheus {
-                println!("{}", collector::to_prometheus(&sample, blk::dev_name));
+            if self.json {
+                crate::outln!("{}", serde_json::to_string(&sample)?);
+            } else if self.prometheus {
+                crate::outln!("{}", collector::to_prometheus(&sample, blk::dev_name));
             } else if !self.quiet {
-                println!("--- node telemetry ({}, {:.1}s interval)", sample.source, sample.secs);
-                print!("{}", view::sample(&sample));
+                crate::outln!("--- node telemetry ({}, {:.1}s interval)", sample.source, sample.secs);
+                crate::out!("{}", view::sample(&sample));
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 break;

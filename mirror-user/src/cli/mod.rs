@@ -2,10 +2,12 @@
 //! pages and shell completions generated from it. Each command's arguments live in the module
 //! of the code they drive, with that code: [`daemon`], [`top`], [`replica`], [`serve`], [`ublk`],
 //! [`ctl`], [`sync`], [`status`], [`resolve`]; [`health`] holds the health-monitor flags that
-//! `replica` and `serve` share. `main.rs` only parses and dispatches.
+//! `replica` and `serve` share; [`exit`] the exit statuses and quiet printing. `main.rs` only
+//! parses and dispatches.
 
 pub mod ctl;
 pub mod daemon;
+pub mod exit;
 pub mod health;
 pub mod replica;
 pub mod resolve;

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::health::HealthArgs;
+use super::{
+    exit::CliError,
+    health::{HealthArgs, MonitorSettings},
+};
 use crate::{
     config::{ReplicaFile, Size},
     health::{monitor::NodeHealth, score::ScoreConfig},
@@ -26,7 +29,8 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
 /// default is in the help text and applied after the file).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplicaArgs {
-    /// TOML config file (see README); flags given on the command line override it.
+    /// TOML config file (e.g. /etc/mirror/replica.toml, see mirror(8) FILES); flags given on the
+    /// command line override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:7700].
@@ -66,6 +70,8 @@ pub struct ReplicaSettings {
     pub rate: SyncRate,
     /// How the node's health is scored (the file's `[health]` table).
     pub score: ScoreConfig,
+    /// The health monitor (the flags over the file's `[monitor]` table).
+    pub monitor: MonitorSettings,
 }
 
 impl ReplicaArgs {
@@ -101,6 +107,7 @@ impl ReplicaArgs {
                 max_bps: rate(self.sync_max_rate, &file.sync_max_rate, default.max_bps)?,
             },
             score: file.health.clone().unwrap_or_default(),
+            monitor: self.health.settings(&file.monitor),
         })
     }
 
@@ -108,10 +115,10 @@ impl ReplicaArgs {
     /// ready.
     pub fn run(self, rt: &tokio::runtime::Runtime) -> Result<()> {
         let file = match &self.config {
-            Some(p) => ReplicaFile::load(p)?,
+            Some(p) => ReplicaFile::load(p).map_err(CliError::usage)?,
             None => ReplicaFile::default(),
         };
-        let s = self.settings(&file)?;
+        let s = self.settings(&file).map_err(CliError::usage)?;
         let cfg = ServerConfig {
             listen: s.listen,
             volumes: s.volumes,
@@ -124,7 +131,7 @@ impl ReplicaArgs {
         let server = Server::start(cfg)?;
         // After the start: a volume file created by it now exists to tell its disk.
         let _rt_guard = rt.enter();
-        self.health.spawn(&node_health, first_volume.as_deref(), s.score);
+        s.monitor.spawn(&node_health, first_volume.as_deref(), s.score);
         let stop = super::shutdown_signal();
         crate::announce(format_args!("listening on {}", server.addr));
         rt.block_on(stop);

@@ -27,7 +27,7 @@ impl ResolveArgs {
         anyhow::ensure!(discard, "--discard is required");
         let mut c = Client::connect(&node, &volume, &load_secret(&secret_file)?)?;
         c.call_ok(&Message::ResolveDiscard)?;
-        println!(
+        crate::outln!(
             "{volume} on {node}: data discarded; sync onto it from the other replica (a full, digest-compared sync)"
         );
         Ok(())

@@ -6,10 +6,15 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 
-use super::health::HealthArgs;
+use super::{
+    exit::CliError,
+    health::{HealthArgs, MonitorSettings},
+};
 use crate::{
+    config::{EngineFile, ServeFile},
     frontend::ublk::UblkArgs,
     health::monitor::NodeHealth,
+    health::score::ScoreConfig,
     replication::{auth::load_secret, rate::SyncRate},
     serve::{Endpoints, Frontend},
     volume::open::{ReplicaSpec, VolumeConfig},
@@ -20,23 +25,31 @@ use crate::{
     },
 };
 
-/// `mirror serve` flags.
+/// `mirror serve` flags. Those that the config file (`--config`) can set too have no clap
+/// default: the default is in the help text and applied after the file ([`ServeArgs::settings`]).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Volume name (as the replica servers know it).
+    /// TOML config file (e.g. /etc/mirror/volumes/NAME.toml): its keys are these flags' names
+    /// with `_` for `-`, the engine's in an [engine] table, the health monitor's in [monitor];
+    /// flags given on the command line override it.
     #[arg(long)]
-    pub volume: String,
-    /// The source replica: local:PATH[:SIZE] or remote:HOST:PORT.
+    pub config: Option<PathBuf>,
+    /// Volume name (as the replica servers know it). Required, here or in --config.
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// The source replica: local:PATH[:SIZE] or remote:HOST:PORT. Required, here or in --config.
     #[arg(long, value_parser = ReplicaSpec::parse)]
-    pub source: ReplicaSpec,
-    /// The target replica: local:PATH[:SIZE] or remote:HOST:PORT.
+    pub source: Option<ReplicaSpec>,
+    /// The target replica: local:PATH[:SIZE] or remote:HOST:PORT. Required, here or in --config.
     #[arg(long, value_parser = ReplicaSpec::parse)]
-    pub target: ReplicaSpec,
+    pub target: Option<ReplicaSpec>,
+    /// File holding the shared secret (>= 16 bytes) the replicas authenticate with. Required,
+    /// here, in MIRROR_SECRET_FILE or in --config.
     #[arg(long, env = "MIRROR_SECRET_FILE")]
-    pub secret_file: PathBuf,
-    /// NBD on TCP (port 0 picks a free one).
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    pub nbd: SocketAddr,
+    pub secret_file: Option<PathBuf>,
+    /// NBD on TCP (port 0 picks a free one) [default: 127.0.0.1:10809].
+    #[arg(long)]
+    pub nbd: Option<SocketAddr>,
     /// Also serve NBD on this Unix socket.
     #[arg(long)]
     pub nbd_unix: Option<PathBuf>,
@@ -47,15 +60,15 @@ pub struct ServeArgs {
     /// weights; `mirror ctl weights auto` hands it to the engine.
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub target_weight: Option<u8>,
-    /// Where a local source replica is served to its peer (for resync).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub source_listen: String,
-    /// Where a local target replica is served to its peer (for resync).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub target_listen: String,
-    /// Connections per remote replica.
-    #[arg(long, default_value_t = 4)]
-    pub conns: usize,
+    /// Where a local source replica is served to its peer (for resync) [default: 127.0.0.1:0].
+    #[arg(long)]
+    pub source_listen: Option<String>,
+    /// Where a local target replica is served to its peer (for resync) [default: 127.0.0.1:0].
+    #[arg(long)]
+    pub target_listen: Option<String>,
+    /// Connections per remote replica [default: 4].
+    #[arg(long)]
+    pub conns: Option<usize>,
     /// Start even when a replica cannot be reached and the other's metadata does not show it
     /// as behind: the operator vouches that the missing replica holds no newer writes. The
     /// survivor records every write; the missing replica is resynced when it returns (one
@@ -68,11 +81,11 @@ pub struct ServeArgs {
     /// replicas share a generation.
     #[arg(long)]
     pub assume_clean: bool,
-    /// Control socket for `mirror ctl` (root only).
-    #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
-    pub ctl_socket: PathBuf,
+    /// Control socket for `mirror ctl` (root only) [default: /run/mirror/ctl.sock].
+    #[arg(long)]
+    pub ctl_socket: Option<PathBuf>,
     /// Serve Prometheus metrics (weights, mode, node health and signals, per-replica
-    /// counters) at http://ADDR/metrics; prints `metrics on ADDR` when ready.
+    /// counters, sync progress) at http://ADDR/metrics; prints `metrics on ADDR` when ready.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
     #[command(flatten)]
@@ -81,11 +94,36 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub health: HealthArgs,
     /// Also expose the volume as /dev/ublkbN: `ublk` (fail when the kernel has no ublk),
-    /// `auto` (ublk when available, else NBD only), `nbd` (NBD only). NBD is always served.
-    #[arg(long, value_enum, default_value_t = Frontend::Nbd)]
-    pub frontend: Frontend,
+    /// `auto` (ublk when available, else NBD only), `nbd` (NBD only). NBD is always served
+    /// [default: nbd].
+    #[arg(long, value_enum)]
+    pub frontend: Option<Frontend>,
     #[command(flatten)]
     pub ublk: UblkArgs,
+}
+
+/// Defaults of `mirror serve` that neither a flag nor the file gave.
+pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
+/// Where local replicas are served to their peer by default (a free loopback port).
+pub const DEFAULT_LOCAL_LISTEN: &str = "127.0.0.1:0";
+/// Connections per remote replica by default.
+pub const DEFAULT_CONNS: usize = 4;
+
+/// What `mirror serve` runs with: the flags over the config file over the defaults.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub volume: String,
+    pub source: ReplicaSpec,
+    pub target: ReplicaSpec,
+    pub secret_file: PathBuf,
+    /// Where local source and target replicas are served to their peer.
+    pub local_listen: [String; 2],
+    pub conns: usize,
+    pub driver: DriverConfig,
+    pub endpoints: Endpoints,
+    pub monitor: MonitorSettings,
+    /// How this node's health is scored (the file's `[health]` table).
+    pub score: ScoreConfig,
 }
 
 /// The read policy's name on the command line (`--policy`); [`Policy`] is the policy itself.
@@ -96,79 +134,99 @@ pub enum PolicyName {
     Seed,
 }
 
-/// The weighting engine's settings.
+/// The weighting engine's settings. Each can come from the config file's `[engine]` table too,
+/// so none has a clap default (the default is in the help text, applied in [`Self::config`]).
 #[derive(clap::Args, Debug, Clone)]
 pub struct EngineArgs {
     /// `adaptive` (default: no reads to the target while the source is healthy; predictive
     /// shift, hysteresis, failover, gradual failback) or `seed` (source health x 0.6 and target
     /// health x 0.4, normalized to 100; factors from --seed-factors).
-    #[arg(long, value_enum, default_value_t = PolicyName::Adaptive)]
-    pub policy: PolicyName,
-    /// Factors of the seed policy: SOURCE,TARGET.
-    #[arg(long, default_value = "0.6,0.4")]
-    pub seed_factors: String,
-    /// Source health at or above which it needs no help.
-    #[arg(long, default_value_t = 80.0)]
-    pub good_health: f64,
-    /// Source health below which reads fail over to the target at once.
-    #[arg(long, default_value_t = 30.0)]
-    pub critical_health: f64,
-    /// No heartbeat answer from the source for this long: failover.
-    #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
-    pub heartbeat_timeout: Duration,
-    /// After a failover: the source must be in sync and healthy this long before failback.
-    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
-    pub failback_hold: Duration,
-    /// Length of the failback ramp from 100% target back to the normal share.
-    #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
-    pub ramp: Duration,
+    #[arg(long, value_enum)]
+    pub policy: Option<PolicyName>,
+    /// Factors of the seed policy: SOURCE,TARGET [default: 0.6,0.4].
+    #[arg(long)]
+    pub seed_factors: Option<String>,
+    /// Source health at or above which it needs no help [default: 80].
+    #[arg(long)]
+    pub good_health: Option<f64>,
+    /// Source health below which reads fail over to the target at once [default: 30].
+    #[arg(long)]
+    pub critical_health: Option<f64>,
+    /// No heartbeat answer from the source for this long: failover [default: 1s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
+    /// After a failover: the source must be in sync and healthy this long before failback
+    /// [default: 10s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub failback_hold: Option<Duration>,
+    /// Length of the failback ramp from 100% target back to the normal share [default: 30s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub ramp: Option<Duration>,
     /// Spread reads by health (seed formula) even when the source is healthy.
     #[arg(long)]
     pub balance_reads: bool,
-    /// How often the engine takes a sample and heartbeats are sent.
-    #[arg(long, default_value = "100ms", value_parser = crate::parse_duration)]
-    pub tick: Duration,
+    /// How often the engine takes a sample and heartbeats are sent [default: 100ms].
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub tick: Option<Duration>,
+}
+
+/// The engine's defaults when neither a flag nor the file says (the flags' help repeats them).
+mod engine_default {
+    use std::time::Duration;
+    pub const SEED_FACTORS: &str = "0.6,0.4";
+    pub const GOOD_HEALTH: f64 = 80.0;
+    pub const CRITICAL_HEALTH: f64 = 30.0;
+    pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
+    pub const FAILBACK_HOLD: Duration = Duration::from_secs(10);
+    pub const RAMP: Duration = Duration::from_secs(30);
+    pub const TICK: Duration = Duration::from_millis(100);
 }
 
 impl EngineArgs {
-    /// The weighting loop's settings, checked; `initial_pin` is `--target-weight`.
-    pub fn config(&self, initial_pin: Option<u8>) -> Result<DriverConfig> {
-        let policy = match self.policy {
+    /// The weighting loop's settings, the flags over the file's `[engine]` table, checked;
+    /// `initial_pin` is `--target-weight`. An error names the flag (and so the key).
+    pub fn config(&self, file: &EngineFile, initial_pin: Option<u8>) -> Result<DriverConfig> {
+        use engine_default as d;
+        let seed_factors =
+            self.seed_factors.as_deref().or(file.seed_factors.as_deref()).unwrap_or(d::SEED_FACTORS);
+        let policy = match self.policy.or(file.policy).unwrap_or(PolicyName::Adaptive) {
             PolicyName::Seed => {
-                let (a, b) = self
-                    .seed_factors
+                let (a, b) = seed_factors
                     .split_once(',')
                     .and_then(|(a, b)| Some((a.trim().parse::<f64>().ok()?, b.trim().parse::<f64>().ok()?)))
                     .filter(|(a, b)| *a >= 0.0 && *b >= 0.0 && a + b > 0.0)
                     .ok_or_else(|| {
                         anyhow::anyhow!(
-                            "--seed-factors `{}`: expected two non-negative numbers, e.g. 0.6,0.4",
-                            self.seed_factors
+                            "--seed-factors `{seed_factors}`: expected two non-negative numbers, e.g. 0.6,0.4"
                         )
                     })?;
                 Policy::Seed(SeedLinear { source_factor: a, target_factor: b })
             }
             PolicyName::Adaptive => Policy::Adaptive,
         };
+        let good = self.good_health.or(file.good_health).unwrap_or(d::GOOD_HEALTH);
+        let critical = self.critical_health.or(file.critical_health).unwrap_or(d::CRITICAL_HEALTH);
         anyhow::ensure!(
-            (0.0..=100.0).contains(&self.critical_health)
-                && self.critical_health < self.good_health
-                && self.good_health <= 100.0,
+            (0.0..=100.0).contains(&critical) && critical < good && good <= 100.0,
             "need 0 <= --critical-health < --good-health <= 100"
         );
-        anyhow::ensure!(self.tick >= Duration::from_millis(10), "--tick must be at least 10ms");
+        let tick = self.tick.or(file.tick).unwrap_or(d::TICK);
+        anyhow::ensure!(tick >= Duration::from_millis(10), "--tick must be at least 10ms");
         Ok(DriverConfig {
             engine: EngineConfig {
                 policy,
-                good: self.good_health,
-                critical: self.critical_health,
-                heartbeat_timeout: self.heartbeat_timeout,
-                failback_hold: self.failback_hold,
-                ramp: self.ramp,
-                balance_reads: self.balance_reads,
+                good,
+                critical,
+                heartbeat_timeout: self
+                    .heartbeat_timeout
+                    .or(file.heartbeat_timeout)
+                    .unwrap_or(d::HEARTBEAT_TIMEOUT),
+                failback_hold: self.failback_hold.or(file.failback_hold).unwrap_or(d::FAILBACK_HOLD),
+                ramp: self.ramp.or(file.ramp).unwrap_or(d::RAMP),
+                balance_reads: self.balance_reads || file.balance_reads,
                 ..Default::default()
             },
-            tick: self.tick,
+            tick,
             initial_pin,
             ..Default::default()
         })
@@ -176,41 +234,86 @@ impl EngineArgs {
 }
 
 impl ServeArgs {
-    /// Checks the engine's settings, starts this node's health monitor (scoring the disk under
-    /// the first local replica), then serves until SIGINT / SIGTERM.
+    /// Lays the flags over `file`, and both over the defaults; checks the engine's settings and
+    /// names what is missing.
+    pub fn settings(&self, file: &ServeFile) -> Result<ServeSettings> {
+        let missing = |flag: &str, key: &str| {
+            anyhow::anyhow!("{flag} is required: give it on the command line or `{key}` in --config")
+        };
+        let volume =
+            self.volume.clone().or(file.volume.clone()).ok_or_else(|| missing("--volume NAME", "volume"))?;
+        let source =
+            self.source.clone().or(file.source.clone()).ok_or_else(|| missing("--source SPEC", "source"))?;
+        let target =
+            self.target.clone().or(file.target.clone()).ok_or_else(|| missing("--target SPEC", "target"))?;
+        let secret_file = self.secret_file.clone().or(file.secret_file.clone()).ok_or_else(|| {
+            anyhow::anyhow!("a shared secret is required: --secret-file FILE (or secret_file in --config); create one with `head -c 32 /dev/urandom | base64 > FILE`")
+        })?;
+        let conns = self.conns.or(file.conns).unwrap_or(DEFAULT_CONNS);
+        anyhow::ensure!(conns >= 1, "--conns: at least 1 connection per remote replica");
+        let listen = |flag: &Option<String>, key: &Option<String>| {
+            flag.clone().or(key.clone()).unwrap_or_else(|| DEFAULT_LOCAL_LISTEN.into())
+        };
+        let monitor = self.health.settings(&file.monitor);
+        let endpoints = Endpoints {
+            nbd: self.nbd.or(file.nbd).unwrap_or_else(|| DEFAULT_NBD.parse().expect("a socket address")),
+            nbd_unix: self.nbd_unix.clone().or(file.nbd_unix.clone()),
+            export: self.export.clone().or(file.export.clone()).unwrap_or_else(|| volume.clone()),
+            ctl_socket: self
+                .ctl_socket
+                .clone()
+                .or(file.ctl_socket.clone())
+                .unwrap_or_else(|| crate::control::DEFAULT_SOCKET.into()),
+            metrics: self.metrics.or(file.metrics),
+            pin_dir: monitor.pin_dir.clone(),
+            frontend: self.frontend.or(file.frontend).unwrap_or(Frontend::Nbd),
+            ublk: self.ublk.options(),
+        };
+        Ok(ServeSettings {
+            driver: self.engine.config(&file.engine, self.target_weight)?,
+            volume,
+            source,
+            target,
+            secret_file,
+            local_listen: [
+                listen(&self.source_listen, &file.source_listen),
+                listen(&self.target_listen, &file.target_listen),
+            ],
+            conns,
+            endpoints,
+            monitor,
+            score: file.health.clone().unwrap_or_default(),
+        })
+    }
+
+    /// Reads the config file, settles the settings, starts this node's health monitor (scoring
+    /// the disk under the first local replica), then serves until SIGINT / SIGTERM.
     pub async fn run(self) -> Result<()> {
-        let driver = self.engine.config(self.target_weight)?;
-        let local = [&self.source, &self.target].into_iter().find_map(|r| match r {
+        let file = match &self.config {
+            Some(p) => ServeFile::load(p).map_err(CliError::usage)?,
+            None => ServeFile::default(),
+        };
+        let s = self.settings(&file).map_err(CliError::usage)?;
+        let local = [&s.source, &s.target].into_iter().find_map(|r| match r {
             ReplicaSpec::Local { path, .. } => Some(path.clone()),
             ReplicaSpec::Remote { .. } => None,
         });
         let node_health = NodeHealth::new();
-        self.health.spawn(&node_health, local.as_deref(), Default::default());
-        let volume_name = self.volume.clone();
+        s.monitor.spawn(&node_health, local.as_deref(), s.score);
         let volume = VolumeConfig {
-            name: self.volume,
-            source: self.source,
-            target: self.target,
-            secret: load_secret(&self.secret_file)?,
-            local_listen: [self.source_listen, self.target_listen],
+            name: s.volume,
+            source: s.source,
+            target: s.target,
+            secret: load_secret(&s.secret_file)?,
+            local_listen: s.local_listen,
             target_weight: self.target_weight.unwrap_or(0),
-            conns: self.conns,
+            conns: s.conns,
             rate: SyncRate::default(),
             node_health,
             allow_degraded: self.degraded,
             assume_clean: self.assume_clean,
         };
-        let endpoints = Endpoints {
-            nbd: self.nbd,
-            nbd_unix: self.nbd_unix,
-            export: self.export.unwrap_or_else(|| volume_name.clone()),
-            ctl_socket: self.ctl_socket,
-            metrics: self.metrics,
-            pin_dir: self.health.pin_dir,
-            frontend: self.frontend,
-            ublk: self.ublk.options(),
-        };
-        Ok(crate::serve::run(volume, driver, endpoints, super::shutdown_signal).await?)
+        Ok(crate::serve::run(volume, s.driver, s.endpoints, super::shutdown_signal).await?)
     }
 }
 
@@ -226,7 +329,10 @@ mod tests {
     }
 
     fn engine(argv: &[&str]) -> Result<DriverConfig> {
-        Cmd::try_parse_from(std::iter::once("serve").chain(argv.iter().copied())).unwrap().engine.config(None)
+        Cmd::try_parse_from(std::iter::once("serve").chain(argv.iter().copied()))
+            .unwrap()
+            .engine
+            .config(&EngineFile::default(), None)
     }
 
     #[test]
@@ -258,5 +364,213 @@ mod tests {
             assert!(e.contains("--critical-health < --good-health"), "{bad:?}: {e}");
         }
         assert!(engine(&["--tick", "5ms"]).unwrap_err().to_string().contains("--tick"));
+    }
+
+    #[derive(Parser)]
+    struct ServeCmd {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn serve(argv: &[&str]) -> ServeArgs {
+        let mut a =
+            ServeCmd::try_parse_from(std::iter::once("serve").chain(argv.iter().copied())).unwrap().args;
+        // Not from the environment: MIRROR_SECRET_FILE may be set where the tests run.
+        if !argv.contains(&"--secret-file") {
+            a.secret_file = None;
+        }
+        a
+    }
+
+    const FILE: &str = r#"
+        volume = "vol0"
+        source = "local:/var/lib/mirror/vol0.img:1G"
+        target = "remote:10.0.0.2:7700"
+        secret_file = "/etc/mirror/secret"
+        nbd = "0.0.0.0:10810"
+        nbd_unix = "/run/mirror/vol0.nbd"
+        source_listen = "0.0.0.0:7700"
+        conns = 2
+        ctl_socket = "/run/mirror/vol0.ctl"
+        metrics = "127.0.0.1:9187"
+        frontend = "auto"
+        [engine]
+        policy = "seed"
+        seed_factors = "1,1"
+        good_health = 70
+        failback_hold = "3s"
+        balance_reads = true
+        [monitor]
+        interval = "1s"
+        probe = ["http://127.0.0.1:8080/health,timeout=1s"]
+        pin_dir = "/run/mirror/bpf"
+        [health]
+        disk_ratio_good = 3.0
+    "#;
+
+    #[test]
+    fn the_serve_file_fills_in_what_the_flags_leave_out() {
+        let file = ServeFile::parse(FILE).unwrap();
+        let s = serve(&[]).settings(&file).unwrap();
+        assert_eq!(s.volume, "vol0");
+        assert_eq!(
+            s.source,
+            ReplicaSpec::Local { path: "/var/lib/mirror/vol0.img".into(), size: Some(1 << 30) }
+        );
+        assert_eq!(s.target, ReplicaSpec::Remote { addr: "10.0.0.2:7700".into() });
+        assert_eq!(s.secret_file, PathBuf::from("/etc/mirror/secret"));
+        assert_eq!(s.local_listen, ["0.0.0.0:7700".to_string(), DEFAULT_LOCAL_LISTEN.to_string()]);
+        assert_eq!(s.conns, 2);
+        let e = &s.endpoints;
+        assert_eq!(e.nbd, "0.0.0.0:10810".parse().unwrap());
+        assert_eq!(e.nbd_unix.as_deref(), Some(std::path::Path::new("/run/mirror/vol0.nbd")));
+        assert_eq!(e.export, "vol0", "the export is named after the volume");
+        assert_eq!(e.ctl_socket, PathBuf::from("/run/mirror/vol0.ctl"));
+        assert_eq!(e.metrics, Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(e.frontend, Frontend::Auto);
+        assert_eq!(
+            e.pin_dir,
+            PathBuf::from("/run/mirror/bpf"),
+            "the weights map goes where the monitor reads"
+        );
+        let en = &s.driver.engine;
+        assert_eq!(en.policy, Policy::Seed(SeedLinear { source_factor: 1.0, target_factor: 1.0 }));
+        assert_eq!((en.good, en.critical), (70.0, 30.0));
+        assert_eq!((en.failback_hold, en.ramp), (Duration::from_secs(3), Duration::from_secs(30)));
+        assert!(en.balance_reads);
+        assert_eq!(s.monitor.interval, Duration::from_secs(1));
+        assert_eq!(s.monitor.probes.len(), 1);
+        assert_eq!(s.score.disk_ratio_good, 3.0);
+    }
+
+    #[test]
+    fn serve_flags_override_the_file() {
+        let file = ServeFile::parse(FILE).unwrap();
+        let s = serve(&[
+            "--volume",
+            "vol1",
+            "--source",
+            "remote:10.0.0.1:7700",
+            "--target",
+            "local:/tmp/t.img",
+            "--secret-file",
+            "/tmp/s",
+            "--nbd",
+            "127.0.0.1:0",
+            "--source-listen",
+            "127.0.0.1:7701",
+            "--conns",
+            "8",
+            "--ctl-socket",
+            "/tmp/ctl",
+            "--metrics",
+            "127.0.0.1:0",
+            "--frontend",
+            "nbd",
+            "--policy",
+            "adaptive",
+            "--good-health",
+            "90",
+            "--failback-hold",
+            "1s",
+            "--health-interval",
+            "100ms",
+            "--probe",
+            "http://127.0.0.1:9000/",
+            "--pin-dir",
+            "/tmp/pins",
+            "--target-weight",
+            "40",
+        ])
+        .settings(&file)
+        .unwrap();
+        assert_eq!(s.volume, "vol1");
+        assert_eq!(s.source, ReplicaSpec::Remote { addr: "10.0.0.1:7700".into() });
+        assert_eq!(s.target, ReplicaSpec::Local { path: "/tmp/t.img".into(), size: None });
+        assert_eq!(s.secret_file, PathBuf::from("/tmp/s"));
+        assert_eq!(s.local_listen[0], "127.0.0.1:7701");
+        assert_eq!(s.conns, 8);
+        assert_eq!(s.endpoints.nbd, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(s.endpoints.export, "vol1", "the export follows the volume the flags name");
+        assert_eq!(s.endpoints.ctl_socket, PathBuf::from("/tmp/ctl"));
+        assert_eq!(s.endpoints.metrics, Some("127.0.0.1:0".parse().unwrap()));
+        assert_eq!(s.endpoints.frontend, Frontend::Nbd);
+        assert_eq!(s.endpoints.pin_dir, PathBuf::from("/tmp/pins"));
+        assert_eq!(s.driver.engine.policy, Policy::Adaptive);
+        assert_eq!(s.driver.engine.good, 90.0);
+        assert_eq!(s.driver.engine.failback_hold, Duration::from_secs(1));
+        assert_eq!(s.driver.initial_pin, Some(40));
+        assert_eq!(s.monitor.interval, Duration::from_millis(100));
+        let urls: Vec<_> = s.monitor.probes.iter().map(|p| p.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            ["http://127.0.0.1:8080/health", "http://127.0.0.1:9000/"],
+            "the file's, then the flags'"
+        );
+    }
+
+    #[test]
+    fn serve_defaults_apply_without_a_file_and_what_is_missing_is_named() {
+        let s = serve(&[
+            "--volume",
+            "v",
+            "--source",
+            "local:/tmp/a",
+            "--target",
+            "local:/tmp/b",
+            "--secret-file",
+            "/s",
+        ])
+        .settings(&ServeFile::default())
+        .unwrap();
+        assert_eq!(s.endpoints.nbd, DEFAULT_NBD.parse().unwrap());
+        assert_eq!(s.endpoints.export, "v");
+        assert_eq!(s.endpoints.ctl_socket, PathBuf::from(crate::control::DEFAULT_SOCKET));
+        assert_eq!((s.endpoints.metrics, s.endpoints.nbd_unix.clone()), (None, None));
+        assert_eq!(s.endpoints.frontend, Frontend::Nbd);
+        assert_eq!(s.endpoints.pin_dir, PathBuf::from(mirror_common::PIN_DIR));
+        assert_eq!(s.local_listen, [DEFAULT_LOCAL_LISTEN.to_string(), DEFAULT_LOCAL_LISTEN.to_string()]);
+        assert_eq!(s.conns, DEFAULT_CONNS);
+        assert_eq!(s.monitor.interval, super::super::health::DEFAULT_HEALTH_INTERVAL);
+        let en = &s.driver.engine;
+        assert_eq!((en.policy, en.good, en.critical), (Policy::Adaptive, 80.0, 30.0));
+        assert_eq!(
+            (en.heartbeat_timeout, en.failback_hold, en.ramp, s.driver.tick),
+            (
+                Duration::from_secs(1),
+                Duration::from_secs(10),
+                Duration::from_secs(30),
+                Duration::from_millis(100)
+            )
+        );
+        assert!(!en.balance_reads);
+        let full = ["--volume", "v", "--source", "local:/a", "--target", "local:/b", "--secret-file", "/s"];
+        for (skip, named) in [(0, "--volume"), (2, "--source"), (4, "--target"), (6, "--secret-file")] {
+            let argv: Vec<&str> = full
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip && *i != skip + 1)
+                .map(|(_, a)| *a)
+                .collect();
+            let e = serve(&argv).settings(&ServeFile::default()).unwrap_err().to_string();
+            assert!(e.contains(named) && e.contains("--config"), "{e}");
+        }
+        let e = serve(&full.iter().copied().chain(["--conns", "0"]).collect::<Vec<_>>())
+            .settings(&ServeFile::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("--conns"), "{e}");
+    }
+
+    #[test]
+    fn engine_file_values_are_checked_like_the_flags() {
+        let file = ServeFile::parse("[engine]\ncritical_health = 85").unwrap();
+        let e = serve(&[]).engine.config(&file.engine, None).unwrap_err().to_string();
+        assert!(e.contains("--critical-health < --good-health"), "{e}");
+        let file = ServeFile::parse("[engine]\npolicy = \"seed\"\nseed_factors = \"x\"").unwrap();
+        let e = serve(&[]).engine.config(&file.engine, None).unwrap_err().to_string();
+        assert!(e.contains("--seed-factors") && e.contains('x'), "{e}");
+        // The flag wins over a bad file value.
+        let c = serve(&["--seed-factors", "2,1"]).engine.config(&file.engine, None).unwrap();
+        assert_eq!(c.engine.policy, Policy::Seed(SeedLinear { source_factor: 2.0, target_factor: 1.0 }));
     }
 }

@@ -15,12 +15,16 @@ pub struct StatusArgs {
     pub volume: String,
     #[arg(long, env = "MIRROR_SECRET_FILE")]
     pub secret_file: PathBuf,
+    /// Print JSON. (The status is always printed as JSON; the flag is accepted so that a
+    /// script can pass `--json` to every command that prints state.)
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl StatusArgs {
     pub fn run(self) -> Result<()> {
         let mut c = Client::connect(&self.node, &self.volume, &load_secret(&self.secret_file)?)?;
-        println!("{}", serde_json::to_string_pretty(&c.json(&Message::Status)?)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&c.json(&Message::Status)?)?);
         Ok(())
     }
 }

@@ -5,6 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
 
+use super::exit::CliError;
 use crate::replication::{
     auth::load_secret,
     client::Client,
@@ -56,7 +57,9 @@ impl SyncArgs {
         let mut c = Client::connect(&node, &volume, &load_secret(&secret_file)?)?;
         c.call_ok(&Message::StartJob { kind, peer: peer.clone() })?;
         if no_wait {
-            println!("{kind:?} of {volume} from {node} to {peer} started; `mirror status` shows progress");
+            crate::outln!(
+                "{kind:?} of {volume} from {node} to {peer} started; `mirror status` shows progress"
+            );
             return Ok(());
         }
         let bar = if json {
@@ -86,7 +89,7 @@ impl SyncArgs {
         };
         bar.finish_and_clear();
         if json {
-            println!("{status}");
+            crate::outln!("{status}");
         }
         let state = status["state"].as_str().unwrap_or("?");
         let mib = |k: &str| status[k].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
@@ -101,16 +104,13 @@ impl SyncArgs {
         match state {
             "done" | "up-to-date" | "repaired" => {
                 if !json {
-                    println!("{summary}");
+                    crate::outln!("{summary}");
                 }
                 Ok(())
             }
             "done-mismatches" => {
-                let ranges = status["mismatches"].as_array().map(|a| a.len()).unwrap_or(0);
-                anyhow::bail!(
-                    "verify found {ranges} mismatching range(s) (offset, length): {}",
-                    status["mismatches"]
-                )
+                let count = status["mismatches"].as_array().map(|a| a.len()).unwrap_or(0);
+                Err(CliError::Differ { count, ranges: status["mismatches"].to_string() }.into())
             }
             _ => anyhow::bail!("{kind:?} {state}: {}", status["error"].as_str().unwrap_or("unknown error")),
         }

@@ -21,12 +21,15 @@ pub struct TopArgs {
     /// Number of intervals to show (default: until interrupted).
     #[arg(long)]
     pub count: Option<u64>,
+    /// One JSON object per interval (a line each) instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl TopArgs {
     /// Prints `--count` intervals (or until interrupted).
     pub async fn run(self) -> Result<()> {
-        let TopArgs { pin_dir, interval, count } = self;
+        let TopArgs { pin_dir, interval, count, json } = self;
         let mut prev = bpf::read_pinned_all(&pin_dir).context("reading the daemon's pinned maps")?;
         let mut prev_t = Instant::now();
         let mut shown = 0u64;
@@ -35,8 +38,12 @@ impl TopArgs {
             let cur = bpf::read_pinned_all(&pin_dir)?;
             let now = Instant::now();
             let s = collector::sample("ebpf", &prev, &cur, now.duration_since(prev_t).as_secs_f64());
-            println!("--- node telemetry (pinned maps in {})", pin_dir.display());
-            print!("{}", view::sample(&s));
+            if json {
+                crate::outln!("{}", serde_json::to_string(&s)?);
+            } else {
+                crate::outln!("--- node telemetry (pinned maps in {})", pin_dir.display());
+                crate::out!("{}", view::sample(&s));
+            }
             prev = cur;
             prev_t = now;
             shown += 1;

@@ -24,12 +24,12 @@ impl UblkArgs {
         match self.cmd {
             UblkCmd::List => {
                 for l in ublk::list()? {
-                    println!("{l}");
+                    crate::outln!("{l}");
                 }
             }
             UblkCmd::Del { id } => {
                 ublk::delete(id)?;
-                println!("ublk device {id} deleted");
+                crate::outln!("ublk device {id} deleted");
             }
         }
         Ok(())

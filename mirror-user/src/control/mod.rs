@@ -217,18 +217,23 @@ fn encode_reply(reply: &Reply) -> String {
     line
 }
 
-/// Serves the control socket at `path` (replacing a stale socket file) until the task is
-/// dropped.
-pub async fn serve(ctl: Arc<Control>, path: PathBuf) -> std::io::Result<()> {
+/// Binds the control socket at `path` (replacing a stale socket file): clients may connect
+/// from the moment this returns, so `mirror serve` binds it before it says it is ready.
+pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    if path.exists() && UnixStream::connect(&path).await.is_err() {
-        std::fs::remove_file(&path)?;
+    if path.exists() && UnixStream::connect(path).await.is_err() {
+        std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(socket = %path.display(), "control socket ready");
+    Ok(listener)
+}
+
+/// Answers the requests of a bound control socket ([`bind`]) until the task is dropped.
+pub async fn serve(ctl: Arc<Control>, listener: UnixListener) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);

@@ -38,7 +38,7 @@ pub struct NodeSnapshot {
 }
 
 /// One operation class on one device during the interval.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct OpSample {
     pub op: &'static str,
     pub iops: f64,
@@ -51,9 +51,10 @@ pub struct OpSample {
 }
 
 /// One device during the interval.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DeviceSample {
-    /// Kernel `dev_t` (major << 20 | minor).
+    /// Kernel `dev_t` (major << 20 | minor); its name in JSON (`mirror top --json`).
+    #[serde(rename = "device", serialize_with = "device_name")]
     pub dev: u32,
     /// Requests in flight at the end of the interval.
     pub inflight: u64,
@@ -62,7 +63,7 @@ pub struct DeviceSample {
 }
 
 /// A latency signal during the interval (run-queue latency, reclaim stalls).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct LatencySample {
     /// Events per second of measured time.
     pub events_per_s: f64,
@@ -77,7 +78,7 @@ pub struct LatencySample {
 }
 
 /// Retransmits towards one peer during the interval.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PeerRetrans {
     pub peer: std::net::IpAddr,
     pub per_s: f64,
@@ -85,14 +86,14 @@ pub struct PeerRetrans {
 
 /// Pressure during the interval: percent of wall time stalled (from the PSI totals), and the
 /// kernel's own 10 s average at the end of the interval.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct PsiSample {
     pub pct: f64,
     pub avg10: f64,
 }
 
 /// PSI of the node during the interval.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct PressureSample {
     pub cpu_some: PsiSample,
     pub memory_some: PsiSample,
@@ -101,9 +102,14 @@ pub struct PressureSample {
     pub io_full: PsiSample,
 }
 
+/// A device as JSON names it: `vda`, `loop0` (or `MAJ:MIN` when unknown).
+fn device_name<S: serde::Serializer>(dev: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&blk::dev_name(*dev))
+}
+
 /// What the node looked like during one interval: the input of the health monitor and of the
 /// metrics endpoint.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TelemetrySample {
     /// `ebpf` or `procfs`.
     pub source: &'static str,
