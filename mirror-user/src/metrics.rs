@@ -15,7 +15,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::weights::driver::Driver;
+use crate::{
+    volume::replica::{ReplicaSnapshot, ReplicaState},
+    weights::{driver::Driver, status::ServeStatus},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReplicaLabel {
@@ -35,9 +38,11 @@ struct ModeLabel {
 
 type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
 type Counters = Family<ReplicaLabel, Counter<u64>>;
+/// One counter of a replica's snapshot.
+type Field = fn(&ReplicaSnapshot) -> u64;
 
-/// Encodes a status snapshot (as `Driver::status_json` makes it) in the Prometheus text format.
-pub fn encode_status(st: &serde_json::Value) -> String {
+/// Encodes a status snapshot (as [`Driver::status`] makes it) in the Prometheus text format.
+pub fn encode_status(st: &ServeStatus) -> String {
     let mut reg = Registry::with_prefix("mirror");
     let weight = Family::<ReplicaLabel, Gauge>::default();
     reg.register("read_weight", "Share of reads sent to the replica, percent", weight.clone());
@@ -59,20 +64,20 @@ pub fn encode_status(st: &serde_json::Value) -> String {
     );
     let sig_score = Family::<SignalLabel, GaugeF>::default();
     reg.register("node_signal_score", "Health signal sub-score 0-100", sig_score.clone());
-    let counters: Vec<(&str, Counters)> = [
-        ("reads", "Reads served by the replica"),
-        ("writes", "Writes completed by the replica"),
-        ("read_bytes", "Bytes read from the replica"),
-        ("write_bytes", "Bytes written to the replica"),
-        ("errors", "I/O errors of the replica"),
-        ("timeouts", "Reads that missed their deadline on the replica"),
-        ("retries", "Reads retried on the other replica"),
+    let counters: Vec<(Field, Counters)> = [
+        ("reads", "Reads served by the replica", (|r| r.reads) as Field),
+        ("writes", "Writes completed by the replica", |r| r.writes),
+        ("read_bytes", "Bytes read from the replica", |r| r.read_bytes),
+        ("write_bytes", "Bytes written to the replica", |r| r.write_bytes),
+        ("errors", "I/O errors of the replica", |r| r.errors),
+        ("timeouts", "Reads that missed their deadline on the replica", |r| r.timeouts),
+        ("retries", "Reads retried on the other replica", |r| r.retries),
     ]
     .into_iter()
-    .map(|(k, help)| {
+    .map(|(name, help, field)| {
         let f = Family::<ReplicaLabel, Counter<u64>>::default();
-        reg.register(format!("replica_{k}"), help, f.clone());
-        (k, f)
+        reg.register(format!("replica_{name}"), help, f.clone());
+        (field, f)
     })
     .collect();
     let sync_done = Family::<ReplicaLabel, Gauge>::default();
@@ -94,34 +99,33 @@ pub fn encode_status(st: &serde_json::Value) -> String {
         latency.clone(),
     );
 
-    let w_target = st["weights"]["target"].as_i64().unwrap_or(0);
-    if let Some(m) = st["mode"].as_str() {
-        mode.get_or_create(&ModeLabel { mode: m.to_lowercase() }).set(1);
-    }
-    changes.inc_by(st["weight_changes"].as_u64().unwrap_or(0));
-    for r in st["replicas"].as_array().into_iter().flatten() {
-        let role = r["role"].as_str().unwrap_or("?").to_string();
-        let l = ReplicaLabel { replica: role.clone() };
-        weight.get_or_create(&l).set(if role == "target" { w_target } else { 100 - w_target });
-        if let Some(h) = r["node"]["health"].as_i64() {
-            health.get_or_create(&l).set(h);
+    let w = &st.router.weights;
+    mode.get_or_create(&ModeLabel { mode: format!("{:?}", st.mode).to_lowercase() }).set(1);
+    changes.inc_by(st.weight_changes);
+    for r in st.replicas() {
+        let (snap, node) = (&r.replica, &r.node);
+        let l = ReplicaLabel { replica: snap.role.clone() };
+        weight.get_or_create(&l).set(i64::from(if snap.role == "target" {
+            w.target
+        } else {
+            100 - w.target
+        }));
+        if let Some(h) = node.health {
+            health.get_or_create(&l).set(i64::from(h));
         }
-        up.get_or_create(&l).set(i64::from(r["node"]["reachable"] != false));
-        in_sync.get_or_create(&l).set(i64::from(r["state"] == "in-sync"));
+        up.get_or_create(&l).set(i64::from(node.reachable));
+        in_sync.get_or_create(&l).set(i64::from(snap.state == ReplicaState::InSync));
         for (k, f) in &counters {
-            f.get_or_create(&l).inc_by(r[*k].as_u64().unwrap_or(0));
+            f.get_or_create(&l).inc_by(k(snap));
         }
-        let job = &r["node"]["sync"];
-        sync_done.get_or_create(&l).set(job["done_bytes"].as_i64().unwrap_or(0));
-        sync_total.get_or_create(&l).set(job["total_bytes"].as_i64().unwrap_or(0));
-        let lat =
-            r["read_latency_us"].as_f64().unwrap_or(0.0).max(r["write_latency_us"].as_f64().unwrap_or(0.0));
-        latency.get_or_create(&l).set(lat / 1e6);
-        for s in r["node"]["signals"].as_array().into_iter().flatten() {
-            let sl =
-                SignalLabel { replica: role.clone(), signal: s["name"].as_str().unwrap_or("?").to_string() };
-            sig_value.get_or_create(&sl).set(s["value"].as_f64().unwrap_or(f64::NAN));
-            sig_score.get_or_create(&sl).set(s["score"].as_f64().unwrap_or(f64::NAN));
+        let (done, total) = node.sync.as_ref().map_or((0, 0), |j| (j.done_bytes, j.total_bytes));
+        sync_done.get_or_create(&l).set(i64::try_from(done).unwrap_or(i64::MAX));
+        sync_total.get_or_create(&l).set(i64::try_from(total).unwrap_or(i64::MAX));
+        latency.get_or_create(&l).set(r.latency_us() as f64 / 1e6);
+        for s in node.signals.iter().flatten() {
+            let sl = SignalLabel { replica: snap.role.clone(), signal: s.name.clone() };
+            sig_value.get_or_create(&sl).set(s.value);
+            sig_score.get_or_create(&sl).set(s.score);
         }
     }
     let mut out = String::new();
@@ -143,7 +147,7 @@ pub async fn serve(driver: Arc<Driver>, addr: SocketAddr) -> std::io::Result<Soc
                     let d = d.clone();
                     async move {
                         let resp = if req.uri().path() == "/metrics" {
-                            let body = encode_status(&d.status_json().await);
+                            let body = encode_status(&d.status().await);
                             Response::builder()
                                 .header(
                                     "content-type",
@@ -167,33 +171,40 @@ pub async fn serve(driver: Arc<Driver>, addr: SocketAddr) -> std::io::Result<Soc
 
 #[cfg(test)]
 mod tests {
+    use crate::{
+        volume::replica::ReplicaState,
+        weights::{engine::Mode, status::example},
+    };
+
     #[test]
     fn encodes_weights_health_signals_and_counters() {
-        let st = serde_json::json!({
-            "mode": "Failover", "weight_changes": 3,
-            "weights": {"source": 0, "target": 100},
-            "replicas": [
-                {"role": "source", "state": "failed", "reads": 10, "writes": 20, "read_bytes": 40960,
-                 "write_bytes": 81920, "errors": 1, "timeouts": 0, "retries": 2,
-                 "read_latency_us": 150, "write_latency_us": 900,
-                 "node": {"health": 12, "reachable": true, "signals": [
-                     {"name": "disk_latency_ratio", "value": 14.5, "unit": "x baseline", "score": 0.0}]}},
-                {"role": "target", "state": "in-sync", "reads": 7, "writes": 20,
-                 "node": {"health": 97, "reachable": true, "signals": [],
-                          "sync": {"state": "syncing", "done_bytes": 1024, "total_bytes": 4096}}},
-            ],
-        });
+        let mut st = example();
+        st.mode = Mode::Failover;
+        st.router.weights.source = 0;
+        st.router.weights.target = 100;
+        let [source, target] = &mut st.router.replicas;
+        source.replica.state = ReplicaState::Failed;
+        (source.replica.reads, source.replica.writes, source.node.health) = (10, 20, Some(12));
+        target.node.sync = source.node.sync.take();
+        let job = target.node.sync.as_mut().unwrap();
+        (job.done_bytes, job.total_bytes) = (1024, 4096);
         let text = super::encode_status(&st);
         for want in [
             "mirror_read_weight{replica=\"target\"} 100",
             "mirror_read_weight{replica=\"source\"} 0",
             "mirror_engine_mode{mode=\"failover\"} 1",
             "mirror_node_health{replica=\"source\"} 12",
+            "mirror_node_reachable{replica=\"target\"} 0",
             "mirror_replica_in_sync{replica=\"source\"} 0",
+            "mirror_replica_in_sync{replica=\"target\"} 1",
             "mirror_replica_reads_total{replica=\"source\"} 10",
+            "mirror_replica_writes_total{replica=\"source\"} 20",
+            "mirror_replica_read_bytes_total{replica=\"source\"} 50565120",
             "mirror_replica_errors_total{replica=\"source\"} 1",
+            "mirror_replica_retries_total{replica=\"source\"} 2",
             "mirror_weight_changes_total 3",
             "mirror_node_signal_value{replica=\"source\",signal=\"disk_latency_ratio\"} 14.5",
+            "mirror_node_signal_score{replica=\"source\",signal=\"disk_latency_ratio\"} 0.0",
             "mirror_replica_latency_seconds{replica=\"source\"} 0.0009",
             "mirror_replica_sync_done_bytes{replica=\"target\"} 1024",
             "mirror_replica_sync_total_bytes{replica=\"target\"} 4096",
@@ -202,5 +213,6 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+        assert!(!text.contains("mirror_node_health{replica=\"target\"}"), "no score yet, no sample:\n{text}");
     }
 }

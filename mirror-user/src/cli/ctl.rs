@@ -5,7 +5,11 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
 
-use crate::control::{request, Request, WeightsReply};
+use crate::{
+    control::{request, Request, WeightsReply},
+    volume::replica::ReplicaState,
+    weights::status::{ReplicaStatus, ServeStatus},
+};
 
 /// `mirror ctl` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -81,7 +85,7 @@ impl CtlArgs {
             CtlCmd::Status { watch: false, .. } => {
                 let st = request(socket, &Request::Status).await?.into_status()?;
                 if json {
-                    crate::outln!("{}", serde_json::to_string_pretty(&st)?);
+                    crate::outln!("{}", serde_json::to_string_pretty(&sorted(&st)?)?);
                 } else {
                     crate::out!("{}", status_table(&st));
                 }
@@ -144,7 +148,7 @@ async fn watch(socket: &std::path::Path, interval: Duration, json: bool) -> Resu
         let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
         match (&st, terminal, json) {
             (Ok(st), true, _) => crate::out!("{}", watch_screen(st, &now.to_string(), interval)),
-            (Ok(st), false, true) => crate::outln!("{}", serde_json::to_string(st)?),
+            (Ok(st), false, true) => crate::outln!("{}", sorted(st)?),
             (Ok(st), false, false) => crate::outln!("{now} {}", status_line(st)),
             (Err(e), true, _) => crate::out!("{CLEAR}{now}  {e}\n"),
             (Err(e), false, _) => crate::outln!("{now} unreachable: {e}"),
@@ -154,6 +158,12 @@ async fn watch(socket: &std::path::Path, interval: Duration, json: bool) -> Resu
         crate::outln!();
     }
     Ok(())
+}
+
+/// The status as the JSON document `--json` prints: its keys sorted at every level, as they
+/// always were (docs/status.md lists them).
+fn sorted(st: &ServeStatus) -> serde_json::Result<serde_json::Value> {
+    serde_json::to_value(st)
 }
 
 /// Moves the cursor home and clears the screen (ANSI), for a redrawn `--watch` screen.
@@ -166,10 +176,10 @@ fn bar(percent: u64) -> String {
 }
 
 /// The `--watch` screen: weights as bars with the mode, the status table, the last weight changes.
-pub fn watch_screen(st: &serde_json::Value, now: &str, interval: Duration) -> String {
+pub fn watch_screen(st: &ServeStatus, now: &str, interval: Duration) -> String {
     use std::fmt::Write;
     let mut o = String::from(CLEAR);
-    let tw = st["weights"]["target"].as_u64().unwrap_or(0);
+    let tw = u64::from(st.target_weight());
     let _ = writeln!(
         o,
         "mirror ctl status --watch   every {}   {now}   (Ctrl-C stops)\n",
@@ -185,17 +195,16 @@ pub fn watch_screen(st: &serde_json::Value, now: &str, interval: Duration) -> St
     );
     let _ = writeln!(o);
     o.push_str(&status_table(st));
-    let events = st["events"].as_array().map(Vec::as_slice).unwrap_or_default();
-    if !events.is_empty() {
-        let _ = writeln!(o, "\nlast weight changes ({} since start):", st["weight_changes"]);
-        for e in events.iter().rev().take(5) {
+    if !st.events.is_empty() {
+        let _ = writeln!(o, "\nlast weight changes ({} since start):", st.weight_changes);
+        for e in st.events.iter().rev().take(5) {
             let _ = writeln!(
                 o,
                 "  {:>9.1}s  target {:>3}%  {:<10} {}",
-                e["t_ms"].as_f64().unwrap_or(0.0) / 1000.0,
-                e["target"].as_u64().unwrap_or(0),
-                e["mode"].as_str().unwrap_or("?"),
-                e["reason"].as_str().unwrap_or("")
+                e.t_ms as f64 / 1000.0,
+                e.target,
+                format!("{:?}", e.mode),
+                e.reason
             );
         }
     }
@@ -204,67 +213,61 @@ pub fn watch_screen(st: &serde_json::Value, now: &str, interval: Duration) -> St
 
 /// One `--watch` update as a line (the demo's live line): the weights and mode, then each
 /// replica's health, state, sync progress and data-path latency.
-pub fn status_line(st: &serde_json::Value) -> String {
-    let tw = st["weights"]["target"].as_u64().unwrap_or(0);
-    let replicas: Vec<String> = st["replicas"]
-        .as_array()
-        .into_iter()
-        .flatten()
+pub fn status_line(st: &ServeStatus) -> String {
+    let tw = st.target_weight();
+    let replicas: Vec<String> = st
+        .replicas()
+        .iter()
         .map(|r| {
-            let lat =
-                r["read_latency_us"].as_u64().unwrap_or(0).max(r["write_latency_us"].as_u64().unwrap_or(0));
             format!(
-                "{} health {} {} sync {} lat {lat}us",
-                r["role"].as_str().unwrap_or("?"),
+                "{} health {} {} sync {} lat {}us",
+                r.replica.role,
                 health_cell(r),
-                r["state"].as_str().unwrap_or("?"),
-                sync_cell(r)
+                r.replica.state.as_str(),
+                sync_cell(r),
+                r.latency_us()
             )
         })
         .collect();
-    format!(
-        "source {}% target {tw}% mode {} | {}",
-        100 - tw.min(100),
-        st["mode"].as_str().unwrap_or("?"),
-        replicas.join(" | ")
-    )
+    format!("source {}% target {tw}% mode {:?} | {}", 100 - tw.min(100), st.mode, replicas.join(" | "))
 }
 
 /// A replica's SYNC cell: its node's current or last job and progress, `-` when in sync with
 /// none, `waiting` otherwise.
-fn sync_cell(r: &serde_json::Value) -> String {
-    let job = &r["node"]["sync"];
-    match (job["state"].as_str(), job["total_bytes"].as_u64()) {
-        (Some(s), Some(t)) if t > 0 => {
-            format!("{s} {:.0}%", job["done_bytes"].as_u64().unwrap_or(0) as f64 * 100.0 / t as f64)
+fn sync_cell(r: &ReplicaStatus) -> String {
+    match &r.node.sync {
+        Some(job) if job.total_bytes > 0 => {
+            format!("{} {:.0}%", job.state, job.done_bytes as f64 * 100.0 / job.total_bytes as f64)
         }
-        (Some(s), _) => s.to_string(),
-        _ if r["state"] == "in-sync" => "-".to_string(),
-        _ => "waiting".to_string(),
+        Some(job) => job.state.to_string(),
+        None if r.replica.state == ReplicaState::InSync => "-".to_string(),
+        None => "waiting".to_string(),
     }
 }
 
 /// A replica's HEALTH cell: its node's score, `down` when unreachable.
-fn health_cell(r: &serde_json::Value) -> String {
-    match r["node"]["health"].as_u64() {
-        Some(h) if r["node"]["reachable"] != false => h.to_string(),
+fn health_cell(r: &ReplicaStatus) -> String {
+    match r.node.health {
+        Some(h) if r.node.reachable => h.to_string(),
         _ => "down".to_string(),
     }
 }
 
+/// A figure as JSON writes it (`0.0`, `14.5`, `null` for not a number), as the table always
+/// showed signal values and scores.
+fn json_number(x: f64) -> String {
+    serde_json::to_string(&x).unwrap_or_else(|_| "null".into())
+}
+
 /// `mirror ctl status` as a table: weights and mode, then one row per node, then the signals.
-/// (Reads the status document as JSON until the serve status is typed.)
-pub fn status_table(st: &serde_json::Value) -> String {
+pub fn status_table(st: &ServeStatus) -> String {
     use std::fmt::Write;
     let mut o = String::new();
+    let w = &st.router.weights;
     let _ = writeln!(
         o,
-        "weights: source {} / target {}   mode {} ({})   size {} bytes",
-        st["weights"]["source"],
-        st["weights"]["target"],
-        st["mode"].as_str().unwrap_or("?"),
-        st["reason"].as_str().unwrap_or(""),
-        st["size"]
+        "weights: source {} / target {}   mode {:?} ({})   size {} bytes",
+        w.source, w.target, st.mode, st.reason, st.router.size
     );
     let _ = writeln!(
         o,
@@ -282,48 +285,40 @@ pub fn status_table(st: &serde_json::Value) -> String {
         "READ_us",
         "WRITE_us"
     );
-    for r in st["replicas"].as_array().into_iter().flatten() {
-        let role = r["role"].as_str().unwrap_or("?");
-        let weight = if role == "target" { &st["weights"]["target"] } else { &st["weights"]["source"] };
-        let (sync, health) = (sync_cell(r), health_cell(r));
+    for r in st.replicas() {
+        let p = &r.replica;
         let _ = writeln!(
             o,
             "{:<7} {:>6} {:>7} {:<10} {:<16} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>9}",
-            role,
-            health,
-            weight.to_string(),
-            r["state"].as_str().unwrap_or("?"),
-            sync,
-            // (A JSON value ignores width and alignment: each number goes in as text.)
-            r["reads"].to_string(),
-            r["writes"].to_string(),
-            r["errors"].to_string(),
-            r["timeouts"].to_string(),
-            r["retries"].to_string(),
-            r["read_latency_us"].to_string(),
-            r["write_latency_us"].to_string()
+            p.role,
+            health_cell(r),
+            r.weight(st),
+            p.state.as_str(),
+            sync_cell(r),
+            p.reads,
+            p.writes,
+            p.errors,
+            p.timeouts,
+            p.retries,
+            p.read_latency_us,
+            p.write_latency_us
         );
     }
-    for r in st["replicas"].as_array().into_iter().flatten() {
-        let signals: Vec<String> = r["node"]["signals"]
-            .as_array()
-            .into_iter()
+    for r in st.replicas() {
+        let signals: Vec<String> = r
+            .node
+            .signals
+            .iter()
             .flatten()
             .map(|s| {
-                format!(
-                    "{} {}{} (score {})",
-                    s["name"].as_str().unwrap_or("?"),
-                    s["value"],
-                    s["unit"].as_str().map(|u| format!(" {u}")).unwrap_or_default(),
-                    s["score"]
-                )
+                format!("{} {} {} (score {})", s.name, json_number(s.value), s.unit, json_number(s.score))
             })
             .collect();
         let _ = writeln!(
             o,
             "{} signals ({}): {}",
-            r["role"].as_str().unwrap_or("?"),
-            r["node"]["telemetry"].as_str().unwrap_or("none yet"),
+            r.replica.role,
+            r.node.telemetry.as_deref().unwrap_or("none yet"),
             if signals.is_empty() { "-".to_string() } else { signals.join(", ") }
         );
     }
@@ -334,22 +329,8 @@ pub fn status_table(st: &serde_json::Value) -> String {
 mod tests {
     use super::*;
 
-    fn status() -> serde_json::Value {
-        serde_json::json!({
-            "mode": "Failback", "reason": "ramping reads back", "size": 1024, "weight_changes": 3,
-            "weights": {"source": 40, "target": 60},
-            "events": [{"t_ms": 1500, "target": 100, "mode": "Failover", "reason": "source down"},
-                       {"t_ms": 9000, "target": 60, "mode": "Failback", "reason": "ramping reads back"}],
-            "replicas": [
-                {"role": "source", "state": "resyncing", "reads": 12345, "writes": 7, "errors": 1, "timeouts": 0,
-                 "retries": 2, "read_latency_us": 150, "write_latency_us": 900,
-                 "node": {"health": 91, "reachable": true, "signals": [],
-                          "sync": {"state": "syncing", "done_bytes": 256, "total_bytes": 1024}}},
-                {"role": "target", "state": "in-sync", "reads": 3, "writes": 7, "errors": 0, "timeouts": 0,
-                 "retries": 0, "read_latency_us": 80, "write_latency_us": 700,
-                 "node": {"health": null, "reachable": false, "signals": [], "sync": null}},
-            ],
-        })
+    fn status() -> ServeStatus {
+        crate::weights::status::example()
     }
 
     #[test]
@@ -383,5 +364,14 @@ mod tests {
             assert_eq!(r.len(), header.len(), "{header}\n{r}");
         }
         assert!(rows[0].contains("     12345"), "{t}");
+        assert!(t.starts_with(
+            "weights: source 40 / target 60   mode Failback (ramping reads back)   size 1024 bytes\n"
+        ));
+        // Signal figures as JSON writes them (as when the table read the JSON document).
+        assert!(
+            t.contains("\nsource signals (ebpf): disk_latency_ratio 14.5 x baseline (score 0.0)\n"),
+            "{t}"
+        );
+        assert!(t.ends_with("\ntarget signals (none yet): -\n"), "{t}");
     }
 }

@@ -6,10 +6,13 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Result;
 
 use super::exit::CliError;
-use crate::replication::{
-    auth::load_secret,
-    client::Client,
-    protocol::{JobKind, Message},
+use crate::{
+    replication::{
+        auth::load_secret,
+        client::Client,
+        protocol::{JobKind, Message},
+    },
+    storage::{JobState, JobStatus},
 };
 
 /// `mirror sync` flags.
@@ -75,44 +78,75 @@ impl SyncArgs {
             );
             b
         };
-        // The job's status is still the replica server's JSON document (typed in the storage
-        // rework); these are its field names.
         let status = loop {
-            let s = c.json(&Message::JobStatus)?;
-            bar.set_length(s["total_bytes"].as_u64().unwrap_or(0));
-            bar.set_position(s["done_bytes"].as_u64().unwrap_or(0));
-            bar.set_message(s["state"].as_str().unwrap_or("?").to_string());
-            if !matches!(s["state"].as_str(), Some("connecting" | "syncing" | "verifying" | "repairing")) {
-                break s;
+            let s = job_status(&mut c)?;
+            if let Some(j) = &s {
+                bar.set_length(j.total_bytes);
+                bar.set_position(j.done_bytes);
+                bar.set_message(j.state.to_string());
             }
-            std::thread::sleep(Duration::from_millis(200));
+            match s {
+                Some(j) if !j.state.is_final() => std::thread::sleep(Duration::from_millis(200)),
+                s => break s,
+            }
         };
         bar.finish_and_clear();
+        let Some(status) = status else {
+            if json {
+                crate::outln!("{{\"state\":\"none\"}}");
+            }
+            anyhow::bail!("{kind:?} none: unknown error")
+        };
         if json {
-            crate::outln!("{status}");
+            // Keys sorted, as the document always printed.
+            crate::outln!("{}", serde_json::to_value(&status)?);
         }
-        let state = status["state"].as_str().unwrap_or("?");
-        let mib = |k: &str| status[k].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+        let state = status.state;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let summary = format!(
             "{state}: examined {:.1} MiB, changed {:.1} MiB, sent {:.2} MiB of data, {:.2} MiB on the wire in {:.2} s",
-            mib("done_bytes"),
-            mib("changed_bytes"),
-            mib("data_bytes"),
-            mib("wire_bytes"),
-            status["elapsed_s"].as_f64().unwrap_or(0.0)
+            mib(status.done_bytes),
+            mib(status.changed_bytes),
+            mib(status.data_bytes),
+            mib(status.wire_bytes),
+            status.elapsed_s
         );
         match state {
-            "done" | "up-to-date" | "repaired" => {
+            JobState::Done | JobState::UpToDate | JobState::Repaired => {
                 if !json {
                     crate::outln!("{summary}");
                 }
                 Ok(())
             }
-            "done-mismatches" => {
-                let count = status["mismatches"].as_array().map(|a| a.len()).unwrap_or(0);
-                Err(CliError::Differ { count, ranges: status["mismatches"].to_string() }.into())
+            JobState::DoneMismatches => {
+                let ranges = serde_json::to_string(&status.mismatches)?;
+                Err(CliError::Differ { count: status.mismatches.len(), ranges }.into())
             }
-            _ => anyhow::bail!("{kind:?} {state}: {}", status["error"].as_str().unwrap_or("unknown error")),
+            _ => anyhow::bail!("{kind:?} {state}: {}", status.error.as_deref().unwrap_or("unknown error")),
         }
+    }
+}
+
+/// The job on the node's volume, as its replica server reports it (`None`: it never ran one).
+fn job_status(c: &mut Client) -> Result<Option<JobStatus>> {
+    /// The reply to `JobStatus`: the job's status, or `{"state":"none"}`.
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Reply {
+        Job(Box<JobStatus>),
+        Nothing { state: NoJob },
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum NoJob {
+        None,
+    }
+    match c.call(&Message::JobStatus)? {
+        Message::Json(text) => match serde_json::from_str(&text) {
+            Ok(Reply::Job(j)) => Ok(Some(*j)),
+            Ok(Reply::Nothing { state: NoJob::None }) => Ok(None),
+            Err(e) => anyhow::bail!("job status not understood ({e}): {text}"),
+        },
+        m => anyhow::bail!("job status: unexpected reply {m:?}"),
     }
 }

@@ -5,7 +5,7 @@
 //! (`for_s` may be `null` or left out), `{"cmd":"weights_auto"}`, `{"cmd":"failover"}`,
 //! `{"cmd":"failback"}`. They reach the weighting engine as operator overrides.
 //!
-//! Replies ([`Reply`]): `{"ok":true,"status":{..}}` to `status`,
+//! Replies ([`Reply`]): `{"ok":true,"status":{..}}` to `status` (a [`ServeStatus`]),
 //! `{"mode":"Pinned","ok":true,"reason":"..","target":N}` to the others (the decision they led to),
 //! `{"error":"..","ok":false}` when refused. Both sides use these types; the JSON text is only
 //! made and read at the socket.
@@ -26,6 +26,7 @@ use tokio::{
 use crate::weights::{
     driver::Driver,
     engine::{Decision, Mode, Override},
+    status::ServeStatus,
 };
 
 /// Default path of the control socket.
@@ -71,8 +72,8 @@ impl From<Decision> for WeightsReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(into = "WireReply", try_from = "WireReply")]
 pub enum Reply {
-    /// The status document of `mirror serve` (`mirror ctl status --json` prints it).
-    Status(serde_json::Value),
+    /// The status of `mirror serve` (`mirror ctl status --json` prints it).
+    Status(Box<ServeStatus>),
     Weights(WeightsReply),
     /// Refused, with why.
     Error(String),
@@ -90,7 +91,7 @@ struct WireReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    status: Option<serde_json::Value>,
+    status: Option<Box<ServeStatus>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     target: Option<u8>,
 }
@@ -145,10 +146,10 @@ pub enum ControlError {
 }
 
 impl Reply {
-    /// The status document, or what was answered instead.
-    pub fn into_status(self) -> Result<serde_json::Value, ControlError> {
+    /// The status, or what was answered instead.
+    pub fn into_status(self) -> Result<ServeStatus, ControlError> {
         match self {
-            Reply::Status(s) => Ok(s),
+            Reply::Status(s) => Ok(*s),
             r => Err(ControlError::Unexpected(Box::new(r))),
         }
     }
@@ -180,7 +181,7 @@ impl Control {
             Err(e) => Reply::Error(e),
         };
         match *req {
-            Request::Status => Reply::Status(self.driver.status_json().await),
+            Request::Status => Reply::Status(Box::new(self.driver.status().await)),
             Request::WeightsSet { target, for_s } => {
                 let Some(t) = u8::try_from(target).ok().filter(|t| *t <= 100) else {
                     return Reply::Error("target must be 0..=100".into());
@@ -207,10 +208,10 @@ fn decode_request(line: &str) -> Result<Request, Reply> {
     })
 }
 
-/// One reply as a line of the socket.
+/// One reply as a line of the socket, its keys sorted at every level (as the text always was).
 fn encode_reply(reply: &Reply) -> String {
-    // Strings, numbers and an already-built document always serialize.
-    let mut line = serde_json::to_string(reply).unwrap_or_else(|e| {
+    // Strings, numbers and structs of them always serialize.
+    let mut line = serde_json::to_value(reply).and_then(|v| serde_json::to_string(&v)).unwrap_or_else(|e| {
         serde_json::to_string(&Reply::Error(format!("reply not encodable: {e}"))).unwrap_or_default()
     });
     line.push('\n');
@@ -283,6 +284,7 @@ pub async fn request(path: &Path, req: &Request) -> Result<Reply, ControlError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::weights::status::example;
 
     /// The requests as `mirror ctl` always sent them (`serde_json::json!`, keys sorted).
     #[test]
@@ -331,10 +333,11 @@ mod tests {
             "{\"mode\":\"Pinned\",\"ok\":true,\"reason\":\"operator\",\"target\":30}\n"
         );
         assert_eq!(text(Reply::Error("no".into())), "{\"error\":\"no\",\"ok\":false}\n");
-        assert_eq!(
-            text(Reply::Status(serde_json::json!({"size": 4096}))),
-            "{\"ok\":true,\"status\":{\"size\":4096}}\n"
-        );
+        // The status with its keys sorted at every level, as when it was built as a JSON value.
+        let st = text(Reply::Status(Box::new(example())));
+        let sorted = serde_json::to_value(example()).unwrap().to_string();
+        assert_eq!(st, format!("{{\"ok\":true,\"status\":{sorted}}}\n"));
+        assert!(st.starts_with("{\"ok\":true,\"status\":{\"events\":[{\"mode\":\"Failover\","), "{st}");
     }
 
     #[test]
@@ -348,10 +351,9 @@ mod tests {
                 reason: "operator failover".into()
             })
         );
-        assert_eq!(
-            reply(r#"{"ok":true,"status":{"mode":"Normal"}}"#).unwrap(),
-            Reply::Status(serde_json::json!({"mode": "Normal"}))
-        );
+        let st = encode_reply(&Reply::Status(Box::new(example())));
+        assert_eq!(reply(&st).unwrap(), Reply::Status(Box::new(example())));
+        assert!(reply(r#"{"ok":true,"status":{"mode":"Normal"}}"#).is_err(), "a status lacking its fields");
         assert_eq!(reply(r#"{"ok":false,"error":"why"}"#).unwrap(), Reply::Error("why".into()));
         assert_eq!(reply(r#"{"ok":false}"#).unwrap(), Reply::Error("request failed".into()));
         assert!(reply(r#"{"ok":true}"#).is_err());

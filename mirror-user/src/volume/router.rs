@@ -96,16 +96,30 @@ pub struct Router {
 /// An extent with write intent recorded is dropped after this long without a write.
 pub const INTENT_IDLE: Duration = Duration::from_secs(10);
 
-/// The router's status (`ctl status`, metrics).
+/// The router's status (`ctl status`, metrics). `R` is what each replica's entry holds: its
+/// [`ReplicaSnapshot`] here, with its node's status above the router (`weights::status`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RouterStatus {
+pub struct RouterStatus<R = ReplicaSnapshot> {
     pub size: u64,
     /// Read weights in percent.
     pub weights: WeightsStatus,
     /// Extents of the volume with write intent recorded.
     pub intent_extents: usize,
     /// Source, target.
-    pub replicas: [ReplicaSnapshot; 2],
+    pub replicas: [R; 2],
+}
+
+impl<R> RouterStatus<R> {
+    /// The same status with each replica's entry turned into another (`i`: 0 source, 1 target).
+    pub fn map_replicas<S>(self, mut f: impl FnMut(usize, R) -> S) -> RouterStatus<S> {
+        let [source, target] = self.replicas;
+        RouterStatus {
+            size: self.size,
+            weights: self.weights,
+            intent_extents: self.intent_extents,
+            replicas: [f(0, source), f(1, target)],
+        }
+    }
 }
 
 /// The read weights: each replica's share in percent.

@@ -15,12 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mirror_common::weights::{
-    ReadWeights, MODE_FAILBACK, MODE_FAILOVER, MODE_NORMAL, MODE_PINNED, MODE_PREDICTIVE,
+use super::{
+    engine::{Decision, Engine, EngineConfig, Mode, Override, Sample},
+    status::{NodeStatus, ReplicaStatus, ServeStatus, WeightEvent},
 };
-use serde::{Deserialize, Serialize};
-
-use super::engine::{Decision, Engine, EngineConfig, Mode, Override, Sample};
 use crate::{
     health::{
         monitor::{NodeHealth, NodeReport},
@@ -32,6 +30,9 @@ use crate::{
         replica::{Replica, ReplicaState},
         router::Router,
     },
+};
+use mirror_common::weights::{
+    ReadWeights, MODE_FAILBACK, MODE_FAILOVER, MODE_NORMAL, MODE_PINNED, MODE_PREDICTIVE,
 };
 
 /// Settings of the loop.
@@ -76,18 +77,6 @@ struct NodeView {
     baseline_us: Option<f64>,
     /// Errors the router had counted at the previous tick (source only).
     errors_seen: u64,
-}
-
-/// One change of the read weights, as `mirror ctl status` lists it (`events`) and the demo's
-/// timeline draws it. Fields in the order of its JSON text.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WeightEvent {
-    pub mode: Mode,
-    pub reason: String,
-    /// Milliseconds since `mirror serve` started.
-    pub t_ms: u64,
-    /// The target's share of reads after the change, percent.
-    pub target: u8,
 }
 
 #[derive(Debug)]
@@ -338,52 +327,55 @@ impl Driver {
 
     /// Status for `mirror ctl status` and metrics: the router's, plus mode, reason, per-node
     /// health and signals, sync progress, and the recent weight changes.
-    pub async fn status_json(&self) -> serde_json::Value {
-        let mut st = serde_json::to_value(self.router.status()).unwrap_or_default();
+    pub async fn status(&self) -> ServeStatus {
+        let router = self.router.status();
         let (nodes, last, events, changes) = {
             let v = lock(&self.view);
             (v.nodes.clone(), v.last.clone(), v.events.iter().cloned().collect::<Vec<_>>(), v.changes)
         };
-        let mut sync = [serde_json::Value::Null, serde_json::Value::Null];
+        let mut sync = [None, None];
         for (i, slot) in sync.iter_mut().enumerate() {
             let r = &self.router.replicas[i];
             if r.state() != ReplicaState::InSync {
                 // The survivor runs the resync job: its progress is this replica's.
                 let survivor = &self.router.replicas[1 - i];
                 if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), survivor.status()).await {
-                    *slot = serde_json::to_value(&s.job).unwrap_or_default();
+                    *slot = s.job;
                 }
             }
         }
-        for (i, n) in nodes.iter().enumerate() {
-            let r: &Replica = &self.router.replicas[i];
-            let local = r.is_local();
-            let (score, report) = if local {
+        let router = router.map_replicas(|i, replica| {
+            let n = &nodes[i];
+            let local = self.router.replicas[i].is_local();
+            let (health, report) = if local {
                 (Some(self.local_health.score()), self.local_health.node_report())
             } else {
                 (n.score, n.report.clone())
             };
-            let node = serde_json::json!({
-                "health": score,
-                "signals": report.as_ref().map(|r| &r.signals),
-                "telemetry": report.as_ref().map(|r| &r.telemetry),
-                "heartbeat_age_ms": if local { Some(0) } else { n.seen.map(|t| t.elapsed().as_millis() as u64) },
-                "reachable": local || !n.unreachable,
-                "datapath_score": n.datapath.map(|d| d.round()),
-                "sync": sync[i],
-            });
-            if let Some(obj) = st["replicas"][i].as_object_mut() {
-                obj.insert("node".into(), node);
-            }
+            let (signals, telemetry) = report.map(|r| (r.signals, r.telemetry)).unzip();
+            let node = NodeStatus {
+                health,
+                signals,
+                telemetry,
+                heartbeat_age_ms: if local {
+                    Some(0)
+                } else {
+                    n.seen.map(|t| t.elapsed().as_millis() as u64)
+                },
+                reachable: local || !n.unreachable,
+                datapath_score: n.datapath.map(f64::round),
+                sync: sync[i].take(),
+            };
+            ReplicaStatus { replica, node }
+        });
+        ServeStatus {
+            router,
+            mode: last.mode,
+            reason: last.reason,
+            weight_changes: changes,
+            uptime_ms: self.now().as_millis() as u64,
+            events,
         }
-        if let Some(obj) = st.as_object_mut() {
-            obj.insert("mode".into(), format!("{:?}", last.mode).into());
-            obj.insert("reason".into(), last.reason.into());
-            obj.insert("weight_changes".into(), changes.into());
-            obj.insert("uptime_ms".into(), (self.now().as_millis() as u64).into());
-            obj.insert("events".into(), serde_json::to_value(events).unwrap_or_default());
-        }
-        st
     }
 
     /// The engine's current mode.
