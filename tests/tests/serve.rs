@@ -724,3 +724,146 @@ fn the_export_is_named_after_the_volume() {
     assert!(!out.status.success(), "nbdinfo opened export w");
     assert!(String::from_utf8_lossy(&out.stderr).contains("export: w"), "{out:?}");
 }
+
+/// One row of the schema in docs/status.md: a path (`replicas[].node.sync`), its JSON type and
+/// whether it may be `null`.
+struct SchemaRow {
+    path: String,
+    kind: String,
+    nullable: bool,
+}
+
+/// The schema table of docs/status.md.
+fn status_schema() -> Vec<SchemaRow> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/status.md")).unwrap();
+    let rows: Vec<SchemaRow> = doc
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let path = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            let kind = cells.get(2)?;
+            let (kind, nullable) = kind.strip_suffix(" or null").map_or((*kind, false), |k| (k, true));
+            Some(SchemaRow { path: path.into(), kind: kind.into(), nullable })
+        })
+        .collect();
+    assert!(rows.len() > 20, "the schema table of docs/status.md: {} rows", rows.len());
+    rows
+}
+
+/// Holds `v` (at `path`) to the schema: records each documented path it meets in `seen`, and
+/// what does not fit in the result.
+fn check_schema(
+    v: &serde_json::Value,
+    path: &str,
+    rows: &[SchemaRow],
+    seen: &mut Vec<String>,
+) -> Vec<String> {
+    use serde_json::Value;
+    let mut bad = Vec::new();
+    if !path.is_empty() {
+        let Some(row) = rows.iter().find(|r| r.path == path) else {
+            return vec![format!("{path}: not in docs/status.md ({v})")];
+        };
+        if !seen.iter().any(|s| s == path) {
+            seen.push(path.into());
+        }
+        let fits = match v {
+            Value::Null => row.nullable,
+            Value::Number(n) if row.kind == "integer" => n.is_u64() || n.is_i64(),
+            Value::Number(_) => row.kind == "number",
+            Value::String(_) => row.kind == "string",
+            Value::Bool(_) => row.kind == "boolean",
+            Value::Object(_) => row.kind == "object",
+            Value::Array(_) => row.kind == "array",
+        };
+        if !fits {
+            bad.push(format!(
+                "{path}: {v} is not {}{}",
+                row.kind,
+                if row.nullable { " or null" } else { "" }
+            ));
+        }
+    }
+    let prefix = if path.is_empty() { String::new() } else { format!("{path}.") };
+    match v {
+        Value::Object(map) => {
+            for r in rows {
+                let child = r.path.strip_prefix(&prefix).filter(|c| !c.contains(['.', '[']));
+                if let Some(key) = child.filter(|c| !map.contains_key(*c)) {
+                    bad.push(format!("{path}: no `{key}`"));
+                }
+            }
+            for (k, x) in map {
+                bad.extend(check_schema(x, &format!("{prefix}{k}"), rows, seen));
+            }
+        }
+        Value::Array(items) if rows.iter().any(|r| r.path == format!("{path}[]")) => {
+            for x in items {
+                bad.extend(check_schema(x, &format!("{path}[]"), rows, seen));
+            }
+        }
+        _ => {}
+    }
+    bad
+}
+
+/// `mirror ctl status --json` of a real `serve`, while a sync runs and after, against the schema
+/// docs/status.md writes down: every key documented with its type, every documented key there.
+#[test]
+fn ctl_status_json_has_the_documented_shape() {
+    const T: &str = "serve::ctl_status_json_has_the_documented_shape";
+    if !is_root() {
+        return skip(T, "NBD", "the control socket is root only");
+    }
+    let rows = status_schema();
+    let dir = TempDir::new("serve-schema");
+    let secret = secret_file(&dir.0);
+    let sec = secret.display().to_string();
+    let size = 16 * MIB as usize;
+    std::fs::write(dir.0.join("s.img"), random_bytes(size, 21)).unwrap();
+    std::fs::write(dir.0.join("t.img"), random_bytes(size, 22)).unwrap();
+    // A paced source: the initial sync of the never-synced pair takes about 8 s, long enough to
+    // see its job in the status.
+    let s = Replica::start(
+        &dir.0.join("s.img"),
+        &secret,
+        None,
+        &["--sync-min-rate", "2M", "--sync-max-rate", "2M"],
+    );
+    let t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
+    let sock = dir.0.join("ctl.sock").display().to_string();
+    let (src, tgt) = (format!("remote:{}", s.addr), format!("remote:{}", t.addr));
+    let _srv = serve(&[
+        "--volume",
+        "v",
+        "--source",
+        &src,
+        "--target",
+        &tgt,
+        "--secret-file",
+        &sec,
+        "--ctl-socket",
+        &sock,
+    ]);
+    let mut seen = Vec::new();
+    let (mut docs, mut syncing) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out, err) = mirror_cli(&["ctl", "--socket", &sock, "status", "--json"]);
+        assert!(ok, "ctl status: {err}");
+        let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let bad = check_schema(&doc, "", &rows, &mut seen);
+        assert!(bad.is_empty(), "not as docs/status.md says:\n{}\n{doc:#}", bad.join("\n"));
+        docs += 1;
+        syncing += usize::from(doc["replicas"][1]["node"]["sync"]["state"] == "syncing");
+        let missing: Vec<&str> =
+            rows.iter().map(|r| r.path.as_str()).filter(|p| !seen.iter().any(|s| s == p)).collect();
+        if missing.is_empty() && doc["replicas"][1]["state"] == "in-sync" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after {docs} documents, never seen: {missing:?}\n{doc:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(syncing > 0, "the target's sync job was seen running");
+    eprintln!("{T}: {docs} documents checked against {} rows, {syncing} during the sync", rows.len());
+}
