@@ -80,8 +80,8 @@ use serde::{Deserialize, Deserializer};
 use crate::{
     cli::serve::PolicyName,
     health::{probe::ProbeSpec, score::ScoreConfig},
-    replication::server::VolumeSpec,
     serve::Frontend,
+    storage::VolumeSpec,
     volume::open::ReplicaSpec,
 };
 

@@ -16,8 +16,9 @@ use crate::{
     replication::{
         auth::load_secret,
         rate::SyncRate,
-        server::{Server, ServerConfig, VolumeSpec},
+        server::{Server, ServerConfig},
     },
+    storage::VolumeSpec,
 };
 
 /// Where a replica server listens when neither the flag nor the file says.

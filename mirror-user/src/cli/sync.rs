@@ -7,12 +7,8 @@ use anyhow::Result;
 
 use super::exit::CliError;
 use crate::{
-    replication::{
-        auth::load_secret,
-        client::Client,
-        protocol::{JobKind, Message},
-    },
-    storage::{JobState, JobStatus},
+    replication::{auth::load_secret, client::Client, protocol::Message},
+    storage::{JobKind, JobState, JobStatus},
 };
 
 /// `mirror sync` flags.

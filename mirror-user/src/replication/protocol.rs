@@ -19,6 +19,8 @@
 
 use std::{fmt, marker::PhantomData};
 
+use crate::storage::{GenInfo, JobKind, HISTORY};
+
 /// Frame magic, "MRF1".
 pub const MAGIC: u32 = 0x3146_524d;
 /// Protocol version spoken by this build.
@@ -31,8 +33,6 @@ pub const MAX_PAYLOAD: u32 = 16 << 20;
 pub const MAX_IO: u32 = 8 << 20;
 /// Nonce and MAC size of the handshake.
 pub const NONCE_LEN: usize = 32;
-/// Number of previous generations each replica remembers.
-pub const HISTORY: usize = 4;
 
 /// Write flag: force unit access (durable before the reply).
 pub const FLAG_FUA: u16 = 1;
@@ -115,22 +115,6 @@ pub fn encode_frame(out: &mut Vec<u8>, id: u64, flags: u16, msg: &Message) {
     out[start + 20..start + 24].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Data generations of a replica (see `meta`): who is newer, and whether it is mid-sync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct GenInfo {
-    /// Current generation; 0 = never synced (no data anyone vouches for).
-    #[serde(with = "crate::storage::status::hex::u64_16")]
-    pub current: u64,
-    /// Previous generations, newest first, 0 = empty slot.
-    #[serde(with = "crate::storage::status::hex::u64_16_array")]
-    pub history: [u64; HISTORY],
-    /// False while a sync onto this replica is incomplete: its data is a mix.
-    pub consistent: bool,
-    /// While inconsistent: the source generation of the interrupted sync.
-    #[serde(with = "crate::storage::status::hex::u64_16")]
-    pub sync_source: u64,
-}
-
 /// What a replica server tells an authenticated peer about the volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {
@@ -139,35 +123,6 @@ pub struct VolumeInfo {
     /// Grain of the dirty / in-sync bitmaps.
     pub block_size: u32,
     pub gen: GenInfo,
-}
-
-/// Kinds of background jobs a replica server runs against its peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum JobKind {
-    /// Push what differs (dirty bitmap, or everything on a first sync) to the peer.
-    Sync,
-    /// Compare digests of the whole volume with the peer and report mismatches.
-    Verify,
-    /// Verify, then resync the mismatching ranges.
-    VerifyRepair,
-}
-
-impl JobKind {
-    fn to_u8(self) -> u8 {
-        match self {
-            JobKind::Sync => 0,
-            JobKind::Verify => 1,
-            JobKind::VerifyRepair => 2,
-        }
-    }
-    fn from_u8(v: u8) -> Result<Self, ProtoError> {
-        Ok(match v {
-            0 => JobKind::Sync,
-            1 => JobKind::Verify,
-            2 => JobKind::VerifyRepair,
-            _ => return Err(ProtoError::Invalid("job kind")),
-        })
-    }
 }
 
 /// Error codes carried by [`Message::Error`].
@@ -288,10 +243,19 @@ impl Codec<String> for String {
 
 impl Codec<JobKind> for JobKind {
     fn put(v: &JobKind, out: &mut Vec<u8>) {
-        out.push(v.to_u8());
+        out.push(match v {
+            JobKind::Sync => 0,
+            JobKind::Verify => 1,
+            JobKind::VerifyRepair => 2,
+        });
     }
     fn get(r: &mut Reader<'_>) -> Result<JobKind, ProtoError> {
-        JobKind::from_u8(<u8 as Codec<u8>>::get(r)?)
+        Ok(match <u8 as Codec<u8>>::get(r)? {
+            0 => JobKind::Sync,
+            1 => JobKind::Verify,
+            2 => JobKind::VerifyRepair,
+            _ => return Err(ProtoError::Invalid("job kind")),
+        })
     }
     fn show(v: &JobKind, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(v, f)

@@ -23,11 +23,8 @@ use std::{
 
 use crate::{
     health::monitor::NodeHealth,
-    storage::{OpenError, StorageError, Volume},
+    storage::{OpenError, StorageError, Volume, VolumeSpec},
 };
-
-// What a server's configuration names, defined by the storage room.
-pub use crate::storage::{default_meta_path, VolumeSpec, META_DIR};
 
 use super::{
     auth,

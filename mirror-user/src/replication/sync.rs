@@ -15,11 +15,11 @@ use std::{
 
 use super::{
     client::{Client, ClientError},
-    protocol::{JobKind, Message},
+    protocol::Message,
     rate::{Pacer, SyncRate},
 };
 use crate::storage::{
-    job::WireBytes,
+    job::{JobKind, WireBytes},
     meta::{new_generation, plan, MetaError, SyncPlan},
     store::{digest, is_zero, Digest},
     Job, JobState, StorageError, Volume,
@@ -174,7 +174,7 @@ fn finish(
     st: &Job,
     pacer: &mut Pacer,
     current: u64,
-    history: [u64; super::protocol::HISTORY],
+    history: [u64; crate::storage::HISTORY],
 ) -> Result<(), JobError> {
     for _ in 0..32 {
         sync_pending(vol, c, st, pacer)?;

@@ -9,7 +9,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::replication::protocol::JobKind;
+/// Kinds of background jobs a replica server runs against its peer (`Message::StartJob`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum JobKind {
+    /// Push what differs (dirty bitmap, or everything on a first sync) to the peer.
+    Sync,
+    /// Compare digests of the whole volume with the peer and report mismatches.
+    Verify,
+    /// Verify, then resync the mismatching ranges.
+    VerifyRepair,
+}
 
 /// Where a job is, as status reports it (the strings are the JSON values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

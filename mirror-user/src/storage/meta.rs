@@ -18,12 +18,29 @@ use std::{
     sync::Mutex,
 };
 
-use crate::replication::protocol::{GenInfo, HISTORY};
-
 const MAGIC: &[u8; 8] = b"MRMETA01";
 const SLOT: u64 = 4096;
 const BITMAP_OFF: u64 = 2 * SLOT;
 const PAGE: usize = 4096;
+
+/// Number of previous generations each replica remembers.
+pub const HISTORY: usize = 4;
+
+/// Data generations of a replica : who is newer, and whether it is mid-sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct GenInfo {
+    /// Current generation; 0 = never synced (no data anyone vouches for).
+    #[serde(with = "crate::storage::status::hex::u64_16")]
+    pub current: u64,
+    /// Previous generations, newest first, 0 = empty slot.
+    #[serde(with = "crate::storage::status::hex::u64_16_array")]
+    pub history: [u64; HISTORY],
+    /// False while a sync onto this replica is incomplete: its data is a mix.
+    pub consistent: bool,
+    /// While inconsistent: the source generation of the interrupted sync.
+    #[serde(with = "crate::storage::status::hex::u64_16")]
+    pub sync_source: u64,
+}
 
 /// Errors at the metadata boundary.
 #[derive(Debug, thiserror::Error)]

@@ -14,8 +14,8 @@
 //! operation, offset and errno ([`StorageError::errno`]), so an ENOSPC from the disk reaches the
 //! application as ENOSPC.
 //!
-//! The wire types it stores ([`GenInfo`](crate::replication::protocol::GenInfo), `JobKind`) are
-//! the protocol's: pure data, no I/O.
+//! The generations ([`GenInfo`], [`HISTORY`] of them remembered) and the [`JobKind`]s are
+//! defined here, with the state they describe; the protocol carries them as they are.
 
 pub mod error;
 pub mod job;
@@ -25,6 +25,7 @@ pub mod store;
 pub mod volume;
 
 pub use error::{IoOp, StorageError};
-pub use job::{Job, JobState, JobStatus};
+pub use job::{Job, JobKind, JobState, JobStatus};
+pub use meta::{GenInfo, HISTORY};
 pub use status::VolumeStatus;
 pub use volume::{default_meta_path, Access, Counters, OpenError, Volume, VolumeSpec, META_DIR};

@@ -1,7 +1,7 @@
 //! [`VolumeStatus`]: a volume's state as `mirror status` and the router see it (generations,
 //! tracking, dirty bytes, counters, the job), and the hex forms its identifiers take in JSON.
 
-use crate::replication::protocol::GenInfo;
+use super::GenInfo;
 
 use super::job::JobStatus;
 

@@ -26,7 +26,8 @@ use super::{
     status::VolumeStatus,
     store::{Digest, Store},
 };
-use crate::replication::protocol::{GenInfo, JobKind, VolumeInfo, HISTORY, MAX_DIGESTS, MAX_IO};
+use super::{GenInfo, JobKind, HISTORY};
+use crate::replication::protocol::{VolumeInfo, MAX_DIGESTS, MAX_IO};
 
 /// One volume to open.
 #[derive(Debug, Clone)]

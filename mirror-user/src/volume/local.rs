@@ -17,8 +17,8 @@ use super::{
     uring::{UringFile, ALIGN},
 };
 use crate::{
-    replication::{protocol::JobKind, rate::SyncRate, sync},
-    storage::{Access, IoOp, StorageError, Volume, VolumeStatus},
+    replication::{rate::SyncRate, sync},
+    storage::{Access, IoOp, JobKind, StorageError, Volume, VolumeStatus},
 };
 
 /// Largest write done on the calling thread (see [`LocalReplica::inline_slot`]).

@@ -11,13 +11,12 @@ use super::{
 };
 use crate::{
     replication::{
-        protocol::GenInfo,
         rate::SyncRate,
         server::{Server, ServerConfig},
     },
     storage::{
         meta::{plan, SyncPlan},
-        VolumeSpec, VolumeStatus,
+        GenInfo, VolumeSpec, VolumeStatus,
     },
 };
 
@@ -326,7 +325,7 @@ mod tests {
     use super::*;
 
     fn standing(current: u64, history: &[u64], dirty_bits: u64) -> Standing {
-        let mut h = [0u64; crate::replication::protocol::HISTORY];
+        let mut h = [0u64; crate::storage::HISTORY];
         h[..history.len()].copy_from_slice(history);
         Standing {
             // Fresh metadata (generation 0) is not "consistent": nobody vouches for its data.

@@ -23,9 +23,9 @@ use crate::{
     replication::{
         client::Client,
         frame::{ConnError, Frame, FrameDecoder},
-        protocol::{encode_frame, JobKind, Message},
+        protocol::{encode_frame, Message},
     },
-    storage::VolumeStatus,
+    storage::{JobKind, VolumeStatus},
 };
 
 /// A reply, or why the connection broke before it came.

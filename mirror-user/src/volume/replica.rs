@@ -13,8 +13,8 @@ use std::{
 
 use super::{error::ReplicaError, inline::ewma, local::LocalReplica, remote::RemoteReplica};
 use crate::{
-    replication::{protocol::JobKind, rate::SyncRate},
-    storage::VolumeStatus,
+    replication::rate::SyncRate,
+    storage::{JobKind, VolumeStatus},
 };
 
 /// Where a replica's data is.

@@ -116,8 +116,7 @@ impl ReplicaStatus {
 #[cfg(test)]
 pub(crate) fn example() -> ServeStatus {
     use crate::{
-        replication::protocol::JobKind,
-        storage::JobState,
+        storage::{JobKind, JobState},
         volume::{replica::ReplicaState, router::WeightsStatus},
     };
     let snapshot = |role: &str, state, reads, lat: (u64, u64)| ReplicaSnapshot {

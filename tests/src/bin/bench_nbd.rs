@@ -310,7 +310,7 @@ fn main() -> Result<()> {
             })();
             // Their metadata belongs to this run's loop devices, not to the next ones of those names.
             let metas: Vec<PathBuf> =
-                loops.iter().map(|l| mirror::replication::server::default_meta_path(&l.dev)).collect();
+                loops.iter().map(|l| mirror::storage::default_meta_path(&l.dev)).collect();
             drop(loops);
             for m in metas {
                 let _ = std::fs::remove_file(m);

@@ -25,7 +25,8 @@ use anyhow::{ensure, Context, Result};
 use clap::{Parser, ValueEnum};
 use mirror::{
     frontend::ublk::{UblkFrontend, UblkOptions},
-    replication::server::{Server, ServerConfig, VolumeSpec},
+    replication::server::{Server, ServerConfig},
+    storage::VolumeSpec,
     volume::{
         fast::{FastOp, FastPlan},
         local::LocalReplica,
