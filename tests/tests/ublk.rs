@@ -269,20 +269,38 @@ fn sigkill_under_fio_then_recover_loses_no_acknowledged_write() {
     let fio =
         fio_verify(&dev, "48M", &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run fio");
     std::thread::sleep(Duration::from_secs(3));
+    let pid = srv.child.id();
     srv.kill();
     let (ok, list, err) = mirror_cli(&["ublk", "list"]);
     assert!(ok, "mirror ublk list: {err}");
     assert!(list.lines().any(|l| l.starts_with(&format!("{id}\t"))), "device {id} not listed: {list}");
-    // The kernel quiesces the device once it notices the daemon is gone.
+    // The kernel quiesces the device once it notices the daemon is gone; `--json` says so with
+    // the same figures as the line.
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let dev_json = loop {
         let (_, list, _) = mirror_cli(&["ublk", "list"]);
-        if list.lines().any(|l| l.starts_with(&format!("{id}\tquiesced"))) {
-            break;
+        if let Some(line) = list.lines().find(|l| l.starts_with(&format!("{id}\tquiesced"))) {
+            let (ok, json, err) = mirror_cli(&["ublk", "list", "--json"]);
+            assert!(ok, "mirror ublk list --json: {err}");
+            let all: serde_json::Value = serde_json::from_str(&json).unwrap();
+            let d = all.as_array().unwrap().iter().find(|d| d["id"] == id).cloned();
+            let d = d.unwrap_or_else(|| panic!("device {id} not in {json}"));
+            let want = format!(
+                "{id}\t{}\tqueues={} depth={} pid={}\t{}",
+                d["state"].as_str().unwrap(),
+                d["queues"],
+                d["depth"],
+                d["pid"],
+                d["block_device"].as_str().unwrap()
+            );
+            assert_eq!(line, want, "the line and the JSON disagree: {json}");
+            break d;
         }
         assert!(Instant::now() < deadline, "device {id} not quiesced: {list}");
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    assert_eq!(dev_json["block_device"], dev.as_str(), "{dev_json}");
+    assert_eq!(dev_json["pid"], pid, "the daemon that served it: {dev_json}");
     let mut srv2 = vol.serve(&["--ublk-recover", &id.to_string()]);
     assert_eq!(srv2.dev, dev, "recovered a different device");
     let out = fio.wait_with_output().unwrap();

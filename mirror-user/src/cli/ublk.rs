@@ -14,7 +14,12 @@ pub struct UblkArgs {
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum UblkCmd {
     /// One line per device: id, state, queues, depth, block device.
-    List,
+    List {
+        /// A JSON array instead, an object per device (`id`, `block_device`, `state`,
+        /// `queues`, `depth`, `pid`; `error` in their place when the device cannot be read).
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete device N (stop it first when live).
     Del { id: i32 },
 }
@@ -22,9 +27,12 @@ pub enum UblkCmd {
 impl UblkArgs {
     pub fn run(self) -> Result<()> {
         match self.cmd {
-            UblkCmd::List => {
-                for l in ublk::list()? {
-                    crate::outln!("{l}");
+            UblkCmd::List { json: true } => {
+                crate::outln!("{}", serde_json::to_string_pretty(&ublk::list()?)?)
+            }
+            UblkCmd::List { json: false } => {
+                for d in ublk::list()? {
+                    crate::outln!("{d}");
                 }
             }
             UblkCmd::Del { id } => {

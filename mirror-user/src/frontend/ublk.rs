@@ -891,29 +891,95 @@ pub async fn stop_for_serve(fe: Option<UblkFrontend>) {
     }
 }
 
-/// One line per ublk device: id, state, queues, depth, block device.
-pub fn list() -> Result<Vec<String>, UblkError> {
+/// A ublk device's state, as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DevState {
+    /// Served: its daemon answers I/O.
+    Live,
+    /// Its daemon is gone and it waits for one to recover it (I/O is held).
+    Quiesced,
+    /// Its daemon is gone; I/O fails until it is deleted.
+    Dead,
+    /// A state this build does not know.
+    Unknown,
+}
+
+impl DevState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DevState::Live => "live",
+            DevState::Quiesced => "quiesced",
+            DevState::Dead => "dead",
+            DevState::Unknown => "unknown",
+        }
+    }
+}
+
+/// One ublk device of the kernel (`mirror ublk list`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UblkDevice {
+    pub id: u32,
+    /// `/dev/ublkbN`.
+    pub block_device: String,
+    /// What its control device says; why it could not be read otherwise.
+    #[serde(flatten)]
+    pub info: DevInfo,
+}
+
+/// What the control device of a ublk device says about it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum DevInfo {
+    Read {
+        state: DevState,
+        queues: u16,
+        depth: u16,
+        /// The daemon serving it (or that last did).
+        pid: i32,
+    },
+    Unreadable {
+        error: String,
+    },
+}
+
+impl std::fmt::Display for UblkDevice {
+    /// The line `mirror ublk list` prints: id, state, queues, depth, block device.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.info {
+            DevInfo::Read { state, queues, depth, pid } => write!(
+                f,
+                "{}\t{}\tqueues={queues} depth={depth} pid={pid}\t{}",
+                self.id,
+                state.as_str(),
+                self.block_device
+            ),
+            DevInfo::Unreadable { error } => write!(f, "{}\t?\t{error}", self.id),
+        }
+    }
+}
+
+/// The kernel's ublk devices.
+pub fn list() -> Result<Vec<UblkDevice>, UblkError> {
     check_available()?;
     let out = Arc::new(Mutex::new(Vec::new()));
     let o = out.clone();
     UblkCtrl::for_each_dev_id(move |id| {
-        let line = match UblkCtrl::new_simple(id as i32) {
+        let info = match UblkCtrl::new_simple(id as i32) {
             Ok(c) => {
                 let i = c.dev_info();
                 let state = match u32::from(i.state) {
-                    sys::UBLK_S_DEV_LIVE => "live",
-                    sys::UBLK_S_DEV_QUIESCED => "quiesced",
-                    sys::UBLK_S_DEV_DEAD => "dead",
-                    _ => "unknown",
+                    sys::UBLK_S_DEV_LIVE => DevState::Live,
+                    sys::UBLK_S_DEV_QUIESCED => DevState::Quiesced,
+                    sys::UBLK_S_DEV_DEAD => DevState::Dead,
+                    _ => DevState::Unknown,
                 };
-                format!(
-                    "{id}\t{state}\tqueues={} depth={} pid={}\t/dev/ublkb{id}",
-                    i.nr_hw_queues, i.queue_depth, i.ublksrv_pid
-                )
+                DevInfo::Read { state, queues: i.nr_hw_queues, depth: i.queue_depth, pid: i.ublksrv_pid }
             }
-            Err(e) => format!("{id}\t?\t{e}"),
+            Err(e) => DevInfo::Unreadable { error: e.to_string() },
         };
-        o.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        let dev = UblkDevice { id, block_device: format!("/dev/ublkb{id}"), info };
+        o.lock().unwrap_or_else(|e| e.into_inner()).push(dev);
     });
     let v = std::mem::take(&mut *out.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(v)
@@ -931,6 +997,33 @@ pub fn delete(id: i32) -> Result<(), UblkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listed_device_prints_its_line_and_its_json() {
+        let live = UblkDevice {
+            id: 3,
+            block_device: "/dev/ublkb3".into(),
+            info: DevInfo::Read { state: DevState::Quiesced, queues: 2, depth: 128, pid: 4242 },
+        };
+        assert_eq!(live.to_string(), "3\tquiesced\tqueues=2 depth=128 pid=4242\t/dev/ublkb3");
+        assert_eq!(
+            serde_json::to_value(&live).unwrap(),
+            serde_json::json!({"id": 3, "block_device": "/dev/ublkb3", "state": "quiesced", "queues": 2,
+                               "depth": 128, "pid": 4242})
+        );
+        let bad = UblkDevice {
+            id: 4,
+            block_device: "/dev/ublkb4".into(),
+            info: DevInfo::Unreadable { error: "EACCES".into() },
+        };
+        assert_eq!(bad.to_string(), "4\t?\tEACCES");
+        let v = serde_json::to_value(&bad).unwrap();
+        assert_eq!(v, serde_json::json!({"id": 4, "block_device": "/dev/ublkb4", "error": "EACCES"}));
+        for d in [live, bad] {
+            let back: UblkDevice = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+            assert_eq!(back, d);
+        }
+    }
 
     #[test]
     fn params_follow_the_volume_and_the_options() {
