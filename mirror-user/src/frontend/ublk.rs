@@ -39,20 +39,15 @@
 //! eventfd, so the queue thread wakes in the same `io_uring_enter` that waits for new commands.
 //! This path copies data once between the ublk io buffer and the router's `Vec`.
 //!
-//! Measured (`cargo xtask bench ublk`, 3 rounds x 4 s, medians, VM under TCG on a 2-core host;
-//! the README has the tables): two local replicas on tmpfs vs md raid1 over two loop devices,
-//! 4 KiB QD32 randread 1.15x / 1.32x and randwrite 1.81x / 1.10x in two runs; single replica vs
-//! rublk's loop target 1.03x / 1.08x and 1.10x / 1.21x; 128 KiB sequential 0.28-0.40x md raid1
-//! (two copies through userspace). The router path alone gave 0.31x / 0.36x md raid1. With
-//! io_uring writes instead of the inline `pwrite`, one round gave 1175 randwrite IOPS for two
-//! replicas where the inline write gave 2369; the writer thread (`--ublk-parallel-writes`) gave
-//! 0.81x / 0.84x md raid1 for ext4 randwrite where the serial writes gave 1.19x / 0.92x in the
-//! same alternation (the VM's two vCPUs are busy anyway).
-//!
-//! Earlier measurements of the router path alone: handing every request to the tokio runtime
-//! with `Handle::spawn` gave 4 KiB randwrite 0.19x md raid1 and randread 0.36x; polling on the
-//! queue thread 0.36x and 0.32x. libublk's own per-queue async executor (smol) was not an option
-//! for that path: the router's futures need tokio's context.
+//! Why this shape: a request handed to the tokio runtime (`Handle::spawn`) pays a cross-thread
+//! wakeup and a boxed future each way, so the router path polls on the queue thread instead;
+//! libublk's own per-queue executor (smol) is not an option there, the router's futures need
+//! tokio's context. The fast path exists because even polled in place the router path costs a
+//! future, a `Vec` and a copy per request. Small writes to buffered files stay inline `pwrite`s
+//! rather than io_uring entries because the ring hands a buffered write to an io-wq worker; the
+//! writer thread is an option, off by default, because the handoff only pays where a core is
+//! idle. The figures behind each of these choices (`cargo xtask bench ublk`, against md raid1,
+//! rublk and the kernel loop device) are in `docs/benchmarks.md`, section "ublk".
 //!
 //! # Lifecycle
 //!
