@@ -3,14 +3,14 @@
 //! (a leader elected), members killed on request, and everything stopped and removed on drop.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+
+use crate::net::http_get;
 
 /// One member: its URLs, its directory (data and log), its process while it runs.
 #[derive(Debug)]
@@ -51,16 +51,6 @@ pub fn binary() -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/bin")])
         .map(|d| d.join("etcd"))
         .find(|p| p.is_file())
-}
-
-/// A plain HTTP GET on a member's client port (etcd serves /health and /metrics there).
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 impl Etcd {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mirror_tests::{
     env::{mirror_bin, skip},
-    net::free_addr,
+    net::{free_addr, http_get},
     scenario::{self, target_weight, Cluster, Opts, ProbeServer, Workload},
 };
 
@@ -116,7 +116,7 @@ fn e_a_failing_http_probe_on_the_source_lowers_its_health_and_shifts_reads() {
         other => panic!("bpftool map dump pinned {}: {other:?}", pin.display()),
     }
     // The same state on the Prometheus endpoint.
-    let text = http_get(&metrics, "/metrics");
+    let text = http_get(&metrics, "/metrics").expect("scrape the metrics endpoint");
     for want in [
         "mirror_read_weight{replica=\"target\"} ",
         "mirror_node_signal_score{replica=\"source\",signal=\"app_probes_ok\"} 0",
@@ -125,14 +125,4 @@ fn e_a_failing_http_probe_on_the_source_lowers_its_health_and_shifts_reads() {
     ] {
         assert!(text.contains(want), "metrics lack {want:?}:\n{text}");
     }
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
 }

@@ -474,12 +474,7 @@ fn never_synced_replicas_get_an_initial_sync_before_the_target_serves_reads() {
     if which("nbdcopy").is_none() {
         return skip(T, "NBD", "nbdcopy is not installed (cargo xtask setup)");
     }
-    let dir = TempDir::new("serve-initial");
-    let secret = secret_file(&dir.0);
-    let sec = secret.display().to_string();
-    let size = 16 * MIB as usize;
-    std::fs::write(dir.0.join("s.img"), random_bytes(size, 11)).unwrap();
-    std::fs::write(dir.0.join("t.img"), random_bytes(size, 12)).unwrap();
+    let (dir, _, sec) = never_synced_pair("serve-initial", 11);
     let source_digest = file_digest(&dir.0.join("s.img"));
     let source_listen = free_addr();
     let src = format!("local:{}", dir.0.join("s.img").display());
@@ -510,6 +505,19 @@ fn never_synced_replicas_get_an_initial_sync_before_the_target_serves_reads() {
     let _ = std::fs::remove_file(&back);
     run_tool(Command::new("nbdcopy").arg(format!("nbd://{}/", srv.nbd)).arg(&back));
     assert_eq!(file_digest(&back), source_digest);
+}
+
+/// A directory with a secret and two replica files that were never synced, 16 MiB of different
+/// random data each (`s.img` from `seed`, `t.img` from `seed + 1`); the secret as a path and as
+/// a flag's text.
+fn never_synced_pair(tag: &str, seed: u64) -> (TempDir, std::path::PathBuf, String) {
+    let dir = TempDir::new(tag);
+    let secret = secret_file(&dir.0);
+    let sec = secret.display().to_string();
+    let size = 16 * MIB as usize;
+    std::fs::write(dir.0.join("s.img"), random_bytes(size, seed)).unwrap();
+    std::fs::write(dir.0.join("t.img"), random_bytes(size, seed + 1)).unwrap();
+    (dir, secret, sec)
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -816,12 +824,7 @@ fn ctl_status_json_has_the_documented_shape() {
         return skip(T, "NBD", "the control socket is root only");
     }
     let rows = status_schema();
-    let dir = TempDir::new("serve-schema");
-    let secret = secret_file(&dir.0);
-    let sec = secret.display().to_string();
-    let size = 16 * MIB as usize;
-    std::fs::write(dir.0.join("s.img"), random_bytes(size, 21)).unwrap();
-    std::fs::write(dir.0.join("t.img"), random_bytes(size, 22)).unwrap();
+    let (dir, secret, sec) = never_synced_pair("serve-schema", 21);
     // A paced source: the initial sync of the never-synced pair takes about 8 s, long enough to
     // see its job in the status.
     let s = Replica::start(
@@ -832,19 +835,11 @@ fn ctl_status_json_has_the_documented_shape() {
     );
     let t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
     let sock = dir.0.join("ctl.sock").display().to_string();
-    let (src, tgt) = (format!("remote:{}", s.addr), format!("remote:{}", t.addr));
-    let _srv = serve(&[
-        "--volume",
-        "v",
-        "--source",
-        &src,
-        "--target",
-        &tgt,
-        "--secret-file",
-        &sec,
-        "--ctl-socket",
-        &sock,
-    ]);
+    let flags = format!(
+        "--volume v --source remote:{} --target remote:{} --secret-file {sec} --ctl-socket {sock}",
+        s.addr, t.addr
+    );
+    let _srv = serve(&flags.split_whitespace().collect::<Vec<_>>());
     let mut seen = Vec::new();
     let (mut docs, mut syncing) = (0, 0);
     let deadline = Instant::now() + Duration::from_secs(60);

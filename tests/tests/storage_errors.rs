@@ -6,18 +6,16 @@
 //! with `dd oflag=direct` inside the VM.
 
 use std::{
-    io::BufRead,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
 };
 
-use mirror_tests::env::mirror_bin;
-use mirror_tests::env::skip;
-use mirror_tests::env::which;
-use mirror_tests::fs::secret_file;
-use mirror_tests::fs::TempDir;
-use mirror_tests::proc::Replica;
+use mirror_tests::{
+    env::{mirror_bin, skip, which},
+    fs::{secret_file, TempDir},
+    proc::{drain, mirror_cli, run_tool, spawn_until, Kill, Replica},
+};
 
 const MIB: u64 = 1 << 20;
 const ENOSPC_TEXT: &str = "No space left on device";
@@ -31,11 +29,13 @@ impl SmallFs {
     fn mount(parent: &Path, name: &str, size: u64) -> SmallFs {
         let dir = parent.join(name);
         std::fs::create_dir(&dir).unwrap();
-        run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size}"))
-            .arg("mirror-test")
-            .arg(&dir));
+        run_tool(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={size}"))
+                .arg("mirror-test")
+                .arg(&dir),
+        );
         SmallFs { dir }
     }
 
@@ -53,16 +53,9 @@ impl Drop for SmallFs {
     }
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
-
 /// `mirror serve`, killed on drop; `addr` is what it printed after `prefix`.
 struct Serve {
-    child: Child,
+    _child: Kill,
     addr: String,
     ctl: String,
 }
@@ -70,54 +63,32 @@ struct Serve {
 impl Serve {
     fn start(dir: &Path, secret: &Path, source: &str, target: &str, prefix: &str, extra: &[&str]) -> Serve {
         let ctl = dir.join("ctl.sock").display().to_string();
-        let mut child = Command::new(mirror_bin())
-            .args(["serve", "--volume", "v", "--nbd", "127.0.0.1:0", "--ctl-socket", &ctl, "--secret-file"])
-            .arg(secret)
-            .arg(format!("--source={source}"))
-            .arg(format!("--target={target}"))
-            // Both files start zeroed alike (their metadata was never synced); reads go to the
-            // source while it is in sync.
-            .args(["--assume-clean", "--target-weight", "0"])
-            .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn mirror serve");
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut addr = None;
-        for _ in 0..4 {
-            let mut line = String::new();
-            if out.read_line(&mut line).unwrap() == 0 {
-                break;
-            }
-            if let Some(a) = line.trim().strip_prefix(prefix) {
-                addr = Some(a.to_string());
-                break;
-            }
-        }
-        let Some(addr) = addr else {
-            let _ = child.kill();
-            panic!("mirror serve did not say {prefix:?}: {:?}", child.wait_with_output());
-        };
-        std::thread::spawn(move || for _ in out.lines() {});
-        Serve { child, addr, ctl }
+        let (child, addr, out) = spawn_until(
+            Command::new(mirror_bin())
+                .args(["serve", "--volume", "v", "--nbd", "127.0.0.1:0"])
+                .args(["--ctl-socket", &ctl, "--secret-file"])
+                .arg(secret)
+                .arg(format!("--source={source}"))
+                .arg(format!("--target={target}"))
+                // Both files start zeroed alike (their metadata was never synced); reads go to
+                // the source while it is in sync.
+                .args(["--assume-clean", "--target-weight", "0"])
+                .args(extra)
+                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())),
+            prefix,
+        )
+        .unwrap_or_else(|e| panic!("mirror serve: {e:#}"));
+        drain(out);
+        Serve { _child: Kill(child), addr, ctl }
     }
 
     /// The replicas' states from `mirror ctl status --json`: (source, target).
     fn states(&self) -> (String, String) {
-        let (ok, out, err) =
-            mirror_tests::proc::mirror_cli(&["ctl", "--socket", &self.ctl, "status", "--json"]);
+        let (ok, out, err) = mirror_cli(&["ctl", "--socket", &self.ctl, "status", "--json"]);
         assert!(ok, "mirror ctl status: {err}");
         let st: serde_json::Value = serde_json::from_str(&out).unwrap();
         let state = |i: usize| st["replicas"][i]["state"].as_str().unwrap_or("?").to_string();
         (state(0), state(1))
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -140,7 +111,7 @@ fn qemu_io_reads_back(nbd: &str, first: u64, last: u64) {
     for i in first..last {
         cmd.args(["-c", &format!("read -P {} {}M 1M", i + 1, i)]);
     }
-    let text = run(&mut cmd);
+    let text = run_tool(&mut cmd);
     assert!(!text.contains("failed"), "read back:\n{text}");
 }
 

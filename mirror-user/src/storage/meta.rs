@@ -585,14 +585,10 @@ pub fn new_generation(g: &mut GenInfo) {
 mod tests {
     use super::*;
 
-    struct Tmp(PathBuf);
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    fn tmp(tag: &str) -> Tmp {
-        Tmp(std::env::temp_dir().join(format!("mirror-meta-{tag}-{}-{}", std::process::id(), random_u64())))
+    use crate::storage::TempFile;
+
+    fn tmp(tag: &str) -> TempFile {
+        TempFile::new(&format!("meta-{tag}"))
     }
 
     #[test]

@@ -29,3 +29,24 @@ pub use job::{Job, JobKind, JobState, JobStatus};
 pub use meta::{GenInfo, HISTORY};
 pub use status::VolumeStatus;
 pub use volume::{default_meta_path, Access, Counters, OpenError, Volume, VolumeSpec, META_DIR};
+
+/// A path in the temporary directory for a unit test's volume or metadata file, unique to the
+/// call; the file and its default metadata file are removed on drop.
+#[cfg(test)]
+pub(crate) struct TempFile(pub std::path::PathBuf);
+
+#[cfg(test)]
+impl TempFile {
+    pub(crate) fn new(tag: &str) -> TempFile {
+        let name = format!("mirror-{tag}-{}-{:x}", std::process::id(), meta::random_u64());
+        TempFile(std::env::temp_dir().join(name))
+    }
+}
+
+#[cfg(test)]
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(default_meta_path(&self.0));
+    }
+}

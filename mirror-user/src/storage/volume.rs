@@ -469,19 +469,12 @@ impl Volume {
 mod tests {
     use super::*;
 
-    struct Tmp(PathBuf);
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-            let _ = std::fs::remove_file(default_meta_path(&self.0));
-        }
-    }
+    use crate::storage::TempFile;
 
-    fn volume(tag: &str) -> (Tmp, Volume) {
-        let p = std::env::temp_dir().join(format!("mirror-volume-{tag}-{}", std::process::id()));
-        let t = Tmp(p.clone());
+    fn volume(tag: &str) -> (TempFile, Volume) {
+        let t = TempFile::new(&format!("volume-{tag}"));
         let spec =
-            VolumeSpec { size: Some(1 << 20), ..VolumeSpec::parse(&format!("v={}", p.display())).unwrap() };
+            VolumeSpec { size: Some(1 << 20), ..VolumeSpec::parse(&format!("v={}", t.0.display())).unwrap() };
         (t, Volume::open(&spec).unwrap())
     }
 
