@@ -5,6 +5,7 @@
 //! as a baseline and in frontend tests).
 
 pub mod activity;
+pub mod deadline;
 pub mod error;
 pub mod fast;
 pub mod file;

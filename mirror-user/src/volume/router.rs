@@ -5,7 +5,9 @@
 //! that fails or misses its deadline is retried on the other replica. Writes, write-zeroes and
 //! flushes go to both in parallel; when one replica fails, it is marked failed and the range is
 //! recorded durably on the survivor *before* the write is acknowledged, so the application sees an
-//! error only when both fail. A supervisor reconnects a failed remote replica, has the survivor
+//! error only when both fail. A replica that lags behind the other on a write past its adaptive
+//! deadline (`volume::deadline`) counts as failed the same way; while neither has answered, the
+//! write waits (a spike on both is not one failing). A supervisor reconnects a failed remote replica, has the survivor
 //! resync it, and returns it to service when the survivor's dirty bitmap is empty. While both
 //! replicas are in sync, each write's 4 MiB extent carries a durable write intent on the source
 //! (`volume::activity`), so a router that dies mid-write leaves a record for the next start.
@@ -20,6 +22,7 @@ use std::{
 
 use super::{
     activity::ActivityLog,
+    deadline::{DeadlineConfig, LatencyEstimate},
     error::ReplicaError,
     fast::{FastOp, FastPlan},
     replica::{Replica, ReplicaSnapshot, ReplicaState},
@@ -52,8 +55,9 @@ pub struct RouterConfig {
     pub read_deadline_min: Duration,
     /// Longest read deadline (also used before any latency was observed).
     pub read_deadline_cap: Duration,
-    /// A write (or flush) a replica has not completed in this long fails that replica.
-    pub write_timeout: Duration,
+    /// When a write (or flush) stops waiting for a replica: the adaptive deadline of one that
+    /// lags behind the other, and the hard timeout.
+    pub write_deadline: DeadlineConfig,
     /// Secret for replicas to authenticate each other during resync.
     pub secret: Vec<u8>,
     /// Pacing for resyncs the router starts from a local survivor.
@@ -67,7 +71,7 @@ impl Default for RouterConfig {
         RouterConfig {
             read_deadline_min: Duration::from_millis(50),
             read_deadline_cap: Duration::from_secs(2),
-            write_timeout: Duration::from_secs(5),
+            write_deadline: DeadlineConfig::default(),
             secret: Vec::new(),
             rate: SyncRate::default(),
             supervise_every: Duration::from_millis(250),
@@ -91,9 +95,22 @@ pub struct Router {
     membership: tokio::sync::RwLock<()>,
     /// Write intent for router crashes (see `volume::activity`), kept in the source's bitmap.
     al: ActivityLog,
+    /// Each replica's completion latency per kind of mirrored request (their write deadlines).
+    latency: [[LatencyEstimate; 3]; 2],
+    /// Woken when a replica is marked failed: the requests still waiting for it stop.
+    failed: [tokio::sync::Notify; 2],
 }
 
-/// An extent with write intent recorded is dropped after this long without a write.
+/// The kinds of mirrored request, each with its own latency (a flush is not a 4 KiB write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mirrored {
+    Write = 0,
+    Zeroes = 1,
+    Flush = 2,
+}
+
+/// An extent with write intent recorded is dropped after this long without a write (at least;
+/// always longer than the hard write timeout, see `drop_idle_intents`).
 pub const INTENT_IDLE: Duration = Duration::from_secs(10);
 
 /// The router's status (`ctl status`, metrics).
@@ -144,6 +161,7 @@ impl Router {
         weights: Arc<Weights>,
         cfg: RouterConfig,
     ) -> Arc<Router> {
+        let idle = INTENT_IDLE.max(cfg.write_deadline.hard.saturating_mul(2));
         Arc::new(Router {
             replicas: [Arc::new(source), Arc::new(target)],
             size,
@@ -152,7 +170,9 @@ impl Router {
             cfg,
             degraded_marked: AtomicBool::new(false),
             membership: tokio::sync::RwLock::new(()),
-            al: ActivityLog::new(size, INTENT_IDLE),
+            al: ActivityLog::new(size, idle),
+            latency: Default::default(),
+            failed: Default::default(),
         })
     }
 
@@ -191,6 +211,7 @@ impl Router {
                 self.replicas[Self::other(i)].role
             );
         }
+        self.failed[i].notify_waiters();
         r.stats.errors.fetch_add(1, Ordering::Relaxed);
         let s = &self.replicas[Self::other(i)];
         if s.state() == ReplicaState::Failed {
@@ -233,9 +254,9 @@ impl Router {
         Ok(())
     }
 
-    /// Drops the intent of extents idle for [`INTENT_IDLE`]: both replicas flushed (every write
-    /// there completed long ago: a write that takes more than the write timeout fails its
-    /// replica), then the source's bits cleared. Skipped while a failure or a resync is being
+    /// Drops the intent of extents idle for [`INTENT_IDLE`] (or twice the hard write timeout):
+    /// both replicas flushed (every write there completed long ago: a write that takes more than
+    /// the hard timeout fails its replica), then the source's bits cleared. Skipped while a failure or a resync is being
     /// recorded (the bits are then part of that record).
     async fn drop_idle_intents(&self) {
         self.al.tick(Instant::now());
@@ -287,31 +308,26 @@ impl Router {
     }
 
     /// Runs a write-like operation on every live replica; handles failures as described above.
-    /// `intent`: a write, whose intent must be recorded first (not a flush).
-    async fn mirrored<F, Fut>(&self, offset: u64, len: u64, intent: bool, op: F) -> std::io::Result<()>
+    /// `kind`: a write or write-zeroes, whose intent must be recorded first, or a flush.
+    async fn mirrored<F, Fut>(&self, offset: u64, len: u64, kind: Mirrored, op: F) -> std::io::Result<()>
     where
         F: Fn(Arc<Replica>) -> Fut,
         Fut: std::future::Future<Output = Result<(), ReplicaError>>,
     {
         let _membership = self.membership.read().await;
-        if intent && self.intent_needed() {
+        if kind != Mirrored::Flush && self.intent_needed() {
             self.record_intent(offset, len).await.map_err(|e| e.to_io())?;
         }
         // Read before the write is issued: only a survivor that was already tracking when this
         // write began has recorded it.
         let tracked_before = self.degraded_marked.load(Ordering::Acquire);
         let live: Vec<usize> = (0..2).filter(|&i| self.replicas[i].state() != ReplicaState::Failed).collect();
-        let limit = self.cfg.write_timeout;
-        let op = |r: Arc<Replica>| {
-            let f = op(r);
-            async move { tokio::time::timeout(limit, f).await.unwrap_or(Err(ReplicaError::Timeout(limit))) }
-        };
         let (a, b) = match live.as_slice() {
             [a, b] => {
-                let (ra, rb) = tokio::join!(op(self.replicas[*a].clone()), op(self.replicas[*b].clone()));
+                let (ra, rb) = self.on_both(kind, len, &op).await;
                 (Some((*a, ra)), Some((*b, rb)))
             }
-            [a] => (Some((*a, op(self.replicas[*a].clone()).await)), None),
+            [a] => (Some((*a, self.timed(*a, kind, &op).await)), None),
             _ => return Err(eio("no replica available")),
         };
         let mut ok = 0;
@@ -343,6 +359,88 @@ impl Router {
             self.degraded_marked.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Replica `i`'s part of a mirrored request, within the hard timeout; its latency observed.
+    async fn timed<F, Fut>(&self, i: usize, kind: Mirrored, op: &F) -> Result<(), ReplicaError>
+    where
+        F: Fn(Arc<Replica>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ReplicaError>>,
+    {
+        let hard = self.cfg.write_deadline.hard;
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(hard, op(self.replicas[i].clone()))
+            .await
+            .unwrap_or(Err(ReplicaError::Timeout(hard)));
+        if r.is_ok() {
+            self.latency[i][kind as usize].observe(t0.elapsed());
+        }
+        r
+    }
+
+    /// A mirrored request on both replicas (source's result first). Once one has completed it,
+    /// the other has until its lag limit (`volume::deadline`) or until it is failed by another
+    /// request; one that failed leaves the other the hard timeout.
+    async fn on_both<F, Fut>(
+        &self,
+        kind: Mirrored,
+        len: u64,
+        op: &F,
+    ) -> (Result<(), ReplicaError>, Result<(), ReplicaError>)
+    where
+        F: Fn(Arc<Replica>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ReplicaError>>,
+    {
+        let t0 = Instant::now();
+        let (f0, f1) = (self.timed(0, kind, op), self.timed(1, kind, op));
+        tokio::pin!(f0, f1);
+        let (first, r_first, lagging) = tokio::select! {
+            r = &mut f0 => (0, r, f1),
+            r = &mut f1 => (1, r, f0),
+        };
+        let lag = Self::other(first);
+        let r_lag = if r_first.is_ok() {
+            let cfg = &self.cfg.write_deadline;
+            let mut limit = cfg.lag_limit(self.latency[lag][kind as usize].deadline(cfg), t0.elapsed());
+            if kind == Mirrored::Zeroes {
+                // A remote replica zeroes a long range in 1 GiB requests, one after the other.
+                limit = limit.saturating_mul(len.div_ceil(1 << 30).max(1) as u32).min(cfg.hard);
+            }
+            self.lagging(lag, t0, limit, lagging).await
+        } else {
+            lagging.await
+        };
+        if first == 0 {
+            (r_first, r_lag)
+        } else {
+            (r_lag, r_first)
+        }
+    }
+
+    /// Waits for lagging replica `i` until `t0 + limit`, or until another request fails it.
+    async fn lagging(
+        &self,
+        i: usize,
+        t0: Instant,
+        limit: Duration,
+        request: impl std::future::Future<Output = Result<(), ReplicaError>>,
+    ) -> Result<(), ReplicaError> {
+        let failed = self.failed[i].notified();
+        tokio::pin!(failed);
+        failed.as_mut().enable();
+        let r = &self.replicas[i];
+        if r.state() == ReplicaState::Failed {
+            return Err(ReplicaError::Timeout(t0.elapsed()));
+        }
+        tokio::select! {
+            biased;
+            res = request => res,
+            _ = tokio::time::sleep_until((t0 + limit).into()) => {
+                r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(ReplicaError::Timeout(limit))
+            }
+            _ = failed => Err(ReplicaError::Timeout(t0.elapsed())),
+        }
     }
 
     /// Puts replica `i` into resync (it receives writes, serves no reads) and has the other
@@ -381,7 +479,10 @@ impl Router {
                 ReplicaState::InSync if r.connection_broken() => {
                     let _ = self.fail_replica(i, &"connection lost", 0, 0).await;
                 }
-                ReplicaState::Failed if !r.is_local() && s.state() == ReplicaState::InSync => {
+                // Not while requests it was sent are unanswered (see `Replica::quiesced`).
+                ReplicaState::Failed
+                    if !r.is_local() && s.state() == ReplicaState::InSync && r.quiesced() =>
+                {
                     match r.connect().await {
                         Ok(size) if size == self.size => {}
                         Ok(size) => {
@@ -550,7 +651,7 @@ impl BlockDev for Router {
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
         let len = data.len() as u64;
         let data = Arc::new(data);
-        self.mirrored(offset, len, true, |r| {
+        self.mirrored(offset, len, Mirrored::Write, |r| {
             let d = data.clone();
             async move { r.write(offset, d, fua).await }
         })
@@ -561,7 +662,7 @@ impl BlockDev for Router {
         // A replica that fails a flush may have lost any write since its last flush: the whole
         // volume is recorded on the survivor (the resync compares digests, so it stays cheap).
         let size = self.size;
-        self.mirrored(0, size, false, |r| async move { r.flush().await }).await
+        self.mirrored(0, size, Mirrored::Flush, |r| async move { r.flush().await }).await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -569,6 +670,7 @@ impl BlockDev for Router {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.mirrored(offset, len, true, |r| async move { r.write_zeroes(offset, len).await }).await
+        self.mirrored(offset, len, Mirrored::Zeroes, |r| async move { r.write_zeroes(offset, len).await })
+            .await
     }
 }
