@@ -28,7 +28,10 @@ use super::{
     replica::{Replica, ReplicaSnapshot, ReplicaState},
     BlockDev,
 };
-use crate::{replication::rate::SyncRate, storage::JobState};
+use crate::{
+    replication::{protocol::MAX_IO, rate::SyncRate},
+    storage::JobState,
+};
 
 /// Read weights: the target's share in percent; the source gets the rest.
 #[derive(Debug)]
@@ -607,6 +610,58 @@ impl BlockDev for Router {
     }
 
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        if len > MAX_IO {
+            // Frontends take larger requests than the protocol carries (NBD: 32 MiB).
+            let mut out = Vec::with_capacity(len as usize);
+            for (o, l) in pieces(offset, u64::from(len)) {
+                out.extend_from_slice(&self.read_one(o, l).await?);
+            }
+            return Ok(out);
+        }
+        self.read_one(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
+        if data.len() > MAX_IO as usize {
+            // Piece by piece, each mirrored on its own (a failed request may leave some
+            // pieces written, as a disk may).
+            for (o, l) in pieces(offset, data.len() as u64) {
+                let at = (o - offset) as usize;
+                self.write_one(o, data[at..at + l as usize].to_vec(), fua).await?;
+            }
+            return Ok(());
+        }
+        self.write_one(offset, data, fua).await
+    }
+
+    async fn flush(&self) -> std::io::Result<()> {
+        // A replica that fails a flush may have lost any write since its last flush: the whole
+        // volume is recorded on the survivor (the resync compares digests, so it stays cheap).
+        let size = self.size;
+        self.mirrored(0, size, Mirrored::Flush, |r| async move { r.flush().await }).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.write_zeroes(offset, len).await
+    }
+
+    /// Not split: write-zeroes carries a length, not data (a remote replica sends it in 1 GiB
+    /// requests).
+    async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.mirrored(offset, len, Mirrored::Zeroes, |r| async move { r.write_zeroes(offset, len).await })
+            .await
+    }
+}
+
+/// `[offset, offset+len)` in pieces of at most [`MAX_IO`] bytes: `(offset, len)` each.
+fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
+    let max = u64::from(MAX_IO);
+    (0..len.div_ceil(max)).map(move |k| (offset + k * max, (len - k * max).min(max) as u32))
+}
+
+impl Router {
+    /// A read of at most [`MAX_IO`] bytes: the weighted choice, the deadline and the retry.
+    async fn read_one(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
         let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
         let candidates: Vec<usize> =
             [first, Self::other(first)].into_iter().filter(|&i| self.replicas[i].serves_reads()).collect();
@@ -648,7 +703,8 @@ impl BlockDev for Router {
         Err(last_err.map_or_else(|| eio("no replica holds this range in sync"), |e| e.to_io()))
     }
 
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
+    /// A write of at most [`MAX_IO`] bytes, mirrored.
+    async fn write_one(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
         let len = data.len() as u64;
         let data = Arc::new(data);
         self.mirrored(offset, len, Mirrored::Write, |r| {
@@ -657,20 +713,21 @@ impl BlockDev for Router {
         })
         .await
     }
+}
 
-    async fn flush(&self) -> std::io::Result<()> {
-        // A replica that fails a flush may have lost any write since its last flush: the whole
-        // volume is recorded on the survivor (the resync compares digests, so it stays cheap).
-        let size = self.size;
-        self.mirrored(0, size, Mirrored::Flush, |r| async move { r.flush().await }).await
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.write_zeroes(offset, len).await
-    }
-
-    async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.mirrored(offset, len, Mirrored::Zeroes, |r| async move { r.write_zeroes(offset, len).await })
-            .await
+    #[test]
+    fn pieces_cover_the_range_in_max_io_steps() {
+        let m = u64::from(MAX_IO);
+        let p: Vec<_> = pieces(4096, 4 * m).collect();
+        assert_eq!(p.len(), 4);
+        assert!(p.iter().all(|&(_, l)| l == MAX_IO));
+        assert_eq!(p[3].0, 4096 + 3 * m);
+        let p: Vec<_> = pieces(0, 2 * m + 512).collect();
+        assert_eq!(p, [(0, MAX_IO), (m, MAX_IO), (2 * m, 512)]);
+        assert_eq!(pieces(0, 100).collect::<Vec<_>>(), [(0, 100)]);
     }
 }
