@@ -1,6 +1,6 @@
 //! The Prometheus endpoint of `mirror serve` (`--metrics ADDR`, `GET /metrics`): read weights,
-//! engine mode, each node's health and signals, the router's per-replica counters and sync
-//! progress, encoded with `prometheus-client` from a status snapshot taken at scrape time. The
+//! engine mode, each node's health and signals, the router's per-replica counters, its hedged
+//! reads and sync progress, encoded with `prometheus-client` from a status snapshot taken at scrape time. The
 //! Grafana dashboard `packaging/grafana/mirror.json` queries these names (a test holds it to
 //! them).
 
@@ -94,6 +94,17 @@ pub fn encode_status(st: &serde_json::Value) -> String {
         latency.clone(),
     );
 
+    let hedges_sent = Counter::<u64>::default();
+    reg.register(
+        "read_hedges_sent",
+        "Reads sent to the other replica too after the first was slow",
+        hedges_sent.clone(),
+    );
+    let hedges_won = Counter::<u64>::default();
+    reg.register("read_hedges_won", "Hedged reads the other replica answered first", hedges_won.clone());
+    hedges_sent.inc_by(st["hedges"]["sent"].as_u64().unwrap_or(0));
+    hedges_won.inc_by(st["hedges"]["won"].as_u64().unwrap_or(0));
+
     let w_target = st["weights"]["target"].as_i64().unwrap_or(0);
     if let Some(m) = st["mode"].as_str() {
         mode.get_or_create(&ModeLabel { mode: m.to_lowercase() }).set(1);
@@ -172,6 +183,7 @@ mod tests {
         let st = serde_json::json!({
             "mode": "Failover", "weight_changes": 3,
             "weights": {"source": 0, "target": 100},
+            "hedges": {"sent": 5, "won": 4},
             "replicas": [
                 {"role": "source", "state": "failed", "reads": 10, "writes": 20, "read_bytes": 40960,
                  "write_bytes": 81920, "errors": 1, "timeouts": 0, "retries": 2,
@@ -193,6 +205,8 @@ mod tests {
             "mirror_replica_reads_total{replica=\"source\"} 10",
             "mirror_replica_errors_total{replica=\"source\"} 1",
             "mirror_weight_changes_total 3",
+            "mirror_read_hedges_sent_total 5",
+            "mirror_read_hedges_won_total 4",
             "mirror_node_signal_value{replica=\"source\",signal=\"disk_latency_ratio\"} 14.5",
             "mirror_replica_latency_seconds{replica=\"source\"} 0.0009",
             "mirror_replica_sync_done_bytes{replica=\"target\"} 1024",

@@ -294,3 +294,61 @@ pub fn verify_job(size: u64, qd: u32, iops: u32) -> Vec<String> {
     ]
     .into()
 }
+
+/// Freezes a process for `stall` every `period` (SIGSTOP, SIGCONT) from a thread, until dropped
+/// (which leaves it running).
+#[derive(Debug)]
+pub struct Staller {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u32>>,
+}
+
+impl Staller {
+    pub fn start(pid: u32, stall: Duration, period: Duration) -> Staller {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(period.saturating_sub(stall));
+                if signal(pid, libc::SIGSTOP).is_err() {
+                    break;
+                }
+                std::thread::sleep(stall);
+                let _ = signal(pid, libc::SIGCONT);
+                n += 1;
+            }
+            n
+        });
+        Staller { stop, thread: Some(thread) }
+    }
+
+    /// Stops stalling; returns how many stalls there were.
+    pub fn finish(mut self) -> u32 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().map(|t| t.join().unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+impl Drop for Staller {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// fio's 4 KiB random-read job at queue depth `qd`, paced at `iops`, for `secs` seconds.
+pub fn read_job(qd: u32, iops: u32, secs: u32) -> Vec<String> {
+    [
+        "--rw=randread".to_string(),
+        "--bs=4k".into(),
+        format!("--iodepth={qd}"),
+        format!("--rate_iops={iops}"),
+        "--time_based=1".into(),
+        format!("--runtime={secs}"),
+        "--randrepeat=0".into(),
+    ]
+    .into()
+}

@@ -9,6 +9,7 @@ pub mod deadline;
 pub mod error;
 pub mod fast;
 pub mod file;
+pub mod hedge;
 pub mod inline;
 pub mod local;
 pub mod open;

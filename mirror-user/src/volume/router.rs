@@ -14,7 +14,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -25,6 +25,7 @@ use super::{
     deadline::{DeadlineConfig, LatencyEstimate},
     error::ReplicaError,
     fast::{FastOp, FastPlan},
+    hedge::{HedgeBudget, HedgeConfig, LatencyHistogram},
     replica::{Replica, ReplicaSnapshot, ReplicaState},
     BlockDev,
 };
@@ -58,6 +59,8 @@ pub struct RouterConfig {
     pub read_deadline_min: Duration,
     /// Longest read deadline (also used before any latency was observed).
     pub read_deadline_cap: Duration,
+    /// When a slow read is sent to the other replica too.
+    pub hedge: HedgeConfig,
     /// When a write (or flush) stops waiting for a replica: the adaptive deadline of one that
     /// lags behind the other, and the hard timeout.
     pub write_deadline: DeadlineConfig,
@@ -74,6 +77,7 @@ impl Default for RouterConfig {
         RouterConfig {
             read_deadline_min: Duration::from_millis(50),
             read_deadline_cap: Duration::from_secs(2),
+            hedge: HedgeConfig::default(),
             write_deadline: DeadlineConfig::default(),
             secret: Vec::new(),
             rate: SyncRate::default(),
@@ -102,6 +106,11 @@ pub struct Router {
     latency: [[LatencyEstimate; 3]; 2],
     /// Woken when a replica is marked failed: the requests still waiting for it stop.
     failed: [tokio::sync::Notify; 2],
+    /// Each replica's latency of the reads it served (their hedge delay).
+    read_hist: [LatencyHistogram; 2],
+    hedge_budget: HedgeBudget,
+    hedges_sent: AtomicU64,
+    hedges_won: AtomicU64,
 }
 
 /// The kinds of mirrored request, each with its own latency (a flush is not a 4 KiB write).
@@ -124,8 +133,17 @@ pub struct RouterStatus {
     pub weights: WeightsStatus,
     /// Extents of the volume with write intent recorded.
     pub intent_extents: usize,
+    /// Hedged reads (`volume::hedge`).
+    pub hedges: HedgeStatus,
     /// Source, target.
     pub replicas: [ReplicaSnapshot; 2],
+}
+
+/// Hedged reads since start: sent to the other replica, and answered there first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HedgeStatus {
+    pub sent: u64,
+    pub won: u64,
 }
 
 /// The read weights: each replica's share in percent.
@@ -176,6 +194,10 @@ impl Router {
             al: ActivityLog::new(size, idle),
             latency: Default::default(),
             failed: Default::default(),
+            read_hist: Default::default(),
+            hedge_budget: HedgeBudget::default(),
+            hedges_sent: AtomicU64::new(0),
+            hedges_won: AtomicU64::new(0),
         })
     }
 
@@ -563,6 +585,10 @@ impl Router {
             size: self.size,
             weights: WeightsStatus { source: 100 - target, target },
             intent_extents: self.al.hot_count(),
+            hedges: HedgeStatus {
+                sent: self.hedges_sent.load(Ordering::Relaxed),
+                won: self.hedges_won.load(Ordering::Relaxed),
+            },
             replicas: [self.replicas[0].snapshot(), self.replicas[1].snapshot()],
         }
     }
@@ -653,6 +679,14 @@ impl BlockDev for Router {
     }
 }
 
+/// How a hedged read ended.
+enum Hedged {
+    /// With this result (a success, or the failure of both replicas).
+    Done(Result<Vec<u8>, ReplicaError>),
+    /// The first replica failed or missed its deadline without a hedge: retry on the other.
+    Retry(ReplicaError),
+}
+
 /// `[offset, offset+len)` in pieces of at most [`MAX_IO`] bytes: `(offset, len)` each.
 fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
     let max = u64::from(MAX_IO);
@@ -660,34 +694,31 @@ fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
 }
 
 impl Router {
-    /// A read of at most [`MAX_IO`] bytes: the weighted choice, the deadline and the retry.
+    /// A read of at most [`MAX_IO`] bytes: the weighted choice, the hedge, the deadline and the
+    /// retry.
     async fn read_one(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
         let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
         let candidates: Vec<usize> =
             [first, Self::other(first)].into_iter().filter(|&i| self.replicas[i].serves_reads()).collect();
         let mut last_err = None;
-        for (k, &i) in candidates.iter().enumerate() {
+        let mut k = 0;
+        if let [i, j] = candidates[..] {
+            self.hedge_budget.earn(&self.cfg.hedge);
+            match self.hedged_read(i, j, offset, len).await {
+                Hedged::Done(r) => return r.map_err(|e| e.to_io()),
+                Hedged::Retry(e) => {
+                    last_err = Some(e);
+                    k = 1;
+                }
+            }
+        }
+        for (k, &i) in candidates.iter().enumerate().skip(k) {
             let r = &self.replicas[i];
             if k > 0 {
                 self.replicas[candidates[0]].stats.retries.fetch_add(1, Ordering::Relaxed);
             }
-            // A deadline only where another replica could take over; the last one is waited for.
-            let last = k + 1 == candidates.len();
-            let result = if last {
-                r.read(offset, len).await
-            } else {
-                let deadline = r.read_deadline(self.cfg.read_deadline_min, self.cfg.read_deadline_cap);
-                tokio::time::timeout(deadline, r.read(offset, len))
-                    .await
-                    .unwrap_or(Err(ReplicaError::Timeout(deadline)))
-            };
-            match result {
+            match self.read_on(i, offset, len).await {
                 Ok(d) => return Ok(d),
-                Err(e @ ReplicaError::Timeout(_)) => {
-                    r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(replica = r.role, offset, len, "read: {e}; trying the other replica");
-                    last_err = Some(e);
-                }
                 Err(e) => {
                     r.stats.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
@@ -701,6 +732,97 @@ impl Router {
             }
         }
         Err(last_err.map_or_else(|| eio("no replica holds this range in sync"), |e| e.to_io()))
+    }
+
+    /// A read on replica `i`, its latency recorded for its hedge delay.
+    async fn read_on(&self, i: usize, offset: u64, len: u32) -> Result<Vec<u8>, ReplicaError> {
+        let t0 = Instant::now();
+        let r = self.replicas[i].read(offset, len).await;
+        if r.is_ok() {
+            self.read_hist[i].observe(t0.elapsed());
+        }
+        r
+    }
+
+    /// A read on `i` with `j` in sync beside it: after `i`'s hedge delay or its read deadline,
+    /// whichever is shorter, it goes to `j` too (budget permitting) and the first success wins;
+    /// without a hedge, `i` has the rest of its read deadline. `Retry`: `i` failed or missed its deadline unhedged (the caller retries on
+    /// `j`).
+    async fn hedged_read(&self, i: usize, j: usize, offset: u64, len: u32) -> Hedged {
+        let r = &self.replicas[i];
+        let deadline = r.read_deadline(self.cfg.read_deadline_min, self.cfg.read_deadline_cap);
+        let delay = self.cfg.hedge.delay(&self.read_hist[i]);
+        let t0 = Instant::now();
+        let primary = self.read_on(i, offset, len);
+        tokio::pin!(primary);
+        let wait = delay.min(deadline);
+        let early = tokio::select! {
+            biased;
+            res = &mut primary => Some(res),
+            _ = tokio::time::sleep(wait) => None,
+        };
+        let failed = |e: ReplicaError| {
+            if matches!(e, ReplicaError::Timeout(_)) {
+                r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            } else {
+                r.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::debug!(replica = r.role, offset, len, "read: {e}; trying the other replica");
+            Hedged::Retry(e)
+        };
+        match early {
+            Some(Ok(d)) => return Hedged::Done(Ok(d)),
+            Some(Err(e)) => return failed(e),
+            None => {}
+        }
+        if !self.hedge_budget.try_spend() {
+            // No hedge: the rest of the deadline, then the retry.
+            let left = deadline.saturating_sub(t0.elapsed());
+            return match tokio::time::timeout(left, primary).await {
+                Ok(Ok(d)) => Hedged::Done(Ok(d)),
+                Ok(Err(e)) => failed(e),
+                Err(_) => failed(ReplicaError::Timeout(deadline)),
+            };
+        }
+        self.hedges_sent.fetch_add(1, Ordering::Relaxed);
+        let hedge = self.read_on(j, offset, len);
+        tokio::pin!(hedge);
+        tokio::select! {
+            biased;
+            res = &mut primary => match res {
+                Ok(d) => Hedged::Done(Ok(d)),
+                Err(e) => {
+                    r.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(replica = r.role, offset, len, "read failed: {e}; the hedge decides");
+                    Hedged::Done(self.hedge_result(j, hedge.await))
+                }
+            },
+            res = &mut hedge => match res {
+                Ok(d) => {
+                    self.hedges_won.fetch_add(1, Ordering::Relaxed);
+                    Hedged::Done(Ok(d))
+                }
+                Err(e) => {
+                    self.replicas[j].stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(replica = self.replicas[j].role, offset, len, "hedged read: {e}");
+                    Hedged::Done(primary.await)
+                }
+            },
+        }
+    }
+
+    /// The hedge's answer after the primary failed.
+    fn hedge_result(&self, j: usize, res: Result<Vec<u8>, ReplicaError>) -> Result<Vec<u8>, ReplicaError> {
+        match res {
+            Ok(d) => {
+                self.hedges_won.fetch_add(1, Ordering::Relaxed);
+                Ok(d)
+            }
+            Err(e) => {
+                self.replicas[j].stats.errors.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
     }
 
     /// A write of at most [`MAX_IO`] bytes, mirrored.
