@@ -243,6 +243,12 @@ pub struct ServeFile {
     pub source_listen: Option<String>,
     pub target_listen: Option<String>,
     pub conns: Option<usize>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub write_deadline_floor: Option<Duration>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub write_deadline_cap: Option<Duration>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub write_timeout: Option<Duration>,
     pub ctl_socket: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
     #[serde(default, deserialize_with = "de::value_enum")]

@@ -1,6 +1,6 @@
 //! The Prometheus endpoint of `mirror serve` (`--metrics ADDR`, `GET /metrics`): read weights,
-//! engine mode, each node's health and signals, the router's per-replica counters and sync
-//! progress, encoded with `prometheus-client` from a status snapshot taken at scrape time. The
+//! engine mode, each node's health and signals, the router's per-replica counters, its hedged
+//! reads and sync progress, encoded with `prometheus-client` from a status snapshot taken at scrape time. The
 //! Grafana dashboard `packaging/grafana/mirror.json` queries these names (a test holds it to
 //! them).
 
@@ -99,6 +99,17 @@ pub fn encode_status(st: &ServeStatus) -> String {
         latency.clone(),
     );
 
+    let hedges_sent = Counter::<u64>::default();
+    reg.register(
+        "read_hedges_sent",
+        "Reads sent to the other replica too after the first was slow",
+        hedges_sent.clone(),
+    );
+    let hedges_won = Counter::<u64>::default();
+    reg.register("read_hedges_won", "Hedged reads the other replica answered first", hedges_won.clone());
+    hedges_sent.inc_by(st.router.hedges.sent);
+    hedges_won.inc_by(st.router.hedges.won);
+
     let w = &st.router.weights;
     mode.get_or_create(&ModeLabel { mode: format!("{:?}", st.mode).to_lowercase() }).set(1);
     changes.inc_by(st.weight_changes);
@@ -188,6 +199,8 @@ mod tests {
         target.node.sync = source.node.sync.take();
         let job = target.node.sync.as_mut().unwrap();
         (job.done_bytes, job.total_bytes) = (1024, 4096);
+        st.router.hedges.sent = 5;
+        st.router.hedges.won = 4;
         let text = super::encode_status(&st);
         for want in [
             "mirror_read_weight{replica=\"target\"} 100",
@@ -203,6 +216,8 @@ mod tests {
             "mirror_replica_errors_total{replica=\"source\"} 1",
             "mirror_replica_retries_total{replica=\"source\"} 2",
             "mirror_weight_changes_total 3",
+            "mirror_read_hedges_sent_total 5",
+            "mirror_read_hedges_won_total 4",
             "mirror_node_signal_value{replica=\"source\",signal=\"disk_latency_ratio\"} 14.5",
             "mirror_node_signal_score{replica=\"source\",signal=\"disk_latency_ratio\"} 0.0",
             "mirror_replica_latency_seconds{replica=\"source\"} 0.0009",

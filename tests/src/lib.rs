@@ -9,6 +9,7 @@
 //!   guards that stop them;
 //! - [`etcd`]: a real etcd (one or three members) on 127.0.0.1 for the lease tests;
 //! - [`stats`]: figures over samples;
+//! - [`sick`]: a served mirrored volume with fio on its export, for the sick-node tests;
 //! - [`scenario`]: a two-node mirrored volume with real processes; [`timeline`]: its SVG plot.
 //!
 //! Test helpers panic with the reason (a test fails on its first unexpected step); the ones the
@@ -22,5 +23,6 @@ pub mod fs;
 pub mod net;
 pub mod proc;
 pub mod scenario;
+pub mod sick;
 pub mod stats;
 pub mod timeline;

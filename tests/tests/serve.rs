@@ -568,6 +568,12 @@ fn a_router_killed_mid_write_leaves_intent_and_the_next_start_resyncs_it() {
             &sec,
             "--source-listen",
             &source_listen,
+            // The router must die before it notices the frozen target (its write deadline
+            // would fail the target and record the write as degraded instead of as intent).
+            "--write-deadline-floor",
+            "10s",
+            "--write-deadline-cap",
+            "10s",
         ]
         .iter()
         .map(|s| s.to_string())

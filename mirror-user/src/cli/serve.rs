@@ -17,7 +17,10 @@ use crate::{
     health::score::ScoreConfig,
     replication::{auth::load_secret, rate::SyncRate},
     serve::{Endpoints, Frontend},
-    volume::open::{ReplicaSpec, VolumeConfig},
+    volume::{
+        deadline::DeadlineConfig,
+        open::{ReplicaSpec, VolumeConfig},
+    },
     weights::{
         driver::DriverConfig,
         engine::{EngineConfig, Policy},
@@ -69,6 +72,18 @@ pub struct ServeArgs {
     /// Connections per remote replica [default: 4].
     #[arg(long)]
     pub conns: Option<usize>,
+    /// Shortest time a write waits for a replica lagging behind the other, once the other has
+    /// completed it; past its deadline (mean + 4 deviations of its write latency, within floor
+    /// and cap) the laggard is failed and resynced later [default: 250ms].
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub write_deadline_floor: Option<Duration>,
+    /// Longest such wait (also before any latency is known) [default: 750ms].
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub write_deadline_cap: Option<Duration>,
+    /// A write neither replica completes in this long fails (both slow: no deadline runs until
+    /// one answers) [default: 30s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub write_timeout: Option<Duration>,
     /// Start even when a replica cannot be reached and the other's metadata does not show it
     /// as behind: the operator vouches that the missing replica holds no newer writes. The
     /// survivor records every write; the missing replica is resynced when it returns (one
@@ -119,6 +134,8 @@ pub struct ServeSettings {
     /// Where local source and target replicas are served to their peer.
     pub local_listen: [String; 2],
     pub conns: usize,
+    /// When a write stops waiting for a lagging replica.
+    pub write_deadline: DeadlineConfig,
     pub driver: DriverConfig,
     pub endpoints: Endpoints,
     pub monitor: MonitorSettings,
@@ -251,6 +268,14 @@ impl ServeArgs {
         })?;
         let conns = self.conns.or(file.conns).unwrap_or(DEFAULT_CONNS);
         anyhow::ensure!(conns >= 1, "--conns: at least 1 connection per remote replica");
+        let d = DeadlineConfig::default();
+        let write_deadline = DeadlineConfig {
+            floor: self.write_deadline_floor.or(file.write_deadline_floor).unwrap_or(d.floor),
+            cap: self.write_deadline_cap.or(file.write_deadline_cap).unwrap_or(d.cap),
+            hard: self.write_timeout.or(file.write_timeout).unwrap_or(d.hard),
+            ..d
+        };
+        write_deadline.validate()?;
         let listen = |flag: &Option<String>, key: &Option<String>| {
             flag.clone().or(key.clone()).unwrap_or_else(|| DEFAULT_LOCAL_LISTEN.into())
         };
@@ -280,6 +305,7 @@ impl ServeArgs {
                 listen(&self.target_listen, &file.target_listen),
             ],
             conns,
+            write_deadline,
             endpoints,
             monitor,
             score: file.health.clone().unwrap_or_default(),
@@ -309,6 +335,7 @@ impl ServeArgs {
             target_weight: self.target_weight.unwrap_or(0),
             conns: s.conns,
             rate: SyncRate::default(),
+            write_deadline: s.write_deadline,
             node_health,
             allow_degraded: self.degraded,
             assume_clean: self.assume_clean,

@@ -5,9 +5,11 @@
 //! as a baseline and in frontend tests).
 
 pub mod activity;
+pub mod deadline;
 pub mod error;
 pub mod fast;
 pub mod file;
+pub mod hedge;
 pub mod inline;
 pub mod local;
 pub mod open;

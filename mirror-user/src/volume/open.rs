@@ -64,6 +64,8 @@ pub struct VolumeConfig {
     pub target_weight: u8,
     pub conns: usize,
     pub rate: SyncRate,
+    /// When a write stops waiting for a lagging replica (`volume::deadline`).
+    pub write_deadline: super::deadline::DeadlineConfig,
     /// This node's health, sent by the embedded servers of local replicas.
     pub node_health: Arc<crate::health::monitor::NodeHealth>,
     /// Start from one replica when the other cannot be reached, although the reachable one's
@@ -245,7 +247,12 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
         target,
         sizes[0],
         Weights::new(cfg.target_weight),
-        RouterConfig { secret: cfg.secret.clone(), rate: cfg.rate, ..Default::default() },
+        RouterConfig {
+            secret: cfg.secret.clone(),
+            rate: cfg.rate,
+            write_deadline: cfg.write_deadline,
+            ..Default::default()
+        },
     );
     reconcile(&router, missing, cfg).await?;
     router.spawn_supervisor();

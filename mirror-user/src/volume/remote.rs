@@ -34,6 +34,7 @@ type Reply = oneshot::Sender<Result<Message, String>>;
 struct Conn {
     tx: mpsc::Sender<(Message, u16, Reply)>,
     dead: Arc<AtomicBool>,
+    pending: Arc<Mutex<Pending>>,
 }
 
 /// Connections to one volume on a replica server.
@@ -94,6 +95,16 @@ impl RemotePool {
     /// True when a connection has failed (the pool must be replaced).
     pub fn is_broken(&self) -> bool {
         self.conns.iter().any(|c| c.dead.load(Ordering::Relaxed))
+    }
+
+    /// Requests sent and not yet answered (on live connections), including those whose caller
+    /// stopped waiting (a write past its deadline): the server may still apply them.
+    pub fn outstanding(&self) -> usize {
+        let queued = |c: &Conn| c.tx.max_capacity() - c.tx.capacity();
+        self.conns
+            .iter()
+            .map(|c| c.pending.lock().unwrap_or_else(|p| p.into_inner()).q.len() + queued(c))
+            .sum()
     }
 
     /// Sends a request on the next connection and waits for its reply. A remote error reply
@@ -254,6 +265,14 @@ impl RemoteReplica {
         *self.pool.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// True when no request sent on the current connections is still unanswered: a replica
+    /// failed for lagging (frozen, partitioned) may still apply the writes it was sent, so it is
+    /// reconnected and resynced only after they were answered (or their connection died), never
+    /// while one of them could land on top of the resync's copy.
+    pub fn quiesced(&self) -> bool {
+        self.pool.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|p| p.outstanding() == 0)
+    }
+
     /// True when the connections broke (or there are none).
     pub fn connection_broken(&self) -> bool {
         self.pool.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|p| p.is_broken())
@@ -273,6 +292,7 @@ fn spawn_conn(stream: TcpStream) -> Conn {
     let (r, w) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<(Message, u16, Reply)>(256);
     let pending: Arc<Mutex<Pending>> = Arc::default();
+    let pending_out = pending.clone();
     let dead = Arc::new(AtomicBool::new(false));
     let fail_all = {
         let pending = pending.clone();
@@ -344,5 +364,5 @@ fn spawn_conn(stream: TcpStream) -> Conn {
             }
         }
     });
-    Conn { tx, dead }
+    Conn { tx, dead, pending: pending_out }
 }

@@ -319,6 +319,12 @@ impl Replica {
         }
     }
 
+    /// True when nothing sent to this replica is unanswered (always for a local one); see
+    /// [`RemoteReplica::quiesced`].
+    pub fn quiesced(&self) -> bool {
+        self.as_remote().is_none_or(RemoteReplica::quiesced)
+    }
+
     /// True when a remote replica's connections broke.
     pub fn connection_broken(&self) -> bool {
         self.as_remote().is_some_and(RemoteReplica::connection_broken)

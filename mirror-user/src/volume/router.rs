@@ -5,14 +5,16 @@
 //! that fails or misses its deadline is retried on the other replica. Writes, write-zeroes and
 //! flushes go to both in parallel; when one replica fails, it is marked failed and the range is
 //! recorded durably on the survivor *before* the write is acknowledged, so the application sees an
-//! error only when both fail. A supervisor reconnects a failed remote replica, has the survivor
+//! error only when both fail. A replica that lags behind the other on a write past its adaptive
+//! deadline (`volume::deadline`) counts as failed the same way; while neither has answered, the
+//! write waits (a spike on both is not one failing). A supervisor reconnects a failed remote replica, has the survivor
 //! resync it, and returns it to service when the survivor's dirty bitmap is empty. While both
 //! replicas are in sync, each write's 4 MiB extent carries a durable write intent on the source
 //! (`volume::activity`), so a router that dies mid-write leaves a record for the next start.
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -20,12 +22,17 @@ use std::{
 
 use super::{
     activity::ActivityLog,
+    deadline::{DeadlineConfig, LatencyEstimate},
     error::ReplicaError,
     fast::{FastOp, FastPlan},
+    hedge::{HedgeBudget, HedgeConfig, LatencyHistogram},
     replica::{Replica, ReplicaSnapshot, ReplicaState},
     BlockDev,
 };
-use crate::{replication::rate::SyncRate, storage::JobState};
+use crate::{
+    replication::{protocol::MAX_IO, rate::SyncRate},
+    storage::JobState,
+};
 
 /// Read weights: the target's share in percent; the source gets the rest.
 #[derive(Debug)]
@@ -52,8 +59,11 @@ pub struct RouterConfig {
     pub read_deadline_min: Duration,
     /// Longest read deadline (also used before any latency was observed).
     pub read_deadline_cap: Duration,
-    /// A write (or flush) a replica has not completed in this long fails that replica.
-    pub write_timeout: Duration,
+    /// When a slow read is sent to the other replica too.
+    pub hedge: HedgeConfig,
+    /// When a write (or flush) stops waiting for a replica: the adaptive deadline of one that
+    /// lags behind the other, and the hard timeout.
+    pub write_deadline: DeadlineConfig,
     /// Secret for replicas to authenticate each other during resync.
     pub secret: Vec<u8>,
     /// Pacing for resyncs the router starts from a local survivor.
@@ -67,7 +77,8 @@ impl Default for RouterConfig {
         RouterConfig {
             read_deadline_min: Duration::from_millis(50),
             read_deadline_cap: Duration::from_secs(2),
-            write_timeout: Duration::from_secs(5),
+            hedge: HedgeConfig::default(),
+            write_deadline: DeadlineConfig::default(),
             secret: Vec::new(),
             rate: SyncRate::default(),
             supervise_every: Duration::from_millis(250),
@@ -91,9 +102,27 @@ pub struct Router {
     membership: tokio::sync::RwLock<()>,
     /// Write intent for router crashes (see `volume::activity`), kept in the source's bitmap.
     al: ActivityLog,
+    /// Each replica's completion latency per kind of mirrored request (their write deadlines).
+    latency: [[LatencyEstimate; 3]; 2],
+    /// Woken when a replica is marked failed: the requests still waiting for it stop.
+    failed: [tokio::sync::Notify; 2],
+    /// Each replica's latency of the reads it served (their hedge delay).
+    read_hist: [LatencyHistogram; 2],
+    hedge_budget: HedgeBudget,
+    hedges_sent: AtomicU64,
+    hedges_won: AtomicU64,
 }
 
-/// An extent with write intent recorded is dropped after this long without a write.
+/// The kinds of mirrored request, each with its own latency (a flush is not a 4 KiB write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mirrored {
+    Write = 0,
+    Zeroes = 1,
+    Flush = 2,
+}
+
+/// An extent with write intent recorded is dropped after this long without a write (at least;
+/// always longer than the hard write timeout, see `drop_idle_intents`).
 pub const INTENT_IDLE: Duration = Duration::from_secs(10);
 
 /// The router's status (`ctl status`, metrics). `R` is what each replica's entry holds: its
@@ -105,6 +134,8 @@ pub struct RouterStatus<R = ReplicaSnapshot> {
     pub weights: WeightsStatus,
     /// Extents of the volume with write intent recorded.
     pub intent_extents: usize,
+    /// Hedged reads (`volume::hedge`).
+    pub hedges: HedgeStatus,
     /// Source, target.
     pub replicas: [R; 2],
 }
@@ -117,9 +148,17 @@ impl<R> RouterStatus<R> {
             size: self.size,
             weights: self.weights,
             intent_extents: self.intent_extents,
+            hedges: self.hedges,
             replicas: [f(0, source), f(1, target)],
         }
     }
+}
+
+/// Hedged reads since start: sent to the other replica, and answered there first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HedgeStatus {
+    pub sent: u64,
+    pub won: u64,
 }
 
 /// The read weights: each replica's share in percent.
@@ -158,6 +197,7 @@ impl Router {
         weights: Arc<Weights>,
         cfg: RouterConfig,
     ) -> Arc<Router> {
+        let idle = INTENT_IDLE.max(cfg.write_deadline.hard.saturating_mul(2));
         Arc::new(Router {
             replicas: [Arc::new(source), Arc::new(target)],
             size,
@@ -166,7 +206,13 @@ impl Router {
             cfg,
             degraded_marked: AtomicBool::new(false),
             membership: tokio::sync::RwLock::new(()),
-            al: ActivityLog::new(size, INTENT_IDLE),
+            al: ActivityLog::new(size, idle),
+            latency: Default::default(),
+            failed: Default::default(),
+            read_hist: Default::default(),
+            hedge_budget: HedgeBudget::default(),
+            hedges_sent: AtomicU64::new(0),
+            hedges_won: AtomicU64::new(0),
         })
     }
 
@@ -205,6 +251,7 @@ impl Router {
                 self.replicas[Self::other(i)].role
             );
         }
+        self.failed[i].notify_waiters();
         r.stats.errors.fetch_add(1, Ordering::Relaxed);
         let s = &self.replicas[Self::other(i)];
         if s.state() == ReplicaState::Failed {
@@ -247,9 +294,9 @@ impl Router {
         Ok(())
     }
 
-    /// Drops the intent of extents idle for [`INTENT_IDLE`]: both replicas flushed (every write
-    /// there completed long ago: a write that takes more than the write timeout fails its
-    /// replica), then the source's bits cleared. Skipped while a failure or a resync is being
+    /// Drops the intent of extents idle for [`INTENT_IDLE`] (or twice the hard write timeout):
+    /// both replicas flushed (every write there completed long ago: a write that takes more than
+    /// the hard timeout fails its replica), then the source's bits cleared. Skipped while a failure or a resync is being
     /// recorded (the bits are then part of that record).
     async fn drop_idle_intents(&self) {
         self.al.tick(Instant::now());
@@ -301,31 +348,26 @@ impl Router {
     }
 
     /// Runs a write-like operation on every live replica; handles failures as described above.
-    /// `intent`: a write, whose intent must be recorded first (not a flush).
-    async fn mirrored<F, Fut>(&self, offset: u64, len: u64, intent: bool, op: F) -> std::io::Result<()>
+    /// `kind`: a write or write-zeroes, whose intent must be recorded first, or a flush.
+    async fn mirrored<F, Fut>(&self, offset: u64, len: u64, kind: Mirrored, op: F) -> std::io::Result<()>
     where
         F: Fn(Arc<Replica>) -> Fut,
         Fut: std::future::Future<Output = Result<(), ReplicaError>>,
     {
         let _membership = self.membership.read().await;
-        if intent && self.intent_needed() {
+        if kind != Mirrored::Flush && self.intent_needed() {
             self.record_intent(offset, len).await.map_err(|e| e.to_io())?;
         }
         // Read before the write is issued: only a survivor that was already tracking when this
         // write began has recorded it.
         let tracked_before = self.degraded_marked.load(Ordering::Acquire);
         let live: Vec<usize> = (0..2).filter(|&i| self.replicas[i].state() != ReplicaState::Failed).collect();
-        let limit = self.cfg.write_timeout;
-        let op = |r: Arc<Replica>| {
-            let f = op(r);
-            async move { tokio::time::timeout(limit, f).await.unwrap_or(Err(ReplicaError::Timeout(limit))) }
-        };
         let (a, b) = match live.as_slice() {
             [a, b] => {
-                let (ra, rb) = tokio::join!(op(self.replicas[*a].clone()), op(self.replicas[*b].clone()));
+                let (ra, rb) = self.on_both(kind, len, &op).await;
                 (Some((*a, ra)), Some((*b, rb)))
             }
-            [a] => (Some((*a, op(self.replicas[*a].clone()).await)), None),
+            [a] => (Some((*a, self.timed(*a, kind, &op).await)), None),
             _ => return Err(eio("no replica available")),
         };
         let mut ok = 0;
@@ -357,6 +399,88 @@ impl Router {
             self.degraded_marked.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Replica `i`'s part of a mirrored request, within the hard timeout; its latency observed.
+    async fn timed<F, Fut>(&self, i: usize, kind: Mirrored, op: &F) -> Result<(), ReplicaError>
+    where
+        F: Fn(Arc<Replica>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ReplicaError>>,
+    {
+        let hard = self.cfg.write_deadline.hard;
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(hard, op(self.replicas[i].clone()))
+            .await
+            .unwrap_or(Err(ReplicaError::Timeout(hard)));
+        if r.is_ok() {
+            self.latency[i][kind as usize].observe(t0.elapsed());
+        }
+        r
+    }
+
+    /// A mirrored request on both replicas (source's result first). Once one has completed it,
+    /// the other has until its lag limit (`volume::deadline`) or until it is failed by another
+    /// request; one that failed leaves the other the hard timeout.
+    async fn on_both<F, Fut>(
+        &self,
+        kind: Mirrored,
+        len: u64,
+        op: &F,
+    ) -> (Result<(), ReplicaError>, Result<(), ReplicaError>)
+    where
+        F: Fn(Arc<Replica>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ReplicaError>>,
+    {
+        let t0 = Instant::now();
+        let (f0, f1) = (self.timed(0, kind, op), self.timed(1, kind, op));
+        tokio::pin!(f0, f1);
+        let (first, r_first, lagging) = tokio::select! {
+            r = &mut f0 => (0, r, f1),
+            r = &mut f1 => (1, r, f0),
+        };
+        let lag = Self::other(first);
+        let r_lag = if r_first.is_ok() {
+            let cfg = &self.cfg.write_deadline;
+            let mut limit = cfg.lag_limit(self.latency[lag][kind as usize].deadline(cfg), t0.elapsed());
+            if kind == Mirrored::Zeroes {
+                // A remote replica zeroes a long range in 1 GiB requests, one after the other.
+                limit = limit.saturating_mul(len.div_ceil(1 << 30).max(1) as u32).min(cfg.hard);
+            }
+            self.lagging(lag, t0, limit, lagging).await
+        } else {
+            lagging.await
+        };
+        if first == 0 {
+            (r_first, r_lag)
+        } else {
+            (r_lag, r_first)
+        }
+    }
+
+    /// Waits for lagging replica `i` until `t0 + limit`, or until another request fails it.
+    async fn lagging(
+        &self,
+        i: usize,
+        t0: Instant,
+        limit: Duration,
+        request: impl std::future::Future<Output = Result<(), ReplicaError>>,
+    ) -> Result<(), ReplicaError> {
+        let failed = self.failed[i].notified();
+        tokio::pin!(failed);
+        failed.as_mut().enable();
+        let r = &self.replicas[i];
+        if r.state() == ReplicaState::Failed {
+            return Err(ReplicaError::Timeout(t0.elapsed()));
+        }
+        tokio::select! {
+            biased;
+            res = request => res,
+            _ = tokio::time::sleep_until((t0 + limit).into()) => {
+                r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(ReplicaError::Timeout(limit))
+            }
+            _ = failed => Err(ReplicaError::Timeout(t0.elapsed())),
+        }
     }
 
     /// Puts replica `i` into resync (it receives writes, serves no reads) and has the other
@@ -395,7 +519,10 @@ impl Router {
                 ReplicaState::InSync if r.connection_broken() => {
                     let _ = self.fail_replica(i, &"connection lost", 0, 0).await;
                 }
-                ReplicaState::Failed if !r.is_local() && s.state() == ReplicaState::InSync => {
+                // Not while requests it was sent are unanswered (see `Replica::quiesced`).
+                ReplicaState::Failed
+                    if !r.is_local() && s.state() == ReplicaState::InSync && r.quiesced() =>
+                {
                     match r.connect().await {
                         Ok(size) if size == self.size => {}
                         Ok(size) => {
@@ -473,6 +600,10 @@ impl Router {
             size: self.size,
             weights: WeightsStatus { source: 100 - target, target },
             intent_extents: self.al.hot_count(),
+            hedges: HedgeStatus {
+                sent: self.hedges_sent.load(Ordering::Relaxed),
+                won: self.hedges_won.load(Ordering::Relaxed),
+            },
             replicas: [self.replicas[0].snapshot(), self.replicas[1].snapshot()],
         }
     }
@@ -520,32 +651,89 @@ impl BlockDev for Router {
     }
 
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        if len > MAX_IO {
+            // Frontends take larger requests than the protocol carries (NBD: 32 MiB).
+            let mut out = Vec::with_capacity(len as usize);
+            for (o, l) in pieces(offset, u64::from(len)) {
+                out.extend_from_slice(&self.read_one(o, l).await?);
+            }
+            return Ok(out);
+        }
+        self.read_one(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
+        if data.len() > MAX_IO as usize {
+            // Piece by piece, each mirrored on its own (a failed request may leave some
+            // pieces written, as a disk may).
+            for (o, l) in pieces(offset, data.len() as u64) {
+                let at = (o - offset) as usize;
+                self.write_one(o, data[at..at + l as usize].to_vec(), fua).await?;
+            }
+            return Ok(());
+        }
+        self.write_one(offset, data, fua).await
+    }
+
+    async fn flush(&self) -> std::io::Result<()> {
+        // A replica that fails a flush may have lost any write since its last flush: the whole
+        // volume is recorded on the survivor (the resync compares digests, so it stays cheap).
+        let size = self.size;
+        self.mirrored(0, size, Mirrored::Flush, |r| async move { r.flush().await }).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.write_zeroes(offset, len).await
+    }
+
+    /// Not split: write-zeroes carries a length, not data (a remote replica sends it in 1 GiB
+    /// requests).
+    async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.mirrored(offset, len, Mirrored::Zeroes, |r| async move { r.write_zeroes(offset, len).await })
+            .await
+    }
+}
+
+/// How a hedged read ended.
+enum Hedged {
+    /// With this result (a success, or the failure of both replicas).
+    Done(Result<Vec<u8>, ReplicaError>),
+    /// The first replica failed or missed its deadline without a hedge: retry on the other.
+    Retry(ReplicaError),
+}
+
+/// `[offset, offset+len)` in pieces of at most [`MAX_IO`] bytes: `(offset, len)` each.
+fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
+    let max = u64::from(MAX_IO);
+    (0..len.div_ceil(max)).map(move |k| (offset + k * max, (len - k * max).min(max) as u32))
+}
+
+impl Router {
+    /// A read of at most [`MAX_IO`] bytes: the weighted choice, the hedge, the deadline and the
+    /// retry.
+    async fn read_one(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
         let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
         let candidates: Vec<usize> =
             [first, Self::other(first)].into_iter().filter(|&i| self.replicas[i].serves_reads()).collect();
         let mut last_err = None;
-        for (k, &i) in candidates.iter().enumerate() {
+        let mut k = 0;
+        if let [i, j] = candidates[..] {
+            self.hedge_budget.earn(&self.cfg.hedge);
+            match self.hedged_read(i, j, offset, len).await {
+                Hedged::Done(r) => return r.map_err(|e| e.to_io()),
+                Hedged::Retry(e) => {
+                    last_err = Some(e);
+                    k = 1;
+                }
+            }
+        }
+        for (k, &i) in candidates.iter().enumerate().skip(k) {
             let r = &self.replicas[i];
             if k > 0 {
                 self.replicas[candidates[0]].stats.retries.fetch_add(1, Ordering::Relaxed);
             }
-            // A deadline only where another replica could take over; the last one is waited for.
-            let last = k + 1 == candidates.len();
-            let result = if last {
-                r.read(offset, len).await
-            } else {
-                let deadline = r.read_deadline(self.cfg.read_deadline_min, self.cfg.read_deadline_cap);
-                tokio::time::timeout(deadline, r.read(offset, len))
-                    .await
-                    .unwrap_or(Err(ReplicaError::Timeout(deadline)))
-            };
-            match result {
+            match self.read_on(i, offset, len).await {
                 Ok(d) => return Ok(d),
-                Err(e @ ReplicaError::Timeout(_)) => {
-                    r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(replica = r.role, offset, len, "read: {e}; trying the other replica");
-                    last_err = Some(e);
-                }
                 Err(e) => {
                     r.stats.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
@@ -561,28 +749,122 @@ impl BlockDev for Router {
         Err(last_err.map_or_else(|| eio("no replica holds this range in sync"), |e| e.to_io()))
     }
 
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
+    /// A read on replica `i`, its latency recorded for its hedge delay.
+    async fn read_on(&self, i: usize, offset: u64, len: u32) -> Result<Vec<u8>, ReplicaError> {
+        let t0 = Instant::now();
+        let r = self.replicas[i].read(offset, len).await;
+        if r.is_ok() {
+            self.read_hist[i].observe(t0.elapsed());
+        }
+        r
+    }
+
+    /// A read on `i` with `j` in sync beside it: after `i`'s hedge delay or its read deadline,
+    /// whichever is shorter, it goes to `j` too (budget permitting) and the first success wins;
+    /// without a hedge, `i` has the rest of its read deadline. `Retry`: `i` failed or missed its deadline unhedged (the caller retries on
+    /// `j`).
+    async fn hedged_read(&self, i: usize, j: usize, offset: u64, len: u32) -> Hedged {
+        let r = &self.replicas[i];
+        let deadline = r.read_deadline(self.cfg.read_deadline_min, self.cfg.read_deadline_cap);
+        let delay = self.cfg.hedge.delay(&self.read_hist[i]);
+        let t0 = Instant::now();
+        let primary = self.read_on(i, offset, len);
+        tokio::pin!(primary);
+        let wait = delay.min(deadline);
+        let early = tokio::select! {
+            biased;
+            res = &mut primary => Some(res),
+            _ = tokio::time::sleep(wait) => None,
+        };
+        let failed = |e: ReplicaError| {
+            if matches!(e, ReplicaError::Timeout(_)) {
+                r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            } else {
+                r.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::debug!(replica = r.role, offset, len, "read: {e}; trying the other replica");
+            Hedged::Retry(e)
+        };
+        match early {
+            Some(Ok(d)) => return Hedged::Done(Ok(d)),
+            Some(Err(e)) => return failed(e),
+            None => {}
+        }
+        if !self.hedge_budget.try_spend() {
+            // No hedge: the rest of the deadline, then the retry.
+            let left = deadline.saturating_sub(t0.elapsed());
+            return match tokio::time::timeout(left, primary).await {
+                Ok(Ok(d)) => Hedged::Done(Ok(d)),
+                Ok(Err(e)) => failed(e),
+                Err(_) => failed(ReplicaError::Timeout(deadline)),
+            };
+        }
+        self.hedges_sent.fetch_add(1, Ordering::Relaxed);
+        let hedge = self.read_on(j, offset, len);
+        tokio::pin!(hedge);
+        tokio::select! {
+            biased;
+            res = &mut primary => match res {
+                Ok(d) => Hedged::Done(Ok(d)),
+                Err(e) => {
+                    r.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(replica = r.role, offset, len, "read failed: {e}; the hedge decides");
+                    Hedged::Done(self.hedge_result(j, hedge.await))
+                }
+            },
+            res = &mut hedge => match res {
+                Ok(d) => {
+                    self.hedges_won.fetch_add(1, Ordering::Relaxed);
+                    Hedged::Done(Ok(d))
+                }
+                Err(e) => {
+                    self.replicas[j].stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(replica = self.replicas[j].role, offset, len, "hedged read: {e}");
+                    Hedged::Done(primary.await)
+                }
+            },
+        }
+    }
+
+    /// The hedge's answer after the primary failed.
+    fn hedge_result(&self, j: usize, res: Result<Vec<u8>, ReplicaError>) -> Result<Vec<u8>, ReplicaError> {
+        match res {
+            Ok(d) => {
+                self.hedges_won.fetch_add(1, Ordering::Relaxed);
+                Ok(d)
+            }
+            Err(e) => {
+                self.replicas[j].stats.errors.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// A write of at most [`MAX_IO`] bytes, mirrored.
+    async fn write_one(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
         let len = data.len() as u64;
         let data = Arc::new(data);
-        self.mirrored(offset, len, true, |r| {
+        self.mirrored(offset, len, Mirrored::Write, |r| {
             let d = data.clone();
             async move { r.write(offset, d, fua).await }
         })
         .await
     }
+}
 
-    async fn flush(&self) -> std::io::Result<()> {
-        // A replica that fails a flush may have lost any write since its last flush: the whole
-        // volume is recorded on the survivor (the resync compares digests, so it stays cheap).
-        let size = self.size;
-        self.mirrored(0, size, false, |r| async move { r.flush().await }).await
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.write_zeroes(offset, len).await
-    }
-
-    async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.mirrored(offset, len, true, |r| async move { r.write_zeroes(offset, len).await }).await
+    #[test]
+    fn pieces_cover_the_range_in_max_io_steps() {
+        let m = u64::from(MAX_IO);
+        let p: Vec<_> = pieces(4096, 4 * m).collect();
+        assert_eq!(p.len(), 4);
+        assert!(p.iter().all(|&(_, l)| l == MAX_IO));
+        assert_eq!(p[3].0, 4096 + 3 * m);
+        let p: Vec<_> = pieces(0, 2 * m + 512).collect();
+        assert_eq!(p, [(0, MAX_IO), (m, MAX_IO), (2 * m, 512)]);
+        assert_eq!(pieces(0, 100).collect::<Vec<_>>(), [(0, 100)]);
     }
 }

@@ -155,6 +155,7 @@ pub(crate) fn example() -> ServeStatus {
             size: 1024,
             weights: WeightsStatus { source: 40, target: 60 },
             intent_extents: 1,
+            hedges: crate::volume::router::HedgeStatus { sent: 5, won: 4 },
             replicas: [
                 ReplicaStatus {
                     replica: snapshot("source", ReplicaState::Resyncing, 12345, (150, 900)),
@@ -216,6 +217,7 @@ mod tests {
             keys(&v),
             [
                 "events",
+                "hedges",
                 "intent_extents",
                 "mode",
                 "reason",
@@ -228,6 +230,7 @@ mod tests {
         );
         assert_eq!(v["mode"], "Failback");
         assert_eq!(v["weights"], serde_json::json!({"source": 40, "target": 60}));
+        assert_eq!(v["hedges"], serde_json::json!({"sent": 5, "won": 4}));
         assert_eq!(
             v["events"][0],
             serde_json::json!({"mode": "Failover", "reason": "source down", "t_ms": 1500, "target": 100})
