@@ -125,7 +125,14 @@ impl SyncArgs {
 
 /// The job on the node's volume, as its replica server reports it (`None`: it never ran one).
 fn job_status(c: &mut Client) -> Result<Option<JobStatus>> {
-    /// The reply to `JobStatus`: the job's status, or `{"state":"none"}`.
+    match c.call(&Message::JobStatus)? {
+        Message::Json(text) => job_reply(&text),
+        m => anyhow::bail!("job status: unexpected reply {m:?}"),
+    }
+}
+
+/// The text of the reply to `JobStatus`: the job's status, or `{"state":"none"}`.
+fn job_reply(text: &str) -> Result<Option<JobStatus>> {
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum Reply {
@@ -137,12 +144,26 @@ fn job_status(c: &mut Client) -> Result<Option<JobStatus>> {
     enum NoJob {
         None,
     }
-    match c.call(&Message::JobStatus)? {
-        Message::Json(text) => match serde_json::from_str(&text) {
-            Ok(Reply::Job(j)) => Ok(Some(*j)),
-            Ok(Reply::Nothing { state: NoJob::None }) => Ok(None),
-            Err(e) => anyhow::bail!("job status not understood ({e}): {text}"),
-        },
-        m => anyhow::bail!("job status: unexpected reply {m:?}"),
+    match serde_json::from_str(text) {
+        Ok(Reply::Job(j)) => Ok(Some(*j)),
+        Ok(Reply::Nothing { state: NoJob::None }) => Ok(None),
+        Err(e) => anyhow::bail!("job status not understood ({e}): {text}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Job;
+
+    #[test]
+    fn the_job_reply_reads_as_a_job_or_none() {
+        // What the replica server sends: a job's status as JSON, or `{"state":"none"}`.
+        let job = Job::new(JobKind::Verify, "127.0.0.1:7701".into()).status();
+        let text = serde_json::to_string(&job).unwrap();
+        assert_eq!(job_reply(&text).unwrap(), Some(job));
+        assert_eq!(job_reply(r#"{"state":"none"}"#).unwrap(), None);
+        assert!(job_reply(r#"{"state":"syncing"}"#).is_err(), "a job lacking its fields");
+        assert!(job_reply("[]").is_err());
     }
 }
