@@ -20,9 +20,13 @@ use mirror_common::weights::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::engine::{Decision, Engine, EngineConfig, Mode, Override, Sample};
+use super::{
+    engine::{Decision, Engine, EngineConfig, Mode, Override, Sample},
+    policy::{judge, NodeJudged},
+};
 use crate::{
     health::{
+        baseline::Baseline,
         monitor::{NodeHealth, NodeReport},
         score::falloff,
     },
@@ -72,8 +76,9 @@ struct NodeView {
     unreachable: bool,
     /// Data-path score from the router's latency figures, 0..=100.
     datapath: Option<f64>,
-    /// Baseline of the data-path latency, microseconds.
-    baseline_us: Option<f64>,
+    /// Baseline of the data-path latency, microseconds (learned only while healthy, anchored:
+    /// see [`crate::health::baseline`]).
+    baseline: Baseline,
     /// Errors the router had counted at the previous tick (source only).
     errors_seen: u64,
 }
@@ -209,12 +214,36 @@ impl Driver {
                 };
                 node.map(|h| n.datapath.map_or(h, |d| h.min(d)))
             };
+            // The reports the nodes' health is composed of, for judging them part by part.
+            let local_report = self.local_health.node_report();
+            let report = |i: usize, n: &NodeView| -> Option<NodeReport> {
+                if self.router.replicas[i].is_local() {
+                    local_report.clone()
+                } else {
+                    n.report.clone()
+                }
+            };
             let src = &self.router.replicas[0];
             let new_errors = v.nodes[0].take_new_errors(src);
             let n0 = &v.nodes[0];
+            let (source_health, target_health) = (health(0, n0), health(1, &v.nodes[1]));
+            let (r0, r1) = (report(0, n0), report(1, &v.nodes[1]));
+            fn judged<'a>(h: f64, r: &'a Option<NodeReport>, n: &NodeView) -> NodeJudged<'a> {
+                NodeJudged {
+                    score: h,
+                    parts: r.as_ref().map_or(&[][..], |r| &r.parts[..]),
+                    margin: r.as_ref().map_or(0.0, |r| r.margin),
+                    datapath: n.datapath,
+                }
+            }
+            let source_relative = source_health.map(|h| {
+                let t = target_health.map(|t| judged(t, &r1, &v.nodes[1]));
+                judge(&judged(h, &r0, n0), t.as_ref())
+            });
             Sample {
-                source_health: health(0, n0),
-                target_health: health(1, &v.nodes[1]),
+                source_health,
+                target_health,
+                source_relative,
                 source_errors: src.state() == ReplicaState::Failed || n0.unreachable || new_errors,
                 source_in_sync: src.state() == ReplicaState::InSync,
             }
@@ -231,13 +260,8 @@ impl Driver {
         if lat == 0 {
             return;
         }
-        let lat = lat as f64;
-        let base = *n.baseline_us.get_or_insert(lat.max(50.0));
-        let ratio = lat / base;
-        if ratio < 2.0 {
-            // A slow moving baseline, learned only while latency is normal.
-            n.baseline_us = Some((base * 0.98 + lat * 0.02).max(50.0));
-        }
+        // Against a baseline of at least 50 us, learned only while the latency is normal.
+        let ratio = n.baseline.observe(self.now(), lat as f64, 50.0);
         n.datapath = Some(falloff(ratio, self.cfg.datapath_ratio_good, self.cfg.datapath_ratio_bad));
     }
 

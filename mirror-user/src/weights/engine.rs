@@ -75,6 +75,10 @@ pub struct Sample {
     /// Source health 0..=100, `None` when no heartbeat arrived.
     pub source_health: Option<f64>,
     pub target_health: Option<f64>,
+    /// The source's health judged against the target resource by resource
+    /// ([`super::policy::judge`]), when the driver could; the adaptive policy takes it instead
+    /// of comparing the two scores ([`relative`]). Only with a `source_health`.
+    pub source_relative: Option<f64>,
     /// The router saw errors or timeouts on the source's data path.
     pub source_errors: bool,
     /// The source holds every block (not failed, not resyncing).
@@ -225,9 +229,12 @@ impl Engine {
         // health as it is.
         let judged = match self.cfg.policy {
             Policy::Seed(_) => s,
-            Policy::Adaptive => {
-                Sample { source_health: s.source_health.map(|h| relative(h, s.target_health)), ..s }
-            }
+            Policy::Adaptive => Sample {
+                source_health: s
+                    .source_health
+                    .map(|h| s.source_relative.unwrap_or_else(|| relative(h, s.target_health))),
+                ..s
+            },
         };
         if let Some(h) = judged.source_health {
             self.last_heartbeat = Some(now);
@@ -385,6 +392,7 @@ mod tests {
         Sample {
             source_health: Some(h),
             target_health: Some(100.0),
+            source_relative: None,
             source_errors: false,
             source_in_sync: true,
         }
@@ -522,5 +530,55 @@ mod tests {
             Engine::new(EngineConfig { policy: Policy::Seed(SeedLinear::default()), ..Default::default() });
         assert_eq!(e.tick(ms(0), sample(100.0)).target_weight, 40);
         assert_eq!(e.tick(ms(100), sample(50.0)).target_weight, 57);
+    }
+
+    /// The source's health while its disk latency rises by `step` every `every_ms` from the
+    /// baseline, as the score makes it (the disk part falling log-linearly from 2x to 10x, the
+    /// other parts fine): (time ms, health) every 100 ms for `secs`.
+    fn ramp(step: f64, every_ms: u64, secs: u64) -> Vec<(u64, f64)> {
+        use crate::health::score::{composite, falloff};
+        (0..secs * 10)
+            .map(|i| {
+                let t = i * 100;
+                let ratio = step.powi((t / every_ms) as i32);
+                let disk = falloff(ratio, 2.0, 10.0);
+                (t, composite([(0.35, disk), (0.15, 100.0), (0.15, 100.0), (0.15, 100.0)], 15.0))
+            })
+            .collect()
+    }
+
+    /// Distinct shares strictly between 0 and 100 held for at least `hold_ms` in a trace of
+    /// (time ms, share).
+    fn held_shares(w: &[(u64, u8)], hold_ms: u64) -> Vec<u8> {
+        let mut out: Vec<u8> = Vec::new();
+        let mut i = 0;
+        while i < w.len() {
+            let j = (i..w.len()).find(|&j| w[j].1 != w[i].1).unwrap_or(w.len());
+            let end = if j < w.len() { w[j].0 } else { w[w.len() - 1].0 + 100 };
+            if w[i].1 > 0 && w[i].1 < 100 && end - w[i].0 >= hold_ms && !out.contains(&w[i].1) {
+                out.push(w[i].1);
+            }
+            i = j;
+        }
+        out
+    }
+
+    #[test]
+    fn a_slowly_growing_degradation_raises_the_share_in_steps_before_the_critical_line() {
+        let mut e = Engine::new(EngineConfig::default());
+        run(&mut e, (0..50).map(|i| (i * 100, sample(100.0))));
+        // Disk latency +20% every 4 s for a minute (x15 at the end).
+        let trace: Vec<(u64, f64)> = ramp(1.2, 4000, 60).into_iter().map(|(t, h)| (5000 + t, h)).collect();
+        let w: Vec<(u64, u8)> =
+            trace.iter().map(|&(t, h)| (t, e.tick(ms(t), sample(h)).target_weight)).collect();
+        let rise = w.iter().find(|p| p.1 > 0).expect("the share rises").0;
+        let critical = trace.iter().find(|p| p.1 < 30.0).expect("health reaches the critical line").0;
+        let lead = critical as f64 / 1000.0 - rise as f64 / 1000.0;
+        let held = held_shares(&w, 1000);
+        assert!(lead >= 5.0, "share rose {lead:.1} s before the critical line: {w:?}\n{trace:?}");
+        assert!(held.len() >= 3, "intermediate shares held >= 1 s: {held:?} in {w:?}\n{trace:?}");
+        // Monotone: no reversal while it grows.
+        assert!(w.windows(2).all(|p| p[1].1 >= p[0].1), "{w:?}");
+        assert_eq!(e.mode(), Mode::Failover);
     }
 }

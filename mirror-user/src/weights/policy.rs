@@ -1,7 +1,64 @@
 //! Weight policies: health scores in, the target's read share out. Pure functions of their
-//! inputs and state; time is passed in.
+//! inputs and state; time is passed in. [`judge`] weighs the source against the target resource
+//! by resource, so that what both nodes suffer moves nothing while what only the source suffers
+//! counts in full.
 
 use std::time::Duration;
+
+use crate::health::{monitor::PartReport, score::composite};
+
+/// A node as the router judges it: its health report's parts (empty for a node that sends none)
+/// with the margin they are composed with, its score, and its data-path score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeJudged<'a> {
+    pub score: f64,
+    pub parts: &'a [PartReport],
+    pub margin: f64,
+    pub datapath: Option<f64>,
+}
+
+/// `own` as far as it is worse than `other`: `100 - max(0, other - own)`.
+fn beyond(own: f64, other: f64) -> f64 {
+    (100.0 - (other - own).max(0.0)).clamp(0.0, 100.0)
+}
+
+/// A node's health with what `other` shares left out: each part counts only as far as it is
+/// worse than the same part of `other` (a part `other` lacks counts in full), composed again;
+/// the data path likewise, and the node's health is the worse of the two. Without parts on both
+/// sides (an older node), the node's score stands as it is.
+fn unshared(a: &NodeJudged, other: Option<&NodeJudged>) -> f64 {
+    let node = match other {
+        Some(b) if !a.parts.is_empty() && !b.parts.is_empty() => composite(
+            a.parts.iter().map(|p| {
+                let theirs = b.parts.iter().find(|q| q.name == p.name).map_or(100.0, |q| q.score);
+                (p.weight, beyond(p.score, theirs))
+            }),
+            a.margin,
+        ),
+        _ => a.score,
+    };
+    let dp = match (a.datapath, other.and_then(|b| b.datapath)) {
+        (Some(d), Some(o)) => beyond(d, o),
+        (Some(d), None) => d,
+        (None, _) => 100.0,
+    };
+    node.min(dp)
+}
+
+/// The source's health judged against the target, for the adaptive policy: each node's health
+/// with what the other shares left out ([`unshared`]), and then the source's as far as it is
+/// worse than the target's (`100 - max(0, target - source)`): a node-wide condition both nodes
+/// suffer (a busy shared host, the same load on both) moves nothing, a resource only the source
+/// has trouble with counts in full even while the target suffers something else, and two nodes
+/// sick in different ways stay as they are (the target would not serve better). Without a
+/// target, the source's own health.
+pub fn judge(source: &NodeJudged, target: Option<&NodeJudged>) -> f64 {
+    let s = unshared(source, target);
+    match target {
+        Some(t) => beyond(s, unshared(t, Some(source))),
+        None => s,
+    }
+}
 
 /// The seed formula: weights proportional to `source_health * source_factor` and
 /// `target_health * target_factor`, normalized to sum 100. Kept available as a policy.
@@ -85,6 +142,45 @@ impl Holt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parts(v: &[(&str, f64)]) -> Vec<PartReport> {
+        v.iter().map(|&(n, s)| PartReport { name: n.into(), score: s, weight: 0.2 }).collect()
+    }
+
+    fn node<'a>(score: f64, parts: &'a [PartReport], datapath: Option<f64>) -> NodeJudged<'a> {
+        NodeJudged { score, parts, margin: 15.0, datapath }
+    }
+
+    #[test]
+    fn judging_leaves_out_what_both_nodes_share() {
+        // Both CPUs loaded alike: the source's 5 points worse CPU is all that counts, far above
+        // any line that moves reads.
+        let (s, t) = (parts(&[("disk", 100.0), ("cpu", 30.0)]), parts(&[("disk", 100.0), ("cpu", 35.0)]));
+        assert_eq!(judge(&node(45.0, &s, Some(60.0)), Some(&node(50.0, &t, Some(62.0)))), 97.5);
+        assert_eq!(judge(&node(50.0, &t, Some(62.0)), Some(&node(45.0, &s, Some(60.0)))), 100.0);
+        // The source's disk is slow while both CPUs are loaded: the disk counts in full, though
+        // the target's score is as low as the source's.
+        let s = parts(&[("disk", 0.0), ("cpu", 30.0)]);
+        let j = judge(&node(15.0, &s, None), Some(&node(45.0, &t, None)));
+        assert!(j <= 15.0, "{j}");
+        // Sick in different ways (source CPU, target disk): the target would not serve better.
+        let (s, t) = (parts(&[("disk", 100.0), ("cpu", 0.0)]), parts(&[("disk", 0.0), ("cpu", 100.0)]));
+        assert_eq!(judge(&node(15.0, &s, None), Some(&node(15.0, &t, None))), 100.0);
+        // A part only the source has (a failing probe) counts in full.
+        let (s, t) = (parts(&[("disk", 100.0), ("app", 0.0)]), parts(&[("disk", 100.0)]));
+        assert_eq!(judge(&node(15.0, &s, None), Some(&node(100.0, &t, None))), 15.0);
+        // The data path alone: the source's slower than the target's.
+        let t = parts(&[("disk", 100.0)]);
+        let s = t.clone();
+        assert_eq!(judge(&node(100.0, &s, Some(20.0)), Some(&node(100.0, &t, Some(90.0)))), 30.0);
+    }
+
+    #[test]
+    fn without_parts_the_scores_are_compared_as_they_are() {
+        assert_eq!(judge(&node(60.0, &[], None), Some(&node(100.0, &[], None))), 60.0);
+        assert_eq!(judge(&node(60.0, &[], None), Some(&node(40.0, &[], None))), 100.0);
+        assert_eq!(judge(&node(60.0, &[], Some(50.0)), None), 50.0);
+    }
 
     #[test]
     fn seed_formula_normalizes_to_100() {
