@@ -3,7 +3,9 @@
 //! - the **source** node: a `mirror replica` process serving a loop device stacked on another
 //!   loop device (so a cgroup I/O throttle on the lower one shows as latency of the upper one, the
 //!   disk the node scores), with O_DIRECT, inside its own blkio cgroup;
-//! - the **target** node: a `mirror replica` process serving a file;
+//! - the **target** node: a `mirror replica` process serving the same kind of stacked loop
+//!   device (unthrottled), so that what the one machine does to both nodes (CPU load) does the
+//!   same to both disks;
 //! - `mirror daemon` attaching the eBPF programs, pinned in a private directory both nodes read;
 //! - `mirror serve`: the router and its weighting engine, NBD on a free port;
 //! - a verifying workload (fio's nbd engine, `--verify=crc32c`) and a recorder of the timeline.
@@ -118,8 +120,14 @@ impl Cluster {
         let lower = LoopDev::attach(&s_img, false)?;
         let upper = LoopDev::attach(&lower.dev, true)?;
         let cgroup = IoCgroup::new("scenario")?;
+        // Target disk: the same stack. The two nodes share the machine, so they must also have
+        // the same kind of disk: a loop worker waits for CPU like any task, and a source on a
+        // loop stack beside a target on the host's disk made CPU load on the one machine look
+        // like a slow source disk (the scenario (a) flake under the suite's load).
         let t_img = dir.join("target.img");
         std::fs::File::create(&t_img)?.set_len(o.size)?;
+        let t_lower = LoopDev::attach(&t_img, false)?;
+        let t_upper = LoopDev::attach(&t_lower.dev, true)?;
 
         let pin_dir = Path::new("/sys/fs/bpf").join(crate::fs::unique_name("scenario"));
         let mut daemon = Daemon::command(&o.bin, &pin_dir, "1s");
@@ -171,7 +179,8 @@ impl Cluster {
             Some(cgroup.dir()),
             &o.source_probes,
         )?;
-        let target = node("target", &t_img, vol_cfg(&t_img, &dir.join("target.meta")), None, &[])?;
+        let target =
+            node("target", &t_upper.dev, vol_cfg(&t_upper.dev, &dir.join("target.meta")), None, &[])?;
         let sec = secret.display().to_string();
         mirror_out(
             &o.bin,
@@ -220,7 +229,8 @@ impl Cluster {
             pin_dir,
             cgroup,
             source_disk: lower.dev.clone(),
-            loops: vec![upper, lower],
+            // Upper devices first: each is detached before the one under it.
+            loops: vec![upper, t_upper, lower, t_lower],
             epoch: Instant::now(),
         };
         // The engine has heard from both nodes.
@@ -459,6 +469,32 @@ pub struct Point {
     pub reads: [u64; 2],
     /// The replica holds every block (router view).
     pub in_sync: [bool; 2],
+    /// The nodes' signals below 100 and the data-path scores, as `name=score` (for post-mortems).
+    pub low_signals: [String; 2],
+}
+
+impl Point {
+    /// One line of a post-mortem timeline.
+    pub fn line(&self) -> String {
+        let h = |i: usize| self.health[i].map_or("-".into(), |h| format!("{h:.0}"));
+        format!(
+            "{:7.2}s target {:3} {:<10} health {:>3}/{:>3} lat {:.0}/{:.0} us  source [{}] target [{}]",
+            self.t,
+            self.target_weight,
+            self.mode,
+            h(0),
+            h(1),
+            self.latency_us[0],
+            self.latency_us[1],
+            self.low_signals[0],
+            self.low_signals[1]
+        )
+    }
+}
+
+/// A post-mortem timeline of points, one a line.
+pub fn timeline_text(points: &[Point]) -> String {
+    points.iter().map(Point::line).collect::<Vec<_>>().join("\n")
 }
 
 /// Polls the cluster's status every `every` in a thread; events are marked by the caller.
@@ -498,6 +534,19 @@ impl Recorder {
                                 r(i)["node"]["health"].as_f64()
                             }
                         };
+                        let low = |i: usize| {
+                            let mut v: Vec<String> = r(i)["node"]["signals"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter(|g| g["score"].as_f64().is_some_and(|x| x < 100.0))
+                                .map(|g| format!("{}={:.0}", g["name"].as_str().unwrap_or("?"), g["score"]))
+                                .collect();
+                            if let Some(d) = r(i)["node"]["datapath_score"].as_f64() {
+                                v.push(format!("datapath={d:.0}"));
+                            }
+                            v.join(" ")
+                        };
                         pts.lock().unwrap_or_else(|e| e.into_inner()).push(Point {
                             t: epoch.elapsed().as_secs_f64(),
                             target_weight: s["weights"]["target"].as_u64().unwrap_or(0) as u8,
@@ -506,6 +555,7 @@ impl Recorder {
                             latency_us: [lat(0), lat(1)],
                             reads: [r(0)["reads"].as_u64().unwrap_or(0), r(1)["reads"].as_u64().unwrap_or(0)],
                             in_sync: [r(0)["state"] == "in-sync", r(1)["state"] == "in-sync"],
+                            low_signals: [low(0), low(1)],
                         });
                     }
                 }
@@ -583,35 +633,50 @@ pub fn target_weight(s: &serde_json::Value) -> u64 {
 pub struct DegradeResult {
     /// Seconds from the throttle until the target weight reached 90 (None: not within 10 s).
     pub shift_s: Option<f64>,
-    /// Direction changes of the weights in the 5 s after, while the disk stays slow.
+    /// Direction changes of the weights after it (5 s, or the hold), while the disk stays slow.
     pub reversals: u32,
-    /// Lowest target weight in those 5 s.
+    /// Lowest target weight in that time.
     pub min_after: u8,
+    /// Highest target weight during the calm start (the 4 s under the workload before the
+    /// throttle): nothing is wrong yet, so it should stay near 0.
+    pub calm_max: u8,
     pub failed_ios: u64,
     pub failures: Vec<String>,
+    /// The recorded timeline, one point a line (for failure messages).
+    pub timeline: String,
 }
 
 pub fn scenario_a(o: &Opts, iops: u32) -> Result<DegradeResult> {
+    scenario_a_held(o, iops, Duration::from_secs(5))
+}
+
+/// Scenario (a) with the disk kept slow for `hold` after the shift (the long degradation: the
+/// disk's baseline must not absorb it while it lasts).
+pub fn scenario_a_held(o: &Opts, iops: u32, hold: Duration) -> Result<DegradeResult> {
     let c = Cluster::start(o)?;
     let w = Workload::start(&c.nbd, 48, None);
+    let mut rec = Recorder::start(&o.bin, &c.ctl, Duration::from_millis(100));
     // Let the source's monitor learn its disk's baseline under the workload.
     std::thread::sleep(Duration::from_secs(4));
-    let mut rec = Recorder::start(&o.bin, &c.ctl, Duration::from_millis(100));
     let t0 = rec.mark("throttle");
+    let calm_max = rec.points().iter().map(|p| p.target_weight).max().unwrap_or(0);
     c.throttle_source(Some(iops))?;
     let shift = c.wait_for("target weight >= 90", Duration::from_secs(10), |s| target_weight(s) >= 90).ok();
     let from = t0 + shift.map_or(0.0, |d| d.as_secs_f64());
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(hold);
     rec.stop();
-    let after: Vec<u8> = rec.points().iter().filter(|p| p.t >= from).map(|p| p.target_weight).collect();
+    let points = rec.points();
+    let after: Vec<u8> = points.iter().filter(|p| p.t >= from).map(|p| p.target_weight).collect();
     c.throttle_source(None)?;
     let r = w.finish();
     Ok(DegradeResult {
         shift_s: shift.map(|d| d.as_secs_f64()),
         reversals: reversals(after.iter().copied()),
         min_after: after.iter().copied().min().unwrap_or(0),
+        calm_max,
         failed_ios: r.failed_ios,
         failures: r.failures,
+        timeline: format!("throttle at {t0:.2}s\n{}", timeline_text(&points)),
     })
 }
 

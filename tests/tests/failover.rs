@@ -42,6 +42,18 @@ fn a_source_disk_latency_x10_shifts_reads_within_2s_without_reversal() {
 }
 
 #[test]
+fn a_source_disk_slow_for_a_minute_keeps_the_reads_on_the_target_without_reversal() {
+    const T: &str =
+        "failover::a_source_disk_slow_for_a_minute_keeps_the_reads_on_the_target_without_reversal";
+    let Some((_g, o)) = opts(T) else { return };
+    let r = scenario::scenario_a_held(&o, 100, Duration::from_secs(60)).expect("scenario a, held");
+    let why = format!("{r:?}");
+    assert_eq!(r.failed_ios, 0, "{why}");
+    assert!(r.shift_s.is_some_and(|s| s <= 2.0), "target weight not >= 90 within 2 s: {why}");
+    assert!(r.min_after >= 90 && r.reversals == 0, "the reads came back while the disk was slow: {why}");
+}
+
+#[test]
 fn b_sigkill_source_fails_over_in_half_a_second_then_c_resync_and_failback_leave_identical_replicas() {
     const T: &str = "failover::b_sigkill_source_fails_over_in_half_a_second_then_c_resync_and_failback_leave_identical_replicas";
     let Some((_g, mut o)) = opts(T) else { return };

@@ -435,11 +435,12 @@ impl Scorer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::telemetry::collector::{DeviceSample, LatencySample, OpSample, PeerRetrans};
 
-    fn sample(disk_p99: f64, runq_p99: f64, retrans: f64) -> TelemetrySample {
+    /// One second of telemetry: the disk's read p99, the run queue's p99, retransmits to the peer.
+    pub(crate) fn sample(disk_p99: f64, runq_p99: f64, retrans: f64) -> TelemetrySample {
         TelemetrySample {
             source: "test",
             secs: 1.0,

@@ -22,12 +22,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     engine::{Decision, Engine, EngineConfig, Mode, Override, Sample},
-    policy::{judge, NodeJudged},
+    policy::{judge, window_parts, NodeJudged},
 };
 use crate::{
     health::{
         baseline::Baseline,
-        monitor::{NodeHealth, NodeReport},
+        monitor::{NodeHealth, NodeReport, PartReport},
         score::falloff,
     },
     replication::protocol::Message,
@@ -81,6 +81,25 @@ struct NodeView {
     baseline: Baseline,
     /// Errors the router had counted at the previous tick (source only).
     errors_seen: u64,
+    /// The parts of the reports of the last [`JUDGE_WINDOW`], oldest first, for judging the
+    /// nodes against each other part by part ([`window_parts`]).
+    recent: VecDeque<(Instant, Vec<PartReport>)>,
+}
+
+/// How far back the nodes' reports are judged against each other: a part must be worse on the
+/// source for this long (four of the monitor's intervals) before it counts.
+const JUDGE_WINDOW: Duration = Duration::from_millis(1000);
+
+impl NodeView {
+    /// Adds a report's parts to the window and drops what fell out of it.
+    fn remember(&mut self, now: Instant, report: Option<&NodeReport>) {
+        if let Some(r) = report {
+            self.recent.push_back((now, r.parts.clone()));
+        }
+        while self.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > JUDGE_WINDOW) {
+            self.recent.pop_front();
+        }
+    }
 }
 
 /// One change of the read weights, as `mirror ctl status` lists it (`events`) and the demo's
@@ -214,31 +233,41 @@ impl Driver {
                 };
                 node.map(|h| n.datapath.map_or(h, |d| h.min(d)))
             };
-            // The reports the nodes' health is composed of, for judging them part by part.
+            // The reports the nodes' health is composed of, for judging them part by part over
+            // the window.
             let local_report = self.local_health.node_report();
-            let report = |i: usize, n: &NodeView| -> Option<NodeReport> {
-                if self.router.replicas[i].is_local() {
+            let now = Instant::now();
+            for i in 0..2 {
+                let report = if self.router.replicas[i].is_local() {
                     local_report.clone()
                 } else {
-                    n.report.clone()
-                }
-            };
+                    v.nodes[i].seen.filter(|t| *t >= since).and(v.nodes[i].report.clone())
+                };
+                v.nodes[i].remember(now, report.as_ref());
+            }
             let src = &self.router.replicas[0];
             let new_errors = v.nodes[0].take_new_errors(src);
             let n0 = &v.nodes[0];
             let (source_health, target_health) = (health(0, n0), health(1, &v.nodes[1]));
-            let (r0, r1) = (report(0, n0), report(1, &v.nodes[1]));
-            fn judged<'a>(h: f64, r: &'a Option<NodeReport>, n: &NodeView) -> NodeJudged<'a> {
-                NodeJudged {
-                    score: h,
-                    parts: r.as_ref().map_or(&[][..], |r| &r.parts[..]),
-                    margin: r.as_ref().map_or(0.0, |r| r.margin),
-                    datapath: n.datapath,
-                }
-            }
+            let windows = [0, 1].map(|i| window_parts(v.nodes[i].recent.iter().map(|(_, p)| &p[..])));
+            let margin = |i: usize| {
+                let r = if self.router.replicas[i].is_local() {
+                    local_report.as_ref()
+                } else {
+                    v.nodes[i].report.as_ref()
+                };
+                r.map_or(0.0, |r| r.margin)
+            };
+            let judged = |i: usize, h: f64| NodeJudged {
+                score: h,
+                best: &windows[i].0,
+                worst: &windows[i].1,
+                margin: margin(i),
+                datapath: v.nodes[i].datapath,
+            };
             let source_relative = source_health.map(|h| {
-                let t = target_health.map(|t| judged(t, &r1, &v.nodes[1]));
-                judge(&judged(h, &r0, n0), t.as_ref())
+                let t = target_health.map(|t| judged(1, t));
+                judge(&judged(0, h), t.as_ref())
             });
             Sample {
                 source_health,

@@ -581,4 +581,63 @@ mod tests {
         assert!(w.windows(2).all(|p| p[1].1 >= p[0].1), "{w:?}");
         assert_eq!(e.mode(), Mode::Failover);
     }
+
+    /// Ten minutes of a source disk at ten times its latency, in simulated time: the node's
+    /// scorer and the router's data-path baseline (as the driver feeds them) see it as slow the
+    /// whole time, so the reads stay on the target with no reversal; healthy again, the source
+    /// is healthy at once.
+    #[test]
+    fn a_ten_minute_degradation_keeps_the_reads_on_the_target_without_reversal() {
+        use crate::health::{
+            baseline::Baseline,
+            score::{falloff, tests::sample as telemetry, NodeFacts, ScoreConfig, Scorer},
+        };
+        let mut scorer = Scorer::new(ScoreConfig::default());
+        let mut datapath = Baseline::default();
+        let mut e = Engine::new(EngineConfig::default());
+        let (calm, slow, end) = (60_000u64, 60_000 + 600_000u64, 60_000 + 600_000 + 30_000u64);
+        let mut health = 100.0;
+        let mut w = Vec::new();
+        for t in (0..end).step_by(100) {
+            let degraded = (calm..slow).contains(&t);
+            let lat = if degraded { 20_000.0 } else { 2_000.0 };
+            // The node scores every 250 ms; the driver ticks every 100 ms.
+            if t % 250 < 100 {
+                let mut s = telemetry(lat, 200.0, 0.0);
+                s.secs = 0.25;
+                health = scorer.score(&s, &NodeFacts::default(), &[]).score;
+            }
+            let ratio = datapath.observe(ms(t), lat, 50.0);
+            let h = health.min(falloff(ratio, 4.0, 40.0));
+            w.push((t, e.tick(ms(t), sample(h)).target_weight, h));
+        }
+        let during: Vec<_> = w.iter().filter(|p| (calm..slow).contains(&p.0)).collect();
+        let first = during.iter().position(|p| p.1 >= 90).expect("the reads move to the target");
+        assert!(during[first].0 - calm <= 2_000, "shift after {} ms", during[first].0 - calm);
+        let held = &during[first..];
+        let low = held.iter().find(|p| p.1 < 90);
+        assert!(low.is_none(), "the share fell under 90 at {:?} of the ten minutes", low);
+        let worst = held.iter().map(|p| p.2).fold(0.0, f64::max);
+        assert!(worst < 30.0, "the source looked healthier ({worst:.1}) during the degradation");
+        assert_eq!(reversals(held.iter().map(|p| p.1)), 0);
+        // Healthy again: the node's score is back at once (the baseline did not move).
+        let after = w.iter().find(|p| p.0 >= slow + 2_000).unwrap();
+        assert!(after.2 >= 95.0, "health {:.1} two seconds after the disk healed", after.2);
+    }
+
+    /// Direction changes in a series of shares.
+    fn reversals(w: impl IntoIterator<Item = u8>) -> u32 {
+        let (mut last, mut dir, mut n) = (None::<u8>, 0i8, 0);
+        for x in w {
+            if let Some(l) = last {
+                let d = (x as i16 - l as i16).signum() as i8;
+                if d != 0 {
+                    n += u32::from(dir != 0 && d != dir);
+                    dir = d;
+                }
+            }
+            last = Some(x);
+        }
+        n
+    }
 }

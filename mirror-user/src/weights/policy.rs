@@ -7,14 +7,39 @@ use std::time::Duration;
 
 use crate::health::{monitor::PartReport, score::composite};
 
-/// A node as the router judges it: its health report's parts (empty for a node that sends none)
-/// with the margin they are composed with, its score, and its data-path score.
+/// A node as the router judges it: its health report's parts over a short recent window, as
+/// the best and the worst score each part had in it (empty for a node that sends none), with the
+/// margin they are composed with, its score, and its data-path score.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NodeJudged<'a> {
     pub score: f64,
-    pub parts: &'a [PartReport],
+    pub best: &'a [PartReport],
+    pub worst: &'a [PartReport],
     pub margin: f64,
     pub datapath: Option<f64>,
+}
+
+/// The best and the worst score of each part over a window of reports (oldest first; the
+/// weights of the latest report that has the part).
+pub fn window_parts<'a>(
+    reports: impl IntoIterator<Item = &'a [PartReport]>,
+) -> (Vec<PartReport>, Vec<PartReport>) {
+    let (mut best, mut worst): (Vec<PartReport>, Vec<PartReport>) = (Vec::new(), Vec::new());
+    for parts in reports {
+        for p in parts {
+            match best.iter().position(|q| q.name == p.name) {
+                Some(k) => {
+                    best[k] = PartReport { score: best[k].score.max(p.score), ..p.clone() };
+                    worst[k] = PartReport { score: worst[k].score.min(p.score), ..p.clone() };
+                }
+                None => {
+                    best.push(p.clone());
+                    worst.push(p.clone());
+                }
+            }
+        }
+    }
+    (best, worst)
 }
 
 /// `own` as far as it is worse than `other`: `100 - max(0, other - own)`.
@@ -22,15 +47,18 @@ fn beyond(own: f64, other: f64) -> f64 {
     (100.0 - (other - own).max(0.0)).clamp(0.0, 100.0)
 }
 
-/// A node's health with what `other` shares left out: each part counts only as far as it is
-/// worse than the same part of `other` (a part `other` lacks counts in full), composed again;
-/// the data path likewise, and the node's health is the worse of the two. Without parts on both
-/// sides (an older node), the node's score stands as it is.
+/// A node's health with what `other` shares left out: each part, at its best over the window,
+/// counts only as far as it is worse than the same part of `other` at its worst (a part `other`
+/// lacks counts in full), composed again; the data path likewise, and the node's health is the
+/// worse of the two. A part that merely wavers on both nodes (the same loaded machine sampled at
+/// other moments) is never consistently worse on one, so it moves nothing; a part that stays
+/// worse for the whole window counts. Without parts on both sides (an older node), the node's
+/// score stands as it is.
 fn unshared(a: &NodeJudged, other: Option<&NodeJudged>) -> f64 {
     let node = match other {
-        Some(b) if !a.parts.is_empty() && !b.parts.is_empty() => composite(
-            a.parts.iter().map(|p| {
-                let theirs = b.parts.iter().find(|q| q.name == p.name).map_or(100.0, |q| q.score);
+        Some(b) if !a.best.is_empty() && !b.worst.is_empty() => composite(
+            a.best.iter().map(|p| {
+                let theirs = b.worst.iter().find(|q| q.name == p.name).map_or(100.0, |q| q.score);
                 (p.weight, beyond(p.score, theirs))
             }),
             a.margin,
@@ -148,7 +176,7 @@ mod tests {
     }
 
     fn node<'a>(score: f64, parts: &'a [PartReport], datapath: Option<f64>) -> NodeJudged<'a> {
-        NodeJudged { score, parts, margin: 15.0, datapath }
+        NodeJudged { score, best: parts, worst: parts, margin: 15.0, datapath }
     }
 
     #[test]
@@ -173,6 +201,29 @@ mod tests {
         let t = parts(&[("disk", 100.0)]);
         let s = t.clone();
         assert_eq!(judge(&node(100.0, &s, Some(20.0)), Some(&node(100.0, &t, Some(90.0)))), 30.0);
+    }
+
+    #[test]
+    fn a_part_wavering_on_both_nodes_moves_nothing_one_staying_worse_counts() {
+        // The same loaded machine sampled at other moments: each node's CPU between 30 and 85.
+        let src = [parts(&[("disk", 100.0), ("cpu", 30.0)]), parts(&[("disk", 100.0), ("cpu", 85.0)])];
+        let tgt = [parts(&[("disk", 100.0), ("cpu", 85.0)]), parts(&[("disk", 100.0), ("cpu", 30.0)])];
+        let (sb, sw) = window_parts(src.iter().map(|v| &v[..]));
+        let (tb, tw) = window_parts(tgt.iter().map(|v| &v[..]));
+        assert_eq!((sb[1].score, sw[1].score), (85.0, 30.0));
+        let j = |sb, sw, tb, tw| {
+            judge(
+                &NodeJudged { score: 45.0, best: sb, worst: sw, margin: 15.0, datapath: None },
+                Some(&NodeJudged { score: 45.0, best: tb, worst: tw, margin: 15.0, datapath: None }),
+            )
+        };
+        assert_eq!(j(&sb, &sw, &tb, &tw), 100.0);
+        // Judged on the latest reports alone, the same waver would have counted.
+        assert!(j(&src[0], &src[0], &tgt[0], &tgt[0]) < 70.0);
+        // The source's disk slow for the whole window while the target's CPU wavers: it counts.
+        let src = [parts(&[("disk", 0.0), ("cpu", 30.0)]), parts(&[("disk", 0.0), ("cpu", 85.0)])];
+        let (sb, sw) = window_parts(src.iter().map(|v| &v[..]));
+        assert!(j(&sb, &sw, &tb, &tw) <= 15.0, "{}", j(&sb, &sw, &tb, &tw));
     }
 
     #[test]
