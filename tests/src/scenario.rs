@@ -46,6 +46,10 @@ pub struct Opts {
     pub ramp: Duration,
     /// Extra arguments of `mirror serve`.
     pub serve_args: Vec<String>,
+    /// Put the source's replica in a file on an ext4 filesystem of this size of its own (on a
+    /// loop device, the disk scored and throttled) instead of on the loop stack, so that the
+    /// filesystem can be filled ([`Cluster::source_fs`]).
+    pub source_fs: Option<u64>,
 }
 
 impl Opts {
@@ -57,6 +61,7 @@ impl Opts {
             failback_hold: Duration::from_secs(3),
             ramp: Duration::from_secs(5),
             serve_args: Vec::new(),
+            source_fs: None,
         }
     }
 }
@@ -98,6 +103,8 @@ pub struct Cluster {
     /// The lower loop device of the source's disk, the one throttled.
     source_disk: PathBuf,
     loops: Vec<LoopDev>,
+    /// Where the source's own filesystem is mounted ([`Opts::source_fs`]).
+    pub source_fs: Option<PathBuf>,
     pub epoch: Instant,
 }
 
@@ -114,11 +121,31 @@ impl Cluster {
         let dir = tmp.path().to_path_buf();
         let secret = dir.join("secret");
         std::fs::write(&secret, "scenario-secret-0123456789abcdef\n")?;
-        // Source disk: file -> lower loop -> upper loop (O_DIRECT to the lower one).
+        // Source disk: file -> lower loop -> upper loop (O_DIRECT to the lower one); or, with
+        // `source_fs`, a file on ext4 on a loop device.
         let s_img = dir.join("source.img");
-        std::fs::File::create(&s_img)?.set_len(o.size)?;
-        let lower = LoopDev::attach(&s_img, false)?;
-        let upper = LoopDev::attach(&lower.dev, true)?;
+        let mut source_fs = None;
+        let (lower, upper, s_vol) = match o.source_fs {
+            None => {
+                std::fs::File::create(&s_img)?.set_len(o.size)?;
+                let lower = LoopDev::attach(&s_img, false)?;
+                let upper = LoopDev::attach(&lower.dev, true)?;
+                let vol = upper.dev.clone();
+                (lower, Some(upper), vol)
+            }
+            Some(fs_size) => {
+                std::fs::File::create(&s_img)?.set_len(fs_size)?;
+                let lower = LoopDev::attach(&s_img, false)?;
+                crate::proc::run_tool(Command::new("mkfs.ext4").args(["-q", "-m", "0"]).arg(&lower.dev));
+                let mnt = dir.join("source-fs");
+                std::fs::create_dir(&mnt)?;
+                crate::proc::run_tool(Command::new("mount").arg(&lower.dev).arg(&mnt));
+                let vol = mnt.join("source.img");
+                std::fs::File::create(&vol)?.set_len(o.size)?;
+                source_fs = Some(mnt);
+                (lower, None, vol)
+            }
+        };
         let cgroup = IoCgroup::new("scenario")?;
         // Target disk: the same stack. The two nodes share the machine, so they must also have
         // the same kind of disk: a loop worker waits for CPU like any task, and a source on a
@@ -174,8 +201,8 @@ impl Cluster {
         };
         let source = node(
             "source",
-            &upper.dev,
-            vol_cfg(&upper.dev, &dir.join("source.meta")),
+            &s_vol,
+            vol_cfg(&s_vol, &dir.join("source.meta")),
             Some(cgroup.dir()),
             &o.source_probes,
         )?;
@@ -230,7 +257,8 @@ impl Cluster {
             cgroup,
             source_disk: lower.dev.clone(),
             // Upper devices first: each is detached before the one under it.
-            loops: vec![upper, t_upper, lower, t_lower],
+            loops: upper.into_iter().chain([t_upper, lower, t_lower]).collect(),
+            source_fs,
             epoch: Instant::now(),
         };
         // The engine has heard from both nodes.
@@ -317,6 +345,9 @@ impl Drop for Cluster {
         self.source.kill();
         self.target.kill();
         self.daemon = None;
+        if let Some(m) = &self.source_fs {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
         self.loops.clear();
         if std::env::var_os("MIRROR_KEEP_SCENARIO").is_some() {
             if let Some(t) = self.tmp.take() {
