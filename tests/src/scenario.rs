@@ -377,8 +377,15 @@ pub struct WorkloadResult {
 }
 
 impl Workload {
-    /// `rw` is `randwrite` (verify after each write backlog) or `randrw`.
+    /// Random 4 KiB writes, each verified, at queue depth 8.
     pub fn start(nbd: &str, size_mib: u64, rate_iops: Option<u32>) -> Workload {
+        Workload::start_qd(nbd, size_mib, rate_iops, 8)
+    }
+
+    /// As [`Workload::start`] at queue depth `qd`. At depth 1 an IOPS throttle below the rate
+    /// shows as latency of about 1 / IOPS, so a throttle lowered step by step degrades the disk
+    /// step by step (at depth 8 any throttle under the rate queues eight deep at once).
+    pub fn start_qd(nbd: &str, size_mib: u64, rate_iops: Option<u32>, qd: u32) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let runs = Arc::new(AtomicU64::new(0));
         let (st, rn, uri) = (stop.clone(), runs.clone(), format!("nbd://{nbd}/"));
@@ -388,7 +395,8 @@ impl Workload {
             while !st.load(Ordering::Relaxed) {
                 k += 1;
                 let mut cmd = Command::new("fio");
-                cmd.args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=8"])
+                cmd.args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k"])
+                    .arg(format!("--iodepth={qd}"))
                     .arg(format!("--size={size_mib}M"))
                     .arg(format!("--offset={}M", 0))
                     .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_backlog=64"])
@@ -800,5 +808,71 @@ pub fn scenario_d(o: &Opts, secs: u64) -> Result<OscillationResult> {
         health,
         failed_ios: r.failed_ios,
         failures: r.failures,
+    })
+}
+
+/// The steps of the slowly growing degradation: IOPS of the source disk's throttle, lowered every
+/// few seconds under a depth-1 workload at 400 IOPS (latency about 2, 3, 4, 5.5, 7.5, 10 ms
+/// against a disk of about 1 ms).
+pub const GRADUAL_STEPS: [u32; 6] = [500, 330, 250, 180, 130, 100];
+
+/// Scenario (g): a degradation that grows slowly.
+#[derive(Debug, Clone)]
+pub struct GradualResult {
+    /// Seconds from the target's share first rising to the source's health first falling below
+    /// the critical line (30), as `ctl status` shows them (None: one of them did not happen).
+    pub lead_s: Option<f64>,
+    /// Distinct target shares strictly between 0 and 100 held for at least a second.
+    pub intermediate_shares: Vec<u8>,
+    pub reversals: u32,
+    pub failed_ios: u64,
+    pub failures: Vec<String>,
+    pub timeline: String,
+}
+
+/// Distinct values strictly between 0 and 100 held for at least `hold_s` in a series of
+/// (time, share).
+pub fn held_shares(w: &[(f64, u8)], hold_s: f64) -> Vec<u8> {
+    let mut out: Vec<u8> = Vec::new();
+    let mut i = 0;
+    while i < w.len() {
+        let j = (i..w.len()).find(|&j| w[j].1 != w[i].1).unwrap_or(w.len());
+        let end = if j < w.len() { w[j].0 } else { w[w.len() - 1].0 };
+        if w[i].1 > 0 && w[i].1 < 100 && end - w[i].0 >= hold_s && !out.contains(&w[i].1) {
+            out.push(w[i].1);
+        }
+        i = j;
+    }
+    out
+}
+
+/// Runs scenario (g): a calm start, then the source's throttle lowered through `steps`, `every`
+/// apart, and held at the last step for `every`.
+pub fn scenario_gradual(o: &Opts, steps: &[u32], every: Duration) -> Result<GradualResult> {
+    let c = Cluster::start(o)?;
+    let w = Workload::start_qd(&c.nbd, 48, Some(400), 1);
+    let mut rec = Recorder::start(&o.bin, &c.ctl, Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(4));
+    let t0 = rec.mark("ramp starts");
+    for &iops in steps {
+        rec.mark(&format!("{iops} IOPS"));
+        c.throttle_source(Some(iops))?;
+        std::thread::sleep(every);
+    }
+    std::thread::sleep(every);
+    rec.stop();
+    c.throttle_source(None)?;
+    let r = w.finish();
+    let pts: Vec<Point> = rec.points().into_iter().filter(|p| p.t >= t0).collect();
+    let rise = pts.iter().find(|p| p.target_weight > 0).map(|p| p.t);
+    let critical = pts.iter().find(|p| p.health[0].is_some_and(|h| h < 30.0)).map(|p| p.t);
+    let shares: Vec<(f64, u8)> = pts.iter().map(|p| (p.t, p.target_weight)).collect();
+    Ok(GradualResult {
+        lead_s: rise.zip(critical).map(|(r, c)| c - r),
+        intermediate_shares: held_shares(&shares, 1.0),
+        reversals: reversals(shares.iter().map(|p| p.1)),
+        failed_ios: r.failed_ios,
+        failures: r.failures,
+        timeline: format!("ramp from {t0:.2}s\n{}", timeline_text(&pts)),
     })
 }

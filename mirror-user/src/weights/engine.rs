@@ -4,8 +4,10 @@
 //!
 //! Why the default ([`Policy::Adaptive`]) beats the seed formula:
 //! - no constant leak of reads to a target that is not needed (unless `balance_reads`);
-//! - the target's share follows the *forecast* source health (damped Holt), so it moves before
-//!   the critical line is crossed;
+//! - the target's share follows the *forecast* source health (the smoothed level carried along
+//!   a trend that both halves of the last `horizon` agree on: [`Trend`]), so it moves before the
+//!   critical line is crossed, while one step of health (a disk that got slower once) moves it
+//!   by its level alone;
 //! - shares move in steps with a deadband and a minimum dwell time; they rise at once (fast
 //!   attack) but fall only after the lower share was wanted for `release_hold` (slow release),
 //!   and a reversal needs twice the deadband, so noisy health does not flap the weights;
@@ -15,7 +17,7 @@
 
 use std::time::Duration;
 
-use super::policy::{Holt, SeedLinear};
+use super::policy::{Holt, SeedLinear, Trend};
 
 /// How weights are computed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -137,6 +139,8 @@ pub struct Engine {
     /// +1 when the last change raised the target's share, -1 when it lowered it.
     last_direction: i8,
     holt: Holt,
+    /// The trend the forecast follows ([`Trend`]: a step is none).
+    trend: Trend,
     last_heartbeat: Option<Duration>,
     healthy_since: Option<Duration>,
     ramp_start: Option<Duration>,
@@ -156,6 +160,7 @@ impl Engine {
             last_change: None,
             last_direction: 0,
             holt: Holt::new(0.5, 0.3, 0.8),
+            trend: Trend::new(cfg.horizon),
             last_heartbeat: None,
             healthy_since: None,
             ramp_start: None,
@@ -239,6 +244,7 @@ impl Engine {
         if let Some(h) = judged.source_health {
             self.last_heartbeat = Some(now);
             self.holt.update(now, h);
+            self.trend.update(now, h);
         }
         if let Policy::Seed(seed) = self.cfg.policy {
             if self.mode == Mode::Pinned && self.pin_until.is_none_or(|t| now < t) {
@@ -338,8 +344,8 @@ impl Engine {
 
     fn tick_normal(&mut self, now: Duration, s: Sample) -> Decision {
         let floor = self.normal_share(s);
-        let forecast =
-            self.holt.forecast(self.cfg.horizon).unwrap_or(100.0).min(self.holt.level().unwrap_or(100.0));
+        let level = self.holt.level().unwrap_or(100.0);
+        let forecast = self.trend.forecast(level, self.cfg.horizon).min(level);
         // Share grows from 0 at `good` to 100 at `critical`, on the worse of level and forecast.
         let d = ((self.cfg.good - forecast) / (self.cfg.good - self.cfg.critical)).clamp(0.0, 1.0);
         let step = self.cfg.deadband.max(1) as f64;
@@ -580,6 +586,17 @@ mod tests {
         // Monotone: no reversal while it grows.
         assert!(w.windows(2).all(|p| p[1].1 >= p[0].1), "{w:?}");
         assert_eq!(e.mode(), Mode::Failover);
+    }
+
+    #[test]
+    fn one_step_of_a_degradation_is_not_projected_to_the_critical_line() {
+        let mut e = Engine::new(EngineConfig::default());
+        run(&mut e, (0..50).map(|i| (i * 100, sample(95.0))));
+        // Health steps from 95 to 70 and stays: the share follows the level (20), the trend of
+        // one step does not carry it to a failover's share.
+        let w = run(&mut e, (0..100).map(|i| (5000 + i * 100, sample(70.0))));
+        let max = *w.iter().max().unwrap();
+        assert!((10..=40).contains(&max), "max share {max}: {w:?}");
     }
 
     /// Ten minutes of a source disk at ten times its latency, in simulated time: the node's

@@ -167,6 +167,63 @@ impl Holt {
     }
 }
 
+/// The trend of a health series that a step is not: the least-squares slope of each half of the
+/// last `window` of samples, and the trend the gentler of the two when both fall (or both rise),
+/// else none. A step (a disk that got slower once and stays so) is flat on both sides of it and
+/// moves the share by its level alone; a degradation that keeps growing falls in both halves
+/// and is projected ahead ([`Trend::forecast`]). Units per second; time passed in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trend {
+    pub window: Duration,
+    samples: std::collections::VecDeque<(Duration, f64)>,
+}
+
+/// Least-squares slope of `(t, x)` points, `None` below three points.
+fn slope(points: &[(Duration, f64)]) -> Option<f64> {
+    if points.len() < 3 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let mt = points.iter().map(|p| p.0.as_secs_f64()).sum::<f64>() / n;
+    let mx = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for p in points {
+        let dt = p.0.as_secs_f64() - mt;
+        sxy += dt * (p.1 - mx);
+        sxx += dt * dt;
+    }
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+impl Trend {
+    pub fn new(window: Duration) -> Trend {
+        Trend { window, samples: std::collections::VecDeque::new() }
+    }
+
+    pub fn update(&mut self, now: Duration, x: f64) {
+        self.samples.push_back((now, x));
+        while self.samples.front().is_some_and(|(t, _)| now.saturating_sub(*t) > self.window) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Units per second; 0 unless both halves of the window move the same way.
+    pub fn slope(&self) -> f64 {
+        let v: Vec<(Duration, f64)> = self.samples.iter().copied().collect();
+        let (a, b) = v.split_at(v.len() / 2);
+        match (slope(a), slope(b)) {
+            (Some(a), Some(b)) if a < 0.0 && b < 0.0 => a.max(b),
+            (Some(a), Some(b)) if a > 0.0 && b > 0.0 => a.min(b),
+            _ => 0.0,
+        }
+    }
+
+    /// `level` carried `horizon` ahead along the trend.
+    pub fn forecast(&self, level: f64, horizon: Duration) -> f64 {
+        level + self.slope() * horizon.as_secs_f64()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +281,25 @@ mod tests {
         let src = [parts(&[("disk", 0.0), ("cpu", 30.0)]), parts(&[("disk", 0.0), ("cpu", 85.0)])];
         let (sb, sw) = window_parts(src.iter().map(|v| &v[..]));
         assert!(j(&sb, &sw, &tb, &tw) <= 15.0, "{}", j(&sb, &sw, &tb, &tw));
+    }
+
+    #[test]
+    fn a_step_has_no_trend_a_growing_fall_has() {
+        let ms = Duration::from_millis;
+        let mut t = Trend::new(ms(2000));
+        for i in 0..20 {
+            t.update(ms(i * 100), 95.0);
+        }
+        for i in 20..40 {
+            t.update(ms(i * 100), 70.0);
+            assert_eq!(t.slope(), 0.0, "a step is no trend (at {} ms)", i * 100);
+        }
+        let mut t = Trend::new(ms(2000));
+        for i in 0..40 {
+            t.update(ms(i * 100), 95.0 - i as f64);
+        }
+        assert!((t.slope() + 10.0).abs() < 1e-6, "{}", t.slope());
+        assert!((t.forecast(55.0, ms(2000)) - 35.0).abs() < 1e-6);
     }
 
     #[test]
