@@ -876,3 +876,19 @@ pub fn scenario_gradual(o: &Opts, steps: &[u32], every: Duration) -> Result<Grad
         timeline: format!("ramp from {t0:.2}s\n{}", timeline_text(&pts)),
     })
 }
+
+/// A calm period of `secs` under the verifying workload with nothing wrong: the highest target
+/// weight seen (nothing is wrong, so it should stay near 0; run it beside CPU hogs to see that a
+/// condition both nodes share moves nothing).
+pub fn calm_period(o: &Opts, secs: u64) -> Result<u8> {
+    let c = Cluster::start(o)?;
+    let w = Workload::start(&c.nbd, 48, None);
+    let mut rec = Recorder::start(&o.bin, &c.ctl, Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(secs));
+    rec.stop();
+    let r = w.finish();
+    if r.failed_ios > 0 {
+        anyhow::bail!("fio failed during the calm period: {:?}", r.failures);
+    }
+    Ok(rec.points().iter().map(|p| p.target_weight).max().unwrap_or(0))
+}
