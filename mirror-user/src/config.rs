@@ -40,8 +40,8 @@
 //! disk_floor_us = 1000.0  # latency below this is never slow
 //! runq_good_us = 1000.0
 //! runq_bad_us = 50000.0
-//! load_good = 2.0         # runnable tasks per CPU (load average / CPUs) where saturation starts
-//! load_bad = 10.0
+//! load_good = 4.0         # runnable tasks per CPU (load average / CPUs) where saturation starts
+//! load_bad = 32.0
 //! fs_free_good_pct = 10.0 # free space of the replica's filesystem where it starts to count
 //! fs_free_bad_pct = 5.0   # ... and where the node is sick (about to hit ENOSPC)
 //! mem_available_good_pct = 10.0

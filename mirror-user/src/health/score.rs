@@ -114,8 +114,8 @@ impl Default for ScoreConfig {
             disk_ratio_bad: 10.0,
             runq_good_us: 1_000.0,
             runq_bad_us: 50_000.0,
-            load_good: 2.0,
-            load_bad: 10.0,
+            load_good: 4.0,
+            load_bad: 32.0,
             reclaim_good_ms: 1.0,
             reclaim_bad_ms: 200.0,
             psi_good_pct: 20.0,
@@ -621,7 +621,7 @@ pub(crate) mod tests {
         for (f, name) in [
             (facts(60.0, 1.5, 0.0, 0.5), "mem_available"),
             (facts(60.0, 40.0, 150.0, 0.5), "link_errors"),
-            (facts(60.0, 40.0, 0.0, 12.0), "cpu_saturation"),
+            (facts(60.0, 40.0, 0.0, 40.0), "cpu_saturation"),
         ] {
             let h = s.score(&sample(2000.0, 200.0, 0.0), &f, &[]);
             assert_eq!(signal(&h, name).score, 0.0, "{h:?}");
@@ -633,7 +633,7 @@ pub(crate) mod tests {
     fn the_config_is_validated() {
         assert_eq!(ScoreConfig::default().validate(), Ok(()));
         let bad = |c: ScoreConfig| c.validate().unwrap_err();
-        assert!(bad(ScoreConfig { load_good: 12.0, ..Default::default() }).contains("load_good"));
+        assert!(bad(ScoreConfig { load_good: 40.0, ..Default::default() }).contains("load_good"));
         assert!(bad(ScoreConfig { fs_free_bad_pct: 20.0, ..Default::default() }).contains("fs_free_bad_pct"));
         assert!(bad(ScoreConfig { mem_available_good_pct: 120.0, ..Default::default() })
             .contains("mem_available"));
