@@ -40,8 +40,16 @@
 //! disk_floor_us = 1000.0  # latency below this is never slow
 //! runq_good_us = 1000.0
 //! runq_bad_us = 50000.0
-//! worst_margin = 15.0     # the score is at most the worst signal + this
-//! weights = { disk = 0.35, cpu = 0.15, memory = 0.15, network = 0.15, app = 0.2 }
+//! load_good = 4.0         # runnable tasks per CPU (load average / CPUs) where saturation starts
+//! load_bad = 32.0
+//! fs_free_good_pct = 10.0 # free space of the replica's filesystem where it starts to count
+//! fs_free_bad_pct = 5.0   # ... and where the node is sick (about to hit ENOSPC)
+//! mem_available_good_pct = 10.0
+//! mem_available_bad_pct = 2.0
+//! link_errors_good = 1.0  # errors + drops per second on the interface towards the peer
+//! link_errors_bad = 100.0
+//! worst_margin = 15.0     # the score is at most the worst part + this
+//! weights = { disk = 0.35, cpu = 0.15, memory = 0.15, network = 0.15, app = 0.2, space = 0.15 }
 //! ```
 //!
 //! A mirrored volume's file (`/etc/mirror/volumes/vol0.toml`, [`ServeFile`]):
@@ -138,17 +146,12 @@ fn load<T>(path: &Path, parse: impl Fn(&str) -> Result<T, String>) -> anyhow::Re
     parse(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
 }
 
-/// The `[health]` table's thresholds must be ordered.
+/// The `[health]` table's thresholds must be ordered, its weights not negative
+/// ([`ScoreConfig::validate`]).
 fn check_score(h: &Option<ScoreConfig>) -> Result<(), String> {
     match h {
-        Some(h)
-            if !(h.disk_ratio_good < h.disk_ratio_bad
-                && h.runq_good_us < h.runq_bad_us
-                && h.worst_margin >= 0.0) =>
-        {
-            Err("[health]: each *_good must be below its *_bad, worst_margin >= 0".into())
-        }
-        _ => Ok(()),
+        Some(h) => h.validate().map_err(|e| format!("[health]: {e}")),
+        None => Ok(()),
     }
 }
 
@@ -365,6 +368,26 @@ mod tests {
         assert!(e.contains("[health]"), "{e}");
         let e = ReplicaFile::parse("[health]\ndisk_ratio_godo = 2.0").unwrap_err();
         assert!(e.contains("disk_ratio_godo"), "{e}");
+        // The node facts' thresholds and weight.
+        let f = ReplicaFile::parse(
+            "[health]\nfs_free_good_pct = 20.0\nload_bad = 16.0\nweights = { space = 1.0 }",
+        )
+        .unwrap();
+        let h = f.health.unwrap();
+        assert_eq!(
+            (h.fs_free_good_pct, h.fs_free_bad_pct, h.load_bad, h.weights.space),
+            (20.0, 5.0, 16.0, 1.0)
+        );
+        for (text, key) in [
+            ("fs_free_bad_pct = 12.0", "fs_free"),
+            ("mem_available_bad_pct = 0.0", "mem_available"),
+            ("link_errors_good = 500.0", "link_errors"),
+            ("load_good = 0.0", "load_good"),
+            ("weights = { space = -1.0 }", "weights"),
+        ] {
+            let e = ReplicaFile::parse(&format!("[health]\n{text}")).unwrap_err();
+            assert!(e.contains("[health]") && e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

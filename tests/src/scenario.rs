@@ -3,7 +3,9 @@
 //! - the **source** node: a `mirror replica` process serving a loop device stacked on another
 //!   loop device (so a cgroup I/O throttle on the lower one shows as latency of the upper one, the
 //!   disk the node scores), with O_DIRECT, inside its own blkio cgroup;
-//! - the **target** node: a `mirror replica` process serving a file;
+//! - the **target** node: a `mirror replica` process serving the same kind of stacked loop
+//!   device (unthrottled), so that what the one machine does to both nodes (CPU load) does the
+//!   same to both disks;
 //! - `mirror daemon` attaching the eBPF programs, pinned in a private directory both nodes read;
 //! - `mirror serve`: the router and its weighting engine, NBD on a free port;
 //! - a verifying workload (fio's nbd engine, `--verify=crc32c`) and a recorder of the timeline.
@@ -44,6 +46,10 @@ pub struct Opts {
     pub ramp: Duration,
     /// Extra arguments of `mirror serve`.
     pub serve_args: Vec<String>,
+    /// Put the source's replica in a file on an ext4 filesystem of this size of its own (on a
+    /// loop device, the disk scored and throttled) instead of on the loop stack, so that the
+    /// filesystem can be filled ([`Cluster::source_fs`]).
+    pub source_fs: Option<u64>,
 }
 
 impl Opts {
@@ -55,6 +61,7 @@ impl Opts {
             failback_hold: Duration::from_secs(3),
             ramp: Duration::from_secs(5),
             serve_args: Vec::new(),
+            source_fs: None,
         }
     }
 }
@@ -96,6 +103,8 @@ pub struct Cluster {
     /// The lower loop device of the source's disk, the one throttled.
     source_disk: PathBuf,
     loops: Vec<LoopDev>,
+    /// Where the source's own filesystem is mounted ([`Opts::source_fs`]).
+    pub source_fs: Option<PathBuf>,
     pub epoch: Instant,
 }
 
@@ -112,14 +121,40 @@ impl Cluster {
         let dir = tmp.path().to_path_buf();
         let secret = dir.join("secret");
         std::fs::write(&secret, "scenario-secret-0123456789abcdef\n")?;
-        // Source disk: file -> lower loop -> upper loop (O_DIRECT to the lower one).
+        // Source disk: file -> lower loop -> upper loop (O_DIRECT to the lower one); or, with
+        // `source_fs`, a file on ext4 on a loop device.
         let s_img = dir.join("source.img");
-        std::fs::File::create(&s_img)?.set_len(o.size)?;
-        let lower = LoopDev::attach(&s_img, false)?;
-        let upper = LoopDev::attach(&lower.dev, true)?;
+        let mut source_fs = None;
+        let (lower, upper, s_vol) = match o.source_fs {
+            None => {
+                std::fs::File::create(&s_img)?.set_len(o.size)?;
+                let lower = LoopDev::attach(&s_img, false)?;
+                let upper = LoopDev::attach(&lower.dev, true)?;
+                let vol = upper.dev.clone();
+                (lower, Some(upper), vol)
+            }
+            Some(fs_size) => {
+                std::fs::File::create(&s_img)?.set_len(fs_size)?;
+                let lower = LoopDev::attach(&s_img, false)?;
+                crate::proc::run_tool(Command::new("mkfs.ext4").args(["-q", "-m", "0"]).arg(&lower.dev));
+                let mnt = dir.join("source-fs");
+                std::fs::create_dir(&mnt)?;
+                crate::proc::run_tool(Command::new("mount").arg(&lower.dev).arg(&mnt));
+                let vol = mnt.join("source.img");
+                std::fs::File::create(&vol)?.set_len(o.size)?;
+                source_fs = Some(mnt);
+                (lower, None, vol)
+            }
+        };
         let cgroup = IoCgroup::new("scenario")?;
+        // Target disk: the same stack. The two nodes share the machine, so they must also have
+        // the same kind of disk: a loop worker waits for CPU like any task, and a source on a
+        // loop stack beside a target on the host's disk made CPU load on the one machine look
+        // like a slow source disk (the scenario (a) flake under the suite's load).
         let t_img = dir.join("target.img");
         std::fs::File::create(&t_img)?.set_len(o.size)?;
+        let t_lower = LoopDev::attach(&t_img, false)?;
+        let t_upper = LoopDev::attach(&t_lower.dev, true)?;
 
         let pin_dir = Path::new("/sys/fs/bpf").join(crate::fs::unique_name("scenario"));
         let mut daemon = Daemon::command(&o.bin, &pin_dir, "1s");
@@ -166,12 +201,13 @@ impl Cluster {
         };
         let source = node(
             "source",
-            &upper.dev,
-            vol_cfg(&upper.dev, &dir.join("source.meta")),
+            &s_vol,
+            vol_cfg(&s_vol, &dir.join("source.meta")),
             Some(cgroup.dir()),
             &o.source_probes,
         )?;
-        let target = node("target", &t_img, vol_cfg(&t_img, &dir.join("target.meta")), None, &[])?;
+        let target =
+            node("target", &t_upper.dev, vol_cfg(&t_upper.dev, &dir.join("target.meta")), None, &[])?;
         let sec = secret.display().to_string();
         mirror_out(
             &o.bin,
@@ -220,7 +256,9 @@ impl Cluster {
             pin_dir,
             cgroup,
             source_disk: lower.dev.clone(),
-            loops: vec![upper, lower],
+            // Upper devices first: each is detached before the one under it.
+            loops: upper.into_iter().chain([t_upper, lower, t_lower]).collect(),
+            source_fs,
             epoch: Instant::now(),
         };
         // The engine has heard from both nodes.
@@ -307,6 +345,9 @@ impl Drop for Cluster {
         self.source.kill();
         self.target.kill();
         self.daemon = None;
+        if let Some(m) = &self.source_fs {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
         self.loops.clear();
         if std::env::var_os("MIRROR_KEEP_SCENARIO").is_some() {
             if let Some(t) = self.tmp.take() {
@@ -336,8 +377,15 @@ pub struct WorkloadResult {
 }
 
 impl Workload {
-    /// `rw` is `randwrite` (verify after each write backlog) or `randrw`.
+    /// Random 4 KiB writes, each verified, at queue depth 8.
     pub fn start(nbd: &str, size_mib: u64, rate_iops: Option<u32>) -> Workload {
+        Workload::start_qd(nbd, size_mib, rate_iops, 8)
+    }
+
+    /// As [`Workload::start`] at queue depth `qd`. At depth 1 an IOPS throttle below the rate
+    /// shows as latency of about 1 / IOPS, so a throttle lowered step by step degrades the disk
+    /// step by step (at depth 8 any throttle under the rate queues eight deep at once).
+    pub fn start_qd(nbd: &str, size_mib: u64, rate_iops: Option<u32>, qd: u32) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let runs = Arc::new(AtomicU64::new(0));
         let (st, rn, uri) = (stop.clone(), runs.clone(), format!("nbd://{nbd}/"));
@@ -347,7 +395,8 @@ impl Workload {
             while !st.load(Ordering::Relaxed) {
                 k += 1;
                 let mut cmd = Command::new("fio");
-                cmd.args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=8"])
+                cmd.args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k"])
+                    .arg(format!("--iodepth={qd}"))
                     .arg(format!("--size={size_mib}M"))
                     .arg(format!("--offset={}M", 0))
                     .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_backlog=64"])
@@ -459,6 +508,32 @@ pub struct Point {
     pub reads: [u64; 2],
     /// The replica holds every block (router view).
     pub in_sync: [bool; 2],
+    /// The nodes' signals below 100 and the data-path scores, as `name=score` (for post-mortems).
+    pub low_signals: [String; 2],
+}
+
+impl Point {
+    /// One line of a post-mortem timeline.
+    pub fn line(&self) -> String {
+        let h = |i: usize| self.health[i].map_or("-".into(), |h| format!("{h:.0}"));
+        format!(
+            "{:7.2}s target {:3} {:<10} health {:>3}/{:>3} lat {:.0}/{:.0} us  source [{}] target [{}]",
+            self.t,
+            self.target_weight,
+            self.mode,
+            h(0),
+            h(1),
+            self.latency_us[0],
+            self.latency_us[1],
+            self.low_signals[0],
+            self.low_signals[1]
+        )
+    }
+}
+
+/// A post-mortem timeline of points, one a line.
+pub fn timeline_text(points: &[Point]) -> String {
+    points.iter().map(Point::line).collect::<Vec<_>>().join("\n")
 }
 
 /// Polls the cluster's status every `every` in a thread; events are marked by the caller.
@@ -498,6 +573,19 @@ impl Recorder {
                                 r(i)["node"]["health"].as_f64()
                             }
                         };
+                        let low = |i: usize| {
+                            let mut v: Vec<String> = r(i)["node"]["signals"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter(|g| g["score"].as_f64().is_some_and(|x| x < 100.0))
+                                .map(|g| format!("{}={:.0}", g["name"].as_str().unwrap_or("?"), g["score"]))
+                                .collect();
+                            if let Some(d) = r(i)["node"]["datapath_score"].as_f64() {
+                                v.push(format!("datapath={d:.0}"));
+                            }
+                            v.join(" ")
+                        };
                         pts.lock().unwrap_or_else(|e| e.into_inner()).push(Point {
                             t: epoch.elapsed().as_secs_f64(),
                             target_weight: s["weights"]["target"].as_u64().unwrap_or(0) as u8,
@@ -506,6 +594,7 @@ impl Recorder {
                             latency_us: [lat(0), lat(1)],
                             reads: [r(0)["reads"].as_u64().unwrap_or(0), r(1)["reads"].as_u64().unwrap_or(0)],
                             in_sync: [r(0)["state"] == "in-sync", r(1)["state"] == "in-sync"],
+                            low_signals: [low(0), low(1)],
                         });
                     }
                 }
@@ -583,35 +672,50 @@ pub fn target_weight(s: &serde_json::Value) -> u64 {
 pub struct DegradeResult {
     /// Seconds from the throttle until the target weight reached 90 (None: not within 10 s).
     pub shift_s: Option<f64>,
-    /// Direction changes of the weights in the 5 s after, while the disk stays slow.
+    /// Direction changes of the weights after it (5 s, or the hold), while the disk stays slow.
     pub reversals: u32,
-    /// Lowest target weight in those 5 s.
+    /// Lowest target weight in that time.
     pub min_after: u8,
+    /// Highest target weight during the calm start (the 4 s under the workload before the
+    /// throttle): nothing is wrong yet, so it should stay near 0.
+    pub calm_max: u8,
     pub failed_ios: u64,
     pub failures: Vec<String>,
+    /// The recorded timeline, one point a line (for failure messages).
+    pub timeline: String,
 }
 
 pub fn scenario_a(o: &Opts, iops: u32) -> Result<DegradeResult> {
+    scenario_a_held(o, iops, Duration::from_secs(5))
+}
+
+/// Scenario (a) with the disk kept slow for `hold` after the shift (the long degradation: the
+/// disk's baseline must not absorb it while it lasts).
+pub fn scenario_a_held(o: &Opts, iops: u32, hold: Duration) -> Result<DegradeResult> {
     let c = Cluster::start(o)?;
     let w = Workload::start(&c.nbd, 48, None);
+    let mut rec = Recorder::start(&o.bin, &c.ctl, Duration::from_millis(100));
     // Let the source's monitor learn its disk's baseline under the workload.
     std::thread::sleep(Duration::from_secs(4));
-    let mut rec = Recorder::start(&o.bin, &c.ctl, Duration::from_millis(100));
     let t0 = rec.mark("throttle");
+    let calm_max = rec.points().iter().map(|p| p.target_weight).max().unwrap_or(0);
     c.throttle_source(Some(iops))?;
     let shift = c.wait_for("target weight >= 90", Duration::from_secs(10), |s| target_weight(s) >= 90).ok();
     let from = t0 + shift.map_or(0.0, |d| d.as_secs_f64());
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(hold);
     rec.stop();
-    let after: Vec<u8> = rec.points().iter().filter(|p| p.t >= from).map(|p| p.target_weight).collect();
+    let points = rec.points();
+    let after: Vec<u8> = points.iter().filter(|p| p.t >= from).map(|p| p.target_weight).collect();
     c.throttle_source(None)?;
     let r = w.finish();
     Ok(DegradeResult {
         shift_s: shift.map(|d| d.as_secs_f64()),
         reversals: reversals(after.iter().copied()),
         min_after: after.iter().copied().min().unwrap_or(0),
+        calm_max,
         failed_ios: r.failed_ios,
         failures: r.failures,
+        timeline: format!("throttle at {t0:.2}s\n{}", timeline_text(&points)),
     })
 }
 
@@ -705,4 +809,86 @@ pub fn scenario_d(o: &Opts, secs: u64) -> Result<OscillationResult> {
         failed_ios: r.failed_ios,
         failures: r.failures,
     })
+}
+
+/// The steps of the slowly growing degradation: IOPS of the source disk's throttle, lowered every
+/// few seconds under a depth-1 workload at 400 IOPS (latency about 2, 3, 4, 5.5, 7.5, 10 ms
+/// against a disk of about 1 ms).
+pub const GRADUAL_STEPS: [u32; 6] = [500, 330, 250, 180, 130, 100];
+
+/// Scenario (g): a degradation that grows slowly.
+#[derive(Debug, Clone)]
+pub struct GradualResult {
+    /// Seconds from the target's share first rising to the source's health first falling below
+    /// the critical line (30), as `ctl status` shows them (None: one of them did not happen).
+    pub lead_s: Option<f64>,
+    /// Distinct target shares strictly between 0 and 100 held for at least a second.
+    pub intermediate_shares: Vec<u8>,
+    pub reversals: u32,
+    pub failed_ios: u64,
+    pub failures: Vec<String>,
+    pub timeline: String,
+}
+
+/// Distinct values strictly between 0 and 100 held for at least `hold_s` in a series of
+/// (time, share).
+pub fn held_shares(w: &[(f64, u8)], hold_s: f64) -> Vec<u8> {
+    let mut out: Vec<u8> = Vec::new();
+    let mut i = 0;
+    while i < w.len() {
+        let j = (i..w.len()).find(|&j| w[j].1 != w[i].1).unwrap_or(w.len());
+        let end = if j < w.len() { w[j].0 } else { w[w.len() - 1].0 };
+        if w[i].1 > 0 && w[i].1 < 100 && end - w[i].0 >= hold_s && !out.contains(&w[i].1) {
+            out.push(w[i].1);
+        }
+        i = j;
+    }
+    out
+}
+
+/// Runs scenario (g): a calm start, then the source's throttle lowered through `steps`, `every`
+/// apart, and held at the last step for `every`.
+pub fn scenario_gradual(o: &Opts, steps: &[u32], every: Duration) -> Result<GradualResult> {
+    let c = Cluster::start(o)?;
+    let w = Workload::start_qd(&c.nbd, 48, Some(400), 1);
+    let mut rec = Recorder::start(&o.bin, &c.ctl, Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(4));
+    let t0 = rec.mark("ramp starts");
+    for &iops in steps {
+        rec.mark(&format!("{iops} IOPS"));
+        c.throttle_source(Some(iops))?;
+        std::thread::sleep(every);
+    }
+    std::thread::sleep(every);
+    rec.stop();
+    c.throttle_source(None)?;
+    let r = w.finish();
+    let pts: Vec<Point> = rec.points().into_iter().filter(|p| p.t >= t0).collect();
+    let rise = pts.iter().find(|p| p.target_weight > 0).map(|p| p.t);
+    let critical = pts.iter().find(|p| p.health[0].is_some_and(|h| h < 30.0)).map(|p| p.t);
+    let shares: Vec<(f64, u8)> = pts.iter().map(|p| (p.t, p.target_weight)).collect();
+    Ok(GradualResult {
+        lead_s: rise.zip(critical).map(|(r, c)| c - r),
+        intermediate_shares: held_shares(&shares, 1.0),
+        reversals: reversals(shares.iter().map(|p| p.1)),
+        failed_ios: r.failed_ios,
+        failures: r.failures,
+        timeline: format!("ramp from {t0:.2}s\n{}", timeline_text(&pts)),
+    })
+}
+
+/// A calm period of `secs` under the verifying workload with nothing wrong: the highest target
+/// weight seen (nothing is wrong, so it should stay near 0; run it beside CPU hogs to see that a
+/// condition both nodes share moves nothing).
+pub fn calm_period(o: &Opts, secs: u64) -> Result<u8> {
+    let c = Cluster::start(o)?;
+    let w = Workload::start(&c.nbd, 48, None);
+    let mut rec = Recorder::start(&o.bin, &c.ctl, Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(secs));
+    rec.stop();
+    let r = w.finish();
+    if r.failed_ios > 0 {
+        anyhow::bail!("fio failed during the calm period: {:?}", r.failures);
+    }
+    Ok(rec.points().iter().map(|p| p.target_weight).max().unwrap_or(0))
 }

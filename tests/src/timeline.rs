@@ -170,6 +170,7 @@ mod tests {
                 latency_us: [100.0 * (i + 1) as f64, 50.0],
                 reads: [0, 0],
                 in_sync: [true, true],
+                low_signals: Default::default(),
             })
             .collect();
         let s = svg("demo <1>", &pts, &[(5.0, "kill source & wait".into())]);

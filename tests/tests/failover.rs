@@ -3,11 +3,12 @@
 //! verifying through NBD. The numbers are the acceptance bars. Root only (loop devices, cgroups).
 //! `cargo xtask bench failover` runs the same scenarios and records the figures.
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use mirror_tests::{
     env::{mirror_bin, skip},
     net::{free_addr, http_get},
+    proc::run_tool,
     scenario::{self, target_weight, Cluster, Opts, ProbeServer, Workload},
 };
 
@@ -39,6 +40,18 @@ fn a_source_disk_latency_x10_shifts_reads_within_2s_without_reversal() {
     let shift = r.shift_s.expect("the target weight never reached 90 within 10 s");
     assert!(shift <= 2.0, "target weight reached 90 after {shift:.2} s (bar: 2 s)");
     assert!(r.min_after >= 90 && r.reversals == 0, "no reversal while the disk stays slow: {r:?}");
+}
+
+#[test]
+fn a_source_disk_slow_for_a_minute_keeps_the_reads_on_the_target_without_reversal() {
+    const T: &str =
+        "failover::a_source_disk_slow_for_a_minute_keeps_the_reads_on_the_target_without_reversal";
+    let Some((_g, o)) = opts(T) else { return };
+    let r = scenario::scenario_a_held(&o, 100, Duration::from_secs(60)).expect("scenario a, held");
+    let why = format!("{r:?}");
+    assert_eq!(r.failed_ios, 0, "{why}");
+    assert!(r.shift_s.is_some_and(|s| s <= 2.0), "target weight not >= 90 within 2 s: {why}");
+    assert!(r.min_after >= 90 && r.reversals == 0, "the reads came back while the disk was slow: {why}");
 }
 
 #[test]
@@ -84,11 +97,12 @@ fn e_a_failing_http_probe_on_the_source_lowers_its_health_and_shifts_reads() {
         return;
     };
     let w = Workload::start(&c.nbd, 48, None);
-    // A calm start: on a loaded machine the source's data-path latency can move the weights for
-    // a moment on its own; the probe's effect is measured from calm.
-    let source_health = |s: &serde_json::Value| s["replicas"][0]["node"]["health"].as_u64().unwrap_or(0);
-    c.wait_for("target weight 0 and source health >= 80", Duration::from_secs(60), |s| {
-        target_weight(s) == 0 && source_health(s) >= 80
+    // A calm start: the reads on the source and its health as good as the target's (on a loaded
+    // machine both nodes score low alike: the CPU they share); the probe's effect is measured
+    // from calm.
+    let health = |s: &serde_json::Value, i: usize| s["replicas"][i]["node"]["health"].as_u64().unwrap_or(0);
+    c.wait_for("target weight 0 and source health as good as the target's", Duration::from_secs(60), |s| {
+        target_weight(s) == 0 && health(s, 0) + 10 >= health(s, 1).max(40)
     })
     .unwrap();
     app.healthy.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -125,4 +139,63 @@ fn e_a_failing_http_probe_on_the_source_lowers_its_health_and_shifts_reads() {
     ] {
         assert!(text.contains(want), "metrics lack {want:?}:\n{text}");
     }
+}
+
+#[test]
+fn f_the_source_replica_filesystem_filled_to_95_percent_lowers_its_health_and_shifts_reads() {
+    const T: &str =
+        "failover::f_the_source_replica_filesystem_filled_to_95_percent_lowers_its_health_and_shifts_reads";
+    let metrics = free_addr();
+    let Some((_g, c)) = cluster(T, |o| {
+        o.source_fs = Some(128 << 20);
+        o.size = 32 << 20;
+        o.serve_args = vec!["--metrics".into(), metrics.clone()];
+    }) else {
+        return;
+    };
+    let mnt = c.source_fs.clone().expect("the source's filesystem");
+    // The replica file holds all its blocks: filling the filesystem does not fail its writes.
+    let vol = mnt.join("source.img");
+    run_tool(Command::new("fallocate").arg("-l").arg((32u64 << 20).to_string()).arg(&vol));
+    let w = Workload::start(&c.nbd, 24, None);
+    let fs_free = |s: &serde_json::Value| -> Option<(f64, f64)> {
+        let sig = s["replicas"][0]["node"]["signals"].as_array()?.iter().find(|g| g["name"] == "fs_free")?;
+        Some((sig["value"].as_f64()?, sig["score"].as_f64()?))
+    };
+    c.wait_for(
+        "the source's fs_free signal, with room, and the reads on the source",
+        Duration::from_secs(20),
+        |s| fs_free(s).is_some_and(|(v, score)| v > 50.0 && score == 100.0) && target_weight(s) == 0,
+    )
+    .unwrap();
+    // Fill it to 95% (ext4 made with no reserved blocks: free is available).
+    let df = run_tool(Command::new("df").args(["-B1", "--output=size,avail"]).arg(&mnt));
+    let nums: Vec<u64> = df.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let (size, avail) = (nums[0], nums[1]);
+    let filler = mnt.join("filler");
+    let fill = avail - size / 20 + (1 << 20);
+    run_tool(Command::new("fallocate").arg("-l").arg(fill.to_string()).arg(&filler));
+    c.wait_for("target weight >= 90", Duration::from_secs(10), |s| target_weight(s) >= 90).unwrap();
+    let s1 = c.status().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let s2 = c.status().unwrap();
+    let (value, score) = fs_free(&s2).expect("fs_free in the status");
+    assert!(value < 5.0 && score == 0.0, "fs_free {value}% scores {score}");
+    let health = s2["replicas"][0]["node"]["health"].as_u64().unwrap();
+    assert!(health < 30, "a replica filesystem 95% full makes the source sick: health {health}");
+    let reads = |s: &serde_json::Value, i: usize| s["replicas"][i]["reads"].as_u64().unwrap();
+    let (src, tgt) = (reads(&s2, 0) - reads(&s1, 0), reads(&s2, 1) - reads(&s1, 1));
+    assert!(tgt > 0 && tgt >= 9 * src, "reads moved to the target: source {src}, target {tgt}");
+    // `mirror ctl status` names the signal, and so do the metrics.
+    let text = c.ctl(&["status"]).unwrap();
+    let line = text.lines().find(|l| l.starts_with("source signals")).unwrap_or_default();
+    assert!(line.contains("fs_free") && line.contains("(score 0"), "{text}");
+    let m = http_get(&metrics, "/metrics").expect("scrape the metrics endpoint");
+    assert!(m.contains("mirror_node_signal_score{replica=\"source\",signal=\"fs_free\"} 0"), "{m}");
+    // Room again: the signal is back to 100.
+    std::fs::remove_file(&filler).unwrap();
+    c.wait_for("fs_free back to 100", Duration::from_secs(10), |s| fs_free(s).is_some_and(|f| f.1 == 100.0))
+        .unwrap();
+    let r = w.finish();
+    assert_eq!(r.failed_ios, 0, "fio: {:?}", r.failures);
 }

@@ -84,6 +84,7 @@ impl MonitorSettings {
         monitor::spawn(
             MonitorConfig {
                 interval: self.interval,
+                replica: volume.map(Path::to_path_buf),
                 pin_dir: self.pin_dir.clone(),
                 score: ScoreConfig { device, ..score },
                 probes: self.probes.clone(),

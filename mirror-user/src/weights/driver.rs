@@ -17,11 +17,13 @@ use std::{
 
 use super::{
     engine::{Decision, Engine, EngineConfig, Mode, Override, Sample},
+    policy::{judge, window_parts, NodeJudged},
     status::{NodeStatus, ReplicaStatus, ServeStatus, WeightEvent},
 };
 use crate::{
     health::{
-        monitor::{NodeHealth, NodeReport},
+        baseline::Baseline,
+        monitor::{NodeHealth, NodeReport, PartReport},
         score::falloff,
     },
     replication::protocol::Message,
@@ -73,10 +75,30 @@ struct NodeView {
     unreachable: bool,
     /// Data-path score from the router's latency figures, 0..=100.
     datapath: Option<f64>,
-    /// Baseline of the data-path latency, microseconds.
-    baseline_us: Option<f64>,
+    /// Baseline of the data-path latency, microseconds (learned only while healthy, anchored:
+    /// see [`crate::health::baseline`]).
+    baseline: Baseline,
     /// Errors the router had counted at the previous tick (source only).
     errors_seen: u64,
+    /// The parts of the reports of the last [`JUDGE_WINDOW`], oldest first, for judging the
+    /// nodes against each other part by part ([`window_parts`]).
+    recent: VecDeque<(Instant, Vec<PartReport>)>,
+}
+
+/// How far back the nodes' reports are judged against each other: a part must be worse on the
+/// source for this long (four of the monitor's intervals) before it counts.
+const JUDGE_WINDOW: Duration = Duration::from_millis(1000);
+
+impl NodeView {
+    /// Adds a report's parts to the window and drops what fell out of it.
+    fn remember(&mut self, now: Instant, report: Option<&NodeReport>) {
+        if let Some(r) = report {
+            self.recent.push_back((now, r.parts.clone()));
+        }
+        while self.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > JUDGE_WINDOW) {
+            self.recent.pop_front();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -198,12 +220,46 @@ impl Driver {
                 };
                 node.map(|h| n.datapath.map_or(h, |d| h.min(d)))
             };
+            // The reports the nodes' health is composed of, for judging them part by part over
+            // the window.
+            let local_report = self.local_health.node_report();
+            let now = Instant::now();
+            for i in 0..2 {
+                let report = if self.router.replicas[i].is_local() {
+                    local_report.clone()
+                } else {
+                    v.nodes[i].seen.filter(|t| *t >= since).and(v.nodes[i].report.clone())
+                };
+                v.nodes[i].remember(now, report.as_ref());
+            }
             let src = &self.router.replicas[0];
             let new_errors = v.nodes[0].take_new_errors(src);
             let n0 = &v.nodes[0];
+            let (source_health, target_health) = (health(0, n0), health(1, &v.nodes[1]));
+            let windows = [0, 1].map(|i| window_parts(v.nodes[i].recent.iter().map(|(_, p)| &p[..])));
+            let margin = |i: usize| {
+                let r = if self.router.replicas[i].is_local() {
+                    local_report.as_ref()
+                } else {
+                    v.nodes[i].report.as_ref()
+                };
+                r.map_or(0.0, |r| r.margin)
+            };
+            let judged = |i: usize, h: f64| NodeJudged {
+                score: h,
+                best: &windows[i].0,
+                worst: &windows[i].1,
+                margin: margin(i),
+                datapath: v.nodes[i].datapath,
+            };
+            let source_relative = source_health.map(|h| {
+                let t = target_health.map(|t| judged(1, t));
+                judge(&judged(0, h), t.as_ref())
+            });
             Sample {
-                source_health: health(0, n0),
-                target_health: health(1, &v.nodes[1]),
+                source_health,
+                target_health,
+                source_relative,
                 source_errors: src.state() == ReplicaState::Failed || n0.unreachable || new_errors,
                 source_in_sync: src.state() == ReplicaState::InSync,
             }
@@ -220,13 +276,8 @@ impl Driver {
         if lat == 0 {
             return;
         }
-        let lat = lat as f64;
-        let base = *n.baseline_us.get_or_insert(lat.max(50.0));
-        let ratio = lat / base;
-        if ratio < 2.0 {
-            // A slow moving baseline, learned only while latency is normal.
-            n.baseline_us = Some((base * 0.98 + lat * 0.02).max(50.0));
-        }
+        // Against a baseline of at least 50 us, learned only while the latency is normal.
+        let ratio = n.baseline.observe(self.now(), lat as f64, 50.0);
         n.datapath = Some(falloff(ratio, self.cfg.datapath_ratio_good, self.cfg.datapath_ratio_bad));
     }
 

@@ -4,8 +4,10 @@
 //!
 //! Why the default ([`Policy::Adaptive`]) beats the seed formula:
 //! - no constant leak of reads to a target that is not needed (unless `balance_reads`);
-//! - the target's share follows the *forecast* source health (damped Holt), so it moves before
-//!   the critical line is crossed;
+//! - the target's share follows the *forecast* source health (the smoothed level carried along
+//!   a trend that both halves of the last `horizon` agree on: [`Trend`]), so it moves before the
+//!   critical line is crossed, while one step of health (a disk that got slower once) moves it
+//!   by its level alone;
 //! - shares move in steps with a deadband and a minimum dwell time; they rise at once (fast
 //!   attack) but fall only after the lower share was wanted for `release_hold` (slow release),
 //!   and a reversal needs twice the deadband, so noisy health does not flap the weights;
@@ -15,7 +17,7 @@
 
 use std::time::Duration;
 
-use super::policy::{Holt, SeedLinear};
+use super::policy::{Holt, SeedLinear, Trend};
 
 /// How weights are computed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,6 +77,10 @@ pub struct Sample {
     /// Source health 0..=100, `None` when no heartbeat arrived.
     pub source_health: Option<f64>,
     pub target_health: Option<f64>,
+    /// The source's health judged against the target resource by resource
+    /// ([`super::policy::judge`]), when the driver could; the adaptive policy takes it instead
+    /// of comparing the two scores ([`relative`]). Only with a `source_health`.
+    pub source_relative: Option<f64>,
     /// The router saw errors or timeouts on the source's data path.
     pub source_errors: bool,
     /// The source holds every block (not failed, not resyncing).
@@ -133,6 +139,8 @@ pub struct Engine {
     /// +1 when the last change raised the target's share, -1 when it lowered it.
     last_direction: i8,
     holt: Holt,
+    /// The trend the forecast follows ([`Trend`]: a step is none).
+    trend: Trend,
     last_heartbeat: Option<Duration>,
     healthy_since: Option<Duration>,
     ramp_start: Option<Duration>,
@@ -152,6 +160,7 @@ impl Engine {
             last_change: None,
             last_direction: 0,
             holt: Holt::new(0.5, 0.3, 0.8),
+            trend: Trend::new(cfg.horizon),
             last_heartbeat: None,
             healthy_since: None,
             ramp_start: None,
@@ -225,13 +234,17 @@ impl Engine {
         // health as it is.
         let judged = match self.cfg.policy {
             Policy::Seed(_) => s,
-            Policy::Adaptive => {
-                Sample { source_health: s.source_health.map(|h| relative(h, s.target_health)), ..s }
-            }
+            Policy::Adaptive => Sample {
+                source_health: s
+                    .source_health
+                    .map(|h| s.source_relative.unwrap_or_else(|| relative(h, s.target_health))),
+                ..s
+            },
         };
         if let Some(h) = judged.source_health {
             self.last_heartbeat = Some(now);
             self.holt.update(now, h);
+            self.trend.update(now, h);
         }
         if let Policy::Seed(seed) = self.cfg.policy {
             if self.mode == Mode::Pinned && self.pin_until.is_none_or(|t| now < t) {
@@ -331,8 +344,8 @@ impl Engine {
 
     fn tick_normal(&mut self, now: Duration, s: Sample) -> Decision {
         let floor = self.normal_share(s);
-        let forecast =
-            self.holt.forecast(self.cfg.horizon).unwrap_or(100.0).min(self.holt.level().unwrap_or(100.0));
+        let level = self.holt.level().unwrap_or(100.0);
+        let forecast = self.trend.forecast(level, self.cfg.horizon).min(level);
         // Share grows from 0 at `good` to 100 at `critical`, on the worse of level and forecast.
         let d = ((self.cfg.good - forecast) / (self.cfg.good - self.cfg.critical)).clamp(0.0, 1.0);
         let step = self.cfg.deadband.max(1) as f64;
@@ -385,6 +398,7 @@ mod tests {
         Sample {
             source_health: Some(h),
             target_health: Some(100.0),
+            source_relative: None,
             source_errors: false,
             source_in_sync: true,
         }
@@ -522,5 +536,125 @@ mod tests {
             Engine::new(EngineConfig { policy: Policy::Seed(SeedLinear::default()), ..Default::default() });
         assert_eq!(e.tick(ms(0), sample(100.0)).target_weight, 40);
         assert_eq!(e.tick(ms(100), sample(50.0)).target_weight, 57);
+    }
+
+    /// The source's health while its disk latency rises by `step` every `every_ms` from the
+    /// baseline, as the score makes it (the disk part falling log-linearly from 2x to 10x, the
+    /// other parts fine): (time ms, health) every 100 ms for `secs`.
+    fn ramp(step: f64, every_ms: u64, secs: u64) -> Vec<(u64, f64)> {
+        use crate::health::score::{composite, falloff};
+        (0..secs * 10)
+            .map(|i| {
+                let t = i * 100;
+                let ratio = step.powi((t / every_ms) as i32);
+                let disk = falloff(ratio, 2.0, 10.0);
+                (t, composite([(0.35, disk), (0.15, 100.0), (0.15, 100.0), (0.15, 100.0)], 15.0))
+            })
+            .collect()
+    }
+
+    /// Distinct shares strictly between 0 and 100 held for at least `hold_ms` in a trace of
+    /// (time ms, share).
+    fn held_shares(w: &[(u64, u8)], hold_ms: u64) -> Vec<u8> {
+        let mut out: Vec<u8> = Vec::new();
+        let mut i = 0;
+        while i < w.len() {
+            let j = (i..w.len()).find(|&j| w[j].1 != w[i].1).unwrap_or(w.len());
+            let end = if j < w.len() { w[j].0 } else { w[w.len() - 1].0 + 100 };
+            if w[i].1 > 0 && w[i].1 < 100 && end - w[i].0 >= hold_ms && !out.contains(&w[i].1) {
+                out.push(w[i].1);
+            }
+            i = j;
+        }
+        out
+    }
+
+    #[test]
+    fn a_slowly_growing_degradation_raises_the_share_in_steps_before_the_critical_line() {
+        let mut e = Engine::new(EngineConfig::default());
+        run(&mut e, (0..50).map(|i| (i * 100, sample(100.0))));
+        // Disk latency +20% every 4 s for a minute (x15 at the end).
+        let trace: Vec<(u64, f64)> = ramp(1.2, 4000, 60).into_iter().map(|(t, h)| (5000 + t, h)).collect();
+        let w: Vec<(u64, u8)> =
+            trace.iter().map(|&(t, h)| (t, e.tick(ms(t), sample(h)).target_weight)).collect();
+        let rise = w.iter().find(|p| p.1 > 0).expect("the share rises").0;
+        let critical = trace.iter().find(|p| p.1 < 30.0).expect("health reaches the critical line").0;
+        let lead = critical as f64 / 1000.0 - rise as f64 / 1000.0;
+        let held = held_shares(&w, 1000);
+        assert!(lead >= 5.0, "share rose {lead:.1} s before the critical line: {w:?}\n{trace:?}");
+        assert!(held.len() >= 3, "intermediate shares held >= 1 s: {held:?} in {w:?}\n{trace:?}");
+        // Monotone: no reversal while it grows.
+        assert!(w.windows(2).all(|p| p[1].1 >= p[0].1), "{w:?}");
+        assert_eq!(e.mode(), Mode::Failover);
+    }
+
+    #[test]
+    fn one_step_of_a_degradation_is_not_projected_to_the_critical_line() {
+        let mut e = Engine::new(EngineConfig::default());
+        run(&mut e, (0..50).map(|i| (i * 100, sample(95.0))));
+        // Health steps from 95 to 70 and stays: the share follows the level (20), the trend of
+        // one step does not carry it to a failover's share.
+        let w = run(&mut e, (0..100).map(|i| (5000 + i * 100, sample(70.0))));
+        let max = *w.iter().max().unwrap();
+        assert!((10..=40).contains(&max), "max share {max}: {w:?}");
+    }
+
+    /// Ten minutes of a source disk at ten times its latency, in simulated time: the node's
+    /// scorer and the router's data-path baseline (as the driver feeds them) see it as slow the
+    /// whole time, so the reads stay on the target with no reversal; healthy again, the source
+    /// is healthy at once.
+    #[test]
+    fn a_ten_minute_degradation_keeps_the_reads_on_the_target_without_reversal() {
+        use crate::health::{
+            baseline::Baseline,
+            score::{falloff, tests::sample as telemetry, NodeFacts, ScoreConfig, Scorer},
+        };
+        let mut scorer = Scorer::new(ScoreConfig::default());
+        let mut datapath = Baseline::default();
+        let mut e = Engine::new(EngineConfig::default());
+        let (calm, slow, end) = (60_000u64, 60_000 + 600_000u64, 60_000 + 600_000 + 30_000u64);
+        let mut health = 100.0;
+        let mut w = Vec::new();
+        for t in (0..end).step_by(100) {
+            let degraded = (calm..slow).contains(&t);
+            let lat = if degraded { 20_000.0 } else { 2_000.0 };
+            // The node scores every 250 ms; the driver ticks every 100 ms.
+            if t % 250 < 100 {
+                let mut s = telemetry(lat, 200.0, 0.0);
+                s.secs = 0.25;
+                health = scorer.score(&s, &NodeFacts::default(), &[]).score;
+            }
+            let ratio = datapath.observe(ms(t), lat, 50.0);
+            let h = health.min(falloff(ratio, 4.0, 40.0));
+            w.push((t, e.tick(ms(t), sample(h)).target_weight, h));
+        }
+        let during: Vec<_> = w.iter().filter(|p| (calm..slow).contains(&p.0)).collect();
+        let first = during.iter().position(|p| p.1 >= 90).expect("the reads move to the target");
+        assert!(during[first].0 - calm <= 2_000, "shift after {} ms", during[first].0 - calm);
+        let held = &during[first..];
+        let low = held.iter().find(|p| p.1 < 90);
+        assert!(low.is_none(), "the share fell under 90 at {:?} of the ten minutes", low);
+        let worst = held.iter().map(|p| p.2).fold(0.0, f64::max);
+        assert!(worst < 30.0, "the source looked healthier ({worst:.1}) during the degradation");
+        assert_eq!(reversals(held.iter().map(|p| p.1)), 0);
+        // Healthy again: the node's score is back at once (the baseline did not move).
+        let after = w.iter().find(|p| p.0 >= slow + 2_000).unwrap();
+        assert!(after.2 >= 95.0, "health {:.1} two seconds after the disk healed", after.2);
+    }
+
+    /// Direction changes in a series of shares.
+    fn reversals(w: impl IntoIterator<Item = u8>) -> u32 {
+        let (mut last, mut dir, mut n) = (None::<u8>, 0i8, 0);
+        for x in w {
+            if let Some(l) = last {
+                let d = (x as i16 - l as i16).signum() as i8;
+                if d != 0 {
+                    n += u32::from(dir != 0 && d != dir);
+                    dir = d;
+                }
+            }
+            last = Some(x);
+        }
+        n
     }
 }

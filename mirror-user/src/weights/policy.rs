@@ -1,7 +1,92 @@
 //! Weight policies: health scores in, the target's read share out. Pure functions of their
-//! inputs and state; time is passed in.
+//! inputs and state; time is passed in. [`judge`] weighs the source against the target resource
+//! by resource, so that what both nodes suffer moves nothing while what only the source suffers
+//! counts in full.
 
 use std::time::Duration;
+
+use crate::health::{monitor::PartReport, score::composite};
+
+/// A node as the router judges it: its health report's parts over a short recent window, as
+/// the best and the worst score each part had in it (empty for a node that sends none), with the
+/// margin they are composed with, its score, and its data-path score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeJudged<'a> {
+    pub score: f64,
+    pub best: &'a [PartReport],
+    pub worst: &'a [PartReport],
+    pub margin: f64,
+    pub datapath: Option<f64>,
+}
+
+/// The best and the worst score of each part over a window of reports (oldest first; the
+/// weights of the latest report that has the part).
+pub fn window_parts<'a>(
+    reports: impl IntoIterator<Item = &'a [PartReport]>,
+) -> (Vec<PartReport>, Vec<PartReport>) {
+    let (mut best, mut worst): (Vec<PartReport>, Vec<PartReport>) = (Vec::new(), Vec::new());
+    for parts in reports {
+        for p in parts {
+            match best.iter().position(|q| q.name == p.name) {
+                Some(k) => {
+                    best[k] = PartReport { score: best[k].score.max(p.score), ..p.clone() };
+                    worst[k] = PartReport { score: worst[k].score.min(p.score), ..p.clone() };
+                }
+                None => {
+                    best.push(p.clone());
+                    worst.push(p.clone());
+                }
+            }
+        }
+    }
+    (best, worst)
+}
+
+/// `own` as far as it is worse than `other`: `100 - max(0, other - own)`.
+fn beyond(own: f64, other: f64) -> f64 {
+    (100.0 - (other - own).max(0.0)).clamp(0.0, 100.0)
+}
+
+/// A node's health with what `other` shares left out: each part, at its best over the window,
+/// counts only as far as it is worse than the same part of `other` at its worst (a part `other`
+/// lacks counts in full), composed again; the data path likewise, and the node's health is the
+/// worse of the two. A part that merely wavers on both nodes (the same loaded machine sampled at
+/// other moments) is never consistently worse on one, so it moves nothing; a part that stays
+/// worse for the whole window counts. Without parts on both sides (an older node), the node's
+/// score stands as it is.
+fn unshared(a: &NodeJudged, other: Option<&NodeJudged>) -> f64 {
+    let node = match other {
+        Some(b) if !a.best.is_empty() && !b.worst.is_empty() => composite(
+            a.best.iter().map(|p| {
+                let theirs = b.worst.iter().find(|q| q.name == p.name).map_or(100.0, |q| q.score);
+                (p.weight, beyond(p.score, theirs))
+            }),
+            a.margin,
+        ),
+        _ => a.score,
+    };
+    let dp = match (a.datapath, other.and_then(|b| b.datapath)) {
+        (Some(d), Some(o)) => beyond(d, o),
+        (Some(d), None) => d,
+        (None, _) => 100.0,
+    };
+    node.min(dp)
+}
+
+/// The source's health judged against the target, for the adaptive policy: each node's health
+/// with what the other shares left out ([`unshared`]), and then the source's as far as it is
+/// worse than the target's (`100 - max(0, target - source)`): a node-wide condition both nodes
+/// suffer (a busy shared host, the same load on both) moves nothing, a resource only the source
+/// has trouble with counts in full even while the target suffers something else, and two nodes
+/// sick in different ways stay as they are (the target would not serve better). Without a
+/// target, the source's own health.
+pub fn judge(source: &NodeJudged, target: Option<&NodeJudged>) -> f64 {
+    let s = unshared(source, target);
+    match target {
+        Some(t) => beyond(s, unshared(t, Some(source))),
+        None => s,
+    }
+}
 
 /// The seed formula: weights proportional to `source_health * source_factor` and
 /// `target_health * target_factor`, normalized to sum 100. Kept available as a policy.
@@ -82,9 +167,147 @@ impl Holt {
     }
 }
 
+/// The trend of a health series that a step is not: the least-squares slope of each half of the
+/// last `window` of samples, and the trend the gentler of the two when both fall (or both rise),
+/// else none. A step (a disk that got slower once and stays so) is flat on both sides of it and
+/// moves the share by its level alone; a degradation that keeps growing falls in both halves
+/// and is projected ahead ([`Trend::forecast`]). Units per second; time passed in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trend {
+    pub window: Duration,
+    samples: std::collections::VecDeque<(Duration, f64)>,
+}
+
+/// Least-squares slope of `(t, x)` points, `None` below three points.
+fn slope(points: &[(Duration, f64)]) -> Option<f64> {
+    if points.len() < 3 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let mt = points.iter().map(|p| p.0.as_secs_f64()).sum::<f64>() / n;
+    let mx = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for p in points {
+        let dt = p.0.as_secs_f64() - mt;
+        sxy += dt * (p.1 - mx);
+        sxx += dt * dt;
+    }
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+impl Trend {
+    pub fn new(window: Duration) -> Trend {
+        Trend { window, samples: std::collections::VecDeque::new() }
+    }
+
+    pub fn update(&mut self, now: Duration, x: f64) {
+        self.samples.push_back((now, x));
+        while self.samples.front().is_some_and(|(t, _)| now.saturating_sub(*t) > self.window) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Units per second; 0 unless both halves of the window move the same way.
+    pub fn slope(&self) -> f64 {
+        let v: Vec<(Duration, f64)> = self.samples.iter().copied().collect();
+        let (a, b) = v.split_at(v.len() / 2);
+        match (slope(a), slope(b)) {
+            (Some(a), Some(b)) if a < 0.0 && b < 0.0 => a.max(b),
+            (Some(a), Some(b)) if a > 0.0 && b > 0.0 => a.min(b),
+            _ => 0.0,
+        }
+    }
+
+    /// `level` carried `horizon` ahead along the trend.
+    pub fn forecast(&self, level: f64, horizon: Duration) -> f64 {
+        level + self.slope() * horizon.as_secs_f64()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parts(v: &[(&str, f64)]) -> Vec<PartReport> {
+        v.iter().map(|&(n, s)| PartReport { name: n.into(), score: s, weight: 0.2 }).collect()
+    }
+
+    fn node<'a>(score: f64, parts: &'a [PartReport], datapath: Option<f64>) -> NodeJudged<'a> {
+        NodeJudged { score, best: parts, worst: parts, margin: 15.0, datapath }
+    }
+
+    #[test]
+    fn judging_leaves_out_what_both_nodes_share() {
+        // Both CPUs loaded alike: the source's 5 points worse CPU is all that counts, far above
+        // any line that moves reads.
+        let (s, t) = (parts(&[("disk", 100.0), ("cpu", 30.0)]), parts(&[("disk", 100.0), ("cpu", 35.0)]));
+        assert_eq!(judge(&node(45.0, &s, Some(60.0)), Some(&node(50.0, &t, Some(62.0)))), 97.5);
+        assert_eq!(judge(&node(50.0, &t, Some(62.0)), Some(&node(45.0, &s, Some(60.0)))), 100.0);
+        // The source's disk is slow while both CPUs are loaded: the disk counts in full, though
+        // the target's score is as low as the source's.
+        let s = parts(&[("disk", 0.0), ("cpu", 30.0)]);
+        let j = judge(&node(15.0, &s, None), Some(&node(45.0, &t, None)));
+        assert!(j <= 15.0, "{j}");
+        // Sick in different ways (source CPU, target disk): the target would not serve better.
+        let (s, t) = (parts(&[("disk", 100.0), ("cpu", 0.0)]), parts(&[("disk", 0.0), ("cpu", 100.0)]));
+        assert_eq!(judge(&node(15.0, &s, None), Some(&node(15.0, &t, None))), 100.0);
+        // A part only the source has (a failing probe) counts in full.
+        let (s, t) = (parts(&[("disk", 100.0), ("app", 0.0)]), parts(&[("disk", 100.0)]));
+        assert_eq!(judge(&node(15.0, &s, None), Some(&node(100.0, &t, None))), 15.0);
+        // The data path alone: the source's slower than the target's.
+        let t = parts(&[("disk", 100.0)]);
+        let s = t.clone();
+        assert_eq!(judge(&node(100.0, &s, Some(20.0)), Some(&node(100.0, &t, Some(90.0)))), 30.0);
+    }
+
+    #[test]
+    fn a_part_wavering_on_both_nodes_moves_nothing_one_staying_worse_counts() {
+        // The same loaded machine sampled at other moments: each node's CPU between 30 and 85.
+        let src = [parts(&[("disk", 100.0), ("cpu", 30.0)]), parts(&[("disk", 100.0), ("cpu", 85.0)])];
+        let tgt = [parts(&[("disk", 100.0), ("cpu", 85.0)]), parts(&[("disk", 100.0), ("cpu", 30.0)])];
+        let (sb, sw) = window_parts(src.iter().map(|v| &v[..]));
+        let (tb, tw) = window_parts(tgt.iter().map(|v| &v[..]));
+        assert_eq!((sb[1].score, sw[1].score), (85.0, 30.0));
+        let j = |sb, sw, tb, tw| {
+            judge(
+                &NodeJudged { score: 45.0, best: sb, worst: sw, margin: 15.0, datapath: None },
+                Some(&NodeJudged { score: 45.0, best: tb, worst: tw, margin: 15.0, datapath: None }),
+            )
+        };
+        assert_eq!(j(&sb, &sw, &tb, &tw), 100.0);
+        // Judged on the latest reports alone, the same waver would have counted.
+        assert!(j(&src[0], &src[0], &tgt[0], &tgt[0]) < 70.0);
+        // The source's disk slow for the whole window while the target's CPU wavers: it counts.
+        let src = [parts(&[("disk", 0.0), ("cpu", 30.0)]), parts(&[("disk", 0.0), ("cpu", 85.0)])];
+        let (sb, sw) = window_parts(src.iter().map(|v| &v[..]));
+        assert!(j(&sb, &sw, &tb, &tw) <= 15.0, "{}", j(&sb, &sw, &tb, &tw));
+    }
+
+    #[test]
+    fn a_step_has_no_trend_a_growing_fall_has() {
+        let ms = Duration::from_millis;
+        let mut t = Trend::new(ms(2000));
+        for i in 0..20 {
+            t.update(ms(i * 100), 95.0);
+        }
+        for i in 20..40 {
+            t.update(ms(i * 100), 70.0);
+            assert_eq!(t.slope(), 0.0, "a step is no trend (at {} ms)", i * 100);
+        }
+        let mut t = Trend::new(ms(2000));
+        for i in 0..40 {
+            t.update(ms(i * 100), 95.0 - i as f64);
+        }
+        assert!((t.slope() + 10.0).abs() < 1e-6, "{}", t.slope());
+        assert!((t.forecast(55.0, ms(2000)) - 35.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn without_parts_the_scores_are_compared_as_they_are() {
+        assert_eq!(judge(&node(60.0, &[], None), Some(&node(100.0, &[], None))), 60.0);
+        assert_eq!(judge(&node(60.0, &[], None), Some(&node(40.0, &[], None))), 100.0);
+        assert_eq!(judge(&node(60.0, &[], Some(50.0)), None), 50.0);
+    }
 
     #[test]
     fn seed_formula_normalizes_to_100() {

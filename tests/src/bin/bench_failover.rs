@@ -4,7 +4,11 @@
 //! (a) source disk throttled: seconds until the target weight reaches 90, reversals after;
 //! (b) SIGKILL of the source under fio verify: seconds until the target weight is 100;
 //! (c) the source restarted: resync, failback, fio errors, replicas identical;
-//! (d) health oscillating around the "good" line: direction changes of the weights.
+//! (d) health oscillating around the "good" line: direction changes of the weights;
+//! (g) a degradation that grows slowly: seconds the target's share rose before the source's
+//! health fell under the critical line, and the distinct shares held on the way;
+//! a long degradation (the source disk slow for `--long-secs`): reversals;
+//! a calm period under CPU hogs: the highest target weight.
 //! Rounds of (a) alternate which policy goes first; the table and `target/bench/failover.json`
 //! report medians.
 
@@ -13,6 +17,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{bail, Result};
 use clap::Parser;
 use mirror_tests::{
+    proc::Hogs,
     scenario::{self, Opts},
     stats::median,
 };
@@ -39,6 +44,12 @@ struct Args {
     /// IOPS the source disk is throttled to in scenario (a).
     #[arg(long, default_value_t = 100)]
     throttle_iops: u32,
+    /// Seconds the source disk stays slow in the long degradation.
+    #[arg(long, default_value_t = 600)]
+    long_secs: u64,
+    /// Seconds of the calm period under CPU hogs.
+    #[arg(long, default_value_t = 60)]
+    calm_secs: u64,
 }
 
 fn opts(a: &Args, seed: bool) -> Opts {
@@ -111,6 +122,37 @@ fn main() -> Result<()> {
         osc[i] = r.reversals;
         crossings[i] = r.crossings;
     }
+    let mut gradual = Vec::new();
+    for seed in [false, true] {
+        let r =
+            scenario::scenario_gradual(&opts(&a, seed), &scenario::GRADUAL_STEPS, Duration::from_secs(4))?;
+        eprintln!(
+            "(g) {}: lead {} s, intermediate shares {:?}, reversals {}, fio errors {}",
+            if seed { "seed" } else { "adaptive" },
+            fmt(r.lead_s),
+            r.intermediate_shares,
+            r.reversals,
+            r.failed_ios
+        );
+        failed_ios += r.failed_ios;
+        gradual.push(r);
+    }
+    let long =
+        scenario::scenario_a_held(&opts(&a, false), a.throttle_iops, Duration::from_secs(a.long_secs))?;
+    eprintln!(
+        "long degradation ({} s): shift {} s, reversals {}, min weight after {}",
+        a.long_secs,
+        fmt(long.shift_s),
+        long.reversals,
+        long.min_after
+    );
+    failed_ios += long.failed_ios;
+    let calm = {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let _hogs = Hogs::spawn(cpus);
+        scenario::calm_period(&opts(&a, false), a.calm_secs)?
+    };
+    eprintln!("calm period under CPU hogs ({} s): highest target weight {calm}", a.calm_secs);
     // A run that never reached 90 counts as infinitely slow in the median.
     let med = |v: &[Option<f64>]| {
         let m = median(v.iter().map(|x| x.unwrap_or(f64::INFINITY)).collect());
@@ -145,6 +187,20 @@ fn main() -> Result<()> {
     println!("{:<44} {:>10.1}", "(c) seconds from restart to failback done", median(failback.clone()));
     println!("{:<44} {:>10}", "(b,c) failed I/Os (fio, all scenarios)", failed_ios);
     println!("{:<44} {:>10}", "(c) replicas identical", identical);
+    println!(
+        "{:<44} {:>10} {:>10}",
+        "(g) seconds the share rose before critical",
+        fmt(gradual[0].lead_s),
+        fmt(gradual[1].lead_s)
+    );
+    println!(
+        "{:<44} {:>10} {:>10}",
+        "(g) intermediate shares held >= 1 s",
+        gradual[0].intermediate_shares.len(),
+        gradual[1].intermediate_shares.len()
+    );
+    println!("{:<44} {:>10}", format!("reversals, source slow {} s", a.long_secs), long.reversals);
+    println!("{:<44} {:>10}", "highest target weight, calm under CPU hogs", calm);
     let json = serde_json::json!({
         "predictive_shift_s": s,
         "reversals_under_degradation": ra,
@@ -157,6 +213,14 @@ fn main() -> Result<()> {
         "seed_predictive_shift_s": ss,
         "seed_reversals_under_degradation": ras,
         "seed_oscillation_reversals": osc[1],
+        "gradual_lead_s": gradual[0].lead_s,
+        "gradual_intermediate_shares": gradual[0].intermediate_shares.len(),
+        "seed_gradual_lead_s": gradual[1].lead_s,
+        "seed_gradual_intermediate_shares": gradual[1].intermediate_shares.len(),
+        "long_degradation_reversals": long.reversals,
+        "long_degradation_secs": a.long_secs,
+        "calm_start_max_target_weight": calm,
+        "calm_secs": a.calm_secs,
         "rounds": a.rounds,
         "throttle_iops": a.throttle_iops,
         "samples": {

@@ -94,7 +94,7 @@ fn main() -> Result<()> {
     // A ublk device too where the kernel has one (the workload drives NBD either way).
     o.serve_args = vec!["--frontend".into(), "auto".into()];
     println!(
-        "== starting: two nodes (source: slow-able disk, target: file), node daemon (eBPF), router + NBD"
+        "== starting: two nodes (source: slow-able disk, target: the same kind), node daemon (eBPF), router + NBD"
     );
     let mut c = Cluster::start(&o)?;
     println!(
@@ -104,24 +104,37 @@ fn main() -> Result<()> {
         c.dir.display()
     );
     let mut rec = Recorder::start(&a.mirror, &c.ctl, Duration::from_millis(200));
-    let w = Workload::start(&c.nbd, 48, Some(400));
+    // Depth 1: each throttle step below the 400 IOPS the workload asks for shows as latency of
+    // about 1 / IOPS, so the source degrades step by step (at depth 8 every step under the rate
+    // would queue eight deep at once: a cliff, not a slope).
+    let w = Workload::start_qd(&c.nbd, 48, Some(400), 1);
     rec.mark("fio verify starts");
     let p = a.phase as f64;
     println!("== healthy: every read goes to the source (no leak to a target that is not needed)");
     watch(&c, &rec, p, |_| false);
 
-    println!("== degrading the source disk step by step (cgroup I/O throttle: 1500, 900, 700, 100 IOPS)");
-    let t_degrade = rec.mark("source disk throttled 1500 IOPS");
-    c.throttle_source(Some(1500))?;
-    watch(&c, &rec, p * 0.6, |_| false);
-    for iops in [900, 700] {
-        rec.mark(&format!("{iops} IOPS"));
+    let steps = scenario::GRADUAL_STEPS;
+    println!(
+        "== degrading the source disk step by step (cgroup I/O throttle: {} IOPS): the target's share rises part way first",
+        steps.map(|s| s.to_string()).join(", ")
+    );
+    let t_degrade = rec.mark(&format!("source disk throttled {} IOPS", steps[0]));
+    for (k, &iops) in steps.iter().enumerate() {
+        if k > 0 {
+            rec.mark(&format!("{iops} IOPS"));
+        }
         c.throttle_source(Some(iops))?;
-        watch(&c, &rec, p * 0.6, |_| false);
+        let last = k + 1 == steps.len();
+        watch(&c, &rec, if last { p } else { p * 0.6 }, |_| false);
     }
-    rec.mark("100 IOPS");
-    c.throttle_source(Some(100))?;
-    watch(&c, &rec, p, |_| false);
+    let part_way: Vec<u8> = scenario::held_shares(
+        &rec.points()
+            .iter()
+            .filter(|pt| pt.t >= t_degrade)
+            .map(|pt| (pt.t, pt.target_weight))
+            .collect::<Vec<_>>(),
+        1.0,
+    );
     let shift =
         rec.points().iter().find(|pt| pt.t >= t_degrade && pt.target_weight >= 90).map(|pt| pt.t - t_degrade);
 
@@ -184,6 +197,7 @@ fn main() -> Result<()> {
     let s = |x: Option<f64>| x.map_or("did not happen".to_string(), |v| format!("{v:.2} s"));
     println!("\n== summary");
     println!("{:<52} {}", "source disk throttled -> target weight >= 90", s(shift));
+    println!("{:<52} {:?}", "target shares held >= 1 s on the way (part way)", part_way);
     println!("{:<52} {}", "throttle lifted -> failback complete (hold + ramp)", s(heal_back));
     println!("{:<52} {}", "source SIGKILL -> target weight 100", s(failover));
     println!("{:<52} {}", "source restarted -> back in sync (router view)", s(resynced));
