@@ -393,6 +393,32 @@ pub struct WriteStall {
     pub digests: (u128, u128),
 }
 
+impl WriteStall {
+    /// Issue 15's bar for a sick target under writes, `what` naming the sickness: fio ran
+    /// without error through enough writes to span it, the target was failed during it by its
+    /// deadline, no write took longer than `max_write_ms`, and the replicas are identical after
+    /// the resync. Prints the figures; panics with what failed.
+    pub fn assert_unnoticed(&self, what: &str, max_write_ms: f64) {
+        let r = &self.fio;
+        println!(
+            "{what} for {:?}: fio write max {:.1} ms, read max {:.1} ms, {} writes ({:.0} IOPS), error {}; \
+             back in sync {:?} after fio ended",
+            self.held, r.write_max_ms, r.read_max_ms, r.write_ios, r.write_iops, r.error, self.resync
+        );
+        assert!(r.ok && r.error == 0, "{what}: fio failed: {}\n{}", r.stderr, r.json);
+        let target = &self.during[1];
+        assert_eq!(target["state"], "failed", "{what}: the target during it: {:?}", self.during);
+        assert!(target["timeouts"].as_u64().unwrap_or(0) > 0, "{what}: no deadline fired: {:?}", self.during);
+        assert!(r.write_ios > 5000, "{what}: fio wrote too little to span it: {}", r.write_ios);
+        assert!(
+            r.write_max_ms <= max_write_ms,
+            "{what}: fio's longest write took {:.1} ms (bar {max_write_ms} ms)",
+            r.write_max_ms
+        );
+        assert_eq!(self.digests.0, self.digests.1, "{what}: replicas differ after the resync");
+    }
+}
+
 /// fio's verifying 4 KiB random writes (QD16, 64 MiB at 1500/s: about 11 s) through the
 /// mirror's export with the target sick for `hold` in the middle; then waits for the resync and
 /// stops the router.
