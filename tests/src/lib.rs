@@ -5,6 +5,7 @@
 //! - [`blockdev`]: loop devices and `dd`;
 //! - [`cgroup`]: I/O throttles and memory limits, and commands started inside a cgroup;
 //! - [`net`]: free ports and a veth link to a peer that never answers;
+//! - [`netns`]: a node in a network namespace of its own, its link black-holed or shaped;
 //! - [`proc`]: the processes under test (`mirror daemon`, `mirror replica`, the CLI) and the
 //!   guards that stop them;
 //! - [`etcd`]: a real etcd (one or three members) on 127.0.0.1 for the lease tests;
@@ -21,6 +22,7 @@ pub mod env;
 pub mod etcd;
 pub mod fs;
 pub mod net;
+pub mod netns;
 pub mod proc;
 pub mod scenario;
 pub mod sick;

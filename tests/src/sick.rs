@@ -45,6 +45,17 @@ impl Default for MirrorOpts {
     }
 }
 
+impl MirrorOpts {
+    /// The target replica inside `ns`, listening on its address there.
+    pub fn in_namespace(ns: &crate::netns::NodeNs) -> MirrorOpts {
+        MirrorOpts {
+            target_listen: Some(format!("{}:0", ns.node_ip)),
+            target_prefix: ns.prefix(),
+            ..Default::default()
+        }
+    }
+}
+
 /// A mirrored volume being served: the target process, the router, their files.
 #[derive(Debug)]
 pub struct Mirror {
@@ -169,6 +180,12 @@ impl Mirror {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Stops the router (SIGKILL: what it acknowledged is on both replicas already).
+    pub fn stop(&mut self) {
+        let _ = self.serve.0.kill();
+        let _ = self.serve.0.wait();
     }
 
     /// Digests of the two replica files (after the router stopped).
@@ -351,4 +368,139 @@ pub fn read_job(qd: u32, iops: u32, secs: u32) -> Vec<String> {
         "--randrepeat=0".into(),
     ]
     .into()
+}
+
+/// What makes the target sick in [`write_stall`].
+#[derive(Debug, Clone, Copy)]
+pub enum Sickness<'a> {
+    /// The target process frozen (SIGSTOP ... SIGCONT).
+    Frozen,
+    /// The target's link black-holed (its node in `NodeNs`), then healed.
+    Blackhole(&'a crate::netns::NodeNs),
+}
+
+/// What [`write_stall`] saw.
+#[derive(Debug)]
+pub struct WriteStall {
+    pub fio: FioResult,
+    /// The router's replicas at the end of the sickness.
+    pub during: Vec<serde_json::Value>,
+    /// How long the sickness lasted.
+    pub held: Duration,
+    /// From fio's end until the target was back in sync.
+    pub resync: Duration,
+    /// The replica files' digests after the router stopped.
+    pub digests: (u128, u128),
+}
+
+impl WriteStall {
+    /// Issue 15's bar for a sick target under writes, `what` naming the sickness: fio ran
+    /// without error through enough writes to span it, the target was failed during it by its
+    /// deadline, no write took longer than `max_write_ms`, and the replicas are identical after
+    /// the resync. Prints the figures; panics with what failed.
+    pub fn assert_unnoticed(&self, what: &str, max_write_ms: f64) {
+        let r = &self.fio;
+        println!(
+            "{what} for {:?}: fio write max {:.1} ms, read max {:.1} ms, {} writes ({:.0} IOPS), error {}; \
+             back in sync {:?} after fio ended",
+            self.held, r.write_max_ms, r.read_max_ms, r.write_ios, r.write_iops, r.error, self.resync
+        );
+        assert!(r.ok && r.error == 0, "{what}: fio failed: {}\n{}", r.stderr, r.json);
+        let target = &self.during[1];
+        assert_eq!(target["state"], "failed", "{what}: the target during it: {:?}", self.during);
+        assert!(target["timeouts"].as_u64().unwrap_or(0) > 0, "{what}: no deadline fired: {:?}", self.during);
+        assert!(r.write_ios > 5000, "{what}: fio wrote too little to span it: {}", r.write_ios);
+        assert!(
+            r.write_max_ms <= max_write_ms,
+            "{what}: fio's longest write took {:.1} ms (bar {max_write_ms} ms)",
+            r.write_max_ms
+        );
+        assert_eq!(self.digests.0, self.digests.1, "{what}: replicas differ after the resync");
+    }
+}
+
+/// fio's verifying 4 KiB random writes (QD16, 64 MiB at 1500/s: about 11 s) through the
+/// mirror's export with the target sick for `hold` in the middle; then waits for the resync and
+/// stops the router.
+pub fn write_stall(m: Mirror, sick: Sickness<'_>, hold: Duration) -> Result<WriteStall> {
+    let job = verify_job(64 << 20, 16, 1500);
+    let fio = Fio::spawn(&m.uri(), &job.iter().map(String::as_str).collect::<Vec<_>>())?;
+    std::thread::sleep(Duration::from_secs(2));
+    let start = Instant::now();
+    match sick {
+        Sickness::Frozen => signal(m.target.pid(), libc::SIGSTOP)?,
+        Sickness::Blackhole(ns) => ns.blackhole()?,
+    }
+    std::thread::sleep(hold);
+    let during = m.replicas();
+    match sick {
+        Sickness::Frozen => signal(m.target.pid(), libc::SIGCONT)?,
+        Sickness::Blackhole(ns) => ns.heal()?,
+    }
+    let held = start.elapsed();
+    let fio = fio.wait()?;
+    let during = during?;
+    let t0 = Instant::now();
+    m.wait_in_sync(Duration::from_secs(120)).with_context(|| m.serve_log())?;
+    let resync = t0.elapsed();
+    let mut m = m;
+    m.stop();
+    let digests = m.digests();
+    Ok(WriteStall { fio, during, held, resync, digests })
+}
+
+/// What [`stalling_reads`] saw.
+#[derive(Debug)]
+pub struct StallingReads {
+    /// fio's random reads with both replicas healthy, then with the target stalling.
+    pub healthy: FioResult,
+    pub stalled: FioResult,
+    pub stalls: u32,
+    /// Hedges over both runs.
+    pub hedges_sent: u64,
+    pub hedges_won: u64,
+    /// The router's replicas at the end.
+    pub replicas: Vec<serde_json::Value>,
+}
+
+impl StallingReads {
+    /// fio's read p99.9 while stalling over the healthy one.
+    pub fn p999_ratio(&self) -> Option<f64> {
+        Some(self.stalled.read_pct("99.900000")? / self.healthy.read_pct("99.900000")?)
+    }
+
+    /// Hedges as a percentage of all reads of both runs.
+    pub fn extra_reads_pct(&self) -> f64 {
+        100.0 * self.hedges_sent as f64 / (self.healthy.read_ios + self.stalled.read_ios).max(1) as f64
+    }
+}
+
+/// fio's 4 KiB random reads (QD8, 1000/s) through the export: `healthy_secs` with both replicas
+/// well, then `stalled_secs` with the target frozen for `stall` every `period`.
+pub fn stalling_reads(
+    m: &Mirror,
+    stall: Duration,
+    period: Duration,
+    healthy_secs: u32,
+    stalled_secs: u32,
+) -> Result<StallingReads> {
+    let run = |secs| -> Result<Fio> {
+        Fio::spawn(&m.uri(), &read_job(8, 1000, secs).iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let healthy = run(healthy_secs)?.wait()?;
+    let fio = run(stalled_secs)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let staller = Staller::start(m.target.pid(), stall, period);
+    let stalled = fio.wait()?;
+    let stalls = staller.finish();
+    let st = m.status()?;
+    let count = |k: &str| st["hedges"][k].as_u64().unwrap_or(0);
+    Ok(StallingReads {
+        healthy,
+        stalled,
+        stalls,
+        hedges_sent: count("sent"),
+        hedges_won: count("won"),
+        replicas: m.replicas()?,
+    })
 }

@@ -49,11 +49,12 @@ enum Cmd {
     },
     /// Run a benchmark: `resync` (sync/resync vs rsync), `nbd` (router + NBD vs nbdkit and
     /// qemu-nbd), `ebpf` (overhead of the telemetry programs), `failover` (issue 7's scenarios,
-    /// adaptive policy vs the seed formula) or `ublk` (in the VM: vs md raid1, rublk, loop).
+    /// adaptive policy vs the seed formula), `ublk` (in the VM: vs md raid1, rublk, loop) or
+    /// `sick-node` (issue 15: frozen target, black-holed link, stalling replica).
     /// Prints a table of ratios and writes target/bench/<name>.json. Arguments after `--` go to
     /// the benchmark driver.
     Bench {
-        /// Which benchmark: resync, nbd, ebpf, failover, ublk.
+        /// Which benchmark: resync, nbd, ebpf, failover, ublk, sick-node.
         name: String,
         /// ebpf: how to alternate without / with the programs: `windows` (one fio run, the
         /// programs detached and attached every window) or `runs` (a fio run per side, the
@@ -261,11 +262,11 @@ fn demo(phase_seconds: u64) -> Result<()> {
 }
 
 /// Benchmarks available to `cargo xtask bench`.
-const BENCHES: &[&str] = &["resync", "nbd", "ebpf", "failover", "ublk"];
+const BENCHES: &[&str] = &["resync", "nbd", "ebpf", "failover", "ublk", "sick-node"];
 
 fn bench_other(name: &str, args: &[String]) -> Result<()> {
     match name {
-        "resync" | "nbd" | "failover" => {
+        "resync" | "nbd" | "failover" | "sick-node" => {
             let need = match name {
                 "resync" => "rsync",
                 "nbd" => "nbdkit",

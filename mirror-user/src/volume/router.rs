@@ -457,7 +457,9 @@ impl Router {
         }
     }
 
-    /// Waits for lagging replica `i` until `t0 + limit`, or until another request fails it.
+    /// Waits for lagging replica `i` until `t0 + limit`, or until another request fails it;
+    /// but only while the other replica (which has completed the request) is in sync: the last
+    /// replica in service is never given up for being slow, it is waited for.
     async fn lagging(
         &self,
         i: usize,
@@ -466,21 +468,27 @@ impl Router {
         request: impl std::future::Future<Output = Result<(), ReplicaError>>,
     ) -> Result<(), ReplicaError> {
         let failed = self.failed[i].notified();
-        tokio::pin!(failed);
+        tokio::pin!(failed, request);
         failed.as_mut().enable();
         let r = &self.replicas[i];
-        if r.state() == ReplicaState::Failed {
-            return Err(ReplicaError::Timeout(t0.elapsed()));
-        }
-        tokio::select! {
-            biased;
-            res = request => res,
-            _ = tokio::time::sleep_until((t0 + limit).into()) => {
-                r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                Err(ReplicaError::Timeout(limit))
+        let survivor_in_sync = || self.replicas[Self::other(i)].state() == ReplicaState::InSync;
+        if r.state() != ReplicaState::Failed {
+            tokio::select! {
+                biased;
+                res = &mut request => return res,
+                _ = &mut failed => {}
+                _ = tokio::time::sleep_until((t0 + limit).into()) => {}
             }
-            _ = failed => Err(ReplicaError::Timeout(t0.elapsed())),
         }
+        if !survivor_in_sync() {
+            // The survivor left service meanwhile: this replica is the one left.
+            return request.await;
+        }
+        if r.state() != ReplicaState::Failed {
+            r.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            return Err(ReplicaError::Timeout(limit));
+        }
+        Err(ReplicaError::Timeout(t0.elapsed()))
     }
 
     /// Puts replica `i` into resync (it receives writes, serves no reads) and has the other
@@ -790,7 +798,10 @@ impl Router {
             Some(Err(e)) => return failed(e),
             None => {}
         }
-        if !self.hedge_budget.try_spend() {
+        // Never to a replica the weights keep reads away from (0 or 100: pinned, or failed over).
+        let target = self.weights.target();
+        let shared = target > 0 && target < 100;
+        if !shared || !self.hedge_budget.try_spend() {
             // No hedge: the rest of the deadline, then the retry.
             let left = deadline.saturating_sub(t0.elapsed());
             return match tokio::time::timeout(left, primary).await {
