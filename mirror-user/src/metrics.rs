@@ -1,6 +1,6 @@
 //! The Prometheus endpoint of `mirror serve` (`--metrics ADDR`, `GET /metrics`): read weights,
 //! engine mode, each node's health and signals, the router's per-replica counters and sync
-//! progress, encoded with `prometheus-client` from a status snapshot taken at scrape time. The
+//! progress, the lease (mode, epoch, time left), encoded with `prometheus-client` from a status snapshot taken at scrape time. The
 //! Grafana dashboard `packaging/grafana/mirror.json` queries these names (a test holds it to
 //! them).
 
@@ -94,6 +94,29 @@ pub fn encode_status(st: &serde_json::Value) -> String {
         latency.clone(),
     );
 
+    let lease_mode = Family::<ModeLabel, Gauge>::default();
+    reg.register(
+        "lease_mode",
+        "Lease mode of this router: active, standby, fenced (1 = current)",
+        lease_mode.clone(),
+    );
+    let lease_epoch = Gauge::<i64>::default();
+    reg.register("lease_epoch", "Fencing epoch this router writes at (0: no lease)", lease_epoch.clone());
+    let lease_left = GaugeF::default();
+    reg.register(
+        "lease_time_left_seconds",
+        "Time this router may still acknowledge writes without another renewal",
+        lease_left.clone(),
+    );
+    let lease = &st["lease"];
+    if let Some(m) = lease["mode"].as_str() {
+        for each in ["active", "standby", "fenced"] {
+            lease_mode.get_or_create(&ModeLabel { mode: each.into() }).set(i64::from(m == each));
+        }
+        lease_epoch.set(lease["epoch"].as_i64().unwrap_or(0));
+        lease_left.set(lease["time_left_ms"].as_f64().unwrap_or(0.0) / 1e3);
+    }
+
     let w_target = st["weights"]["target"].as_i64().unwrap_or(0);
     if let Some(m) = st["mode"].as_str() {
         mode.get_or_create(&ModeLabel { mode: m.to_lowercase() }).set(1);
@@ -182,6 +205,8 @@ mod tests {
                  "node": {"health": 97, "reachable": true, "signals": [],
                           "sync": {"state": "syncing", "done_bytes": 1024, "total_bytes": 4096}}},
             ],
+            "lease": {"store": "embedded", "mode": "fenced", "holder": "n/1", "epoch": 4, "ttl_ms": 2000,
+                      "time_left_ms": 0, "reason": "a replica refused a write"},
         });
         let text = super::encode_status(&st);
         for want in [
@@ -198,6 +223,10 @@ mod tests {
             "mirror_replica_sync_done_bytes{replica=\"target\"} 1024",
             "mirror_replica_sync_total_bytes{replica=\"target\"} 4096",
             "mirror_replica_sync_total_bytes{replica=\"source\"} 0",
+            "mirror_lease_mode{mode=\"fenced\"} 1",
+            "mirror_lease_mode{mode=\"active\"} 0",
+            "mirror_lease_epoch 4",
+            "mirror_lease_time_left_seconds 0.0",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");

@@ -266,6 +266,18 @@ pub fn status_table(st: &serde_json::Value) -> String {
         st["reason"].as_str().unwrap_or(""),
         st["size"]
     );
+    let lease = &st["lease"];
+    if let Some(mode) = lease["mode"].as_str() {
+        let _ = writeln!(
+            o,
+            "lease: {mode} ({} store)   holder {}   epoch {}   {:.1} s left   ({})",
+            lease["store"].as_str().unwrap_or("?"),
+            lease["holder"].as_str().unwrap_or("?"),
+            lease["epoch"],
+            lease["time_left_ms"].as_f64().unwrap_or(0.0) / 1e3,
+            lease["reason"].as_str().unwrap_or("")
+        );
+    }
     let _ = writeln!(
         o,
         "{:<7} {:>6} {:>7} {:<10} {:<16} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>9}",

@@ -7,8 +7,10 @@
 pub mod activity;
 pub mod error;
 pub mod fast;
+pub mod fence;
 pub mod file;
 pub mod inline;
+pub mod lease;
 pub mod local;
 pub mod open;
 pub mod remote;

@@ -22,6 +22,7 @@ use super::{
     activity::ActivityLog,
     error::ReplicaError,
     fast::{FastOp, FastPlan},
+    fence::{fenced_error, LeaseLine, LeaseStatus},
     replica::{Replica, ReplicaSnapshot, ReplicaState},
     BlockDev,
 };
@@ -91,6 +92,8 @@ pub struct Router {
     membership: tokio::sync::RwLock<()>,
     /// Write intent for router crashes (see `volume::activity`), kept in the source's bitmap.
     al: ActivityLog,
+    /// The lease: may this router still acknowledge writes (see `volume::fence`).
+    pub lease: LeaseLine,
 }
 
 /// An extent with write intent recorded is dropped after this long without a write.
@@ -106,6 +109,9 @@ pub struct RouterStatus {
     pub intent_extents: usize,
     /// Source, target.
     pub replicas: [ReplicaSnapshot; 2],
+    /// The lease this router holds (absent without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseStatus>,
 }
 
 /// The read weights: each replica's share in percent.
@@ -153,6 +159,7 @@ impl Router {
             degraded_marked: AtomicBool::new(false),
             membership: tokio::sync::RwLock::new(()),
             al: ActivityLog::new(size, INTENT_IDLE),
+            lease: LeaseLine::default(),
         })
     }
 
@@ -220,6 +227,10 @@ impl Router {
         for run in self.al.cold_runs(offset, len) {
             let (o, l) = self.al.byte_range(run.clone());
             if let Err(e) = self.replicas[0].mark_intent(o, l).await {
+                if e.is_fenced() {
+                    self.lease.fence(format!("the source replica refused the write intent: {e}"));
+                    return Err(e);
+                }
                 let why = format!("recording write intent: {e}");
                 return match self.fail_replica(0, &why, offset, len).await {
                     Ok(()) => Ok(()),
@@ -293,9 +304,13 @@ impl Router {
         F: Fn(Arc<Replica>) -> Fut,
         Fut: std::future::Future<Output = Result<(), ReplicaError>>,
     {
+        self.lease.admit()?;
         let _membership = self.membership.read().await;
         if intent && self.intent_needed() {
-            self.record_intent(offset, len).await.map_err(|e| e.to_io())?;
+            self.record_intent(offset, len).await.map_err(|e| match self.lease.fenced() {
+                Some(why) => fenced_error(why),
+                None => e.to_io(),
+            })?;
         }
         // Read before the write is issued: only a survivor that was already tracking when this
         // write began has recorded it.
@@ -314,6 +329,19 @@ impl Router {
             [a] => (Some((*a, op(self.replicas[*a].clone()).await)), None),
             _ => return Err(eio("no replica available")),
         };
+        // A replica that has seen a newer holder: this router is fenced, and the write is not
+        // acknowledged, whatever the other replica answered (it may not have seen the new epoch
+        // yet; going on degraded with it would be the split brain the lease exists to prevent).
+        for (i, r) in [&a, &b].into_iter().flatten() {
+            if let Err(e) = r {
+                if e.is_fenced() {
+                    self.lease.fence(format!("the {} replica refused a write: {e}", self.replicas[*i].role));
+                }
+            }
+        }
+        if let Some(why) = self.lease.fenced() {
+            return Err(fenced_error(why));
+        }
         let mut ok = 0;
         let mut failure = None;
         for (i, r) in [a, b].into_iter().flatten() {
@@ -342,7 +370,8 @@ impl Router {
             s.mark_degraded(offset, len).await.map_err(|e| e.to_io())?;
             self.degraded_marked.store(true, Ordering::Release);
         }
-        Ok(())
+        // The tenure is checked again right before the acknowledgement (see `lease::tenure`).
+        self.lease.admit()
     }
 
     /// Puts replica `i` into resync (it receives writes, serves no reads) and has the other
@@ -460,6 +489,7 @@ impl Router {
             weights: WeightsStatus { source: 100 - target, target },
             intent_extents: self.al.hot_count(),
             replicas: [self.replicas[0].snapshot(), self.replicas[1].snapshot()],
+            lease: self.lease.status(),
         }
     }
 }
@@ -480,6 +510,9 @@ impl BlockDev for Router {
     /// (Local replicas never return from failed in this process, so no write that left one out
     /// can still be in flight: no `membership`.)
     fn fast_path(&self, op: FastOp, offset: u64, len: u32) -> Option<FastPlan<'_>> {
+        if self.lease.fenced().is_some() {
+            return None;
+        }
         let [s, t] = &self.replicas;
         let replicas = match op {
             FastOp::Read => {
@@ -492,6 +525,8 @@ impl BlockDev for Router {
                 one[i] = Some(&*self.replicas[i]);
                 one
             }
+            // Under a lease, writes take the slow path: it holds the epoch gate and the tenure check.
+            FastOp::Write if self.replicas.iter().any(|r| r.attachment().is_some()) => return None,
             FastOp::Write => {
                 let ok = !self.degraded_marked.load(Ordering::Acquire)
                     && self.replicas.iter().all(|r| r.is_local_uring() && r.state() == ReplicaState::InSync)
@@ -506,6 +541,9 @@ impl BlockDev for Router {
     }
 
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        if let Some(why) = self.lease.fenced() {
+            return Err(fenced_error(why));
+        }
         let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
         let candidates: Vec<usize> =
             [first, Self::other(first)].into_iter().filter(|&i| self.replicas[i].serves_reads()).collect();
