@@ -19,6 +19,7 @@ use mirror::replication::{
 };
 use mirror_tests::{
     env::{mirror_bin, skip, which},
+    etcd::{self, Etcd},
     fs::{secret_file, TempDir},
     proc::{drain, spawn_until, Kill, Replica},
 };
@@ -35,11 +36,12 @@ fn replicas(dir: &Path) -> (Replica, Replica) {
     (s, t)
 }
 
-/// `mirror serve` over the two remote replicas as `node`, its log in `DIR/NODE.log`.
-fn serve_cmd(dir: &Path, s: &Replica, t: &Replica, node: &str, ttl: &str) -> Command {
+/// `mirror serve` over the two remote replicas as `node`, with `extra` flags (the lease store,
+/// `--standby`), its log in `DIR/NODE.log`.
+fn serve_with(dir: &Path, s: &Replica, t: &Replica, node: &str, ttl: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(mirror_bin());
-    c.arg("serve")
-        .args(["--volume", "v", "--source", &format!("remote:{}", s.addr)])
+    c.args(["serve"]).args(extra);
+    c.args(["--volume", "v", "--source", &format!("remote:{}", s.addr)])
         .args(["--target", &format!("remote:{}", t.addr)])
         .args(["--secret-file", &dir.join("secret").display().to_string()])
         .args(["--lease-holder", node, "--lease-ttl", ttl, "--assume-clean"])
@@ -50,9 +52,10 @@ fn serve_cmd(dir: &Path, s: &Replica, t: &Replica, node: &str, ttl: &str) -> Com
     c
 }
 
-fn serve(dir: &Path, s: &Replica, t: &Replica, node: &str, ttl: &str) -> (Kill, String) {
-    let (child, nbd, out) = spawn_until(&mut serve_cmd(dir, s, t, node, ttl), "nbd listening on ")
-        .unwrap_or_else(|e| panic!("{e:#}: {}", log(dir, node)));
+/// Spawns `cmd` and waits for its `nbd listening on` line.
+fn started(dir: &Path, node: &str, cmd: &mut Command) -> (Kill, String) {
+    let (child, nbd, out) =
+        spawn_until(cmd, "nbd listening on ").unwrap_or_else(|e| panic!("{e:#}: {}", log(dir, node)));
     drain(out);
     (Kill(child), nbd)
 }
@@ -171,12 +174,17 @@ fn a_second_router_against_a_live_lease_is_refused_naming_the_holder() {
     if which("qemu-io").is_none() {
         return skip(T, "NBD", "qemu-io is not installed (cargo xtask setup)");
     }
-    let dir = TempDir::new("lease-second");
+    second_router_refused("lease-second", &[], "embedded");
+}
+
+/// The second-router scenario with `store` flags for both routers; `kind` the store's name.
+fn second_router_refused(tag: &str, store: &[&str], kind: &str) {
+    let dir = TempDir::new(tag);
     secret_file(&dir.0);
     let (s, t) = replicas(&dir.0);
-    let (_a, nbd) = serve(&dir.0, &s, &t, "nodeA", "2s");
+    let (_a, nbd) = started(&dir.0, "nodeA", &mut serve_with(&dir.0, &s, &t, "nodeA", "2s", store));
     let t0 = Instant::now();
-    let out = serve_cmd(&dir.0, &s, &t, "nodeB", "2s").stdout(Stdio::null()).output().unwrap();
+    let out = serve_with(&dir.0, &s, &t, "nodeB", "2s", store).stdout(Stdio::null()).output().unwrap();
     let err = log(&dir.0, "nodeB");
     assert!(!out.status.success(), "the second router started: {err}");
     assert!(err.contains("the lease is held by nodeA/") && err.contains("expires in"), "{err}");
@@ -190,7 +198,7 @@ fn a_second_router_against_a_live_lease_is_refused_naming_the_holder() {
     let st = ctl_status(&dir.0, "nodeA");
     let lease = &st["lease"];
     assert_eq!(lease["mode"], "active", "{st}");
-    assert_eq!(lease["store"], "embedded");
+    assert_eq!(lease["store"], kind);
     assert!(lease["holder"].as_str().unwrap().starts_with("nodeA/"), "{lease}");
     assert!(lease["epoch"].as_u64().unwrap() >= 1 && lease["time_left_ms"].as_u64().unwrap() > 0, "{lease}");
 }
@@ -205,10 +213,27 @@ fn a_frozen_router_whose_lease_was_taken_is_fenced_and_none_of_its_writes_land()
     if which("qemu-io").is_none() {
         return skip(T, "NBD", "qemu-io is not installed (cargo xtask setup)");
     }
-    let dir = TempDir::new("lease-frozen");
+    frozen_router_fenced("lease-frozen", &[], "1s");
+}
+
+/// The frozen-router scenario with `extra` flags for both routers (the lease store) and B's own
+/// (`--standby` in etcd mode: B waits announced before A is frozen, and takes over by itself).
+fn frozen_router_fenced(tag: &str, store: &[&str], ttl: &str) {
+    frozen_router_fenced_with(tag, store, &[], ttl)
+}
+
+fn frozen_router_fenced_with(tag: &str, store: &[&str], b_extra: &[&str], ttl: &str) {
+    let dir = TempDir::new(tag);
     secret_file(&dir.0);
     let (s, t) = replicas(&dir.0);
-    let (mut a, nbd_a) = serve(&dir.0, &s, &t, "nodeA", "1s");
+    let (mut a, nbd_a) = started(&dir.0, "nodeA", &mut serve_with(&dir.0, &s, &t, "nodeA", ttl, store));
+    // A standby starts now and waits (it prints nothing until it takes over).
+    let b_args: Vec<&str> = store.iter().chain(b_extra).copied().collect();
+    let standby = (!b_extra.is_empty()).then(|| {
+        let mut c = serve_with(&dir.0, &s, &t, "nodeB", ttl, &b_args);
+        c.stdout(Stdio::piped());
+        Kill(c.spawn().unwrap())
+    });
     let ok = qemu_io(&nbd_a, &["write -P 0x11 0 1M".into()]);
     assert!(ok.status.success());
     // A keeps writing 0xcc over [2M, 4M) while it is frozen and resumed.
@@ -225,9 +250,23 @@ fn a_frozen_router_whose_lease_was_taken_is_fenced_and_none_of_its_writes_land()
     std::thread::sleep(Duration::from_millis(300));
     signal(a.0.id(), "-STOP");
     let frozen = Instant::now();
-    // B waits out A's lease (not renewed: A is frozen) and takes it.
-    let (_b, nbd_b) = serve(&dir.0, &s, &t, "nodeB", "1s");
-    println!("takeover {:.2} s after the freeze (TTL 1 s)", frozen.elapsed().as_secs_f64());
+    // B waits out A's lease (not renewed: A is frozen) and takes it; a standby by itself.
+    let (_b, nbd_b) = match standby {
+        None => started(&dir.0, "nodeB", &mut serve_with(&dir.0, &s, &t, "nodeB", ttl, &b_args)),
+        Some(mut k) => {
+            let out = k.0.stdout.take().unwrap();
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
+            let nbd = loop {
+                let l = lines.next().expect("the standby exited before serving").unwrap();
+                if let Some(a) = l.strip_prefix("nbd listening on ") {
+                    break a.to_string();
+                }
+            };
+            std::thread::spawn(move || lines.for_each(drop));
+            (k, nbd)
+        }
+    };
+    println!("takeover {:.2} s after the freeze (TTL {ttl})", frozen.elapsed().as_secs_f64());
     let st = ctl_status(&dir.0, "nodeB");
     assert_eq!(st["lease"]["mode"], "active", "{st}");
     assert!(st["lease"]["epoch"].as_u64().unwrap() >= 2, "{st}");
@@ -272,7 +311,7 @@ async fn a_router_answered_fenced_acknowledges_no_write_after() {
     use mirror::{
         lease::{Holder, LeaseMode},
         volume::{
-            lease::LeaseOptions,
+            lease::{LeaseBackend, LeaseOptions},
             open::{open, ReplicaSpec, VolumeConfig},
             BlockDev,
         },
@@ -300,6 +339,8 @@ async fn a_router_answered_fenced_acknowledges_no_write_after() {
             holder: Holder::new("nodeA", "1"),
             ttl: Duration::from_secs(30),
             force: false,
+            backend: LeaseBackend::Embedded,
+            standby: false,
         }),
     };
     let vol = open(&cfg).await.expect("open volume");
@@ -342,4 +383,43 @@ async fn a_router_answered_fenced_acknowledges_no_write_after() {
     for s in &vol.local_servers {
         s.shutdown();
     }
+}
+
+fn etcd_or_skip(test: &str) -> Option<Etcd> {
+    if which("qemu-io").is_none() {
+        skip(test, "NBD", "qemu-io is not installed (cargo xtask setup)");
+        return None;
+    }
+    if etcd::binary().is_none() {
+        skip(test, "ETCD", "etcd is not installed (Debian etcd-server; `cargo xtask setup` installs it)");
+        return None;
+    }
+    Some(Etcd::start(1).expect("start etcd"))
+}
+
+/// etcd mode: a second router is refused naming the holder, as in the embedded mode.
+#[test]
+fn etcd_a_second_router_against_a_live_lease_is_refused_naming_the_holder() {
+    let Some(e) =
+        etcd_or_skip("lease_fencing::etcd_a_second_router_against_a_live_lease_is_refused_naming_the_holder")
+    else {
+        return;
+    };
+    let url = e.url();
+    second_router_refused("lease-etcd-second", &["--lease-store", &url], "etcd");
+}
+
+/// etcd mode: a standby waits announced; the active router is frozen (SIGSTOP) past the TTL; the
+/// standby takes over by itself, writes its epoch to both replicas and serves; the old router,
+/// resumed (SIGCONT), is fenced, stops, and nothing it sent after the takeover is on either
+/// replica.
+#[test]
+fn etcd_a_standby_takes_over_from_a_frozen_router_which_is_then_fenced() {
+    let Some(e) =
+        etcd_or_skip("lease_fencing::etcd_a_standby_takes_over_from_a_frozen_router_which_is_then_fenced")
+    else {
+        return;
+    };
+    let url = e.url();
+    frozen_router_fenced_with("lease-etcd-standby", &["--lease-store", &url], &["--standby"], "2s");
 }

@@ -76,10 +76,15 @@ pub struct ServeArgs {
     /// Not needed when the survivor already knows the other is behind (it was degraded).
     #[arg(long)]
     pub degraded: bool,
-    /// Where the volume's lease lives: `embedded` (at the two replicas, the default) or `none`
-    /// (no lease and no fencing: only for a router that is certainly alone).
+    /// Where the volume's lease lives: `embedded` (at the two replicas, the default),
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (an etcd cluster: needed for `--standby`), or `none` (no
+    /// lease and no fencing: only for a router that is certainly alone).
     #[arg(long, default_value = "embedded")]
     pub lease_store: String,
+    /// Stand by for the lease (etcd): wait, announced, until the active router's lease expires
+    /// (its node died, or it stopped renewing) or is handed over, then take it and serve.
+    #[arg(long)]
+    pub standby: bool,
     /// The lease's TTL: a router that cannot renew for this long stops acknowledging writes, and
     /// another may take over after it [default: 2s].
     #[arg(long, value_parser = crate::parse_duration)]
@@ -339,12 +344,24 @@ impl ServeArgs {
 impl ServeArgs {
     /// The lease settings of `--lease-store`, `--lease-ttl`, `--lease-holder`, `--force`.
     fn lease_options(&self) -> Result<Option<crate::volume::lease::LeaseOptions>> {
-        match self.lease_store.as_str() {
+        let backend = match self.lease_store.as_str() {
             "none" => return Ok(None),
-            "embedded" => {}
+            "embedded" => crate::volume::lease::LeaseBackend::Embedded,
+            url if url.starts_with("etcd://") => crate::volume::lease::LeaseBackend::Etcd(
+                crate::lease::etcd::EtcdConfig::parse(url)
+                    .map_err(|e| CliError::usage(anyhow::anyhow!(e)))?,
+            ),
             other => {
-                return Err(CliError::usage(anyhow::anyhow!("--lease-store {other}: `embedded` or `none`")))
+                return Err(CliError::usage(anyhow::anyhow!(
+                    "--lease-store {other}: `embedded`, `etcd://HOST:PORT[,HOST:PORT...]` or `none`"
+                )))
             }
+        };
+        if self.standby && !matches!(backend, crate::volume::lease::LeaseBackend::Etcd(_)) {
+            return Err(CliError::usage(anyhow::anyhow!(
+                "--standby needs --lease-store etcd://...: with two nodes and no third party nothing can \
+                 take over automatically and safely (see docs/leases.md)"
+            )));
         }
         let node = self.lease_holder.clone().unwrap_or_else(host_name);
         let mut b = [0u8; 4];
@@ -354,6 +371,8 @@ impl ServeArgs {
             holder: crate::lease::Holder::new(&node, &instance),
             ttl: self.lease_ttl.unwrap_or(std::time::Duration::from_secs(2)),
             force: self.force,
+            backend,
+            standby: self.standby,
         }))
     }
 }

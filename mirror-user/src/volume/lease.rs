@@ -22,8 +22,9 @@ use crate::{
     lease::{
         acquire,
         embedded::EmbeddedLeaseStore,
+        etcd::{EtcdConfig, EtcdLeaseStore},
         replica::{Authority, Claim, ClaimRefused, ReplicaLease, ReplicaLeaseError, ReplicaLeaseView},
-        take::StoreKind,
+        take::{ReplicaSeen, StoreKind},
         tenure::{Tenure, TenureConfig},
         Clock, Epoch, Held, Holder, LeaseError, LeaseMode, LeaseStore, MonotonicClock, ReplicaId,
     },
@@ -140,7 +141,16 @@ impl ReplicaLease for LeaseReplica {
     }
 }
 
-/// How `mirror serve` holds the volume's lease (the embedded store).
+/// Where the lease lives.
+#[derive(Debug, Clone)]
+pub enum LeaseBackend {
+    /// At the two replicas (no extra service).
+    Embedded,
+    /// In etcd (`--lease-store etcd://...`); the replicas only keep the epoch.
+    Etcd(EtcdConfig),
+}
+
+/// How `mirror serve` holds the volume's lease.
 #[derive(Debug, Clone)]
 pub struct LeaseOptions {
     /// This router: `node/instance`.
@@ -148,37 +158,76 @@ pub struct LeaseOptions {
     pub ttl: Duration,
     /// Take it with one replica unreachable (the operator vouches no other router runs).
     pub force: bool,
+    pub backend: LeaseBackend,
+    /// Wait for the lease (etcd): announce this router as a standby and take over when the
+    /// holder's lease expires or is handed to it.
+    pub standby: bool,
 }
 
 /// The embedded store over the router's two replicas.
 pub type Embedded = EmbeddedLeaseStore<LeaseReplica, MonotonicClock>;
+/// The etcd store.
+pub type Etcd = EtcdLeaseStore<MonotonicClock>;
 
-/// The lease a router holds: the store, the grant, and the renewal loop's stop.
+/// A lease this router holds, in its store.
 #[derive(Debug)]
-pub struct Keeper {
-    store: Embedded,
+pub enum Keeper {
+    Embedded(Arc<KeeperOf<Embedded>>),
+    Etcd(Arc<KeeperOf<Etcd>>),
+}
+
+impl Keeper {
+    pub fn held(&self) -> &Held {
+        match self {
+            Keeper::Embedded(k) => &k.held,
+            Keeper::Etcd(k) => &k.held,
+        }
+    }
+
+    /// Gives the lease up (a clean stop, after the final flush): the next router takes it at once.
+    pub async fn release(&self) {
+        match self {
+            Keeper::Embedded(k) => k.release().await,
+            Keeper::Etcd(k) => k.release().await,
+        }
+    }
+}
+
+/// The lease held in store `S`: the grant and the renewal loop's stop.
+#[derive(Debug)]
+pub struct KeeperOf<S> {
+    store: S,
     held: Held,
+    kind: &'static str,
     clock: MonotonicClock,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
-/// Takes the lease for `router` (both replicas, or one with `force`) and attaches both replicas
-/// at its epoch, before the router's first write. A live lease is refused naming its holder,
-/// unless it runs out without a renewal: a holder that died (SIGKILL, a crashed node) leaves its
-/// lease live for up to a TTL, so the first refusal is looked at again once that lease should
-/// have expired, and only a lease that was renewed meanwhile is refused.
-pub async fn take(router: &Arc<Router>, volume: &str, o: &LeaseOptions) -> Result<Arc<Keeper>, LeaseError> {
-    let clock = MonotonicClock::new();
-    let replicas =
-        [LeaseReplica::new(router.replicas[0].clone()), LeaseReplica::new(router.replicas[1].clone())];
-    let store = EmbeddedLeaseStore::new(volume, o.holder.clone(), o.ttl, replicas, clock);
-    let attempt = || async {
-        let (_, seen) = store.survey().await;
-        acquire(&store, StoreKind::Embedded, o.force, &seen, &clock).await
-    };
-    let held = match attempt().await {
+/// What the router saw of its replicas' epochs (for `take::decide`).
+async fn seen(replicas: &[LeaseReplica; 2]) -> Vec<ReplicaSeen> {
+    let (a, b) = tokio::join!(replicas[0].read_lease(), replicas[1].read_lease());
+    [(&replicas[0], a), (&replicas[1], b)]
+        .into_iter()
+        .map(|(r, v)| ReplicaSeen { id: r.id().clone(), accepted: v.ok().map(|v| v.accepted) })
+        .collect()
+}
+
+/// Reads the store and the replicas and takes the lease. A live lease is refused naming its
+/// holder, unless it runs out without a renewal: a holder that died (SIGKILL, a crashed node)
+/// leaves its lease live for up to a TTL, so the first refusal is looked at again once that lease
+/// should have expired, and only a lease that was renewed meanwhile is refused.
+async fn acquire_once_more<S: LeaseStore>(
+    store: &S,
+    kind: StoreKind,
+    force: bool,
+    replicas: &[LeaseReplica; 2],
+    clock: &MonotonicClock,
+    ttl: Duration,
+) -> Result<Held, LeaseError> {
+    let attempt = || async { acquire(store, kind, force, &seen(replicas).await, clock).await };
+    match attempt().await {
         Err(LeaseError::Held { holder, epoch, time_left, .. })
-            if time_left <= o.ttl.max(Duration::from_secs(60)) =>
+            if time_left <= ttl.max(Duration::from_secs(60)) =>
         {
             tracing::info!(
                 %holder, %epoch,
@@ -186,15 +235,121 @@ pub async fn take(router: &Arc<Router>, volume: &str, o: &LeaseOptions) -> Resul
                 time_left.as_secs_f64()
             );
             tokio::time::sleep(time_left + Duration::from_millis(100)).await;
-            attempt().await?
+            attempt().await
         }
-        r => r?,
+        r => r,
+    }
+}
+
+/// Takes the lease for `router` (both replicas, or one with `force`; a standby waits for it
+/// first), writes its epoch to the replicas (etcd: a coordinated claim; embedded: the take is the
+/// claim) and attaches both at it, before the router's first write.
+pub async fn take(router: &Arc<Router>, volume: &str, o: &LeaseOptions) -> Result<Keeper, LeaseError> {
+    let clock = MonotonicClock::new();
+    let replicas =
+        || [LeaseReplica::new(router.replicas[0].clone()), LeaseReplica::new(router.replicas[1].clone())];
+    match &o.backend {
+        LeaseBackend::Embedded => {
+            let store = EmbeddedLeaseStore::new(volume, o.holder.clone(), o.ttl, replicas(), clock);
+            let held =
+                acquire_once_more(&store, StoreKind::Embedded, o.force, store.replicas(), &clock, o.ttl)
+                    .await?;
+            attach(router, volume, &held).await?;
+            Ok(Keeper::Embedded(KeeperOf::start(store, held, "embedded", clock, router)))
+        }
+        LeaseBackend::Etcd(cfg) => {
+            let store = EtcdLeaseStore::connect(cfg.clone(), volume, o.holder.clone(), o.ttl, clock).await?;
+            let reps = replicas();
+            let held = if o.standby {
+                stand_by(&store, &reps, &clock, o).await?
+            } else {
+                acquire_once_more(&store, StoreKind::Etcd, o.force, &reps, &clock, o.ttl).await?
+            };
+            claim_at_replicas(&reps, &held, volume).await?;
+            attach(router, volume, &held).await?;
+            Ok(Keeper::Etcd(KeeperOf::start(store, held, "etcd", clock, router)))
+        }
+    }
+}
+
+/// `--standby`: announces this router, and waits until the lease is free (the holder's etcd lease
+/// expired: its node died, or it was paused past its TTL) or handed to it; then campaigns. Losing
+/// that campaign to another standby means standing by again.
+async fn stand_by(
+    store: &Etcd,
+    replicas: &[LeaseReplica; 2],
+    clock: &MonotonicClock,
+    o: &LeaseOptions,
+) -> Result<Held, LeaseError> {
+    store.stand_by().await?;
+    tracing::info!(holder = %o.holder, "lease: standing by (etcd); taking over when the holder's lease expires");
+    loop {
+        let state = store.current().await?;
+        let waiting_on = state.record.filter(|r| r.holder != o.holder && r.live(clock.now()));
+        match waiting_on {
+            Some(r) => {
+                let _ = store.wait_change(Some(&r), o.ttl / 3).await;
+                if let Err(e) = store.renew_standby().await {
+                    tracing::warn!("lease: keeping the standby announcement alive: {e}");
+                }
+            }
+            None => match acquire(store, StoreKind::Etcd, o.force, &seen(replicas).await, clock).await {
+                Ok(held) => {
+                    tracing::info!(epoch = %held.epoch, "lease: standby taking over: the holder's lease is gone");
+                    return Ok(held);
+                }
+                Err(LeaseError::Held { holder, .. }) => {
+                    tracing::info!(%holder, "lease: another router took it first; standing by again");
+                }
+                Err(e @ (LeaseError::Changed { .. } | LeaseError::EpochTooLow { .. })) => {
+                    tracing::info!("lease: campaign lost ({e}); standing by again");
+                }
+                Err(e) => return Err(e),
+            },
+        }
+    }
+}
+
+/// The etcd holder writes its epoch to the replicas before its first write (a coordinated claim:
+/// etcd decided, the replicas' timers do not count). One unreachable is tolerated (etcd's
+/// decision allowed going without it; it is claimed when it returns); a replica that has accepted
+/// a higher epoch means someone newer exists.
+async fn claim_at_replicas(
+    replicas: &[LeaseReplica; 2],
+    held: &Held,
+    volume: &str,
+) -> Result<(), LeaseError> {
+    let claim = Claim {
+        holder: held.holder.clone(),
+        epoch: held.epoch,
+        ttl: held.ttl,
+        authority: Authority::Coordinator,
     };
+    let (a, b) = tokio::join!(replicas[0].raise_epoch(&claim), replicas[1].raise_epoch(&claim));
+    let mut claimed = 0;
+    for (r, res) in [(&replicas[0], a), (&replicas[1], b)] {
+        match res {
+            Ok(_) => claimed += 1,
+            Err(e) if e.is_unreachable() => {
+                tracing::warn!(replica = %r.id(), "lease: epoch not written: {e}")
+            }
+            Err(source) => return Err(LeaseError::Replica { replica: r.id().clone(), source }),
+        }
+    }
+    if claimed == 0 {
+        return Err(LeaseError::NoReplica { volume: volume.into() });
+    }
+    tracing::info!(epoch = %held.epoch, replicas = claimed, "lease: epoch written to the replicas");
+    Ok(())
+}
+
+/// Attaches both replicas at the held epoch.
+async fn attach(router: &Arc<Router>, volume: &str, held: &Held) -> Result<(), LeaseError> {
     let a = Attachment { holder: held.holder.clone(), epoch: held.epoch };
     for r in router.replicas.iter() {
         match r.attach(a.clone()).await {
             Ok(()) => {}
-            // Taken without it (`--force`): it is claimed when it returns (`EmbeddedLeaseStore::renew`).
+            // Taken without it: it is claimed when it returns.
             Err(e) if !e.is_fenced() => tracing::warn!(replica = r.role, "lease: attaching: {e}"),
             Err(e) => {
                 return Err(LeaseError::Lost {
@@ -205,23 +360,29 @@ pub async fn take(router: &Arc<Router>, volume: &str, o: &LeaseOptions) -> Resul
             }
         }
     }
-    let (stop, _) = tokio::sync::watch::channel(false);
-    let keeper = Arc::new(Keeper { store, held, clock, stop });
-    let k = keeper.clone();
-    let weak = Arc::downgrade(router);
-    tokio::spawn(async move { k.run(weak).await });
-    Ok(keeper)
+    Ok(())
 }
 
-impl Keeper {
-    pub fn held(&self) -> &Held {
-        &self.held
+impl<S: LeaseStore + 'static> KeeperOf<S> {
+    fn start(
+        store: S,
+        held: Held,
+        kind: &'static str,
+        clock: MonotonicClock,
+        router: &Arc<Router>,
+    ) -> Arc<Self> {
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let keeper = Arc::new(KeeperOf { store, held, kind, clock, stop });
+        let k = keeper.clone();
+        let weak = Arc::downgrade(router);
+        tokio::spawn(async move { k.run(weak).await });
+        keeper
     }
 
     fn report(&self, router: &Router, t: &Tenure) {
         let now = self.clock.now();
         let status = LeaseStatus {
-            store: "embedded".into(),
+            store: self.kind.into(),
             mode: t.mode(),
             holder: self.held.holder.clone(),
             epoch: t.epoch(),
@@ -231,7 +392,6 @@ impl Keeper {
         };
         router.lease.report(status, t.time_left(now), std::time::Instant::now());
     }
-
     /// Renews every third of the TTL until stopped, fenced or the router is gone; reports each
     /// change to the router's [`LeaseLine`](super::fence::LeaseLine).
     async fn run(&self, router: std::sync::Weak<Router>) {

@@ -166,7 +166,7 @@ fn resync_why(stale: &Standing, p: &SyncPlan, from: &str) -> String {
 pub struct OpenVolume {
     pub router: Arc<Router>,
     pub local_servers: Vec<Server>,
-    pub lease: Option<Arc<super::lease::Keeper>>,
+    pub lease: Option<super::lease::Keeper>,
 }
 
 /// Opens both replicas (connecting remote ones), checks they describe the same volume, decides
