@@ -212,6 +212,37 @@ async fn seen(replicas: &[LeaseReplica; 2]) -> Vec<ReplicaSeen> {
         .collect()
 }
 
+/// What the router saw of its replicas, for a take by `kind`. In the etcd mode a take without one
+/// replica would be safe only if degraded writes were recorded in etcd first (`mark_outdated`),
+/// which the router does not do yet: until then it needs `--force` there too.
+async fn checked_seen<S: LeaseStore>(
+    store: &S,
+    kind: StoreKind,
+    force: bool,
+    replicas: &[LeaseReplica; 2],
+) -> Result<Vec<ReplicaSeen>, LeaseError> {
+    let seen = seen(replicas).await;
+    if kind == StoreKind::Etcd && !force {
+        if let Some(gone) = seen.iter().find(|r| r.accepted.is_none()) {
+            return Err(LeaseError::NeedForce {
+                volume: store.volume().into(),
+                unreachable: gone.id.clone(),
+            });
+        }
+    }
+    Ok(seen)
+}
+
+async fn acquire_checked<S: LeaseStore>(
+    store: &S,
+    kind: StoreKind,
+    force: bool,
+    replicas: &[LeaseReplica; 2],
+    clock: &MonotonicClock,
+) -> Result<Held, LeaseError> {
+    acquire(store, kind, force, &checked_seen(store, kind, force, replicas).await?, clock).await
+}
+
 /// Reads the store and the replicas and takes the lease. A live lease is refused naming its
 /// holder, unless it runs out without a renewal: a holder that died (SIGKILL, a crashed node)
 /// leaves its lease live for up to a TTL, so the first refusal is looked at again once that lease
@@ -224,7 +255,7 @@ async fn acquire_once_more<S: LeaseStore>(
     clock: &MonotonicClock,
     ttl: Duration,
 ) -> Result<Held, LeaseError> {
-    let attempt = || async { acquire(store, kind, force, &seen(replicas).await, clock).await };
+    let attempt = || acquire_checked(store, kind, force, replicas, clock);
     match attempt().await {
         Err(LeaseError::Held { holder, epoch, time_left, .. })
             if time_left <= ttl.max(Duration::from_secs(60)) =>
@@ -293,7 +324,7 @@ async fn stand_by(
                     tracing::warn!("lease: keeping the standby announcement alive: {e}");
                 }
             }
-            None => match acquire(store, StoreKind::Etcd, o.force, &seen(replicas).await, clock).await {
+            None => match acquire_checked(store, StoreKind::Etcd, o.force, replicas, clock).await {
                 Ok(held) => {
                     tracing::info!(epoch = %held.epoch, "lease: standby taking over: the holder's lease is gone");
                     return Ok(held);
