@@ -1,6 +1,6 @@
 //! The Prometheus endpoint of `mirror serve` (`--metrics ADDR`, `GET /metrics`): read weights,
 //! engine mode, each node's health and signals, the router's per-replica counters, its hedged
-//! reads and sync progress, encoded with `prometheus-client` from a status snapshot taken at scrape time. The
+//! reads and sync progress, the lease (mode, epoch, time left), encoded with `prometheus-client` from a status snapshot taken at scrape time. The
 //! Grafana dashboard `packaging/grafana/mirror.json` queries these names (a test holds it to
 //! them).
 
@@ -16,6 +16,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    lease::LeaseMode,
     volume::replica::{ReplicaSnapshot, ReplicaState},
     weights::{driver::Driver, status::ServeStatus},
 };
@@ -98,6 +99,30 @@ pub fn encode_status(st: &ServeStatus) -> String {
         "Data-path latency (EWMA of reads and writes, the larger)",
         latency.clone(),
     );
+
+    let lease_mode = Family::<ModeLabel, Gauge>::default();
+    reg.register(
+        "lease_mode",
+        "Lease mode of this router: active, standby, fenced (1 = current)",
+        lease_mode.clone(),
+    );
+    let lease_epoch = Gauge::<i64>::default();
+    reg.register("lease_epoch", "Fencing epoch this router writes at (0: no lease)", lease_epoch.clone());
+    let lease_left = GaugeF::default();
+    reg.register(
+        "lease_time_left_seconds",
+        "Time this router may still acknowledge writes without another renewal",
+        lease_left.clone(),
+    );
+    if let Some(lease) = &st.router.lease {
+        for (each, name) in
+            [(LeaseMode::Active, "active"), (LeaseMode::Standby, "standby"), (LeaseMode::Fenced, "fenced")]
+        {
+            lease_mode.get_or_create(&ModeLabel { mode: name.into() }).set(i64::from(lease.mode == each));
+        }
+        lease_epoch.set(i64::try_from(lease.epoch.0).unwrap_or(i64::MAX));
+        lease_left.set(lease.time_left_ms as f64 / 1e3);
+    }
 
     let hedges_sent = Counter::<u64>::default();
     reg.register(
@@ -183,7 +208,8 @@ pub async fn serve(driver: Arc<Driver>, addr: SocketAddr) -> std::io::Result<Soc
 #[cfg(test)]
 mod tests {
     use crate::{
-        volume::replica::ReplicaState,
+        lease::{Epoch, Holder, LeaseMode},
+        volume::{fence::LeaseStatus, replica::ReplicaState},
         weights::{engine::Mode, status::example},
     };
 
@@ -201,6 +227,15 @@ mod tests {
         (job.done_bytes, job.total_bytes) = (1024, 4096);
         st.router.hedges.sent = 5;
         st.router.hedges.won = 4;
+        st.router.lease = Some(LeaseStatus {
+            store: "embedded".into(),
+            mode: LeaseMode::Fenced,
+            holder: Holder("n/1".into()),
+            epoch: Epoch(4),
+            ttl_ms: 2000,
+            time_left_ms: 0,
+            reason: "a replica refused a write".into(),
+        });
         let text = super::encode_status(&st);
         for want in [
             "mirror_read_weight{replica=\"target\"} 100",
@@ -224,6 +259,10 @@ mod tests {
             "mirror_replica_sync_done_bytes{replica=\"target\"} 1024",
             "mirror_replica_sync_total_bytes{replica=\"target\"} 4096",
             "mirror_replica_sync_total_bytes{replica=\"source\"} 0",
+            "mirror_lease_mode{mode=\"fenced\"} 1",
+            "mirror_lease_mode{mode=\"active\"} 0",
+            "mirror_lease_epoch 4",
+            "mirror_lease_time_left_seconds 0.0",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");

@@ -79,6 +79,9 @@ pub enum ServeError {
     Nbd(#[from] NbdError),
     #[error(transparent)]
     Ublk(#[from] UblkError),
+    /// The router was fenced (a newer lease holder exists, or its lease ran out) and stopped.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// Serves the volume until the future of `stop_signal` resolves, then stops in the order of the
@@ -145,17 +148,35 @@ where
     };
     let unix_task = unix.map(|u| tokio::spawn(u.run(stopped(stop_rx.clone()))));
     let tcp_task = tokio::spawn(tcp.run(stopped(stop_rx)));
-    stop.await;
-    tracing::info!("signal received: draining NBD connections, flushing both replicas");
+    let fenced = tokio::select! {
+        _ = stop => None,
+        _ = vol.router.lease.fenced_wait() => vol.router.lease.fenced().map(str::to_string),
+    };
+    match &fenced {
+        None => tracing::info!("signal received: draining NBD connections, flushing both replicas"),
+        Some(why) => tracing::error!("fenced ({why}): closing the NBD connections and stopping"),
+    }
     ublk::stop_for_serve(ublk).await;
     let _ = stop_tx.send(true);
     let _ = tcp_task.await;
     if let Some(t) = unix_task {
         let _ = t.await;
     }
+    if let Some(why) = fenced {
+        // Nothing more is written: the new holder owns the replicas (and their write intent).
+        for s in &vol.local_servers {
+            s.shutdown();
+        }
+        return Err(ServeError::Fenced(why));
+    }
     match vol.router.flush().await {
         // Everything written is on both: the write intent goes (the next start needs no resync).
-        Ok(()) => vol.router.close_intents().await,
+        Ok(()) => {
+            vol.router.close_intents().await;
+            if let Some(k) = &vol.lease {
+                k.release().await;
+            }
+        }
         Err(e) => tracing::error!("final flush failed: {e}"),
     }
     for s in &vol.local_servers {

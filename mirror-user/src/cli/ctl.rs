@@ -269,6 +269,22 @@ pub fn status_table(st: &ServeStatus) -> String {
         "weights: source {} / target {}   mode {:?} ({})   size {} bytes",
         w.source, w.target, st.mode, st.reason, st.router.size
     );
+    if let Some(lease) = &st.router.lease {
+        let mode = match lease.mode {
+            crate::lease::LeaseMode::Active => "active",
+            crate::lease::LeaseMode::Standby => "standby",
+            crate::lease::LeaseMode::Fenced => "fenced",
+        };
+        let _ = writeln!(
+            o,
+            "lease: {mode} ({} store)   holder {}   epoch {}   {:.1} s left   ({})",
+            lease.store,
+            lease.holder.0,
+            lease.epoch.0,
+            lease.time_left_ms as f64 / 1e3,
+            lease.reason
+        );
+    }
     let _ = writeln!(
         o,
         "{:<7} {:>6} {:>7} {:<10} {:<16} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>9}",

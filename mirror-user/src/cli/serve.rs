@@ -91,6 +91,29 @@ pub struct ServeArgs {
     /// Not needed when the survivor already knows the other is behind (it was degraded).
     #[arg(long)]
     pub degraded: bool,
+    /// Where the volume's lease lives: `embedded` (at the two replicas, the default),
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (an etcd cluster: needed for `--standby`), or `none` (no
+    /// lease and no fencing: only for a router that is certainly alone).
+    #[arg(long, default_value = "embedded")]
+    pub lease_store: String,
+    /// Stand by for the lease (etcd): wait, announced, until the active router's lease expires
+    /// (its node died, or it stopped renewing) or is handed over, then take it and serve.
+    #[arg(long)]
+    pub standby: bool,
+    /// The lease's TTL: a router that cannot renew for this long stops acknowledging writes, and
+    /// another may take over after it [default: 2s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub lease_ttl: Option<std::time::Duration>,
+    /// This router's name in the lease (`NODE`; a random instance is appended) [default: the
+    /// host name].
+    #[arg(long)]
+    pub lease_holder: Option<String>,
+    /// Take the lease with one replica unreachable (implies `--degraded`). You vouch that no
+    /// other router is running: if one is, behind a partition, writes it acknowledged to the
+    /// replica you cannot reach are not on the one you keep (see docs/leases.md). Never
+    /// overrides a live lease.
+    #[arg(long)]
+    pub force: bool,
     /// Take two never-synced replicas as identical (like `mdadm --assume-clean`, e.g. both
     /// freshly zeroed) instead of the initial full sync from the source. Ignored once the
     /// replicas share a generation.
@@ -337,11 +360,57 @@ impl ServeArgs {
             rate: SyncRate::default(),
             write_deadline: s.write_deadline,
             node_health,
-            allow_degraded: self.degraded,
+            allow_degraded: self.degraded || self.force,
             assume_clean: self.assume_clean,
+            lease: self.lease_options()?,
         };
         Ok(crate::serve::run(volume, s.driver, s.endpoints, super::shutdown_signal).await?)
     }
+}
+
+impl ServeArgs {
+    /// The lease settings of `--lease-store`, `--lease-ttl`, `--lease-holder`, `--force`.
+    fn lease_options(&self) -> Result<Option<crate::volume::lease::LeaseOptions>> {
+        let backend = match self.lease_store.as_str() {
+            "none" => return Ok(None),
+            "embedded" => crate::volume::lease::LeaseBackend::Embedded,
+            url if url.starts_with("etcd://") => crate::volume::lease::LeaseBackend::Etcd(
+                crate::lease::etcd::EtcdConfig::parse(url)
+                    .map_err(|e| CliError::usage(anyhow::anyhow!(e)))?,
+            ),
+            other => {
+                return Err(CliError::usage(anyhow::anyhow!(
+                    "--lease-store {other}: `embedded`, `etcd://HOST:PORT[,HOST:PORT...]` or `none`"
+                )))
+            }
+        };
+        if self.standby && !matches!(backend, crate::volume::lease::LeaseBackend::Etcd(_)) {
+            return Err(CliError::usage(anyhow::anyhow!(
+                "--standby needs --lease-store etcd://...: with two nodes and no third party nothing can \
+                 take over automatically and safely (see docs/leases.md)"
+            )));
+        }
+        let node = self.lease_holder.clone().unwrap_or_else(host_name);
+        let mut b = [0u8; 4];
+        getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("random instance name: {e}"))?;
+        let instance = format!("{}-{:02x}{:02x}{:02x}{:02x}", std::process::id(), b[0], b[1], b[2], b[3]);
+        Ok(Some(crate::volume::lease::LeaseOptions {
+            holder: crate::lease::Holder::new(&node, &instance),
+            ttl: self.lease_ttl.unwrap_or(std::time::Duration::from_secs(2)),
+            force: self.force,
+            backend,
+            standby: self.standby,
+        }))
+    }
+}
+
+/// This machine's host name (the lease holder's node part by default).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 #[cfg(test)]

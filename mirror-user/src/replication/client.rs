@@ -3,6 +3,8 @@
 
 use std::{net::TcpStream, time::Duration};
 
+use crate::lease::replica::ReplicaLeaseView;
+
 use super::{
     auth,
     conn::{Conn, ConnError},
@@ -55,6 +57,7 @@ pub struct Client {
     pub conn: Conn,
     pub info: VolumeInfo,
     pub addr: String,
+    info_volume: String,
     next_id: u64,
 }
 
@@ -84,7 +87,19 @@ impl Client {
             return Err(ClientError::ServerAuth(addr.into()));
         }
         let _ = conn.stream().set_read_timeout(None);
-        Ok(Client { conn, info, addr: addr.into(), next_id: 1 })
+        Ok(Client { conn, info, addr: addr.into(), info_volume: volume.into(), next_id: 1 })
+    }
+
+    /// Attaches this connection for `holder` at `epoch` (protocol 4; routers and sync jobs do,
+    /// right after the Welcome): the replica checks every mutating request on it against its
+    /// accepted epoch. `Remote` with `code::FENCED` when a newer holder exists.
+    pub fn attach(&mut self, holder: &str, epoch: u64) -> Result<ReplicaLeaseView, ClientError> {
+        let volume = self.info_volume.clone();
+        match self.call(&Message::Attach { volume, holder: holder.into(), epoch })? {
+            Message::Json(s) => serde_json::from_str(&s)
+                .map_err(|e| ClientError::Unexpected(format!("attach reply {s}: {e}"))),
+            m => Err(ClientError::Unexpected(format!("{m:?}"))),
+        }
     }
 
     /// The authenticated TCP stream, for an async client to take over after the handshake.

@@ -24,7 +24,7 @@ use crate::storage::{GenInfo, JobKind, HISTORY};
 /// Frame magic, "MRF1".
 pub const MAGIC: u32 = 0x3146_524d;
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted; larger frames are refused before any allocation. A frame decoder
 /// may be given a smaller cap (see `frame::FrameDecoder::new`).
@@ -135,6 +135,12 @@ pub mod code {
     pub const IO: u16 = 6;
     pub const REFUSED: u16 = 7;
     pub const BUSY: u16 = 8;
+    /// The connection's epoch is below the replica's accepted one: a newer lease holder exists.
+    /// Sent with errno `ESTALE`; the router that gets it acknowledges no further write.
+    pub const FENCED: u16 = 9;
+    /// A lease claim, renewal or release refused; the message is the refusal as JSON
+    /// (`lease::ClaimRefused`).
+    pub const LEASE: u16 = 10;
 }
 
 /// Most extents a Digests request may name (bounded work per request).
@@ -602,6 +608,19 @@ messages! {
         /// Reply: `Data([1])` cleared, `Data([0])` kept because the replica is tracking (its bits
         /// then record what the peer lacks).
         34 => ClearIntent { offset: u64, len: u64 },
+        /// Sent by a router right after the Welcome (version 4): this connection writes for
+        /// `holder` at `epoch`. Reply: `Json(ReplicaLeaseView)`; `Error(FENCED)` when `epoch` is
+        /// below the accepted one. Mutating requests on a connection are checked against it.
+        35 => Attach { volume: String, holder: String, epoch: u64 },
+        /// The replica's lease record. Reply: `Json(ReplicaLeaseView)`.
+        36 => LeaseRead,
+        /// Claims the lease at `epoch` (persisted before the reply); `coordinated` 1: the epoch
+        /// comes from etcd. Reply: `Json(ReplicaLeaseView)` or `Error(LEASE)`.
+        37 => LeaseClaim { holder: String, epoch: u64, ttl_ms: u64, coordinated: u8 },
+        /// Restarts the lease's timer on the replica. Reply as `LeaseClaim`.
+        38 => LeaseRenew { holder: String, epoch: u64, ttl_ms: u64 },
+        /// Ends the lease, or reserves it for `successor` (empty: none). Reply as `LeaseClaim`.
+        39 => LeaseRelease { holder: String, epoch: u64, successor: String },
         // Replies.
         64 => Ok,
         65 => Data(data: Vec<u8> as Rest),
@@ -689,6 +708,11 @@ mod tests {
             Message::GetBitmap,
             Message::MarkIntent { offset: 4096, len: 4 << 20 },
             Message::ClearIntent { offset: 0, len: 1 << 22 },
+            Message::Attach { volume: "v".into(), holder: "node1/1".into(), epoch: 3 },
+            Message::LeaseRead,
+            Message::LeaseClaim { holder: "node1/1".into(), epoch: 4, ttl_ms: 2000, coordinated: 1 },
+            Message::LeaseRenew { holder: "node1/1".into(), epoch: 4, ttl_ms: 2000 },
+            Message::LeaseRelease { holder: "node1/1".into(), epoch: 4, successor: String::new() },
             Message::Ok,
             Message::Data(vec![5; 10]),
             Message::DigestList(vec![[1; 16], [2; 16]]),

@@ -23,6 +23,10 @@ use std::{
 
 use crate::{
     health::monitor::NodeHealth,
+    lease::{
+        replica::{Authority, Claim},
+        Epoch, Holder,
+    },
     storage::{OpenError, StorageError, Volume, VolumeSpec},
 };
 
@@ -213,6 +217,8 @@ fn handle(stream: TcpStream, peer: &str, shared: &Shared) {
     let Ok(mut conn) = Conn::new(stream) else { return };
     let Some(vol) = handshake(&mut conn, peer, shared) else { return };
     let _ = conn.stream().set_read_timeout(None);
+    // The epoch this connection writes at, once it attached (see `storage::lease`).
+    let mut attached: Option<Epoch> = None;
     loop {
         let (h, msg) = match conn.recv() {
             Ok(x) => x,
@@ -227,7 +233,7 @@ fn handle(stream: TcpStream, peer: &str, shared: &Shared) {
                 return;
             }
         };
-        let (reply, close) = dispatch(&vol, shared, h.flags, msg);
+        let (reply, close) = dispatch(&vol, shared, h.flags, msg, &mut attached);
         if let Message::Error { code, errno, message } = &reply {
             vol.counters().errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, volume = %vol.name(), code, errno, "request failed: {message}");
@@ -251,10 +257,39 @@ pub fn error_reply(e: &StorageError) -> Message {
             code::RANGE
         }
         StorageError::Busy(_) => code::BUSY,
+        StorageError::Fenced(_) => {
+            return Message::Error { code: code::FENCED, errno: libc::ESTALE as u32, message: e.to_string() }
+        }
+        StorageError::Lease(refused) => {
+            // Typed across the wire: the router's lease store acts on the refusal's data.
+            let message = serde_json::to_string(refused).unwrap_or_else(|_| refused.to_string());
+            return Message::Error { code: code::LEASE, errno: 0, message };
+        }
+        StorageError::Unclaimed { .. } => code::REFUSED,
         _ => code::IO,
     };
     let errno = e.errno().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
     Message::Error { code, errno, message: e.to_string() }
+}
+
+/// True for the requests that change data or metadata: each passes the epoch gate first.
+fn mutates(msg: &Message) -> bool {
+    matches!(
+        msg,
+        Message::Write { .. }
+            | Message::WriteLz4 { .. }
+            | Message::Flush
+            | Message::Trim { .. }
+            | Message::WriteZeroes { .. }
+            | Message::MarkDirty { .. }
+            | Message::MarkIntent { .. }
+            | Message::ClearIntent { .. }
+            | Message::SyncBegin { .. }
+            | Message::SyncEnd { .. }
+            | Message::StartJob { .. }
+            | Message::CancelJob
+            | Message::ResolveDiscard
+    )
 }
 
 /// A request whose size one frame (or one reply) cannot carry.
@@ -262,10 +297,25 @@ fn too_large(what: &'static str, len: u64, max: u32) -> Result<Message, StorageE
     Err(StorageError::TooLarge { what, len, max: u64::from(max) })
 }
 
-/// Handles one request: the reply, and whether to close the connection after it.
-fn dispatch(vol: &Arc<Volume>, shared: &Shared, flags: u16, msg: Message) -> (Message, bool) {
+/// Handles one request: the reply, and whether to close the connection after it. `attached`:
+/// the connection's epoch (set by `Attach`); a mutation holds the epoch gate until applied.
+fn dispatch(
+    vol: &Arc<Volume>,
+    shared: &Shared,
+    flags: u16,
+    msg: Message,
+    attached: &mut Option<Epoch>,
+) -> (Message, bool) {
     let fua = flags & FLAG_FUA != 0;
     let ok = |r: Result<(), StorageError>| r.map(|()| Message::Ok);
+    let _admitted = if mutates(&msg) {
+        match vol.lease().enter(*attached) {
+            Ok(g) => Some(g),
+            Err(e) => return (error_reply(&e), false),
+        }
+    } else {
+        None
+    };
     let reply: Result<Message, StorageError> = match msg {
         Message::Read { len, .. } if len > MAX_IO => too_large("read", u64::from(len), MAX_IO),
         Message::Read { offset, len } => vol.read(offset, len).map(Message::Data),
@@ -322,6 +372,35 @@ fn dispatch(vol: &Arc<Volume>, shared: &Shared, flags: u16, msg: Message) -> (Me
             Ok(Message::Ok)
         }
         Message::ResolveDiscard => ok(vol.resolve_discard()),
+        Message::Attach { volume, .. } if volume != vol.name() => {
+            return (
+                refusal(code::NO_VOLUME, format!("attach to {volume:?} on a connection to {:?}", vol.name())),
+                true,
+            )
+        }
+        Message::Attach { holder, epoch, .. } => vol.lease().attach(Epoch(epoch)).map(|v| {
+            tracing::debug!(volume = %vol.name(), %holder, epoch, "connection attached");
+            *attached = Some(Epoch(epoch));
+            json_reply(&v)
+        }),
+        Message::LeaseRead => Ok(json_reply(&vol.lease().view())),
+        Message::LeaseClaim { holder, epoch, ttl_ms, coordinated } => {
+            let authority = if coordinated == 1 { Authority::Coordinator } else { Authority::Embedded };
+            let claim = Claim {
+                holder: Holder(holder),
+                epoch: Epoch(epoch),
+                ttl: Duration::from_millis(ttl_ms),
+                authority,
+            };
+            vol.lease_claim(&claim).map(|v| json_reply(&v))
+        }
+        Message::LeaseRenew { holder, epoch, ttl_ms } => vol
+            .lease_renew(&Holder(holder), Epoch(epoch), Duration::from_millis(ttl_ms))
+            .map(|v| json_reply(&v)),
+        Message::LeaseRelease { holder, epoch, successor } => {
+            let successor = (!successor.is_empty()).then_some(Holder(successor));
+            vol.lease_release(&Holder(holder), Epoch(epoch), successor.as_ref()).map(|v| json_reply(&v))
+        }
         m @ (Message::Hello { .. }
         | Message::Challenge { .. }
         | Message::Auth { .. }

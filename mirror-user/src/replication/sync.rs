@@ -81,6 +81,13 @@ pub fn start_job(
 pub fn run_job(vol: &Volume, peer: &str, secret: &[u8], rate: SyncRate, st: &Job) {
     let r = (|| -> Result<JobState, JobError> {
         let mut c = Client::connect(peer, vol.name(), secret)?;
+        // Fenced like the router it works for: the job writes at the epoch this replica accepted,
+        // so a peer that has seen a newer holder refuses it.
+        let lease = vol.lease().view();
+        if lease.accepted.0 > 0 {
+            let holder = lease.holder.map(|h| h.0).unwrap_or_default();
+            c.attach(&holder, lease.accepted.0)?;
+        }
         let wire = c.conn.wire.clone();
         st.set_wire(WireBytes(Arc::new(move || wire.total())));
         if c.info.size != vol.size() || c.info.block_size != vol.block_size() {

@@ -3,6 +3,7 @@
 //! errno, the metadata failure) instead of a message.
 
 use super::meta::MetaError;
+use crate::lease::{ClaimRefused, Epoch, Fenced};
 
 /// The storage operation a system call belonged to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +58,16 @@ pub enum StorageError {
     /// The job's thread could not be started.
     #[error("starting the job: {0}")]
     Spawn(#[source] std::io::Error),
+    /// A mutation from a connection whose epoch is below the accepted one: a newer lease holder
+    /// exists (the protocol's `FENCED`, errno `ESTALE`).
+    #[error(transparent)]
+    Fenced(Fenced),
+    /// A mutation at an epoch this replica never accepted (a claim must come first).
+    #[error("epoch {ours} was never claimed here (accepted {accepted})")]
+    Unclaimed { ours: Epoch, accepted: Epoch },
+    /// A lease claim, renewal or release refused by the replica's rules.
+    #[error("lease refused: {0}")]
+    Lease(ClaimRefused),
 }
 
 impl StorageError {

@@ -7,6 +7,12 @@
 //! `block_size` bytes. Bits are set on disk (and fsynced) *before* the write they cover is
 //! applied; they are cleared on disk only after the peer has flushed the data.
 //!
+//! The header also holds the replica's lease record ([`PersistedLease`]: the highest epoch
+//! accepted, its holder, TTL, release), so a claimed epoch shares the header's crash safety: a
+//! torn write leaves the other slot, with the previous epoch, and the claim being written was not
+//! yet acknowledged. Headers of format 1 (`MRMETA01`, before leases) read as epoch 0; every write
+//! is format 2 (`MRMETA02`: the lease after the generations, one crc over both).
+//!
 //! In memory there are two bitmaps: `disk` mirrors the file, `mem` is what is still to be sent.
 //! A sync takes a window's bits out of `mem`, sends the blocks, flushes the peer, then clears in
 //! `disk` only the bits that no write has set again in `mem` meanwhile.
@@ -18,7 +24,16 @@ use std::{
     sync::Mutex,
 };
 
-const MAGIC: &[u8; 8] = b"MRMETA01";
+use crate::lease::{replica::PersistedLease, Epoch, Holder};
+
+/// Format 1: no lease fields.
+const MAGIC_V1: &[u8; 8] = b"MRMETA01";
+/// Format 2: the lease record after the generations.
+const MAGIC: &[u8; 8] = b"MRMETA02";
+/// Longest holder name a header keeps (the slot is 4 KiB; two names fit with room to spare).
+pub const MAX_HOLDER: usize = 1024;
+/// An absent name in the header.
+const NO_NAME: u16 = u16::MAX;
 const SLOT: u64 = 4096;
 const BITMAP_OFF: u64 = 2 * SLOT;
 const PAGE: usize = 4096;
@@ -64,6 +79,30 @@ pub struct MetaHeader {
     pub gen: GenInfo,
     /// Degraded or syncing: writes are recorded in the dirty bitmap.
     pub tracking: bool,
+    /// The lease record: the highest accepted epoch fences every lower one.
+    pub lease: PersistedLease,
+}
+
+fn put_name(b: &mut Vec<u8>, n: Option<&Holder>) {
+    match n {
+        Some(h) => {
+            let bytes = &h.0.as_bytes()[..h.0.len().min(MAX_HOLDER)];
+            b.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+            b.extend_from_slice(bytes);
+        }
+        None => b.extend_from_slice(&NO_NAME.to_le_bytes()),
+    }
+}
+
+fn get_name(b: &[u8], at: &mut usize) -> Option<Option<Holder>> {
+    let n = u16::from_le_bytes(b.get(*at..*at + 2)?.try_into().ok()?);
+    *at += 2;
+    if n == NO_NAME {
+        return Some(None);
+    }
+    let s = std::str::from_utf8(b.get(*at..*at + n as usize)?).ok()?;
+    *at += n as usize;
+    Some(Some(Holder(s.into())))
 }
 
 impl MetaHeader {
@@ -81,18 +120,44 @@ impl MetaHeader {
         b.push(self.gen.consistent as u8);
         b.extend_from_slice(&self.gen.sync_source.to_le_bytes());
         b.push(self.tracking as u8);
+        let l = &self.lease;
+        b.extend_from_slice(&l.accepted.0.to_le_bytes());
+        b.extend_from_slice(&l.ttl_ms.to_le_bytes());
+        b.push(u8::from(l.released) | (u8::from(l.coordinated) << 1));
+        put_name(&mut b, l.holder.as_ref());
+        put_name(&mut b, l.handed_to.as_ref());
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b
     }
 
     fn decode(b: &[u8]) -> Option<MetaHeader> {
-        const LEN: usize = 8 + 8 + 16 + 8 + 4 + 8 + 8 * HISTORY + 1 + 8 + 1;
-        if b.len() < LEN + 4 || &b[..8] != MAGIC {
+        const BASE: usize = 8 + 8 + 16 + 8 + 4 + 8 + 8 * HISTORY + 1 + 8 + 1;
+        if b.len() < BASE + 4 {
             return None;
         }
-        let crc = u32::from_le_bytes(b[LEN..LEN + 4].try_into().ok()?);
-        if crc32c::crc32c(&b[..LEN]) != crc {
+        let (len, lease) = match &b[..8] {
+            m if m == MAGIC_V1 => (BASE, PersistedLease::default()),
+            m if m == MAGIC => {
+                let mut at = BASE + 17;
+                let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
+                let (accepted, ttl_ms, flags) = (u64_at(BASE)?, u64_at(BASE + 8)?, *b.get(BASE + 16)?);
+                let holder = get_name(b, &mut at)?;
+                let handed_to = get_name(b, &mut at)?;
+                let lease = PersistedLease {
+                    accepted: Epoch(accepted),
+                    holder,
+                    ttl_ms,
+                    handed_to,
+                    released: flags & 1 != 0,
+                    coordinated: flags & 2 != 0,
+                };
+                (at, lease)
+            }
+            _ => return None,
+        };
+        let crc = u32::from_le_bytes(b.get(len..len + 4)?.try_into().ok()?);
+        if crc32c::crc32c(&b[..len]) != crc {
             return None;
         }
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
@@ -113,6 +178,7 @@ impl MetaHeader {
                 sync_source: u64_at(after + 1),
             },
             tracking: b[after + 9] == 1,
+            lease,
         })
     }
 }
@@ -201,6 +267,7 @@ impl VolumeMeta {
                 block_size,
                 gen: GenInfo { current: 0, history: [0; HISTORY], consistent: false, sync_source: 0 },
                 tracking: false,
+                lease: PersistedLease::default(),
             }
         };
         let bitmap_bytes = (words * 8).div_ceil(PAGE) * PAGE;
@@ -640,6 +707,49 @@ mod tests {
         assert_eq!(m.dirty_bits(), 2);
         assert!(!m.is_clean(4096 * 4, 1));
         assert!(m.is_clean(0, 4096 * 3));
+    }
+
+    #[test]
+    fn the_lease_record_persists_and_a_format_1_header_reads_as_epoch_0() {
+        let t = tmp("lease");
+        let m = VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        assert_eq!(m.header().lease, PersistedLease::default());
+        let lease = PersistedLease {
+            accepted: Epoch(7),
+            holder: Some(Holder("node1/abc".into())),
+            ttl_ms: 2000,
+            handed_to: Some(Holder("node2/def".into())),
+            released: true,
+            coordinated: true,
+        };
+        m.update(|h| h.lease = lease.clone()).unwrap();
+        let gen = m.update(|h| h.gen.current = 5).unwrap().gen;
+        drop(m);
+        let m = VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        assert_eq!((m.header().lease, m.header().gen), (lease, gen));
+        // A torn newest slot falls back to the previous one, lease and all.
+        let before = m.update(|h| h.lease.accepted = Epoch(8)).unwrap();
+        let newest = m.update(|h| h.lease.accepted = Epoch(9)).unwrap();
+        drop(m);
+        let f = OpenOptions::new().write(true).open(&t.0).unwrap();
+        f.write_all_at(&[0xee; 4], (newest.seq % 2) * SLOT + 120).unwrap();
+        let m = VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        assert_eq!(m.header().lease.accepted, before.lease.accepted);
+        // A header written before leases existed (format 1) reads as never leased.
+        let mut old = m.header();
+        old.seq += 10;
+        let mut v1 = old.encode();
+        let base = v1.len() - 4 - (8 + 8 + 1 + 2 + 9 + 2 + 9);
+        v1.truncate(base);
+        v1[..8].copy_from_slice(MAGIC_V1);
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        drop(m);
+        let f = OpenOptions::new().write(true).open(&t.0).unwrap();
+        f.write_all_at(&v1, (old.seq % 2) * SLOT).unwrap();
+        let m = VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap();
+        assert_eq!((m.header().seq, m.header().lease.accepted), (old.seq, Epoch(0)));
+        assert_eq!(m.header().gen, old.gen);
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //!   the pure sync planning over generations;
 //! - [`volume`]: [`Volume`], the two together with the write rule, the application I/O counters
 //!   and the job slot; every operation returns a [`StorageError`];
+//! - [`lease`]: the epoch gate: the replica's lease record applied (claims, renewals, releases,
+//!   persisted in the metadata header) and every mutating request admitted only at the accepted
+//!   epoch (fencing);
 //! - [`job`]: the job slot's live progress and its [`JobStatus`] / [`JobState`];
 //! - [`status`]: [`VolumeStatus`], the typed status, with the hex forms of its identifiers.
 //!
@@ -19,6 +22,7 @@
 
 pub mod error;
 pub mod job;
+pub mod lease;
 pub mod meta;
 pub mod status;
 pub mod store;
@@ -26,6 +30,7 @@ pub mod volume;
 
 pub use error::{IoOp, StorageError};
 pub use job::{Job, JobKind, JobState, JobStatus};
+pub use lease::{EpochGuard, LeaseGate};
 pub use meta::{GenInfo, HISTORY};
 pub use status::VolumeStatus;
 pub use volume::{default_meta_path, Access, Counters, OpenError, Volume, VolumeSpec, META_DIR};

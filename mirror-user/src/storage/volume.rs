@@ -9,6 +9,9 @@
 //! A data path that moves the bytes itself (io_uring, the ublk fast path) asks for the same
 //! checks and accounting with [`Volume::admit`] and follows the rule with
 //! [`Volume::begin_write`] / [`Volume::end_write`].
+//!
+//! Fencing is the volume's too ([`Volume::lease`], `storage::lease`): the replica server and a
+//! local replica pass every mutation of an attached connection through the epoch gate first.
 
 use std::{
     path::{Path, PathBuf},
@@ -22,12 +25,19 @@ use std::{
 use super::{
     error::{IoOp, StorageError},
     job::{Job, JobStatus},
-    meta::{new_generation, MetaError, VolumeMeta},
+    lease::LeaseGate,
+    meta::{new_generation, MetaError, VolumeMeta, MAX_HOLDER},
     status::VolumeStatus,
     store::{Digest, Store},
 };
 use super::{GenInfo, JobKind, HISTORY};
-use crate::replication::protocol::{VolumeInfo, MAX_DIGESTS, MAX_IO};
+use crate::{
+    lease::{
+        replica::{Claim, PersistedLease, ReplicaLeaseView},
+        Epoch, Holder,
+    },
+    replication::protocol::{VolumeInfo, MAX_DIGESTS, MAX_IO},
+};
 
 /// One volume to open.
 #[derive(Debug, Clone)]
@@ -125,6 +135,8 @@ pub struct Volume {
     last_app_io: AtomicU64,
     job: Mutex<Option<Arc<Job>>>,
     epoch: Instant,
+    /// The epoch gate (fencing), restored from the metadata header.
+    lease: Arc<LeaseGate>,
 }
 
 impl Volume {
@@ -150,10 +162,12 @@ impl Volume {
         let meta = VolumeMeta::open(&meta_path, store.size(), spec.block_size)
             .map_err(|source| OpenError::Meta { name: spec.name.clone(), source })?;
         let h = meta.header();
+        let lease = LeaseGate::new(h.lease.clone());
         tracing::info!(
             volume = %spec.name, path = %spec.path.display(), size = store.size(),
             generation = format!("{:016x}", h.gen.current), consistent = h.gen.consistent,
-            tracking = h.tracking, dirty_blocks = meta.dirty_bits(), "volume opened"
+            tracking = h.tracking, dirty_blocks = meta.dirty_bits(), lease_epoch = %h.lease.accepted,
+            lease_holder = ?h.lease.holder, "volume opened"
         );
         Ok(Volume {
             name: spec.name.clone(),
@@ -164,6 +178,7 @@ impl Volume {
             last_app_io: AtomicU64::new(0),
             job: Mutex::new(None),
             epoch: Instant::now(),
+            lease,
         })
     }
 
@@ -402,6 +417,53 @@ impl Volume {
         })?;
         tracing::warn!(volume = %self.name, "operator discarded this replica's data: the next sync onto it is a full one");
         Ok(())
+    }
+
+    /// The epoch gate: every mutation of a router or sync connection passes it
+    /// ([`LeaseGate::enter`]).
+    pub fn lease(&self) -> &Arc<LeaseGate> {
+        &self.lease
+    }
+
+    fn persist_lease(&self, p: &PersistedLease) -> Result<(), MetaError> {
+        self.meta.update(|h| h.lease = p.clone()).map(|_| ())
+    }
+
+    /// Claims the lease here ([`LeaseGate::claim`]), durable before it returns. The holder's
+    /// name is bounded by what the header keeps.
+    pub fn lease_claim(&self, c: &Claim) -> Result<ReplicaLeaseView, StorageError> {
+        if c.holder.0.len() > MAX_HOLDER {
+            return Err(StorageError::TooLarge {
+                what: "the holder's name",
+                len: c.holder.0.len() as u64,
+                max: MAX_HOLDER as u64,
+            });
+        }
+        let v = self.lease.claim(c, |p| self.persist_lease(p))?;
+        tracing::info!(volume = %self.name, holder = %c.holder, epoch = %c.epoch, authority = ?c.authority, "lease claimed: epoch raised");
+        Ok(v)
+    }
+
+    /// Restarts the lease's timer ([`LeaseGate::renew`]).
+    pub fn lease_renew(
+        &self,
+        holder: &Holder,
+        epoch: Epoch,
+        ttl: Duration,
+    ) -> Result<ReplicaLeaseView, StorageError> {
+        self.lease.renew(holder, epoch, ttl, |p| self.persist_lease(p))
+    }
+
+    /// Ends the lease or reserves it for `successor` ([`LeaseGate::release`]), durably.
+    pub fn lease_release(
+        &self,
+        holder: &Holder,
+        epoch: Epoch,
+        successor: Option<&Holder>,
+    ) -> Result<ReplicaLeaseView, StorageError> {
+        let v = self.lease.release(holder, epoch, successor, |p| self.persist_lease(p))?;
+        tracing::info!(volume = %self.name, %holder, %epoch, successor = ?successor, "lease released");
+        Ok(v)
     }
 
     /// The dirty bitmap (see `VolumeMeta::bitmap_bytes`).

@@ -58,6 +58,16 @@ impl ReplicaError {
         }
     }
 
+    /// True when the replica refused the request because it accepted a newer lease epoch: this
+    /// router is fenced and must acknowledge no further write.
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            ReplicaError::Storage(StorageError::Fenced(_))
+                | ReplicaError::Remote { code: crate::replication::protocol::code::FENCED, .. }
+        )
+    }
+
     /// True when the node did not answer at all (it may be down), rather than refused us.
     pub fn is_unreachable(&self) -> bool {
         matches!(self, ReplicaError::Unreachable { .. })

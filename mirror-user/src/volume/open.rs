@@ -75,6 +75,9 @@ pub struct VolumeConfig {
     /// Two replicas that were never synced are declared identical (the operator's word, like
     /// `mdadm --assume-clean` on zeroed disks) instead of a full initial sync.
     pub assume_clean: bool,
+    /// Hold the volume's lease (embedded at the replicas) and write at its epoch; `None`: no
+    /// lease, no fencing (a lone router, the router's own tests).
+    pub lease: Option<super::lease::LeaseOptions>,
 }
 
 /// What a replica's metadata says, as its status reports it.
@@ -159,11 +162,12 @@ fn resync_why(stale: &Standing, p: &SyncPlan, from: &str) -> String {
     }
 }
 
-/// An open mirrored volume: the router, and the embedded servers of local replicas.
+/// An open mirrored volume: the router, the embedded servers of local replicas, and the lease.
 #[derive(Debug)]
 pub struct OpenVolume {
     pub router: Arc<Router>,
     pub local_servers: Vec<Server>,
+    pub lease: Option<super::lease::Keeper>,
 }
 
 /// Opens both replicas (connecting remote ones), checks they describe the same volume, decides
@@ -254,9 +258,31 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
             ..Default::default()
         },
     );
+    let lease = match &cfg.lease {
+        Some(l) => {
+            // Without one replica the lease is taken on the rule of starting degraded (the
+            // operator's `--degraded` / `--force`, or a survivor that knows the other is behind);
+            // otherwise `reconcile` refuses below, before any write.
+            let force = match &missing {
+                Some((i, _)) => {
+                    let survivor = router.replicas[1 - i].status().await.map(|s| s.tracking).unwrap_or(false);
+                    l.force || cfg.allow_degraded || survivor
+                }
+                None => false,
+            };
+            if missing.is_none() || force {
+                let o = super::lease::LeaseOptions { force, ..l.clone() };
+                Some(super::lease::take(&router, &cfg.name, &o).await?)
+            } else {
+                None
+            }
+        }
+        None => None,
+    };
     reconcile(&router, missing, cfg).await?;
+    anyhow::ensure!(cfg.lease.is_none() || lease.is_some(), "volume {}: the lease was not taken", cfg.name);
     router.spawn_supervisor();
-    Ok(OpenVolume { router, local_servers })
+    Ok(OpenVolume { router, local_servers, lease })
 }
 
 /// Brings the router's view of the replicas in line with their metadata before any I/O.

@@ -18,8 +18,9 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use super::error::ReplicaError;
+use super::{error::ReplicaError, replica::Attachment};
 use crate::{
+    lease::replica::ReplicaLeaseView,
     replication::{
         client::Client,
         frame::{ConnError, Frame, FrameDecoder},
@@ -62,13 +63,27 @@ impl RemotePool {
         secret: &[u8],
         n: usize,
     ) -> Result<(RemotePool, u64), ReplicaError> {
+        Self::connect_attached(addr, volume, secret, n, None).await
+    }
+
+    /// As [`Self::connect`], each connection attached at `attach` right after the Welcome (a
+    /// router that holds the lease). A replica that accepted a newer epoch refuses with
+    /// `code::FENCED` ([`ReplicaError::is_fenced`]).
+    pub async fn connect_attached(
+        addr: &str,
+        volume: &str,
+        secret: &[u8],
+        n: usize,
+        attach: Option<Attachment>,
+    ) -> Result<(RemotePool, u64), ReplicaError> {
         let lost = |e: std::io::Error| ReplicaError::ConnectionLost { addr: addr.into(), why: e.to_string() };
         let mut conns = Vec::new();
         let mut size = 0;
         for _ in 0..n.max(1) {
             let (a, v, s) = (addr.to_string(), volume.to_string(), secret.to_vec());
+            let at = attach.clone();
             let (std_stream, sz) = tokio::task::spawn_blocking(move || {
-                let c = Client::connect(&a, &v, &s).map_err(|source| {
+                let mut c = Client::connect(&a, &v, &s).map_err(|source| {
                     // Unreachable nodes (it may be down) apart from refusals (wrong secret,
                     // volume, version: a configuration error).
                     if source.is_unreachable() {
@@ -77,6 +92,14 @@ impl RemotePool {
                         ReplicaError::Refused { addr: a.clone(), source }
                     }
                 })?;
+                if let Some(at) = at {
+                    c.attach(&at.holder.0, at.epoch.0).map_err(|e| match e {
+                        crate::replication::client::ClientError::Remote { addr, code, errno, message } => {
+                            ReplicaError::Remote { addr, code, errno, message }
+                        }
+                        e => ReplicaError::ConnectionLost { addr: a.clone(), why: e.to_string() },
+                    })?;
+                }
                 let size = c.info.size;
                 let stream = c
                     .into_stream()
@@ -90,6 +113,18 @@ impl RemotePool {
             conns.push(spawn_conn(TcpStream::from_std(std_stream).map_err(lost)?));
         }
         Ok((RemotePool { addr: addr.into(), conns, next: AtomicUsize::new(0) }, size))
+    }
+
+    /// Attaches every connection at `a` (the pool was connected before the lease was taken).
+    pub async fn attach(&self, volume: &str, a: &Attachment) -> Result<(), ReplicaError> {
+        for i in 0..self.conns.len() {
+            let msg = Message::Attach { volume: volume.into(), holder: a.holder.0.clone(), epoch: a.epoch.0 };
+            match self.call_on(i, msg, 0).await? {
+                Message::Json(_) => {}
+                m => return Err(ReplicaError::Protocol { addr: self.addr.clone(), reply: format!("{m:?}") }),
+            }
+        }
+        Ok(())
     }
 
     /// True when a connection has failed (the pool must be replaced).
@@ -110,8 +145,13 @@ impl RemotePool {
     /// Sends a request on the next connection and waits for its reply. A remote error reply
     /// becomes [`ReplicaError::Remote`], with the server's code, errno and message.
     pub async fn call(&self, msg: Message, flags: u16) -> Result<Message, ReplicaError> {
-        let lost = |why: String| ReplicaError::ConnectionLost { addr: self.addr.clone(), why };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.call_on(i, msg, flags).await
+    }
+
+    /// As [`Self::call`], on connection `i`.
+    async fn call_on(&self, i: usize, msg: Message, flags: u16) -> Result<Message, ReplicaError> {
+        let lost = |why: String| ReplicaError::ConnectionLost { addr: self.addr.clone(), why };
         let (tx, rx) = oneshot::channel();
         self.conns[i]
             .tx
@@ -136,6 +176,8 @@ pub struct RemoteReplica {
     secret: Vec<u8>,
     conns: usize,
     pool: RwLock<Option<Arc<RemotePool>>>,
+    /// Every (re)connection attaches at this, once the router took the lease.
+    attached: RwLock<Option<Attachment>>,
 }
 
 impl RemoteReplica {
@@ -154,6 +196,7 @@ impl RemoteReplica {
             secret: secret.to_vec(),
             conns,
             pool: RwLock::new(pool.map(Arc::new)),
+            attached: RwLock::new(None),
         }
     }
 
@@ -253,9 +296,32 @@ impl RemoteReplica {
         self.call_ok(Message::StartJob { kind, peer }, 0).await
     }
 
+    /// Writes at `a` from now on: the connections there attach, and so does every reconnect.
+    /// Not connected: only recorded (the supervisor's reconnect attaches).
+    pub async fn attach(&self, a: Attachment) -> Result<(), ReplicaError> {
+        *self.attached.write().unwrap_or_else(|p| p.into_inner()) = Some(a.clone());
+        match self.pool() {
+            Ok(p) => p.attach(&self.volume, &a).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// A lease request (`LeaseRead`, `LeaseClaim`, ...): the replica's view, decoded.
+    pub async fn lease_call(&self, msg: Message) -> Result<ReplicaLeaseView, ReplicaError> {
+        match self.call(msg, 0).await? {
+            Message::Json(s) => serde_json::from_str(&s).map_err(|e| ReplicaError::Protocol {
+                addr: self.addr.clone(),
+                reply: format!("lease view that does not decode ({e}): {s}"),
+            }),
+            m => Err(self.unexpected(&m)),
+        }
+    }
+
     /// (Re)connects; returns the size of the volume.
     pub async fn connect(&self) -> Result<u64, ReplicaError> {
-        let (p, size) = RemotePool::connect(&self.addr, &self.volume, &self.secret, self.conns).await?;
+        let attach = self.attached.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let (p, size) =
+            RemotePool::connect_attached(&self.addr, &self.volume, &self.secret, self.conns, attach).await?;
         *self.pool.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p));
         Ok(size)
     }

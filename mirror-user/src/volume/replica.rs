@@ -6,15 +6,16 @@
 use std::{
     sync::{
         atomic::{AtomicU64, AtomicU8, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
     time::Duration,
 };
 
 use super::{error::ReplicaError, inline::ewma, local::LocalReplica, remote::RemoteReplica};
 use crate::{
+    lease::{Epoch, Holder},
     replication::rate::SyncRate,
-    storage::{JobKind, VolumeStatus},
+    storage::{EpochGuard, JobKind, VolumeStatus},
 };
 
 /// Where a replica's data is.
@@ -133,6 +134,16 @@ pub struct Replica {
     state: AtomicReplicaState,
     pub stats: ReplicaStats,
     pub block_size: u64,
+    /// The lease holder and epoch this router writes at, once it took the lease (see
+    /// [`Replica::attach`]); every mutation is fenced against it.
+    attached: OnceLock<Attachment>,
+}
+
+/// Who a router connection writes for, and at which epoch (the protocol's `Attach`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub holder: Holder,
+    pub epoch: Epoch,
 }
 
 impl Replica {
@@ -143,6 +154,34 @@ impl Replica {
             state: AtomicReplicaState::new(ReplicaState::InSync),
             stats: ReplicaStats::default(),
             block_size,
+            attached: OnceLock::new(),
+        }
+    }
+
+    /// Writes from now on at `a` (once, after the lease was taken): a remote replica's
+    /// connections attach (and every reconnect does), a local one's mutations pass the volume's
+    /// epoch gate with it. `Err` with the fenced error when the replica accepted a newer epoch.
+    pub async fn attach(&self, a: Attachment) -> Result<(), ReplicaError> {
+        let _ = self.attached.set(a.clone());
+        match &self.location {
+            Location::Local(l) => {
+                let _ = l.volume().lease().attach(a.epoch)?;
+                Ok(())
+            }
+            Location::Remote(r) => r.attach(a).await,
+        }
+    }
+
+    /// The attachment, when the router holds a lease.
+    pub fn attachment(&self) -> Option<&Attachment> {
+        self.attached.get()
+    }
+
+    /// A local mutation's pass through the epoch gate (remote ones are checked by the server).
+    fn admit(&self) -> Result<Option<EpochGuard>, ReplicaError> {
+        match &self.location {
+            Location::Local(l) => Ok(Some(l.volume().lease().enter(self.attached.get().map(|a| a.epoch))?)),
+            Location::Remote(_) => Ok(None),
         }
     }
 
@@ -224,6 +263,7 @@ impl Replica {
     pub async fn write(&self, offset: u64, data: Arc<Vec<u8>>, fua: bool) -> Result<(), ReplicaError> {
         let t0 = std::time::Instant::now();
         let len = data.len() as u64;
+        let _admitted = self.admit()?;
         let r = match &self.location {
             Location::Local(l) => l.write(offset, data, fua, self.stats.writes.load(Ordering::Relaxed)).await,
             Location::Remote(r) => r.write(offset, &data, fua).await,
@@ -249,6 +289,7 @@ impl Replica {
     }
 
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
+        let _admitted = self.admit()?;
         match &self.location {
             Location::Local(l) => l.write_zeroes(offset, len).await,
             Location::Remote(r) => r.write_zeroes(offset, len).await,
@@ -256,6 +297,7 @@ impl Replica {
     }
 
     pub async fn flush(&self) -> Result<(), ReplicaError> {
+        let _admitted = self.admit()?;
         match &self.location {
             Location::Local(l) => l.flush().await,
             Location::Remote(r) => r.flush().await,
@@ -264,6 +306,7 @@ impl Replica {
 
     /// Records a range as missing on the peer (entering degraded tracking), durably.
     pub async fn mark_degraded(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
+        let _admitted = self.admit()?;
         match &self.location {
             Location::Local(l) => l.mark_dirty(offset, len).await,
             Location::Remote(r) => r.mark_dirty(offset, len).await,
@@ -273,6 +316,7 @@ impl Replica {
     /// The router's write intent on this replica (see `VolumeMeta::mark_intent`), durable when
     /// it returns.
     pub async fn mark_intent(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
+        let _admitted = self.admit()?;
         match &self.location {
             Location::Local(l) => l.mark_intent(offset, len).await,
             Location::Remote(r) => r.mark_intent(offset, len).await,
@@ -282,6 +326,7 @@ impl Replica {
     /// Drops the router's write intent of a range; `Ok(false)` when the replica is tracking (its
     /// bits then record what the peer lacks and stay).
     pub async fn clear_intent(&self, offset: u64, len: u64) -> Result<bool, ReplicaError> {
+        let _admitted = self.admit()?;
         match &self.location {
             Location::Local(l) => l.clear_intent(offset, len).await,
             Location::Remote(r) => r.clear_intent(offset, len).await,
@@ -298,6 +343,7 @@ impl Replica {
 
     /// Has this replica push its data to `peer` (a sync job on its volume).
     pub async fn start_sync(&self, peer: String, secret: &[u8], rate: SyncRate) -> Result<(), ReplicaError> {
+        let _admitted = self.admit()?;
         match &self.location {
             Location::Local(l) => l.start_job(secret, rate, JobKind::Sync, peer),
             Location::Remote(r) => r.start_job(JobKind::Sync, peer).await,

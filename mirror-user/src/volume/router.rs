@@ -25,6 +25,7 @@ use super::{
     deadline::{DeadlineConfig, LatencyEstimate},
     error::ReplicaError,
     fast::{FastOp, FastPlan},
+    fence::{fenced_error, LeaseLine, LeaseStatus},
     hedge::{HedgeBudget, HedgeConfig, LatencyHistogram},
     replica::{Replica, ReplicaSnapshot, ReplicaState},
     BlockDev,
@@ -111,6 +112,8 @@ pub struct Router {
     hedge_budget: HedgeBudget,
     hedges_sent: AtomicU64,
     hedges_won: AtomicU64,
+    /// The lease: may this router still acknowledge writes (see `volume::fence`).
+    pub lease: LeaseLine,
 }
 
 /// The kinds of mirrored request, each with its own latency (a flush is not a 4 KiB write).
@@ -138,6 +141,9 @@ pub struct RouterStatus<R = ReplicaSnapshot> {
     pub hedges: HedgeStatus,
     /// Source, target.
     pub replicas: [R; 2],
+    /// The lease this router holds (`null` without one: `--lease-store none`).
+    #[serde(default)]
+    pub lease: Option<LeaseStatus>,
 }
 
 impl<R> RouterStatus<R> {
@@ -150,6 +156,7 @@ impl<R> RouterStatus<R> {
             intent_extents: self.intent_extents,
             hedges: self.hedges,
             replicas: [f(0, source), f(1, target)],
+            lease: self.lease,
         }
     }
 }
@@ -213,6 +220,7 @@ impl Router {
             hedge_budget: HedgeBudget::default(),
             hedges_sent: AtomicU64::new(0),
             hedges_won: AtomicU64::new(0),
+            lease: LeaseLine::default(),
         })
     }
 
@@ -281,6 +289,10 @@ impl Router {
         for run in self.al.cold_runs(offset, len) {
             let (o, l) = self.al.byte_range(run.clone());
             if let Err(e) = self.replicas[0].mark_intent(o, l).await {
+                if e.is_fenced() {
+                    self.lease.fence(format!("the source replica refused the write intent: {e}"));
+                    return Err(e);
+                }
                 let why = format!("recording write intent: {e}");
                 return match self.fail_replica(0, &why, offset, len).await {
                     Ok(()) => Ok(()),
@@ -354,9 +366,13 @@ impl Router {
         F: Fn(Arc<Replica>) -> Fut,
         Fut: std::future::Future<Output = Result<(), ReplicaError>>,
     {
+        self.lease.admit()?;
         let _membership = self.membership.read().await;
         if kind != Mirrored::Flush && self.intent_needed() {
-            self.record_intent(offset, len).await.map_err(|e| e.to_io())?;
+            self.record_intent(offset, len).await.map_err(|e| match self.lease.fenced() {
+                Some(why) => fenced_error(why),
+                None => e.to_io(),
+            })?;
         }
         // Read before the write is issued: only a survivor that was already tracking when this
         // write began has recorded it.
@@ -370,6 +386,19 @@ impl Router {
             [a] => (Some((*a, self.timed(*a, kind, &op).await)), None),
             _ => return Err(eio("no replica available")),
         };
+        // A replica that has seen a newer holder: this router is fenced, and the write is not
+        // acknowledged, whatever the other replica answered (it may not have seen the new epoch
+        // yet; going on degraded with it would be the split brain the lease exists to prevent).
+        for (i, r) in [&a, &b].into_iter().flatten() {
+            if let Err(e) = r {
+                if e.is_fenced() {
+                    self.lease.fence(format!("the {} replica refused a write: {e}", self.replicas[*i].role));
+                }
+            }
+        }
+        if let Some(why) = self.lease.fenced() {
+            return Err(fenced_error(why));
+        }
         let mut ok = 0;
         let mut failure = None;
         for (i, r) in [a, b].into_iter().flatten() {
@@ -398,7 +427,8 @@ impl Router {
             s.mark_degraded(offset, len).await.map_err(|e| e.to_io())?;
             self.degraded_marked.store(true, Ordering::Release);
         }
-        Ok(())
+        // The tenure is checked again right before the acknowledgement (see `lease::tenure`).
+        self.lease.admit()
     }
 
     /// Replica `i`'s part of a mirrored request, within the hard timeout; its latency observed.
@@ -613,6 +643,7 @@ impl Router {
                 won: self.hedges_won.load(Ordering::Relaxed),
             },
             replicas: [self.replicas[0].snapshot(), self.replicas[1].snapshot()],
+            lease: self.lease.status(),
         }
     }
 }
@@ -633,6 +664,9 @@ impl BlockDev for Router {
     /// (Local replicas never return from failed in this process, so no write that left one out
     /// can still be in flight: no `membership`.)
     fn fast_path(&self, op: FastOp, offset: u64, len: u32) -> Option<FastPlan<'_>> {
+        if self.lease.fenced().is_some() {
+            return None;
+        }
         let [s, t] = &self.replicas;
         let replicas = match op {
             FastOp::Read => {
@@ -645,6 +679,8 @@ impl BlockDev for Router {
                 one[i] = Some(&*self.replicas[i]);
                 one
             }
+            // Under a lease, writes take the slow path: it holds the epoch gate and the tenure check.
+            FastOp::Write if self.replicas.iter().any(|r| r.attachment().is_some()) => return None,
             FastOp::Write => {
                 let ok = !self.degraded_marked.load(Ordering::Acquire)
                     && self.replicas.iter().all(|r| r.is_local_uring() && r.state() == ReplicaState::InSync)
@@ -659,6 +695,9 @@ impl BlockDev for Router {
     }
 
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        if let Some(why) = self.lease.fenced() {
+            return Err(fenced_error(why));
+        }
         if len > MAX_IO {
             // Frontends take larger requests than the protocol carries (NBD: 32 MiB).
             let mut out = Vec::with_capacity(len as usize);

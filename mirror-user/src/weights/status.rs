@@ -156,6 +156,7 @@ pub(crate) fn example() -> ServeStatus {
             weights: WeightsStatus { source: 40, target: 60 },
             intent_extents: 1,
             hedges: crate::volume::router::HedgeStatus { sent: 5, won: 4 },
+            lease: None,
             replicas: [
                 ReplicaStatus {
                     replica: snapshot("source", ReplicaState::Resyncing, 12345, (150, 900)),
@@ -219,6 +220,7 @@ mod tests {
                 "events",
                 "hedges",
                 "intent_extents",
+                "lease",
                 "mode",
                 "reason",
                 "replicas",

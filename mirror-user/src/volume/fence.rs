@@ -1,0 +1,169 @@
+//! The router's side of the lease on the request path: whether it may still acknowledge writes.
+//! [`LeaseLine`] holds what the lease keeper last reported (holder, epoch, mode, the end of the
+//! safe window) and the fence: once a replica answered `FENCED`, or the tenure ran out, the
+//! router is fenced for good. It then acknowledges nothing: every request fails with
+//! `ESHUTDOWN` (NBD's "server shutting down": reconnecting clients go elsewhere), and `serve`
+//! stops (it waits on [`LeaseLine::fenced_wait`]).
+//!
+//! A router without a lease (no keeper: `--lease none`, tests of the router alone) has no
+//! window: only a replica's `FENCED` answer fences it.
+
+use std::{
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lease::{Epoch, Holder, LeaseMode};
+
+/// The lease as `ctl status`, `--json` and the metrics show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    /// `embedded` or `etcd`.
+    pub store: String,
+    pub mode: LeaseMode,
+    pub holder: Holder,
+    pub epoch: Epoch,
+    pub ttl_ms: u64,
+    /// Time this router may still acknowledge writes without another renewal (0 unless active).
+    pub time_left_ms: u64,
+    /// Why the mode is what it is (the last change).
+    pub reason: String,
+}
+
+#[derive(Debug, Clone)]
+struct Reported {
+    status: LeaseStatus,
+    /// End of the safe window, when active.
+    valid_until: Option<Instant>,
+}
+
+/// See the module doc.
+#[derive(Debug)]
+pub struct LeaseLine {
+    reported: Mutex<Option<Reported>>,
+    fenced: OnceLock<String>,
+    tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for LeaseLine {
+    fn default() -> Self {
+        LeaseLine {
+            reported: Mutex::new(None),
+            fenced: OnceLock::new(),
+            tx: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+/// The error every request gets once the router is fenced.
+pub fn fenced_error(why: &str) -> std::io::Error {
+    let e = std::io::Error::from_raw_os_error(libc::ESHUTDOWN);
+    tracing::debug!("request refused, fenced: {why}");
+    e
+}
+
+impl LeaseLine {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Reported>> {
+        self.reported.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The keeper's report: the lease as it stands, and (active) how long writes may be
+    /// acknowledged from `now`.
+    pub fn report(&self, status: LeaseStatus, time_left: Duration, now: Instant) {
+        if self.fenced().is_some() {
+            return;
+        }
+        let valid_until = (status.mode == LeaseMode::Active).then(|| now + time_left);
+        if status.mode == LeaseMode::Fenced {
+            self.fence(status.reason.clone());
+        }
+        *self.lock() = Some(Reported { status, valid_until });
+    }
+
+    /// Fences the router for good, logging why (only the first reason counts).
+    pub fn fence(&self, reason: String) {
+        if self.fenced.set(reason.clone()).is_ok() {
+            tracing::error!(
+                epoch = ?self.lock().as_ref().map(|r| r.status.epoch),
+                "lease: fenced: {reason}; acknowledging no more writes, stopping"
+            );
+            if let Some(r) = self.lock().as_mut() {
+                r.status.mode = LeaseMode::Fenced;
+                r.status.reason = reason;
+                r.valid_until = None;
+            }
+            let _ = self.tx.send(true);
+        }
+    }
+
+    /// Why the router is fenced, once it is.
+    pub fn fenced(&self) -> Option<&str> {
+        self.fenced.get().map(String::as_str)
+    }
+
+    /// May a request be acknowledged now? `Err(ESHUTDOWN)` once fenced; a holder whose safe
+    /// window closed (the keeper could not renew in time, or this process was paused) is fenced
+    /// right here.
+    pub fn admit(&self) -> std::io::Result<()> {
+        if let Some(why) = self.fenced() {
+            return Err(fenced_error(why));
+        }
+        let closed = self.lock().as_ref().and_then(|r| r.valid_until).is_some_and(|t| Instant::now() >= t);
+        if closed {
+            self.fence("the lease's safe window closed before the write could be acknowledged".into());
+            return Err(fenced_error("safe window closed"));
+        }
+        Ok(())
+    }
+
+    /// Resolves once the router is fenced.
+    pub async fn fenced_wait(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|f| *f).await;
+    }
+
+    /// The lease for status, `None` without one.
+    pub fn status(&self) -> Option<LeaseStatus> {
+        let r = self.lock().clone()?;
+        let mut s = r.status;
+        s.time_left_ms =
+            r.valid_until.map_or(0, |t| t.saturating_duration_since(Instant::now()).as_millis() as u64);
+        Some(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(mode: LeaseMode) -> LeaseStatus {
+        LeaseStatus {
+            store: "embedded".into(),
+            mode,
+            holder: Holder("n/1".into()),
+            epoch: Epoch(3),
+            ttl_ms: 2000,
+            time_left_ms: 0,
+            reason: "took it".into(),
+        }
+    }
+
+    #[test]
+    fn a_closed_window_or_a_fence_refuses_for_good() {
+        let l = LeaseLine::default();
+        assert!(l.admit().is_ok() && l.status().is_none(), "no lease: nothing to refuse");
+        l.report(status(LeaseMode::Active), Duration::from_secs(5), Instant::now());
+        assert!(l.admit().is_ok());
+        assert!(l.status().unwrap().time_left_ms > 4000);
+        l.report(status(LeaseMode::Active), Duration::ZERO, Instant::now());
+        assert_eq!(l.admit().unwrap_err().raw_os_error(), Some(libc::ESHUTDOWN));
+        let s = l.status().unwrap();
+        assert_eq!((s.mode, s.time_left_ms), (LeaseMode::Fenced, 0));
+        assert!(s.reason.contains("safe window"), "{}", s.reason);
+        // Fencing is final: a later report of an active lease does not revive it.
+        l.report(status(LeaseMode::Active), Duration::from_secs(5), Instant::now());
+        assert!(l.admit().is_err() && l.fenced().is_some());
+    }
+}

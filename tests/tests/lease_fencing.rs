@@ -1,0 +1,426 @@
+//! Fencing and the embedded lease with real processes: two `mirror replica` servers and the
+//! routers (`mirror serve`) that share them. A replica refuses the writes of a connection whose
+//! epoch a newer holder has passed (the protocol's `FENCED`, errno `ESTALE`); a second router
+//! against a live lease is refused, naming the holder; a router whose lease is taken while it is
+//! frozen (SIGSTOP past the TTL) is fenced when it wakes, none of its writes lands afterwards
+//! (checked by digest on both replica files) and it stops.
+
+use std::{
+    fs::File,
+    os::unix::fs::FileExt,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use mirror::replication::{
+    client::{Client, ClientError},
+    protocol::{code, Message},
+};
+use mirror_tests::{
+    env::{mirror_bin, skip, which},
+    etcd::{self, Etcd},
+    fs::{secret_file, TempDir},
+    proc::{drain, spawn_until, Kill, Replica},
+};
+
+const MIB: u64 = 1 << 20;
+
+fn replicas(dir: &Path) -> (Replica, Replica) {
+    let secret = dir.join("secret");
+    for f in ["s.img", "t.img"] {
+        std::fs::write(dir.join(f), vec![0u8; (16 * MIB) as usize]).unwrap();
+    }
+    let s = Replica::start(&dir.join("s.img"), &secret, None, &[]);
+    let t = Replica::start(&dir.join("t.img"), &secret, None, &[]);
+    (s, t)
+}
+
+/// `mirror serve` over the two remote replicas as `node`, with `extra` flags (the lease store,
+/// `--standby`), its log in `DIR/NODE.log`.
+fn serve_with(dir: &Path, s: &Replica, t: &Replica, node: &str, ttl: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(mirror_bin());
+    c.args(["serve"]).args(extra);
+    c.args(["--volume", "v", "--source", &format!("remote:{}", s.addr)])
+        .args(["--target", &format!("remote:{}", t.addr)])
+        .args(["--secret-file", &dir.join("secret").display().to_string()])
+        .args(["--lease-holder", node, "--lease-ttl", ttl, "--assume-clean"])
+        .args(["--ctl-socket", &dir.join(format!("{node}.sock")).display().to_string()])
+        .args(["--nbd", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stderr(File::create(dir.join(format!("{node}.log"))).unwrap());
+    c
+}
+
+/// Spawns `cmd` and waits for its `nbd listening on` line.
+fn started(dir: &Path, node: &str, cmd: &mut Command) -> (Kill, String) {
+    let (child, nbd, out) =
+        spawn_until(cmd, "nbd listening on ").unwrap_or_else(|e| panic!("{e:#}: {}", log(dir, node)));
+    drain(out);
+    (Kill(child), nbd)
+}
+
+fn log(dir: &Path, node: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{node}.log"))).unwrap_or_default()
+}
+
+fn qemu_io(nbd: &str, cmds: &[String]) -> std::process::Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", &format!("nbd://{nbd}/")]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.output().expect("qemu-io")
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok =
+        Command::new("kill").args([sig, &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "kill {sig} {pid}");
+}
+
+fn region(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    File::open(path).unwrap().read_exact_at(&mut b, offset).unwrap();
+    b
+}
+
+fn ctl_status(dir: &Path, node: &str) -> serde_json::Value {
+    let out = Command::new(mirror_bin())
+        .args([
+            "ctl",
+            "--socket",
+            &dir.join(format!("{node}.sock")).display().to_string(),
+            "status",
+            "--json",
+        ])
+        .output()
+        .expect("mirror ctl");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ctl status --json: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The protocol alone, against a real replica process: a connection attached at epoch 1 is
+/// refused with `FENCED` (errno `ESTALE`) once another holder claimed epoch 2, for every
+/// mutating request, and a new attach at 1 is refused at once; reads still pass; the epoch
+/// survives a restart of the replica.
+#[test]
+fn a_replica_fences_the_connections_of_an_older_epoch_and_remembers_across_a_restart() {
+    let dir = TempDir::new("lease-fence-proto");
+    let secret = secret_file(&dir.0);
+    let key = mirror::replication::auth::load_secret(&secret).unwrap();
+    std::fs::write(dir.0.join("r.img"), vec![0u8; MIB as usize]).unwrap();
+    let mut r = Replica::start(&dir.0.join("r.img"), &secret, None, &[]);
+    let claim = |c: &mut Client, who: &str, epoch: u64| {
+        c.call(&Message::LeaseClaim { holder: who.into(), epoch, ttl_ms: 1000, coordinated: 1 })
+    };
+    let mut old = Client::connect(&r.addr, "v", &key).unwrap();
+    assert!(matches!(claim(&mut old, "a/1", 1).unwrap(), Message::Json(_)));
+    old.attach("a/1", 1).unwrap();
+    old.write(0, vec![0xaa; 4096]).unwrap();
+    let mut new = Client::connect(&r.addr, "v", &key).unwrap();
+    claim(&mut new, "b/1", 2).unwrap();
+    new.attach("b/1", 2).unwrap();
+    new.write(4096, vec![0xbb; 4096]).unwrap();
+    let fenced = |e: ClientError| match e {
+        ClientError::Remote { code: c, errno, message, .. } => {
+            assert_eq!((c, errno), (code::FENCED, libc::ESTALE as u32), "{message}");
+            assert!(message.contains("fenced") && message.contains('2'), "{message}");
+        }
+        e => panic!("not fenced: {e}"),
+    };
+    for m in [
+        Message::Write { offset: 0, data: vec![0xcc; 4096] },
+        Message::Flush,
+        Message::WriteZeroes { offset: 0, len: 4096 },
+        Message::Trim { offset: 0, len: 4096 },
+        Message::MarkDirty { offset: 0, len: 4096 },
+        Message::MarkIntent { offset: 0, len: 4096 },
+        Message::SyncBegin { source_gen: 1 },
+    ] {
+        fenced(old.call(&m).unwrap_err());
+    }
+    assert_eq!(old.read(0, 4096).unwrap(), vec![0xaa; 4096], "reads are not fenced; no stale write landed");
+    let mut again = Client::connect(&r.addr, "v", &key).unwrap();
+    fenced(again.attach("a/1", 1).unwrap_err());
+    // An older claim is refused with the lease's own code, its data in JSON.
+    match claim(&mut again, "a/1", 2).unwrap_err() {
+        ClientError::Remote { code: c, message, .. } => {
+            assert_eq!(c, code::LEASE);
+            assert!(message.contains("Stale"), "{message}");
+        }
+        e => panic!("{e}"),
+    }
+    drop((old, new, again));
+    r.kill();
+    r.restart();
+    let mut after = Client::connect(&r.addr, "v", &key).unwrap();
+    fenced(after.attach("a/1", 1).unwrap_err());
+    let mut after = Client::connect(&r.addr, "v", &key).unwrap();
+    after.attach("b/1", 2).unwrap();
+    after.write(8192, vec![0xdd; 4096]).unwrap();
+}
+
+/// A second `mirror serve` against a live lease is refused, naming the holder and when the lease
+/// expires; the first keeps serving and shows its lease in `ctl status --json`.
+#[test]
+fn a_second_router_against_a_live_lease_is_refused_naming_the_holder() {
+    const T: &str = "lease_fencing::a_second_router_against_a_live_lease_is_refused_naming_the_holder";
+    if which("qemu-io").is_none() {
+        return skip(T, "NBD", "qemu-io is not installed (cargo xtask setup)");
+    }
+    second_router_refused("lease-second", &[], "embedded");
+}
+
+/// The second-router scenario with `store` flags for both routers; `kind` the store's name.
+fn second_router_refused(tag: &str, store: &[&str], kind: &str) {
+    let dir = TempDir::new(tag);
+    secret_file(&dir.0);
+    let (s, t) = replicas(&dir.0);
+    let (_a, nbd) = started(&dir.0, "nodeA", &mut serve_with(&dir.0, &s, &t, "nodeA", "2s", store));
+    let t0 = Instant::now();
+    let out = serve_with(&dir.0, &s, &t, "nodeB", "2s", store).stdout(Stdio::null()).output().unwrap();
+    let err = log(&dir.0, "nodeB");
+    assert!(!out.status.success(), "the second router started: {err}");
+    assert!(err.contains("the lease is held by nodeA/") && err.contains("expires in"), "{err}");
+    println!(
+        "second router refused after {:.2} s: {}",
+        t0.elapsed().as_secs_f64(),
+        err.lines().find(|l| l.contains("held by")).unwrap_or("")
+    );
+    let w = qemu_io(&nbd, &["write -P 0x5a 0 64k".into()]);
+    assert!(w.status.success(), "the first router still serves: {}", String::from_utf8_lossy(&w.stderr));
+    let st = ctl_status(&dir.0, "nodeA");
+    let lease = &st["lease"];
+    assert_eq!(lease["mode"], "active", "{st}");
+    assert_eq!(lease["store"], kind);
+    assert!(lease["holder"].as_str().unwrap().starts_with("nodeA/"), "{lease}");
+    assert!(lease["epoch"].as_u64().unwrap() >= 1 && lease["time_left_ms"].as_u64().unwrap() > 0, "{lease}");
+}
+
+/// The active router frozen past its TTL; a second router takes the lease (a higher epoch on
+/// both replicas) and writes a pattern over the region the first one keeps writing. The first
+/// resumed: fenced, it exits non-zero saying why, and the pattern is intact on both replicas.
+#[test]
+fn a_frozen_router_whose_lease_was_taken_is_fenced_and_none_of_its_writes_land() {
+    const T: &str =
+        "lease_fencing::a_frozen_router_whose_lease_was_taken_is_fenced_and_none_of_its_writes_land";
+    if which("qemu-io").is_none() {
+        return skip(T, "NBD", "qemu-io is not installed (cargo xtask setup)");
+    }
+    frozen_router_fenced("lease-frozen", &[], "1s");
+}
+
+/// The frozen-router scenario with `extra` flags for both routers (the lease store) and B's own
+/// (`--standby` in etcd mode: B waits announced before A is frozen, and takes over by itself).
+fn frozen_router_fenced(tag: &str, store: &[&str], ttl: &str) {
+    frozen_router_fenced_with(tag, store, &[], ttl)
+}
+
+fn frozen_router_fenced_with(tag: &str, store: &[&str], b_extra: &[&str], ttl: &str) {
+    let dir = TempDir::new(tag);
+    secret_file(&dir.0);
+    let (s, t) = replicas(&dir.0);
+    let (mut a, nbd_a) = started(&dir.0, "nodeA", &mut serve_with(&dir.0, &s, &t, "nodeA", ttl, store));
+    // A standby starts now and waits (it prints nothing until it takes over).
+    let b_args: Vec<&str> = store.iter().chain(b_extra).copied().collect();
+    let standby = (!b_extra.is_empty()).then(|| {
+        let mut c = serve_with(&dir.0, &s, &t, "nodeB", ttl, &b_args);
+        c.stdout(Stdio::piped());
+        Kill(c.spawn().unwrap())
+    });
+    let ok = qemu_io(&nbd_a, &["write -P 0x11 0 1M".into()]);
+    assert!(ok.status.success());
+    // A keeps writing 0xcc over [2M, 4M) while it is frozen and resumed.
+    let cmds: Vec<String> = (0..40)
+        .flat_map(|_| (0..32u64).map(|k| format!("write -P 0xcc {} 64k", 2 * MIB + k * 65536)))
+        .collect();
+    let mut writer = Command::new("qemu-io");
+    writer.args(["-f", "raw", &format!("nbd://{nbd_a}/")]);
+    for c in &cmds {
+        writer.args(["-c", c]);
+    }
+    let writer = writer.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut writer = Kill(writer);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(a.0.id(), "-STOP");
+    let frozen = Instant::now();
+    // B waits out A's lease (not renewed: A is frozen) and takes it; a standby by itself.
+    let (_b, nbd_b) = match standby {
+        None => started(&dir.0, "nodeB", &mut serve_with(&dir.0, &s, &t, "nodeB", ttl, &b_args)),
+        Some(mut k) => {
+            let out = k.0.stdout.take().unwrap();
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
+            let nbd = loop {
+                let l = lines.next().expect("the standby exited before serving").unwrap();
+                if let Some(a) = l.strip_prefix("nbd listening on ") {
+                    break a.to_string();
+                }
+            };
+            std::thread::spawn(move || lines.for_each(drop));
+            (k, nbd)
+        }
+    };
+    println!("takeover {:.2} s after the freeze (TTL {ttl})", frozen.elapsed().as_secs_f64());
+    let st = ctl_status(&dir.0, "nodeB");
+    assert_eq!(st["lease"]["mode"], "active", "{st}");
+    assert!(st["lease"]["epoch"].as_u64().unwrap() >= 2, "{st}");
+    let w = qemu_io(&nbd_b, &["write -P 0xbb 2M 2M".into(), "flush".into()]);
+    assert!(w.status.success(), "B writes: {}", String::from_utf8_lossy(&w.stderr));
+    signal(a.0.id(), "-CONT");
+    // A stops by itself, non-zero, saying why.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = a.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the fenced router did not stop: {}", log(&dir.0, "nodeA"));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = writer.0.kill();
+    let _ = writer.0.wait();
+    let la = log(&dir.0, "nodeA");
+    assert!(!status.success(), "the fenced router exited 0: {la}");
+    assert!(la.contains("fenced"), "{la}");
+    for l in la.lines().filter(|l| l.contains("fenced")).take(3) {
+        println!("router A: {l}");
+    }
+    // Nothing A sent after the takeover landed: B's pattern is whole on both replicas, and the
+    // lease is still B's (a flush through B, then the files compared).
+    let f = qemu_io(&nbd_b, &["flush".into(), "read -P 0xbb 2M 2M".into()]);
+    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
+    for file in ["s.img", "t.img"] {
+        let r = region(&dir.0.join(file), 2 * MIB, (2 * MIB) as usize);
+        let stale = r.iter().filter(|&&b| b != 0xbb).count();
+        assert_eq!(stale, 0, "{file}: {stale} bytes of [2M, 4M) are not B's pattern: a stale write landed");
+    }
+    println!("the fenced router exited with {status}; stale writes landed: 0");
+}
+
+/// The router's side, deterministic: a router holding the lease over a local replica and a
+/// remote one; another holder claims a higher epoch on both (as a new router does). The next
+/// write fails with `ESHUTDOWN` and is on neither replica, the router is fenced for good (reads
+/// too), and its status says so, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_answered_fenced_acknowledges_no_write_after() {
+    use mirror::{
+        lease::{Holder, LeaseMode},
+        volume::{
+            lease::{LeaseBackend, LeaseOptions},
+            open::{open, ReplicaSpec, VolumeConfig},
+            BlockDev,
+        },
+    };
+    let dir = TempDir::new("lease-router");
+    let secret_path = secret_file(&dir.0);
+    let key = mirror::replication::auth::load_secret(&secret_path).unwrap();
+    for f in ["s.img", "t.img"] {
+        std::fs::write(dir.0.join(f), vec![0u8; (4 * MIB) as usize]).unwrap();
+    }
+    let t = Replica::start(&dir.0.join("t.img"), &secret_path, None, &[]);
+    let cfg = VolumeConfig {
+        name: "v".into(),
+        source: ReplicaSpec::Local { path: dir.0.join("s.img"), size: None },
+        target: ReplicaSpec::Remote { addr: t.addr.clone() },
+        secret: key.clone(),
+        local_listen: ["127.0.0.1:0".into(), "127.0.0.1:0".into()],
+        target_weight: 0,
+        conns: 2,
+        rate: Default::default(),
+        node_health: mirror::health::monitor::NodeHealth::new(),
+        allow_degraded: false,
+        assume_clean: true,
+        write_deadline: Default::default(),
+        lease: Some(LeaseOptions {
+            holder: Holder::new("nodeA", "1"),
+            ttl: Duration::from_secs(30),
+            force: false,
+            backend: LeaseBackend::Embedded,
+            standby: false,
+        }),
+    };
+    let vol = open(&cfg).await.expect("open volume");
+    let r = vol.router.clone();
+    r.write(0, vec![0x11; 65536], false).await.expect("a write under the lease");
+    let st = r.status().lease.expect("the router reports its lease");
+    assert_eq!((st.mode, st.epoch.0), (LeaseMode::Active, 1));
+    // A newer holder claims epoch 2 on both replicas (the source through its embedded server).
+    let source_addr = r.replicas[0].addr().to_string();
+    for addr in [&source_addr, &t.addr] {
+        let (a, k) = (addr.clone(), key.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut c = Client::connect(&a, "v", &k).unwrap();
+            c.call(&Message::LeaseClaim {
+                holder: "nodeB/1".into(),
+                epoch: 2,
+                ttl_ms: 30000,
+                coordinated: 1,
+            })
+            .unwrap();
+        })
+        .await
+        .unwrap();
+    }
+    let e = r.write(65536, vec![0xcc; 65536], false).await.expect_err("a fenced write acknowledged");
+    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
+    let e = r.write(0, vec![0xcc; 4096], false).await.expect_err("a write after the fence");
+    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
+    assert!(r.read(0, 4096).await.is_err(), "a fenced router serves no reads");
+    let st = r.status().lease.unwrap();
+    assert_eq!(st.mode, LeaseMode::Fenced);
+    assert!(st.reason.contains("refused") && st.reason.contains("fenced"), "{}", st.reason);
+    let json = serde_json::to_value(r.status()).unwrap();
+    assert_eq!(json["lease"]["mode"], "fenced", "{json}");
+    for f in ["s.img", "t.img"] {
+        let b = region(&dir.0.join(f), 0, (2 * 65536) as usize);
+        assert!(b[..65536].iter().all(|&x| x == 0x11), "{f}: the acknowledged write is there");
+        assert!(b[65536..].iter().all(|&x| x == 0), "{f}: a fenced write landed");
+    }
+    for s in &vol.local_servers {
+        s.shutdown();
+    }
+}
+
+fn etcd_or_skip(test: &str) -> Option<Etcd> {
+    if which("qemu-io").is_none() {
+        skip(test, "NBD", "qemu-io is not installed (cargo xtask setup)");
+        return None;
+    }
+    if etcd::binary().is_none() {
+        skip(test, "ETCD", "etcd is not installed (Debian etcd-server; `cargo xtask setup` installs it)");
+        return None;
+    }
+    Some(Etcd::start(1).expect("start etcd"))
+}
+
+/// etcd mode: a second router is refused naming the holder, as in the embedded mode.
+#[test]
+fn etcd_a_second_router_against_a_live_lease_is_refused_naming_the_holder() {
+    let Some(e) =
+        etcd_or_skip("lease_fencing::etcd_a_second_router_against_a_live_lease_is_refused_naming_the_holder")
+    else {
+        return;
+    };
+    let url = e.url();
+    second_router_refused("lease-etcd-second", &["--lease-store", &url], "etcd");
+}
+
+/// etcd mode: a standby waits announced; the active router is frozen (SIGSTOP) past the TTL; the
+/// standby takes over by itself, writes its epoch to both replicas and serves; the old router,
+/// resumed (SIGCONT), is fenced, stops, and nothing it sent after the takeover is on either
+/// replica.
+#[test]
+fn etcd_a_standby_takes_over_from_a_frozen_router_which_is_then_fenced() {
+    let Some(e) =
+        etcd_or_skip("lease_fencing::etcd_a_standby_takes_over_from_a_frozen_router_which_is_then_fenced")
+    else {
+        return;
+    };
+    let url = e.url();
+    frozen_router_fenced_with("lease-etcd-standby", &["--lease-store", &url], &["--standby"], "2s");
+}
