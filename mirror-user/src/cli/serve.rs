@@ -100,6 +100,9 @@ pub struct ServeArgs {
     pub frontend: Option<Frontend>,
     #[command(flatten)]
     pub ublk: UblkArgs,
+    /// The replication links (to remote replicas, and the local replicas' servers).
+    #[command(flatten)]
+    pub transport: super::transport::TransportArgs,
 }
 
 /// Defaults of `mirror serve` that neither a flag nor the file gave.
@@ -312,6 +315,7 @@ impl ServeArgs {
             node_health,
             allow_degraded: self.degraded,
             assume_clean: self.assume_clean,
+            transport: self.transport.node(&[]).map_err(CliError::usage)?,
         };
         Ok(crate::serve::run(volume, s.driver, s.endpoints, super::shutdown_signal).await?)
     }

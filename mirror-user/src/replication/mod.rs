@@ -10,3 +10,4 @@ pub mod protocol;
 pub mod rate;
 pub mod server;
 pub mod sync;
+pub mod transport;

@@ -18,12 +18,12 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Duration,
 };
 
 use crate::{
     health::monitor::NodeHealth,
     storage::{OpenError, StorageError, Volume},
+    tls::HANDSHAKE_TIMEOUT,
 };
 
 // What a server's configuration names, defined by the storage room.
@@ -31,10 +31,11 @@ pub use crate::storage::{default_meta_path, VolumeSpec, META_DIR};
 
 use super::{
     auth,
-    conn::{Conn, ConnError},
+    conn::{Conn, ConnError, Stream},
     protocol::{code, Message, FLAG_FUA, MAX_IO, MAX_PAYLOAD, VERSION},
     rate::SyncRate,
     sync,
+    transport::{PlaintextRefused, Transport},
 };
 
 /// Server configuration.
@@ -46,6 +47,8 @@ pub struct ServerConfig {
     pub rate: SyncRate,
     /// This node's health score and signals, sent in heartbeat replies.
     pub health: Arc<NodeHealth>,
+    /// TLS or plaintext, for accepted connections and for the sync jobs' own.
+    pub transport: Transport,
 }
 
 /// Errors starting a server.
@@ -58,6 +61,10 @@ pub enum ServerError {
     Duplicate(String),
     #[error("listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
+    #[error("listen on {0}")]
+    Plaintext(#[from] PlaintextRefused),
+    #[error("--tls credentials are for a client only: a server needs server-cert.pem and server-key.pem")]
+    NoServerCredentials,
 }
 
 struct Shared {
@@ -65,6 +72,7 @@ struct Shared {
     secret: Vec<u8>,
     rate: SyncRate,
     health: Arc<NodeHealth>,
+    transport: Transport,
 }
 
 /// A running server.
@@ -95,7 +103,14 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|source| ServerError::Listen { addr: cfg.listen.clone(), source })?;
-        let shared = Arc::new(Shared { volumes, secret: cfg.secret, rate: cfg.rate, health: cfg.health });
+        cfg.transport.check(addr)?;
+        if cfg.transport.is_tls() && cfg.transport.server().is_none() {
+            return Err(ServerError::NoServerCredentials);
+        }
+        let transport = cfg.transport;
+        tracing::info!(%addr, transport = %transport.describe(), "replication transport");
+        let shared =
+            Arc::new(Shared { volumes, secret: cfg.secret, rate: cfg.rate, health: cfg.health, transport });
         let stop = Arc::new(AtomicBool::new(false));
         let (sh, st) = (shared.clone(), stop.clone());
         std::thread::Builder::new()
@@ -148,7 +163,7 @@ fn refuse(conn: &mut Conn, peer: &str, code: u16, message: String) {
 }
 
 /// Runs the handshake; returns the authenticated volume or None (already refused and logged).
-fn handshake(conn: &mut Conn, peer: &str, shared: &Shared) -> Option<Arc<Volume>> {
+fn handshake(conn: &mut Conn, peer: &str, node: Option<&str>, shared: &Shared) -> Option<Arc<Volume>> {
     let (volume, client_nonce) = match conn.recv() {
         Ok((_, Message::Hello { version, volume, nonce })) => {
             if version != VERSION {
@@ -171,7 +186,16 @@ fn handshake(conn: &mut Conn, peer: &str, shared: &Shared) -> Option<Arc<Volume>
             return None;
         }
     };
+    let binding = match conn.session().binding(&volume) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(%peer, "refused: TLS exporter: {e}");
+            return None;
+        }
+    };
     let server_nonce = auth::nonce();
+    let ex =
+        auth::Exchange { server_nonce: &server_nonce, client_nonce: &client_nonce, volume: &volume, binding };
     if conn
         .send(0, 0, &Message::Challenge { version: VERSION, nonce: server_nonce })
         .and_then(|_| conn.flush())
@@ -190,7 +214,7 @@ fn handshake(conn: &mut Conn, peer: &str, shared: &Shared) -> Option<Arc<Volume>
             return None;
         }
     };
-    if !auth::verify_client(&shared.secret, &server_nonce, &client_nonce, &volume, &mac) {
+    if !ex.verify_client(&shared.secret, &mac) {
         refuse(
             conn,
             peer,
@@ -203,19 +227,34 @@ fn handshake(conn: &mut Conn, peer: &str, shared: &Shared) -> Option<Arc<Volume>
         refuse(conn, peer, code::NO_VOLUME, format!("no volume named {volume:?} here"));
         return None;
     };
-    let mac = auth::server_proof(&shared.secret, &server_nonce, &client_nonce, &volume);
+    let mac = ex.server_proof(&shared.secret);
     if conn.send(0, 0, &Message::Welcome { mac, info: vol.info() }).and_then(|_| conn.flush()).is_err() {
         return None;
     }
-    tracing::debug!(%peer, volume = %vol.name(), "peer authenticated");
+    match node {
+        Some(node) => tracing::info!(%peer, %node, volume = %vol.name(), "peer authenticated"),
+        None => tracing::debug!(%peer, volume = %vol.name(), "peer authenticated (plaintext)"),
+    }
     Some(vol)
 }
 
-fn handle(stream: TcpStream, peer: &str, shared: &Shared) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let Ok(mut conn) = Conn::new(stream) else { return };
-    let Some(vol) = handshake(&mut conn, peer, shared) else { return };
-    let _ = conn.stream().set_read_timeout(None);
+fn handle(tcp: TcpStream, peer: &str, shared: &Shared) {
+    let (stream, node) = match shared.transport.server() {
+        None => (Stream::Plain(tcp), None),
+        Some(tls) => match tls.accept(tcp, HANDSHAKE_TIMEOUT) {
+            Ok((s, id)) => (Stream::TlsServer(Box::new(s)), id.map(|id| id.node)),
+            Err(e) => {
+                tracing::warn!("refused peer={peer}: {e}");
+                return;
+            }
+        },
+    };
+    let _ = stream.tcp().set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let Ok(mut conn) = Conn::over(stream) else { return };
+    conn.set_max_payload(auth::PRE_AUTH_MAX_PAYLOAD);
+    let Some(vol) = handshake(&mut conn, peer, node.as_deref(), shared) else { return };
+    conn.set_max_payload(MAX_PAYLOAD);
+    let _ = conn.set_read_timeout(None);
     loop {
         let (h, msg) = match conn.recv() {
             Ok(x) => x,
@@ -308,7 +347,7 @@ fn dispatch(vol: &Arc<Volume>, shared: &Shared, flags: u16, msg: Message) -> (Me
         Message::SyncBegin { source_gen } => ok(vol.sync_begin(source_gen)),
         Message::SyncEnd { current, history } => ok(vol.sync_end(current, history)),
         Message::StartJob { kind, peer } => {
-            ok(sync::start_job(vol, shared.secret.clone(), shared.rate, kind, peer))
+            ok(sync::start_job(vol, &shared.transport, shared.secret.clone(), shared.rate, kind, peer))
         }
         Message::GetBitmap => match vol.bitmap() {
             bits if bits.len() > MAX_PAYLOAD as usize => {

@@ -14,6 +14,7 @@ use crate::{
         protocol::GenInfo,
         rate::SyncRate,
         server::{Server, ServerConfig},
+        transport::{PeerAddr, Transport},
     },
     storage::{
         meta::{plan, SyncPlan},
@@ -26,7 +27,8 @@ use crate::{
 pub enum ReplicaSpec {
     /// `local:PATH[:SIZE]`: a file or block device of this node.
     Local { path: PathBuf, size: Option<u64> },
-    /// `remote:HOST:PORT`: a `mirror replica` server.
+    /// `remote:HOST:PORT`: a `mirror replica` server; `remote:NODE@HOST:PORT` accepts only the
+    /// node `NODE`'s certificate there (TLS).
     Remote { addr: String },
 }
 
@@ -45,6 +47,7 @@ impl ReplicaSpec {
             if !addr.contains(':') {
                 return Err(format!("`{s}`: remote:HOST:PORT needs a port"));
             }
+            PeerAddr::parse(addr)?;
             Ok(ReplicaSpec::Remote { addr: addr.into() })
         } else {
             Err(format!("`{s}`: a replica is local:PATH[:SIZE] or remote:HOST:PORT"))
@@ -74,6 +77,8 @@ pub struct VolumeConfig {
     /// Two replicas that were never synced are declared identical (the operator's word, like
     /// `mdadm --assume-clean` on zeroed disks) instead of a full initial sync.
     pub assume_clean: bool,
+    /// TLS or plaintext, for the embedded servers, the remote pools, heartbeats and sync jobs.
+    pub transport: Transport,
 }
 
 /// What a replica's metadata says, as its status reports it.
@@ -191,6 +196,7 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
                     secret: cfg.secret.clone(),
                     rate: cfg.rate,
                     health: cfg.node_health.clone(),
+                    transport: cfg.transport.clone(),
                 })?;
                 let vol = server.volume(&cfg.name).expect("the server serves the volume it was given");
                 sizes.push(vol.size());
@@ -212,23 +218,29 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
                     }
                 };
                 let addr = local_servers.last().map(|s| s.addr.to_string()).unwrap_or_default();
-                Location::Local(LocalReplica::new(vol, addr, uring))
+                Location::Local(LocalReplica::new(vol, addr, uring).with_transport(cfg.transport.clone()))
             }
             ReplicaSpec::Remote { addr } => {
-                let pool = match RemotePool::connect(addr, &cfg.name, &cfg.secret, cfg.conns).await {
-                    Ok((pool, size)) => {
-                        sizes.push(size);
-                        Some(pool)
-                    }
-                    // Refusals (wrong secret, volume, version) are configuration errors; an
-                    // unreachable node may be started without (below).
-                    Err(e) if missing.is_none() && e.is_unreachable() => {
-                        missing = Some((i, format!("{role} replica {e}")));
-                        None
-                    }
-                    Err(e) => anyhow::bail!("{role} replica {addr}: {e}"),
-                };
-                Location::Remote(RemoteReplica::new(addr, &cfg.name, &cfg.secret, cfg.conns, pool))
+                let pool =
+                    match RemotePool::connect_over(&cfg.transport, addr, &cfg.name, &cfg.secret, cfg.conns)
+                        .await
+                    {
+                        Ok((pool, size)) => {
+                            sizes.push(size);
+                            Some(pool)
+                        }
+                        // Refusals (wrong secret, volume, version) are configuration errors; an
+                        // unreachable node may be started without (below).
+                        Err(e) if missing.is_none() && e.is_unreachable() => {
+                            missing = Some((i, format!("{role} replica {e}")));
+                            None
+                        }
+                        Err(e) => anyhow::bail!("{role} replica {addr}: {e}"),
+                    };
+                Location::Remote(
+                    RemoteReplica::new(addr, &cfg.name, &cfg.secret, cfg.conns, pool)
+                        .with_transport(cfg.transport.clone()),
+                )
             }
         };
         replicas.push(Replica::new(role, loc, 4096));
