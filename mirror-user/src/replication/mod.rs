@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod conn;
 pub mod frame;
+pub mod preauth;
 pub mod protocol;
 pub mod rate;
 pub mod server;
