@@ -4,11 +4,19 @@
 //! TLS; each kind of refused peer (another CA, an expired certificate, the wrong node name, a
 //! plaintext client on the TLS port) is refused with a log line naming the reason, and nothing
 //! of the volume is read or written; plaintext on an address that is not loopback needs the
-//! insecure flag.
+//! insecure flag. A man in the middle flipping one bit after the handshake gets the connection
+//! torn down with no write applied; the router serves from the survivor and resyncs the target
+//! once the path heals.
 
 use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -81,9 +89,13 @@ fn plain(text: &str) -> String {
     out
 }
 
-/// Waits until `log` holds a line with every one of `words`; returns that line.
+/// Waits (10 s) until `log` holds a line with every one of `words`; returns that line.
 fn log_line(log: &Path, words: &[&str]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    log_line_within(log, words, 10)
+}
+
+fn log_line_within(log: &Path, words: &[&str], secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let text = plain(&std::fs::read_to_string(log).unwrap_or_default());
         if let Some(l) = text.lines().find(|l| words.iter().all(|w| l.contains(w))) {
@@ -333,4 +345,126 @@ fn plaintext_beyond_loopback_needs_the_insecure_flag() {
     let e = Client::connect_over(&Transport::default(), &PeerAddr::any("192.0.2.1:7700"), "v", b"x")
         .expect_err("refused");
     assert!(e.to_string().contains("is not a loopback address"), "{e}");
+}
+
+/// A man in the middle on loopback between the router and its target: it forwards bytes both
+/// ways and, when armed, flips one bit of the next large chunk from the router (a write's TLS
+/// records) and then refuses new connections until opened again.
+struct Mitm {
+    addr: String,
+    armed: Arc<AtomicBool>,
+    blocked: Arc<AtomicBool>,
+    flipped: Arc<AtomicUsize>,
+}
+
+impl Mitm {
+    fn start(to: String) -> Mitm {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = l.local_addr().unwrap().to_string();
+        let (armed, blocked, flipped) = (Arc::default(), Arc::<AtomicBool>::default(), Arc::default());
+        let m = Mitm { addr, armed, blocked, flipped };
+        let (a, b, f) = (m.armed.clone(), m.blocked.clone(), m.flipped.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { continue };
+                if b.load(Ordering::SeqCst) {
+                    continue; // dropped: closed
+                }
+                let Ok(s) = TcpStream::connect(&to) else { continue };
+                let (c2, s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+                let (a, b, f) = (a.clone(), b.clone(), f.clone());
+                std::thread::spawn(move || pump(c, s, Some((a, b, f))));
+                std::thread::spawn(move || pump(s2, c2, None));
+            }
+        });
+        m
+    }
+}
+
+type Flip = (Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicUsize>);
+
+/// Copies `from` to `to` until either ends; with `flip`, flips a bit of the first chunk of 4 KiB
+/// or more read while armed.
+fn pump(mut from: TcpStream, mut to: TcpStream, flip: Option<Flip>) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some((armed, blocked, flipped)) = &flip {
+            if n >= 4096 && armed.compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                blocked.store(true, Ordering::SeqCst);
+                buf[n / 2] ^= 0x10;
+                flipped.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn a_byte_flipped_on_the_way_tears_the_link_down_applies_nothing_and_the_target_resyncs_later() {
+    const T: &str = "tls_replication::a_byte_flipped_on_the_way_tears_the_link_down_applies_nothing_and_the_target_resyncs_later";
+    if which("qemu-io").is_none() {
+        return skip(T, "NBD", "qemu-io is not installed (cargo xtask setup)");
+    }
+    let dir = TempDir::new("tls-mitm");
+    let secret = secret_file(&dir.0);
+    pki(&dir.0, "ca", &["node-a", "node-b"]);
+    let (a, b) = (dir.0.join("node-a"), dir.0.join("node-b"));
+    for f in ["s.img", "t.img"] {
+        std::fs::write(dir.0.join(f), vec![0u8; 16 * MIB]).unwrap();
+    }
+    let rlog = dir.0.join("replica.log");
+    let t = tls_replica(&dir.0.join("t.img"), &secret, &b, &rlog, &[]);
+    let mitm = Mitm::start(t.addr.clone());
+    let source_listen = free_addr();
+    let args: Vec<String> = [
+        "--volume",
+        "v",
+        "--source",
+        &format!("local:{}", dir.0.join("s.img").display()),
+        "--target",
+        &format!("remote:node-b@{}", mitm.addr),
+        "--secret-file",
+        &s(&secret),
+        "--tls",
+        &s(&a),
+        "--source-listen",
+        &source_listen,
+        "--assume-clean",
+        "--target-weight",
+        "50",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    let slog = dir.0.join("serve.log");
+    let srv = serve(&args, &slog);
+    qemu_io(&srv, &["write -P 0xa1 0 1M", "read -P 0xa1 0 1M"]);
+
+    // One bit flipped in the TLS records of a 64 KiB write on its way to the target.
+    mitm.armed.store(true, Ordering::SeqCst);
+    qemu_io(&srv, &["write -P 0xb2 512k 64k"]);
+    assert_eq!(mitm.flipped.load(Ordering::SeqCst), 1, "the proxy flipped nothing");
+    println!("replica: {}", log_line(&rlog, &["closing connection", "TLS connection broken"]));
+    println!("router: {}", log_line(&slog, &["replica failed", "target"]));
+    // The target did not apply it (nor anything after: the proxy refuses the reconnects).
+    let t_now = std::fs::read(dir.0.join("t.img")).unwrap();
+    assert!(t_now[512 << 10..576 << 10].iter().all(|&x| x == 0xa1), "the corrupted write reached the target");
+    // The router serves from the survivor meanwhile.
+    qemu_io(&srv, &["read -P 0xb2 512k 64k", "write -P 0xc3 2M 1M", "read -P 0xc3 2M 1M"]);
+
+    // The path heals: the target is reconnected and resynced over TLS.
+    mitm.blocked.store(false, Ordering::SeqCst);
+    println!("router: {}", log_line_within(&slog, &["replica resynced and back in service"], 60));
+    wait_clean(&source_listen, &secret, &a);
+    qemu_io(&srv, &["read -P 0xa1 0 512k", "read -P 0xb2 512k 64k", "read -P 0xc3 2M 1M"]);
+    drop(srv);
+    assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")), "replicas differ");
 }
