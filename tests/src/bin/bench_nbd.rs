@@ -8,6 +8,9 @@
 //! alternating the order of the servers, medians reported as ratios against nbdkit. Then, with
 //! each replica on a loop device throttled by a cgroup v1 blkio limit, random reads with both
 //! replicas (weights 50/50) against one (weight 0): the replicas' bandwidth adds up.
+//! With `--baseline-bin PATH` (the `mirror` binary of another commit), its two configurations
+//! join the rotation as base-2local and base-remote, and the JSON gains ours / baseline ratios:
+//! an A/B of two builds in one run, alternating, on the same files and the same machine load.
 //! Writes target/bench/nbd.json.
 
 use std::{
@@ -46,6 +49,10 @@ struct Args {
     /// The `mirror` binary to measure.
     #[arg(long = "mirror-bin", value_name = "PATH", default_value = "target/release/mirror")]
     mirror: PathBuf,
+    /// Another build's `mirror` binary to measure beside ours (A/B in one run, alternating):
+    /// adds base-2local and base-remote, and `<job>_vs_baseline` ratios to the JSON.
+    #[arg(long = "baseline-bin", value_name = "PATH")]
+    baseline: Option<PathBuf>,
     /// Scratch directory for the files (emptied first, removed at the end).
     #[arg(long, default_value_os_t = std::env::temp_dir().join("mirror-bench-nbd"))]
     dir: PathBuf,
@@ -71,9 +78,9 @@ fn wait_port(port: u16) -> Result<()> {
 
 /// Spawns a `mirror` process and waits for the stdout line starting with `prefix`; returns the
 /// rest of that line.
-fn spawn_mirror(a: &Args, args: &[String], prefix: &str) -> Result<(Kill, String)> {
-    let (child, rest, out) = spawn_until(Command::new(&a.mirror).args(args).env("RUST_LOG", "error"), prefix)
-        .with_context(|| format!("starting {}", a.mirror.display()))?;
+fn spawn_mirror(bin: &Path, args: &[String], prefix: &str) -> Result<(Kill, String)> {
+    let (child, rest, out) = spawn_until(Command::new(bin).args(args).env("RUST_LOG", "error"), prefix)
+        .with_context(|| format!("starting {}", bin.display()))?;
     // Keep draining stdout so the process never blocks on a full pipe.
     drain(out);
     Ok((Kill(child), rest))
@@ -88,6 +95,7 @@ struct Server {
 
 fn serve_ours(
     a: &Args,
+    bin: &Path,
     name: &'static str,
     source: &str,
     target: &str,
@@ -109,13 +117,13 @@ fn serve_ours(
                 "--assume-clean".into(),
             ])
             .collect();
-    let (k, _) = spawn_mirror(a, &args, "nbd listening on")?;
+    let (k, _) = spawn_mirror(bin, &args, "nbd listening on")?;
     let mut procs = extra;
     procs.push(k);
     Ok(Server { name, uri: format!("nbd://127.0.0.1:{port}/"), _procs: procs })
 }
 
-fn replica(a: &Args, path: &Path) -> Result<(Kill, String)> {
+fn replica(a: &Args, bin: &Path, path: &Path) -> Result<(Kill, String)> {
     let args: Vec<String> = vec![
         "replica".into(),
         "--listen".into(),
@@ -125,7 +133,7 @@ fn replica(a: &Args, path: &Path) -> Result<(Kill, String)> {
         "--secret-file".into(),
         a.dir.join("secret").display().to_string(),
     ];
-    spawn_mirror(a, &args, "listening on")
+    spawn_mirror(bin, &args, "listening on")
 }
 
 fn nbdkit(path: &Path) -> Result<Server> {
@@ -212,6 +220,7 @@ fn fio(uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64, size: u64) -> Re
 fn throttled_run(a: &Args, loops: &[LoopDev; 2], weight: u8, cgroup: &IoCgroup) -> Result<f64> {
     let srv = serve_ours(
         a,
+        &a.mirror,
         "throttled",
         &format!("local:{}", loops[0].dev.display()),
         &format!("local:{}", loops[1].dev.display()),
@@ -232,10 +241,14 @@ fn main() -> Result<()> {
         );
     }
     ensure!(a.mirror.is_file(), "{} not built (cargo build --release)", a.mirror.display());
+    if let Some(b) = &a.baseline {
+        ensure!(b.is_file(), "--baseline-bin {}: no such file", b.display());
+    }
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.dir)?;
     std::fs::write(a.dir.join("secret"), "bench-secret-0123456789abcdef")?;
-    let files: Vec<PathBuf> = ["a.img", "b.img", "c.img", "d.img"].iter().map(|f| a.dir.join(f)).collect();
+    let files: Vec<PathBuf> =
+        ["a.img", "b.img", "c.img", "d.img", "e.img", "f.img"].iter().map(|f| a.dir.join(f)).collect();
     eprintln!("bench nbd: preparing {} MiB files", a.size >> 20);
     // Every server's file is a copy of the same seed, made the same way: a file written in
     // large buffered writes sits in the page cache in large folios, where a 4 KiB write costs
@@ -249,25 +262,34 @@ fn main() -> Result<()> {
     std::fs::remove_file(&seed)?;
 
     let mut results: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
+    // Servers 0-3 always; 4 and 5 (the baseline build's two configurations) with --baseline-bin.
+    let servers = if a.baseline.is_some() { 6 } else { 4 };
     for round in 0..a.rounds {
-        let mut order = vec![0, 1, 2, 3];
-        order.rotate_left(round % 4);
+        let mut order: Vec<usize> = (0..servers).collect();
+        order.rotate_left(round % servers);
         for which in order {
+            // Ours on files 0 and 1, the baseline on 4 and 5: each build on files of its own.
+            let (bin, name2, name_r, f) = match (which, &a.baseline) {
+                (4 | 5, Some(b)) => (b.as_path(), "base-2local", "base-remote", [&files[4], &files[5]]),
+                _ => (a.mirror.as_path(), "ours-2local", "ours-remote", [&files[0], &files[1]]),
+            };
             let srv = match which {
-                0 => serve_ours(
+                0 | 4 => serve_ours(
                     &a,
-                    "ours-2local",
-                    &format!("local:{}", files[0].display()),
-                    &format!("local:{}", files[1].display()),
+                    bin,
+                    name2,
+                    &format!("local:{}", f[0].display()),
+                    &format!("local:{}", f[1].display()),
                     50,
                     vec![],
                 )?,
-                1 => {
-                    let (k, addr) = replica(&a, &files[1])?;
+                1 | 5 => {
+                    let (k, addr) = replica(&a, bin, f[1])?;
                     serve_ours(
                         &a,
-                        "ours-remote",
-                        &format!("local:{}", files[0].display()),
+                        bin,
+                        name_r,
+                        &format!("local:{}", f[0].display()),
                         &format!("remote:{addr}"),
                         50,
                         vec![k],
@@ -346,6 +368,21 @@ fn main() -> Result<()> {
         json.insert(format!("{job}_vs_nbdkit"), serde_json::json!(o / k));
         json.insert(format!("{job}_remote_vs_nbdkit"), serde_json::json!(r / k));
         json.insert(format!("{job}_qemu_nbd_vs_nbdkit"), serde_json::json!(q / k));
+    }
+    if let Some(b) = &a.baseline {
+        println!("\nA/B against the baseline build {} (ours / baseline, medians)", b.display());
+        println!(
+            "{:<10} {:>12} {:>12} {:>12} {:>12}",
+            "job", "base-2local", "base-remote", "2local", "remote"
+        );
+        for &(job, ..) in JOBS {
+            let (o, r) = (med("ours-2local", job), med("ours-remote", job));
+            let (bo, br) = (med("base-2local", job), med("base-remote", job));
+            println!("{job:<10} {bo:>12.1} {br:>12.1} {:>12.3} {:>12.3}", o / bo, r / br);
+            json.insert(format!("{job}_vs_baseline"), serde_json::json!(o / bo));
+            json.insert(format!("{job}_remote_vs_baseline"), serde_json::json!(r / br));
+        }
+        json.insert("baseline_bin".into(), serde_json::json!(b.display().to_string()));
     }
     let scaling = median(throttled.1.clone()) / median(throttled.0.clone());
     println!("throttled_read_scaling = {scaling:.3}  ({throttle_note}; two replicas / one; target >= 1.8)");

@@ -8,7 +8,9 @@
 //!     the router's second write; served in-process by this driver),
 //!   - md-raid1:     md raid1 over two loop devices,
 //!   - rublk:        rublk's loop target on one file (`--buffered-io`, like the others),
-//!   - loop:         the kernel loop device on one file.
+//!   - loop:         the kernel loop device on one file,
+//!   - base-2local:  with `--baseline-bin PATH`, ours-2local served by another build's binary (an
+//!     A/B of two commits in one run, alternating with the rest; `<job>_vs_baseline` in the JSON).
 //!
 //! Jobs: 4 KiB random read / write at iodepth 32, 128 KiB sequential read / write at iodepth 8.
 //! Rounds rotate the order of the devices; the median over rounds is reported, and ratios
@@ -59,6 +61,9 @@ struct Args {
     /// The `mirror` binary to measure.
     #[arg(long = "mirror-bin", value_name = "PATH", default_value = "target/release/mirror")]
     mirror: PathBuf,
+    /// Another build's `mirror` binary, served as base-2local beside ours-2local (A/B).
+    #[arg(long = "baseline-bin", value_name = "PATH")]
+    baseline: Option<PathBuf>,
     /// The rublk binary (the reference ublk server).
     #[arg(long, default_value = "/root/.cargo/bin/rublk")]
     rublk: PathBuf,
@@ -107,7 +112,7 @@ impl Fs {
 }
 
 /// Every device of the benchmark, in its order.
-const DEVICES: &[&str] = &["ours-2local", "ours-1replica", "md-raid1", "rublk", "loop"];
+const DEVICES: &[&str] = &["ours-2local", "ours-1replica", "md-raid1", "rublk", "loop", "base-2local"];
 
 /// A data file (written, not sparse: every config starts from allocated pages).
 fn data_file(a: &Args, name: &str) -> Result<PathBuf> {
@@ -286,11 +291,17 @@ fn main() -> Result<()> {
     let want = |d: &str| a.devices.is_empty() || a.devices.iter().any(|n| n == d);
     let mut devs: Vec<(&str, String)> = Vec::new();
 
-    // ours-2local
-    let mut _serve = None;
-    if want("ours-2local") {
-        let (s, t) = (data_file(&a, "s.img")?, data_file(&a, "t.img")?);
-        let mut serve = Command::new(&a.mirror);
+    // ours-2local, and base-2local (the same, served by the baseline build)
+    let mut _serves = Vec::new();
+    let builds: Vec<(&str, &Path)> = std::iter::once(("ours-2local", a.mirror.as_path()))
+        .chain(a.baseline.as_deref().map(|b| ("base-2local", b)))
+        .collect();
+    for (name, bin) in builds {
+        if !want(name) {
+            continue;
+        }
+        let (s, t) = (data_file(&a, &format!("{name}-s.img"))?, data_file(&a, &format!("{name}-t.img"))?);
+        let mut serve = Command::new(bin);
         serve
             .args([
                 "serve",
@@ -313,13 +324,13 @@ fn main() -> Result<()> {
             .arg(format!("--source=local:{}", s.display()))
             .arg(format!("--target=local:{}", t.display()))
             .arg("--ctl-socket")
-            .arg(a.dir.join("ctl.sock"))
+            .arg(a.dir.join(format!("{name}-ctl.sock")))
             .env("RUST_LOG", "error");
-        let (child, ours, out) = spawn_until(&mut serve, "ublk device ")
-            .context("mirror serve: its ublk device did not come up")?;
-        _serve = Some(Kill(child));
+        let (child, dev, out) = spawn_until(&mut serve, "ublk device ")
+            .with_context(|| format!("{name} ({}): its ublk device did not come up", bin.display()))?;
+        _serves.push(Kill(child));
         drain(out);
-        devs.push(("ours-2local", ours));
+        devs.push((name, dev));
     }
 
     // ours-1replica, in this process
@@ -439,8 +450,18 @@ fn main() -> Result<()> {
         js.insert(format!("{job}_vs_md_raid1"), vs_md.into());
         js.insert(format!("single_replica_{job}_vs_rublk"), vs_rublk.into());
         js.insert(format!("{job}_vs_kernel_loop"), (med[o2][j] / med[lo][j]).into());
+        if a.baseline.is_some() {
+            js.insert(format!("{job}_vs_baseline"), (med[o2][j] / med[slot("base-2local")][j]).into());
+        }
         for &i in &shown {
             js.insert(format!("{}_{job}", DEVICES[i]), med[i][j].into());
+        }
+    }
+    if let Some(b) = &a.baseline {
+        js.insert("baseline_bin".into(), b.display().to_string().into());
+        let base = slot("base-2local");
+        for (j, (job, ..)) in JOBS.iter().enumerate() {
+            println!("A/B {job:<10} ours-2local / base-2local {:>6.3}x", med[o2][j] / med[base][j]);
         }
     }
     js.insert("rounds".into(), a.rounds.into());
