@@ -21,7 +21,8 @@ use mirror_tests::{
     env::{mirror_bin, skip, which},
     fs::{file_digest, secret_file, unique_name, TempDir},
     net::free_addr,
-    proc::{drain, mirror_cli, spawn_until, Kill, Replica, ReplicaLaunch},
+    proc::{drain, spawn_until, Kill, Replica, ReplicaLaunch},
+    tls::certs,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -29,11 +30,6 @@ const MIB: usize = 1 << 20;
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-fn certs(args: &[&str]) {
-    let (ok, _, err) = mirror_cli(&[&["certs"], args].concat());
-    assert!(ok, "mirror certs {args:?}: {err}");
 }
 
 /// A field of /proc/PID/status (kB for the sizes).

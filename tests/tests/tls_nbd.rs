@@ -12,17 +12,13 @@ use mirror_tests::{
     env::{mirror_bin, skip, which},
     fs::{file_digest, secret_file, unique_name, TempDir},
     proc::{drain, mirror_cli, spawn_until, Kill},
+    tls::{certs, trust_too},
 };
 
 const SIZE: usize = 16 << 20;
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-fn certs(args: &[&str]) {
-    let (ok, _, err) = mirror_cli(&[&["certs"], args].concat());
-    assert!(ok, "mirror certs {args:?}: {err}");
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -59,9 +55,7 @@ fn nbd_starttls_serves_qemu_and_libnbd_clients_and_refuses_the_others() {
     certs(&["ca", "--dir", &s(&other)]);
     certs(&["node", "--ca", &s(&other), "--name", "stranger", "--dir", &s(&stranger)]);
     // The stranger trusts our CA too: its own certificate is what gets it refused.
-    let bundle =
-        [ca.join("ca-cert.pem"), other.join("ca-cert.pem")].map(|p| std::fs::read(p).unwrap()).concat();
-    std::fs::write(stranger.join("ca-cert.pem"), bundle).unwrap();
+    trust_too(&stranger, &[&ca]);
     for f in ["s.img", "t.img"] {
         std::fs::write(dir.0.join(f), vec![0u8; SIZE]).unwrap();
     }

@@ -31,28 +31,14 @@ use mirror_tests::{
     env::{mirror_bin, skip, which},
     fs::{file_digest, secret_file, unique_name, TempDir},
     net::free_addr,
-    proc::{drain, mirror_cli, run_tool, spawn_until, Kill, Replica, ReplicaLaunch},
+    proc::{drain, mirror_cli, qemu_io, spawn_until, wait_clean, Kill, Replica, ReplicaLaunch},
+    tls::{pki, trust_too},
 };
 
 const MIB: usize = 1 << 20;
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-fn certs(args: &[&str]) {
-    let (ok, _, err) = mirror_cli(&[&["certs"], args].concat());
-    assert!(ok, "mirror certs {args:?}: {err}");
-}
-
-/// A CA in `root/NAME` and the given nodes' directories `root/NODE`, made by the binary.
-fn pki(root: &Path, ca: &str, nodes: &[&str]) -> PathBuf {
-    let ca_dir = root.join(ca);
-    certs(&["ca", "--dir", &s(&ca_dir)]);
-    for n in nodes {
-        certs(&["node", "--ca", &s(&ca_dir), "--name", n, "--ip", "127.0.0.1", "--dir", &s(&root.join(n))]);
-    }
-    ca_dir
 }
 
 /// A replica server on loopback with `--tls dir` and `extra`, its log (RUST_LOG=info) in `log`.
@@ -129,43 +115,53 @@ fn serve(args: &[String], log: &Path) -> Serve {
     Serve { _child: Kill(child), nbd }
 }
 
-fn qemu_io(srv: &Serve, cmds: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &format!("nbd://{}/", srv.nbd)]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let text = run_tool(&mut cmd);
-    assert!(!text.contains("Pattern verification failed") && !text.contains("failed:"), "{cmds:?}:\n{text}");
+/// A scratch directory with a secret, a CA and nodes `a` (the router) and `b` (the target),
+/// and zeroed images `s.img` and `t.img` of 16 MiB.
+struct Nodes {
+    dir: TempDir,
+    secret: PathBuf,
+    a: PathBuf,
+    b: PathBuf,
 }
 
-/// Waits until the replica at `node` (reached over TLS with `dir`) records nothing for its peer
-/// and no job runs.
-fn wait_clean(node: &str, secret: &Path, dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (ok, out, err) = mirror_cli(&[
-            "status",
-            "--node",
-            node,
-            "--volume",
-            "v",
-            "--secret-file",
-            &s(secret),
-            "--tls",
-            &s(dir),
-        ]);
-        if ok {
-            let js: serde_json::Value = serde_json::from_str(&out).unwrap();
-            let job = js["job"]["state"].as_str().unwrap_or("none");
-            if js["tracking"] == false && js["dirty_bytes"] == 0 && job != "running" {
-                assert!(matches!(job, "none" | "done" | "up-to-date"), "sync job {job}: {out}");
-                return;
-            }
+impl Nodes {
+    fn new(tag: &str) -> Nodes {
+        let dir = TempDir::new(tag);
+        let secret = secret_file(&dir.0);
+        pki(&dir.0, "ca", &["node-a", "node-b"]);
+        let (a, b) = (dir.0.join("node-a"), dir.0.join("node-b"));
+        for f in ["s.img", "t.img"] {
+            std::fs::write(dir.0.join(f), vec![0u8; 16 * MIB]).unwrap();
         }
-        assert!(Instant::now() < deadline, "not clean after 60 s: {out}{err}");
-        std::thread::sleep(Duration::from_millis(200));
+        Nodes { dir, secret, a, b }
     }
+}
+
+/// `mirror serve` flags: the local source `dir/s.img` served at `source_listen`, the target
+/// `node-b` at `target`, TLS with the credentials in `tls`, both files taken as in sync.
+fn router_args(dir: &Path, secret: &Path, target: &str, tls: &Path, source_listen: &str) -> Vec<String> {
+    let source = format!("local:{}", dir.join("s.img").display());
+    let target = format!("remote:node-b@{target}");
+    [
+        "--volume",
+        "v",
+        "--source",
+        &source,
+        "--target",
+        &target,
+        "--secret-file",
+        &s(secret),
+        "--tls",
+        &s(tls),
+        "--source-listen",
+        source_listen,
+        "--assume-clean",
+        "--target-weight",
+        "50",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect()
 }
 
 #[test]
@@ -174,37 +170,12 @@ fn router_and_replica_over_tls_pass_a_qemu_io_verify_and_resync_over_tls() {
     if which("qemu-io").is_none() {
         return skip(T, "NBD", "qemu-io is not installed (cargo xtask setup)");
     }
-    let dir = TempDir::new("tls-repl");
-    let secret = secret_file(&dir.0);
-    pki(&dir.0, "ca", &["node-a", "node-b"]);
-    let (a, b) = (dir.0.join("node-a"), dir.0.join("node-b"));
-    for f in ["s.img", "t.img"] {
-        std::fs::write(dir.0.join(f), vec![0u8; 16 * MIB]).unwrap();
-    }
+    let Nodes { dir, secret, a, b } = Nodes::new("tls-repl");
     let rlog = dir.0.join("replica.log");
     // The target accepts node-a only.
     let mut t = tls_replica(&dir.0.join("t.img"), &secret, &b, &rlog, &["--tls-allow", "node-a"]);
     let source_listen = free_addr();
-    let args: Vec<String> = [
-        "--volume",
-        "v",
-        "--source",
-        &format!("local:{}", dir.0.join("s.img").display()),
-        "--target",
-        &format!("remote:node-b@{}", t.addr),
-        "--secret-file",
-        &s(&secret),
-        "--tls",
-        &s(&a),
-        "--source-listen",
-        &source_listen,
-        "--assume-clean",
-        "--target-weight",
-        "50",
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
+    let args = router_args(&dir.0, &secret, &t.addr, &a, &source_listen);
     let slog = dir.0.join("serve.log");
     let srv = serve(&args, &slog);
     let line = log_line(&rlog, &["peer authenticated", "node=node-a"]);
@@ -212,15 +183,18 @@ fn router_and_replica_over_tls_pass_a_qemu_io_verify_and_resync_over_tls() {
     let line = log_line(&slog, &["remote replica connected over TLS", "node=node-b"]);
     println!("router: {line}");
 
-    qemu_io(&srv, &["write -P 0xa5 0 4M", "write -P 0x5a 8M 1M", "read -P 0xa5 0 4M", "read -P 0x5a 8M 1M"]);
+    qemu_io(
+        &srv.nbd,
+        &["write -P 0xa5 0 4M", "write -P 0x5a 8M 1M", "read -P 0xa5 0 4M", "read -P 0x5a 8M 1M"],
+    );
     // The target away: writes recorded on the source, then resynced over TLS by the source's
     // job (the embedded server connects to the target as node-a).
     t.kill();
-    qemu_io(&srv, &["write -P 0x3c 2M 2M", "read -P 0x3c 2M 2M"]);
+    qemu_io(&srv.nbd, &["write -P 0x3c 2M 2M", "read -P 0x3c 2M 2M"]);
     t.restart();
-    wait_clean(&source_listen, &secret, &a);
+    wait_clean(&source_listen, &secret, &["--tls", &s(&a)]);
     log_line(&slog, &["job connected to its peer over TLS", "node=node-b"]);
-    qemu_io(&srv, &["read -P 0xa5 0 2M", "read -P 0x3c 2M 2M", "read -P 0x5a 8M 1M", "read -P 0 9M 1M"]);
+    qemu_io(&srv.nbd, &["read -P 0xa5 0 2M", "read -P 0x3c 2M 2M", "read -P 0x5a 8M 1M", "read -P 0 9M 1M"]);
     drop(srv);
     assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")), "replicas differ");
 }
@@ -269,10 +243,7 @@ fn refused_peers_are_logged_with_the_reason_and_touch_nothing() {
     }
     // A node of another CA that trusts ours too: its certificate is what gets it refused.
     pki(&dir.0, "other-ca", &["stranger"]);
-    let bundle = [ca.join("ca-cert.pem"), dir.0.join("other-ca/ca-cert.pem")]
-        .map(|p| std::fs::read(p).unwrap())
-        .concat();
-    std::fs::write(dir.0.join("stranger/ca-cert.pem"), bundle).unwrap();
+    trust_too(&dir.0.join("stranger"), &[&ca]);
     let _old = node_with(&ca, &dir.0, "old", Validity { not_before: now - 10 * day, not_after: now - day });
     let img = dir.0.join("v.img");
     std::fs::write(&img, mirror_tests::fs::random_bytes(4 * MIB, 7)).unwrap();
@@ -413,44 +384,19 @@ fn a_byte_flipped_on_the_way_tears_the_link_down_applies_nothing_and_the_target_
     if which("qemu-io").is_none() {
         return skip(T, "NBD", "qemu-io is not installed (cargo xtask setup)");
     }
-    let dir = TempDir::new("tls-mitm");
-    let secret = secret_file(&dir.0);
-    pki(&dir.0, "ca", &["node-a", "node-b"]);
-    let (a, b) = (dir.0.join("node-a"), dir.0.join("node-b"));
-    for f in ["s.img", "t.img"] {
-        std::fs::write(dir.0.join(f), vec![0u8; 16 * MIB]).unwrap();
-    }
+    let Nodes { dir, secret, a, b } = Nodes::new("tls-mitm");
     let rlog = dir.0.join("replica.log");
     let t = tls_replica(&dir.0.join("t.img"), &secret, &b, &rlog, &[]);
     let mitm = Mitm::start(t.addr.clone());
     let source_listen = free_addr();
-    let args: Vec<String> = [
-        "--volume",
-        "v",
-        "--source",
-        &format!("local:{}", dir.0.join("s.img").display()),
-        "--target",
-        &format!("remote:node-b@{}", mitm.addr),
-        "--secret-file",
-        &s(&secret),
-        "--tls",
-        &s(&a),
-        "--source-listen",
-        &source_listen,
-        "--assume-clean",
-        "--target-weight",
-        "50",
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
+    let args = router_args(&dir.0, &secret, &mitm.addr, &a, &source_listen);
     let slog = dir.0.join("serve.log");
     let srv = serve(&args, &slog);
-    qemu_io(&srv, &["write -P 0xa1 0 1M", "read -P 0xa1 0 1M"]);
+    qemu_io(&srv.nbd, &["write -P 0xa1 0 1M", "read -P 0xa1 0 1M"]);
 
     // One bit flipped in the TLS records of a 64 KiB write on its way to the target.
     mitm.armed.store(true, Ordering::SeqCst);
-    qemu_io(&srv, &["write -P 0xb2 512k 64k"]);
+    qemu_io(&srv.nbd, &["write -P 0xb2 512k 64k"]);
     assert_eq!(mitm.flipped.load(Ordering::SeqCst), 1, "the proxy flipped nothing");
     println!("replica: {}", log_line(&rlog, &["closing connection", "TLS connection broken"]));
     println!("router: {}", log_line(&slog, &["replica failed", "target"]));
@@ -458,13 +404,13 @@ fn a_byte_flipped_on_the_way_tears_the_link_down_applies_nothing_and_the_target_
     let t_now = std::fs::read(dir.0.join("t.img")).unwrap();
     assert!(t_now[512 << 10..576 << 10].iter().all(|&x| x == 0xa1), "the corrupted write reached the target");
     // The router serves from the survivor meanwhile.
-    qemu_io(&srv, &["read -P 0xb2 512k 64k", "write -P 0xc3 2M 1M", "read -P 0xc3 2M 1M"]);
+    qemu_io(&srv.nbd, &["read -P 0xb2 512k 64k", "write -P 0xc3 2M 1M", "read -P 0xc3 2M 1M"]);
 
     // The path heals: the target is reconnected and resynced over TLS.
     mitm.blocked.store(false, Ordering::SeqCst);
     println!("router: {}", log_line_within(&slog, &["replica resynced and back in service"], 60));
-    wait_clean(&source_listen, &secret, &a);
-    qemu_io(&srv, &["read -P 0xa1 0 512k", "read -P 0xb2 512k 64k", "read -P 0xc3 2M 1M"]);
+    wait_clean(&source_listen, &secret, &["--tls", &s(&a)]);
+    qemu_io(&srv.nbd, &["read -P 0xa1 0 512k", "read -P 0xb2 512k 64k", "read -P 0xc3 2M 1M"]);
     drop(srv);
     assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")), "replicas differ");
 }
