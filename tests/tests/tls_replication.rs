@@ -195,6 +195,27 @@ fn router_and_replica_over_tls_pass_a_qemu_io_verify_and_resync_over_tls() {
     wait_clean(&source_listen, &secret, &["--tls", &s(&a)]);
     log_line(&slog, &["job connected to its peer over TLS", "node=node-b"]);
     qemu_io(&srv.nbd, &["read -P 0xa5 0 2M", "read -P 0x3c 2M 2M", "read -P 0x5a 8M 1M", "read -P 0 9M 1M"]);
+    // The operator's CLI over TLS: a verify job from the source to the pinned target.
+    let peer = format!("node-b@{}", t.addr);
+    let (ok, out, err) = mirror_cli(&[
+        "sync",
+        "--verify",
+        "--json",
+        "--node",
+        &source_listen,
+        "--peer",
+        &peer,
+        "--volume",
+        "v",
+        "--secret-file",
+        &s(&secret),
+        "--tls",
+        &s(&a),
+    ]);
+    assert!(ok, "mirror sync --verify over TLS: {out}{err}");
+    let job: serde_json::Value = serde_json::from_str(&out).expect("job JSON");
+    println!("verify over TLS: {}", job["state"]);
+    assert_eq!(job["state"], "done", "{out}");
     drop(srv);
     assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")), "replicas differ");
 }
