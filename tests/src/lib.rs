@@ -7,6 +7,7 @@
 //! - [`net`]: free ports and a veth link to a peer that never answers;
 //! - [`proc`]: the processes under test (`mirror daemon`, `mirror replica`, the CLI) and the
 //!   guards that stop them;
+//! - [`tls`]: TLS credentials made by `mirror certs`;
 //! - [`etcd`]: a real etcd (one or three members) on 127.0.0.1 for the lease tests;
 //! - [`stats`]: figures over samples;
 //! - [`scenario`]: a two-node mirrored volume with real processes; [`timeline`]: its SVG plot.
@@ -24,3 +25,4 @@ pub mod proc;
 pub mod scenario;
 pub mod stats;
 pub mod timeline;
+pub mod tls;

@@ -335,6 +335,7 @@ async fn a_router_answered_fenced_acknowledges_no_write_after() {
         node_health: mirror::health::monitor::NodeHealth::new(),
         allow_degraded: false,
         assume_clean: true,
+        transport: Default::default(),
         lease: Some(LeaseOptions {
             holder: Holder::new("nodeA", "1"),
             ttl: Duration::from_secs(30),
