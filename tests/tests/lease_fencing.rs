@@ -302,6 +302,58 @@ fn frozen_router_fenced_with(tag: &str, store: &[&str], b_extra: &[&str], ttl: &
     println!("the fenced router exited with {status}; stale writes landed: 0");
 }
 
+/// A volume of `dir/s.img` (local) and the remote replica at `target` (both taken as in sync),
+/// under the embedded lease as holder `nodeA/1`, its links over `transport`.
+fn leased_config(
+    dir: &Path,
+    target: &str,
+    key: &[u8],
+    transport: mirror::replication::transport::Transport,
+) -> mirror::volume::open::VolumeConfig {
+    use mirror::{
+        lease::Holder,
+        volume::{
+            lease::{LeaseBackend, LeaseOptions},
+            open::{ReplicaSpec, VolumeConfig},
+        },
+    };
+    VolumeConfig {
+        name: "v".into(),
+        source: ReplicaSpec::Local { path: dir.join("s.img"), size: None },
+        target: ReplicaSpec::Remote { addr: target.into() },
+        secret: key.to_vec(),
+        local_listen: ["127.0.0.1:0".into(), "127.0.0.1:0".into()],
+        target_weight: 0,
+        conns: 2,
+        rate: Default::default(),
+        node_health: mirror::health::monitor::NodeHealth::new(),
+        allow_degraded: false,
+        assume_clean: true,
+        transport,
+        lease: Some(LeaseOptions {
+            holder: Holder::new("nodeA", "1"),
+            ttl: Duration::from_secs(30),
+            force: false,
+            backend: LeaseBackend::Embedded,
+            standby: false,
+        }),
+    }
+}
+
+/// After a newer holder passed its epoch: the next write (64 KiB at 64 KiB) and any after it
+/// fail with `ESHUTDOWN`, no read is served, and the status says fenced, with the reason.
+async fn assert_fenced(r: &mirror::volume::router::Router) {
+    use mirror::{lease::LeaseMode, volume::BlockDev};
+    let e = r.write(65536, vec![0xcc; 65536], false).await.expect_err("a fenced write acknowledged");
+    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
+    let e = r.write(0, vec![0xcc; 4096], false).await.expect_err("a write after the fence");
+    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
+    assert!(r.read(0, 4096).await.is_err(), "a fenced router serves no reads");
+    let st = r.status().lease.unwrap();
+    assert_eq!(st.mode, LeaseMode::Fenced);
+    assert!(st.reason.contains("refused") && st.reason.contains("fenced"), "{}", st.reason);
+}
+
 /// The router's side, deterministic: a router holding the lease over a local replica and a
 /// remote one; another holder claims a higher epoch on both (as a new router does). The next
 /// write fails with `ESHUTDOWN` and is on neither replica, the router is fenced for good (reads
@@ -309,12 +361,8 @@ fn frozen_router_fenced_with(tag: &str, store: &[&str], b_extra: &[&str], ttl: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_answered_fenced_acknowledges_no_write_after() {
     use mirror::{
-        lease::{Holder, LeaseMode},
-        volume::{
-            lease::{LeaseBackend, LeaseOptions},
-            open::{open, ReplicaSpec, VolumeConfig},
-            BlockDev,
-        },
+        lease::LeaseMode,
+        volume::{open::open, BlockDev},
     };
     let dir = TempDir::new("lease-router");
     let secret_path = secret_file(&dir.0);
@@ -323,27 +371,7 @@ async fn a_router_answered_fenced_acknowledges_no_write_after() {
         std::fs::write(dir.0.join(f), vec![0u8; (4 * MIB) as usize]).unwrap();
     }
     let t = Replica::start(&dir.0.join("t.img"), &secret_path, None, &[]);
-    let cfg = VolumeConfig {
-        name: "v".into(),
-        source: ReplicaSpec::Local { path: dir.0.join("s.img"), size: None },
-        target: ReplicaSpec::Remote { addr: t.addr.clone() },
-        secret: key.clone(),
-        local_listen: ["127.0.0.1:0".into(), "127.0.0.1:0".into()],
-        target_weight: 0,
-        conns: 2,
-        rate: Default::default(),
-        node_health: mirror::health::monitor::NodeHealth::new(),
-        allow_degraded: false,
-        assume_clean: true,
-        transport: Default::default(),
-        lease: Some(LeaseOptions {
-            holder: Holder::new("nodeA", "1"),
-            ttl: Duration::from_secs(30),
-            force: false,
-            backend: LeaseBackend::Embedded,
-            standby: false,
-        }),
-    };
+    let cfg = leased_config(&dir.0, &t.addr, &key, Default::default());
     let vol = open(&cfg).await.expect("open volume");
     let r = vol.router.clone();
     r.write(0, vec![0x11; 65536], false).await.expect("a write under the lease");
@@ -366,14 +394,7 @@ async fn a_router_answered_fenced_acknowledges_no_write_after() {
         .await
         .unwrap();
     }
-    let e = r.write(65536, vec![0xcc; 65536], false).await.expect_err("a fenced write acknowledged");
-    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
-    let e = r.write(0, vec![0xcc; 4096], false).await.expect_err("a write after the fence");
-    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
-    assert!(r.read(0, 4096).await.is_err(), "a fenced router serves no reads");
-    let st = r.status().lease.unwrap();
-    assert_eq!(st.mode, LeaseMode::Fenced);
-    assert!(st.reason.contains("refused") && st.reason.contains("fenced"), "{}", st.reason);
+    assert_fenced(&r).await;
     let json = serde_json::to_value(r.status()).unwrap();
     assert_eq!(json["lease"]["mode"], "fenced", "{json}");
     for f in ["s.img", "t.img"] {
@@ -398,13 +419,7 @@ async fn a_router_over_tls_is_fenced_when_its_remote_replicas_epoch_is_raised() 
         lease::{Epoch, Holder, LeaseMode},
         replication::transport::{PeerAddr, Transport},
         tls::PeerPolicy,
-        volume::{
-            lease::{LeaseBackend, LeaseOptions},
-            open::{open, ReplicaSpec, VolumeConfig},
-            remote::RemotePool,
-            replica::Attachment,
-            BlockDev,
-        },
+        volume::{open::open, remote::RemotePool, replica::Attachment, BlockDev},
     };
     use mirror_tests::{proc::ReplicaLaunch, tls::pki};
     let dir = TempDir::new("lease-tls");
@@ -431,27 +446,7 @@ async fn a_router_over_tls_is_fenced_when_its_remote_replicas_epoch_is_raised() 
     let tls = Transport::tls_node(&a, PeerPolicy::AnyNode, now).expect("node-a credentials");
     assert!(tls.is_tls());
     let target = format!("node-b@{}", t.addr);
-    let cfg = VolumeConfig {
-        name: "v".into(),
-        source: ReplicaSpec::Local { path: dir.0.join("s.img"), size: None },
-        target: ReplicaSpec::Remote { addr: target.clone() },
-        secret: key.clone(),
-        local_listen: ["127.0.0.1:0".into(), "127.0.0.1:0".into()],
-        target_weight: 0,
-        conns: 2,
-        rate: Default::default(),
-        node_health: mirror::health::monitor::NodeHealth::new(),
-        allow_degraded: false,
-        assume_clean: true,
-        transport: tls.clone(),
-        lease: Some(LeaseOptions {
-            holder: Holder::new("nodeA", "1"),
-            ttl: Duration::from_secs(30),
-            force: false,
-            backend: LeaseBackend::Embedded,
-            standby: false,
-        }),
-    };
+    let cfg = leased_config(&dir.0, &target, &key, tls.clone());
     let vol = open(&cfg).await.expect("open volume");
     let r = vol.router.clone();
     r.write(0, vec![0x11; 65536], false).await.expect("a write under the lease, attached over TLS");
@@ -473,14 +468,7 @@ async fn a_router_over_tls_is_fenced_when_its_remote_replicas_epoch_is_raised() 
     .await
     .unwrap();
     println!("target after the claim: {view:?}");
-    let e = r.write(65536, vec![0xcc; 65536], false).await.expect_err("a fenced write acknowledged");
-    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
-    let e = r.write(0, vec![0xcc; 4096], false).await.expect_err("a write after the fence");
-    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
-    assert!(r.read(0, 4096).await.is_err(), "a fenced router serves no reads");
-    let st = r.status().lease.unwrap();
-    assert_eq!(st.mode, LeaseMode::Fenced);
-    assert!(st.reason.contains("fenced"), "{}", st.reason);
+    assert_fenced(&r).await;
     let b = region(&dir.0.join("t.img"), 0, 2 * 65536);
     assert!(b[..65536].iter().all(|&x| x == 0x11), "t.img: the acknowledged write is there");
     assert!(b[65536..].iter().all(|&x| x == 0), "t.img: a fenced write landed");
