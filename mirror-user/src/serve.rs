@@ -64,6 +64,8 @@ pub struct Endpoints {
     pub frontend: Frontend,
     /// The ublk device's settings, when [`Self::frontend`] asks for one.
     pub ublk: UblkOptions,
+    /// TLS required on the NBD listeners (`--nbd-tls`).
+    pub nbd_tls: Option<crate::tls::TlsServer>,
 }
 
 /// What stops `mirror serve` from starting.
@@ -97,7 +99,7 @@ where
     S: FnOnce() -> F,
     F: Future<Output = ()>,
 {
-    let Endpoints { nbd, nbd_unix, export, ctl_socket, metrics, pin_dir, frontend, ublk } = ep;
+    let Endpoints { nbd, nbd_unix, export, ctl_socket, metrics, pin_dir, frontend, ublk, nbd_tls } = ep;
     let vol = crate::volume::open::open(&volume).await.map_err(ServeError::Open)?;
     let driver = Driver::start(vol.router.clone(), driver, volume.node_health.clone());
     mirror_weights_in_bpf(&driver, &pin_dir.join(format!("weights-{}", volume.name)));
@@ -124,6 +126,7 @@ where
     let opts = NbdOptions {
         export_name: export,
         description: Some(format!("mirror volume {}", volume.name)),
+        tls: nbd_tls,
         ..Default::default()
     };
     // Before "listening" is printed: a supervisor may send SIGTERM as soon as it reads it.

@@ -8,6 +8,7 @@
 //! - [`netns`]: a node in a network namespace of its own, its link black-holed or shaped;
 //! - [`proc`]: the processes under test (`mirror daemon`, `mirror replica`, the CLI) and the
 //!   guards that stop them;
+//! - [`tls`]: TLS credentials made by `mirror certs`;
 //! - [`etcd`]: a real etcd (one or three members) on 127.0.0.1 for the lease tests;
 //! - [`stats`]: figures over samples;
 //! - [`sick`]: a served mirrored volume with fio on its export, for the sick-node tests;
@@ -28,3 +29,4 @@ pub mod scenario;
 pub mod sick;
 pub mod stats;
 pub mod timeline;
+pub mod tls;

@@ -151,6 +151,39 @@ pub fn sync_ok(node: &str, peer: &str, secret: &Path, extra: &[&str]) {
     assert!(ok, "mirror {args:?}: {err}");
 }
 
+/// `qemu-io` on the NBD export at `nbd` (HOST:PORT); panics on a failed command or pattern.
+pub fn qemu_io(nbd: &str, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", &format!("nbd://{nbd}/")]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let text = run_tool(&mut cmd);
+    assert!(!text.contains("Pattern verification failed") && !text.contains("failed:"), "{cmds:?}:\n{text}");
+}
+
+/// Waits (60 s) until the replica served at `node` records nothing for its peer and its sync
+/// job (if any) is done: the peer is in sync. `extra`: more flags for `mirror status` (`--tls`).
+pub fn wait_clean(node: &str, secret: &Path, extra: &[&str]) {
+    let sec = secret.display().to_string();
+    let mut args = vec!["status", "--node", node, "--volume", "v", "--secret-file", &sec];
+    args.extend_from_slice(extra);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out, err) = mirror_cli(&args);
+        if ok {
+            let js: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+            let job = js["job"]["state"].as_str().unwrap_or("none");
+            if js["tracking"] == false && js["dirty_bytes"] == 0 && job != "running" {
+                assert!(matches!(job, "none" | "done" | "up-to-date"), "sync job {job}: {out}");
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{node}: not clean after 60 s: {out}{err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `mirror daemon` as a child process, stopped with SIGTERM on drop (it unpins its maps), its pin
 /// directory removed after.
 #[derive(Debug)]

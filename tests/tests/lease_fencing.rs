@@ -3,7 +3,7 @@
 //! epoch a newer holder has passed (the protocol's `FENCED`, errno `ESTALE`); a second router
 //! against a live lease is refused, naming the holder; a router whose lease is taken while it is
 //! frozen (SIGSTOP past the TTL) is fenced when it wakes, none of its writes lands afterwards
-//! (checked by digest on both replica files) and it stops.
+//! (checked by digest on both replica files) and it stops. Fencing works the same over the TLS link.
 
 use std::{
     fs::File,
@@ -302,32 +302,26 @@ fn frozen_router_fenced_with(tag: &str, store: &[&str], b_extra: &[&str], ttl: &
     println!("the fenced router exited with {status}; stale writes landed: 0");
 }
 
-/// The router's side, deterministic: a router holding the lease over a local replica and a
-/// remote one; another holder claims a higher epoch on both (as a new router does). The next
-/// write fails with `ESHUTDOWN` and is on neither replica, the router is fenced for good (reads
-/// too), and its status says so, with the reason.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_router_answered_fenced_acknowledges_no_write_after() {
+/// A volume of `dir/s.img` (local) and the remote replica at `target` (both taken as in sync),
+/// under the embedded lease as holder `nodeA/1`, its links over `transport`.
+fn leased_config(
+    dir: &Path,
+    target: &str,
+    key: &[u8],
+    transport: mirror::replication::transport::Transport,
+) -> mirror::volume::open::VolumeConfig {
     use mirror::{
-        lease::{Holder, LeaseMode},
+        lease::Holder,
         volume::{
             lease::{LeaseBackend, LeaseOptions},
-            open::{open, ReplicaSpec, VolumeConfig},
-            BlockDev,
+            open::{ReplicaSpec, VolumeConfig},
         },
     };
-    let dir = TempDir::new("lease-router");
-    let secret_path = secret_file(&dir.0);
-    let key = mirror::replication::auth::load_secret(&secret_path).unwrap();
-    for f in ["s.img", "t.img"] {
-        std::fs::write(dir.0.join(f), vec![0u8; (4 * MIB) as usize]).unwrap();
-    }
-    let t = Replica::start(&dir.0.join("t.img"), &secret_path, None, &[]);
-    let cfg = VolumeConfig {
+    VolumeConfig {
         name: "v".into(),
-        source: ReplicaSpec::Local { path: dir.0.join("s.img"), size: None },
-        target: ReplicaSpec::Remote { addr: t.addr.clone() },
-        secret: key.clone(),
+        source: ReplicaSpec::Local { path: dir.join("s.img"), size: None },
+        target: ReplicaSpec::Remote { addr: target.into() },
+        secret: key.to_vec(),
         local_listen: ["127.0.0.1:0".into(), "127.0.0.1:0".into()],
         target_weight: 0,
         conns: 2,
@@ -336,6 +330,7 @@ async fn a_router_answered_fenced_acknowledges_no_write_after() {
         allow_degraded: false,
         assume_clean: true,
         write_deadline: Default::default(),
+        transport,
         lease: Some(LeaseOptions {
             holder: Holder::new("nodeA", "1"),
             ttl: Duration::from_secs(30),
@@ -343,7 +338,41 @@ async fn a_router_answered_fenced_acknowledges_no_write_after() {
             backend: LeaseBackend::Embedded,
             standby: false,
         }),
+    }
+}
+
+/// After a newer holder passed its epoch: the next write (64 KiB at 64 KiB) and any after it
+/// fail with `ESHUTDOWN`, no read is served, and the status says fenced, with the reason.
+async fn assert_fenced(r: &mirror::volume::router::Router) {
+    use mirror::{lease::LeaseMode, volume::BlockDev};
+    let e = r.write(65536, vec![0xcc; 65536], false).await.expect_err("a fenced write acknowledged");
+    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
+    let e = r.write(0, vec![0xcc; 4096], false).await.expect_err("a write after the fence");
+    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
+    assert!(r.read(0, 4096).await.is_err(), "a fenced router serves no reads");
+    let st = r.status().lease.unwrap();
+    assert_eq!(st.mode, LeaseMode::Fenced);
+    assert!(st.reason.contains("refused") && st.reason.contains("fenced"), "{}", st.reason);
+}
+
+/// The router's side, deterministic: a router holding the lease over a local replica and a
+/// remote one; another holder claims a higher epoch on both (as a new router does). The next
+/// write fails with `ESHUTDOWN` and is on neither replica, the router is fenced for good (reads
+/// too), and its status says so, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_answered_fenced_acknowledges_no_write_after() {
+    use mirror::{
+        lease::LeaseMode,
+        volume::{open::open, BlockDev},
     };
+    let dir = TempDir::new("lease-router");
+    let secret_path = secret_file(&dir.0);
+    let key = mirror::replication::auth::load_secret(&secret_path).unwrap();
+    for f in ["s.img", "t.img"] {
+        std::fs::write(dir.0.join(f), vec![0u8; (4 * MIB) as usize]).unwrap();
+    }
+    let t = Replica::start(&dir.0.join("t.img"), &secret_path, None, &[]);
+    let cfg = leased_config(&dir.0, &t.addr, &key, Default::default());
     let vol = open(&cfg).await.expect("open volume");
     let r = vol.router.clone();
     r.write(0, vec![0x11; 65536], false).await.expect("a write under the lease");
@@ -366,14 +395,7 @@ async fn a_router_answered_fenced_acknowledges_no_write_after() {
         .await
         .unwrap();
     }
-    let e = r.write(65536, vec![0xcc; 65536], false).await.expect_err("a fenced write acknowledged");
-    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
-    let e = r.write(0, vec![0xcc; 4096], false).await.expect_err("a write after the fence");
-    assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
-    assert!(r.read(0, 4096).await.is_err(), "a fenced router serves no reads");
-    let st = r.status().lease.unwrap();
-    assert_eq!(st.mode, LeaseMode::Fenced);
-    assert!(st.reason.contains("refused") && st.reason.contains("fenced"), "{}", st.reason);
+    assert_fenced(&r).await;
     let json = serde_json::to_value(r.status()).unwrap();
     assert_eq!(json["lease"]["mode"], "fenced", "{json}");
     for f in ["s.img", "t.img"] {
@@ -381,6 +403,90 @@ async fn a_router_answered_fenced_acknowledges_no_write_after() {
         assert!(b[..65536].iter().all(|&x| x == 0x11), "{f}: the acknowledged write is there");
         assert!(b[65536..].iter().all(|&x| x == 0), "{f}: a fenced write landed");
     }
+    for s in &vol.local_servers {
+        s.shutdown();
+    }
+}
+
+/// Fencing over the TLS link: a router holding the lease (a local source, a remote target
+/// `mirror replica --tls`, both links TLS 1.3 with mutual certificates) writes at epoch 1 (its
+/// connections attached over TLS); another holder raises the target's epoch to 2 underneath it.
+/// The next write is answered FENCED over TLS and fails with `ESHUTDOWN`, nothing of it is on
+/// the target, the router is fenced for good; a fresh TLS connection attaching at the old epoch
+/// (what a reconnect does) is refused FENCED, one at the new epoch is attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_over_tls_is_fenced_when_its_remote_replicas_epoch_is_raised() {
+    use mirror::{
+        lease::{Epoch, Holder, LeaseMode},
+        replication::transport::{PeerAddr, Transport},
+        tls::PeerPolicy,
+        volume::{open::open, remote::RemotePool, replica::Attachment, BlockDev},
+    };
+    use mirror_tests::{proc::ReplicaLaunch, tls::pki};
+    let dir = TempDir::new("lease-tls");
+    let secret_path = secret_file(&dir.0);
+    let key = mirror::replication::auth::load_secret(&secret_path).unwrap();
+    pki(&dir.0, "ca", &["node-a", "node-b"]);
+    let (a, b) = (dir.0.join("node-a"), dir.0.join("node-b"));
+    for f in ["s.img", "t.img"] {
+        std::fs::write(dir.0.join(f), vec![0u8; (4 * MIB) as usize]).unwrap();
+    }
+    let rlog = dir.0.join("replica.log");
+    let args: Vec<String> = ["replica", "--listen", "127.0.0.1:0", "--secret-file"]
+        .iter()
+        .map(|x| x.to_string())
+        .chain([secret_path.display().to_string(), "--tls".into(), b.display().to_string()])
+        .chain(["--tls-allow".into(), "node-a".into()])
+        .chain(["--volume".into(), format!("v={}", dir.0.join("t.img").display())])
+        .collect();
+    let mut launch = ReplicaLaunch::new(mirror_bin(), args);
+    launch.log = Some(rlog.clone());
+    launch.rust_log = Some("info".into());
+    let t = Replica::launch(launch, &dir.0.join("t.img")).unwrap_or_else(|e| panic!("{e:#}"));
+    let now = std::time::SystemTime::now();
+    let tls = Transport::tls_node(&a, PeerPolicy::AnyNode, now).expect("node-a credentials");
+    assert!(tls.is_tls());
+    let target = format!("node-b@{}", t.addr);
+    let cfg = leased_config(&dir.0, &target, &key, tls.clone());
+    let vol = open(&cfg).await.expect("open volume");
+    let r = vol.router.clone();
+    r.write(0, vec![0x11; 65536], false).await.expect("a write under the lease, attached over TLS");
+    let st = r.status().lease.expect("the router reports its lease");
+    assert_eq!((st.mode, st.epoch.0), (LeaseMode::Active, 1));
+    let text = std::fs::read_to_string(&rlog).unwrap();
+    assert!(
+        text.lines().any(|l| l.contains("peer authenticated") && l.contains("node-a")),
+        "the target saw no TLS peer node-a:\n{text}"
+    );
+    // A newer holder claims epoch 2 on the target only, over TLS as node-a's credentials allow.
+    let (p, k, c) = (PeerAddr::parse(&target).unwrap(), key.clone(), Transport::tls_client(&a, now).unwrap());
+    let view = tokio::task::spawn_blocking(move || {
+        let mut cl = Client::connect_over(&c, &p, "v", &k).expect("connect over TLS");
+        assert_eq!(cl.node.as_deref(), Some("node-b"));
+        cl.call(&Message::LeaseClaim { holder: "nodeB/1".into(), epoch: 2, ttl_ms: 30000, coordinated: 1 })
+            .expect("claim epoch 2")
+    })
+    .await
+    .unwrap();
+    println!("target after the claim: {view:?}");
+    assert_fenced(&r).await;
+    let b = region(&dir.0.join("t.img"), 0, 2 * 65536);
+    assert!(b[..65536].iter().all(|&x| x == 0x11), "t.img: the acknowledged write is there");
+    assert!(b[65536..].iter().all(|&x| x == 0), "t.img: a fenced write landed");
+    // The connect path a reconnect takes: TLS, handshake, Attach at the old epoch: FENCED.
+    let old = Attachment { holder: Holder::new("nodeA", "1"), epoch: Epoch(1) };
+    let e = RemotePool::connect_over(&tls, &target, "v", &key, 1, Some(&old))
+        .await
+        .expect_err("an attach at the passed epoch accepted");
+    assert!(e.is_fenced(), "{e}");
+    let new = Attachment { holder: Holder::new("nodeB", "1"), epoch: Epoch(2) };
+    let (pool, _) = RemotePool::connect_over(&tls, &target, "v", &key, 1, Some(&new))
+        .await
+        .expect("an attach at the accepted epoch over TLS");
+    assert!(matches!(
+        pool.call(Message::Write { offset: MIB, data: vec![0x22; 4096] }, 0).await,
+        Ok(Message::Ok)
+    ));
     for s in &vol.local_servers {
         s.shutdown();
     }

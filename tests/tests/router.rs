@@ -202,6 +202,7 @@ async fn local_io_uring_replica_with_a_remote_peer_fails_over_and_resyncs() {
         // Both files hold the same bytes; their fresh metadata was never synced.
         assume_clean: true,
         lease: None,
+        transport: Default::default(),
     };
     let vol = open(&cfg).await.expect("open volume");
     let r = vol.router.clone();

@@ -15,6 +15,7 @@ pub mod serve;
 pub mod status;
 pub mod sync;
 pub mod top;
+pub mod transport;
 pub mod ublk;
 
 use clap::{Parser, Subcommand};

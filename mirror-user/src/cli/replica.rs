@@ -59,6 +59,12 @@ pub struct ReplicaArgs {
     pub direct_io: bool,
     #[command(flatten)]
     pub health: HealthArgs,
+    #[command(flatten)]
+    pub transport: super::transport::TransportArgs,
+    /// With --tls: accept only clients whose certificate names this node (repeatable) [default:
+    /// any node of the CA].
+    #[arg(long = "tls-allow", value_name = "NODE", requires = "tls")]
+    pub tls_allow: Vec<String>,
 }
 
 /// What a replica server runs with: the flags over the config file over the defaults.
@@ -126,6 +132,7 @@ impl ReplicaArgs {
             secret: load_secret(&s.secret_file)?,
             rate: s.rate,
             health: NodeHealth::new(),
+            transport: self.transport.node(&self.tls_allow).map_err(CliError::usage)?,
         };
         let node_health = cfg.health.clone();
         let first_volume = cfg.volumes.first().map(|v| v.path.clone());

@@ -19,13 +19,16 @@ pub struct ResolveArgs {
     /// Required: confirms that this replica's divergent writes are thrown away.
     #[arg(long, required = true)]
     pub discard: bool,
+    #[command(flatten)]
+    pub transport: super::transport::TransportArgs,
 }
 
 impl ResolveArgs {
     pub fn run(self) -> Result<()> {
-        let ResolveArgs { node, volume, secret_file, discard } = self;
+        let ResolveArgs { node, volume, secret_file, discard, transport } = self;
         anyhow::ensure!(discard, "--discard is required");
-        let mut c = Client::connect(&node, &volume, &load_secret(&secret_file)?)?;
+        let (t, to) = (transport.client()?, super::transport::peer(&node)?);
+        let mut c = Client::connect_over(&t, &to, &volume, &load_secret(&secret_file)?)?;
         c.call_ok(&Message::ResolveDiscard)?;
         crate::outln!(
             "{volume} on {node}: data discarded; sync onto it from the other replica (a full, digest-compared sync)"

@@ -138,6 +138,20 @@ pub struct ServeArgs {
     pub frontend: Option<Frontend>,
     #[command(flatten)]
     pub ublk: UblkArgs,
+    /// The replication links (to remote replicas, and the local replicas' servers).
+    #[command(flatten)]
+    pub transport: super::transport::TransportArgs,
+    /// TLS required on the NBD listeners (NBD_OPT_STARTTLS, X.509): the node's credentials
+    /// directory (server-cert.pem is presented to applications; qemu's tls-creds-x509 layout).
+    #[arg(long, value_name = "DIR")]
+    pub nbd_tls: Option<PathBuf>,
+    /// With --nbd-tls: NBD clients must present a certificate of the directory's CA.
+    #[arg(long, requires = "nbd_tls")]
+    pub nbd_tls_verify_peer: bool,
+    /// Serve NBD without TLS on an address that is not loopback (anyone who reaches it reads
+    /// and writes the volume).
+    #[arg(long, conflicts_with = "nbd_tls")]
+    pub nbd_insecure_plaintext: bool,
 }
 
 /// Defaults of `mirror serve` that neither a flag nor the file gave.
@@ -316,6 +330,7 @@ impl ServeArgs {
             pin_dir: monitor.pin_dir.clone(),
             frontend: self.frontend.or(file.frontend).unwrap_or(Frontend::Nbd),
             ublk: self.ublk.options(),
+            nbd_tls: None,
         };
         Ok(ServeSettings {
             driver: self.engine.config(&file.engine, self.target_weight)?,
@@ -335,6 +350,20 @@ impl ServeArgs {
         })
     }
 
+    /// The NBD listeners' TLS server, from `--nbd-tls` and `--nbd-tls-verify-peer`.
+    fn nbd_tls(&self) -> Result<Option<crate::tls::TlsServer>> {
+        use crate::tls::{ClientAuth, PeerPolicy, TlsServer};
+        let Some(dir) = &self.nbd_tls else { return Ok(None) };
+        let auth = if self.nbd_tls_verify_peer {
+            ClientAuth::Required(PeerPolicy::AnyNode)
+        } else {
+            ClientAuth::NotRequested
+        };
+        let server = TlsServer::from_dir(dir, auth, std::time::SystemTime::now())
+            .map_err(|e| anyhow::anyhow!("--nbd-tls {}: {e}", dir.display()))?;
+        Ok(Some(server))
+    }
+
     /// Reads the config file, settles the settings, starts this node's health monitor (scoring
     /// the disk under the first local replica), then serves until SIGINT / SIGTERM.
     pub async fn run(self) -> Result<()> {
@@ -342,7 +371,17 @@ impl ServeArgs {
             Some(p) => ServeFile::load(p).map_err(CliError::usage)?,
             None => ServeFile::default(),
         };
-        let s = self.settings(&file).map_err(CliError::usage)?;
+        let mut s = self.settings(&file).map_err(CliError::usage)?;
+        s.endpoints.nbd_tls = self.nbd_tls().map_err(CliError::usage)?;
+        if s.endpoints.nbd_tls.is_none()
+            && !self.nbd_insecure_plaintext
+            && !crate::replication::transport::is_loopback(s.endpoints.nbd.ip())
+        {
+            return Err(CliError::usage(anyhow::anyhow!(
+                "NBD on `{}`, not a loopback address: give `--nbd-tls DIR`, or `--nbd-insecure-plaintext` to let anyone who reaches it read and write the volume",
+                s.endpoints.nbd
+            )));
+        }
         let local = [&s.source, &s.target].into_iter().find_map(|r| match r {
             ReplicaSpec::Local { path, .. } => Some(path.clone()),
             ReplicaSpec::Remote { .. } => None,
@@ -363,6 +402,7 @@ impl ServeArgs {
             allow_degraded: self.degraded || self.force,
             assume_clean: self.assume_clean,
             lease: self.lease_options()?,
+            transport: self.transport.node(&[]).map_err(CliError::usage)?,
         };
         Ok(crate::serve::run(volume, s.driver, s.endpoints, super::shutdown_signal).await?)
     }

@@ -19,11 +19,14 @@ pub struct StatusArgs {
     /// script can pass `--json` to every command that prints state.)
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub transport: super::transport::TransportArgs,
 }
 
 impl StatusArgs {
     pub fn run(self) -> Result<()> {
-        let mut c = Client::connect(&self.node, &self.volume, &load_secret(&self.secret_file)?)?;
+        let (t, node) = (self.transport.client()?, super::transport::peer(&self.node)?);
+        let mut c = Client::connect_over(&t, &node, &self.volume, &load_secret(&self.secret_file)?)?;
         crate::outln!("{}", serde_json::to_string_pretty(&c.json(&Message::Status)?)?);
         Ok(())
     }

@@ -36,6 +36,8 @@ pub struct SyncArgs {
     /// No progress bar; print the final JSON status.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub transport: super::transport::TransportArgs,
 }
 
 impl SyncArgs {
@@ -52,8 +54,10 @@ impl SyncArgs {
     /// success.
     pub fn run(self) -> Result<()> {
         let kind = self.kind();
-        let SyncArgs { node, peer, volume, secret_file, no_wait, json, .. } = self;
-        let mut c = Client::connect(&node, &volume, &load_secret(&secret_file)?)?;
+        let SyncArgs { node, peer, volume, secret_file, no_wait, json, transport, .. } = self;
+        let (t, to) = (transport.client()?, super::transport::peer(&node)?);
+        super::transport::peer(&peer)?;
+        let mut c = Client::connect_over(&t, &to, &volume, &load_secret(&secret_file)?)?;
         c.call_ok(&Message::StartJob { kind, peer: peer.clone() })?;
         if no_wait {
             crate::outln!(

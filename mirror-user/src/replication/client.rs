@@ -1,5 +1,5 @@
-//! The blocking protocol client: connect, authenticate, call. Used by sync jobs (source server
-//! to peer), the CLI, and tests.
+//! The blocking protocol client: connect (TLS or plaintext, per the [`Transport`]),
+//! authenticate, call. Used by sync jobs (source server to peer), the CLI, and tests.
 
 use std::{net::TcpStream, time::Duration};
 
@@ -7,9 +7,11 @@ use crate::lease::replica::ReplicaLeaseView;
 
 use super::{
     auth,
-    conn::{Conn, ConnError},
-    protocol::{Message, VolumeInfo, VERSION},
+    conn::{Conn, ConnError, Stream},
+    protocol::{Message, VolumeInfo, MAX_PAYLOAD, VERSION},
+    transport::{PeerAddr, PlaintextRefused, Transport},
 };
+use crate::tls::{TlsError, HANDSHAKE_TIMEOUT};
 
 /// Errors talking to a replica server.
 #[derive(Debug, thiserror::Error)]
@@ -25,27 +27,39 @@ pub enum ClientError {
     ServerAuth(String),
     #[error("unexpected reply {0}")]
     Unexpected(String),
+    #[error("{addr}: {source}")]
+    Tls { addr: String, source: TlsError },
+    #[error(transparent)]
+    Plaintext(#[from] PlaintextRefused),
 }
 
 /// How long a TCP connect may take before the node counts as unreachable (a dead host answers
 /// nothing; the kernel's own SYN retries would take about two minutes).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn connect_tcp(addr: &str) -> std::io::Result<TcpStream> {
+/// Dials `addr` (each address it resolves to in turn); plaintext only where `transport` allows.
+fn connect_tcp(transport: &Transport, addr: &str) -> Result<TcpStream, ClientError> {
     use std::net::ToSocketAddrs;
+    let io = |source| ClientError::Connect { addr: addr.into(), source };
     let mut last = None;
-    for a in addr.to_socket_addrs()? {
+    for a in addr.to_socket_addrs().map_err(io)? {
+        transport.check(a)?;
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address")))
+    Err(io(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))))
+}
+
+fn tls(addr: &str, source: TlsError) -> ClientError {
+    ClientError::Tls { addr: addr.into(), source }
 }
 
 impl ClientError {
     /// The node did not answer at all (connection refused, timed out, no route): it may be
-    /// down. Anything else (a refusal, a failed proof) is a configuration error.
+    /// down. Anything else (a refusal, a failed proof, a certificate refused) is a configuration
+    /// error.
     pub fn is_unreachable(&self) -> bool {
         matches!(self, ClientError::Connect { .. })
     }
@@ -57,37 +71,72 @@ pub struct Client {
     pub conn: Conn,
     pub info: VolumeInfo,
     pub addr: String,
+    /// The volume this connection was opened for (what [`Self::attach`] names).
     info_volume: String,
+    /// The server's node name, as its certificate says (TLS only).
+    pub node: Option<String>,
     next_id: u64,
 }
 
 impl Client {
-    /// Connects and runs the handshake (version, mutual HMAC proof, volume).
+    /// Connects in plaintext (loopback only) and runs the handshake: see [`Self::connect_over`].
     pub fn connect(addr: &str, volume: &str, secret: &[u8]) -> Result<Client, ClientError> {
-        let stream =
-            connect_tcp(addr).map_err(|source| ClientError::Connect { addr: addr.into(), source })?;
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-        let mut conn =
-            Conn::new(stream).map_err(|source| ClientError::Connect { addr: addr.into(), source })?;
+        Self::connect_over(&Transport::default(), &PeerAddr::any(addr), volume, secret)
+    }
+
+    /// Connects to `peer` over `transport` (TLS: the server's certificate checked against the
+    /// CA and the pinned node, if any) and runs the protocol handshake (version, mutual HMAC
+    /// proof bound to the TLS session, volume), its frames held to the pre-auth cap.
+    pub fn connect_over(
+        transport: &Transport,
+        peer: &PeerAddr,
+        volume: &str,
+        secret: &[u8],
+    ) -> Result<Client, ClientError> {
+        let addr = peer.addr.as_str();
+        let tcp = connect_tcp(transport, addr)?;
+        let io = |source| ClientError::Connect { addr: addr.into(), source };
+        let client = transport.client_for(peer).map_err(|source| tls(addr, source))?;
+        let (stream, node) = match &client {
+            None => (Stream::Plain(tcp), None),
+            Some(c) => {
+                let (s, id) = c.connect(tcp, HANDSHAKE_TIMEOUT).map_err(|source| tls(addr, source))?;
+                (Stream::TlsClient(Box::new(s)), Some(id.node))
+            }
+        };
+        let binding = stream.binding(volume).map_err(|e| tls(addr, TlsError::Handshake(e)))?;
+        let _ = stream.tcp().set_read_timeout(Some(Duration::from_secs(30)));
+        let mut conn = Conn::over(stream).map_err(io)?;
+        conn.set_max_payload(auth::PRE_AUTH_MAX_PAYLOAD);
         let client_nonce = auth::nonce();
-        conn.send(0, 0, &Message::Hello { version: VERSION, volume: volume.into(), nonce: client_nonce })?;
-        conn.flush()?;
-        let server_nonce = match conn.recv()?.1 {
+        // Under TLS a refusal of our certificate shows on the first read: name it.
+        let explain = |e: ConnError| match (e, &client) {
+            (ConnError::Io(e), Some(c)) => tls(addr, c.explain(e)),
+            (e, _) => ClientError::Conn(e),
+        };
+        conn.send(0, 0, &Message::Hello { version: VERSION, volume: volume.into(), nonce: client_nonce })
+            .and_then(|_| conn.flush())
+            .map_err(explain)?;
+        let server_nonce = match conn.recv().map_err(explain)?.1 {
             Message::Challenge { nonce, .. } => nonce,
             m => return Err(remote_or_unexpected(addr, m)),
         };
-        let mac = auth::client_proof(secret, &server_nonce, &client_nonce, volume);
-        conn.send(0, 0, &Message::Auth { mac })?;
+        let ex = auth::Exchange { server_nonce: &server_nonce, client_nonce: &client_nonce, volume, binding };
+        conn.send(0, 0, &Message::Auth { mac: ex.client_proof(secret) })?;
         conn.flush()?;
         let (mac, info) = match conn.recv()?.1 {
             Message::Welcome { mac, info } => (mac, info),
             m => return Err(remote_or_unexpected(addr, m)),
         };
-        if !auth::verify_server(secret, &server_nonce, &client_nonce, volume, &mac) {
+        if !ex.verify_server(secret, &mac) {
             return Err(ClientError::ServerAuth(addr.into()));
         }
-        let _ = conn.stream().set_read_timeout(None);
-        Ok(Client { conn, info, addr: addr.into(), info_volume: volume.into(), next_id: 1 })
+        conn.set_max_payload(MAX_PAYLOAD);
+        let _ = conn.set_read_timeout(None);
+        if let Some(n) = &node {
+            tracing::debug!(peer = %addr, node = %n, volume, "connected over TLS");
+        }
+        Ok(Client { conn, info, addr: addr.into(), info_volume: volume.into(), node, next_id: 1 })
     }
 
     /// Attaches this connection for `holder` at `epoch` (protocol 4; routers and sync jobs do,
@@ -102,8 +151,8 @@ impl Client {
         }
     }
 
-    /// The authenticated TCP stream, for an async client to take over after the handshake.
-    pub fn into_stream(self) -> std::io::Result<TcpStream> {
+    /// The authenticated stream, for another client to take over after the handshake.
+    pub fn into_stream(self) -> std::io::Result<Stream> {
         self.conn.into_stream()
     }
 
@@ -171,7 +220,7 @@ impl Client {
     }
 }
 
-fn remote_or_unexpected(addr: &str, m: Message) -> ClientError {
+pub(crate) fn remote_or_unexpected(addr: &str, m: Message) -> ClientError {
     match m {
         Message::Error { code, errno, message } => {
             ClientError::Remote { addr: addr.into(), code, errno, message }

@@ -6,9 +6,13 @@
 //! `Message::Error` with its protocol code and the errno of the failed system call
 //! ([`error_reply`]), so the peer's router can hand that errno to its application.
 //!
-//! One thread per connection; requests on a connection are handled in order, so a client may
-//! pipeline. Nothing is applied before its whole frame has arrived and passed its checksum; any
-//! protocol violation closes that connection only.
+//! Until a connection has authenticated it is a task on the accept thread's runtime: admitted
+//! by the [`PreAuthGate`] (caps in all and per peer address, the oldest evicted), the TLS
+//! handshake (under `--tls`) and the protocol handshake within one deadline, its frames held to
+//! [`auth::PRE_AUTH_MAX_PAYLOAD`]; no thread and no large buffer. An authenticated connection
+//! gets a thread and its buffers; its requests are handled in order, so a client may pipeline.
+//! Nothing is applied before its whole frame has arrived and passed its checksum (and, under
+//! TLS, its record its authentication); any protocol violation closes that connection only.
 
 use std::{
     collections::HashMap,
@@ -16,9 +20,15 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
+};
+
+use rustls::StreamOwned;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    sync::oneshot,
 };
 
 use crate::{
@@ -28,14 +38,18 @@ use crate::{
         Epoch, Holder,
     },
     storage::{OpenError, StorageError, Volume, VolumeSpec},
+    tls::HANDSHAKE_TIMEOUT,
 };
 
 use super::{
     auth,
-    conn::{Conn, ConnError},
-    protocol::{code, Message, FLAG_FUA, MAX_IO, MAX_PAYLOAD, VERSION},
+    conn::{Conn, ConnError, Stream},
+    frame::FrameDecoder,
+    preauth::PreAuthGate,
+    protocol::{code, encode_frame, Message, FLAG_FUA, MAX_IO, MAX_PAYLOAD, VERSION},
     rate::SyncRate,
     sync,
+    transport::{PlaintextRefused, Transport},
 };
 
 /// Server configuration.
@@ -47,6 +61,8 @@ pub struct ServerConfig {
     pub rate: SyncRate,
     /// This node's health score and signals, sent in heartbeat replies.
     pub health: Arc<NodeHealth>,
+    /// TLS or plaintext, for accepted connections and for the sync jobs' own.
+    pub transport: Transport,
 }
 
 /// Errors starting a server.
@@ -59,6 +75,10 @@ pub enum ServerError {
     Duplicate(String),
     #[error("listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
+    #[error("listen on {0}")]
+    Plaintext(#[from] PlaintextRefused),
+    #[error("--tls credentials are for a client only: a server needs server-cert.pem and server-key.pem")]
+    NoServerCredentials,
 }
 
 struct Shared {
@@ -66,6 +86,7 @@ struct Shared {
     secret: Vec<u8>,
     rate: SyncRate,
     health: Arc<NodeHealth>,
+    transport: Transport,
 }
 
 /// A running server.
@@ -96,7 +117,14 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|source| ServerError::Listen { addr: cfg.listen.clone(), source })?;
-        let shared = Arc::new(Shared { volumes, secret: cfg.secret, rate: cfg.rate, health: cfg.health });
+        cfg.transport.check(addr)?;
+        if cfg.transport.is_tls() && cfg.transport.server().is_none() {
+            return Err(ServerError::NoServerCredentials);
+        }
+        let transport = cfg.transport;
+        tracing::info!(%addr, transport = %transport.describe(), "replication transport");
+        let shared =
+            Arc::new(Shared { volumes, secret: cfg.secret, rate: cfg.rate, health: cfg.health, transport });
         let stop = Arc::new(AtomicBool::new(false));
         let (sh, st) = (shared.clone(), stop.clone());
         std::thread::Builder::new()
@@ -124,22 +152,267 @@ impl Server {
     }
 }
 
+/// The accept thread: a current-thread runtime on which every connection is a task until it
+/// has authenticated (TLS handshake and protocol handshake under one deadline, frames held to
+/// the pre-auth cap, the connection admitted by the [`PreAuthGate`]); only then does it get its
+/// data-path thread and buffers.
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
-    for stream in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            break;
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("replica server: no runtime for the accept loop: {e}");
+            return;
         }
-        match stream {
-            Ok(s) => {
-                let sh = shared.clone();
-                let _ = std::thread::Builder::new().name("mirror-conn".into()).spawn(move || {
-                    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-                    handle(s, &peer, &sh);
-                });
+    };
+    rt.block_on(async move {
+        let listener = match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("replica server: accept: {e}");
+                return;
             }
-            Err(e) => tracing::warn!("accept: {e}"),
+        };
+        let gate: Arc<Mutex<Gate>> = Arc::default();
+        loop {
+            let accepted = listener.accept().await;
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let (tcp, addr) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    // Out of descriptors, say: do not spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let (ticket, evicted) = Gate::admit(&gate, addr);
+            if evicted > 0 {
+                tracing::debug!(peer = %addr, evicted, "unauthenticated connections evicted to admit a new one");
+            }
+            let sh = shared.clone();
+            tokio::spawn(async move {
+                let peer = addr.to_string();
+                let Ticket { id, evicted, gate } = ticket;
+                let _release = Release { id, gate };
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, authenticate(tcp, &peer, &sh));
+                let authenticated = tokio::select! {
+                    r = handshake => match r {
+                        Ok(r) => r,
+                        Err(_) => {
+                            tracing::warn!("refused peer={peer}: handshake not finished within {HANDSHAKE_TIMEOUT:?}");
+                            None
+                        }
+                    },
+                    _ = evicted => {
+                        tracing::debug!("refused peer={peer}: evicted (too many unauthenticated connections)");
+                        None
+                    }
+                };
+                drop(_release);
+                let Some((stream, vol)) = authenticated else { return };
+                let spawned = std::thread::Builder::new().name("mirror-conn".into()).spawn(move || {
+                    match Conn::over(stream) {
+                        Ok(conn) => serve(conn, vol, &peer, &sh),
+                        Err(e) => tracing::warn!(%peer, "connection: {e}"),
+                    }
+                });
+                if let Err(e) = spawned {
+                    tracing::error!("no thread for an authenticated connection: {e}");
+                }
+            });
+        }
+    });
+}
+
+/// The [`PreAuthGate`] and how to close the connections it evicts.
+#[derive(Default)]
+struct Gate {
+    gate: PreAuthGate,
+    evict: HashMap<u64, oneshot::Sender<()>>,
+}
+
+/// An admitted connection: its number, and the signal that it was evicted.
+struct Ticket {
+    id: u64,
+    evicted: oneshot::Receiver<()>,
+    gate: Arc<Mutex<Gate>>,
+}
+
+/// Releases a connection's place in the gate (on authentication or end).
+struct Release {
+    id: u64,
+    gate: Arc<Mutex<Gate>>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let mut g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        g.gate.release(self.id);
+        g.evict.remove(&self.id);
+    }
+}
+
+impl Gate {
+    /// Admits a connection from `addr`, closing those the gate evicts; how many it evicted.
+    fn admit(gate: &Arc<Mutex<Gate>>, addr: SocketAddr) -> (Ticket, usize) {
+        let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
+        let a = g.gate.admit(addr.ip());
+        for id in &a.evict {
+            if let Some(tx) = g.evict.remove(id) {
+                let _ = tx.send(());
+            }
+        }
+        let (tx, evicted) = oneshot::channel();
+        g.evict.insert(a.id, tx);
+        (Ticket { id: a.id, evicted, gate: gate.clone() }, a.evict.len())
+    }
+}
+
+/// The TLS handshake (when the transport has it) and the protocol handshake; the authenticated
+/// stream, made blocking for its data-path thread, and the volume. `None`: refused, and logged.
+async fn authenticate(
+    tcp: tokio::net::TcpStream,
+    peer: &str,
+    shared: &Shared,
+) -> Option<(Stream, Arc<Volume>)> {
+    let _ = tcp.set_nodelay(true);
+    let blocking = |tcp: tokio::net::TcpStream| match tcp
+        .into_std()
+        .and_then(|t| t.set_nonblocking(false).map(|()| t))
+    {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(%peer, "connection: {e}");
+            None
+        }
+    };
+    match shared.transport.server() {
+        None => {
+            let mut io = tcp;
+            let vol =
+                handshake(&mut io, peer, None, |_: &tokio::net::TcpStream, _: &str| Ok(None), shared).await?;
+            Some((Stream::Plain(blocking(io)?), vol))
+        }
+        Some(tls) => {
+            let (mut io, id) = match tls.accept_async(tcp, HANDSHAKE_TIMEOUT).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("refused peer={peer}: {e}");
+                    return None;
+                }
+            };
+            let node = id.map(|id| id.node);
+            let bind = |io: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>, volume: &str| {
+                auth::binding(io.get_ref().1, volume).map(Some)
+            };
+            let vol = handshake(&mut io, peer, node.as_deref(), bind, shared).await?;
+            // Plaintext rustls decrypted already stays in its buffers and is read first.
+            let (tcp, conn) = io.into_inner();
+            Some((Stream::TlsServer(Box::new(StreamOwned::new(conn, blocking(tcp)?))), vol))
         }
     }
+}
+
+/// Frames before authentication: held to [`auth::PRE_AUTH_MAX_PAYLOAD`], read with no buffer
+/// beyond the frame's own.
+struct PreAuth<'a, S> {
+    io: &'a mut S,
+    frames: FrameDecoder,
+    buf: Vec<u8>,
+    peer: &'a str,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> PreAuth<'_, S> {
+    async fn send(&mut self, msg: &Message) -> std::io::Result<()> {
+        self.buf.clear();
+        encode_frame(&mut self.buf, 0, 0, msg);
+        self.io.write_all(&self.buf).await?;
+        self.io.flush().await
+    }
+
+    /// The next frame; `None` when the stream failed (logged).
+    async fn recv(&mut self) -> Option<Message> {
+        match self.frames.read_async(self.io).await {
+            Ok(f) => Some(f.msg),
+            Err(e) => {
+                tracing::warn!("refused peer={}: handshake failed: {e}", self.peer);
+                None
+            }
+        }
+    }
+
+    async fn refuse(&mut self, code: u16, message: String) {
+        tracing::warn!("refused peer={}: {message}", self.peer);
+        let _ = self.send(&Message::Error { code, errno: 0, message }).await;
+    }
+}
+
+/// Runs the protocol handshake; returns the authenticated volume or None (already refused and
+/// logged). `bind` gives the TLS binding of the proofs for a volume (see `auth`).
+async fn handshake<S, B>(
+    io: &mut S,
+    peer: &str,
+    node: Option<&str>,
+    bind: B,
+    shared: &Shared,
+) -> Option<Arc<Volume>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    B: Fn(&S, &str) -> Result<auth::Binding, rustls::Error>,
+{
+    let mut c = PreAuth { io, frames: FrameDecoder::new(auth::PRE_AUTH_MAX_PAYLOAD), buf: Vec::new(), peer };
+    let (volume, client_nonce) = match c.recv().await? {
+        Message::Hello { version, volume, nonce } => {
+            if version != VERSION {
+                c.refuse(
+                    code::VERSION,
+                    format!("protocol version mismatch: this server speaks {VERSION}, the peer {version}"),
+                )
+                .await;
+                return None;
+            }
+            (volume, nonce)
+        }
+        m => {
+            c.refuse(code::PROTOCOL, format!("expected Hello, got {m:?}")).await;
+            return None;
+        }
+    };
+    let binding = match bind(c.io, &volume) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("refused peer={peer}: TLS exporter: {e}");
+            return None;
+        }
+    };
+    let server_nonce = auth::nonce();
+    let ex =
+        auth::Exchange { server_nonce: &server_nonce, client_nonce: &client_nonce, volume: &volume, binding };
+    c.send(&Message::Challenge { version: VERSION, nonce: server_nonce }).await.ok()?;
+    let mac = match c.recv().await? {
+        Message::Auth { mac } => mac,
+        m => {
+            c.refuse(code::PROTOCOL, format!("expected Auth, got {m:?}")).await;
+            return None;
+        }
+    };
+    if !ex.verify_client(&shared.secret, &mac) {
+        c.refuse(code::AUTH, "authentication failed: the peer does not know the shared secret".into()).await;
+        return None;
+    }
+    let Some(vol) = shared.volumes.get(&volume).cloned() else {
+        c.refuse(code::NO_VOLUME, format!("no volume named {volume:?} here")).await;
+        return None;
+    };
+    let mac = ex.server_proof(&shared.secret);
+    c.send(&Message::Welcome { mac, info: vol.info() }).await.ok()?;
+    match node {
+        Some(node) => tracing::info!(%peer, %node, volume = %vol.name(), "peer authenticated"),
+        None => tracing::debug!(%peer, volume = %vol.name(), "peer authenticated (plaintext)"),
+    }
+    Some(vol)
 }
 
 fn refuse(conn: &mut Conn, peer: &str, code: u16, message: String) {
@@ -148,75 +421,10 @@ fn refuse(conn: &mut Conn, peer: &str, code: u16, message: String) {
     let _ = conn.flush();
 }
 
-/// Runs the handshake; returns the authenticated volume or None (already refused and logged).
-fn handshake(conn: &mut Conn, peer: &str, shared: &Shared) -> Option<Arc<Volume>> {
-    let (volume, client_nonce) = match conn.recv() {
-        Ok((_, Message::Hello { version, volume, nonce })) => {
-            if version != VERSION {
-                refuse(
-                    conn,
-                    peer,
-                    code::VERSION,
-                    format!("protocol version mismatch: this server speaks {VERSION}, the peer {version}"),
-                );
-                return None;
-            }
-            (volume, nonce)
-        }
-        Ok((_, m)) => {
-            refuse(conn, peer, code::PROTOCOL, format!("expected Hello, got {m:?}"));
-            return None;
-        }
-        Err(e) => {
-            tracing::warn!(%peer, "handshake failed: {e}");
-            return None;
-        }
-    };
-    let server_nonce = auth::nonce();
-    if conn
-        .send(0, 0, &Message::Challenge { version: VERSION, nonce: server_nonce })
-        .and_then(|_| conn.flush())
-        .is_err()
-    {
-        return None;
-    }
-    let mac = match conn.recv() {
-        Ok((_, Message::Auth { mac })) => mac,
-        Ok((_, m)) => {
-            refuse(conn, peer, code::PROTOCOL, format!("expected Auth, got {m:?}"));
-            return None;
-        }
-        Err(e) => {
-            tracing::warn!(%peer, "handshake failed: {e}");
-            return None;
-        }
-    };
-    if !auth::verify_client(&shared.secret, &server_nonce, &client_nonce, &volume, &mac) {
-        refuse(
-            conn,
-            peer,
-            code::AUTH,
-            "authentication failed: the peer does not know the shared secret".into(),
-        );
-        return None;
-    }
-    let Some(vol) = shared.volumes.get(&volume).cloned() else {
-        refuse(conn, peer, code::NO_VOLUME, format!("no volume named {volume:?} here"));
-        return None;
-    };
-    let mac = auth::server_proof(&shared.secret, &server_nonce, &client_nonce, &volume);
-    if conn.send(0, 0, &Message::Welcome { mac, info: vol.info() }).and_then(|_| conn.flush()).is_err() {
-        return None;
-    }
-    tracing::debug!(%peer, volume = %vol.name(), "peer authenticated");
-    Some(vol)
-}
-
-fn handle(stream: TcpStream, peer: &str, shared: &Shared) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let Ok(mut conn) = Conn::new(stream) else { return };
-    let Some(vol) = handshake(&mut conn, peer, shared) else { return };
-    let _ = conn.stream().set_read_timeout(None);
+/// Serves an authenticated connection: request, reply, in turn, until it ends. An `Attach`
+/// (protocol 4, right after the Welcome) sets the epoch the connection writes at; `dispatch`
+/// checks every mutation against it.
+fn serve(mut conn: Conn, vol: Arc<Volume>, peer: &str, shared: &Shared) {
     // The epoch this connection writes at, once it attached (see `storage::lease`).
     let mut attached: Option<Epoch> = None;
     loop {
@@ -226,6 +434,16 @@ fn handle(stream: TcpStream, peer: &str, shared: &Shared) {
                 if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) =>
             {
                 tracing::debug!(%peer, "peer disconnected");
+                return;
+            }
+            Err(ConnError::Io(e)) if conn.session().is_tls() => {
+                // A record that fails its authentication (corrupted or forged on the way): the
+                // session is over, and nothing of the frame it carried was applied.
+                let why = match shared.transport.server() {
+                    Some(t) => t.explain(e).to_string(),
+                    None => e.to_string(),
+                };
+                tracing::warn!(%peer, volume = %vol.name(), "closing connection: {why}");
                 return;
             }
             Err(e) => {
@@ -355,7 +573,7 @@ fn dispatch(
         Message::SyncBegin { source_gen } => ok(vol.sync_begin(source_gen)),
         Message::SyncEnd { current, history } => ok(vol.sync_end(current, history)),
         Message::StartJob { kind, peer } => {
-            ok(sync::start_job(vol, shared.secret.clone(), shared.rate, kind, peer))
+            ok(sync::start_job(vol, &shared.transport, shared.secret.clone(), shared.rate, kind, peer))
         }
         Message::GetBitmap => match vol.bitmap() {
             bits if bits.len() > MAX_PAYLOAD as usize => {

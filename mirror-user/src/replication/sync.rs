@@ -17,6 +17,7 @@ use super::{
     client::{Client, ClientError},
     protocol::Message,
     rate::{Pacer, SyncRate},
+    transport::{PeerAddr, Transport},
 };
 use crate::storage::{
     job::{JobKind, WireBytes},
@@ -57,16 +58,17 @@ pub enum JobError {
 /// a job runs on the volume.
 pub fn start_job(
     vol: &Arc<Volume>,
+    transport: &Transport,
     secret: Vec<u8>,
     rate: SyncRate,
     kind: JobKind,
     peer: String,
 ) -> Result<(), StorageError> {
     let job = vol.claim_job(kind, peer.clone())?;
-    let (v, j) = (vol.clone(), job.clone());
+    let (v, j, t) = (vol.clone(), job.clone(), transport.clone());
     match std::thread::Builder::new()
         .name("mirror-job".into())
-        .spawn(move || run_job(&v, &peer, &secret, rate, &j))
+        .spawn(move || run_job(&v, &t, &peer, &secret, rate, &j))
     {
         Ok(_) => Ok(()),
         Err(e) => {
@@ -78,9 +80,15 @@ pub fn start_job(
 }
 
 /// Runs a job to its end, recording the outcome in `st`.
-pub fn run_job(vol: &Volume, peer: &str, secret: &[u8], rate: SyncRate, st: &Job) {
+/// `peer` is `HOST:PORT` or `NODE@HOST:PORT` (see [`PeerAddr`]); the connection takes
+/// `transport`.
+pub fn run_job(vol: &Volume, transport: &Transport, peer: &str, secret: &[u8], rate: SyncRate, st: &Job) {
     let r = (|| -> Result<JobState, JobError> {
-        let mut c = Client::connect(peer, vol.name(), secret)?;
+        let to = PeerAddr::parse(peer).map_err(JobError::Refused)?;
+        let mut c = Client::connect_over(transport, &to, vol.name(), secret)?;
+        if let Some(node) = &c.node {
+            tracing::info!(volume = %vol.name(), peer, node = %node, "job connected to its peer over TLS");
+        }
         // Fenced like the router it works for: the job writes at the epoch this replica accepted,
         // so a peer that has seen a newer holder refuses it.
         let lease = vol.lease().view();

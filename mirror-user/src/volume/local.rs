@@ -17,7 +17,7 @@ use super::{
     uring::{UringFile, ALIGN},
 };
 use crate::{
-    replication::{rate::SyncRate, sync},
+    replication::{rate::SyncRate, sync, transport::Transport},
     storage::{Access, IoOp, JobKind, StorageError, Volume, VolumeStatus},
 };
 
@@ -46,12 +46,25 @@ pub struct LocalReplica {
     uring: Option<Arc<UringFile>>,
     /// Exponentially weighted mean duration of the writes done inline, microseconds.
     inline_lat_ewma_us: AtomicU64,
+    /// How its sync jobs reach the peer.
+    transport: Transport,
 }
 
 impl LocalReplica {
     /// `vol`, served to the peer at `addr`; its data path through `uring` when given.
     pub fn new(vol: Arc<Volume>, addr: String, uring: Option<Arc<UringFile>>) -> LocalReplica {
-        LocalReplica { vol, addr, uring, inline_lat_ewma_us: AtomicU64::new(0) }
+        LocalReplica {
+            vol,
+            addr,
+            uring,
+            inline_lat_ewma_us: AtomicU64::new(0),
+            transport: Transport::default(),
+        }
+    }
+
+    /// The same, its sync jobs connecting to the peer over `transport`.
+    pub fn with_transport(self, transport: Transport) -> LocalReplica {
+        LocalReplica { transport, ..self }
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -210,7 +223,7 @@ impl LocalReplica {
         kind: JobKind,
         peer: String,
     ) -> Result<(), ReplicaError> {
-        Ok(sync::start_job(&self.vol, secret.to_vec(), rate, kind, peer)?)
+        Ok(sync::start_job(&self.vol, &self.transport, secret.to_vec(), rate, kind, peer)?)
     }
 
     // The fast path's parts (see `volume::fast`).

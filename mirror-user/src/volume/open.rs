@@ -13,6 +13,7 @@ use crate::{
     replication::{
         rate::SyncRate,
         server::{Server, ServerConfig},
+        transport::{PeerAddr, Transport},
     },
     storage::{
         meta::{plan, SyncPlan},
@@ -25,7 +26,8 @@ use crate::{
 pub enum ReplicaSpec {
     /// `local:PATH[:SIZE]`: a file or block device of this node.
     Local { path: PathBuf, size: Option<u64> },
-    /// `remote:HOST:PORT`: a `mirror replica` server.
+    /// `remote:HOST:PORT`: a `mirror replica` server; `remote:NODE@HOST:PORT` accepts only the
+    /// node `NODE`'s certificate there (TLS).
     Remote { addr: String },
 }
 
@@ -44,6 +46,7 @@ impl ReplicaSpec {
             if !addr.contains(':') {
                 return Err(format!("`{s}`: remote:HOST:PORT needs a port"));
             }
+            PeerAddr::parse(addr)?;
             Ok(ReplicaSpec::Remote { addr: addr.into() })
         } else {
             Err(format!("`{s}`: a replica is local:PATH[:SIZE] or remote:HOST:PORT"))
@@ -78,6 +81,8 @@ pub struct VolumeConfig {
     /// Hold the volume's lease (embedded at the replicas) and write at its epoch; `None`: no
     /// lease, no fencing (a lone router, the router's own tests).
     pub lease: Option<super::lease::LeaseOptions>,
+    /// TLS or plaintext, for the embedded servers, the remote pools, heartbeats and sync jobs.
+    pub transport: Transport,
 }
 
 /// What a replica's metadata says, as its status reports it.
@@ -196,6 +201,7 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
                     secret: cfg.secret.clone(),
                     rate: cfg.rate,
                     health: cfg.node_health.clone(),
+                    transport: cfg.transport.clone(),
                 })?;
                 let vol = server.volume(&cfg.name).expect("the server serves the volume it was given");
                 sizes.push(vol.size());
@@ -217,10 +223,20 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
                     }
                 };
                 let addr = local_servers.last().map(|s| s.addr.to_string()).unwrap_or_default();
-                Location::Local(LocalReplica::new(vol, addr, uring))
+                Location::Local(LocalReplica::new(vol, addr, uring).with_transport(cfg.transport.clone()))
             }
             ReplicaSpec::Remote { addr } => {
-                let pool = match RemotePool::connect(addr, &cfg.name, &cfg.secret, cfg.conns).await {
+                // Not attached yet: the lease is taken below, and attaches the pool then.
+                let pool = match RemotePool::connect_over(
+                    &cfg.transport,
+                    addr,
+                    &cfg.name,
+                    &cfg.secret,
+                    cfg.conns,
+                    None,
+                )
+                .await
+                {
                     Ok((pool, size)) => {
                         sizes.push(size);
                         Some(pool)
@@ -233,7 +249,10 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
                     }
                     Err(e) => anyhow::bail!("{role} replica {addr}: {e}"),
                 };
-                Location::Remote(RemoteReplica::new(addr, &cfg.name, &cfg.secret, cfg.conns, pool))
+                Location::Remote(
+                    RemoteReplica::new(addr, &cfg.name, &cfg.secret, cfg.conns, pool)
+                        .with_transport(cfg.transport.clone()),
+                )
             }
         };
         replicas.push(Replica::new(role, loc, 4096));

@@ -10,10 +10,11 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex, RwLock,
     },
+    time::Duration,
 };
 
 use tokio::{
-    io::{AsyncWriteExt, BufReader, BufWriter},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter},
     net::TcpStream,
     sync::{mpsc, oneshot},
 };
@@ -22,11 +23,14 @@ use super::{error::ReplicaError, replica::Attachment};
 use crate::{
     lease::replica::ReplicaLeaseView,
     replication::{
-        client::Client,
+        auth::{self, Binding},
+        client::{remote_or_unexpected, ClientError, CONNECT_TIMEOUT},
         frame::{ConnError, Frame, FrameDecoder},
-        protocol::{encode_frame, Message},
+        protocol::{encode_frame, Message, VolumeInfo, MAX_PAYLOAD, VERSION},
+        transport::{PeerAddr, Transport},
     },
     storage::{JobKind, VolumeStatus},
+    tls::{TlsClient, TlsError, HANDSHAKE_TIMEOUT},
 };
 
 /// A reply, or why the connection broke before it came.
@@ -56,61 +60,46 @@ fn broken(what: &str) -> String {
 }
 
 impl RemotePool {
-    /// Connects `n` authenticated connections (the handshake runs on a blocking thread).
+    /// Connects `n` authenticated plaintext connections (loopback only): see
+    /// [`Self::connect_over`].
     pub async fn connect(
         addr: &str,
         volume: &str,
         secret: &[u8],
         n: usize,
     ) -> Result<(RemotePool, u64), ReplicaError> {
-        Self::connect_attached(addr, volume, secret, n, None).await
+        Self::connect_over(&Transport::default(), addr, volume, secret, n, None).await
     }
 
-    /// As [`Self::connect`], each connection attached at `attach` right after the Welcome (a
-    /// router that holds the lease). A replica that accepted a newer epoch refuses with
+    /// Connects `n` authenticated connections to `addr` (`HOST:PORT`, or `NODE@HOST:PORT` to
+    /// accept only that node's certificate) over `transport`: TCP within the connect timeout,
+    /// the TLS handshake, then the protocol handshake with frames held to the pre-auth cap;
+    /// with `attach` (a router that holds the lease) each connection attaches right after the
+    /// Welcome, before it carries anything. A replica that accepted a newer epoch refuses with
     /// `code::FENCED` ([`ReplicaError::is_fenced`]).
-    pub async fn connect_attached(
+    pub async fn connect_over(
+        transport: &Transport,
         addr: &str,
         volume: &str,
         secret: &[u8],
         n: usize,
-        attach: Option<Attachment>,
+        attach: Option<&Attachment>,
     ) -> Result<(RemotePool, u64), ReplicaError> {
-        let lost = |e: std::io::Error| ReplicaError::ConnectionLost { addr: addr.into(), why: e.to_string() };
+        let refused = |source| ReplicaError::Refused { addr: addr.into(), source };
+        let peer = PeerAddr::parse(addr).map_err(|e| refused(ClientError::Unexpected(e)))?;
+        let tls = transport
+            .client_for(&peer)
+            .map_err(|source| refused(ClientError::Tls { addr: peer.addr.clone(), source }))?;
         let mut conns = Vec::new();
         let mut size = 0;
-        for _ in 0..n.max(1) {
-            let (a, v, s) = (addr.to_string(), volume.to_string(), secret.to_vec());
-            let at = attach.clone();
-            let (std_stream, sz) = tokio::task::spawn_blocking(move || {
-                let mut c = Client::connect(&a, &v, &s).map_err(|source| {
-                    // Unreachable nodes (it may be down) apart from refusals (wrong secret,
-                    // volume, version: a configuration error).
-                    if source.is_unreachable() {
-                        ReplicaError::Unreachable { addr: a.clone(), source }
-                    } else {
-                        ReplicaError::Refused { addr: a.clone(), source }
-                    }
-                })?;
-                if let Some(at) = at {
-                    c.attach(&at.holder.0, at.epoch.0).map_err(|e| match e {
-                        crate::replication::client::ClientError::Remote { addr, code, errno, message } => {
-                            ReplicaError::Remote { addr, code, errno, message }
-                        }
-                        e => ReplicaError::ConnectionLost { addr: a.clone(), why: e.to_string() },
-                    })?;
-                }
-                let size = c.info.size;
-                let stream = c
-                    .into_stream()
-                    .map_err(|e| ReplicaError::ConnectionLost { addr: a, why: e.to_string() })?;
-                Ok::<_, ReplicaError>((stream, size))
-            })
-            .await
-            .map_err(|e| ReplicaError::Task(e.to_string()))??;
+        for i in 0..n.max(1) {
+            let (conn, sz, node) =
+                connect_one(transport, tls.as_ref(), &peer, volume, secret, attach).await?;
+            if let (0, Some(node)) = (i, node) {
+                tracing::info!(peer = %peer.addr, %node, volume, "remote replica connected over TLS");
+            }
             size = sz;
-            std_stream.set_nonblocking(true).map_err(lost)?;
-            conns.push(spawn_conn(TcpStream::from_std(std_stream).map_err(lost)?));
+            conns.push(conn);
         }
         Ok((RemotePool { addr: addr.into(), conns, next: AtomicUsize::new(0) }, size))
     }
@@ -178,6 +167,7 @@ pub struct RemoteReplica {
     pool: RwLock<Option<Arc<RemotePool>>>,
     /// Every (re)connection attaches at this, once the router took the lease.
     attached: RwLock<Option<Attachment>>,
+    transport: Transport,
 }
 
 impl RemoteReplica {
@@ -197,7 +187,17 @@ impl RemoteReplica {
             conns,
             pool: RwLock::new(pool.map(Arc::new)),
             attached: RwLock::new(None),
+            transport: Transport::default(),
         }
+    }
+
+    /// The same, (re)connecting over `transport`.
+    pub fn with_transport(self, transport: Transport) -> RemoteReplica {
+        RemoteReplica { transport, ..self }
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     pub fn addr(&self) -> &str {
@@ -320,8 +320,15 @@ impl RemoteReplica {
     /// (Re)connects; returns the size of the volume.
     pub async fn connect(&self) -> Result<u64, ReplicaError> {
         let attach = self.attached.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let (p, size) =
-            RemotePool::connect_attached(&self.addr, &self.volume, &self.secret, self.conns, attach).await?;
+        let (p, size) = RemotePool::connect_over(
+            &self.transport,
+            &self.addr,
+            &self.volume,
+            &self.secret,
+            self.conns,
+            attach.as_ref(),
+        )
+        .await?;
         *self.pool.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p));
         Ok(size)
     }
@@ -353,9 +360,135 @@ struct Pending {
     q: VecDeque<(u64, Reply)>,
 }
 
-fn spawn_conn(stream: TcpStream) -> Conn {
-    let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
+/// How long the protocol handshake may take once the transport is up.
+const PROTOCOL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One authenticated connection: its reader and writer tasks, the volume's size, and the
+/// server's node name (TLS).
+async fn connect_one(
+    transport: &Transport,
+    tls: Option<&TlsClient>,
+    peer: &PeerAddr,
+    volume: &str,
+    secret: &[u8],
+    attach: Option<&Attachment>,
+) -> Result<(Conn, u64, Option<String>), ReplicaError> {
+    let a = peer.addr.as_str();
+    let refused = |source| ReplicaError::Refused { addr: a.into(), source };
+    let unreachable = |source| ReplicaError::Unreachable {
+        addr: a.into(),
+        source: ClientError::Connect { addr: a.into(), source },
+    };
+    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address");
+    let mut tcp = None;
+    for sa in tokio::net::lookup_host(a).await.map_err(unreachable)? {
+        transport.check(sa).map_err(|e| refused(e.into()))?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sa)).await {
+            Ok(Ok(s)) => {
+                tcp = Some(s);
+                break;
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => last = std::io::ErrorKind::TimedOut.into(),
+        }
+    }
+    let tcp = tcp.ok_or_else(|| unreachable(last))?;
+    let _ = tcp.set_nodelay(true);
+    let within = |d: Duration| move |_| ReplicaError::Timeout(d);
+    match tls {
+        None => {
+            let mut io = tcp;
+            let info = tokio::time::timeout(
+                PROTOCOL_HANDSHAKE_TIMEOUT,
+                handshake(&mut io, a, volume, secret, None, None, attach),
+            )
+            .await
+            .map_err(within(PROTOCOL_HANDSHAKE_TIMEOUT))??;
+            let (r, w) = io.into_split();
+            Ok((spawn_conn(r, w), info.size, None))
+        }
+        Some(c) => {
+            let tls_err = |source| refused(ClientError::Tls { addr: a.into(), source });
+            let (mut io, id) = c.connect_async(tcp, HANDSHAKE_TIMEOUT).await.map_err(tls_err)?;
+            let binding =
+                auth::binding(io.get_ref().1, volume).map_err(|e| tls_err(TlsError::Handshake(e)))?;
+            let info = tokio::time::timeout(
+                PROTOCOL_HANDSHAKE_TIMEOUT,
+                handshake(&mut io, a, volume, secret, Some(binding), Some(c), attach),
+            )
+            .await
+            .map_err(within(PROTOCOL_HANDSHAKE_TIMEOUT))??;
+            let (r, w) = tokio::io::split(io);
+            Ok((spawn_conn(r, w), info.size, Some(id.node)))
+        }
+    }
+}
+
+/// The protocol handshake (see `replication::auth`) on an async stream, frames held to the
+/// pre-auth cap: the volume's description once the server has proved the secret. With
+/// `attach`, the connection then attaches at that epoch (protocol 4) before it carries anything;
+/// a refusal keeps the server's code (`code::FENCED`: a newer holder exists).
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    addr: &str,
+    volume: &str,
+    secret: &[u8],
+    binding: Binding,
+    tls: Option<&TlsClient>,
+    attach: Option<&Attachment>,
+) -> Result<VolumeInfo, ReplicaError> {
+    let refused = |source| ReplicaError::Refused { addr: addr.into(), source };
+    // Under TLS a refusal of our certificate shows on the first read: name it.
+    let failed = |e: ConnError| {
+        refused(match (e, tls) {
+            (ConnError::Io(e), Some(c)) => ClientError::Tls { addr: addr.into(), source: c.explain(e) },
+            (e, _) => ClientError::Conn(e),
+        })
+    };
+    let mut frames = FrameDecoder::new(auth::PRE_AUTH_MAX_PAYLOAD);
+    let mut buf = Vec::new();
+    let client_nonce = auth::nonce();
+    let hello = Message::Hello { version: VERSION, volume: volume.into(), nonce: client_nonce };
+    encode_frame(&mut buf, 0, 0, &hello);
+    io.write_all(&buf).await.and(io.flush().await).map_err(|e| failed(e.into()))?;
+    let server_nonce = match frames.read_async(io).await.map_err(failed)?.msg {
+        Message::Challenge { nonce, .. } => nonce,
+        m => return Err(refused(remote_or_unexpected(addr, m))),
+    };
+    let ex = auth::Exchange { server_nonce: &server_nonce, client_nonce: &client_nonce, volume, binding };
+    buf.clear();
+    encode_frame(&mut buf, 0, 0, &Message::Auth { mac: ex.client_proof(secret) });
+    io.write_all(&buf).await.and(io.flush().await).map_err(|e| failed(e.into()))?;
+    let (mac, info) = match frames.read_async(io).await.map_err(failed)?.msg {
+        Message::Welcome { mac, info } => (mac, info),
+        m => return Err(refused(remote_or_unexpected(addr, m))),
+    };
+    if !ex.verify_server(secret, &mac) {
+        return Err(refused(ClientError::ServerAuth(addr.into())));
+    }
+    if let Some(at) = attach {
+        let lost = |e: ConnError| ReplicaError::ConnectionLost { addr: addr.into(), why: e.to_string() };
+        frames.set_max_payload(MAX_PAYLOAD);
+        buf.clear();
+        let msg = Message::Attach { volume: volume.into(), holder: at.holder.0.clone(), epoch: at.epoch.0 };
+        encode_frame(&mut buf, 0, 0, &msg);
+        io.write_all(&buf).await.and(io.flush().await).map_err(|e| lost(e.into()))?;
+        match frames.read_async(io).await.map_err(lost)?.msg {
+            Message::Json(_) => {}
+            Message::Error { code, errno, message } => {
+                return Err(ReplicaError::Remote { addr: addr.into(), code, errno, message })
+            }
+            m => return Err(ReplicaError::Protocol { addr: addr.into(), reply: format!("{m:?}") }),
+        }
+    }
+    Ok(info)
+}
+
+fn spawn_conn<R, W>(r: R, w: W) -> Conn
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<(Message, u16, Reply)>(256);
     let pending: Arc<Mutex<Pending>> = Arc::default();
     let pending_out = pending.clone();

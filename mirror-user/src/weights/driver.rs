@@ -26,7 +26,7 @@ use crate::{
         monitor::{NodeHealth, NodeReport, PartReport},
         score::falloff,
     },
-    replication::protocol::Message,
+    replication::{protocol::Message, transport::Transport},
     volume::{
         remote::RemotePool,
         replica::{Replica, ReplicaState},
@@ -170,7 +170,8 @@ impl Driver {
             if let Some(r) = d.router.replicas[i].as_remote() {
                 let (addr, volume, secret) =
                     (r.addr().to_string(), r.volume().to_string(), r.secret().to_vec());
-                tokio::spawn(heartbeats(Arc::downgrade(&d), i, addr, volume, secret));
+                let transport = r.transport().clone();
+                tokio::spawn(heartbeats(Arc::downgrade(&d), i, transport, addr, volume, secret));
             }
         }
         let weak = Arc::downgrade(&d);
@@ -445,7 +446,14 @@ impl NodeView {
 
 /// Sends heartbeats to replica `i` every tick on a connection of their own, reconnecting when it
 /// breaks, and stores the answers in the driver's view.
-async fn heartbeats(d: std::sync::Weak<Driver>, i: usize, addr: String, volume: String, secret: Vec<u8>) {
+async fn heartbeats(
+    d: std::sync::Weak<Driver>,
+    i: usize,
+    transport: Transport,
+    addr: String,
+    volume: String,
+    secret: Vec<u8>,
+) {
     let mut pool: Option<RemotePool> = None;
     let mut seq = 0u64;
     loop {
@@ -455,11 +463,14 @@ async fn heartbeats(d: std::sync::Weak<Driver>, i: usize, addr: String, volume: 
         drop(drv);
         let started = Instant::now();
         if pool.as_ref().is_none_or(|p| p.is_broken()) {
-            pool = tokio::time::timeout(timeout, RemotePool::connect(&addr, &volume, &secret, 1))
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .map(|(p, _)| p);
+            pool = tokio::time::timeout(
+                timeout,
+                RemotePool::connect_over(&transport, &addr, &volume, &secret, 1, None),
+            )
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|(p, _)| p);
         }
         let answer = match &pool {
             Some(p) => {

@@ -191,6 +191,7 @@ impl OneReplica {
             secret: b"bench-secret-0123456789".to_vec(),
             rate: Default::default(),
             health: mirror::health::monitor::NodeHealth::new(),
+            transport: Default::default(),
         })?;
         let vol = server.volume("v").context("volume v")?;
         let size = vol.size();

@@ -1,6 +1,13 @@
 //! The NBD handshake: fixed newstyle negotiation (`NBD_OPT_EXPORT_NAME`, `INFO`, `GO`, `LIST`,
-//! `ABORT`, `STRUCTURED_REPLY`; `STARTTLS` and anything else refused as unsupported), bounded in
-//! option size and count. Ends with the client in transmission, or gone.
+//! `ABORT`, `STRUCTURED_REPLY`, and `STARTTLS` when the export has TLS; anything else refused as
+//! unsupported), bounded in option size and count. Ends with the client in transmission, or gone.
+//!
+//! With TLS (`--nbd-tls`, "forced TLS" in the protocol's terms), [`before_tls`] runs first on the
+//! raw stream: only `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` are served, every other option gets
+//! `NBD_REP_ERR_TLS_REQD` with its data (at most [`MAX_OPTION_LEN_BEFORE_TLS`]) discarded, and
+//! `NBD_OPT_EXPORT_NAME`, which cannot be answered with an error, closes the connection. After
+//! the TLS handshake the option haggling starts again inside TLS ([`options`]), with nothing
+//! negotiated before it remembered.
 
 use std::io;
 
@@ -15,6 +22,69 @@ const MAX_OPTION_LEN: u32 = 64 << 10;
 const MAX_OPTION_DISCARD: u32 = 16 << 20;
 /// Options in one handshake before the server gives up on the client.
 const MAX_OPTIONS: usize = 4096;
+/// Option data before TLS: more closes the connection.
+pub(super) const MAX_OPTION_LEN_BEFORE_TLS: u32 = 4096;
+
+/// What the client said in its greeting.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Greeting {
+    no_zeroes: bool,
+}
+
+/// Sends the server's greeting and reads the client's flags.
+pub(super) async fn greet<R, W>(r: &mut R, w: &mut W) -> io::Result<Greeting>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    w.write_all(&hello).await?;
+    w.flush().await?;
+    let cflags = r.read_u32().await?;
+    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(protocol(format!("unknown client flags {cflags:#x}")));
+    }
+    Ok(Greeting { no_zeroes: cflags & FLAG_C_NO_ZEROES != 0 })
+}
+
+/// Options before TLS, on the raw stream (read without a buffer, so that nothing of the TLS
+/// handshake is read here): `true` once the client asked for `NBD_OPT_STARTTLS` and got its ACK,
+/// `false` when it aborted.
+pub(super) async fn before_tls<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<bool> {
+    for _ in 0..MAX_OPTIONS {
+        let magic = s.read_u64().await?;
+        if magic != IHAVEOPT {
+            return Err(protocol(format!("bad option magic {magic:#018x}")));
+        }
+        let opt = s.read_u32().await?;
+        let len = s.read_u32().await?;
+        if len > MAX_OPTION_LEN_BEFORE_TLS || opt == OPT_EXPORT_NAME {
+            return Err(protocol(format!(
+                "option {opt} with {len} bytes of data before TLS (TLS is required)"
+            )));
+        }
+        discard(s, u64::from(len)).await?;
+        match opt {
+            OPT_STARTTLS if len == 0 => {
+                opt_reply(s, opt, REP_ACK, &[]).await?;
+                return Ok(true);
+            }
+            OPT_STARTTLS => opt_reply(s, opt, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data").await?,
+            OPT_ABORT => {
+                let _ = opt_reply(s, opt, REP_ACK, &[]).await;
+                return Ok(false);
+            }
+            _ => {
+                opt_reply(s, opt, REP_ERR_TLS_REQD, b"this server requires TLS: NBD_OPT_STARTTLS first")
+                    .await?
+            }
+        }
+    }
+    Err(protocol(format!("more than {MAX_OPTIONS} options in one handshake")))
+}
 
 async fn opt_reply<W: AsyncWrite + Unpin>(w: &mut W, opt: u32, typ: u32, data: &[u8]) -> io::Result<()> {
     let mut b = Vec::with_capacity(20 + data.len());
@@ -53,17 +123,25 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut hello = Vec::with_capacity(18);
-    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    w.write_all(&hello).await?;
-    w.flush().await?;
-    let cflags = r.read_u32().await?;
-    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(protocol(format!("unknown client flags {cflags:#x}")));
-    }
-    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    let greeting = greet(r, w).await?;
+    options(shared, r, w, greeting, false).await
+}
+
+/// The option haggling after the greeting (inside TLS when `in_tls`). `Some(structured)` when
+/// the client entered transmission.
+pub(super) async fn options<B, R, W>(
+    shared: &Shared<B>,
+    r: &mut R,
+    w: &mut W,
+    greeting: Greeting,
+    in_tls: bool,
+) -> io::Result<Option<bool>>
+where
+    B: BlockDev,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let no_zeroes = greeting.no_zeroes;
     let opts = &shared.opts;
     let mut structured = false;
     for _ in 0..MAX_OPTIONS {
@@ -171,6 +249,9 @@ where
                 }
                 structured = true;
                 opt_reply(w, opt, REP_ACK, &[]).await?;
+            }
+            OPT_STARTTLS if in_tls => {
+                opt_reply(w, opt, REP_ERR_INVALID, b"TLS is already established").await?;
             }
             OPT_STARTTLS => {
                 opt_reply(w, opt, REP_ERR_UNSUP, b"TLS is not supported by this server").await?;

@@ -63,6 +63,9 @@ pub struct NbdOptions {
     pub max_request: u32,
     /// Requests run at once per connection.
     pub max_in_flight: usize,
+    /// TLS required on every connection (`NBD_OPT_STARTTLS`), with this server's certificate
+    /// and client-certificate policy.
+    pub tls: Option<crate::tls::TlsServer>,
 }
 
 impl Default for NbdOptions {
@@ -73,6 +76,7 @@ impl Default for NbdOptions {
             read_only: false,
             max_request: 32 << 20,
             max_in_flight: 64,
+            tls: None,
         }
     }
 }
@@ -357,15 +361,74 @@ async fn discard<R: AsyncRead + Unpin>(r: &mut R, len: u64) -> io::Result<()> {
 
 async fn connection<S, B>(stream: S, shared: Arc<Shared<B>>, mut stop: watch::Receiver<bool>, peer: String)
 where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    B: BlockDev,
+{
+    let Some(tls) = shared.opts.tls.clone() else {
+        return session(stream, None, shared, stop, peer).await;
+    };
+    // Forced TLS: the greeting and the options before STARTTLS on the raw stream, then the TLS
+    // handshake, all within the handshake's deadline; then the session inside TLS.
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut stream = stream;
+    let upgrade = async {
+        let greeting = {
+            let (mut r, mut w) = tokio::io::split(&mut stream);
+            handshake::greet(&mut r, &mut w).await.map_err(|e| e.to_string())?
+        };
+        if !handshake::before_tls(&mut stream).await.map_err(|e| e.to_string())? {
+            return Ok(None);
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (tls_stream, id) = tls.accept_async(stream, left).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(Some((tls_stream, id, greeting)))
+    };
+    let upgraded = tokio::select! {
+        biased;
+        _ = until_stop(&mut stop) => return,
+        u = tokio::time::timeout_at(deadline, upgrade) => u,
+    };
+    match upgraded {
+        Ok(Ok(Some((tls_stream, id, greeting)))) => {
+            match &id {
+                Some(id) => {
+                    tracing::info!("NBD {peer}: TLS established, client certificate of node {}", id.node)
+                }
+                None => tracing::debug!("NBD {peer}: TLS established"),
+            }
+            session(tls_stream, Some(greeting), shared, stop, peer).await
+        }
+        Ok(Ok(None)) => tracing::debug!("NBD {peer}: client ended the handshake"),
+        Ok(Err(e)) => tracing::warn!("NBD refused peer={peer}: {e}"),
+        Err(_) => {
+            tracing::warn!("NBD refused peer={peer}: handshake not finished within {HANDSHAKE_TIMEOUT:?}")
+        }
+    }
+}
+
+/// The handshake (the greeting already exchanged when `greeted`, inside TLS) and transmission.
+async fn session<S, B>(
+    stream: S,
+    greeted: Option<handshake::Greeting>,
+    shared: Arc<Shared<B>>,
+    mut stop: watch::Receiver<bool>,
+    peer: String,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
     B: BlockDev,
 {
     let (rh, mut wh) = tokio::io::split(stream);
     let mut r = BufReader::with_capacity(256 << 10, rh);
+    let negotiate = async {
+        match greeted {
+            None => handshake::handshake(&shared, &mut r, &mut wh).await,
+            Some(g) => handshake::options(&shared, &mut r, &mut wh, g, true).await,
+        }
+    };
     let session = tokio::select! {
         biased;
         _ = until_stop(&mut stop) => return,
-        s = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::handshake(&shared, &mut r, &mut wh)) => s,
+        s = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate) => s,
     };
     let structured = match session {
         Ok(Ok(Some(structured))) => structured,
