@@ -81,6 +81,13 @@ impl Mirror {
         for p in [&s_img, &t_img] {
             std::fs::File::create(p)?.set_len(o.size)?;
         }
+        // A target beyond loopback (in its own namespace) would need TLS; these tests are about
+        // what a sick link does to the data path, so they say plaintext out loud, as an operator
+        // would have to (tls_replication tests the TLS link).
+        let plain: &[&str] = match &o.target_listen {
+            Some(l) if !l.starts_with("127.") => &["--insecure-plaintext"],
+            _ => &[],
+        };
         let mut args: Vec<String> = o.target_prefix.clone();
         args.push(mirror_bin().display().to_string());
         args.extend(
@@ -95,6 +102,7 @@ impl Mirror {
             ]
             .map(String::from),
         );
+        args.extend(plain.iter().map(|s| s.to_string()));
         let bin = PathBuf::from(args.remove(0));
         let mut launch = ReplicaLaunch::new(bin, args);
         launch.rust_log = Some("warn".into());
@@ -102,8 +110,8 @@ impl Mirror {
         let target = Replica::launch(launch, &t_img)?;
         let source_listen = free_addr();
         // Identical content, new metadata: the first sync only agrees on a generation.
-        let s0 = Replica::start(&s_img, &secret, Some(&source_listen), &[]);
-        sync_ok(&s0.addr, &target.addr, &secret, &[]);
+        let s0 = Replica::start(&s_img, &secret, Some(&source_listen), plain);
+        sync_ok(&s0.addr, &target.addr, &secret, plain);
         drop(s0);
         std::thread::sleep(Duration::from_millis(200));
         let ctl = std::env::temp_dir().join(format!("{}.sock", unique_name("sick")));
@@ -119,6 +127,7 @@ impl Mirror {
                 .arg("--ctl-socket")
                 .arg(&ctl)
                 .args(["--nbd", "127.0.0.1:0"])
+                .args(plain)
                 .args(&o.serve_extra)
                 .env("RUST_LOG", "warn")
                 .stderr(log),

@@ -183,9 +183,18 @@ impl<R: ReplicaLease, C: Clock> LeaseStore for EmbeddedLeaseStore<R, C> {
     async fn renew(&self, held: &Held) -> Result<Renewal, LeaseError> {
         let sent_at = self.clock.now();
         let [a, b] = &self.replicas;
+        // Each replica gets a third of the TTL (one renewal period) to answer: a frozen or
+        // black-holed replica must not hold up the renewal on the other, which alone keeps the
+        // lease (the survivor serves; see `mirrored`), until the safe window closes.
+        let limit = held.ttl / 3;
+        let bounded = |f| async move {
+            tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+                Err(ReplicaLeaseError::Unreachable(format!("no answer to the renewal within {limit:?}")))
+            })
+        };
         let (ra, rb) = tokio::join!(
-            a.renew(&held.holder, held.epoch, held.ttl),
-            b.renew(&held.holder, held.epoch, held.ttl)
+            bounded(a.renew(&held.holder, held.epoch, held.ttl)),
+            bounded(b.renew(&held.holder, held.epoch, held.ttl))
         );
         let mut renewed = 0;
         let mut unreachable = Vec::new();
@@ -330,6 +339,8 @@ pub(crate) mod tests {
         table: Mutex<ReplicaLeaseTable>,
         disk: Mutex<PersistedLease>,
         up: AtomicBool,
+        /// Frozen (SIGSTOP, a black-holed link): renewals get no answer at all.
+        frozen: AtomicBool,
         clock: TestClock,
     }
 
@@ -340,6 +351,7 @@ pub(crate) mod tests {
                 table: Mutex::new(ReplicaLeaseTable::restore(PersistedLease::default(), clock.now())),
                 disk: Mutex::new(PersistedLease::default()),
                 up: AtomicBool::new(true),
+                frozen: AtomicBool::new(false),
                 clock,
             })
         }
@@ -392,6 +404,9 @@ pub(crate) mod tests {
             epoch: Epoch,
             ttl: Duration,
         ) -> Result<ReplicaLeaseView, ReplicaLeaseError> {
+            if self.frozen.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             self.op(|t, now| t.renew(now, holder, epoch, ttl))
         }
 
@@ -472,6 +487,25 @@ pub(crate) mod tests {
         }
         // r1 wakes up: its renewal is refused, the lease is lost.
         assert!(matches!(r1.renew(&held).await, Err(LeaseError::Lost { .. })));
+    }
+
+    /// A replica that never answers (frozen, or its link black-holed) must not hold up the
+    /// renewal on the other until the safe window closes: the router would fence itself over a
+    /// sick target it is meant to survive.
+    #[tokio::test(start_paused = true)]
+    async fn a_frozen_replica_does_not_hold_up_the_renewal_on_the_other() {
+        let p = Pair::new();
+        let r1 = p.router("node1/r1");
+        let held = take(&r1, false).await.unwrap();
+        p.b.frozen.store(true, Ordering::SeqCst);
+        for _ in 0..5 {
+            sleep(0.6).await;
+            let t0 = tokio::time::Instant::now();
+            r1.renew(&held).await.unwrap();
+            // (tokio's timers round up to the millisecond)
+            assert!(t0.elapsed() <= TTL / 3 + Duration::from_millis(1), "renewal took {:?}", t0.elapsed());
+        }
+        assert_eq!(p.a.check(Epoch(1)), Ok(()));
     }
 
     #[tokio::test(start_paused = true)]
