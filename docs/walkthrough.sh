@@ -99,10 +99,12 @@ wait_for() { # wait_for NAME TEXT: until TEXT shows in $W/NAME.log (30 s)
     return 1
 }
 
-replica() { # replica NAME NS ADDR FILE [FLAGS...]: a replica server of vol0 in FILE, in namespace NS
+replica() { # replica NAME NS ADDR FILE [FLAGS...]: a replica server of vol0 in FILE, in namespace NS,
+    # with the credentials in $W/tls/NAME
     local name="$1" ns="$2" addr="$3" file="$4"
     shift 4
-    start "$name" "$ns" mirror replica --listen "$addr" --volume "vol0=$file" --secret-file "$W/secret" "$@"
+    start "$name" "$ns" mirror replica --listen "$addr" --volume "vol0=$file" --secret-file "$W/secret" \
+        --tls "$W/tls/$name" "$@"
     wait_for "$name" "listening on"
 }
 
@@ -122,6 +124,15 @@ until_status() { # until_status TEXT: poll `mirror ctl status` until it shows TE
     return 1
 }
 
+credentials() { # a CA, and the credentials of node A (10.77.0.1) and node B (10.77.0.2)
+    run mirror certs ca --dir "$W/tls/ca"
+    run mirror certs node --ca "$W/tls/ca" --name node-a --ip 10.77.0.1 --dir "$W/tls/node-a"
+    run mirror certs node --ca "$W/tls/ca" --name node-b --ip 10.77.0.2 --dir "$W/tls/node-b"
+    # The replica server names of split_brain: the same nodes.
+    ln -sfn node-a "$W/tls/replica-a"
+    ln -sfn node-b "$W/tls/replica-b"
+}
+
 walkthrough() {
     export PATH="$(dirname "$MIRROR"):$PATH"
     if [ -S "$CTL" ] && "$MIRROR" ctl --socket "$CTL" status >/dev/null 2>&1; then
@@ -136,6 +147,8 @@ walkthrough() {
     run mkdir -p "$W/a" "$W/b"
     say "head -c 32 /dev/urandom | base64 > $W/secret"
     head -c 32 /dev/urandom | base64 >"$W/secret"
+    # Each node's certificate, signed by the volume's CA: the replication link is TLS 1.3.
+    credentials
 
     # With EBPF=1: the node daemon's eBPF telemetry, pinned where the namespaces see it.
     PIN=()
@@ -154,14 +167,14 @@ walkthrough() {
 
     # Node A: the mirrored volume, a local source and node B's replica as the target.
     start serve-a "$A" mirror serve --volume vol0 --source "local:$W/a/vol0.img:1G" \
-        --target remote:10.77.0.2:7700 --source-listen 10.77.0.1:7700 \
-        --nbd 10.77.0.1:10809 --nbd-unix "$W/a/vol0.sock" --secret-file "$W/secret" "${PIN[@]}"
+        --target remote:10.77.0.2:7700 --source-listen 10.77.0.1:7700 --tls "$W/tls/node-a" \
+        --nbd 127.0.0.1:10809 --nbd-unix "$W/a/vol0.sock" --secret-file "$W/secret" "${PIN[@]}"
     wait_for serve-a "nbd listening on"
     until_status "target .* in-sync"
     run mirror ctl status
 
     # A client on node A writes and reads (the default export is the volume).
-    run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 \
+    run ip netns exec "$A" qemu-io -f raw nbd://127.0.0.1:10809 \
         -c "write -P 0xab 0 4M" -c "read -P 0xab 0 4M"
     run nbdinfo "nbd+unix:///?socket=$W/a/vol0.sock"
     run mirror ctl status
@@ -171,7 +184,7 @@ walkthrough() {
 
     # Failover: every read to node B.
     run mirror ctl failover
-    run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 -c "read -P 0xab 0 4M"
+    run ip netns exec "$A" qemu-io -f raw nbd://127.0.0.1:10809 -c "read -P 0xab 0 4M"
     run mirror ctl status
 
     # Failback: reads ramp back to node A.
@@ -182,11 +195,11 @@ walkthrough() {
 
     # Both replicas hold the same data.
     run ip netns exec "$A" mirror sync --verify --node 10.77.0.1:7700 --peer 10.77.0.2:7700 \
-        --volume vol0 --secret-file "$W/secret"
+        --volume vol0 --secret-file "$W/secret" --tls "$W/tls/node-a"
 
     # Node B goes away: writes go on, recorded on node A; B comes back and is resynced.
     crash replica-b "node B dies"
-    run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 -c "write -P 0xcd 4M 4M"
+    run ip netns exec "$A" qemu-io -f raw nbd://127.0.0.1:10809 -c "write -P 0xcd 4M 4M"
     until_status "target .*down"
     run mirror ctl status
     replica replica-b "$B" 10.77.0.2:7700 "$W/b/vol0.img:1G" "${PIN[@]}"
@@ -194,9 +207,10 @@ walkthrough() {
     run mirror ctl status
     until_status "mode Normal"
     run mirror ctl status
-    run ip netns exec "$B" mirror status --node 10.77.0.2:7700 --volume vol0 --secret-file "$W/secret"
+    run ip netns exec "$B" mirror status --node 10.77.0.2:7700 --volume vol0 --secret-file "$W/secret" \
+        --tls "$W/tls/node-b"
     run ip netns exec "$A" mirror sync --verify --node 10.77.0.1:7700 --peer 10.77.0.2:7700 \
-        --volume vol0 --secret-file "$W/secret"
+        --volume vol0 --secret-file "$W/secret" --tls "$W/tls/node-a"
 }
 
 refused() { # refused CMD...: CMD must fail; shows its error (from the line starting "Error")
@@ -213,7 +227,7 @@ serve_ab() { # serve_ab SOURCE TARGET [FLAGS...]: a router on node A over two re
     local src="$1" tgt="$2"
     shift 2
     start serve-a "$A" mirror serve --volume vol0 --source "remote:$src" --target "remote:$tgt" \
-        --nbd 10.77.0.1:10809 --secret-file "$W/secret" "$@"
+        --nbd 127.0.0.1:10809 --secret-file "$W/secret" --tls "$W/tls/node-a" "$@"
     wait_for serve-a "nbd listening on"
 }
 
@@ -222,48 +236,49 @@ split_brain() {
     up
     mkdir -p "$W/a" "$W/b"
     head -c 32 /dev/urandom | base64 >"$W/secret"
+    credentials
     # Two replica servers, one per node, and a router over both (it syncs them first).
     replica replica-a "$A" 10.77.0.1:7700 "$W/a/vol0.img:256M"
     replica replica-b "$B" 10.77.0.2:7700 "$W/b/vol0.img:256M"
     serve_ab 10.77.0.1:7700 10.77.0.2:7700
     until_status "target .* in-sync"
-    run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 -c "write -P 0xab 0 4M"
+    run ip netns exec "$A" qemu-io -f raw nbd://127.0.0.1:10809 -c "write -P 0xab 0 4M"
     stop_serve
 
     # Node B is away; a router serves from A alone (the operator vouches for it: --degraded).
     crash replica-b "node B dies"
     refused ip netns exec "$A" mirror serve --volume vol0 --source remote:10.77.0.1:7700 \
-        --target remote:10.77.0.2:7700 --nbd 10.77.0.1:10809 --secret-file "$W/secret"
+        --target remote:10.77.0.2:7700 --nbd 127.0.0.1:10809 --secret-file "$W/secret" --tls "$W/tls/node-a"
     serve_ab 10.77.0.1:7700 10.77.0.2:7700 --degraded
-    run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 -c "write -P 0x11 0 4M"
+    run ip netns exec "$A" qemu-io -f raw nbd://127.0.0.1:10809 -c "write -P 0x11 0 4M"
     stop_serve
 
     # Then node A is away and B comes back; another router serves from B alone, also --degraded.
     crash replica-a "node A dies"
     replica replica-b "$B" 10.77.0.2:7700 "$W/b/vol0.img:256M"
     serve_ab 10.77.0.2:7700 10.77.0.1:7700 --degraded
-    run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 -c "write -P 0x22 0 4M"
+    run ip netns exec "$A" qemu-io -f raw nbd://127.0.0.1:10809 -c "write -P 0x22 0 4M"
     stop_serve
 
     # Both back: each holds writes the other lacks. Nothing syncs either way until the operator
     # chooses; here node B's writes are discarded.
     replica replica-a "$A" 10.77.0.1:7700 "$W/a/vol0.img:256M"
     refused ip netns exec "$A" mirror serve --volume vol0 --source remote:10.77.0.1:7700 \
-        --target remote:10.77.0.2:7700 --nbd 10.77.0.1:10809 --secret-file "$W/secret"
+        --target remote:10.77.0.2:7700 --nbd 127.0.0.1:10809 --secret-file "$W/secret" --tls "$W/tls/node-a"
     refused ip netns exec "$A" mirror sync --node 10.77.0.1:7700 --peer 10.77.0.2:7700 \
-        --volume vol0 --secret-file "$W/secret"
+        --volume vol0 --secret-file "$W/secret" --tls "$W/tls/node-a"
     run ip netns exec "$A" mirror resolve --node 10.77.0.2:7700 --volume vol0 \
-        --secret-file "$W/secret" --discard
+        --secret-file "$W/secret" --tls "$W/tls/node-a" --discard
     run ip netns exec "$A" mirror sync --node 10.77.0.1:7700 --peer 10.77.0.2:7700 \
-        --volume vol0 --secret-file "$W/secret"
+        --volume vol0 --secret-file "$W/secret" --tls "$W/tls/node-a"
     run ip netns exec "$A" mirror sync --verify --node 10.77.0.1:7700 --peer 10.77.0.2:7700 \
-        --volume vol0 --secret-file "$W/secret"
+        --volume vol0 --secret-file "$W/secret" --tls "$W/tls/node-a"
 
     # Node B now holds node A's data: read it there.
     serve_ab 10.77.0.1:7700 10.77.0.2:7700
     until_status "target .* in-sync"
     run mirror ctl weights set --target 100
-    run ip netns exec "$A" qemu-io -f raw nbd://10.77.0.1:10809 -c "read -P 0x11 0 4M"
+    run ip netns exec "$A" qemu-io -f raw nbd://127.0.0.1:10809 -c "read -P 0x11 0 4M"
     run mirror ctl status
     run mirror ctl weights auto
 }
