@@ -7,8 +7,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=MIRROR_EBPF_OBJ");
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     let obj = env::var_os("MIRROR_EBPF_OBJ")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest.join("../target/ebpf/bpfel-unknown-none/release/mirror"));
+        .map_or_else(|| manifest.join("../target/ebpf/bpfel-unknown-none/release/mirror"), PathBuf::from);
     println!("cargo:rerun-if-changed={}", obj.display());
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets it")).join("mirror-ebpf.o");
     match fs::read(&obj) {

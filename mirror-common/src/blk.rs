@@ -310,7 +310,9 @@ const _: () = {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::*;
+    use super::{
+        BlkRqOffsets, BlkSample, BlkStart, BlkStartKey, BlkStats, BlkStatsKey, BlkStatsSlot, BlkTpOffsets,
+    };
 
     // SAFETY: each type is #[repr(C)], has no padding (bytemuck's Pod derive checks that) and
     // every bit pattern is valid, which is what aya::Pod requires.

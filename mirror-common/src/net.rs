@@ -49,7 +49,7 @@ const _: () = {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::*;
+    use super::{NetTpOffsets, TcpPeerKey, TcpRetrans, AF_INET, AF_INET6};
 
     // SAFETY: each type is #[repr(C)], has no padding (bytemuck's Pod derive checks it) and every
     // bit pattern is valid.

@@ -282,7 +282,7 @@ impl ServeFile {
 /// Values of the file parsed by the flags' own parsers, so a file and a flag accept the same
 /// text and a bad value fails where the file is read, with its key and line.
 mod de {
-    use super::*;
+    use super::{Deserialize, Deserializer, Duration, ProbeSpec, ReplicaSpec};
 
     fn parsed<'de, D: Deserializer<'de>, T>(
         d: D,
@@ -292,15 +292,17 @@ mod de {
         parse(&s).map(Some).map_err(serde::de::Error::custom)
     }
 
-    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(super) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         parsed(d, crate::parse_duration)
     }
 
-    pub fn replica<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ReplicaSpec>, D::Error> {
+    pub(super) fn replica<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ReplicaSpec>, D::Error> {
         parsed(d, ReplicaSpec::parse)
     }
 
-    pub fn value_enum<'de, D: Deserializer<'de>, T: clap::ValueEnum>(d: D) -> Result<Option<T>, D::Error> {
+    pub(super) fn value_enum<'de, D: Deserializer<'de>, T: clap::ValueEnum>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
         parsed(d, |s| {
             T::from_str(s, false).map_err(|_| {
                 let known: Vec<String> = T::value_variants()
@@ -312,7 +314,7 @@ mod de {
         })
     }
 
-    pub fn probes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ProbeSpec>, D::Error> {
+    pub(super) fn probes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ProbeSpec>, D::Error> {
         Vec::<String>::deserialize(d)?
             .iter()
             .map(|s| ProbeSpec::parse(s).map_err(serde::de::Error::custom))
@@ -411,7 +413,7 @@ mod tests {
         );
         assert_eq!(f.target, Some(ReplicaSpec::Remote { addr: "10.0.0.2:7700".into() }));
         assert_eq!(f.frontend, Some(Frontend::Ublk));
-        assert_eq!(f.engine.ramp, Some(Duration::from_secs(60)));
+        assert_eq!(f.engine.ramp, Some(Duration::from_mins(1)));
         assert_eq!(f.monitor.probe[0].expect_status, 204);
         assert!(f.volume.is_none() && f.engine.policy.is_none());
     }

@@ -152,8 +152,8 @@ where
     let unix_task = unix.map(|u| tokio::spawn(u.run(stopped(stop_rx.clone()))));
     let tcp_task = tokio::spawn(tcp.run(stopped(stop_rx)));
     let fenced = tokio::select! {
-        _ = stop => None,
-        _ = vol.router.lease.fenced_wait() => vol.router.lease.fenced().map(str::to_string),
+        () = stop => None,
+        () = vol.router.lease.fenced_wait() => vol.router.lease.fenced().map(str::to_string),
     };
     match &fenced {
         None => tracing::info!("signal received: draining NBD connections, flushing both replicas"),

@@ -147,7 +147,7 @@ fn extra_sections(page: &str, subpages: &[String]) -> Roff {
 /// The NAME line wants one phrase: the about's first sentence; the whole of it stays the
 /// DESCRIPTION (unless the command has a long about of its own).
 fn short_about(c: clap::Command) -> clap::Command {
-    let Some(about) = c.get_about().map(|a| a.to_string()) else { return c };
+    let Some(about) = c.get_about().map(std::string::ToString::to_string) else { return c };
     let first = about.split(". ").next().unwrap_or(&about).trim_end_matches('.').to_string();
     let c = if c.get_long_about().is_none() { c.long_about(about) } else { c };
     c.about(first)

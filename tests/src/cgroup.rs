@@ -124,7 +124,7 @@ impl IoCgroup {
     pub fn limit(&self, dev: &Path, limits: &[(IoLimit, Option<u64>)]) -> Result<()> {
         let dev = major_minor(dev)?;
         self.write(dev, limits)?;
-        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self.set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for &(l, _) in limits {
             if !set.contains(&(dev, l)) {
                 set.push((dev, l));

@@ -10,7 +10,7 @@ use std::{
 /// The sub-second nanoseconds of now: with the process id, keeps the names one process makes
 /// apart.
 pub fn nanos() -> u32 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
 }
 
 /// `mirror-{tag}-{pid}-{nanos}`: a name for a scratch directory, a cgroup, a pin directory or a

@@ -168,7 +168,7 @@ pub fn wait_clean(node: &str, secret: &Path, extra: &[&str]) {
     let sec = secret.display().to_string();
     let mut args = vec!["status", "--node", node, "--volume", "v", "--secret-file", &sec];
     args.extend_from_slice(extra);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         let (ok, out, err) = mirror_cli(&args);
         if ok {
@@ -311,7 +311,7 @@ impl Replica {
             "--secret-file".into(),
             secret.display().to_string(),
         ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().map(std::string::ToString::to_string));
         let mut launch = ReplicaLaunch::new(mirror_bin(), args);
         launch.rust_log = Some(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
         Self::launch(launch, path).unwrap_or_else(|e| panic!("{e:#}"))
@@ -332,7 +332,7 @@ impl Replica {
 
     /// Restarts on the same address (after a kill); panics when it does not start.
     pub fn restart(&mut self) {
-        self.try_restart().unwrap_or_else(|e| panic!("{e:#}"))
+        self.try_restart().unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     /// Kills it and starts it again with the same arguments, on the same address.

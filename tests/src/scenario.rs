@@ -586,7 +586,7 @@ impl Recorder {
                             }
                             v.join(" ")
                         };
-                        pts.lock().unwrap_or_else(|e| e.into_inner()).push(Point {
+                        pts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Point {
                             t: epoch.elapsed().as_secs_f64(),
                             target_weight: s["weights"]["target"].as_u64().unwrap_or(0) as u8,
                             mode: s["mode"].as_str().unwrap_or("?").to_string(),
@@ -607,12 +607,12 @@ impl Recorder {
     /// Marks an event now; returns its time.
     pub fn mark(&self, what: &str) -> f64 {
         let t = self.epoch.elapsed().as_secs_f64();
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).push((t, what.to_string()));
+        self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((t, what.to_string()));
         t
     }
 
     pub fn points(&self) -> Vec<Point> {
-        self.points.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.points.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     pub fn stop(&mut self) {
@@ -636,7 +636,7 @@ pub fn reversals(weights: impl IntoIterator<Item = u8>) -> u32 {
     let mut n = 0;
     for w in weights {
         if let Some(l) = last {
-            let d = (w as i16 - l as i16).signum() as i8;
+            let d = (i16::from(w) - i16::from(l)).signum() as i8;
             if d != 0 {
                 if dir != 0 && d != dir {
                     n += 1;
@@ -743,7 +743,7 @@ pub fn scenario_bc(o: &Opts) -> Result<KillResult> {
     std::thread::sleep(Duration::from_secs(2));
     c.source.try_restart()?;
     let back = c
-        .wait_for("failback complete", Duration::from_secs(120), |s| {
+        .wait_for("failback complete", Duration::from_mins(2), |s| {
             s["replicas"][0]["state"] == "in-sync" && s["mode"] == "Normal" && target_weight(s) == 0
         })
         .map_err(|e| anyhow::anyhow!("{e}\n{}", c.serve_log()))?;

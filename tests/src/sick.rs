@@ -102,7 +102,7 @@ impl Mirror {
             ]
             .map(String::from),
         );
-        args.extend(plain.iter().map(|s| s.to_string()));
+        args.extend(plain.iter().map(std::string::ToString::to_string));
         let bin = PathBuf::from(args.remove(0));
         let mut launch = ReplicaLaunch::new(bin, args);
         launch.rust_log = Some("warn".into());
@@ -352,7 +352,7 @@ impl Staller {
     /// Stops stalling; returns how many stalls there were.
     pub fn finish(mut self) -> u32 {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.take().map(|t| t.join().unwrap_or(0)).unwrap_or(0)
+        self.thread.take().map_or(0, |t| t.join().unwrap_or(0))
     }
 }
 
@@ -450,7 +450,7 @@ pub fn write_stall(m: Mirror, sick: Sickness<'_>, hold: Duration) -> Result<Writ
     let fio = fio.wait()?;
     let during = during?;
     let t0 = Instant::now();
-    m.wait_in_sync(Duration::from_secs(120)).with_context(|| m.serve_log())?;
+    m.wait_in_sync(Duration::from_mins(2)).with_context(|| m.serve_log())?;
     let resync = t0.elapsed();
     let mut m = m;
     m.stop();

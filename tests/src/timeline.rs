@@ -44,13 +44,13 @@ pub fn svg(title: &str, points: &[Point], events: &[(f64, String)]) -> String {
             y0: TOP,
             title: "read weight % (source blue, target red)",
             scale: lin100,
-            ticks: (0..=4).map(|i| (i as f64 * 25.0, format!("{}", i * 25))).collect(),
+            ticks: (0..=4).map(|i| (f64::from(i) * 25.0, format!("{}", i * 25))).collect(),
         },
         Panel {
             y0: TOP + PANEL_H + GAP,
             title: "node health 0-100 (gaps: node unreachable)",
             scale: lin100,
-            ticks: (0..=4).map(|i| (i as f64 * 25.0, format!("{}", i * 25))).collect(),
+            ticks: (0..=4).map(|i| (f64::from(i) * 25.0, format!("{}", i * 25))).collect(),
         },
         Panel {
             y0: TOP + 2.0 * (PANEL_H + GAP),
@@ -145,8 +145,8 @@ pub fn svg(title: &str, points: &[Point], events: &[(f64, String)]) -> String {
         }
         flush(&mut seg, &mut o);
     };
-    series(&panels[0], COLORS[0], &|p| Some(100.0 - p.target_weight as f64));
-    series(&panels[0], COLORS[1], &|p| Some(p.target_weight as f64));
+    series(&panels[0], COLORS[0], &|p| Some(100.0 - f64::from(p.target_weight)));
+    series(&panels[0], COLORS[1], &|p| Some(f64::from(p.target_weight)));
     for (i, c) in COLORS.iter().enumerate() {
         series(&panels[1], c, &|p| p.health[i]);
         series(&panels[2], c, &|p| (p.latency_us[i] > 0.0).then_some(p.latency_us[i]));
@@ -163,11 +163,11 @@ mod tests {
     fn renders_series_events_and_escapes() {
         let pts: Vec<Point> = (0..10)
             .map(|i| Point {
-                t: i as f64,
+                t: f64::from(i),
                 target_weight: if i < 5 { 0 } else { 100 },
                 mode: "Normal".into(),
                 health: [if i == 6 { None } else { Some(90.0) }, Some(100.0)],
-                latency_us: [100.0 * (i + 1) as f64, 50.0],
+                latency_us: [100.0 * f64::from(i + 1), 50.0],
                 reads: [0, 0],
                 in_sync: [true, true],
                 low_signals: Default::default(),

@@ -86,7 +86,7 @@ fn counts_loop_device_io(args: &[&str], env: &[(&str, &str)]) {
         } else {
             // A sampling window overshoots or falls short by less than one stride (at most 64)
             // per CPU at each end of the interval.
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as u64;
             assert!(s.lat_measured >= 1 && s.lat_measured <= s.ios, "timed {} of {}", s.lat_measured, s.ios);
             assert!(
                 hist_total.abs_diff(s.ios) <= 2 * 64 * cpus,
@@ -195,7 +195,7 @@ fn sampled_latency_weights_stand_for_every_request_and_exact_mode_times_all() {
     if which("fio").is_none() {
         return skip(T, "BPF", "fio not installed (cargo xtask setup)");
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
     for exact in [false, true] {
         let lo = LoopDev::cached(64 << 20);
         let dev = blk::kdev_of_path(&lo.dev).expect("stat loop device");

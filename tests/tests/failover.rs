@@ -20,7 +20,7 @@ fn opts(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Opts)> {
         skip(test, "BPF", &why);
         return None;
     }
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     Some((guard, Opts::new(mirror_bin())))
 }
 
@@ -47,7 +47,7 @@ fn a_source_disk_slow_for_a_minute_keeps_the_reads_on_the_target_without_reversa
     const T: &str =
         "failover::a_source_disk_slow_for_a_minute_keeps_the_reads_on_the_target_without_reversal";
     let Some((_g, o)) = opts(T) else { return };
-    let r = scenario::scenario_a_held(&o, 100, Duration::from_secs(60)).expect("scenario a, held");
+    let r = scenario::scenario_a_held(&o, 100, Duration::from_mins(1)).expect("scenario a, held");
     let why = format!("{r:?}");
     assert_eq!(r.failed_ios, 0, "{why}");
     assert!(r.shift_s.is_some_and(|s| s <= 2.0), "target weight not >= 90 within 2 s: {why}");
@@ -101,7 +101,7 @@ fn e_a_failing_http_probe_on_the_source_lowers_its_health_and_shifts_reads() {
     // machine both nodes score low alike: the CPU they share); the probe's effect is measured
     // from calm.
     let health = |s: &serde_json::Value, i: usize| s["replicas"][i]["node"]["health"].as_u64().unwrap_or(0);
-    c.wait_for("target weight 0 and source health as good as the target's", Duration::from_secs(60), |s| {
+    c.wait_for("target weight 0 and source health as good as the target's", Duration::from_mins(1), |s| {
         target_weight(s) == 0 && health(s, 0) + 10 >= health(s, 1).max(40)
     })
     .unwrap();

@@ -103,7 +103,7 @@ async fn expiry_after_the_keep_alive_stops_and_the_holder_fenced_itself_first() 
         st = r2.wait_change(st.record.as_ref(), Duration::from_secs(6)).await.unwrap();
     }
     assert!(st.record.is_none(), "the key outlived its lease");
-    let gone_after = clock.now() - last_sent;
+    let gone_after = clock.now().checked_sub(last_sent).unwrap();
     let held2 = take(&r2, &clock, &replicas(1, 1)).await.expect("r2 takes the expired lease");
     let taken_at = clock.now();
     eprintln!(

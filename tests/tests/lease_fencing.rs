@@ -74,8 +74,7 @@ fn qemu_io(nbd: &str, cmds: &[String]) -> std::process::Output {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let ok =
-        Command::new("kill").args([sig, &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().is_ok_and(|s| s.success());
     assert!(ok, "kill {sig} {pid}");
 }
 
@@ -219,7 +218,7 @@ fn a_frozen_router_whose_lease_was_taken_is_fenced_and_none_of_its_writes_land()
 /// The frozen-router scenario with `extra` flags for both routers (the lease store) and B's own
 /// (`--standby` in etcd mode: B waits announced before A is frozen, and takes over by itself).
 fn frozen_router_fenced(tag: &str, store: &[&str], ttl: &str) {
-    frozen_router_fenced_with(tag, store, &[], ttl)
+    frozen_router_fenced_with(tag, store, &[], ttl);
 }
 
 fn frozen_router_fenced_with(tag: &str, store: &[&str], b_extra: &[&str], ttl: &str) {
@@ -434,7 +433,7 @@ async fn a_router_over_tls_is_fenced_when_its_remote_replicas_epoch_is_raised() 
     let rlog = dir.0.join("replica.log");
     let args: Vec<String> = ["replica", "--listen", "127.0.0.1:0", "--secret-file"]
         .iter()
-        .map(|x| x.to_string())
+        .map(std::string::ToString::to_string)
         .chain([secret_path.display().to_string(), "--tls".into(), b.display().to_string()])
         .chain(["--tls-allow".into(), "node-a".into()])
         .chain(["--volume".into(), format!("v={}", dir.0.join("t.img").display())])

@@ -19,9 +19,7 @@ const MAX_REQUEST: u32 = 32 << 20;
 
 /// `nbd_file`: $NBD_FILE_BIN, or the binary cargo built for this package.
 fn nbd_file_bin() -> PathBuf {
-    std::env::var_os("NBD_FILE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_nbd_file").into())
+    std::env::var_os("NBD_FILE_BIN").map_or_else(|| env!("CARGO_BIN_EXE_nbd_file").into(), PathBuf::from)
 }
 
 /// An `nbd_file` process serving `path` (created with SIZE bytes when missing), killed on drop.
@@ -340,7 +338,7 @@ impl Raw {
                     export = Some((
                         u64::from_be_bytes(data[2..10].try_into().unwrap()),
                         u16::from_be_bytes([data[10], data[11]]),
-                    ))
+                    ));
                 }
                 REP_INFO => {}
                 REP_ACK => return export.expect("NBD_INFO_EXPORT before ACK"),

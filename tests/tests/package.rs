@@ -213,7 +213,7 @@ fn the_package_installs_serves_from_etc_mirror_and_removes_cleanly() {
         lines,
         [format!("metrics on 127.0.0.1:{metrics}"), format!("nbd listening on 127.0.0.1:{nbd}")]
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         let st = ok(Command::new("/usr/bin/mirror").args([
             "ctl",

@@ -104,7 +104,7 @@ fn fio_verify_survives_a_killed_replica_and_the_replicas_end_identical() {
     assert!(text.contains("err= 0"), "fio reports errors:\n{text}");
 
     // The source's embedded server reports the resync; wait until it is done and clean.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         let (ok, out, _) =
             mirror_cli(&["status", "--node", &source_listen, "--volume", "v", "--secret-file", &sec]);
@@ -326,7 +326,7 @@ fn qemu_io(srv: &Serve, cmds: &[&str]) {
 /// Waits until the replica served at `node` records nothing for its peer and its sync job (if
 /// any) is done: the peer is in sync.
 fn wait_clean(node: &str, sec: &str, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         let (ok, out, err) = mirror_cli(&["status", "--node", node, "--volume", "v", "--secret-file", sec]);
         if ok {
@@ -368,7 +368,7 @@ fn a_restarted_router_resyncs_a_stale_target_before_reading_from_it() {
     let args = |weight: &'static str| -> Vec<String> {
         ["--volume", "v", "--source", &src, "--target", &tgt, "--secret-file", &sec]
             .iter()
-            .map(|s| s.to_string())
+            .map(std::string::ToString::to_string)
             .chain(["--source-listen".into(), source_listen.clone(), "--target-weight".into(), weight.into()])
             .chain(["--ctl-socket".into(), dir.0.join("ctl.sock").display().to_string()])
             .collect()
@@ -434,10 +434,10 @@ fn serve_starts_without_an_unreachable_replica_only_when_safe_and_resyncs_it_lat
         &dir.0.join("ctl.sock").display().to_string(),
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect();
     let with = |extra: &[&str]| -> Vec<String> {
-        base.iter().cloned().chain(extra.iter().map(|s| s.to_string())).collect()
+        base.iter().cloned().chain(extra.iter().map(std::string::ToString::to_string)).collect()
     };
 
     let out = Command::new(mirror_bin())
@@ -521,8 +521,7 @@ fn never_synced_pair(tag: &str, seed: u64) -> (TempDir, std::path::PathBuf, Stri
 }
 
 fn signal(pid: u32, sig: &str) {
-    let ok =
-        Command::new("kill").args([sig, &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().is_ok_and(|s| s.success());
     assert!(ok, "kill {sig} {pid}");
 }
 
@@ -576,7 +575,7 @@ fn a_router_killed_mid_write_leaves_intent_and_the_next_start_resyncs_it() {
             "10s",
         ]
         .iter()
-        .map(|s| s.to_string())
+        .map(std::string::ToString::to_string)
         .chain(["--target-weight".into(), weight.into()])
         .collect()
     };
@@ -848,7 +847,7 @@ fn ctl_status_json_has_the_documented_shape() {
     let _srv = serve(&flags.split_whitespace().collect::<Vec<_>>());
     let mut seen = Vec::new();
     let (mut docs, mut syncing) = (0, 0);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         let (ok, out, err) = mirror_cli(&["ctl", "--socket", &sock, "status", "--json"]);
         assert!(ok, "ctl status: {err}");

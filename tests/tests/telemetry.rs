@@ -27,7 +27,7 @@ use mirror_tests::{
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A facility this machine lacks (a cgroup controller, veth): inside the VM that is the VM
@@ -152,7 +152,7 @@ fn cpu_hogs_raise_run_queue_latency_with(t: &'static str, env: &[(&str, &str)]) 
     let daemon = Daemon::start_with_env(&[], env);
     std::thread::sleep(Duration::from_millis(200));
     let idle = measure(&daemon, || std::thread::sleep(Duration::from_millis(1500)));
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     let hogs = Hogs::spawn(2 * cpus);
     std::thread::sleep(Duration::from_millis(200));
     let busy = measure(&daemon, || std::thread::sleep(Duration::from_millis(1500)));
@@ -203,7 +203,7 @@ fn run_queue_duty_cycle_measures_a_share_of_the_time_with_the_same_rates() {
         return skip(T, "BPF", &why);
     }
     let _serial = serial();
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     let hogs = Hogs::spawn(2 * cpus);
     let duties = [20u32, 100];
     let daemons: Vec<Daemon> = duties
@@ -213,7 +213,7 @@ fn run_queue_duty_cycle_measures_a_share_of_the_time_with_the_same_rates() {
     std::thread::sleep(Duration::from_millis(300));
     let before: Vec<NodeSnapshot> = daemons.iter().map(snap).collect();
     let t = std::time::Instant::now();
-    std::thread::sleep(Duration::from_millis(2000));
+    std::thread::sleep(Duration::from_secs(2));
     let after: Vec<NodeSnapshot> = daemons.iter().map(snap).collect();
     let secs = t.elapsed().as_secs_f64();
     drop(hogs);

@@ -134,7 +134,7 @@ fn flood_while_fio_runs(test: &str, tls: bool) {
     let (tls_b, tls_a): (&[String], &[String]) = if tls { (&tls_b, &tls_a) } else { (&[], &[]) };
     let args = ["replica", "--listen", "127.0.0.1:0", "--secret-file", &s(&secret)]
         .iter()
-        .map(|a| a.to_string())
+        .map(std::string::ToString::to_string)
         .chain(tls_b.iter().cloned())
         .chain(["--volume".into(), format!("v={}", t_img.display())])
         .collect();

@@ -46,10 +46,10 @@ fn tls_replica(img: &Path, secret: &Path, dir: &Path, log: &Path, extra: &[&str]
     let mut args: Vec<String> =
         ["replica", "--listen", "127.0.0.1:0", "--secret-file", &s(secret), "--tls", &s(dir)]
             .iter()
-            .map(|a| a.to_string())
+            .map(std::string::ToString::to_string)
             .collect();
     args.extend(["--volume".into(), format!("v={}", img.display())]);
-    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(extra.iter().map(std::string::ToString::to_string));
     let mut launch = ReplicaLaunch::new(mirror_bin(), args);
     launch.log = Some(log.to_path_buf());
     launch.rust_log = Some("info".into());
@@ -160,7 +160,7 @@ fn router_args(dir: &Path, secret: &Path, target: &str, tls: &Path, source_liste
         "50",
     ]
     .iter()
-    .map(|x| x.to_string())
+    .map(std::string::ToString::to_string)
     .collect()
 }
 
@@ -248,7 +248,7 @@ fn refused_peers_are_logged_with_the_reason_and_touch_nothing() {
     let secret = secret_file(&dir.0);
     let key = std::fs::read(&secret).unwrap();
     let key = key.trim_ascii();
-    let day = Duration::from_secs(86_400);
+    let day = Duration::from_hours(24);
     let now = SystemTime::now();
     // A CA valid from a month ago (so that a certificate it issued can be loaded as of a past
     // day), written in `mirror certs`' layout.
@@ -328,7 +328,7 @@ fn plaintext_beyond_loopback_needs_the_insecure_flag() {
     assert!(!ok, "a plaintext listener on 0.0.0.0 started");
     assert!(err.contains("is not a loopback address") && err.contains("--insecure-plaintext"), "{err}");
     // With the flag it starts (and announces its address).
-    let args = base.iter().chain(&["--insecure-plaintext"]).map(|a| a.to_string()).collect();
+    let args = base.iter().chain(&["--insecure-plaintext"]).map(std::string::ToString::to_string).collect();
     let mut launch = ReplicaLaunch::new(mirror_bin(), args);
     launch.rust_log = Some("warn".into());
     let r = Replica::launch(launch, &dir.0.join("v.img")).expect("starts with --insecure-plaintext");

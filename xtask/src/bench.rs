@@ -16,12 +16,12 @@ use crate::{
 };
 
 /// Benchmarks `cargo xtask bench` knows.
-pub const BENCHES: &[(&str, &str)] =
+pub(crate) const BENCHES: &[(&str, &str)] =
     &[("ebpf", "fio 4 KiB random reads on a page-cached loop device, with and without the eBPF programs")];
 
 /// How `cargo xtask bench ebpf` alternates with and without the programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     /// One long fio run; the daemon detaches and attaches its programs (`--pause-signals`)
     /// every window, and each window's IOPS come from the device's completed-read counter. Many
     /// short back-to-back pairs: background load hits both sides of a pair alike.
@@ -32,7 +32,7 @@ pub enum Method {
 
 /// Options of `cargo xtask bench ebpf`.
 #[derive(Debug, Clone, Copy)]
-pub struct EbpfOpts {
+pub(crate) struct EbpfOpts {
     pub method: Method,
     /// Pairs of (without, with) runs or windows.
     pub pairs: usize,
@@ -50,7 +50,7 @@ pub struct EbpfOpts {
     pub runq_duty: Option<u32>,
 }
 
-pub fn bench(name: &str, opts: EbpfOpts) -> Result<()> {
+pub(crate) fn bench(name: &str, opts: EbpfOpts) -> Result<()> {
     match name {
         "ebpf" => ebpf(opts),
         other => {
@@ -191,7 +191,7 @@ fn fio_args(opts: &EbpfOpts) -> Vec<String> {
         &format!("--iodepth={}", opts.iodepth),
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect()
 }
 
@@ -255,9 +255,9 @@ fn windows(dev: &str, bin: &Path, opts: &EbpfOpts) -> Result<(Vec<f64>, Vec<f64>
                 let iops = (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64();
                 runs.push(json!({"pair": pair, "attached": attached, "iops": iops}));
                 if attached {
-                    with.push(iops)
+                    with.push(iops);
                 } else {
-                    without.push(iops)
+                    without.push(iops);
                 }
             }
             if (pair + 1) % 10 == 0 || pair + 1 == opts.pairs {
@@ -298,7 +298,7 @@ fn median(v: &[f64]) -> f64 {
     if n % 2 == 1 {
         s[n / 2]
     } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
+        f64::midpoint(s[n / 2 - 1], s[n / 2])
     }
 }
 
@@ -366,9 +366,9 @@ fn runs_method(dev: &str, bin: &Path, opts: &EbpfOpts) -> Result<(Vec<f64>, Vec<
             );
             runs.push(json!({"pair": pair, "attached": attached, "iops": iops}));
             if attached {
-                with.push(iops)
+                with.push(iops);
             } else {
-                without.push(iops)
+                without.push(iops);
             }
         }
     }
@@ -438,7 +438,7 @@ fn ebpf(opts: EbpfOpts) -> Result<()> {
     let mut programs = serde_json::Map::new();
     println!();
     println!("{:<20} {:>12} {:>14} {:>12} {:>12}", "program", "ns/event", "events", "events/IO", "CPU %");
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
     if let Some(obj) = stats.as_object() {
         for (name, v) in obj {
             let rt = v["run_time_ns"].as_u64().unwrap_or(0);

@@ -24,17 +24,15 @@ enum Route {
 fn debian_core_available() -> bool {
     Path::new("/usr/bin/rustc").is_file()
         && Path::new("/usr/bin/cargo").is_file()
-        && std::fs::read_dir(format!("/usr/lib/rustlib/{BPF_TARGET}/lib"))
-            .map(|d| {
-                d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("libcore-"))
-            })
-            .unwrap_or(false)
+        && std::fs::read_dir(format!("/usr/lib/rustlib/{BPF_TARGET}/lib")).is_ok_and(|d| {
+            d.filter_map(std::result::Result::ok)
+                .any(|e| e.file_name().to_string_lossy().starts_with("libcore-"))
+        })
 }
 
 fn nightly_rust_src_available() -> bool {
     output("rustup", &["run", "nightly", "rustc", "--print", "sysroot"])
-        .map(|s| Path::new(&s).join("lib/rustlib/src/rust/library/core").is_dir())
-        .unwrap_or(false)
+        .is_some_and(|s| Path::new(&s).join("lib/rustlib/src/rust/library/core").is_dir())
 }
 
 fn pick_route() -> Result<Route> {
@@ -54,7 +52,7 @@ fn pick_route() -> Result<Route> {
 }
 
 /// Path of the built eBPF object.
-pub fn ebpf_object() -> PathBuf {
+pub(crate) fn ebpf_object() -> PathBuf {
     root().join("target/ebpf").join(BPF_TARGET).join("release/mirror")
 }
 
@@ -83,7 +81,7 @@ fn clean_cargo(program: &str) -> Command {
     cmd
 }
 
-pub fn build_ebpf() -> Result<PathBuf> {
+pub(crate) fn build_ebpf() -> Result<PathBuf> {
     let route = pick_route()?;
     let dir = root().join("mirror-ebpf");
     let target_dir = root().join("target/ebpf");
@@ -116,14 +114,14 @@ pub fn build_ebpf() -> Result<PathBuf> {
 }
 
 /// A cargo command for the userspace workspace, told where the eBPF object is.
-pub fn cargo(args: &[&str]) -> Command {
+pub(crate) fn cargo(args: &[&str]) -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut c = Command::new(cargo);
     c.current_dir(root()).env("MIRROR_EBPF_OBJ", ebpf_object()).args(args);
     c
 }
 
-pub fn build(release: bool) -> Result<()> {
+pub(crate) fn build(release: bool) -> Result<()> {
     build_ebpf()?;
     let mut args = vec!["build", "--workspace"];
     if release {
@@ -133,6 +131,6 @@ pub fn build(release: bool) -> Result<()> {
 }
 
 /// The userspace `mirror` binary of a profile.
-pub fn mirror_bin(release: bool) -> PathBuf {
+pub(crate) fn mirror_bin(release: bool) -> PathBuf {
     root().join("target").join(if release { "release" } else { "debug" }).join("mirror")
 }

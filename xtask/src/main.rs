@@ -162,8 +162,7 @@ pub(crate) fn mount_kernel_fs() {
     }
     for (fs, path) in [("tracefs", "/sys/kernel/tracing"), ("bpf", "/sys/fs/bpf")] {
         let mounted = std::fs::read_to_string("/proc/mounts")
-            .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(path)))
-            .unwrap_or(false);
+            .is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(path)));
         if !mounted {
             let _ = run(Command::new("mount").args(["-t", fs, fs, path]));
         }

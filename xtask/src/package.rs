@@ -29,12 +29,12 @@ use crate::{
 };
 
 /// Where the package and its staging tree go.
-pub fn out_dir() -> PathBuf {
+pub(crate) fn out_dir() -> PathBuf {
     root().join("target/package")
 }
 
 /// Builds the package; returns its path.
-pub fn package(debug: bool) -> Result<PathBuf> {
+pub(crate) fn package(debug: bool) -> Result<PathBuf> {
     for tool in ["dpkg-deb", "dpkg-shlibdeps", "gzip", "strip"] {
         if crate::util::which(tool).is_none() {
             bail!("{tool} is missing: run `cargo xtask setup` (installs dpkg-dev, binutils, gzip)");

@@ -47,7 +47,7 @@ const PACKAGES: &[(&str, &str)] = &[
 const VIRTME_NG: &str = "virtme-ng==1.42";
 
 /// Where the VM kernel is cached (virtme-ng hides /var/cache inside the guest).
-pub const VM_DIR: &str = "/opt/mirror-vm";
+pub(crate) const VM_DIR: &str = "/opt/mirror-vm";
 
 const MANUAL: &str = "\
 Manual steps (Debian 12 as root; see ../shared/ENVIRONMENT.md):
@@ -62,11 +62,11 @@ Manual steps (Debian 12 as root; see ../shared/ENVIRONMENT.md):
      then link /lib/modules/<version> to its lib/modules/<version> and run depmod <version>";
 
 /// Returns Ok(false) with an explanation when this machine cannot be set up automatically.
-pub fn can_setup() -> bool {
+pub(crate) fn can_setup() -> bool {
     is_root() && Path::new("/etc/debian_version").exists()
 }
 
-pub fn setup() -> Result<()> {
+pub(crate) fn setup() -> Result<()> {
     if !Path::new("/etc/debian_version").exists() {
         bail!("`cargo xtask setup` installs with apt and needs Debian.\n{MANUAL}");
     }
@@ -156,7 +156,7 @@ fn bpf_linker() -> Result<()> {
 }
 
 /// Path of the `vng` launcher, if installed.
-pub fn vng() -> Option<PathBuf> {
+pub(crate) fn vng() -> Option<PathBuf> {
     which("vng").or_else(|| {
         let scripts = output("python3", &["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])?;
         let p = Path::new(&scripts).join("vng");
@@ -179,7 +179,7 @@ fn virtme_ng() -> Result<()> {
 }
 
 /// The cached VM kernel: (version, vmlinuz path), if set up.
-pub fn vm_kernel_installed() -> Option<(String, PathBuf)> {
+pub(crate) fn vm_kernel_installed() -> Option<(String, PathBuf)> {
     let current = Path::new(VM_DIR).join("current");
     let version = fs::read_to_string(current.join("VERSION")).ok()?.trim().to_string();
     let vmlinuz = current.join("boot").join(format!("vmlinuz-{version}"));
@@ -215,12 +215,11 @@ fn vm_kernel() -> Result<()> {
         eprintln!("xtask: VM kernel present ({v} in {VM_DIR})");
         return Ok(());
     }
-    let pkg = match pick_kernel_package() {
-        Ok(p) => p,
-        Err(_) => {
-            run(Command::new("apt-get").args(["update", "-q"]))?;
-            pick_kernel_package()?
-        }
+    let pkg = if let Ok(p) = pick_kernel_package() {
+        p
+    } else {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        pick_kernel_package()?
     };
     eprintln!("xtask: fetching {pkg} for the VM tests (ublk_drv, loop, nbd modules), cached in {VM_DIR}");
     let dl = Path::new(VM_DIR).join("download");
@@ -235,7 +234,7 @@ fn vm_kernel() -> Result<()> {
     run(Command::new("dpkg").arg("-x").arg(&deb).arg(&stage))?;
     let version = fs::read_dir(stage.join("lib/modules"))
         .or_else(|_| fs::read_dir(stage.join("usr/lib/modules")))?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .next()
         .context("the kernel package has no lib/modules/<version>")?;

@@ -12,11 +12,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 /// The workspace root (parent of xtask/).
-pub fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
-pub fn describe(cmd: &Command) -> String {
+pub(crate) fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
         s.push(' ');
@@ -26,7 +26,7 @@ pub fn describe(cmd: &Command) -> String {
 }
 
 /// Runs a command with inherited stdio; errors when it fails.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: $ {}", describe(cmd));
     let status = cmd.status().with_context(|| format!("starting {}", describe(cmd)))?;
     if !status.success() {
@@ -36,24 +36,24 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Runs a command and returns its stdout (trimmed), or None when it cannot run or fails.
-pub fn output(program: impl AsRef<OsStr>, args: &[&str]) -> Option<String> {
+pub(crate) fn output(program: impl AsRef<OsStr>, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).stderr(Stdio::null()).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Finds an executable in PATH.
-pub fn which(name: &str) -> Option<PathBuf> {
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     output("id", &["-u"]).as_deref() == Some("0")
 }
 
 /// What a libtest run reported.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Tally {
+pub(crate) struct Tally {
     pub passed: u64,
     pub failed: u64,
     pub ignored: u64,
@@ -62,7 +62,7 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn add(&mut self, o: Tally) {
+    pub(crate) fn add(&mut self, o: Tally) {
         self.passed += o.passed;
         self.failed += o.failed;
         self.ignored += o.ignored;
@@ -89,7 +89,7 @@ impl Tally {
 
 /// Runs a command, echoing its stdout and stderr live, and tallies libtest's result lines and
 /// the `skipped:` lines of tests that could not run. Returns the tally and whether it succeeded.
-pub fn run_tally(cmd: &mut Command) -> Result<(Tally, bool)> {
+pub(crate) fn run_tally(cmd: &mut Command) -> Result<(Tally, bool)> {
     eprintln!("xtask: $ {}", describe(cmd));
     let mut child = cmd
         .stdout(Stdio::piped())

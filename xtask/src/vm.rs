@@ -52,7 +52,7 @@ fn skip(why: &str) -> Result<(Tally, bool)> {
     Ok((Tally { skipped: 1, passed: 1, ..Default::default() }, true))
 }
 
-pub fn vm_test() -> Result<(Tally, bool)> {
+pub(crate) fn vm_test() -> Result<(Tally, bool)> {
     let Some(vng) = setup::vng() else {
         return skip("virtme-ng (vng) is not installed: run `cargo xtask setup` as root");
     };
@@ -99,7 +99,7 @@ pub fn vm_test() -> Result<(Tally, bool)> {
 
 /// `cargo xtask bench ublk`: builds the release binaries, makes sure rublk is installed, and runs
 /// `bench-ublk` inside the VM (ublk, loop and raid1 load there); it writes target/bench/ublk.json.
-pub fn bench_ublk(args: &[String]) -> Result<()> {
+pub(crate) fn bench_ublk(args: &[String]) -> Result<()> {
     let Some(vng) = setup::vng() else {
         bail!("virtme-ng (vng) is not installed: run `cargo xtask setup` as root");
     };

@@ -99,10 +99,10 @@ impl CtlArgs {
                         crate::outln!(
                             "target weight pinned at {target} for {}",
                             humantime::format_duration(d)
-                        )
+                        );
                     }
                     None => {
-                        crate::outln!("target weight pinned at {target} (until `mirror ctl weights auto`)")
+                        crate::outln!("target weight pinned at {target} (until `mirror ctl weights auto`)");
                     }
                 }
             }
@@ -141,10 +141,10 @@ async fn watch(socket: &std::path::Path, interval: Duration, json: bool) -> Resu
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            () = &mut stop => break,
             _ = ticker.tick() => {}
         }
-        let st = request(socket, &Request::Status).await.and_then(|r| r.into_status());
+        let st = request(socket, &Request::Status).await.and_then(super::super::control::Reply::into_status);
         let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
         match (&st, terminal, json) {
             (Ok(st), true, _) => crate::out!("{}", watch_screen(st, &now.to_string(), interval)),

@@ -144,8 +144,8 @@ impl DaemonArgs {
                 }
             };
             tokio::select! {
-                _ = &mut stop => { tracing::info!("signal received, detaching"); break; }
-                _ = next_change => {
+                () = &mut stop => { tracing::info!("signal received, detaching"); break; }
+                () = next_change => {
                     if let Some(c) = &mut cycle {
                         let open = c.change(clock.elapsed());
                         if let Source::Bpf(p) = collector.source_mut() {

@@ -227,13 +227,13 @@ pub struct EngineArgs {
 /// The engine's defaults when neither a flag nor the file says (the flags' help repeats them).
 mod engine_default {
     use std::time::Duration;
-    pub const SEED_FACTORS: &str = "0.6,0.4";
-    pub const GOOD_HEALTH: f64 = 80.0;
-    pub const CRITICAL_HEALTH: f64 = 30.0;
-    pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
-    pub const FAILBACK_HOLD: Duration = Duration::from_secs(10);
-    pub const RAMP: Duration = Duration::from_secs(30);
-    pub const TICK: Duration = Duration::from_millis(100);
+    pub(super) const SEED_FACTORS: &str = "0.6,0.4";
+    pub(super) const GOOD_HEALTH: f64 = 80.0;
+    pub(super) const CRITICAL_HEALTH: f64 = 30.0;
+    pub(super) const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
+    pub(super) const FAILBACK_HOLD: Duration = Duration::from_secs(10);
+    pub(super) const RAMP: Duration = Duration::from_secs(30);
+    pub(super) const TICK: Duration = Duration::from_millis(100);
 }
 
 impl EngineArgs {

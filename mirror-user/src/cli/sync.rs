@@ -102,7 +102,7 @@ impl SyncArgs {
             crate::outln!("{}", serde_json::to_value(&status)?);
         }
         let state = status.state;
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
         let summary = format!(
             "{state}: examined {:.1} MiB, changed {:.1} MiB, sent {:.2} MiB of data, {:.2} MiB on the wire in {:.2} s",
             mib(status.done_bytes),

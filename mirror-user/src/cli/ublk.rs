@@ -28,7 +28,7 @@ impl UblkArgs {
     pub fn run(self) -> Result<()> {
         match self.cmd {
             UblkCmd::List { json: true } => {
-                crate::outln!("{}", serde_json::to_string_pretty(&ublk::list()?)?)
+                crate::outln!("{}", serde_json::to_string_pretty(&ublk::list()?)?);
             }
             UblkCmd::List { json: false } => {
                 for d in ublk::list()? {

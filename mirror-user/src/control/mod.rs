@@ -237,7 +237,7 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
 pub async fn serve(ctl: Arc<Control>, listener: UnixListener) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
-        let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
         let ctl = ctl.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();

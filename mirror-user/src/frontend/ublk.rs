@@ -281,7 +281,7 @@ impl<T> Mailbox<T> {
 
     pub(super) fn post(&self, item: T) {
         let was_empty = {
-            let mut q = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = self.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             q.push(item);
             q.len() == 1
         };
@@ -296,7 +296,7 @@ impl<T> Mailbox<T> {
     pub(super) fn take(&self) -> Vec<T> {
         let mut buf = [0u8; 8];
         let _ = (&self.efd).read(&mut buf);
-        std::mem::take(&mut *self.ready.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 }
 
@@ -616,7 +616,11 @@ fn queue_main<D: BlockDev>(
                 FAST_READ_OP | FAST_WRITE_OP => {
                     let i = ((data >> 24) & 0xffff) as usize;
                     let res = ctx.result();
-                    let whole = st.fast.get(tag as usize).and_then(|f| f.as_ref()).map(|p| p.len());
+                    let whole = st
+                        .fast
+                        .get(tag as usize)
+                        .and_then(|f| f.as_ref())
+                        .map(super::super::volume::fast::FastPlan::len);
                     let ok = res >= 0 && whole == Some(res as u32);
                     fast_complete(q, tag, i, ok, dev, &mut st);
                 }
@@ -627,8 +631,11 @@ fn queue_main<D: BlockDev>(
                     });
                     for (tag, ok) in done.unwrap_or_default() {
                         // The leg the plan offloaded (the same on every call).
-                        let leg =
-                            st.fast.get(tag as usize).and_then(|f| f.as_ref()).and_then(|p| p.offload());
+                        let leg = st
+                            .fast
+                            .get(tag as usize)
+                            .and_then(|f| f.as_ref())
+                            .and_then(super::super::volume::fast::FastPlan::offload);
                         fast_complete(q, tag, leg.unwrap_or(1), ok, dev, &mut st);
                     }
                 }
@@ -974,9 +981,9 @@ pub fn list() -> Result<Vec<UblkDevice>, UblkError> {
             Err(e) => DevInfo::Unreadable { error: e.to_string() },
         };
         let dev = UblkDevice { id, block_device: format!("/dev/ublkb{id}"), info };
-        o.lock().unwrap_or_else(|e| e.into_inner()).push(dev);
+        o.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(dev);
     });
-    let v = std::mem::take(&mut *out.lock().unwrap_or_else(|e| e.into_inner()));
+    let v = std::mem::take(&mut *out.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     Ok(v)
 }
 

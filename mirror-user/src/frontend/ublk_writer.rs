@@ -56,7 +56,7 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub fn start(qid: u16) -> std::io::Result<Writer> {
+    pub(super) fn start(qid: u16) -> std::io::Result<Writer> {
         let shared =
             Arc::new(Shared { jobs: Mutex::new(Jobs::default()), cv: Condvar::new(), done: Mailbox::new()? });
         let s = shared.clone();
@@ -68,13 +68,13 @@ impl Writer {
     }
 
     /// The eventfd that counts posted results (poll it for `POLLIN`).
-    pub fn efd(&self) -> &std::fs::File {
+    pub(super) fn efd(&self) -> &std::fs::File {
         self.shared.done.efd()
     }
 
-    pub fn submit(&self, job: Job) {
+    pub(super) fn submit(&self, job: Job) {
         let wake = {
-            let mut j = self.shared.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let mut j = self.shared.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             j.queue.push_back(job);
             j.idle
         };
@@ -84,12 +84,12 @@ impl Writer {
     }
 
     /// The results posted since the last call: `(tag, ok)`.
-    pub fn take_done(&self) -> Vec<(u16, bool)> {
+    pub(super) fn take_done(&self) -> Vec<(u16, bool)> {
         self.shared.done.take()
     }
 
     /// Writes what was handed over and joins the thread.
-    pub fn stop(self) {
+    pub(super) fn stop(self) {
         drop(self);
     }
 }
@@ -97,7 +97,7 @@ impl Writer {
 impl Drop for Writer {
     /// As [`Writer::stop`]: nothing points into the io buffers once this returns.
     fn drop(&mut self) {
-        self.shared.jobs.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        self.shared.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stop = true;
         self.shared.cv.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -110,7 +110,7 @@ fn run(s: &Shared) -> (u64, u64) {
     let (mut n, mut failed) = (0, 0);
     loop {
         let job = {
-            let mut j = s.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let mut j = s.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             loop {
                 if let Some(job) = j.queue.pop_front() {
                     break job;
@@ -119,7 +119,7 @@ fn run(s: &Shared) -> (u64, u64) {
                     return (n, failed);
                 }
                 j.idle = true;
-                j = s.cv.wait(j).unwrap_or_else(|e| e.into_inner());
+                j = s.cv.wait(j).unwrap_or_else(std::sync::PoisonError::into_inner);
                 j.idle = false;
             }
         };

@@ -45,9 +45,9 @@ impl Default for BaselineConfig {
         BaselineConfig {
             healthy_ratio: 2.0,
             follow_down: Duration::from_secs(2),
-            learn_up: Duration::from_secs(120),
-            degraded_drift: Duration::from_secs(3 * 3600),
-            anchor_learn_up: Duration::from_secs(6 * 3600),
+            learn_up: Duration::from_mins(2),
+            degraded_drift: Duration::from_hours(3),
+            anchor_learn_up: Duration::from_hours(6),
             anchor_factor: 1.5,
         }
     }

@@ -81,7 +81,7 @@ impl FactReader {
                 .map_err(|e| tracing::warn!("health: no interface figures ({e})"))
                 .ok(),
             last_link: None,
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         }
     }
 
@@ -94,7 +94,7 @@ impl FactReader {
         let (path, disks) = (self.replica.as_ref()?, self.disks.as_mut()?);
         // New mounts appear (and old ones go) between reads: the list is refreshed each time.
         disks.refresh_specifics(true, DiskRefreshKind::nothing().with_storage());
-        let mount = mount_of(disks.iter().map(|d| d.mount_point()), path)?.to_path_buf();
+        let mount = mount_of(disks.iter().map(sysinfo::Disk::mount_point), path)?.to_path_buf();
         let d = disks.iter().find(|d| d.mount_point() == mount)?;
         Some(FsFacts { mount, free_bytes: d.available_space(), total_bytes: d.total_space() })
     }
@@ -114,30 +114,27 @@ impl FactReader {
         let nets = self.networks.as_mut()?;
         nets.refresh(true);
         let towards = self.peer.and_then(local_addr_towards);
-        let (name, errors) = match towards {
-            Some(local) => {
-                let name = iface_with_addr(
-                    nets.iter().filter_map(|(n, d)| {
-                        Some((n.to_str()?, d.ip_networks().iter().map(|i| i.addr).collect()))
-                    }),
-                    local,
-                )?
-                .to_string();
-                let d = nets.iter().find(|(n, _)| n.to_str() == Some(&name))?.1;
-                let total = d.total_errors_on_received() + d.total_errors_on_transmitted() + drops(&name);
-                (name, total)
-            }
-            None => {
-                let total = nets
-                    .iter()
-                    .map(|(n, d)| {
-                        d.total_errors_on_received()
-                            + d.total_errors_on_transmitted()
-                            + n.to_str().map_or(0, drops)
-                    })
-                    .sum();
-                ("all".to_string(), total)
-            }
+        let (name, errors) = if let Some(local) = towards {
+            let name = iface_with_addr(
+                nets.iter().filter_map(|(n, d)| {
+                    Some((n.to_str()?, d.ip_networks().iter().map(|i| i.addr).collect()))
+                }),
+                local,
+            )?
+            .to_string();
+            let d = nets.iter().find(|(n, _)| n.to_str() == Some(&name))?.1;
+            let total = d.total_errors_on_received() + d.total_errors_on_transmitted() + drops(&name);
+            (name, total)
+        } else {
+            let total = nets
+                .iter()
+                .map(|(n, d)| {
+                    d.total_errors_on_received()
+                        + d.total_errors_on_transmitted()
+                        + n.to_str().map_or(0, drops)
+                })
+                .sum();
+            ("all".to_string(), total)
         };
         let now = Instant::now();
         let rate = match self.last_link.replace((name.clone(), errors, now)) {

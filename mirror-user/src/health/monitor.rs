@@ -138,19 +138,20 @@ impl NodeHealth {
 
     /// The latest report, `None` before the first score.
     pub fn node_report(&self) -> Option<NodeReport> {
-        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.report.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// The latest report as the heartbeat reply carries it (JSON text, `{}` before the first
     /// score): encoded here, when the replica server answers.
     pub fn report(&self) -> String {
-        NodeReport::to_wire(self.report.lock().unwrap_or_else(|e| e.into_inner()).as_ref())
+        NodeReport::to_wire(self.report.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref())
     }
 
     /// Publishes a new score (composed with `margin`).
     pub fn publish(&self, h: &Health, margin: f64, telemetry: &str) {
         let score = h.score.round().clamp(0.0, 100.0) as u8;
-        *self.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(NodeReport::new(h, margin, telemetry));
+        *self.report.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(NodeReport::new(h, margin, telemetry));
         self.score.store(score, Ordering::Relaxed);
     }
 }
@@ -161,7 +162,7 @@ fn median(v: impl IntoIterator<Item = f64>) -> f64 {
     match s.len() {
         0 => 100.0,
         n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+        n => f64::midpoint(s[n / 2 - 1], s[n / 2]),
     }
 }
 

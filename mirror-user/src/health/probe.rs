@@ -34,7 +34,7 @@ impl ProbeSpec {
             match p.split_once('=') {
                 Some(("timeout", v)) => spec.timeout = crate::parse_duration(v)?,
                 Some(("status", v)) => {
-                    spec.expect_status = v.parse().map_err(|_| format!("status `{v}` is not a number"))?
+                    spec.expect_status = v.parse().map_err(|_| format!("status `{v}` is not a number"))?;
                 }
                 _ => return Err(format!("`{p}`: expected timeout=DURATION or status=CODE")),
             }

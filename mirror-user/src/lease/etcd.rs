@@ -367,7 +367,7 @@ impl<C: Clock> EtcdLeaseStore<C> {
                 async move { c.txn(txn).await }
             })
             .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
+        let revision = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
         let gets: Vec<GetResponse> = resp
             .op_responses()
             .into_iter()

@@ -322,7 +322,7 @@ mod tests {
         let mut t = fresh();
         t.claim(s(0.0), &claim("a/1", 1, Authority::Embedded)).unwrap();
         for i in 1..10 {
-            let now = s(i as f64 * 0.7);
+            let now = s(f64::from(i) * 0.7);
             assert_eq!(t.renew(now, &h("a/1"), Epoch(1), TTL).unwrap().remaining, TTL);
             assert!(t.claim(now + s(0.1), &claim("b/1", 2, Authority::Embedded)).is_err());
         }

@@ -164,7 +164,7 @@ impl Tenure {
         if now >= self.valid_until {
             self.fence(format!(
                 "renewal answered after the safe window closed ({:?} late)",
-                now - self.valid_until
+                now.checked_sub(self.valid_until).unwrap()
             ));
             return;
         }
@@ -298,7 +298,8 @@ mod tests {
         let rate = 0.01;
         let mut t = Tenure::begin(cfg, Epoch(1), s(0.0));
         let store_expiry_real = TTL.as_secs_f64() / (1.0 + rate);
-        let fence_local = (0..).map(|i| i as f64 * 0.001).find(|x| t.check(s(*x)).is_err()).unwrap();
+        let fence_local =
+            (0..100_000).map(|i| f64::from(i) * 0.001).find(|x| t.check(s(*x)).is_err()).unwrap();
         assert!(fence_local / (1.0 - rate) > store_expiry_real);
     }
 
@@ -312,12 +313,12 @@ mod tests {
         t.renew_sent(s(0.7));
         assert_eq!(t.next_renewal(), None, "one renewal in flight at a time");
         t.renewed(s(0.72), s(0.7), TTL);
-        assert_eq!(t.time_left(s(0.72)), (s(0.7) + safe) - s(0.72));
+        assert_eq!(t.time_left(s(0.72)), (s(0.7) + safe).checked_sub(s(0.72)).unwrap());
         // Two failures: still active, retries every tenth of the TTL.
         t.renew_sent(s(1.4));
         assert_eq!(t.renew_failed(s(1.45), s(1.4), "etcd unreachable"), None);
         assert!(t.renew_due(s(1.65)));
-        assert!(t.check(s(0.7) + safe - s(0.001)).is_ok());
+        assert!(t.check((s(0.7) + safe).checked_sub(s(0.001)).unwrap()).is_ok());
         // The window closes: fenced, and a late success does not revive it.
         let ev = t.renew_failed(s(0.7) + safe, s(1.65), "etcd unreachable").expect("fenced");
         assert_eq!(ev.mode, LeaseMode::Fenced);

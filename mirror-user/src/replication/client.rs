@@ -115,7 +115,7 @@ impl Client {
             (e, _) => ClientError::Conn(e),
         };
         conn.send(0, 0, &Message::Hello { version: VERSION, volume: volume.into(), nonce: client_nonce })
-            .and_then(|_| conn.flush())
+            .and_then(|()| conn.flush())
             .map_err(explain)?;
         let server_nonce = match conn.recv().map_err(explain)?.1 {
             Message::Challenge { nonce, .. } => nonce,

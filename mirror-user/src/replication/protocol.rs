@@ -273,7 +273,7 @@ impl Codec<GenInfo> for GenInfo {
     fn put(g: &GenInfo, out: &mut Vec<u8>) {
         Hex::put(&g.current, out);
         Hex::put(&g.history, out);
-        out.push(g.consistent as u8);
+        out.push(u8::from(g.consistent));
         Hex::put(&g.sync_source, out);
     }
     fn get(r: &mut Reader<'_>) -> Result<GenInfo, ProtoError> {
@@ -694,7 +694,7 @@ mod tests {
             Message::Flush,
             Message::Trim { offset: 1, len: 2 },
             Message::WriteZeroes { offset: 3, len: 4 },
-            Message::Digests { grain: 65536, extents: vec![(0, 65536), (1 << 20, 131072)] },
+            Message::Digests { grain: 65536, extents: vec![(0, 65536), (1 << 20, 131_072)] },
             Message::WriteLz4 { offset: 8, raw_len: 65536, data: vec![1, 2, 3] },
             Message::MarkDirty { offset: 0, len: 1 << 40 },
             Message::Heartbeat { seq: 9, health: 87 },

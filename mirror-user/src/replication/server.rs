@@ -198,12 +198,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
                 let _release = Release { id, gate };
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, authenticate(tcp, &peer, &sh));
                 let authenticated = tokio::select! {
-                    r = handshake => match r {
-                        Ok(r) => r,
-                        Err(_) => {
-                            tracing::warn!("refused peer={peer}: handshake not finished within {HANDSHAKE_TIMEOUT:?}");
-                            None
-                        }
+                    r = handshake => if let Ok(r) = r { r } else {
+                        tracing::warn!("refused peer={peer}: handshake not finished within {HANDSHAKE_TIMEOUT:?}");
+                        None
                     },
                     _ = evicted => {
                         tracing::debug!("refused peer={peer}: evicted (too many unauthenticated connections)");
@@ -248,7 +245,7 @@ struct Release {
 
 impl Drop for Release {
     fn drop(&mut self) {
-        let mut g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         g.gate.release(self.id);
         g.evict.remove(&self.id);
     }
@@ -257,7 +254,7 @@ impl Drop for Release {
 impl Gate {
     /// Admits a connection from `addr`, closing those the gate evicts; how many it evicted.
     fn admit(gate: &Arc<Mutex<Gate>>, addr: SocketAddr) -> (Ticket, usize) {
-        let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let a = g.gate.admit(addr.ip());
         for id in &a.evict {
             if let Some(tx) = g.evict.remove(id) {
@@ -408,9 +405,10 @@ where
     };
     let mac = ex.server_proof(&shared.secret);
     c.send(&Message::Welcome { mac, info: vol.info() }).await.ok()?;
-    match node {
-        Some(node) => tracing::info!(%peer, %node, volume = %vol.name(), "peer authenticated"),
-        None => tracing::debug!(%peer, volume = %vol.name(), "peer authenticated (plaintext)"),
+    if let Some(node) = node {
+        tracing::info!(%peer, %node, volume = %vol.name(), "peer authenticated")
+    } else {
+        tracing::debug!(%peer, volume = %vol.name(), "peer authenticated (plaintext)")
     }
     Some(vol)
 }
@@ -456,7 +454,7 @@ fn serve(mut conn: Conn, vol: Arc<Volume>, peer: &str, shared: &Shared) {
             vol.counters().errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, volume = %vol.name(), code, errno, "request failed: {message}");
         }
-        if conn.send(h.id, 0, &reply).and_then(|_| conn.flush()).is_err() || close {
+        if conn.send(h.id, 0, &reply).and_then(|()| conn.flush()).is_err() || close {
             return;
         }
     }

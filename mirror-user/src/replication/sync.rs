@@ -268,7 +268,7 @@ fn merge(pieces: &[(u64, u64)], max: u64) -> Vec<(u64, u32)> {
     let mut out: Vec<(u64, u32)> = Vec::new();
     for &(o, l) in pieces {
         if let Some(last) = out.last_mut() {
-            if last.0 + last.1 as u64 == o && last.1 as u64 + l <= max {
+            if last.0 + u64::from(last.1) == o && u64::from(last.1) + l <= max {
                 last.1 += l as u32;
                 continue;
             }
@@ -378,7 +378,7 @@ fn send_pieces(vol: &Volume, c: &mut Client, pieces: &[(u64, u64)], st: &Job) ->
     for &(off, len) in &runs {
         let mut buf = vec![0u8; len as usize];
         vol.store().read_at(&mut buf, off)?;
-        st.changed_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        st.changed_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
         let msg = if is_zero(&buf) {
             Message::WriteZeroes { offset: off, len }
         } else {

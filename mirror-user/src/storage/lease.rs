@@ -71,7 +71,7 @@ impl LeaseGate {
     }
 
     fn lock(&self) -> MutexGuard<'_, GateState> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
+        self.st.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn now(&self) -> Duration {
@@ -141,7 +141,7 @@ impl LeaseGate {
     ) -> Result<ReplicaLeaseView, StorageError> {
         let (mut st, view) = self.change(|t, now| t.claim(now, c), persist)?;
         while st.inflight > 0 {
-            st = self.drained.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.drained.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         Ok(view)
     }

@@ -117,9 +117,9 @@ impl MetaHeader {
         for h in self.gen.history {
             b.extend_from_slice(&h.to_le_bytes());
         }
-        b.push(self.gen.consistent as u8);
+        b.push(u8::from(self.gen.consistent));
         b.extend_from_slice(&self.gen.sync_source.to_le_bytes());
-        b.push(self.tracking as u8);
+        b.push(u8::from(self.tracking));
         let l = &self.lease;
         b.extend_from_slice(&l.accepted.0.to_le_bytes());
         b.extend_from_slice(&l.ttl_ms.to_le_bytes());
@@ -226,7 +226,7 @@ impl VolumeMeta {
     /// absent. An existing file must describe a volume of the same size and block size.
     pub fn open(path: &Path, size: u64, block_size: u32) -> Result<Self, MetaError> {
         let io = |source| MetaError::Io { path: path.to_path_buf(), source };
-        let nbits = size.div_ceil(block_size as u64);
+        let nbits = size.div_ceil(u64::from(block_size));
         let words = nbits.div_ceil(64) as usize;
         let exists = path.exists();
         let file =
@@ -295,7 +295,7 @@ impl VolumeMeta {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn io(&self, source: std::io::Error) -> MetaError {
@@ -349,7 +349,7 @@ impl VolumeMeta {
 
     /// Sets the range's bits in memory and on disk (persisting what changed). Caller holds the lock.
     fn set_bits(&self, st: &mut State, offset: u64, len: u64) -> Result<bool, MetaError> {
-        let bs = st.hdr.block_size as u64;
+        let bs = u64::from(st.hdr.block_size);
         let r = bit_range(offset, len, bs, self.nbits);
         let mut changed = false;
         for bit in r.clone() {
@@ -391,7 +391,7 @@ impl VolumeMeta {
         if st.hdr.tracking {
             return Ok(false);
         }
-        let bs = st.hdr.block_size as u64;
+        let bs = u64::from(st.hdr.block_size);
         let r = bit_range(offset, len, bs, self.nbits);
         let mut changed = false;
         for bit in r.clone() {
@@ -427,7 +427,7 @@ impl VolumeMeta {
             let add = v & !st.disk[w];
             if add != 0 {
                 st.disk[w] |= add;
-                newly += add.count_ones() as u64;
+                newly += u64::from(add.count_ones());
                 lo = lo.min(w);
                 hi = hi.max(w + 1);
             }
@@ -538,12 +538,12 @@ impl VolumeMeta {
 
     /// Bits still to send (in memory).
     pub fn pending_bits(&self) -> u64 {
-        self.lock().mem.iter().map(|w| w.count_ones() as u64).sum()
+        self.lock().mem.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
     /// Bits set on disk (not yet confirmed on the peer).
     pub fn dirty_bits(&self) -> u64 {
-        self.lock().disk.iter().map(|w| w.count_ones() as u64).sum()
+        self.lock().disk.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
     /// First bit at or after `from` that is still to send.
@@ -553,7 +553,7 @@ impl VolumeMeta {
         let mut word = st.mem.get(w)? & (!0u64 << (from % 64));
         loop {
             if word != 0 {
-                let bit = w as u64 * 64 + word.trailing_zeros() as u64;
+                let bit = w as u64 * 64 + u64::from(word.trailing_zeros());
                 return (bit < self.nbits).then_some(bit);
             }
             w += 1;
@@ -564,7 +564,7 @@ impl VolumeMeta {
     /// True when no block of `[offset, offset+len)` is dirty: the peer has all of it.
     pub fn is_clean(&self, offset: u64, len: u64) -> bool {
         let st = self.lock();
-        let bs = st.hdr.block_size as u64;
+        let bs = u64::from(st.hdr.block_size);
         bit_range(offset, len, bs, self.nbits).all(|bit| {
             let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
             (st.mem[w] | st.disk[w]) & m == 0

@@ -150,7 +150,7 @@ impl Store {
 
     /// Digests of `[offset, offset+len)` cut into `grain`-sized pieces (the last may be short).
     pub fn digests(&self, offset: u64, len: u64, grain: u32, out: &mut Vec<Digest>) -> std::io::Result<()> {
-        let grain = grain as u64;
+        let grain = u64::from(grain);
         let mut buf = vec![0u8; grain as usize];
         let mut o = offset;
         while o < offset + len {

@@ -80,13 +80,13 @@ impl VolumeSpec {
 /// block device `/var/lib/mirror/<device name>.meta` (next to it would be /dev, a RAM filesystem
 /// that forgets the dirty bitmap at reboot).
 pub fn default_meta_path(path: &Path) -> PathBuf {
-    let regular = std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(true);
+    let regular = std::fs::metadata(path).map_or(true, |m| m.is_file());
     if regular {
         let mut p = path.to_path_buf().into_os_string();
         p.push(".meta");
         return p.into();
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "volume".into());
+    let name = path.file_name().map_or_else(|| "volume".into(), |n| n.to_string_lossy().into_owned());
     PathBuf::from(META_DIR).join(format!("{name}.meta"))
 }
 
@@ -472,7 +472,7 @@ impl Volume {
     }
 
     fn job_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Job>>> {
-        self.job.lock().unwrap_or_else(|p| p.into_inner())
+        self.job.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// True while a job runs on this volume.
@@ -555,7 +555,7 @@ mod tests {
         let (_t, v) = volume("ops");
         assert!(matches!(
             v.read(1 << 20, 1),
-            Err(StorageError::Range { offset: 1048576, len: 1, size: 1048576 })
+            Err(StorageError::Range { offset: 1_048_576, len: 1, size: 1_048_576 })
         ));
         assert!(matches!(v.write(u64::MAX, &[1], false), Err(StorageError::Range { .. })));
         v.write(4096, &[7; 4096], true).unwrap();

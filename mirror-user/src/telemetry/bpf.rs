@@ -170,7 +170,7 @@ impl Default for ProbeOptions {
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -588,8 +588,8 @@ fn unload(ebpf: &mut Ebpf, kind: Kind, name: &str) {
         return;
     };
     let _ = match kind {
-        Kind::TracePoint => <&mut TracePoint>::try_from(prog).map(|p| p.unload()),
-        Kind::BtfTracePoint => <&mut BtfTracePoint>::try_from(prog).map(|p| p.unload()),
+        Kind::TracePoint => <&mut TracePoint>::try_from(prog).map(aya::programs::TracePoint::unload),
+        Kind::BtfTracePoint => <&mut BtfTracePoint>::try_from(prog).map(aya::programs::BtfTracePoint::unload),
     };
 }
 
@@ -716,7 +716,7 @@ fn read_maps(open: &Opener<'_>, signals: &[Signal]) -> Result<NodeSnapshot, Tele
         let map: PerCpuHashMap<&MapData, TcpPeerKey, TcpRetrans> =
             PerCpuHashMap::try_from(m.map()).map_err(map_err(MAP_TCP_RETRANS))?;
         let mut peers = BTreeMap::new();
-        for item in map.iter() {
+        for item in &map {
             let (k, vals) = item.map_err(map_err(MAP_TCP_RETRANS))?;
             *peers.entry(k).or_insert(0) += vals.iter().map(|v| v.retransmits).sum::<u64>();
         }

@@ -127,7 +127,7 @@ impl Btf {
                 KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 => return Some(t.size_or_type),
                 KIND_PTR => return Some(8),
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    id = t.size_or_type
+                    id = t.size_or_type;
                 }
                 _ => return None,
             }

@@ -435,7 +435,7 @@ mod tests {
         let r = &d.ops[0];
         assert_eq!(r.op, "read");
         assert_eq!(r.iops, 1000.0);
-        assert!((r.mib_per_s - 2000.0 * 4096.0 / 2.0 / 1048576.0).abs() < 1e-9);
+        assert!((r.mib_per_s - 2000.0 * 4096.0 / 2.0 / 1_048_576.0).abs() < 1e-9);
         assert_eq!(r.avg_us, Some(20.0));
         let p50 = r.p50_us.unwrap();
         let p99 = r.p99_us.unwrap();

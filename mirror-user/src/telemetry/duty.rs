@@ -156,12 +156,12 @@ mod tests {
         let mut c = DutyCycle::new(ms(50), ms(250), ms(0));
         let w = simulate(&mut c, Duration::from_secs(100), |k| ms((k as u64 * 7) % 10), ms(1));
         assert_eq!(w.len(), 400, "one window per period");
-        let attached: Duration = w.iter().map(|(o, c)| *c - *o).sum();
+        let attached: Duration = w.iter().map(|(o, c)| (*c).checked_sub(*o).unwrap()).sum();
         let share = attached.as_secs_f64() / 100.0;
         // Each window: 50 ms from its real opening, plus the close's lateness and detach.
         assert!((0.20..0.25).contains(&share), "attached {share:.3} of the time");
         for pair in w.windows(2) {
-            let gap = pair[1].0 - pair[0].0;
+            let gap = pair[1].0.checked_sub(pair[0].0).unwrap();
             assert!(gap >= ms(240) && gap <= ms(260), "windows {pair:?} not a period apart");
         }
     }

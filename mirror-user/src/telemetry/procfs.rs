@@ -86,7 +86,7 @@ mod tests {
              full avg10=0.25 avg60=0.00 avg300=0.00 total=789\n",
         )
         .unwrap();
-        assert_eq!((s.avg10, s.total_us, f.avg10, f.total_us), (1.5, 123456, 0.25, 789));
+        assert_eq!((s.avg10, s.total_us, f.avg10, f.total_us), (1.5, 123_456, 0.25, 789));
         let (s, f) = parse_psi("some avg10=0.00 avg60=0.00 avg300=0.00 total=5\n").unwrap();
         assert_eq!((s.total_us, f), (5, PsiLine::default()));
         assert!(parse_psi("").is_none());

@@ -18,15 +18,13 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 /// True when `path` is a mount point of filesystem type `fstype` according to /proc/mounts.
 pub fn is_mounted(path: &str, fstype: &str) -> bool {
-    fs::read_to_string("/proc/mounts")
-        .map(|m| {
-            m.lines().any(|l| {
-                let mut f = l.split_whitespace();
-                let (_, mp, ty) = (f.next(), f.next(), f.next());
-                mp == Some(path) && ty == Some(fstype)
-            })
+    fs::read_to_string("/proc/mounts").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            let (_, mp, ty) = (f.next(), f.next(), f.next());
+            mp == Some(path) && ty == Some(fstype)
         })
-        .unwrap_or(false)
+    })
 }
 
 fn mount(fstype: &'static str, path: &str) -> Result<(), TelemetryError> {

@@ -8,7 +8,7 @@ use super::{
 };
 
 fn opt(v: Option<f64>) -> String {
-    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1}"))
 }
 
 /// A fixed-width table, one row per (device, op), busiest first.

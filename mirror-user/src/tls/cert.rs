@@ -26,7 +26,7 @@ impl CertTime {
 
     /// Now, to the second.
     pub fn at(t: SystemTime) -> CertTime {
-        let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         CertTime(UNIX_EPOCH + Duration::from_secs(secs))
     }
 

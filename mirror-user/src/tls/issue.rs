@@ -22,7 +22,7 @@ use super::{error::TlsError, verify::check_node_name};
 
 /// How far a new certificate's validity starts in the past, so that a peer whose clock is a
 /// little behind accepts it at once.
-pub const BACKDATE: Duration = Duration::from_secs(3600);
+pub const BACKDATE: Duration = Duration::from_hours(1);
 
 /// A certificate's validity period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

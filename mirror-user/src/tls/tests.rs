@@ -123,7 +123,7 @@ fn mutual_handshake_reports_both_identities() {
     assert_eq!(s.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
     // Both ends speak aws-lc-rs: the post-quantum hybrid group is the one agreed.
     assert_eq!(
-        s.conn.negotiated_key_exchange_group().map(|g| g.name()),
+        s.conn.negotiated_key_exchange_group().map(rustls::crypto::SupportedKxGroup::name),
         Some(rustls::NamedGroup::X25519MLKEM768)
     );
     let (server_saw, got, version) = t.join().expect("server thread");
@@ -491,7 +491,7 @@ fn another_ca_of_the_same_name_is_still_not_ours() {
     std::fs::write(a.join(CA_CERT), &ca1.cert_pem).expect("write");
     match Credentials::load(&a, Endpoint::Server, now()) {
         Err(TlsError::NotSignedByCa { cert: CertOrigin::File(p), .. }) => {
-            assert_eq!(p, a.join("server-cert.pem"))
+            assert_eq!(p, a.join("server-cert.pem"));
         }
         other => panic!("{other:?}"),
     }

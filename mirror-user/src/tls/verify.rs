@@ -129,7 +129,9 @@ pub(super) fn cert_error(e: Error, origin: CertOrigin, ca: &Path, wanted: Endpoi
 /// the [`TlsError`] that names the reason; `peer_end` is the end the peer plays.
 pub(super) fn explain(e: std::io::Error, ca: &Path, peer_end: Endpoint, handshaking: bool) -> TlsError {
     use std::io::ErrorKind;
-    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+    if e.get_ref()
+        .is_some_and(<dyn std::error::Error + std::marker::Send + std::marker::Sync + 'static>::is::<Error>)
+    {
         let inner = e.into_inner().expect("checked above").downcast::<Error>().expect("checked above");
         return match *inner {
             Error::AlertReceived(alert) => TlsError::RefusedByPeer { alert },

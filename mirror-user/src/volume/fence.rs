@@ -66,7 +66,7 @@ pub fn fenced_error(why: &str) -> std::io::Error {
 
 impl LeaseLine {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Reported>> {
-        self.reported.lock().unwrap_or_else(|p| p.into_inner())
+        self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The keeper's report: the lease as it stands, and (active) how long writes may be

@@ -57,7 +57,7 @@ impl BlockDev for FileDev {
     }
 
     async fn flush(&self) -> std::io::Result<()> {
-        self.blocking(|s| s.flush()).await
+        self.blocking(super::super::storage::store::Store::flush).await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {

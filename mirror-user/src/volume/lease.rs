@@ -258,7 +258,7 @@ async fn acquire_once_more<S: LeaseStore>(
     let attempt = || acquire_checked(store, kind, force, replicas, clock);
     match attempt().await {
         Err(LeaseError::Held { holder, epoch, time_left, .. })
-            if time_left <= ttl.max(Duration::from_secs(60)) =>
+            if time_left <= ttl.max(Duration::from_mins(1)) =>
         {
             tracing::info!(
                 %holder, %epoch,
@@ -362,7 +362,7 @@ async fn claim_at_replicas(
         match res {
             Ok(_) => claimed += 1,
             Err(e) if e.is_unreachable() => {
-                tracing::warn!(replica = %r.id(), "lease: epoch not written: {e}")
+                tracing::warn!(replica = %r.id(), "lease: epoch not written: {e}");
             }
             Err(source) => return Err(LeaseError::Replica { replica: r.id().clone(), source }),
         }
@@ -377,7 +377,7 @@ async fn claim_at_replicas(
 /// Attaches both replicas at the held epoch.
 async fn attach(router: &Arc<Router>, volume: &str, held: &Held) -> Result<(), LeaseError> {
     let a = Attachment { holder: held.holder.clone(), epoch: held.epoch };
-    for r in router.replicas.iter() {
+    for r in &router.replicas {
         match r.attach(a.clone()).await {
             Ok(()) => {}
             // Taken without it: it is claimed when it returns.
@@ -466,7 +466,7 @@ impl<S: LeaseStore + 'static> KeeperOf<S> {
             let next = t.next_renewal().unwrap_or(now + cfg.retry_every).saturating_sub(self.clock.now());
             drop(r);
             tokio::select! {
-                _ = tokio::time::sleep(next.max(Duration::from_millis(10))) => {}
+                () = tokio::time::sleep(next.max(Duration::from_millis(10))) => {}
                 _ = stop.changed() => return,
             }
         }

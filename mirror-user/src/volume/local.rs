@@ -194,7 +194,7 @@ impl LocalReplica {
     pub async fn flush(&self) -> Result<(), ReplicaError> {
         match &self.uring {
             Some(u) => Ok(u.fsync().await.map_err(StorageError::io(IoOp::Flush, 0))?),
-            None => self.blocking(|v| v.flush()).await,
+            None => self.blocking(super::super::storage::volume::Volume::flush).await,
         }
     }
 

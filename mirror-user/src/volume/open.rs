@@ -284,7 +284,7 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
             // otherwise `reconcile` refuses below, before any write.
             let force = match &missing {
                 Some((i, _)) => {
-                    let survivor = router.replicas[1 - i].status().await.map(|s| s.tracking).unwrap_or(false);
+                    let survivor = router.replicas[1 - i].status().await.is_ok_and(|s| s.tracking);
                     l.force || cfg.allow_degraded || survivor
                 }
                 None => false,

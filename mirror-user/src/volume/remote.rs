@@ -127,7 +127,7 @@ impl RemotePool {
         let queued = |c: &Conn| c.tx.max_capacity() - c.tx.capacity();
         self.conns
             .iter()
-            .map(|c| c.pending.lock().unwrap_or_else(|p| p.into_inner()).q.len() + queued(c))
+            .map(|c| c.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).q.len() + queued(c))
             .sum()
     }
 
@@ -215,7 +215,7 @@ impl RemoteReplica {
     fn pool(&self) -> Result<Arc<RemotePool>, ReplicaError> {
         self.pool
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
             .ok_or_else(|| ReplicaError::NotConnected { addr: self.addr.clone() })
     }
@@ -299,7 +299,7 @@ impl RemoteReplica {
     /// Writes at `a` from now on: the connections there attach, and so does every reconnect.
     /// Not connected: only recorded (the supervisor's reconnect attaches).
     pub async fn attach(&self, a: Attachment) -> Result<(), ReplicaError> {
-        *self.attached.write().unwrap_or_else(|p| p.into_inner()) = Some(a.clone());
+        *self.attached.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(a.clone());
         match self.pool() {
             Ok(p) => p.attach(&self.volume, &a).await,
             Err(_) => Ok(()),
@@ -319,7 +319,7 @@ impl RemoteReplica {
 
     /// (Re)connects; returns the size of the volume.
     pub async fn connect(&self) -> Result<u64, ReplicaError> {
-        let attach = self.attached.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let attach = self.attached.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let (p, size) = RemotePool::connect_over(
             &self.transport,
             &self.addr,
@@ -329,13 +329,13 @@ impl RemoteReplica {
             attach.as_ref(),
         )
         .await?;
-        *self.pool.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p));
+        *self.pool.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(p));
         Ok(size)
     }
 
     /// Drops the connections (the replica then counts as broken).
     pub fn disconnect(&self) {
-        *self.pool.write().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.pool.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
     /// True when no request sent on the current connections is still unanswered: a replica
@@ -343,12 +343,20 @@ impl RemoteReplica {
     /// reconnected and resynced only after they were answered (or their connection died), never
     /// while one of them could land on top of the resync's copy.
     pub fn quiesced(&self) -> bool {
-        self.pool.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|p| p.outstanding() == 0)
+        self.pool
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(|p| p.outstanding() == 0)
     }
 
     /// True when the connections broke (or there are none).
     pub fn connection_broken(&self) -> bool {
-        self.pool.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|p| p.is_broken())
+        self.pool
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(|p| p.is_broken())
     }
 }
 
@@ -498,7 +506,7 @@ where
         let dead = dead.clone();
         move |why: &str| {
             dead.store(true, Ordering::Relaxed);
-            let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut p = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             p.dead = true;
             for (_, reply) in p.q.drain(..) {
                 let _ = reply.send(Err(broken(why)));
@@ -512,7 +520,7 @@ where
         let mut buf = Vec::new();
         while let Some((msg, flags, reply)) = rx.recv().await {
             {
-                let mut p = p2.lock().unwrap_or_else(|p| p.into_inner());
+                let mut p = p2.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if p.dead {
                     let _ = reply.send(Err(broken("replica connection closed")));
                     continue;
@@ -546,7 +554,7 @@ where
                     return;
                 }
             };
-            let next = pending.lock().unwrap_or_else(|p| p.into_inner()).q.pop_front();
+            let next = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).q.pop_front();
             match next {
                 Some((id, reply)) if id == header.id => {
                     let _ = reply.send(Ok(msg));

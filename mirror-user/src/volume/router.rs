@@ -506,8 +506,8 @@ impl Router {
             tokio::select! {
                 biased;
                 res = &mut request => return res,
-                _ = &mut failed => {}
-                _ = tokio::time::sleep_until((t0 + limit).into()) => {}
+                () = &mut failed => {}
+                () = tokio::time::sleep_until((t0 + limit).into()) => {}
             }
         }
         if !survivor_in_sync() {
@@ -673,7 +673,7 @@ impl BlockDev for Router {
                 if !(s.is_local_uring() && t.is_local_uring()) {
                     return None;
                 }
-                let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
+                let first = usize::from(fastrand::u8(0..100) < self.weights.target());
                 let i = [first, Self::other(first)].into_iter().find(|&i| self.replicas[i].serves_reads())?;
                 let mut one = [None, None];
                 one[i] = Some(&*self.replicas[i]);
@@ -759,7 +759,7 @@ impl Router {
     /// A read of at most [`MAX_IO`] bytes: the weighted choice, the hedge, the deadline and the
     /// retry.
     async fn read_one(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
-        let first = if fastrand::u8(0..100) < self.weights.target() { 1 } else { 0 };
+        let first = usize::from(fastrand::u8(0..100) < self.weights.target());
         let candidates: Vec<usize> =
             [first, Self::other(first)].into_iter().filter(|&i| self.replicas[i].serves_reads()).collect();
         let mut last_err = None;
@@ -821,7 +821,7 @@ impl Router {
         let early = tokio::select! {
             biased;
             res = &mut primary => Some(res),
-            _ = tokio::time::sleep(wait) => None,
+            () = tokio::time::sleep(wait) => None,
         };
         let failed = |e: ReplicaError| {
             if matches!(e, ReplicaError::Timeout(_)) {

@@ -45,7 +45,7 @@ fn memory_backed(f: &File) -> bool {
     // SAFETY: `st` is a plain C struct that fstatfs fills in; all-zero bytes are a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: the descriptor is open (borrowed from `f`) and `st` is writable for the call.
-    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } != 0 {
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &raw mut st) } != 0 {
         return false;
     }
     // linux/magic.h; the C type of `f_type` differs between targets, the values fit in 32 bits.
@@ -235,7 +235,9 @@ impl UringFile {
             INLINE_NOWAIT => {
                 // SAFETY: `iov` describes the writable bytes of `buf`, which outlives this
                 // synchronous call; the descriptor is open for as long as `self`.
-                let n = unsafe { libc::preadv2(self.cached.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+                let n = unsafe {
+                    libc::preadv2(self.cached.as_raw_fd(), &raw const iov, 1, off, libc::RWF_NOWAIT)
+                };
                 if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
                     let (next, how) = if self.memory {
                         (INLINE_MEMORY, "memory-backed: reads are plain preads on the calling thread")
@@ -255,7 +257,7 @@ impl UringFile {
                 }
                 let t = Instant::now();
                 // SAFETY: as above.
-                let n = unsafe { libc::preadv2(self.cached.as_raw_fd(), &iov, 1, off, 0) };
+                let n = unsafe { libc::preadv2(self.cached.as_raw_fd(), &raw const iov, 1, off, 0) };
                 inline::ewma(&self.mem_read_ewma_us, t.elapsed().as_micros() as u64);
                 n
             }

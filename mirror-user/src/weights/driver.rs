@@ -87,7 +87,7 @@ struct NodeView {
 
 /// How far back the nodes' reports are judged against each other: a part must be worse on the
 /// source for this long (four of the monitor's intervals) before it counts.
-const JUDGE_WINDOW: Duration = Duration::from_millis(1000);
+const JUDGE_WINDOW: Duration = Duration::from_secs(1);
 
 impl NodeView {
     /// Adds a report's parts to the window and drops what fell out of it.
@@ -133,7 +133,7 @@ impl std::fmt::Debug for Driver {
 const EVENTS_KEPT: usize = 256;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Driver {
@@ -215,9 +215,9 @@ impl Driver {
             let health = |i: usize, n: &NodeView| -> Option<f64> {
                 let fresh = |t: &Instant| if i == 0 { *t >= since } else { t.elapsed() <= timeout };
                 let node = if self.router.replicas[i].is_local() {
-                    Some(self.local_health.score() as f64)
+                    Some(f64::from(self.local_health.score()))
                 } else {
-                    n.seen.filter(fresh).and(n.score).map(|s| s as f64)
+                    n.seen.filter(fresh).and(n.score).map(f64::from)
                 };
                 node.map(|h| n.datapath.map_or(h, |d| h.min(d)))
             };
@@ -297,14 +297,14 @@ impl Driver {
             let mut v = lock(&self.view);
             let health = |i: usize| {
                 if self.router.replicas[i].is_local() {
-                    self.local_health.score() as u32
+                    u32::from(self.local_health.score())
                 } else {
                     v.nodes[i].score.filter(|_| !v.nodes[i].unreachable).map_or(u32::MAX, u32::from)
                 }
             };
             let rw = ReadWeights {
-                source: 100 - d.target_weight as u32,
-                target: d.target_weight as u32,
+                source: 100 - u32::from(d.target_weight),
+                target: u32::from(d.target_weight),
                 mode: match d.mode {
                     Mode::Normal => MODE_NORMAL,
                     Mode::Predictive => MODE_PREDICTIVE,
@@ -462,14 +462,14 @@ async fn heartbeats(
         let timeout = drv.cfg.engine.heartbeat_timeout;
         drop(drv);
         let started = Instant::now();
-        if pool.as_ref().is_none_or(|p| p.is_broken()) {
+        if pool.as_ref().is_none_or(super::super::volume::remote::RemotePool::is_broken) {
             pool = tokio::time::timeout(
                 timeout,
                 RemotePool::connect_over(&transport, &addr, &volume, &secret, 1, None),
             )
             .await
             .ok()
-            .and_then(|r| r.ok())
+            .and_then(std::result::Result::ok)
             .map(|(p, _)| p);
         }
         let answer = match &pool {

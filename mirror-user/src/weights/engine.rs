@@ -323,8 +323,8 @@ impl Engine {
         let frac = (now.saturating_sub(start).as_secs_f64() / self.cfg.ramp.as_secs_f64().max(1e-3)).min(1.0);
         let floor = self.normal_share(s);
         // In deadband-sized steps: a handful of logged changes per ramp, not one per tick.
-        let step = self.cfg.deadband.max(1) as f64;
-        let w = ((100.0 - (100.0 - floor as f64) * frac) / step).ceil() * step;
+        let step = f64::from(self.cfg.deadband.max(1));
+        let w = ((100.0 - (100.0 - f64::from(floor)) * frac) / step).ceil() * step;
         let w = (w as u8).clamp(floor, 100);
         if frac >= 1.0 {
             return self.set(now, floor, Mode::Normal, "failback complete".into());
@@ -348,15 +348,15 @@ impl Engine {
         let forecast = self.trend.forecast(level, self.cfg.horizon).min(level);
         // Share grows from 0 at `good` to 100 at `critical`, on the worse of level and forecast.
         let d = ((self.cfg.good - forecast) / (self.cfg.good - self.cfg.critical)).clamp(0.0, 1.0);
-        let step = self.cfg.deadband.max(1) as f64;
+        let step = f64::from(self.cfg.deadband.max(1));
         let want = ((d * 100.0 / step).round() * step).clamp(0.0, 100.0) as u8;
         let want = want.max(floor);
-        let diff = want as i16 - self.weight as i16;
+        let diff = i16::from(want) - i16::from(self.weight);
         let direction: i8 = if diff > 0 { 1 } else { -1 };
         let needed = if direction != self.last_direction && self.last_direction != 0 {
-            2 * self.cfg.deadband as i16
+            2 * i16::from(self.cfg.deadband)
         } else {
-            self.cfg.deadband as i16
+            i16::from(self.cfg.deadband)
         };
         if diff >= 0 {
             self.release_since = None;
@@ -485,7 +485,7 @@ mod tests {
         let mut reversals = 0;
         let mut dir = 0i32;
         for p in w.windows(2) {
-            let d = (p[1] as i32 - p[0] as i32).signum();
+            let d = (i32::from(p[1]) - i32::from(p[0])).signum();
             if d != 0 {
                 if dir != 0 && d != dir {
                     reversals += 1;
@@ -633,7 +633,7 @@ mod tests {
         assert!(during[first].0 - calm <= 2_000, "shift after {} ms", during[first].0 - calm);
         let held = &during[first..];
         let low = held.iter().find(|p| p.1 < 90);
-        assert!(low.is_none(), "the share fell under 90 at {:?} of the ten minutes", low);
+        assert!(low.is_none(), "the share fell under 90 at {low:?} of the ten minutes");
         let worst = held.iter().map(|p| p.2).fold(0.0, f64::max);
         assert!(worst < 30.0, "the source looked healthier ({worst:.1}) during the degradation");
         assert_eq!(reversals(held.iter().map(|p| p.1)), 0);
@@ -647,7 +647,7 @@ mod tests {
         let (mut last, mut dir, mut n) = (None::<u8>, 0i8, 0);
         for x in w {
             if let Some(l) = last {
-                let d = (x as i16 - l as i16).signum() as i8;
+                let d = (i16::from(x) - i16::from(l)).signum() as i8;
                 if d != 0 {
                     n += u32::from(dir != 0 && d != dir);
                     dir = d;

@@ -27,15 +27,12 @@ pub fn window_parts<'a>(
     let (mut best, mut worst): (Vec<PartReport>, Vec<PartReport>) = (Vec::new(), Vec::new());
     for parts in reports {
         for p in parts {
-            match best.iter().position(|q| q.name == p.name) {
-                Some(k) => {
-                    best[k] = PartReport { score: best[k].score.max(p.score), ..p.clone() };
-                    worst[k] = PartReport { score: worst[k].score.min(p.score), ..p.clone() };
-                }
-                None => {
-                    best.push(p.clone());
-                    worst.push(p.clone());
-                }
+            if let Some(k) = best.iter().position(|q| q.name == p.name) {
+                best[k] = PartReport { score: best[k].score.max(p.score), ..p.clone() };
+                worst[k] = PartReport { score: worst[k].score.min(p.score), ..p.clone() };
+            } else {
+                best.push(p.clone());
+                worst.push(p.clone());
             }
         }
     }
@@ -232,7 +229,7 @@ mod tests {
         v.iter().map(|&(n, s)| PartReport { name: n.into(), score: s, weight: 0.2 }).collect()
     }
 
-    fn node<'a>(score: f64, parts: &'a [PartReport], datapath: Option<f64>) -> NodeJudged<'a> {
+    fn node(score: f64, parts: &[PartReport], datapath: Option<f64>) -> NodeJudged<'_> {
         NodeJudged { score, best: parts, worst: parts, margin: 15.0, datapath }
     }
 

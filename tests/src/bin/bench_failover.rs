@@ -91,10 +91,10 @@ fn main() -> Result<()> {
             failed_ios += r.failed_ios;
             if seed {
                 shift_seed.push(r.shift_s);
-                rev_a_seed.push(r.reversals as f64);
+                rev_a_seed.push(f64::from(r.reversals));
             } else {
                 shift.push(r.shift_s);
-                rev_a.push(r.reversals as f64);
+                rev_a.push(f64::from(r.reversals));
             }
         }
         let r = scenario::scenario_bc(&opts(&a, false))?;
@@ -148,7 +148,7 @@ fn main() -> Result<()> {
     );
     failed_ios += long.failed_ios;
     let calm = {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let _hogs = Hogs::spawn(cpus);
         scenario::calm_period(&opts(&a, false), a.calm_secs)?
     };
@@ -181,7 +181,7 @@ fn main() -> Result<()> {
         "(d) reversals in the oscillation",
         osc[0],
         osc[1],
-        ratio(Some(osc[0] as f64), Some(osc[1] as f64))
+        ratio(Some(f64::from(osc[0])), Some(f64::from(osc[1])))
     );
     println!("{:<44} {:>10.3}", "(b) seconds until target = 100 after SIGKILL", median(failover.clone()));
     println!("{:<44} {:>10.1}", "(c) seconds from restart to failback done", median(failback.clone()));

@@ -106,7 +106,7 @@ fn serve_ours(
     let args: Vec<String> =
         ["serve", "--volume", "v", "--source", source, "--target", target, "--secret-file"]
             .iter()
-            .map(|s| s.to_string())
+            .map(std::string::ToString::to_string)
             .chain([a.dir.join("secret").display().to_string()])
             .chain([
                 "--nbd".into(),

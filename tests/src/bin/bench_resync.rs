@@ -108,7 +108,7 @@ fn rsync(port: u16, src: &Path, dst_name: &str) -> Result<Run> {
         let digits: String = line[key.len()..]
             .chars()
             .take_while(|c| !c.is_alphabetic())
-            .filter(|c| c.is_ascii_digit())
+            .filter(char::is_ascii_digit)
             .collect();
         Ok(digits.parse()?)
     };

@@ -62,7 +62,7 @@ fn watch(c: &Cluster, rec: &Recorder, secs: f64, until: impl Fn(&serde_json::Val
                 _ if r["state"] != "in-sync" => format!(" {}", r["state"].as_str().unwrap_or("?")),
                 _ => String::new(),
             };
-            format!("health {h:>4} lat {:>6}us{sync}", lat)
+            format!("health {h:>4} lat {lat:>6}us{sync}")
         };
         println!(
             "{:>6.1}s  source {:>3}% {:<20} target {:>3}% {:<20} {:<10} | src {} | tgt {}",
@@ -172,7 +172,7 @@ fn main() -> Result<()> {
     let (ds, dt) = c.digests()?;
 
     let pts = rec.points();
-    let events = rec.events.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let events = rec.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     std::fs::create_dir_all(&a.out_dir)?;
     let svg_path = a.out_dir.join("timeline.svg");
     std::fs::write(

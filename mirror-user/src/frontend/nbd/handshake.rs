@@ -13,7 +13,17 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{discard, protocol, wire::*, Shared};
+use super::{
+    discard, protocol,
+    wire::{
+        FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
+        INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_EXPORT, INFO_NAME, NBDMAGIC, OPT_ABORT, OPT_EXPORT_NAME,
+        OPT_GO, OPT_INFO, OPT_LIST, OPT_REPLY_MAGIC, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK,
+        REP_ERR_INVALID, REP_ERR_TLS_REQD, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO,
+        REP_SERVER,
+    },
+    Shared,
+};
 use crate::volume::BlockDev;
 
 /// Option data longer than this is not read into memory.
@@ -79,7 +89,7 @@ pub(super) async fn before_tls<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> 
             }
             _ => {
                 opt_reply(s, opt, REP_ERR_TLS_REQD, b"this server requires TLS: NBD_OPT_STARTTLS first")
-                    .await?
+                    .await?;
             }
         }
     }
@@ -155,7 +165,7 @@ where
             if opt == OPT_EXPORT_NAME || len > MAX_OPTION_DISCARD {
                 return Err(protocol(format!("option {opt} with {len} bytes of data")));
             }
-            discard(r, len as u64).await?;
+            discard(r, u64::from(len)).await?;
             let msg = format!("option data of {len} bytes exceeds {MAX_OPTION_LEN}");
             opt_reply(w, opt, REP_ERR_TOO_BIG, msg.as_bytes()).await?;
             continue;

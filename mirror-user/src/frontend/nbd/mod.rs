@@ -46,7 +46,7 @@ pub use transmission::nbd_errno;
 use wire::MAX_STRING;
 pub use wire::{errno, flags};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_mins(1);
 /// Connections served at once; more are closed right after accept.
 const MAX_CONNECTIONS: usize = 1024;
 
@@ -385,23 +385,22 @@ where
     };
     let upgraded = tokio::select! {
         biased;
-        _ = until_stop(&mut stop) => return,
+        () = until_stop(&mut stop) => return,
         u = tokio::time::timeout_at(deadline, upgrade) => u,
     };
     match upgraded {
         Ok(Ok(Some((tls_stream, id, greeting)))) => {
-            match &id {
-                Some(id) => {
-                    tracing::info!("NBD {peer}: TLS established, client certificate of node {}", id.node)
-                }
-                None => tracing::debug!("NBD {peer}: TLS established"),
+            if let Some(id) = &id {
+                tracing::info!("NBD {peer}: TLS established, client certificate of node {}", id.node);
+            } else {
+                tracing::debug!("NBD {peer}: TLS established")
             }
-            session(tls_stream, Some(greeting), shared, stop, peer).await
+            session(tls_stream, Some(greeting), shared, stop, peer).await;
         }
         Ok(Ok(None)) => tracing::debug!("NBD {peer}: client ended the handshake"),
         Ok(Err(e)) => tracing::warn!("NBD refused peer={peer}: {e}"),
         Err(_) => {
-            tracing::warn!("NBD refused peer={peer}: handshake not finished within {HANDSHAKE_TIMEOUT:?}")
+            tracing::warn!("NBD refused peer={peer}: handshake not finished within {HANDSHAKE_TIMEOUT:?}");
         }
     }
 }
@@ -427,7 +426,7 @@ async fn session<S, B>(
     };
     let session = tokio::select! {
         biased;
-        _ = until_stop(&mut stop) => return,
+        () = until_stop(&mut stop) => return,
         s = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate) => s,
     };
     let structured = match session {
@@ -526,7 +525,7 @@ mod tests {
             match typ {
                 REP_INFO if d[..2] == [0, 0] => size = u64::from_be_bytes(d[2..10].try_into().unwrap()),
                 REP_INFO if d[..2] == [0, 3] => {
-                    assert_eq!(&d[2..], &[0, 0, 0, 1, 0, 0, 16, 0, 0, 16, 0, 0][..], "block sizes 1/4096/1M")
+                    assert_eq!(&d[2..], &[0, 0, 0, 1, 0, 0, 16, 0, 0, 16, 0, 0][..], "block sizes 1/4096/1M");
                 }
                 REP_ACK => return size,
                 t => panic!("reply {t:#x}"),

@@ -10,7 +10,15 @@ use tokio::{
     sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore},
 };
 
-use super::{discard, protocol, until_stop, wire::*, Shared};
+use super::{
+    discard, protocol, until_stop,
+    wire::{
+        errno, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM,
+        CMD_WRITE, CMD_WRITE_ZEROES, MAX_STRING, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, REPLY_TYPE_NONE,
+        REPLY_TYPE_OFFSET_DATA, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+    },
+    Shared,
+};
 use crate::volume::BlockDev;
 
 /// How long a closing connection waits for its in-flight requests.
@@ -120,7 +128,7 @@ fn validate<B>(
             format!("command flags {:#x} not valid for command {}", h.flags, h.typ),
         ));
     }
-    let (off, len) = (h.offset, h.len as u64);
+    let (off, len) = (h.offset, u64::from(h.len));
     let writes = matches!(h.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if writes && shared.opts.read_only {
         return Err(fail(errno::EPERM, "the export is read-only".into()));
@@ -358,7 +366,7 @@ where
         let slot = slots.clone().acquire_owned().await.expect("semaphore never closed");
         let h = tokio::select! {
             biased;
-            _ = until_stop(&mut stop) => break Ok(()),
+            () = until_stop(&mut stop) => break Ok(()),
             h = read_header(&mut r) => h,
         };
         let h = match h {
@@ -384,8 +392,8 @@ where
                 // at most 4 GiB, read and thrown away in small pieces).
                 let skipped = tokio::select! {
                     biased;
-                    _ = until_stop(&mut stop) => break Ok(()),
-                    s = discard(&mut r, h.len as u64) => s,
+                    () = until_stop(&mut stop) => break Ok(()),
+                    s = discard(&mut r, u64::from(h.len)) => s,
                 };
                 if let Err(e) = skipped {
                     break Err(e);
@@ -400,7 +408,7 @@ where
             let mut buf = vec![0u8; h.len as usize];
             let got = tokio::select! {
                 biased;
-                _ = until_stop(&mut stop) => break Ok(()),
+                () = until_stop(&mut stop) => break Ok(()),
                 g = r.read_exact(&mut buf) => g,
             };
             if let Err(e) = got {
