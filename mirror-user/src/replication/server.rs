@@ -406,9 +406,9 @@ where
     let mac = ex.server_proof(&shared.secret);
     c.send(&Message::Welcome { mac, info: vol.info() }).await.ok()?;
     if let Some(node) = node {
-        tracing::info!(%peer, %node, volume = %vol.name(), "peer authenticated")
+        tracing::info!(%peer, %node, volume = %vol.name(), "peer authenticated");
     } else {
-        tracing::debug!(%peer, volume = %vol.name(), "peer authenticated (plaintext)")
+        tracing::debug!(%peer, volume = %vol.name(), "peer authenticated (plaintext)");
     }
     Some(vol)
 }

@@ -393,7 +393,7 @@ where
             if let Some(id) = &id {
                 tracing::info!("NBD {peer}: TLS established, client certificate of node {}", id.node);
             } else {
-                tracing::debug!("NBD {peer}: TLS established")
+                tracing::debug!("NBD {peer}: TLS established");
             }
             session(tls_stream, Some(greeting), shared, stop, peer).await;
         }
