@@ -184,12 +184,12 @@ fn cpu_hogs_raise_run_queue_latency_with(t: &'static str, env: &[(&str, &str)]) 
         b.wait_ms_per_s,
         2 * cpus
     );
-    // The median is left out: a busy neighbour's many short waits can hold it down.
+    // The median is left out: a busy neighbour's many short waits can hold it down. The idle
+    // p99 is not compared either: at ~100 events/s its tail is a handful of waits, and one
+    // stall of the TCG VM set it to 26.7 ms, above the 15 ms the hogs' preemptions reach (CI,
+    // 2026-12-07). What the hogs add is the wait above and a tail of milliseconds here.
     let bp99 = b.p99_us.expect("busy p99");
     assert!(bp99 >= 1000.0, "busy p99 {bp99} us");
-    if let Some(ip99) = i.p99_us {
-        assert!(bp99 > ip99, "p99 {ip99} -> {bp99} us: did not rise");
-    }
 }
 
 /// The run-queue program's duty cycle: attached `--runq-duty` percent of each `--runq-period`,
