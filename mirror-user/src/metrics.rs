@@ -115,10 +115,10 @@ pub fn encode_status(st: &ServeStatus) -> String {
         lease_left.clone(),
     );
     if let Some(lease) = &st.router.lease {
-        for (each, name) in
-            [(LeaseMode::Active, "active"), (LeaseMode::Standby, "standby"), (LeaseMode::Fenced, "fenced")]
-        {
-            lease_mode.get_or_create(&ModeLabel { mode: name.into() }).set(i64::from(lease.mode == each));
+        for each in LeaseMode::ALL {
+            lease_mode
+                .get_or_create(&ModeLabel { mode: each.as_str().into() })
+                .set(i64::from(lease.mode == each));
         }
         lease_epoch.set(i64::try_from(lease.epoch.0).unwrap_or(i64::MAX));
         lease_left.set(lease.time_left_ms as f64 / 1e3);

@@ -270,11 +270,7 @@ pub fn status_table(st: &ServeStatus) -> String {
         w.source, w.target, st.mode, st.reason, st.router.size
     );
     if let Some(lease) = &st.router.lease {
-        let mode = match lease.mode {
-            crate::lease::LeaseMode::Active => "active",
-            crate::lease::LeaseMode::Standby => "standby",
-            crate::lease::LeaseMode::Fenced => "fenced",
-        };
+        let mode = lease.mode.as_str();
         let _ = writeln!(
             o,
             "lease: {mode} ({} store)   holder {}   epoch {}   {:.1} s left   ({})",

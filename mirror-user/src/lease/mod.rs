@@ -142,6 +142,20 @@ pub enum LeaseMode {
     Fenced,
 }
 
+impl LeaseMode {
+    /// Every mode, in the order status and metrics list them.
+    pub const ALL: [LeaseMode; 3] = [LeaseMode::Active, LeaseMode::Standby, LeaseMode::Fenced];
+
+    /// The mode's name, as its JSON spells it (`active`, `standby`, `fenced`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseMode::Active => "active",
+            LeaseMode::Standby => "standby",
+            LeaseMode::Fenced => "fenced",
+        }
+    }
+}
+
 /// How a lease is taken: at which epoch, and which replica the taker goes without.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Takeover {
@@ -325,5 +339,15 @@ pub async fn acquire<S: LeaseStore>(
             Ok(held)
         }
         take::TakeDecision::Wait { refusal, .. } | take::TakeDecision::Refuse(refusal) => Err(refusal),
+    }
+}
+
+#[cfg(test)]
+mod mode_tests {
+    #[test]
+    fn lease_mode_names_are_the_json_ones() {
+        for m in super::LeaseMode::ALL {
+            assert_eq!(serde_json::to_value(m).unwrap(), m.as_str());
+        }
     }
 }
