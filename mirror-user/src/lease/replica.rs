@@ -218,12 +218,16 @@ impl ReplicaLeaseTable {
 
     /// The request path's check of a connection's epoch.
     pub fn check(&self, ours: Epoch) -> Result<(), EpochCheck> {
-        let accepted = self.p.accepted;
-        match ours.cmp(&accepted) {
-            std::cmp::Ordering::Equal => Ok(()),
-            std::cmp::Ordering::Less => Err(Fenced { ours, accepted }.into()),
-            std::cmp::Ordering::Greater => Err(EpochCheck::Unclaimed { ours, accepted }),
-        }
+        check_epoch(ours, self.p.accepted)
+    }
+}
+
+/// The rule for a request at `ours` against the `accepted` epoch: only equal passes.
+pub fn check_epoch(ours: Epoch, accepted: Epoch) -> Result<(), EpochCheck> {
+    match ours.cmp(&accepted) {
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Less => Err(Fenced { ours, accepted }.into()),
+        std::cmp::Ordering::Greater => Err(EpochCheck::Unclaimed { ours, accepted }),
     }
 }
 

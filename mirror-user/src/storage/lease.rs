@@ -15,25 +15,35 @@
 //! against stale routers, which always attach.
 
 use std::{
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
     time::{Duration, Instant},
 };
 
 use super::{error::StorageError, meta::MetaError};
 use crate::lease::{
-    replica::{Claim, EpochCheck, PersistedLease, ReplicaLeaseTable, ReplicaLeaseView},
+    replica::{check_epoch, Claim, EpochCheck, PersistedLease, ReplicaLeaseTable, ReplicaLeaseView},
     Epoch, Holder,
 };
 
-struct GateState {
-    table: ReplicaLeaseTable,
-    /// Mutations admitted and not yet finished.
-    inflight: u64,
-}
-
 /// The epoch gate (see the module doc).
+///
+/// The request path takes no lock: a mutation counts itself in `inflight`, then reads
+/// `accepted` (both sequentially consistent); a claim stores the new `accepted`, then waits for
+/// `inflight` to reach zero. Either the mutation's read comes after the claim's store (it is
+/// refused) or its count comes before it (the claim waits for it): no mutation admitted at the
+/// old epoch can land after the claim is answered.
 pub struct LeaseGate {
-    st: Mutex<GateState>,
+    /// The table (the rules and what is persisted); changed under the lock.
+    st: Mutex<ReplicaLeaseTable>,
+    /// `table.accepted()`, mirrored for the request path; stored under the lock.
+    accepted: AtomicU64,
+    /// Mutations admitted and not yet finished.
+    inflight: AtomicU64,
+    /// Claims waiting for `inflight` to drain: only then does a finishing mutation notify.
+    waiting: AtomicUsize,
     drained: Condvar,
     /// The replica's clock for the lease's timer.
     origin: Instant,
@@ -51,11 +61,7 @@ pub struct EpochGuard(Arc<LeaseGate>);
 
 impl Drop for EpochGuard {
     fn drop(&mut self) {
-        let mut st = self.0.lock();
-        st.inflight = st.inflight.saturating_sub(1);
-        if st.inflight == 0 {
-            self.0.drained.notify_all();
-        }
+        self.0.leave();
     }
 }
 
@@ -63,15 +69,28 @@ impl LeaseGate {
     /// The gate of a volume whose header holds `p` (a recorded lease counts as just renewed).
     pub fn new(p: PersistedLease) -> Arc<LeaseGate> {
         let origin = Instant::now();
+        let table = ReplicaLeaseTable::restore(p, Duration::ZERO);
         Arc::new(LeaseGate {
-            st: Mutex::new(GateState { table: ReplicaLeaseTable::restore(p, Duration::ZERO), inflight: 0 }),
+            accepted: AtomicU64::new(table.accepted().0),
+            st: Mutex::new(table),
+            inflight: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
             drained: Condvar::new(),
             origin,
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, GateState> {
+    fn lock(&self) -> MutexGuard<'_, ReplicaLeaseTable> {
         self.st.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A mutation finished: the last one out wakes a waiting claim.
+    fn leave(&self) {
+        if self.inflight.fetch_sub(1, SeqCst) == 1 && self.waiting.load(SeqCst) > 0 {
+            // Taken so that the notification cannot fall between a claim's check and its wait.
+            let _st = self.lock();
+            self.drained.notify_all();
+        }
     }
 
     fn now(&self) -> Duration {
@@ -79,20 +98,22 @@ impl LeaseGate {
     }
 
     pub fn accepted(&self) -> Epoch {
-        self.lock().table.accepted()
+        Epoch(self.accepted.load(SeqCst))
     }
 
     pub fn view(&self) -> ReplicaLeaseView {
         let now = self.now();
-        self.lock().table.view(now)
+        self.lock().view(now)
     }
 
     /// Admits a mutation from a connection attached at `epoch` (`None`: not attached, not
     /// checked). Lower than the accepted epoch: [`StorageError::Fenced`].
     pub fn enter(self: &Arc<Self>, epoch: Option<Epoch>) -> Result<EpochGuard, StorageError> {
-        let mut st = self.lock();
+        // Counted first, checked second (see the type's doc for why this order).
+        self.inflight.fetch_add(1, SeqCst);
+        let guard = EpochGuard(self.clone());
         if let Some(ours) = epoch {
-            match st.table.check(ours) {
+            match check_epoch(ours, self.accepted()) {
                 Ok(()) => {}
                 Err(EpochCheck::Fenced(f)) => return Err(StorageError::Fenced(f)),
                 Err(EpochCheck::Unclaimed { ours, accepted }) => {
@@ -100,17 +121,16 @@ impl LeaseGate {
                 }
             }
         }
-        st.inflight += 1;
-        Ok(EpochGuard(self.clone()))
+        Ok(guard)
     }
 
     /// Checks an attachment at `epoch` (the Attach request): refused only when lower.
     pub fn attach(&self, epoch: Epoch) -> Result<ReplicaLeaseView, StorageError> {
         let now = self.now();
         let st = self.lock();
-        match st.table.check(epoch) {
+        match st.check(epoch) {
             Err(EpochCheck::Fenced(f)) => Err(StorageError::Fenced(f)),
-            _ => Ok(st.table.view(now)),
+            _ => Ok(st.view(now)),
         }
     }
 
@@ -120,15 +140,16 @@ impl LeaseGate {
         &self,
         f: impl FnOnce(&mut ReplicaLeaseTable, Duration) -> Result<ReplicaLeaseView, crate::lease::ClaimRefused>,
         persist: impl FnOnce(&PersistedLease) -> Result<(), MetaError>,
-    ) -> Result<(MutexGuard<'_, GateState>, ReplicaLeaseView), StorageError> {
+    ) -> Result<(MutexGuard<'_, ReplicaLeaseTable>, ReplicaLeaseView), StorageError> {
         let now = self.now();
         let mut st = self.lock();
-        let mut t = st.table.clone();
+        let mut t = st.clone();
         let view = f(&mut t, now).map_err(StorageError::Lease)?;
-        if t.persisted() != st.table.persisted() {
+        if t.persisted() != st.persisted() {
             persist(t.persisted())?;
         }
-        st.table = t;
+        *st = t;
+        self.accepted.store(st.accepted().0, SeqCst);
         Ok((st, view))
     }
 
@@ -140,9 +161,13 @@ impl LeaseGate {
         persist: impl FnOnce(&PersistedLease) -> Result<(), MetaError>,
     ) -> Result<ReplicaLeaseView, StorageError> {
         let (mut st, view) = self.change(|t, now| t.claim(now, c), persist)?;
-        while st.inflight > 0 {
+        // Announced before the count is read, so the last mutation out sees it and notifies.
+        self.waiting.fetch_add(1, SeqCst);
+        while self.inflight.load(SeqCst) > 0 {
             st = self.drained.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
+        self.waiting.fetch_sub(1, SeqCst);
+        drop(st);
         Ok(view)
     }
 
@@ -213,6 +238,45 @@ mod tests {
         assert!(matches!(g.enter(Some(Epoch(3))), Err(StorageError::Unclaimed { .. })));
         assert!(matches!(g.attach(Epoch(1)), Err(StorageError::Fenced(_))));
         assert_eq!(g.attach(Epoch(3)).unwrap().accepted, Epoch(2));
+    }
+
+    #[test]
+    fn no_mutation_of_the_old_epoch_runs_after_the_claim_is_answered() {
+        use std::sync::atomic::AtomicBool;
+        // Writers at epoch 1 race a claim of epoch 2, many times: once the claim has answered,
+        // no writer may still hold (or newly get) a guard of epoch 1.
+        for _ in 0..50 {
+            let g = LeaseGate::new(PersistedLease::default());
+            g.claim(&claim("a/1", 1), |_| Ok(())).unwrap();
+            let answered = Arc::new(AtomicBool::new(false));
+            let writers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (g, answered) = (g.clone(), answered.clone());
+                    std::thread::spawn(move || {
+                        let mut late = 0u32;
+                        loop {
+                            match g.enter(Some(Epoch(1))) {
+                                Ok(guard) => {
+                                    std::hint::spin_loop();
+                                    if answered.load(SeqCst) {
+                                        late += 1;
+                                    }
+                                    drop(guard);
+                                }
+                                Err(StorageError::Fenced(_)) => return late,
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_micros(200));
+            g.claim(&claim("b/1", 2), |_| Ok(())).unwrap();
+            answered.store(true, SeqCst);
+            let late: u32 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+            assert_eq!(late, 0, "an epoch-1 mutation ran after epoch 2 was answered");
+            assert_eq!(g.inflight.load(SeqCst), 0);
+        }
     }
 
     #[test]

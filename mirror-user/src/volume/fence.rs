@@ -9,7 +9,10 @@
 //! window: only a replica's `FENCED` answer fences it.
 
 use std::{
-    sync::{Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, OnceLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -43,6 +46,10 @@ struct Reported {
 #[derive(Debug)]
 pub struct LeaseLine {
     reported: Mutex<Option<Reported>>,
+    /// The end of the safe window in nanoseconds after `origin` ([`NO_WINDOW`] when there is
+    /// none): what every write checks, without the lock.
+    window_end: AtomicU64,
+    origin: Instant,
     fenced: OnceLock<String>,
     tx: tokio::sync::watch::Sender<bool>,
 }
@@ -51,11 +58,16 @@ impl Default for LeaseLine {
     fn default() -> Self {
         LeaseLine {
             reported: Mutex::new(None),
+            window_end: AtomicU64::new(NO_WINDOW),
+            origin: Instant::now(),
             fenced: OnceLock::new(),
             tx: tokio::sync::watch::Sender::new(false),
         }
     }
 }
+
+/// `window_end` of a router that is not active (or has no lease): no window to close.
+const NO_WINDOW: u64 = u64::MAX;
 
 /// The error every request gets once the router is fenced.
 pub fn fenced_error(why: &str) -> std::io::Error {
@@ -79,7 +91,15 @@ impl LeaseLine {
         if status.mode == LeaseMode::Fenced {
             self.fence(status.reason.clone());
         }
-        *self.lock() = Some(Reported { status, valid_until });
+        let end = valid_until.map_or(NO_WINDOW, |t| self.nanos_at(t));
+        let mut r = self.lock();
+        *r = Some(Reported { status, valid_until });
+        self.window_end.store(end, Ordering::Release);
+    }
+
+    /// `t` in nanoseconds after `origin` (the window's clock).
+    fn nanos_at(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.origin).as_nanos()).unwrap_or(NO_WINDOW - 1)
     }
 
     /// Fences the router for good, logging why (only the first reason counts).
@@ -94,6 +114,7 @@ impl LeaseLine {
                 r.status.reason = reason;
                 r.valid_until = None;
             }
+            self.window_end.store(NO_WINDOW, Ordering::Release);
             let _ = self.tx.send(true);
         }
     }
@@ -110,7 +131,8 @@ impl LeaseLine {
         if let Some(why) = self.fenced() {
             return Err(fenced_error(why));
         }
-        let closed = self.lock().as_ref().and_then(|r| r.valid_until).is_some_and(|t| Instant::now() >= t);
+        let end = self.window_end.load(Ordering::Acquire);
+        let closed = end != NO_WINDOW && self.nanos_at(Instant::now()) >= end;
         if closed {
             self.fence("the lease's safe window closed before the write could be acknowledged".into());
             return Err(fenced_error("safe window closed"));
