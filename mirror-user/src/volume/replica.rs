@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use super::{error::ReplicaError, inline::ewma, local::LocalReplica, remote::RemoteReplica};
+use super::{error::ReplicaError, inflight::InFlight, inline::ewma, local::LocalReplica, remote::RemoteReplica};
 use crate::{
     lease::{Epoch, Holder},
     replication::rate::SyncRate,
@@ -134,6 +134,8 @@ pub struct Replica {
     state: AtomicReplicaState,
     pub stats: ReplicaStats,
     pub block_size: u64,
+    /// Reads sent here and not answered yet (the age of the oldest: `volume::inflight`).
+    pub reads_in_flight: InFlight,
     /// The lease holder and epoch this router writes at, once it took the lease (see
     /// [`Replica::attach`]); every mutation is fenced against it.
     attached: OnceLock<Attachment>,
@@ -154,6 +156,7 @@ impl Replica {
             state: AtomicReplicaState::new(ReplicaState::InSync),
             stats: ReplicaStats::default(),
             block_size,
+            reads_in_flight: InFlight::default(),
             attached: OnceLock::new(),
         }
     }
@@ -248,8 +251,11 @@ impl Replica {
         }
     }
 
+    /// Reads `len` bytes at `offset`; the read counts in [`Self::reads_in_flight`] until it
+    /// is answered (or this future is dropped).
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ReplicaError> {
         let t0 = std::time::Instant::now();
+        let _in_flight = self.reads_in_flight.begin(t0);
         let r = match &self.location {
             Location::Local(l) => l.read(offset, len).await,
             Location::Remote(r) => r.read(offset, len).await,
