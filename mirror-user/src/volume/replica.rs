@@ -136,6 +136,8 @@ pub struct Replica {
     pub block_size: u64,
     /// Reads sent here and not answered yet (the age of the oldest: `volume::inflight`).
     pub reads_in_flight: InFlight,
+    /// Writes likewise.
+    pub writes_in_flight: InFlight,
     /// The lease holder and epoch this router writes at, once it took the lease (see
     /// [`Replica::attach`]); every mutation is fenced against it.
     attached: OnceLock<Attachment>,
@@ -157,6 +159,7 @@ impl Replica {
             stats: ReplicaStats::default(),
             block_size,
             reads_in_flight: InFlight::default(),
+            writes_in_flight: InFlight::default(),
             attached: OnceLock::new(),
         }
     }
@@ -268,6 +271,7 @@ impl Replica {
 
     pub async fn write(&self, offset: u64, data: Arc<Vec<u8>>, fua: bool) -> Result<(), ReplicaError> {
         let t0 = std::time::Instant::now();
+        let _in_flight = self.writes_in_flight.begin(t0);
         let len = data.len() as u64;
         let _admitted = self.admit()?;
         let r = match &self.location {
@@ -278,6 +282,16 @@ impl Replica {
             self.count(true, len, t0);
         }
         r
+    }
+
+    /// How long the oldest read or write in flight here has waited at `now` (`None`: none).
+    pub fn oldest_in_flight(&self, now: std::time::Instant) -> Option<Duration> {
+        self.reads_in_flight.oldest_age(now).max(self.writes_in_flight.oldest_age(now))
+    }
+
+    /// Reads and writes this replica completed (the data path's progress).
+    pub fn completed(&self) -> u64 {
+        self.stats.reads.load(Ordering::Relaxed) + self.stats.writes.load(Ordering::Relaxed)
     }
 
     /// Counts a completed read or write of `len` bytes started at `t0`.
