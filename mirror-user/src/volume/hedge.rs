@@ -160,9 +160,7 @@ pub const STALLED_FURTHER: f64 = 2.0;
 /// past its high percentile, and that is no stall to send reads into). Both past their delays
 /// alike is a condition they share: the weights stand.
 pub fn steer(first: usize, age: [Option<Duration>; 2], delay: [Duration; 2]) -> usize {
-    let past = |i: usize| {
-        age[i].map_or(0.0, |a| a.as_secs_f64() / delay[i].as_secs_f64().max(1e-6))
-    };
+    let past = |i: usize| age[i].map_or(0.0, |a| a.as_secs_f64() / delay[i].as_secs_f64().max(1e-6));
     let other = 1 - first;
     let (mine, theirs) = (past(first), past(other));
     if mine > 1.0 && (theirs <= 1.0 || mine > STALLED_FURTHER * theirs) {
@@ -303,15 +301,16 @@ mod tests {
             let answered = if i == 1 { stalled_until(t).unwrap_or(t) + lat } else { t + source_lat(k) };
             held.push((t0 + answered, flights[i].begin(now)));
             budget.earn(&cfg);
-            let took = if answered - t <= delay {
-                answered - t
+            let wait = answered.saturating_sub(t);
+            let took = if wait <= delay {
+                wait
             } else if budget.try_spend() {
                 sent += 1;
                 on_target += u32::from(i == 1);
-                (answered - t).min(delay + lat)
+                wait.min(delay + lat)
             } else {
                 refused += 1;
-                (answered - t).min(deadline + lat)
+                wait.min(deadline + lat)
             };
             longest = longest.max(took);
         }

@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use super::{error::ReplicaError, inflight::InFlight, inline::ewma, local::LocalReplica, remote::RemoteReplica};
+use super::{
+    error::ReplicaError, inflight::InFlight, inline::ewma, local::LocalReplica, remote::RemoteReplica,
+};
 use crate::{
     lease::{Epoch, Holder},
     replication::rate::SyncRate,

@@ -757,7 +757,8 @@ fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
 
 /// A read on one replica and how long it took (owned, so a read the router stops waiting for
 /// can be left running: [`abandon`]).
-type TimedRead = std::pin::Pin<Box<dyn std::future::Future<Output = (Result<Vec<u8>, ReplicaError>, Duration)> + Send>>;
+type TimedRead =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Result<Vec<u8>, ReplicaError>, Duration)> + Send>>;
 
 fn timed_read(r: Arc<Replica>, offset: u64, len: u32) -> TimedRead {
     Box::pin(async move {
@@ -885,15 +886,13 @@ impl Router {
         if !self.reads_shared() || !self.hedge_budget.try_spend() {
             // No hedge: the rest of the deadline, then the retry.
             let left = deadline.saturating_sub(t0.elapsed());
-            return match tokio::time::timeout(left, &mut primary).await {
-                Ok(res) => match self.served(i, res) {
-                    Ok(d) => Hedged::Done(Ok(d)),
-                    Err(e) => failed(e),
-                },
-                Err(_) => {
-                    abandon(primary);
-                    failed(ReplicaError::Timeout(deadline))
-                }
+            let Ok(res) = tokio::time::timeout(left, &mut primary).await else {
+                abandon(primary);
+                return failed(ReplicaError::Timeout(deadline));
+            };
+            return match self.served(i, res) {
+                Ok(d) => Hedged::Done(Ok(d)),
+                Err(e) => failed(e),
             };
         }
         self.hedges_sent.fetch_add(1, Ordering::Relaxed);
