@@ -44,6 +44,12 @@ fn reads_complete_well_under_a_replica_stall_with_few_hedges() {
         s.hedges_won,
         s.p999_ratio().unwrap_or(f64::NAN)
     );
+    for x in &s.replicas {
+        println!(
+            "{}: {} reads, {} timeouts, {} retries, mean read latency {} us",
+            x["role"], x["reads"], x["timeouts"], x["retries"], x["read_latency_us"]
+        );
+    }
     assert!(r.ok && r.error == 0, "fio failed: {}\n{}", r.stderr, r.json);
     assert!(s.stalls >= 4, "only {} stalls", s.stalls);
     assert!(s.replicas.iter().all(|x| x["state"] == "in-sync"), "a replica left service: {:?}", s.replicas);

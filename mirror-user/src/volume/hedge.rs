@@ -13,6 +13,14 @@
 //!   percent of all reads over any long run (the burst of 100 covers a stall of a few hundred
 //!   milliseconds at a thousand reads a second). A read that cannot hedge waits for the read
 //!   deadline and is retried as before.
+//! - **Where**: a replica whose oldest read in flight has waited longer than its hedge delay
+//!   ([`steer`], the age from `volume::inflight`) has stalled: new reads go to the other replica
+//!   straight away, as a choice and not as an extra read, so a stall costs hedges only for the
+//!   reads it caught in flight, not for every read the weights send there while it lasts (at a
+//!   thousand reads a second, half of them weighted to the stalled replica, a 200 ms stall took
+//!   about a hundred hedges, the whole burst, and under load the budget ran dry). Reads return
+//!   once the replica answers its old reads (they are kept running, not dropped, so they
+//!   count until it does).
 //!
 //! Pure: samples and counts in, durations and yes/no out; the router does the I/O.
 
@@ -94,15 +102,16 @@ impl LatencyHistogram {
     /// The latency below which fraction `p` of the samples fall (a bucket's upper bound);
     /// `None` with fewer than 100 samples.
     pub fn percentile(&self, p: f64) -> Option<Duration> {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
-        let total: u64 = counts.iter().sum();
+        // Two passes over the atomics (no allocation: every read asks, see `steer`); a sample
+        // landing between them may shift the answer by a bucket.
+        let total: u64 = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum();
         if total < 100 {
             return None;
         }
         let want = (total as f64 * p).ceil() as u64;
         let mut seen = 0;
-        for (b, c) in counts.iter().enumerate() {
-            seen += c;
+        for (b, c) in self.buckets.iter().enumerate() {
+            seen += c.load(Ordering::Relaxed);
             if seen >= want {
                 return Some(Duration::from_micros(bound_us(b)));
             }
@@ -140,9 +149,32 @@ impl HedgeBudget {
     }
 }
 
+/// How many times further past its delay a replica's oldest read must be than the other's for
+/// the read to leave it when both are past their delays.
+pub const STALLED_FURTHER: f64 = 2.0;
+
+/// The replica a read goes to of two in sync that both may serve it: `first` (the weighted
+/// choice) unless its oldest read in flight has waited longer than its hedge delay (`age[i]`
+/// against `delay[i]`: it stalled) while the other's has not, or has by far less
+/// ([`STALLED_FURTHER`]: on a loaded machine the other replica's oldest read is often a little
+/// past its high percentile, and that is no stall to send reads into). Both past their delays
+/// alike is a condition they share: the weights stand.
+pub fn steer(first: usize, age: [Option<Duration>; 2], delay: [Duration; 2]) -> usize {
+    let past = |i: usize| age[i].map_or(0.0, |a| a.as_secs_f64() / delay[i].as_secs_f64().max(1e-6));
+    let other = 1 - first;
+    let (mine, theirs) = (past(first), past(other));
+    if mine > 1.0 && (theirs <= 1.0 || mine > STALLED_FURTHER * theirs) {
+        other
+    } else {
+        first
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::volume::inflight::{InFlight, Started};
+    use std::time::Instant;
 
     const US: Duration = Duration::from_micros(1);
 
@@ -213,5 +245,100 @@ mod tests {
         }
         let burst = (0..100).filter(|_| b.try_spend()).count();
         assert_eq!(burst, cfg.burst as usize);
+    }
+
+    #[test]
+    fn a_read_avoids_a_replica_whose_oldest_read_is_older_than_its_delay() {
+        let ms = Duration::from_millis;
+        let d = [ms(2), ms(5)];
+        // Idle or answering within its delay: the weighted choice.
+        assert_eq!(steer(1, [None, None], d), 1);
+        assert_eq!(steer(1, [None, Some(ms(4))], d), 1);
+        assert_eq!(steer(0, [Some(ms(2)), None], d), 0);
+        // Stalled: the other one.
+        assert_eq!(steer(1, [None, Some(ms(6))], d), 0);
+        assert_eq!(steer(0, [Some(ms(3)), Some(ms(1))], d), 1);
+        // Both past their delays alike (a shared condition): the weights stand.
+        assert_eq!(steer(1, [Some(ms(3)), Some(ms(6))], d), 1);
+        assert_eq!(steer(0, [Some(ms(3)), Some(ms(6))], d), 0);
+        // One stalled, the other a little past its delay (a loaded machine): away from the stall.
+        assert_eq!(steer(1, [Some(ms(3)), Some(ms(200))], d), 0);
+        assert_eq!(steer(0, [Some(ms(3)), Some(ms(200))], d), 0);
+    }
+
+    /// Hedges and the longest read of a simulated run: a read a millisecond for 12 s, every
+    /// other one weighted to the target, each answered in 1 ms (on the source one in fifty in
+    /// 3 ms, as on a loaded machine), except that the target answers
+    /// nothing for 200 ms every 2 s (what it holds is answered when the stall ends). A read that
+    /// passes the 2 ms hedge delay is hedged (budget permitting) and then done 1 ms later on the
+    /// source; an unhedged one waits for its 50 ms deadline and is retried. With `steering`, a
+    /// read weighted to the target goes to the source while the target's oldest read in flight
+    /// is older than the delay ([`steer`]). Returns (hedges sent, of them for reads on the
+    /// target, hedges refused by the budget, the longest read).
+    fn simulate(steering: bool) -> (u32, u32, u32, Duration) {
+        let ms = Duration::from_millis;
+        let (lat, delay, deadline) = (ms(1), ms(2), ms(50));
+        let cfg = HedgeConfig::default();
+        let budget = HedgeBudget::default();
+        let t0 = Instant::now();
+        let flights = [InFlight::default(), InFlight::default()];
+        // Reads still held by a replica, with when it answers them.
+        let mut held: Vec<(Instant, Started<'_>)> = Vec::new();
+        let stalled_until = |t: Duration| {
+            let p = t.as_millis() % 2000;
+            (1000..1200).contains(&p).then(|| t + ms((1200 - p) as u64))
+        };
+        // The source on a loaded machine: one read in fifty takes 3 ms, past its delay.
+        let source_lat = |k: u64| if k % 50 == 24 { ms(3) } else { lat };
+        let (mut sent, mut on_target, mut refused, mut longest) = (0, 0, 0, Duration::ZERO);
+        for k in 0..12_000u64 {
+            let t = ms(k);
+            let now = t0 + t;
+            held.retain(|(done, _)| *done > now);
+            let age = [flights[0].oldest_age(now), flights[1].oldest_age(now)];
+            let first = usize::from(k % 2 == 1);
+            let i = if steering { steer(first, age, [delay; 2]) } else { first };
+            let answered = if i == 1 { stalled_until(t).unwrap_or(t) + lat } else { t + source_lat(k) };
+            held.push((t0 + answered, flights[i].begin(now)));
+            budget.earn(&cfg);
+            let wait = answered.saturating_sub(t);
+            let took = if wait <= delay {
+                wait
+            } else if budget.try_spend() {
+                sent += 1;
+                on_target += u32::from(i == 1);
+                wait.min(delay + lat)
+            } else {
+                refused += 1;
+                wait.min(deadline + lat)
+            };
+            longest = longest.max(took);
+        }
+        (sent, on_target, refused, longest)
+    }
+
+    #[test]
+    fn steering_away_from_a_stalled_replica_keeps_hedges_to_the_reads_it_held() {
+        let (sent, on_target, refused, longest) = simulate(false);
+        // Without it, every read weighted there during the stall wants a hedge: ~100 a stall of
+        // six, more than the budget earns beside the source's own slow reads, so it runs dry and
+        // reads wait for their deadline (the flake of sick_stall_reads under load).
+        assert!(on_target + refused >= 6 * 80, "without steering: {on_target} hedges on the target");
+        assert!(refused > 0 && longest >= Duration::from_millis(50), "{refused} refused, {longest:?}");
+        let (steered_sent, steered_on_target, refused_steered, longest_steered) = simulate(true);
+        // With it, only the reads caught in flight, and those sent before the oldest passed the
+        // delay: a handful a stall, far inside the budget, though the source's slow reads put
+        // its own oldest read past its delay now and then (those are hedged as ever: the rest).
+        assert!(
+            steered_on_target <= 6 * 3,
+            "with steering: {steered_on_target} hedges on the target (without: {on_target})"
+        );
+        assert_eq!(refused_steered, 0);
+        assert!(longest_steered <= Duration::from_millis(3), "{longest_steered:?}");
+        println!(
+            "without steering: {sent} hedges ({on_target} on the target), {refused} refused, \
+             longest {longest:?}; with: {steered_sent} ({steered_on_target}), {refused_steered}, \
+             {longest_steered:?}"
+        );
     }
 }

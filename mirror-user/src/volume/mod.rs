@@ -11,6 +11,7 @@ pub mod fast;
 pub mod fence;
 pub mod file;
 pub mod hedge;
+pub mod inflight;
 pub mod inline;
 pub mod lease;
 pub mod local;

@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use super::{error::ReplicaError, inline::ewma, local::LocalReplica, remote::RemoteReplica};
+use super::{
+    error::ReplicaError, inflight::InFlight, inline::ewma, local::LocalReplica, remote::RemoteReplica,
+};
 use crate::{
     lease::{Epoch, Holder},
     replication::rate::SyncRate,
@@ -134,6 +136,10 @@ pub struct Replica {
     state: AtomicReplicaState,
     pub stats: ReplicaStats,
     pub block_size: u64,
+    /// Reads sent here and not answered yet (the age of the oldest: `volume::inflight`).
+    pub reads_in_flight: InFlight,
+    /// Writes likewise.
+    pub writes_in_flight: InFlight,
     /// The lease holder and epoch this router writes at, once it took the lease (see
     /// [`Replica::attach`]); every mutation is fenced against it.
     attached: OnceLock<Attachment>,
@@ -154,6 +160,8 @@ impl Replica {
             state: AtomicReplicaState::new(ReplicaState::InSync),
             stats: ReplicaStats::default(),
             block_size,
+            reads_in_flight: InFlight::default(),
+            writes_in_flight: InFlight::default(),
             attached: OnceLock::new(),
         }
     }
@@ -248,8 +256,11 @@ impl Replica {
         }
     }
 
+    /// Reads `len` bytes at `offset`; the read counts in [`Self::reads_in_flight`] until it
+    /// is answered (or this future is dropped).
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ReplicaError> {
         let t0 = std::time::Instant::now();
+        let _in_flight = self.reads_in_flight.begin(t0);
         let r = match &self.location {
             Location::Local(l) => l.read(offset, len).await,
             Location::Remote(r) => r.read(offset, len).await,
@@ -262,6 +273,7 @@ impl Replica {
 
     pub async fn write(&self, offset: u64, data: Arc<Vec<u8>>, fua: bool) -> Result<(), ReplicaError> {
         let t0 = std::time::Instant::now();
+        let _in_flight = self.writes_in_flight.begin(t0);
         let len = data.len() as u64;
         let _admitted = self.admit()?;
         let r = match &self.location {
@@ -272,6 +284,16 @@ impl Replica {
             self.count(true, len, t0);
         }
         r
+    }
+
+    /// How long the oldest read or write in flight here has waited at `now` (`None`: none).
+    pub fn oldest_in_flight(&self, now: std::time::Instant) -> Option<Duration> {
+        self.reads_in_flight.oldest_age(now).max(self.writes_in_flight.oldest_age(now))
+    }
+
+    /// Reads and writes this replica completed (the data path's progress).
+    pub fn completed(&self) -> u64 {
+        self.stats.reads.load(Ordering::Relaxed) + self.stats.writes.load(Ordering::Relaxed)
     }
 
     /// Counts a completed read or write of `len` bytes started at `t0`.

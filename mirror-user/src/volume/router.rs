@@ -26,7 +26,7 @@ use super::{
     error::ReplicaError,
     fast::{FastOp, FastPlan},
     fence::{fenced_error, LeaseLine, LeaseStatus},
-    hedge::{HedgeBudget, HedgeConfig, LatencyHistogram},
+    hedge::{steer, HedgeBudget, HedgeConfig, LatencyHistogram},
     replica::{Replica, ReplicaSnapshot, ReplicaState},
     BlockDev,
 };
@@ -755,16 +755,43 @@ fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
     (0..len.div_ceil(max)).map(move |k| (offset + k * max, (len - k * max).min(max) as u32))
 }
 
+/// A read on one replica and how long it took (owned, so a read the router stops waiting for
+/// can be left running: [`abandon`]).
+type TimedRead =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Result<Vec<u8>, ReplicaError>, Duration)> + Send>>;
+
+fn timed_read(r: Arc<Replica>, offset: u64, len: u32) -> TimedRead {
+    Box::pin(async move {
+        let t0 = Instant::now();
+        let res = r.read(offset, len).await;
+        (res, t0.elapsed())
+    })
+}
+
+/// Leaves a read the router no longer waits for (overtaken by its hedge, past its deadline)
+/// running to its answer, so it counts in its replica's reads in flight until the replica
+/// answers it (`volume::inflight`): a stalled replica keeps its old reads' age and is steered
+/// around ([`steer`]) instead of seeming idle. It ends with the replica's answer or its
+/// connection.
+fn abandon(read: TimedRead) {
+    drop(tokio::spawn(read));
+}
+
 impl Router {
-    /// A read of at most [`MAX_IO`] bytes: the weighted choice, the hedge, the deadline and the
-    /// retry.
+    /// A read of at most [`MAX_IO`] bytes: the weighted choice (steered away from a stalled
+    /// replica), the hedge, the deadline and the retry.
     async fn read_one(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
         let first = usize::from(fastrand::u8(0..100) < self.weights.target());
-        let candidates: Vec<usize> =
+        let mut candidates: Vec<usize> =
             [first, Self::other(first)].into_iter().filter(|&i| self.replicas[i].serves_reads()).collect();
         let mut last_err = None;
         let mut k = 0;
-        if let [i, j] = candidates[..] {
+        if let [i, _] = candidates[..] {
+            if self.reads_shared() {
+                let s = self.steered(i);
+                candidates = vec![s, Self::other(s)];
+            }
+            let (i, j) = (candidates[0], candidates[1]);
             self.hedge_budget.earn(&self.cfg.hedge);
             match self.hedged_read(i, j, offset, len).await {
                 Hedged::Done(r) => return r.map_err(|e| e.to_io()),
@@ -779,7 +806,7 @@ impl Router {
             if k > 0 {
                 self.replicas[candidates[0]].stats.retries.fetch_add(1, Ordering::Relaxed);
             }
-            match self.read_on(i, offset, len).await {
+            match self.served(i, timed_read(self.replicas[i].clone(), offset, len).await) {
                 Ok(d) => return Ok(d),
                 Err(e) => {
                     r.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -796,27 +823,46 @@ impl Router {
         Err(last_err.map_or_else(|| eio("no replica holds this range in sync"), |e| e.to_io()))
     }
 
-    /// A read on replica `i`, its latency recorded for its hedge delay.
-    async fn read_on(&self, i: usize, offset: u64, len: u32) -> Result<Vec<u8>, ReplicaError> {
-        let t0 = Instant::now();
-        let r = self.replicas[i].read(offset, len).await;
-        if r.is_ok() {
-            self.read_hist[i].observe(t0.elapsed());
+    /// Both replicas have a share of the reads (not 0 or 100: pinned, or failed over). Only
+    /// then is a read hedged or steered to the other: never to a replica the weights keep
+    /// reads away from.
+    fn reads_shared(&self) -> bool {
+        let target = self.weights.target();
+        target > 0 && target < 100
+    }
+
+    /// Where a read weighted to `first` goes, both replicas in sync: [`steer`] on their
+    /// oldest reads in flight now and their hedge delays.
+    fn steered(&self, first: usize) -> usize {
+        let now = Instant::now();
+        let age = [0, 1].map(|k| self.replicas[k].reads_in_flight.oldest_age(now));
+        let delay = [0, 1].map(|k| self.cfg.hedge.delay(&self.read_hist[k]));
+        steer(first, age, delay)
+    }
+
+    /// A read's result on replica `i`; a success's latency is recorded for `i`'s hedge delay.
+    fn served(
+        &self,
+        i: usize,
+        (res, took): (Result<Vec<u8>, ReplicaError>, Duration),
+    ) -> Result<Vec<u8>, ReplicaError> {
+        if res.is_ok() {
+            self.read_hist[i].observe(took);
         }
-        r
+        res
     }
 
     /// A read on `i` with `j` in sync beside it: after `i`'s hedge delay or its read deadline,
     /// whichever is shorter, it goes to `j` too (budget permitting) and the first success wins;
-    /// without a hedge, `i` has the rest of its read deadline. `Retry`: `i` failed or missed its deadline unhedged (the caller retries on
-    /// `j`).
+    /// without a hedge, `i` has the rest of its read deadline. `Retry`: `i` failed or missed
+    /// its deadline unhedged (the caller retries on `j`). A read no longer waited for is left
+    /// running ([`abandon`]).
     async fn hedged_read(&self, i: usize, j: usize, offset: u64, len: u32) -> Hedged {
         let r = &self.replicas[i];
         let deadline = r.read_deadline(self.cfg.read_deadline_min, self.cfg.read_deadline_cap);
         let delay = self.cfg.hedge.delay(&self.read_hist[i]);
         let t0 = Instant::now();
-        let primary = self.read_on(i, offset, len);
-        tokio::pin!(primary);
+        let mut primary = timed_read(self.replicas[i].clone(), offset, len);
         let wait = delay.min(deadline);
         let early = tokio::select! {
             biased;
@@ -832,45 +878,49 @@ impl Router {
             tracing::debug!(replica = r.role, offset, len, "read: {e}; trying the other replica");
             Hedged::Retry(e)
         };
-        match early {
+        match early.map(|res| self.served(i, res)) {
             Some(Ok(d)) => return Hedged::Done(Ok(d)),
             Some(Err(e)) => return failed(e),
             None => {}
         }
-        // Never to a replica the weights keep reads away from (0 or 100: pinned, or failed over).
-        let target = self.weights.target();
-        let shared = target > 0 && target < 100;
-        if !shared || !self.hedge_budget.try_spend() {
+        if !self.reads_shared() || !self.hedge_budget.try_spend() {
             // No hedge: the rest of the deadline, then the retry.
             let left = deadline.saturating_sub(t0.elapsed());
-            return match tokio::time::timeout(left, primary).await {
-                Ok(Ok(d)) => Hedged::Done(Ok(d)),
-                Ok(Err(e)) => failed(e),
-                Err(_) => failed(ReplicaError::Timeout(deadline)),
+            let Ok(res) = tokio::time::timeout(left, &mut primary).await else {
+                abandon(primary);
+                return failed(ReplicaError::Timeout(deadline));
+            };
+            return match self.served(i, res) {
+                Ok(d) => Hedged::Done(Ok(d)),
+                Err(e) => failed(e),
             };
         }
         self.hedges_sent.fetch_add(1, Ordering::Relaxed);
-        let hedge = self.read_on(j, offset, len);
-        tokio::pin!(hedge);
+        let mut hedge = timed_read(self.replicas[j].clone(), offset, len);
         tokio::select! {
             biased;
-            res = &mut primary => match res {
-                Ok(d) => Hedged::Done(Ok(d)),
+            res = &mut primary => match self.served(i, res) {
+                Ok(d) => {
+                    abandon(hedge);
+                    Hedged::Done(Ok(d))
+                }
                 Err(e) => {
                     r.stats.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(replica = r.role, offset, len, "read failed: {e}; the hedge decides");
-                    Hedged::Done(self.hedge_result(j, hedge.await))
+                    let res = self.served(j, hedge.await);
+                    Hedged::Done(self.hedge_result(j, res))
                 }
             },
-            res = &mut hedge => match res {
+            res = &mut hedge => match self.served(j, res) {
                 Ok(d) => {
                     self.hedges_won.fetch_add(1, Ordering::Relaxed);
+                    abandon(primary);
                     Hedged::Done(Ok(d))
                 }
                 Err(e) => {
                     self.replicas[j].stats.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(replica = self.replicas[j].role, offset, len, "hedged read: {e}");
-                    Hedged::Done(primary.await)
+                    Hedged::Done(self.served(i, primary.await))
                 }
             },
         }

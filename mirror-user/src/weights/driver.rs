@@ -17,7 +17,7 @@ use std::{
 
 use super::{
     engine::{Decision, Engine, EngineConfig, Mode, Override, Sample},
-    policy::{judge, window_parts, NodeJudged},
+    policy::{datapath_latency_us, judge, window_parts, NodeJudged},
     status::{NodeStatus, ReplicaStatus, ServeStatus, WeightEvent},
 };
 use crate::{
@@ -80,6 +80,8 @@ struct NodeView {
     baseline: Baseline,
     /// Errors the router had counted at the previous tick (source only).
     errors_seen: u64,
+    /// Reads and writes the replica had completed at the previous tick.
+    completed_seen: u64,
     /// The parts of the reports of the last [`JUDGE_WINDOW`], oldest first, for judging the
     /// nodes against each other part by part ([`window_parts`]).
     recent: VecDeque<(Instant, Vec<PartReport>)>,
@@ -205,8 +207,11 @@ impl Driver {
             if !(heard(0) && heard(1)) && self.epoch.elapsed() < 2 * self.cfg.engine.heartbeat_timeout {
                 return;
             }
+            // How late this tick came: a stall of this process (or of the machine) delays the
+            // replicas' answers and the tick alike.
+            let late = since.elapsed().saturating_sub(self.cfg.tick);
             for i in 0..2 {
-                self.observe_datapath(i, &mut v.nodes[i]);
+                self.observe_datapath(i, &mut v.nodes[i], late);
             }
             // The source's health counts only when its heartbeat answered since the last tick
             // (the engine times out missing ones); the target's, which the source is judged
@@ -269,11 +274,17 @@ impl Driver {
         self.apply(d);
     }
 
-    /// Updates a node's data-path score from the router's latency figures.
-    fn observe_datapath(&self, i: usize, n: &mut NodeView) {
+    /// Updates a node's data-path score from the router's latency figures: the mean latency of
+    /// its completions, or the age of the oldest request it holds when it completed nothing
+    /// since the last tick ([`datapath_latency_us`]; `late`: how late this tick came).
+    fn observe_datapath(&self, i: usize, n: &mut NodeView, late: Duration) {
         use std::sync::atomic::Ordering::Relaxed;
-        let s = &self.router.replicas[i].stats;
-        let lat = s.read_lat_ewma_us.load(Relaxed).max(s.write_lat_ewma_us.load(Relaxed));
+        let r = &self.router.replicas[i];
+        let s = &r.stats;
+        let mean = s.read_lat_ewma_us.load(Relaxed).max(s.write_lat_ewma_us.load(Relaxed));
+        let done = r.completed();
+        let completed = done != std::mem::replace(&mut n.completed_seen, done);
+        let lat = datapath_latency_us(mean, r.oldest_in_flight(Instant::now()), completed, late);
         if lat == 0 {
             return;
         }

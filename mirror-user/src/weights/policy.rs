@@ -85,6 +85,23 @@ pub fn judge(source: &NodeJudged, target: Option<&NodeJudged>) -> f64 {
     }
 }
 
+/// The latency a replica's data path shows at one tick of the weighting loop, microseconds:
+/// the mean of its completions (`mean_us`), or, when it completed nothing since the last tick
+/// while requests wait there, the age of the oldest of them (`oldest`) if that is longer. A
+/// replica that stops completing anything (a throttled disk at a few IOPS, a frozen process)
+/// freezes its mean at the last completion's value; the age of what it holds keeps growing.
+/// Less `late`: how far the loop's own tick came late, a stall of this process (or of the whole
+/// machine) that delays the answers and the tick alike, shared by both replicas.
+pub fn datapath_latency_us(mean_us: u64, oldest: Option<Duration>, completed: bool, late: Duration) -> u64 {
+    match oldest {
+        Some(age) if !completed => {
+            let age = age.saturating_sub(late).as_micros().min(u128::from(u64::MAX)) as u64;
+            mean_us.max(age)
+        }
+        _ => mean_us,
+    }
+}
+
 /// The seed formula: weights proportional to `source_health * source_factor` and
 /// `target_health * target_factor`, normalized to sum 100. Kept available as a policy.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -304,6 +321,22 @@ mod tests {
         assert_eq!(judge(&node(60.0, &[], None), Some(&node(100.0, &[], None))), 60.0);
         assert_eq!(judge(&node(60.0, &[], None), Some(&node(40.0, &[], None))), 100.0);
         assert_eq!(judge(&node(60.0, &[], Some(50.0)), None), 50.0);
+    }
+
+    #[test]
+    fn a_replica_that_completes_nothing_shows_the_age_of_what_it_holds() {
+        let ms = Duration::from_millis;
+        // Completing: the mean, whatever waits.
+        assert_eq!(datapath_latency_us(800, Some(ms(300)), true, ms(0)), 800);
+        // Nothing completed this tick: the oldest request's age, when longer than the mean.
+        assert_eq!(datapath_latency_us(800, Some(ms(3)), false, ms(0)), 3000);
+        assert_eq!(datapath_latency_us(800, Some(Duration::from_micros(100)), false, ms(0)), 800);
+        // Idle: the mean.
+        assert_eq!(datapath_latency_us(800, None, false, ms(0)), 800);
+        // The loop itself 250 ms late (this process, or the machine, stalled): that much of the
+        // age is shared, not the replica's.
+        assert_eq!(datapath_latency_us(800, Some(ms(300)), false, ms(250)), 50_000);
+        assert_eq!(datapath_latency_us(800, Some(ms(300)), false, ms(400)), 800);
     }
 
     #[test]
