@@ -1,5 +1,6 @@
 //! `mirror_tests`: the one support library of the integration tests (`tests/*.rs`), the scenario
 //! harness, the benchmark drivers and the demo (`src/bin/`). Each module has one job:
+//! - [`bench`]: fio on NBD, `mirror` processes, rotation and samples for the bench drivers;
 //! - [`env`]: what this machine can run (root, the VM, tools, the binaries) and the loud `skip`;
 //! - [`fs`]: scratch directories, unique names, digests and deterministic random data;
 //! - [`blockdev`]: loop devices and `dd`;
@@ -17,6 +18,7 @@
 //! Test helpers panic with the reason (a test fails on its first unexpected step); the ones the
 //! harness and the drivers use return `anyhow::Result`, and the panicking form wraps them.
 
+pub mod bench;
 pub mod blockdev;
 pub mod cgroup;
 pub mod env;
