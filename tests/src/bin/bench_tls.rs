@@ -53,6 +53,10 @@ struct Args {
     /// Only these jobs (comma-separated names: randread, randwrite, seqread, seqwrite).
     #[arg(long, value_delimiter = ',')]
     jobs: Vec<String>,
+    /// Seconds to hold each started configuration before its jobs (to attach `perf record -p`
+    /// to the router, whose pid is printed).
+    #[arg(long, default_value_t = 0)]
+    hold: u64,
 }
 
 /// A configuration: its name, TLS on the replication link, TLS on the NBD link.
@@ -183,6 +187,10 @@ fn main() -> Result<()> {
         for which in rotation(round, CONFIGS.len()) {
             let (name, repl_tls, nbd_tls) = CONFIGS[which];
             let vol = volume(&a, &files, repl_tls, nbd_tls).with_context(|| format!("starting {name}"))?;
+            if a.hold > 0 {
+                eprintln!("  {name}: router pid {}, replica pid {}", vol._procs[0].0.id(), vol._procs[1].0.id());
+                std::thread::sleep(std::time::Duration::from_secs(a.hold));
+            }
             for &job in &jobs {
                 let v = fio_in(&vol.uri, job, a.runtime, a.size, vol.home.as_deref())
                     .with_context(|| format!("{name} {}", job.name))?;
