@@ -188,7 +188,11 @@ fn main() -> Result<()> {
             let (name, repl_tls, nbd_tls) = CONFIGS[which];
             let vol = volume(&a, &files, repl_tls, nbd_tls).with_context(|| format!("starting {name}"))?;
             if a.hold > 0 {
-                eprintln!("  {name}: router pid {}, replica pid {}", vol._procs[0].0.id(), vol._procs[1].0.id());
+                eprintln!(
+                    "  {name}: router pid {}, replica pid {}",
+                    vol._procs[0].0.id(),
+                    vol._procs[1].0.id()
+                );
                 std::thread::sleep(std::time::Duration::from_secs(a.hold));
             }
             for &job in &jobs {
