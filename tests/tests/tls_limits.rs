@@ -38,7 +38,7 @@ fn s(p: &Path) -> String {
 /// 16 MiB payload (magic, kind, id, len, crc; the length's bytes last, so the header stays
 /// incomplete), or a TLS handshake record announcing 16 KiB (the largest record).
 fn announce(i: usize) -> Vec<u8> {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let mut h = MAGIC.to_le_bytes().to_vec();
         h.extend([1u8, 0, 0, 0]);
         h.extend(7u64.to_le_bytes());
@@ -175,7 +175,7 @@ fn nbd_announce(i: usize) -> Vec<u8> {
     };
     let mut b = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
     b.extend(IHAVEOPT.to_be_bytes());
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         b.extend(OPT_GO.to_be_bytes());
         b.extend((16u32 << 20).to_be_bytes());
     } else {
