@@ -130,6 +130,14 @@ pub struct ReplicaFile {
     pub sync_min_rate: Option<Size>,
     pub sync_max_rate: Option<Size>,
     pub block_size: Option<u32>,
+    /// The node's TLS credentials directory, as `--tls` (`mirror certs node --dir`).
+    pub tls: Option<PathBuf>,
+    /// As `--insecure-plaintext`: plaintext replication on a non-loopback address.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// As `--tls-allow`: the node names whose certificates the server accepts.
+    #[serde(default)]
+    pub tls_allow: Vec<String>,
     #[serde(default)]
     pub volume: Vec<VolumeEntry>,
     /// The health monitor's settings.
@@ -155,6 +163,19 @@ fn check_score(h: &Option<ScoreConfig>) -> Result<(), String> {
     }
 }
 
+/// `{p}tls` and `{p}insecure_plaintext` (`p` is `""` or `"nbd_"`) contradict each other in one
+/// file.
+fn check_tls(p: &str, tls: Option<&Path>, insecure_plaintext: bool) -> Result<(), String> {
+    match tls {
+        Some(dir) if insecure_plaintext => Err(format!(
+            "{p}tls = {:?} and {p}insecure_plaintext = true: choose one (TLS, or plaintext beyond loopback)",
+            dir.display().to_string()
+        )),
+        Some(dir) if dir.as_os_str().is_empty() => Err(format!("{p}tls: an empty path")),
+        _ => Ok(()),
+    }
+}
+
 impl ReplicaFile {
     pub fn load(path: &Path) -> anyhow::Result<ReplicaFile> {
         load(path, Self::parse)
@@ -169,6 +190,10 @@ impl ReplicaFile {
             }
         }
         check_score(&f.health)?;
+        check_tls("", f.tls.as_deref(), f.insecure_plaintext)?;
+        if !f.tls_allow.is_empty() && f.tls.is_none() {
+            return Err("tls_allow: only with `tls` (the names are the peers' certificate names)".into());
+        }
         for (k, r) in [("sync_min_rate", &f.sync_min_rate), ("sync_max_rate", &f.sync_max_rate)] {
             if let Some(r) = r {
                 r.bytes().map_err(|e| format!("{k}: {e}"))?;
@@ -243,6 +268,19 @@ pub struct ServeFile {
     pub nbd: Option<SocketAddr>,
     pub nbd_unix: Option<PathBuf>,
     pub export: Option<String>,
+    /// The replication link's TLS credentials, as `--tls`.
+    pub tls: Option<PathBuf>,
+    /// As `--insecure-plaintext`.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// NBD STARTTLS credentials, as `--nbd-tls`.
+    pub nbd_tls: Option<PathBuf>,
+    /// As `--nbd-tls-verify-peer`: NBD clients must present a certificate of the CA.
+    #[serde(default)]
+    pub nbd_tls_verify_peer: bool,
+    /// As `--nbd-insecure-plaintext`: NBD without TLS on a non-loopback address.
+    #[serde(default)]
+    pub nbd_insecure_plaintext: bool,
     pub source_listen: Option<String>,
     pub target_listen: Option<String>,
     pub conns: Option<usize>,
@@ -272,6 +310,11 @@ impl ServeFile {
     pub fn parse(text: &str) -> Result<ServeFile, String> {
         let f: ServeFile = toml::from_str(text).map_err(|e| e.to_string())?;
         check_score(&f.health)?;
+        check_tls("", f.tls.as_deref(), f.insecure_plaintext)?;
+        check_tls("nbd_", f.nbd_tls.as_deref(), f.nbd_insecure_plaintext)?;
+        if f.nbd_tls_verify_peer && f.nbd_tls.is_none() {
+            return Err("nbd_tls_verify_peer: only with `nbd_tls`".into());
+        }
         if f.conns == Some(0) {
             return Err("conns: at least 1 connection per remote replica".into());
         }
@@ -449,5 +492,46 @@ mod tests {
         let vol = ServeFile::parse(&std::fs::read_to_string(dir.join("volume.toml")).unwrap()).unwrap();
         assert_eq!(vol.secret_file.as_deref(), Some(Path::new("/etc/mirror/secret")));
         assert!(vol.source.is_some() && vol.target.is_some());
+        // Both listen beyond loopback: they carry the node's TLS directory.
+        assert_eq!(replica.tls.as_deref(), Some(Path::new("/etc/mirror/tls")));
+        assert_eq!(vol.tls.as_deref(), Some(Path::new("/etc/mirror/tls")));
+        assert!(!replica.insecure_plaintext && !vol.insecure_plaintext && !vol.nbd_insecure_plaintext);
+    }
+
+    #[test]
+    fn the_tls_keys_are_read_and_checked() {
+        let r = ReplicaFile::parse("tls = \"/etc/mirror/tls\"\ntls_allow = [\"node-a\"]").unwrap();
+        assert_eq!(
+            (r.tls.as_deref(), r.tls_allow.as_slice()),
+            (Some(Path::new("/etc/mirror/tls")), &["node-a".to_string()][..])
+        );
+        let v = ServeFile::parse(
+            "tls = \"/t\"\nnbd_tls = \"/n\"\nnbd_tls_verify_peer = true\nnbd = \"0.0.0.0:10809\"",
+        )
+        .unwrap();
+        assert_eq!((v.tls.as_deref(), v.nbd_tls.as_deref()), (Some(Path::new("/t")), Some(Path::new("/n"))));
+        assert!(v.nbd_tls_verify_peer);
+        for (text, words) in [
+            ("tls = \"/t\"\ninsecure_plaintext = true", &["tls", "insecure_plaintext", "choose one"][..]),
+            ("tls = \"\"", &["tls", "empty"]),
+            ("tls_allow = [\"a\"]", &["tls_allow", "only with `tls`"]),
+            ("tls_dir = \"/t\"", &["tls_dir", "unknown field"]),
+        ] {
+            let e = ReplicaFile::parse(text).unwrap_err();
+            for w in words {
+                assert!(e.contains(w), "{text:?}: {w:?} not in {e}");
+            }
+        }
+        for (text, words) in [
+            ("nbd_tls = \"/n\"\nnbd_insecure_plaintext = true", &["nbd_tls", "nbd_insecure_plaintext"][..]),
+            ("nbd_tls_verify_peer = true", &["nbd_tls_verify_peer", "only with `nbd_tls`"]),
+            ("tls = \"/t\"\ninsecure_plaintext = true", &["choose one"]),
+            ("tls = 3", &["tls"]),
+        ] {
+            let e = ServeFile::parse(text).unwrap_err();
+            for w in words {
+                assert!(e.contains(w), "{text:?}: {w:?} not in {e}");
+            }
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! `mirror_tests`: the one support library of the integration tests (`tests/*.rs`), the scenario
 //! harness, the benchmark drivers and the demo (`src/bin/`). Each module has one job:
+//! - [`bench`]: fio on NBD, `mirror` processes, rotation and samples for the bench drivers;
 //! - [`env`]: what this machine can run (root, the VM, tools, the binaries) and the loud `skip`;
+//! - [`flood`]: slow unauthenticated clients and /proc figures, for the pre-auth limits' tests;
 //! - [`fs`]: scratch directories, unique names, digests and deterministic random data;
 //! - [`blockdev`]: loop devices and `dd`;
 //! - [`cgroup`]: I/O throttles and memory limits, and commands started inside a cgroup;
@@ -17,10 +19,12 @@
 //! Test helpers panic with the reason (a test fails on its first unexpected step); the ones the
 //! harness and the drivers use return `anyhow::Result`, and the panicking form wraps them.
 
+pub mod bench;
 pub mod blockdev;
 pub mod cgroup;
 pub mod env;
 pub mod etcd;
+pub mod flood;
 pub mod fs;
 pub mod net;
 pub mod netns;

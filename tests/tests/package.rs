@@ -19,6 +19,7 @@ use std::{
 
 use mirror_tests::{
     env::{is_root, skip, which},
+    fs::TempDir,
     net::free_port,
     proc::{captured, output, spawn_lines, Kill},
 };
@@ -97,7 +98,7 @@ impl Drop for OperatorFiles {
         for p in &self.0 {
             let _ = std::fs::remove_file(p);
         }
-        for d in ["/etc/mirror/volumes", "/etc/mirror"] {
+        for d in ["/etc/mirror/volumes", "/etc/mirror/tls", "/etc/mirror"] {
             let _ = std::fs::remove_dir(d);
         }
         if installed() {
@@ -123,15 +124,24 @@ fn the_package_installs_serves_from_etc_mirror_and_removes_cleanly() {
         return skip(T, "PACKAGE", "a mirror package is installed here; the test would replace and purge it");
     }
     let t0 = Instant::now();
-    let files = OperatorFiles(vec![
-        "/etc/mirror/secret".into(),
-        "/etc/mirror/volumes/pkgtest.toml".into(),
-        "/var/lib/mirror/pkgtest-a.img".into(),
-        "/var/lib/mirror/pkgtest-a.img.meta".into(),
-        "/var/lib/mirror/pkgtest-b.img".into(),
-        "/var/lib/mirror/pkgtest-b.img.meta".into(),
-        "/run/mirror/pkgtest.sock".into(),
-    ]);
+    let files = OperatorFiles(
+        vec![
+            "/etc/mirror/secret".into(),
+            "/etc/mirror/volumes/pkgtest.toml".into(),
+            "/var/lib/mirror/pkgtest-a.img".into(),
+            "/var/lib/mirror/pkgtest-a.img.meta".into(),
+            "/var/lib/mirror/pkgtest-b.img".into(),
+            "/var/lib/mirror/pkgtest-b.img.meta".into(),
+            "/run/mirror/pkgtest.sock".into(),
+        ]
+        .into_iter()
+        .chain(
+            ["ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"]
+                .iter()
+                .map(|f| Path::new("/etc/mirror/tls").join(f)),
+        )
+        .collect(),
+    );
 
     // Install.
     let info = ok(Command::new("dpkg-deb").arg("--field").arg(&deb).args(["Package", "Version", "Depends"]));
@@ -185,6 +195,23 @@ fn the_package_installs_serves_from_etc_mirror_and_removes_cleanly() {
     // As an operator sets up a node from the README: the secret, a volume in the packaged
     // replica.toml (a conffile, now changed), a volume file for mirror-serve@pkgtest.
     std::fs::write("/etc/mirror/secret", "pkgtest-secret-0123456789abcdef\n").unwrap();
+    // The examples carry `tls = "/etc/mirror/tls"`: this node's credentials (docs/tls.md), its
+    // CA kept off the node.
+    let ca = TempDir::new("pkgtest-ca");
+    let ca_dir = ca.0.join("ca").display().to_string();
+    ok(Command::new("/usr/bin/mirror").args(["certs", "ca", "--dir", &ca_dir]));
+    ok(Command::new("/usr/bin/mirror").args([
+        "certs",
+        "node",
+        "--ca",
+        &ca_dir,
+        "--name",
+        "pkgtest",
+        "--ip",
+        "127.0.0.1",
+        "--dir",
+        "/etc/mirror/tls",
+    ]));
     let port = || free_port().expect("a free port");
     let (rport, nbd, metrics) = (port(), port(), port());
     let replica_toml = std::fs::read_to_string("/etc/mirror/replica.toml").unwrap();

@@ -48,13 +48,13 @@ enum Cmd {
         debug: bool,
     },
     /// Run a benchmark: `resync` (sync/resync vs rsync), `nbd` (router + NBD vs nbdkit and
-    /// qemu-nbd), `ebpf` (overhead of the telemetry programs), `failover` (issue 7's scenarios,
+    /// qemu-nbd), `tls` (TLS vs plaintext on the replication and NBD links), `ebpf` (overhead of the telemetry programs), `failover` (issue 7's scenarios,
     /// adaptive policy vs the seed formula), `ublk` (in the VM: vs md raid1, rublk, loop) or
     /// `sick-node` (issue 15: frozen target, black-holed link, stalling replica).
     /// Prints a table of ratios and writes target/bench/<name>.json. Arguments after `--` go to
     /// the benchmark driver.
     Bench {
-        /// Which benchmark: resync, nbd, ebpf, failover, ublk, sick-node.
+        /// Which benchmark: resync, nbd, tls, ebpf, failover, ublk, sick-node.
         name: String,
         /// ebpf: how to alternate without / with the programs: `windows` (one fio run, the
         /// programs detached and attached every window) or `runs` (a fio run per side, the
@@ -261,11 +261,11 @@ fn demo(phase_seconds: u64) -> Result<()> {
 }
 
 /// Benchmarks available to `cargo xtask bench`.
-const BENCHES: &[&str] = &["resync", "nbd", "ebpf", "failover", "ublk", "sick-node"];
+const BENCHES: &[&str] = &["resync", "nbd", "tls", "ebpf", "failover", "ublk", "sick-node"];
 
 fn bench_other(name: &str, args: &[String]) -> Result<()> {
     match name {
-        "resync" | "nbd" | "failover" | "sick-node" => {
+        "resync" | "nbd" | "tls" | "failover" | "sick-node" => {
             let need = match name {
                 "resync" => "rsync",
                 "nbd" => "nbdkit",
@@ -276,11 +276,14 @@ fn bench_other(name: &str, args: &[String]) -> Result<()> {
             }
             run(&mut build::cargo(&["build", "--release", "-p", "mirror-user", "-p", "mirror-tests"]))?;
             let root = util::root();
+            // Where cargo put the binaries: CARGO_TARGET_DIR when set (a worktree's own).
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| root.join("target"), |d| root.join(std::path::PathBuf::from(d)));
             std::fs::create_dir_all(root.join("target/bench"))?;
-            run(Command::new(root.join(format!("target/release/bench-{name}")))
+            run(Command::new(target.join(format!("release/bench-{name}")))
                 .current_dir(&root)
                 .arg("--mirror-bin")
-                .arg(root.join("target/release/mirror"))
+                .arg(target.join("release/mirror"))
                 .arg("--out")
                 .arg(root.join(format!("target/bench/{name}.json")))
                 .args(args))

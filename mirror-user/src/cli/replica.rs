@@ -63,7 +63,7 @@ pub struct ReplicaArgs {
     pub transport: super::transport::TransportArgs,
     /// With --tls: accept only clients whose certificate names this node (repeatable) [default:
     /// any node of the CA].
-    #[arg(long = "tls-allow", value_name = "NODE", requires = "tls")]
+    #[arg(long = "tls-allow", value_name = "NODE")]
     pub tls_allow: Vec<String>,
 }
 
@@ -79,6 +79,10 @@ pub struct ReplicaSettings {
     pub score: ScoreConfig,
     /// The health monitor (the flags over the file's `[monitor]` table).
     pub monitor: MonitorSettings,
+    /// The replication link: `--tls` / `--insecure-plaintext` over the file's keys.
+    pub transport: super::transport::TransportArgs,
+    /// With TLS: the client node names accepted (`--tls-allow` over `tls_allow`).
+    pub tls_allow: Vec<String>,
 }
 
 impl ReplicaArgs {
@@ -105,7 +109,16 @@ impl ReplicaArgs {
                 (None, None) => default,
             })
         };
+        let transport = self.transport.over_file(file.tls.as_deref(), file.insecure_plaintext);
+        let tls_allow =
+            if self.tls_allow.is_empty() { file.tls_allow.clone() } else { self.tls_allow.clone() };
+        anyhow::ensure!(
+            tls_allow.is_empty() || transport.tls.is_some(),
+            "--tls-allow / tls_allow need TLS: give --tls DIR or `tls` in --config"
+        );
         Ok(ReplicaSettings {
+            transport,
+            tls_allow,
             listen: self.listen.clone().or(file.listen.clone()).unwrap_or_else(|| DEFAULT_LISTEN.into()),
             volumes,
             secret_file,
@@ -132,7 +145,7 @@ impl ReplicaArgs {
             secret: load_secret(&s.secret_file)?,
             rate: s.rate,
             health: NodeHealth::new(),
-            transport: self.transport.node(&self.tls_allow).map_err(CliError::usage)?,
+            transport: s.transport.node(&s.tls_allow).map_err(CliError::usage)?,
         };
         let node_health = cfg.health.clone();
         let first_volume = cfg.volumes.first().map(|v| v.path.clone());
@@ -153,6 +166,7 @@ impl ReplicaArgs {
 mod tests {
     use super::*;
     use clap::Parser;
+    use std::path::Path;
 
     #[derive(Parser)]
     struct Cmd {
@@ -216,6 +230,33 @@ mod tests {
         assert_eq!(names, ["vol0", "vol1"], "the file's volumes, then the flags'");
         assert!(s.volumes.iter().all(|v| v.block_size == 4096 && v.direct_io));
         assert_eq!(s.volumes[1].size, Some(1 << 20));
+    }
+
+    #[test]
+    fn tls_and_its_allowed_nodes_come_from_the_file_unless_flags_say_otherwise() {
+        let file =
+            ReplicaFile::parse(&format!("tls = \"/etc/mirror/tls\"\ntls_allow = [\"node-a\"]\n{FILE}"))
+                .unwrap();
+        // Not from the environment: MIRROR_TLS_DIR may be set where the tests run.
+        let no_env = |argv: &[&str]| {
+            let mut a = args(argv);
+            if !argv.contains(&"--tls") {
+                a.transport.tls = None;
+            }
+            a
+        };
+        let s = no_env(&[]).settings(&file).unwrap();
+        assert_eq!(s.transport.tls.as_deref(), Some(Path::new("/etc/mirror/tls")));
+        assert!(s.transport.from_file);
+        assert_eq!(s.tls_allow, ["node-a"]);
+        let s = no_env(&["--tls", "/tmp/t", "--tls-allow", "node-b"]).settings(&file).unwrap();
+        assert_eq!(s.transport.tls.as_deref(), Some(Path::new("/tmp/t")));
+        assert_eq!(s.tls_allow, ["node-b"]);
+        // --insecure-plaintext turns the file's TLS off; its allowed nodes then make no sense.
+        let e = no_env(&["--insecure-plaintext"]).settings(&file).unwrap_err();
+        assert!(e.to_string().contains("need TLS"), "{e}");
+        let e = no_env(&["--tls-allow", "node-b"]).settings(&ReplicaFile::parse(FILE).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("need TLS"), "{e}");
     }
 
     #[test]

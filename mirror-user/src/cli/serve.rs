@@ -145,8 +145,9 @@ pub struct ServeArgs {
     /// directory (server-cert.pem is presented to applications; qemu's tls-creds-x509 layout).
     #[arg(long, value_name = "DIR")]
     pub nbd_tls: Option<PathBuf>,
-    /// With --nbd-tls: NBD clients must present a certificate of the directory's CA.
-    #[arg(long, requires = "nbd_tls")]
+    /// With --nbd-tls (or `nbd_tls` in --config): NBD clients must present a certificate of the
+    /// directory's CA.
+    #[arg(long)]
     pub nbd_tls_verify_peer: bool,
     /// Serve NBD without TLS on an address that is not loopback (anyone who reaches it reads
     /// and writes the volume).
@@ -178,6 +179,21 @@ pub struct ServeSettings {
     pub monitor: MonitorSettings,
     /// How this node's health is scored (the file's `[health]` table).
     pub score: ScoreConfig,
+    /// The replication link: `--tls` / `--insecure-plaintext` over the file's keys.
+    pub transport: super::transport::TransportArgs,
+    /// NBD STARTTLS: the flags over the file's `nbd_tls*` keys.
+    pub nbd_tls: NbdTlsSettings,
+}
+
+/// NBD's TLS settings: `--nbd-tls` (or `nbd_tls`), `--nbd-tls-verify-peer`,
+/// `--nbd-insecure-plaintext`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NbdTlsSettings {
+    pub dir: Option<PathBuf>,
+    pub verify_peer: bool,
+    pub insecure_plaintext: bool,
+    /// `dir` came from the config file (errors name the key).
+    pub from_file: bool,
 }
 
 /// The read policy's name on the command line (`--policy`); [`Policy`] is the policy itself.
@@ -332,7 +348,29 @@ impl ServeArgs {
             ublk: self.ublk.options(),
             nbd_tls: None,
         };
+        // As for --tls: a flag replaces the file's choice, --nbd-insecure-plaintext included.
+        let nbd_tls = if self.nbd_tls.is_some() || self.nbd_insecure_plaintext {
+            NbdTlsSettings {
+                dir: self.nbd_tls.clone(),
+                verify_peer: self.nbd_tls_verify_peer,
+                insecure_plaintext: self.nbd_insecure_plaintext,
+                from_file: false,
+            }
+        } else {
+            NbdTlsSettings {
+                dir: file.nbd_tls.clone(),
+                verify_peer: file.nbd_tls_verify_peer || self.nbd_tls_verify_peer,
+                insecure_plaintext: file.nbd_insecure_plaintext,
+                from_file: file.nbd_tls.is_some(),
+            }
+        };
+        anyhow::ensure!(
+            !nbd_tls.verify_peer || nbd_tls.dir.is_some(),
+            "--nbd-tls-verify-peer / nbd_tls_verify_peer need --nbd-tls DIR or `nbd_tls` in --config"
+        );
         Ok(ServeSettings {
+            transport: self.transport.over_file(file.tls.as_deref(), file.insecure_plaintext),
+            nbd_tls,
             driver: self.engine.config(&file.engine, self.target_weight)?,
             volume,
             source,
@@ -350,17 +388,19 @@ impl ServeArgs {
         })
     }
 
-    /// The NBD listeners' TLS server, from `--nbd-tls` and `--nbd-tls-verify-peer`.
-    fn nbd_tls(&self) -> Result<Option<crate::tls::TlsServer>> {
+    /// The NBD listeners' TLS server, from `--nbd-tls` / `nbd_tls` and their verify-peer.
+    fn nbd_tls(t: &NbdTlsSettings) -> Result<Option<crate::tls::TlsServer>> {
         use crate::tls::{ClientAuth, PeerPolicy, TlsServer};
-        let Some(dir) = &self.nbd_tls else { return Ok(None) };
-        let auth = if self.nbd_tls_verify_peer {
-            ClientAuth::Required(PeerPolicy::AnyNode)
-        } else {
-            ClientAuth::NotRequested
-        };
-        let server = TlsServer::from_dir(dir, auth, std::time::SystemTime::now())
-            .map_err(|e| anyhow::anyhow!("--nbd-tls {}: {e}", dir.display()))?;
+        let Some(dir) = &t.dir else { return Ok(None) };
+        let auth =
+            if t.verify_peer { ClientAuth::Required(PeerPolicy::AnyNode) } else { ClientAuth::NotRequested };
+        let server = TlsServer::from_dir(dir, auth, std::time::SystemTime::now()).map_err(|e| {
+            if t.from_file {
+                anyhow::anyhow!("nbd_tls = {:?} (config): {e}", dir.display().to_string())
+            } else {
+                anyhow::anyhow!("--nbd-tls {}: {e}", dir.display())
+            }
+        })?;
         Ok(Some(server))
     }
 
@@ -372,13 +412,13 @@ impl ServeArgs {
             None => ServeFile::default(),
         };
         let mut s = self.settings(&file).map_err(CliError::usage)?;
-        s.endpoints.nbd_tls = self.nbd_tls().map_err(CliError::usage)?;
+        s.endpoints.nbd_tls = Self::nbd_tls(&s.nbd_tls).map_err(CliError::usage)?;
         if s.endpoints.nbd_tls.is_none()
-            && !self.nbd_insecure_plaintext
+            && !s.nbd_tls.insecure_plaintext
             && !crate::replication::transport::is_loopback(s.endpoints.nbd.ip())
         {
             return Err(CliError::usage(anyhow::anyhow!(
-                "NBD on `{}`, not a loopback address: give `--nbd-tls DIR`, or `--nbd-insecure-plaintext` to let anyone who reaches it read and write the volume",
+                "NBD on `{}`, not a loopback address: give `--nbd-tls DIR` (`nbd_tls` in --config), or `--nbd-insecure-plaintext` (`nbd_insecure_plaintext`) to let anyone who reaches it read and write the volume",
                 s.endpoints.nbd
             )));
         }
@@ -402,7 +442,7 @@ impl ServeArgs {
             allow_degraded: self.degraded || self.force,
             assume_clean: self.assume_clean,
             lease: self.lease_options()?,
-            transport: self.transport.node(&[]).map_err(CliError::usage)?,
+            transport: s.transport.node(&[]).map_err(CliError::usage)?,
         };
         Ok(crate::serve::run(volume, s.driver, s.endpoints, super::shutdown_signal).await?)
     }
@@ -457,6 +497,7 @@ fn host_name() -> String {
 mod tests {
     use super::*;
     use clap::Parser;
+    use std::path::Path;
 
     #[derive(Parser)]
     struct Cmd {
@@ -515,7 +556,42 @@ mod tests {
         if !argv.contains(&"--secret-file") {
             a.secret_file = None;
         }
+        // Nor MIRROR_TLS_DIR.
+        if !argv.contains(&"--tls") {
+            a.transport.tls = None;
+        }
         a
+    }
+
+    #[test]
+    fn tls_comes_from_the_file_unless_a_flag_says_otherwise() {
+        let file =
+            ServeFile::parse(&format!("tls = \"/etc/mirror/tls\"\nnbd_tls = \"/etc/mirror/nbd\"\n{FILE}"))
+                .unwrap();
+        let s = serve(&[]).settings(&file).unwrap();
+        assert_eq!(s.transport.tls.as_deref(), Some(Path::new("/etc/mirror/tls")));
+        assert!(s.transport.from_file && !s.transport.insecure_plaintext);
+        assert_eq!(s.nbd_tls.dir.as_deref(), Some(Path::new("/etc/mirror/nbd")));
+        assert!(s.nbd_tls.from_file && !s.nbd_tls.verify_peer);
+        // The verify flag adds to the file's directory.
+        let s = serve(&["--nbd-tls-verify-peer"]).settings(&file).unwrap();
+        assert!(s.nbd_tls.verify_peer);
+        // Flags replace the file's choice: another directory, or plaintext for this start.
+        let s = serve(&["--tls", "/tmp/t", "--nbd-tls", "/tmp/n"]).settings(&file).unwrap();
+        assert_eq!(s.transport.tls.as_deref(), Some(Path::new("/tmp/t")));
+        assert_eq!(s.nbd_tls.dir.as_deref(), Some(Path::new("/tmp/n")));
+        assert!(!s.transport.from_file && !s.nbd_tls.from_file);
+        let s = serve(&["--insecure-plaintext", "--nbd-insecure-plaintext"]).settings(&file).unwrap();
+        assert!(s.transport.tls.is_none() && s.transport.insecure_plaintext);
+        assert!(s.nbd_tls.dir.is_none() && s.nbd_tls.insecure_plaintext);
+        // Verifying peers needs a directory from one side or the other.
+        let plain = ServeFile::parse(FILE).unwrap();
+        let e = serve(&["--nbd-tls-verify-peer"]).settings(&plain).unwrap_err();
+        assert!(e.to_string().contains("--nbd-tls DIR or `nbd_tls`"), "{e}");
+        // Without either, plaintext (loopback only, checked where the addresses are known).
+        let s = serve(&[]).settings(&plain).unwrap();
+        assert_eq!(s.transport.tls, None);
+        assert_eq!(s.nbd_tls, NbdTlsSettings::default());
     }
 
     const FILE: &str = r#"

@@ -3,7 +3,7 @@
 //! link of the process TLS 1.3 with the node's certificates; without it links are plaintext,
 //! which only loopback addresses may use unless `--insecure-plaintext` says otherwise.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -24,9 +24,23 @@ pub struct TransportArgs {
     /// --tls, a non-loopback replication address is refused).
     #[arg(long, conflicts_with = "tls")]
     pub insecure_plaintext: bool,
+    /// `tls` came from the config file (errors name the key, not the flag).
+    #[arg(skip)]
+    pub from_file: bool,
 }
 
 impl TransportArgs {
+    /// The flags over a config file's `tls` and `insecure_plaintext`: `--tls` (or
+    /// `MIRROR_TLS_DIR`) replaces the file's directory, and `--insecure-plaintext` turns the
+    /// file's TLS off for this start; without either flag the file decides.
+    #[must_use]
+    pub fn over_file(&self, tls: Option<&Path>, insecure_plaintext: bool) -> TransportArgs {
+        if self.tls.is_some() || self.insecure_plaintext {
+            return self.clone();
+        }
+        TransportArgs { tls: tls.map(Path::to_path_buf), insecure_plaintext, from_file: tls.is_some() }
+    }
+
     /// A connecting end's transport (the CLI's commands).
     pub fn client(&self) -> Result<Transport> {
         self.load(None)
@@ -42,6 +56,9 @@ impl TransportArgs {
     fn load(&self, allow: Option<PeerPolicy>) -> Result<Transport> {
         let t = Transport::from_flags(self.tls.as_deref(), self.insecure_plaintext, allow);
         match &self.tls {
+            Some(dir) if self.from_file => {
+                t.with_context(|| format!("tls = {:?} (config)", dir.display().to_string()))
+            }
             Some(dir) => t.with_context(|| format!("--tls {}", dir.display())),
             None => Ok(t?),
         }

@@ -7,12 +7,16 @@
 //! Pure: [`PreAuthGate::admit`] says which connection gets in and which must be closed; the
 //! accept loop does the closing and calls [`PreAuthGate::release`] when a connection
 //! authenticates or ends. Connections are numbered in arrival order, so the oldest is the
-//! lowest number.
+//! lowest number. [`Gate`] is the accept loops' handle on it (the replica server's and the NBD
+//! server's): the lock, and the signal that closes an evicted connection.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
+    sync::{Arc, Mutex},
 };
+
+use tokio::sync::oneshot;
 
 /// Unauthenticated connections a replica server holds at most.
 pub const MAX_UNAUTHENTICATED: usize = 256;
@@ -124,6 +128,53 @@ impl PreAuthGate {
     /// Unauthenticated connections held from `ip`'s scope.
     pub fn count(&self, ip: IpAddr) -> usize {
         self.per_scope.get(&Scope::of(ip)).copied().unwrap_or(0)
+    }
+}
+
+// The accept loops' side (the replica server's, the NBD server's): the gate behind a lock,
+// with a signal per admitted connection that closes it when evicted.
+
+/// The [`PreAuthGate`] and how to close the connections it evicts.
+#[derive(Default)]
+pub(crate) struct Gate {
+    gate: PreAuthGate,
+    evict: HashMap<u64, oneshot::Sender<()>>,
+}
+
+/// An admitted connection: its number, and the signal that it was evicted.
+pub(crate) struct Ticket {
+    pub(crate) id: u64,
+    pub(crate) evicted: oneshot::Receiver<()>,
+    pub(crate) gate: Arc<Mutex<Gate>>,
+}
+
+/// Releases a connection's place in the gate (on authentication or end).
+pub(crate) struct Release {
+    pub(crate) id: u64,
+    pub(crate) gate: Arc<Mutex<Gate>>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let mut g = self.gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.gate.release(self.id);
+        g.evict.remove(&self.id);
+    }
+}
+
+impl Gate {
+    /// Admits a connection from `ip`, closing those the gate evicts; how many it evicted.
+    pub(crate) fn admit(gate: &Arc<Mutex<Gate>>, ip: IpAddr) -> (Ticket, usize) {
+        let mut g = gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let a = g.gate.admit(ip);
+        for id in &a.evict {
+            if let Some(tx) = g.evict.remove(id) {
+                let _ = tx.send(());
+            }
+        }
+        let (tx, evicted) = oneshot::channel();
+        g.evict.insert(a.id, tx);
+        (Ticket { id: a.id, evicted, gate: gate.clone() }, a.evict.len())
     }
 }
 

@@ -26,10 +26,7 @@ use std::{
 };
 
 use rustls::StreamOwned;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    sync::oneshot,
-};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::{
     health::monitor::NodeHealth,
@@ -45,7 +42,7 @@ use super::{
     auth,
     conn::{Conn, ConnError, Stream},
     frame::FrameDecoder,
-    preauth::PreAuthGate,
+    preauth::{Gate, Release, Ticket},
     protocol::{code, encode_frame, Message, FLAG_FUA, MAX_IO, MAX_PAYLOAD, VERSION},
     rate::SyncRate,
     sync,
@@ -187,7 +184,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
                     continue;
                 }
             };
-            let (ticket, evicted) = Gate::admit(&gate, addr);
+            let (ticket, evicted) = Gate::admit(&gate, addr.ip());
             if evicted > 0 {
                 tracing::debug!(peer = %addr, evicted, "unauthenticated connections evicted to admit a new one");
             }
@@ -221,50 +218,6 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
             });
         }
     });
-}
-
-/// The [`PreAuthGate`] and how to close the connections it evicts.
-#[derive(Default)]
-struct Gate {
-    gate: PreAuthGate,
-    evict: HashMap<u64, oneshot::Sender<()>>,
-}
-
-/// An admitted connection: its number, and the signal that it was evicted.
-struct Ticket {
-    id: u64,
-    evicted: oneshot::Receiver<()>,
-    gate: Arc<Mutex<Gate>>,
-}
-
-/// Releases a connection's place in the gate (on authentication or end).
-struct Release {
-    id: u64,
-    gate: Arc<Mutex<Gate>>,
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        let mut g = self.gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        g.gate.release(self.id);
-        g.evict.remove(&self.id);
-    }
-}
-
-impl Gate {
-    /// Admits a connection from `addr`, closing those the gate evicts; how many it evicted.
-    fn admit(gate: &Arc<Mutex<Gate>>, addr: SocketAddr) -> (Ticket, usize) {
-        let mut g = gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let a = g.gate.admit(addr.ip());
-        for id in &a.evict {
-            if let Some(tx) = g.evict.remove(id) {
-                let _ = tx.send(());
-            }
-        }
-        let (tx, evicted) = oneshot::channel();
-        g.evict.insert(a.id, tx);
-        (Ticket { id: a.id, evicted, gate: gate.clone() }, a.evict.len())
-    }
 }
 
 /// The TLS handshake (when the transport has it) and the protocol handshake; the authenticated

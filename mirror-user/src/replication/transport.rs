@@ -82,7 +82,7 @@ impl std::fmt::Display for PeerAddr {
 /// A plaintext link to or on an address that is not loopback, without the operator's
 /// `--insecure-plaintext`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{addr}` is not a loopback address: give `--tls DIR`, or `--insecure-plaintext` to send the volume's data in the clear")]
+#[error("`{addr}` is not a loopback address: give `--tls DIR` (`tls` in --config), or `--insecure-plaintext` to send the volume's data in the clear")]
 pub struct PlaintextRefused {
     pub addr: SocketAddr,
 }
@@ -245,7 +245,7 @@ mod tests {
         let e = plain.check(a("10.0.0.2:7700")).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "`10.0.0.2:7700` is not a loopback address: give `--tls DIR`, or `--insecure-plaintext` to send the volume's data in the clear"
+            "`10.0.0.2:7700` is not a loopback address: give `--tls DIR` (`tls` in --config), or `--insecure-plaintext` to send the volume's data in the clear"
         );
         assert!(plain.check(a("0.0.0.0:7700")).is_err(), "a wildcard listener reaches the network");
         assert!(Transport::Plain { insecure: true }.check(a("10.0.0.2:7700")).is_ok());

@@ -19,14 +19,15 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use mirror_tests::{
+    bench::{fio, rotation, spawn_mirror, wait_port, Job, Samples, JOBS},
     blockdev::LoopDev,
     cgroup::{IoCgroup, IoLimit},
     fs::fill_random,
     net::free_port,
-    proc::{drain, spawn_until, Kill},
+    proc::Kill,
     stats::median,
 };
 
@@ -63,27 +64,6 @@ struct Args {
     /// (suffixes K, M, G).
     #[arg(long = "throttle", value_name = "BYTES", default_value = "8M", value_parser = mirror::parse_size)]
     throttle_bps: u64,
-}
-
-/// Waits until something accepts TCP connections on `port`.
-fn wait_port(port: u16) -> Result<()> {
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("nothing listens on port {port}")
-}
-
-/// Spawns a `mirror` process and waits for the stdout line starting with `prefix`; returns the
-/// rest of that line.
-fn spawn_mirror(bin: &Path, args: &[String], prefix: &str) -> Result<(Kill, String)> {
-    let (child, rest, out) = spawn_until(Command::new(bin).args(args).env("RUST_LOG", "error"), prefix)
-        .with_context(|| format!("starting {}", bin.display()))?;
-    // Keep draining stdout so the process never blocks on a full pipe.
-    drain(out);
-    Ok((Kill(child), rest))
 }
 
 /// A running NBD server to measure: its processes and URI.
@@ -175,47 +155,6 @@ fn qemu_nbd(path: &Path) -> Result<Server> {
     Ok(Server { name: "qemu-nbd", uri: format!("nbd://127.0.0.1:{port}/"), _procs: vec![k] })
 }
 
-/// A fio job: (name, rw, bs, iodepth).
-const JOBS: &[(&str, &str, &str, u32)] = &[
-    ("randread", "randread", "4k", 32),
-    ("randwrite", "randwrite", "4k", 32),
-    ("seqread", "read", "128k", 8),
-    ("seqwrite", "write", "128k", 8),
-];
-
-/// Runs fio against `uri`; returns IOPS for 4 KiB jobs and MiB/s for 128 KiB jobs.
-fn fio(uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64, size: u64) -> Result<f64> {
-    let out = Command::new("fio")
-        .args([
-            "--name=bench",
-            "--ioengine=nbd",
-            "--output-format=json",
-            "--time_based",
-            "--norandommap",
-            "--randrepeat=0",
-        ])
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--rw={rw}"))
-        .arg(format!("--bs={bs}"))
-        .arg(format!("--iodepth={depth}"))
-        .arg(format!("--runtime={runtime}"))
-        .arg(format!("--size={size}"))
-        .output()
-        .context("running fio")?;
-    ensure!(out.status.success(), "fio {rw} on {uri}: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find('{').context("fio printed no json")?;
-    let js: serde_json::Value = serde_json::from_str(&text[start..]).context("fio json")?;
-    let job = &js["jobs"][0];
-    let side = if rw.contains("read") { &job["read"] } else { &job["write"] };
-    ensure!(job["error"].as_i64() == Some(0), "fio reported error {} on {uri}", job["error"]);
-    Ok(if bs == "4k" {
-        side["iops"].as_f64().context("iops")?
-    } else {
-        side["bw"].as_f64().context("bw")? / 1024.0
-    })
-}
-
 /// Random-read IOPS of `mirror serve` over two throttled loop devices, at a given target weight.
 fn throttled_run(a: &Args, loops: &[LoopDev; 2], weight: u8, cgroup: &IoCgroup) -> Result<f64> {
     let srv = serve_ours(
@@ -229,7 +168,7 @@ fn throttled_run(a: &Args, loops: &[LoopDev; 2], weight: u8, cgroup: &IoCgroup) 
     )?;
     let pid = srv._procs.last().map(|k| k.0.id()).context("server pid")?;
     cgroup.add(pid).context("moving the server into the throttled cgroup")?;
-    fio(&srv.uri, "randread", "4k", 32, a.runtime, a.size)
+    fio(&srv.uri, Job { name: "randread", rw: "randread", bs: "4k", depth: 32 }, a.runtime, a.size)
 }
 
 fn main() -> Result<()> {
@@ -261,13 +200,11 @@ fn main() -> Result<()> {
     }
     std::fs::remove_file(&seed)?;
 
-    let mut results: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
+    let mut results = Samples::default();
     // Servers 0-3 always; 4 and 5 (the baseline build's two configurations) with --baseline-bin.
     let servers = if a.baseline.is_some() { 6 } else { 4 };
     for round in 0..a.rounds {
-        let mut order: Vec<usize> = (0..servers).collect();
-        order.rotate_left(round % servers);
-        for which in order {
+        for which in rotation(round, servers) {
             // Ours on files 0 and 1, the baseline on 4 and 5: each build on files of its own.
             let (bin, name2, name_r, f) = match (which, &a.baseline) {
                 (4 | 5, Some(b)) => (b.as_path(), "base-2local", "base-remote", [&files[4], &files[5]]),
@@ -298,10 +235,10 @@ fn main() -> Result<()> {
                 2 => nbdkit(&files[2])?,
                 _ => qemu_nbd(&files[3])?,
             };
-            for &(job, rw, bs, depth) in JOBS {
-                let v = fio(&srv.uri, rw, bs, depth, a.runtime, a.size)?;
-                eprintln!("  round {round} {:<12} {job:<10} {v:>12.1}", srv.name);
-                results.entry((srv.name, job)).or_default().push(v);
+            for &job in JOBS {
+                let v = fio(&srv.uri, job, a.runtime, a.size)?;
+                eprintln!("  round {round} {:<12} {:<10} {v:>12.1}", srv.name, job.name);
+                results.push(srv.name, job.name, v);
             }
         }
     }
@@ -349,7 +286,7 @@ fn main() -> Result<()> {
         }
     }
 
-    let med = |s: &str, j: &str| median(results.get(&(s, j)).cloned().unwrap_or_default());
+    let med = |s: &str, j: &str| results.median(s, j);
     println!(
         "\nbench nbd: {} MiB, {} rounds x {} s per job (medians; IOPS for 4k, MiB/s for 128k)",
         a.size >> 20,
@@ -361,7 +298,7 @@ fn main() -> Result<()> {
         "job", "ours-2local", "ours-remote", "nbdkit", "qemu-nbd", "2local/kit", "remote/kit"
     );
     let mut json = serde_json::Map::new();
-    for &(job, ..) in JOBS {
+    for job in JOBS.iter().map(|j| j.name) {
         let (o, r, k, q) =
             (med("ours-2local", job), med("ours-remote", job), med("nbdkit", job), med("qemu-nbd", job));
         println!("{job:<10} {o:>12.1} {r:>12.1} {k:>12.1} {q:>12.1} {:>10.3} {:>10.3}", o / k, r / k);
@@ -375,7 +312,7 @@ fn main() -> Result<()> {
             "{:<10} {:>12} {:>12} {:>12} {:>12}",
             "job", "base-2local", "base-remote", "2local", "remote"
         );
-        for &(job, ..) in JOBS {
+        for job in JOBS.iter().map(|j| j.name) {
             let (o, r) = (med("ours-2local", job), med("ours-remote", job));
             let (bo, br) = (med("base-2local", job), med("base-remote", job));
             println!("{job:<10} {bo:>12.1} {br:>12.1} {:>12.3} {:>12.3}", o / bo, r / br);
@@ -392,13 +329,7 @@ fn main() -> Result<()> {
         serde_json::json!(if scaling.is_finite() { Some(scaling) } else { None }),
     );
     json.insert("throttle".into(), serde_json::json!(throttle_note));
-    json.insert(
-        "runs".into(),
-        serde_json::json!(results
-            .iter()
-            .map(|((s, j), v)| (format!("{s}/{j}"), v.clone()))
-            .collect::<std::collections::BTreeMap<_, _>>()),
-    );
+    json.insert("runs".into(), results.to_json());
     json.insert("throttled_runs".into(), serde_json::json!({"one": throttled.0, "two": throttled.1}));
     if let Some(p) = a.out.parent() {
         std::fs::create_dir_all(p)?;

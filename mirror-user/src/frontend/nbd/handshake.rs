@@ -26,8 +26,10 @@ use super::{
 };
 use crate::volume::BlockDev;
 
-/// Option data longer than this is not read into memory.
-const MAX_OPTION_LEN: u32 = 64 << 10;
+/// Option data longer than this is not read into memory (checked before the buffer is made; the
+/// largest option a client needs, `NBD_OPT_GO` with a 4 KiB name and its information requests,
+/// fits).
+const MAX_OPTION_LEN: u32 = 8 << 10;
 /// Longer option data than this (or an oversized `NBD_OPT_EXPORT_NAME`) closes the connection.
 const MAX_OPTION_DISCARD: u32 = 16 << 20;
 /// Options in one handshake before the server gives up on the client.
