@@ -184,6 +184,15 @@ where
         ),
         (None, Some(Err(why))) => tracing::error!("{why}: closing the NBD connections and stopping"),
     }
+    if let Some(h) = &handed {
+        // The writes held at the gate are refused (ESHUTDOWN, never acknowledged): their clients
+        // re-issue them to the new router. Before the drain, which waits for them.
+        let why = match h {
+            Ok(h) => format!("handed over to {} (epoch {})", h.successor, h.epoch),
+            Err(e) => e.clone(),
+        };
+        vol.router.lease.retire(why);
+    }
     ublk::stop_for_serve(ublk).await;
     let _ = stop_tx.send(true);
     let _ = tcp_task.await;

@@ -574,6 +574,33 @@ fn etcd_planned_handover_moves_the_volume_to_the_standby_with_roles_swapped() {
         assert!(Instant::now() < deadline, "B never stood by: {}", log(&dir.0, "nodeB"));
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The workload: one known pattern per 64 KiB block of [4M, 12M), each write a new qemu-io
+    // connection to the router that serves now (a client that reconnects): refused or cut off
+    // by A mid-handover, the same write is re-issued to B once B serves.
+    let target = std::sync::Arc::new(std::sync::Mutex::new(nbd_a.clone()));
+    let writer = {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            for k in 0..128u64 {
+                let pattern = (k % 200 + 1) as u8;
+                let cmd = format!("write -P {pattern} {} 64k", 4 * MIB + k * 65536);
+                let give_up = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let to = target.lock().unwrap().clone();
+                    let o = qemu_io(&to, &[cmd.clone(), "flush".into()]);
+                    if o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("error") {
+                        acked.push((k, pattern, Instant::now()));
+                        break;
+                    }
+                    assert!(Instant::now() < give_up, "write {k} never acknowledged");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
     let started_at = Instant::now();
     let out = ctl(&dir.0, "nodeA", &["--json", "handover"]);
     assert!(
@@ -614,7 +641,22 @@ fn etcd_planned_handover_moves_the_volume_to_the_standby_with_roles_swapped() {
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
+    *target.lock().unwrap() = nbd_b.clone();
     println!("B serving {:.2} s after the handover began", started_at.elapsed().as_secs_f64());
+    let acked = writer.join().expect("the workload");
+    let gap = acked.windows(2).map(|w| w[1].2 - w[0].2).max().unwrap_or_default();
+    let across = acked.iter().filter(|(_, _, at)| *at < started_at).count();
+    println!(
+        "workload: {} writes acknowledged ({across} before the handover), longest gap {:.2} s",
+        acked.len(),
+        gap.as_secs_f64()
+    );
+    assert!(across > 0 && across < acked.len(), "the workload did not span the handover");
+    let verify: Vec<String> =
+        acked.iter().map(|(k, p, _)| format!("read -P {p} {} 64k", 4 * MIB + k * 65536)).collect();
+    let v = qemu_io(&nbd_b, &verify);
+    let said = String::from_utf8_lossy(&v.stdout);
+    assert!(v.status.success() && !said.contains("Pattern verification failed"), "verify: {said}");
     let st = ctl_status(&dir.0, "nodeB");
     assert_eq!(st["lease"]["mode"], "active", "{st}");
     assert!(st["lease"]["epoch"].as_u64().unwrap() >= epoch, "{st}");

@@ -114,6 +114,20 @@ impl LeaseLine {
         }
     }
 
+    /// Retires the router after a planned handover: like [`Self::fence`] (nothing more is
+    /// acknowledged; requests get `ESHUTDOWN`, so clients reconnect elsewhere), logged as the
+    /// planned step it is; then the writes held at the quiesce gate are let go, to be refused.
+    pub fn retire(&self, reason: String) {
+        if self.fenced.set(reason.clone()).is_ok() {
+            tracing::info!("lease: {reason}; acknowledging no more writes");
+            if let Some(r) = self.lock().as_mut() {
+                r.status.reason = reason;
+                r.valid_until = None;
+            }
+        }
+        self.resume();
+    }
+
     /// Why the router is fenced, once it is.
     pub fn fenced(&self) -> Option<&str> {
         self.fenced.get().map(String::as_str)
