@@ -4,6 +4,9 @@
 //! Requests ([`Request`]): `{"cmd":"status"}`, `{"cmd":"weights_set","for_s":S,"target":N}`
 //! (`for_s` may be `null` or left out), `{"cmd":"weights_auto"}`, `{"cmd":"failover"}`,
 //! `{"cmd":"failback"}`. They reach the weighting engine as operator overrides.
+//! `{"cmd":"handover","to":NODE}` (`to` may be `null` or left out) goes to the serve loop, which
+//! runs the planned handover and answers `{"handover":{"epoch":N,"paused_ms":M,"steps":[..],
+//! "successor":".."},"ok":true}` once the lease has left (or refuses, serving on).
 //!
 //! Replies ([`Reply`]): `{"ok":true,"status":{..}}` to `status` (a [`ServeStatus`]),
 //! `{"mode":"Pinned","ok":true,"reason":"..","target":N}` to the others (the decision they led to),
@@ -405,6 +408,22 @@ mod tests {
         let sorted = serde_json::to_value(example()).unwrap().to_string();
         assert_eq!(st, format!("{{\"ok\":true,\"status\":{sorted}}}\n"));
         assert!(st.starts_with("{\"ok\":true,\"status\":{\"events\":[{\"mode\":\"Failover\","), "{st}");
+    }
+
+    #[test]
+    fn the_handover_request_and_reply_keep_their_wire_text() {
+        assert_eq!(
+            serde_json::to_string(&Request::Handover { to: Some("nodeB".into()) }).unwrap(),
+            r#"{"cmd":"handover","to":"nodeB"}"#
+        );
+        assert_eq!(decode_request(r#"{"cmd":"handover"}"#), Ok(Request::Handover { to: None }));
+        let h = HandoverReply { successor: "b/1".into(), epoch: 8, paused_ms: 20, steps: vec!["x".into()] };
+        let line = encode_reply(&Reply::Handover(h.clone()));
+        assert_eq!(
+            line,
+            "{\"handover\":{\"epoch\":8,\"paused_ms\":20,\"steps\":[\"x\"],\"successor\":\"b/1\"},\"ok\":true}\n"
+        );
+        assert_eq!(serde_json::from_str::<Reply>(&line).unwrap(), Reply::Handover(h));
     }
 
     #[test]
