@@ -17,14 +17,20 @@
 use std::{future::Future, net::SocketAddr, path::PathBuf};
 
 use crate::{
-    control::Control,
+    control::{Control, HandoverAsk, HandoverReply},
     frontend::{
         nbd::{NbdError, NbdListen, NbdOptions, NbdServer},
         ublk::{self, UblkError, UblkOptions},
     },
+    lease::{
+        handover::{Action, ActiveEvent, ActiveHandover, ActiveState},
+        Clock, MonotonicClock,
+    },
     telemetry::bpf,
+    volume::open::OpenVolume,
     volume::{open::VolumeConfig, BlockDev},
     weights::driver::{Driver, DriverConfig},
+    weights::engine::Override,
 };
 
 /// Which block-device frontends serve the volume (`mirror serve --frontend`): `nbd` NBD only,
@@ -111,7 +117,8 @@ where
         ),
         None => None,
     };
-    let control = Control::new(driver.clone());
+    let (handover_tx, mut handover_rx) = tokio::sync::mpsc::channel::<HandoverAsk>(1);
+    let control = Control::with_handover(driver.clone(), handover_tx);
     // Bound here, before the readiness lines: `mirror ctl` right after them finds it.
     match crate::control::bind(&ctl_socket).await {
         Ok(listener) => {
@@ -151,19 +158,53 @@ where
     };
     let unix_task = unix.map(|u| tokio::spawn(u.run(stopped(stop_rx.clone()))));
     let tcp_task = tokio::spawn(tcp.run(stopped(stop_rx)));
-    let fenced = tokio::select! {
-        () = stop => None,
-        () = vol.router.lease.fenced_wait() => vol.router.lease.fenced().map(str::to_string),
+    tokio::pin!(stop);
+    let mut handed = None;
+    let fenced = loop {
+        tokio::select! {
+            () = &mut stop => break None,
+            () = vol.router.lease.fenced_wait() => break vol.router.lease.fenced().map(str::to_string),
+            Some((to, done)) = handover_rx.recv() => {
+                let (outcome, stopping) = hand_over(&vol, &driver, to.as_deref()).await;
+                let _ = done.send(outcome.clone());
+                if stopping {
+                    handed = Some(outcome);
+                    break None;
+                }
+            }
+        }
     };
-    match &fenced {
-        None => tracing::info!("signal received: draining NBD connections, flushing both replicas"),
-        Some(why) => tracing::error!("fenced ({why}): closing the NBD connections and stopping"),
+    match (&fenced, &handed) {
+        (None, None) => tracing::info!("signal received: draining NBD connections, flushing both replicas"),
+        (Some(why), _) => tracing::error!("fenced ({why}): closing the NBD connections and stopping"),
+        (None, Some(Ok(h))) => tracing::info!(
+            successor = %h.successor, epoch = h.epoch,
+            "handed over to {} (epoch {}) after holding writes {} ms: closing the NBD connections (clients reconnect to the new router) and stopping",
+            h.successor, h.epoch, h.paused_ms
+        ),
+        (None, Some(Err(why))) => tracing::error!("{why}: closing the NBD connections and stopping"),
+    }
+    if let Some(h) = &handed {
+        // The writes held at the gate are refused (ESHUTDOWN, never acknowledged): their clients
+        // re-issue them to the new router. Before the drain, which waits for them.
+        let why = match h {
+            Ok(h) => format!("handed over to {} (epoch {})", h.successor, h.epoch),
+            Err(e) => e.clone(),
+        };
+        vol.router.lease.retire(why);
     }
     ublk::stop_for_serve(ublk).await;
     let _ = stop_tx.send(true);
     let _ = tcp_task.await;
     if let Some(t) = unix_task {
         let _ = t.await;
+    }
+    if let Some(outcome) = handed {
+        // The successor owns the replicas now (the write intent was dropped after the flush).
+        for s in &vol.local_servers {
+            s.shutdown();
+        }
+        return outcome.map(|_| ()).map_err(ServeError::Fenced);
     }
     if let Some(why) = fenced {
         // Nothing more is written: the new holder owns the replicas (and their write intent).
@@ -186,6 +227,89 @@ where
         s.shutdown();
     }
     Ok(())
+}
+
+/// Drives the active side of a planned handover (`lease::handover`): shift reads to the other
+/// node, quiesce writes, flush both replicas (and drop the write intent: the successor starts in
+/// sync), hand the lease to the standby. Returns the outcome and whether serving must stop
+/// (the lease left, or its fate could not be settled); a refusal before the lease left resumes
+/// service (`false`).
+async fn hand_over(
+    vol: &OpenVolume,
+    driver: &Driver,
+    to: Option<&str>,
+) -> (Result<HandoverReply, String>, bool) {
+    let Some(keeper) = &vol.lease else {
+        return (Err("this router holds no lease (--lease-store none): nothing to hand over".into()), false);
+    };
+    let successor = match keeper.successor(to).await {
+        Ok(s) => s,
+        Err(e) => return (Err(format!("handover refused: {e}")), false),
+    };
+    let clock = MonotonicClock::new();
+    let (mut m, mut act) = ActiveHandover::start(clock.now(), keeper.held().holder.clone(), successor);
+    let mut steps = vec![m.reason().to_string()];
+    tracing::info!("handover: {}", m.reason());
+    loop {
+        let ev = match act {
+            Action::ShiftReads => match driver.pin(100, None) {
+                Ok(d) => {
+                    steps.push(format!("reads shifted to the target: {}", d.reason));
+                    ActiveEvent::ReadsShifted
+                }
+                Err(e) => {
+                    return (
+                        Err(format!("handover refused: reads cannot move to the other node: {e}")),
+                        false,
+                    )
+                }
+            },
+            Action::Quiesce => {
+                vol.router.lease.quiesce().await;
+                steps.push("writes quiesced".into());
+                ActiveEvent::Quiesced
+            }
+            Action::Flush => {
+                let r = vol.router.flush().await.map_err(|e| e.to_string());
+                if r.is_ok() {
+                    vol.router.close_intents().await;
+                    steps.push("both replicas flushed".into());
+                }
+                ActiveEvent::Flushed(r)
+            }
+            Action::HandLease { ref to } => ActiveEvent::Handed(keeper.hand_over(to).await),
+            Action::ReadLease => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                ActiveEvent::LeaseRead(keeper.current().await)
+            }
+            Action::Stop { reason } => {
+                tracing::info!("handover: {reason}");
+                steps.push(reason.clone());
+                let paused_ms = m.paused_for(clock.now()).as_millis() as u64;
+                return match m.state() {
+                    ActiveState::Done { epoch } if epoch.0 > 0 => (
+                        Ok(HandoverReply { successor: to_string_of(&m), epoch: epoch.0, paused_ms, steps }),
+                        true,
+                    ),
+                    _ => (Err(reason), true),
+                };
+            }
+            Action::Resume { reason } => {
+                vol.router.lease.resume();
+                let _ = driver.command(Override::Auto);
+                tracing::warn!("handover: {reason}");
+                return (Err(reason), false);
+            }
+            other => return (Err(format!("handover: unexpected step {other:?}")), true),
+        };
+        act = m.on(clock.now(), ev);
+        tracing::info!("handover: {:?}: {}", m.state(), m.reason());
+    }
+}
+
+/// The successor a handover names.
+fn to_string_of(m: &ActiveHandover) -> String {
+    m.to().to_string()
 }
 
 /// Mirrors the read weights after every tick into a BPF map pinned at `pin` (for bpftool); only

@@ -529,3 +529,237 @@ fn etcd_a_standby_takes_over_from_a_frozen_router_which_is_then_fenced() {
     let url = e.url();
     frozen_router_fenced_with("lease-etcd-standby", &["--lease-store", &url], &["--standby"], "2s");
 }
+
+fn ctl(dir: &Path, node: &str, args: &[&str]) -> std::process::Output {
+    Command::new(mirror_bin())
+        .args(["ctl", "--socket", &dir.join(format!("{node}.sock")).display().to_string()])
+        .args(args)
+        .output()
+        .expect("mirror ctl")
+}
+
+/// Planned handover (etcd): `mirror ctl handover` on the active router A is refused while no
+/// standby is announced (A serves on); with B standing by (its own replica, t, named as its
+/// source), A shifts reads, quiesces, flushes, hands the lease to B and exits 0 naming B and the
+/// epoch; B serves at a higher epoch with roles swapped (source t, target s: the old source is
+/// its replica), what A acknowledged reads back through B, and the replica files are
+/// byte-identical after B's writes.
+#[test]
+fn etcd_planned_handover_moves_the_volume_to_the_standby_with_roles_swapped() {
+    let tag = "lease_fencing::etcd_planned_handover_moves_the_volume_to_the_standby_with_roles_swapped";
+    let Some(e) = etcd_or_skip(tag) else {
+        return;
+    };
+    let url = e.url();
+    let store = ["--lease-store", url.as_str()];
+    let dir = TempDir::new("lease-handover");
+    secret_file(&dir.0);
+    let (s, t) = replicas(&dir.0);
+    let (mut a, nbd_a) = started(&dir.0, "nodeA", &mut serve_with(&dir.0, &s, &t, "nodeA", "2s", &store));
+    let w = qemu_io(&nbd_a, &["write -P 0x5a 0 1M".into(), "write -P 0x6b 3M 512k".into()]);
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    // No standby yet: refused, clearly, and A serves on.
+    let no = ctl(&dir.0, "nodeA", &["handover"]);
+    let err = String::from_utf8_lossy(&no.stderr);
+    assert!(!no.status.success() && err.contains("no standby router is announced"), "{err}");
+    let w = qemu_io(&nbd_a, &["write -P 0x7c 1M 1M".into()]);
+    assert!(w.status.success(), "A serves on after the refusal: {}", String::from_utf8_lossy(&w.stderr));
+    let epoch_a = ctl_status(&dir.0, "nodeA")["lease"]["epoch"].as_u64().unwrap();
+    // B stands by with its own replica as the source.
+    let mut c = serve_with(&dir.0, &t, &s, "nodeB", "2s", &["--lease-store", &url, "--standby"]);
+    c.stdout(Stdio::piped());
+    let mut b = Kill(c.spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log(&dir.0, "nodeB").contains("standing by") {
+        assert!(Instant::now() < deadline, "B never stood by: {}", log(&dir.0, "nodeB"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The workload: one known pattern per 64 KiB block of [4M, 12M), each write a new qemu-io
+    // connection to the router that serves now (a client that reconnects): refused or cut off
+    // by A mid-handover, the same write is re-issued to B once B serves.
+    let target = std::sync::Arc::new(std::sync::Mutex::new(nbd_a.clone()));
+    let writer = reconnecting_writer(target.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let started_at = Instant::now();
+    let out = ctl(&dir.0, "nodeA", &["--json", "handover"]);
+    assert!(
+        out.status.success(),
+        "handover: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log(&dir.0, "nodeA")
+    );
+    let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(h["successor"].as_str().unwrap().starts_with("nodeB/"), "{h}");
+    let epoch = h["epoch"].as_u64().unwrap();
+    assert!(epoch > epoch_a, "{h}");
+    println!(
+        "handover: {:.2} s, writes held {} ms, epoch {epoch_a} -> {epoch}",
+        started_at.elapsed().as_secs_f64(),
+        h["paused_ms"]
+    );
+    // A stops by itself, 0, naming its successor and the epoch.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = a.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "A did not stop: {}", log(&dir.0, "nodeA"));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let la = log(&dir.0, "nodeA");
+    assert!(status.success(), "A exited {status}: {la}");
+    assert!(la.contains("handed over to nodeB/") && la.contains(&format!("(epoch {epoch})")), "{la}");
+    // B serves, active, roles swapped.
+    let stdout = b.0.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let nbd_b = loop {
+        let l = lines.next().expect("B exited before serving").unwrap();
+        if let Some(x) = l.strip_prefix("nbd listening on ") {
+            break x.to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    *target.lock().unwrap() = nbd_b.clone();
+    println!("B serving {:.2} s after the handover began", started_at.elapsed().as_secs_f64());
+    let acked = writer.join().expect("the workload");
+    let gap = acked.windows(2).map(|w| w[1].2 - w[0].2).max().unwrap_or_default();
+    let across = acked.iter().filter(|(_, _, at)| *at < started_at).count();
+    println!(
+        "workload: {} writes acknowledged ({across} before the handover), longest gap {:.2} s",
+        acked.len(),
+        gap.as_secs_f64()
+    );
+    assert!(across > 0 && across < acked.len(), "the workload did not span the handover");
+    verify_acked(&nbd_b, &acked);
+    let st = ctl_status(&dir.0, "nodeB");
+    assert_eq!(st["lease"]["mode"], "active", "{st}");
+    assert!(st["lease"]["epoch"].as_u64().unwrap() >= epoch, "{st}");
+    let reps = st["replicas"].as_array().unwrap();
+    // B's source is t (A's target), its target s: the old source serves as the new one's replica.
+    assert!(reps[0].to_string().contains(&t.addr) && reps[1].to_string().contains(&s.addr), "{st}");
+    let r = qemu_io(
+        &nbd_b,
+        &[
+            "read -P 0x5a 0 1M".into(),
+            "read -P 0x7c 1M 1M".into(),
+            "read -P 0x6b 3M 512k".into(),
+            "write -P 0x8d 2M 1M".into(),
+            "flush".into(),
+        ],
+    );
+    let said = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success() && !said.contains("Pattern verification failed"), "{said}");
+    signal(b.0.id(), "-TERM");
+    let _ = b.0.wait();
+    let (fs, ft) = (std::fs::read(dir.0.join("s.img")).unwrap(), std::fs::read(dir.0.join("t.img")).unwrap());
+    assert!(fs == ft, "the replicas differ after the handover");
+    assert!(fs[2 * MIB as usize..3 * MIB as usize].iter().all(|&x| x == 0x8d));
+}
+
+/// A write acknowledged by the workload: block, pattern, when.
+type Acked = (u64, u8, Instant);
+
+/// The workload: one known pattern per 64 KiB block of [4M, 12M), each write (and its flush) a
+/// new qemu-io connection to the router in `target` (a client that reconnects): a write refused
+/// or cut off is re-issued, to whatever `target` says then, until acknowledged.
+fn reconnecting_writer(
+    target: std::sync::Arc<std::sync::Mutex<String>>,
+) -> std::thread::JoinHandle<Vec<Acked>> {
+    std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        for k in 0..128u64 {
+            let pattern = (k % 200 + 1) as u8;
+            let cmd = format!("write -P {pattern} {} 64k", 4 * MIB + k * 65536);
+            let give_up = Instant::now() + Duration::from_secs(30);
+            loop {
+                let to = target.lock().unwrap().clone();
+                let o = qemu_io(&to, &[cmd.clone(), "flush".into()]);
+                if o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("error") {
+                    acked.push((k, pattern, Instant::now()));
+                    break;
+                }
+                assert!(Instant::now() < give_up, "write {k} never acknowledged");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        acked
+    })
+}
+
+/// Every acknowledged block reads back with its pattern through `nbd`.
+fn verify_acked(nbd: &str, acked: &[Acked]) {
+    let verify: Vec<String> =
+        acked.iter().map(|(k, p, _)| format!("read -P {p} {} 64k", 4 * MIB + k * 65536)).collect();
+    let v = qemu_io(nbd, &verify);
+    let said = String::from_utf8_lossy(&v.stdout);
+    assert!(v.status.success() && !said.contains("Pattern verification failed"), "verify: {said}");
+}
+
+/// etcd mode: the active router SIGKILLed under the reconnecting workload; the standby takes over
+/// once A's lease expires, every write acknowledged (before the kill, through A, and after, through
+/// B) reads back through B, and once B reports both replicas in sync and stops the files are
+/// byte-identical.
+#[test]
+fn etcd_sigkill_of_the_active_router_under_a_workload_loses_no_acknowledged_write() {
+    let tag = "lease_fencing::etcd_sigkill_of_the_active_router_under_a_workload_loses_no_acknowledged_write";
+    let Some(e) = etcd_or_skip(tag) else {
+        return;
+    };
+    let url = e.url();
+    let dir = TempDir::new("lease-sigkill");
+    secret_file(&dir.0);
+    let (s, t) = replicas(&dir.0);
+    let store = ["--lease-store", url.as_str()];
+    let (mut a, nbd_a) = started(&dir.0, "nodeA", &mut serve_with(&dir.0, &s, &t, "nodeA", "2s", &store));
+    let mut c = serve_with(&dir.0, &t, &s, "nodeB", "2s", &["--lease-store", &url, "--standby"]);
+    c.stdout(Stdio::piped());
+    let mut b = Kill(c.spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log(&dir.0, "nodeB").contains("standing by") {
+        assert!(Instant::now() < deadline, "B never stood by: {}", log(&dir.0, "nodeB"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let target = std::sync::Arc::new(std::sync::Mutex::new(nbd_a.clone()));
+    let writer = reconnecting_writer(target.clone());
+    std::thread::sleep(Duration::from_millis(700));
+    signal(a.0.id(), "-KILL");
+    let killed = Instant::now();
+    let _ = a.0.wait();
+    let stdout = b.0.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let nbd_b = loop {
+        let l = lines.next().expect("B exited before serving").unwrap();
+        if let Some(x) = l.strip_prefix("nbd listening on ") {
+            break x.to_string();
+        }
+    };
+    let serving_after = killed.elapsed();
+    std::thread::spawn(move || lines.for_each(drop));
+    *target.lock().unwrap() = nbd_b.clone();
+    let acked = writer.join().expect("the workload");
+    let first_after = acked.iter().map(|(_, _, at)| *at).find(|at| *at > killed);
+    let before = acked.iter().filter(|(_, _, at)| *at < killed).count();
+    println!(
+        "SIGKILL (TTL 2 s): B serving {:.2} s after, the next write acknowledged {:.2} s after (one in flight at the kill may be A's); {} writes acknowledged, {before} before the kill",
+        serving_after.as_secs_f64(),
+        first_after.map_or(f64::NAN, |t| (t - killed).as_secs_f64()),
+        acked.len()
+    );
+    assert!(before > 0 && before < acked.len(), "the workload did not span the kill");
+    verify_acked(&nbd_b, &acked);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = ctl_status(&dir.0, "nodeB");
+        let reps = st["replicas"].as_array().unwrap();
+        if reps.iter().all(|r| r.to_string().contains("\"in-sync\"")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B's replicas never both in sync: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(b.0.id(), "-TERM");
+    let _ = b.0.wait();
+    let (fs, ft) = (std::fs::read(dir.0.join("s.img")).unwrap(), std::fs::read(dir.0.join("t.img")).unwrap());
+    assert!(fs == ft, "the replicas differ after the takeover");
+}

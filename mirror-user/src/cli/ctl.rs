@@ -48,6 +48,19 @@ pub enum CtlCmd {
     Failover,
     /// Ramp reads back to the source now (it must be in sync), without waiting for the hold time.
     Failback,
+    /// Planned handover (soft migration) to the standby router on the other node: reads move
+    /// to the other node, writes are held, both replicas flushed, the lease handed to the
+    /// standby (`mirror serve --standby`, etcd lease store), and this router stops; the standby
+    /// serves with its own replica as the source, and NBD clients reconnect to it. Refused,
+    /// serving on, when no standby is announced, this router holds no lease, or the store
+    /// cannot be reached. Alias: `migrate`.
+    #[command(visible_alias = "migrate")]
+    Handover {
+        /// The standby to hand to: its node name (`--lease-holder`) or `node/instance`
+        /// [default: the one announced].
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -116,6 +129,28 @@ impl CtlArgs {
                 let r = weights(Request::Failover).await?;
                 if !json {
                     crate::outln!("failover: {}", said(&r));
+                }
+            }
+            CtlCmd::Handover { to } => {
+                if !json {
+                    crate::outln!(
+                        "handover: shifting reads, holding writes, flushing both replicas, handing the lease to {}...",
+                        to.as_deref().unwrap_or("the announced standby")
+                    );
+                }
+                let h = request(socket, &Request::Handover { to: to.clone() }).await?.into_handover()?;
+                if json {
+                    crate::outln!("{}", serde_json::to_string_pretty(&h)?);
+                } else {
+                    for s in &h.steps {
+                        crate::outln!("  {s}");
+                    }
+                    crate::outln!(
+                        "handed over to {} (epoch {}); writes were held {} ms; this router has stopped",
+                        h.successor,
+                        h.epoch,
+                        h.paused_ms
+                    );
                 }
             }
             CtlCmd::Failback => {

@@ -4,6 +4,9 @@
 //! Requests ([`Request`]): `{"cmd":"status"}`, `{"cmd":"weights_set","for_s":S,"target":N}`
 //! (`for_s` may be `null` or left out), `{"cmd":"weights_auto"}`, `{"cmd":"failover"}`,
 //! `{"cmd":"failback"}`. They reach the weighting engine as operator overrides.
+//! `{"cmd":"handover","to":NODE}` (`to` may be `null` or left out) goes to the serve loop, which
+//! runs the planned handover and answers `{"handover":{"epoch":N,"paused_ms":M,"steps":[..],
+//! "successor":".."},"ok":true}` once the lease has left (or refuses, serving on).
 //!
 //! Replies ([`Reply`]): `{"ok":true,"status":{..}}` to `status` (a [`ServeStatus`]),
 //! `{"mode":"Pinned","ok":true,"reason":"..","target":N}` to the others (the decision they led to),
@@ -51,7 +54,32 @@ pub enum Request {
     Failover,
     /// Ramp reads back to the source now (it must be in sync).
     Failback,
+    /// Planned handover: shift reads to the other node, quiesce writes, flush both replicas,
+    /// hand the lease to the standby router (`to`: its node or `node/instance`; `null`: the one
+    /// announced) and stop serving. The reply comes when the lease has left, or the handover was
+    /// given up (and service resumed).
+    Handover {
+        #[serde(default)]
+        to: Option<String>,
+    },
 }
+
+/// The outcome of a planned handover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandoverReply {
+    /// The router that holds the lease now.
+    pub successor: String,
+    /// The epoch handed to it.
+    pub epoch: u64,
+    /// How long writes were held (quiesce to the lease leaving), ms.
+    pub paused_ms: u64,
+    /// The steps, as logged.
+    pub steps: Vec<String>,
+}
+
+/// A handover request as the serve loop receives it: the successor asked for, and where the
+/// outcome goes.
+pub type HandoverAsk = (Option<String>, tokio::sync::oneshot::Sender<Result<HandoverReply, String>>);
 
 /// The decision a weights command led to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,6 +103,7 @@ pub enum Reply {
     /// The status of `mirror serve` (`mirror ctl status --json` prints it).
     Status(Box<ServeStatus>),
     Weights(WeightsReply),
+    Handover(HandoverReply),
     /// Refused, with why.
     Error(String),
 }
@@ -85,6 +114,8 @@ pub enum Reply {
 struct WireReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    handover: Option<HandoverReply>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     mode: Option<Mode>,
     ok: bool,
@@ -98,12 +129,21 @@ struct WireReply {
 
 impl From<Reply> for WireReply {
     fn from(r: Reply) -> Self {
-        let none = WireReply { error: None, mode: None, ok: true, reason: None, status: None, target: None };
+        let none = WireReply {
+            error: None,
+            handover: None,
+            mode: None,
+            ok: true,
+            reason: None,
+            status: None,
+            target: None,
+        };
         match r {
             Reply::Status(s) => WireReply { status: Some(s), ..none },
             Reply::Weights(w) => {
                 WireReply { mode: Some(w.mode), reason: Some(w.reason), target: Some(w.target), ..none }
             }
+            Reply::Handover(h) => WireReply { handover: Some(h), ..none },
             Reply::Error(e) => WireReply { error: Some(e), ok: false, ..none },
         }
     }
@@ -118,6 +158,7 @@ impl TryFrom<WireReply> for Reply {
                 Ok(Reply::Error(error.unwrap_or_else(|| "request failed".into())))
             }
             WireReply { status: Some(s), .. } => Ok(Reply::Status(s)),
+            WireReply { handover: Some(h), .. } => Ok(Reply::Handover(h)),
             WireReply { mode: Some(mode), reason: Some(reason), target: Some(target), .. } => {
                 Ok(Reply::Weights(WeightsReply { target, mode, reason }))
             }
@@ -154,6 +195,14 @@ impl Reply {
         }
     }
 
+    /// The handover's outcome, or what was answered instead.
+    pub fn into_handover(self) -> Result<HandoverReply, ControlError> {
+        match self {
+            Reply::Handover(h) => Ok(h),
+            r => Err(ControlError::Unexpected(Box::new(r))),
+        }
+    }
+
     /// The decision, or what was answered instead.
     pub fn into_weights(self) -> Result<WeightsReply, ControlError> {
         match self {
@@ -167,11 +216,18 @@ impl Reply {
 #[derive(Debug)]
 pub struct Control {
     pub driver: Arc<Driver>,
+    /// Where handover requests go (the serve loop); `None`: this router cannot hand over.
+    pub handover: Option<tokio::sync::mpsc::Sender<HandoverAsk>>,
 }
 
 impl Control {
     pub fn new(driver: Arc<Driver>) -> Arc<Control> {
-        Arc::new(Control { driver })
+        Arc::new(Control { driver, handover: None })
+    }
+
+    /// With handovers going to the serve loop.
+    pub fn with_handover(driver: Arc<Driver>, tx: tokio::sync::mpsc::Sender<HandoverAsk>) -> Arc<Control> {
+        Arc::new(Control { driver, handover: Some(tx) })
     }
 
     /// Handles one request.
@@ -181,6 +237,20 @@ impl Control {
             Err(e) => Reply::Error(e),
         };
         match *req {
+            Request::Handover { ref to } => {
+                let Some(tx) = &self.handover else {
+                    return Reply::Error("this router holds no lease: nothing to hand over".into());
+                };
+                let (done, rx) = tokio::sync::oneshot::channel();
+                if tx.send((to.clone(), done)).await.is_err() {
+                    return Reply::Error("the router is stopping".into());
+                }
+                match rx.await {
+                    Ok(Ok(h)) => Reply::Handover(h),
+                    Ok(Err(e)) => Reply::Error(e),
+                    Err(_) => Reply::Error("the router stopped before the handover finished".into()),
+                }
+            }
             Request::Status => Reply::Status(Box::new(self.driver.status().await)),
             Request::WeightsSet { target, for_s } => {
                 let Some(t) = u8::try_from(target).ok().filter(|t| *t <= 100) else {
@@ -338,6 +408,22 @@ mod tests {
         let sorted = serde_json::to_value(example()).unwrap().to_string();
         assert_eq!(st, format!("{{\"ok\":true,\"status\":{sorted}}}\n"));
         assert!(st.starts_with("{\"ok\":true,\"status\":{\"events\":[{\"mode\":\"Failover\","), "{st}");
+    }
+
+    #[test]
+    fn the_handover_request_and_reply_keep_their_wire_text() {
+        assert_eq!(
+            serde_json::to_string(&Request::Handover { to: Some("nodeB".into()) }).unwrap(),
+            r#"{"cmd":"handover","to":"nodeB"}"#
+        );
+        assert_eq!(decode_request(r#"{"cmd":"handover"}"#), Ok(Request::Handover { to: None }));
+        let h = HandoverReply { successor: "b/1".into(), epoch: 8, paused_ms: 20, steps: vec!["x".into()] };
+        let line = encode_reply(&Reply::Handover(h.clone()));
+        assert_eq!(
+            line,
+            "{\"handover\":{\"epoch\":8,\"paused_ms\":20,\"steps\":[\"x\"],\"successor\":\"b/1\"},\"ok\":true}\n"
+        );
+        assert_eq!(serde_json::from_str::<Reply>(&line).unwrap(), Reply::Handover(h));
     }
 
     #[test]

@@ -195,6 +195,26 @@ impl<C: Clock> EtcdLeaseStore<C> {
         self.key(&format!("standby/{who}"))
     }
 
+    /// The standby routers announced for this volume ([`LeaseStore::stand_by`]), whose
+    /// announcements are alive.
+    pub async fn standbys(&self) -> Result<Vec<Holder>, LeaseError> {
+        let prefix = self.key("standby/");
+        let got = self
+            .call_retry("list standbys", Retry::Repeatable, |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        got.kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice::<StandbyValue>(kv.value())
+                    .map(|v| v.holder)
+                    .map_err(|e| self.corrupt(&prefix, e))
+            })
+            .collect()
+    }
+
     /// A request, tried again (within three request timeouts) while etcd is unavailable in a way
     /// that `retry` allows: any way for requests that may be repeated, only "never sent" (no
     /// connection, no leader) for compare-and-set transactions, whose repetition after a lost

@@ -128,6 +128,11 @@ impl ActiveHandover {
         &self.state
     }
 
+    /// The successor.
+    pub fn to(&self) -> &Holder {
+        &self.to
+    }
+
     pub fn reason(&self) -> &str {
         &self.reason
     }

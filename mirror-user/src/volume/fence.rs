@@ -52,6 +52,20 @@ pub struct LeaseLine {
     origin: Instant,
     fenced: OnceLock<String>,
     tx: tokio::sync::watch::Sender<bool>,
+    /// Writes held at the gate (a planned handover's quiesce): `true` while held.
+    held: tokio::sync::watch::Sender<bool>,
+    /// Writes past the gate and not yet answered.
+    in_flight: tokio::sync::watch::Sender<usize>,
+}
+
+/// A write past the quiesce gate ([`LeaseLine::enter_write`]); dropping it ends it.
+#[derive(Debug)]
+pub struct WriteTicket<'a>(&'a LeaseLine);
+
+impl Drop for WriteTicket<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Default for LeaseLine {
@@ -62,6 +76,8 @@ impl Default for LeaseLine {
             origin: Instant::now(),
             fenced: OnceLock::new(),
             tx: tokio::sync::watch::Sender::new(false),
+            held: tokio::sync::watch::Sender::new(false),
+            in_flight: tokio::sync::watch::Sender::new(0),
         }
     }
 }
@@ -119,6 +135,20 @@ impl LeaseLine {
         }
     }
 
+    /// Retires the router after a planned handover: like [`Self::fence`] (nothing more is
+    /// acknowledged; requests get `ESHUTDOWN`, so clients reconnect elsewhere), logged as the
+    /// planned step it is; then the writes held at the quiesce gate are let go, to be refused.
+    pub fn retire(&self, reason: String) {
+        if self.fenced.set(reason.clone()).is_ok() {
+            tracing::info!("lease: {reason}; acknowledging no more writes");
+            if let Some(r) = self.lock().as_mut() {
+                r.status.reason = reason;
+                r.valid_until = None;
+            }
+        }
+        self.resume();
+    }
+
     /// Why the router is fenced, once it is.
     pub fn fenced(&self) -> Option<&str> {
         self.fenced.get().map(String::as_str)
@@ -138,6 +168,34 @@ impl LeaseLine {
             return Err(fenced_error("safe window closed"));
         }
         Ok(())
+    }
+
+    /// Waits while writes are held (a handover quiesces them), then counts this one in flight
+    /// until the ticket drops. A held write is never answered if the handover completes: its
+    /// client's connection closes and the client re-issues it to the new router.
+    pub async fn enter_write(&self) -> WriteTicket<'_> {
+        let mut rx = self.held.subscribe();
+        loop {
+            let _ = rx.wait_for(|h| !*h).await;
+            self.in_flight.send_modify(|n| *n += 1);
+            if !*self.held.borrow() {
+                return WriteTicket(self);
+            }
+            // Held between the wait and the count: back out and wait again.
+            self.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        }
+    }
+
+    /// Holds new writes at the gate and waits for those in flight to be answered.
+    pub async fn quiesce(&self) {
+        self.held.send_replace(true);
+        let mut rx = self.in_flight.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Admits writes again (an aborted handover).
+    pub fn resume(&self) {
+        self.held.send_replace(false);
     }
 
     /// Resolves once the router is fenced.

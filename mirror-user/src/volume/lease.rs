@@ -184,6 +184,75 @@ impl Keeper {
         }
     }
 
+    /// The store's view of the lease (to confirm a handover whose answer was lost).
+    pub async fn current(&self) -> Result<crate::lease::LeaseState, LeaseError> {
+        match self {
+            Keeper::Embedded(k) => k.store.current().await,
+            Keeper::Etcd(k) => k.store.current().await,
+        }
+    }
+
+    /// Hands the lease to a standby (a planned handover; writes are quiesced and both replicas
+    /// flushed): `to` names its node, or its full `node/instance`; without it, the one announced
+    /// standby. Asked before anything is quiesced.
+    pub async fn successor(&self, to: Option<&str>) -> Result<Holder, LeaseError> {
+        match self {
+            Keeper::Embedded(k) => Err(LeaseError::Handover {
+                volume: k.held.volume.clone(),
+                to: Holder(to.unwrap_or("?").into()),
+                reason: "the embedded lease store has no way for a standby to announce itself yet: \
+                         planned handover needs --lease-store etcd://... (see docs/leases.md)"
+                    .into(),
+            }),
+            Keeper::Etcd(k) => {
+                let volume = k.held.volume.clone();
+                let all = k.store.standbys().await?;
+                let fits = |h: &Holder| to.is_none_or(|t| h.0 == t || h.node() == t);
+                let mut fitting: Vec<Holder> = all.iter().filter(|h| fits(h)).cloned().collect();
+                let successor = match fitting.len() {
+                    1 => fitting.remove(0),
+                    0 => {
+                        let known: Vec<String> = all.iter().map(ToString::to_string).collect();
+                        return Err(LeaseError::Handover {
+                            volume,
+                            to: Holder(to.unwrap_or("a standby").into()),
+                            reason: format!(
+                                "no standby router is announced{} (start `mirror serve --standby` on \
+                                 the other node); announced: [{}]",
+                                to.map(|t| format!(" for {t}")).unwrap_or_default(),
+                                known.join(", ")
+                            ),
+                        });
+                    }
+                    _ => {
+                        let known: Vec<String> = fitting.iter().map(ToString::to_string).collect();
+                        return Err(LeaseError::Handover {
+                            volume,
+                            to: Holder(to.unwrap_or("a standby").into()),
+                            reason: format!("several standbys fit, name one with --to: {}", known.join(", ")),
+                        });
+                    }
+                };
+                Ok(successor)
+            }
+        }
+    }
+
+    /// Hands the lease to `to` (from [`Self::successor`]; writes quiesced, both replicas
+    /// flushed); returns the epoch it holds. On success the renewals stop.
+    pub async fn hand_over(&self, to: &Holder) -> Result<Epoch, LeaseError> {
+        let epoch = match self {
+            Keeper::Embedded(k) => k.store.hand_over(&k.held, to).await?,
+            Keeper::Etcd(k) => k.store.hand_over(&k.held, to).await?,
+        };
+        match self {
+            Keeper::Embedded(k) => k.stop.send_replace(true),
+            Keeper::Etcd(k) => k.stop.send_replace(true),
+        };
+        tracing::info!(%to, %epoch, "lease: handed over (planned handover)");
+        Ok(epoch)
+    }
+
     /// Gives the lease up (a clean stop, after the final flush): the next router takes it at once.
     pub async fn release(&self) {
         match self {

@@ -366,6 +366,10 @@ impl Router {
         F: Fn(Arc<Replica>) -> Fut,
         Fut: std::future::Future<Output = Result<(), ReplicaError>>,
     {
+        let _ticket = match kind {
+            Mirrored::Flush => None,
+            _ => Some(self.lease.enter_write().await),
+        };
         self.lease.admit()?;
         let _membership = self.membership.read().await;
         if kind != Mirrored::Flush && self.intent_needed() {
