@@ -45,6 +45,9 @@ struct Conn {
 /// Connections to one volume on a replica server.
 pub struct RemotePool {
     pub addr: String,
+    /// The data connections, then one for the lease (the last): a replica server handles a
+    /// connection's requests in order, so a renewal sent behind pipelined writes to a slow disk
+    /// would wait for all of them, and the holder's safe window would close on a healthy router.
     conns: Vec<Conn>,
     next: AtomicUsize,
 }
@@ -92,7 +95,8 @@ impl RemotePool {
             .map_err(|source| refused(ClientError::Tls { addr: peer.addr.clone(), source }))?;
         let mut conns = Vec::new();
         let mut size = 0;
-        for i in 0..n.max(1) {
+        // `n` for data, one more for the lease.
+        for i in 0..=n.max(1) {
             let (conn, sz, node) =
                 connect_one(transport, tls.as_ref(), &peer, volume, secret, attach).await?;
             if let (0, Some(node)) = (i, node) {
@@ -134,8 +138,18 @@ impl RemotePool {
     /// Sends a request on the next connection and waits for its reply. A remote error reply
     /// becomes [`ReplicaError::Remote`], with the server's code, errno and message.
     pub async fn call(&self, msg: Message, flags: u16) -> Result<Message, ReplicaError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.data_conns();
         self.call_on(i, msg, flags).await
+    }
+
+    /// As [`Self::call`], on the lease's own connection (nothing else queues there).
+    pub async fn call_lease(&self, msg: Message) -> Result<Message, ReplicaError> {
+        self.call_on(self.conns.len() - 1, msg, 0).await
+    }
+
+    /// The connections data requests take (all but the lease's).
+    fn data_conns(&self) -> usize {
+        (self.conns.len() - 1).max(1)
     }
 
     /// As [`Self::call`], on connection `i`.
@@ -308,7 +322,7 @@ impl RemoteReplica {
 
     /// A lease request (`LeaseRead`, `LeaseClaim`, ...): the replica's view, decoded.
     pub async fn lease_call(&self, msg: Message) -> Result<ReplicaLeaseView, ReplicaError> {
-        match self.call(msg, 0).await? {
+        match self.pool()?.call_lease(msg).await? {
             Message::Json(s) => serde_json::from_str(&s).map_err(|e| ReplicaError::Protocol {
                 addr: self.addr.clone(),
                 reply: format!("lease view that does not decode ({e}): {s}"),
