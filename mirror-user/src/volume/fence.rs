@@ -10,7 +10,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Mutex, OnceLock,
     },
     time::{Duration, Instant},
@@ -52,10 +52,16 @@ pub struct LeaseLine {
     origin: Instant,
     fenced: OnceLock<String>,
     tx: tokio::sync::watch::Sender<bool>,
-    /// Writes held at the gate (a planned handover's quiesce): `true` while held.
-    held: tokio::sync::watch::Sender<bool>,
-    /// Writes past the gate and not yet answered.
-    in_flight: tokio::sync::watch::Sender<usize>,
+    /// Writes held at the gate (a planned handover's quiesce): `true` while held. The atomic is
+    /// what a write checks; the channel wakes the writes that wait.
+    held: AtomicBool,
+    held_tx: tokio::sync::watch::Sender<bool>,
+    /// Writes past the gate and not yet answered. A write counts itself, then reads `held`; a
+    /// quiesce sets `held`, then reads the count (all sequentially consistent): either the write
+    /// sees the hold, or the quiesce sees the write and waits for it. No lock on the way.
+    in_flight: AtomicU64,
+    /// The last write out while held wakes the quiesce.
+    drained: tokio::sync::Notify,
 }
 
 /// A write past the quiesce gate ([`LeaseLine::enter_write`]); dropping it ends it.
@@ -64,7 +70,7 @@ pub struct WriteTicket<'a>(&'a LeaseLine);
 
 impl Drop for WriteTicket<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.leave_write();
     }
 }
 
@@ -76,8 +82,10 @@ impl Default for LeaseLine {
             origin: Instant::now(),
             fenced: OnceLock::new(),
             tx: tokio::sync::watch::Sender::new(false),
-            held: tokio::sync::watch::Sender::new(false),
-            in_flight: tokio::sync::watch::Sender::new(0),
+            held: AtomicBool::new(false),
+            held_tx: tokio::sync::watch::Sender::new(false),
+            in_flight: AtomicU64::new(0),
+            drained: tokio::sync::Notify::new(),
         }
     }
 }
@@ -174,28 +182,44 @@ impl LeaseLine {
     /// until the ticket drops. A held write is never answered if the handover completes: its
     /// client's connection closes and the client re-issues it to the new router.
     pub async fn enter_write(&self) -> WriteTicket<'_> {
-        let mut rx = self.held.subscribe();
         loop {
-            let _ = rx.wait_for(|h| !*h).await;
-            self.in_flight.send_modify(|n| *n += 1);
-            if !*self.held.borrow() {
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            if !self.held.load(Ordering::SeqCst) {
                 return WriteTicket(self);
             }
-            // Held between the wait and the count: back out and wait again.
-            self.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+            // Held: back out (the quiesce may be waiting for this count) and wait for the end.
+            self.leave_write();
+            let mut rx = self.held_tx.subscribe();
+            let _ = rx.wait_for(|h| !*h).await;
+        }
+    }
+
+    fn leave_write(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.held.load(Ordering::SeqCst) {
+            self.drained.notify_waiters();
         }
     }
 
     /// Holds new writes at the gate and waits for those in flight to be answered.
     pub async fn quiesce(&self) {
-        self.held.send_replace(true);
-        let mut rx = self.in_flight.subscribe();
-        let _ = rx.wait_for(|n| *n == 0).await;
+        self.held.store(true, Ordering::SeqCst);
+        self.held_tx.send_replace(true);
+        loop {
+            // Registered before the count is read, so the last write's notification is not lost.
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            drained.await;
+        }
     }
 
     /// Admits writes again (an aborted handover).
     pub fn resume(&self) {
-        self.held.send_replace(false);
+        self.held.store(false, Ordering::SeqCst);
+        self.held_tx.send_replace(false);
     }
 
     /// Resolves once the router is fenced.
@@ -245,5 +269,30 @@ mod tests {
         // Fencing is final: a later report of an active lease does not revive it.
         l.report(status(LeaseMode::Active), Duration::from_secs(5), Instant::now());
         assert!(l.admit().is_err() && l.fenced().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_quiesce_waits_for_the_writes_past_the_gate_and_holds_new_ones() {
+        let l = std::sync::Arc::new(LeaseLine::default());
+        let first = l.enter_write().await;
+        let q = {
+            let l = l.clone();
+            tokio::spawn(async move { l.quiesce().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!q.is_finished(), "a write past the gate is waited for");
+        let later = {
+            let l = l.clone();
+            tokio::spawn(async move {
+                let _t = l.enter_write().await;
+            })
+        };
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), q).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!later.is_finished(), "a write that came while held waits");
+        l.resume();
+        tokio::time::timeout(Duration::from_secs(5), later).await.unwrap().unwrap();
+        assert_eq!(l.in_flight.load(Ordering::SeqCst), 0);
     }
 }
