@@ -112,26 +112,57 @@ fn flood_while_fio_runs(test: &str, tls: bool) {
     drain(out);
     let srv = Kill(child);
 
-    std::thread::sleep(Duration::from_secs(1));
-    let pid = t.pid();
-    let (idle_rss, idle_threads) = (proc_status(pid, "VmRSS:"), proc_status(pid, "Threads:"));
+    let addr = t.addr.parse().unwrap();
+    let run = fio_through_a_flood(t.pid(), "replica", addr, announce, &format!("nbd://{nbd}/"), None);
+    assert!(
+        run.max_threads <= run.idle_threads + 8,
+        "threads: idle {}, max {}",
+        run.idle_threads,
+        run.max_threads
+    );
+    drop(srv);
+    drop(t);
+    assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&t_img), "replicas differ");
+}
 
+/// What [`fio_through_a_flood`] measured of the flooded process.
+struct FloodRun {
+    idle_threads: u64,
+    max_threads: u64,
+}
+
+/// Floods `addr` with 2,000 slow connections from 127.0.0.2 sending `announce`, runs fio
+/// against `uri` (libnbd's credentials under `home`, when given) meanwhile, and samples the
+/// memory and threads of process `pid` (`who`, for the messages). Asserts what both floods
+/// must hold: fio ends without an error, every flood connection opened and the server closed
+/// some, the process's memory stays under 64 MiB above idle.
+fn fio_through_a_flood(
+    pid: u32,
+    who: &str,
+    addr: std::net::SocketAddr,
+    announce: fn(usize) -> Vec<u8>,
+    uri: &str,
+    home: Option<&Path>,
+) -> FloodRun {
+    std::thread::sleep(Duration::from_secs(1));
+    let (idle_rss, idle_threads) = (proc_status(pid, "VmRSS:"), proc_status(pid, "Threads:"));
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Flood::default());
-    let addr = t.addr.parse().unwrap();
     let flooder = {
         let (stop, seen) = (stop.clone(), seen.clone());
         std::thread::spawn(move || flood(addr, 2000, announce, &stop, &seen))
     };
     std::thread::sleep(Duration::from_secs(2));
-    let fio = Command::new("fio")
-        .args(["--name=through-the-flood", "--ioengine=nbd", "--rw=randrw", "--bs=4k", "--iodepth=16"])
+    let mut fio = Command::new("fio");
+    fio.args(["--name=through-the-flood", "--ioengine=nbd", "--rw=randrw", "--bs=4k", "--iodepth=16"])
         .args(["--size=32M", "--time_based", "--runtime=12", "--randrepeat=0"])
-        .arg(format!("--uri=nbd://{nbd}/"))
+        .arg(format!("--uri={uri}"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run fio");
+        .stderr(Stdio::piped());
+    if let Some(home) = home {
+        fio.env("HOME", home);
+    }
+    let fio = fio.spawn().expect("run fio");
     let (mut max_rss, mut max_threads) = (idle_rss, idle_threads);
     let until = Instant::now() + Duration::from_secs(14);
     while Instant::now() < until {
@@ -149,7 +180,7 @@ fn flood_while_fio_runs(test: &str, tls: bool) {
         seen.held.load(Ordering::Relaxed),
     );
     println!(
-        "replica RSS idle {idle_rss} kB, max {max_rss} kB (+{} kB); threads idle {idle_threads}, max {max_threads}; \
+        "{who} RSS idle {idle_rss} kB, max {max_rss} kB (+{} kB); threads idle {idle_threads}, max {max_threads}; \
          flood: {opened} opened, {closed} closed by the server, {held} still open at the end",
         max_rss - idle_rss
     );
@@ -159,11 +190,8 @@ fn flood_while_fio_runs(test: &str, tls: bool) {
     assert!(text.contains("err= 0") && !text.contains("error="), "fio reported errors:\n{text}");
     assert_eq!(opened, 2000, "the flood could not open its connections");
     assert!(closed > 0, "the server closed none of the flood's connections");
-    assert!(max_rss - idle_rss < 64 << 10, "replica RSS grew by {} kB", max_rss - idle_rss);
-    assert!(max_threads <= idle_threads + 8, "threads: idle {idle_threads}, max {max_threads}");
-    drop(srv);
-    drop(t);
-    assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&t_img), "replicas differ");
+    assert!(max_rss - idle_rss < 64 << 10, "{who} RSS grew by {} kB", max_rss - idle_rss);
+    FloodRun { idle_threads, max_threads }
 }
 
 /// What each NBD flood connection sends, a byte every 500 ms, after the server's greeting: the
@@ -243,56 +271,8 @@ fn nbd_flood_while_fio_runs(test: &str, tls: bool) {
     .unwrap_or_else(|e| panic!("{e:#}"));
     drain(out);
     let srv = Kill(child);
-    std::thread::sleep(Duration::from_secs(1));
-    let pid = srv.0.id();
-    let (idle_rss, idle_threads) = (proc_status(pid, "VmRSS:"), proc_status(pid, "Threads:"));
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Flood::default());
-    let addr = nbd.parse().unwrap();
-    let flooder = {
-        let (stop, seen) = (stop.clone(), seen.clone());
-        std::thread::spawn(move || flood(addr, 2000, nbd_announce, &stop, &seen))
-    };
-    std::thread::sleep(Duration::from_secs(2));
     let uri = if tls { format!("nbds://{nbd}/") } else { format!("nbd://{nbd}/") };
-    let fio = Command::new("fio")
-        .args(["--name=through-the-flood", "--ioengine=nbd", "--rw=randrw", "--bs=4k", "--iodepth=16"])
-        .args(["--size=32M", "--time_based", "--runtime=12", "--randrepeat=0"])
-        .arg(format!("--uri={uri}"))
-        .env("HOME", &home)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run fio");
-    let (mut max_rss, mut max_threads) = (idle_rss, idle_threads);
-    let until = Instant::now() + Duration::from_secs(14);
-    while Instant::now() < until {
-        max_rss = max_rss.max(proc_status(pid, "VmRSS:"));
-        max_threads = max_threads.max(proc_status(pid, "Threads:"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let fio = fio.wait_with_output().expect("fio");
-    stop.store(true, Ordering::Relaxed);
-    flooder.join().expect("flood thread");
-    let text = format!("{}{}", String::from_utf8_lossy(&fio.stdout), String::from_utf8_lossy(&fio.stderr));
-    let (opened, closed, held) = (
-        seen.opened.load(Ordering::Relaxed),
-        seen.closed.load(Ordering::Relaxed),
-        seen.held.load(Ordering::Relaxed),
-    );
-    println!(
-        "router RSS idle {idle_rss} kB, max {max_rss} kB (+{} kB); threads idle {idle_threads}, max {max_threads}; \
-         flood: {opened} opened, {closed} closed by the server, {held} still open at the end",
-        max_rss - idle_rss
-    );
-    let summary: Vec<&str> = text.lines().filter(|l| l.contains("IOPS") || l.contains("err=")).collect();
-    println!("fio: {}", summary.join(" | "));
-    assert!(fio.status.success(), "fio failed:\n{text}");
-    assert!(text.contains("err= 0") && !text.contains("error="), "fio reported errors:\n{text}");
-    assert_eq!(opened, 2000, "the flood could not open its connections");
-    assert!(closed > 0, "the server closed none of the flood's connections");
-    assert!(max_rss - idle_rss < 64 << 10, "router RSS grew by {} kB", max_rss - idle_rss);
+    fio_through_a_flood(srv.0.id(), "router", nbd.parse().unwrap(), nbd_announce, &uri, Some(&home));
     drop(srv);
     assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")), "replicas differ");
 }
