@@ -679,11 +679,18 @@ pub struct DegradeResult {
     /// Highest target weight during the calm start (the 4 s under the workload before the
     /// throttle): nothing is wrong yet, so it should stay near 0.
     pub calm_max: u8,
+    /// Seconds from lifting the throttle until the target's share was back at 0 (None: not
+    /// within [`RECOVERY_WAIT`]): a source whose disk is well again gets its reads back.
+    pub recovered_s: Option<f64>,
     pub failed_ios: u64,
     pub failures: Vec<String>,
     /// The recorded timeline, one point a line (for failure messages).
     pub timeline: String,
 }
+
+/// How long scenario (a) waits for the reads to come back after the throttle is lifted: the
+/// release or failback hold, the ramp, and room for a loaded machine.
+pub const RECOVERY_WAIT: Duration = Duration::from_mins(1);
 
 pub fn scenario_a(o: &Opts, iops: u32) -> Result<DegradeResult> {
     scenario_a_held(o, iops, Duration::from_secs(5))
@@ -703,19 +710,23 @@ pub fn scenario_a_held(o: &Opts, iops: u32, hold: Duration) -> Result<DegradeRes
     let shift = c.wait_for("target weight >= 90", Duration::from_secs(10), |s| target_weight(s) >= 90).ok();
     let from = t0 + shift.map_or(0.0, |d| d.as_secs_f64());
     std::thread::sleep(hold);
-    rec.stop();
+    let lifted = rec.mark("throttle lifted");
     let points = rec.points();
     let after: Vec<u8> = points.iter().filter(|p| p.t >= from).map(|p| p.target_weight).collect();
     c.throttle_source(None)?;
+    let recovered = c.wait_for("target weight back to 0", RECOVERY_WAIT, |s| target_weight(s) == 0).ok();
+    rec.stop();
+    let points = rec.points();
     let r = w.finish();
     Ok(DegradeResult {
         shift_s: shift.map(|d| d.as_secs_f64()),
         reversals: reversals(after.iter().copied()),
         min_after: after.iter().copied().min().unwrap_or(0),
         calm_max,
+        recovered_s: recovered.map(|d| d.as_secs_f64()),
         failed_ios: r.failed_ios,
         failures: r.failures,
-        timeline: format!("throttle at {t0:.2}s\n{}", timeline_text(&points)),
+        timeline: format!("throttle at {t0:.2}s, lifted at {lifted:.2}s\n{}", timeline_text(&points)),
     })
 }
 

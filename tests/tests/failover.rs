@@ -37,8 +37,8 @@ fn a_source_disk_latency_x10_shifts_reads_within_2s_without_reversal() {
     let Some((_g, o)) = opts(T) else { return };
     let r = scenario::scenario_a(&o, 100).expect("scenario a");
     println!(
-        "shift {:?} s, reversals {}, min after {}, calm max {}",
-        r.shift_s, r.reversals, r.min_after, r.calm_max
+        "shift {:?} s, reversals {}, min after {}, calm max {}, back to 0 {:?} s after the lift",
+        r.shift_s, r.reversals, r.min_after, r.calm_max, r.recovered_s
     );
     if r.calm_max > 10 {
         println!("the target's share rose during the calm start:\n{}", r.timeline);
@@ -48,6 +48,7 @@ fn a_source_disk_latency_x10_shifts_reads_within_2s_without_reversal() {
         r.shift_s.unwrap_or_else(|| panic!("the target weight never reached 90 within 10 s\n{}", r.timeline));
     assert!(shift <= 2.0, "target weight reached 90 after {shift:.2} s (bar: 2 s)\n{}", r.timeline);
     assert!(r.min_after >= 90 && r.reversals == 0, "no reversal while the disk stays slow: {r:?}");
+    assert!(r.recovered_s.is_some(), "the disk is well again, the reads stayed away:\n{}", r.timeline);
 }
 
 #[test]
@@ -60,6 +61,9 @@ fn a_source_disk_slow_for_a_minute_keeps_the_reads_on_the_target_without_reversa
     assert_eq!(r.failed_ios, 0, "{why}");
     assert!(r.shift_s.is_some_and(|s| s <= 2.0), "target weight not >= 90 within 2 s: {why}");
     assert!(r.min_after >= 90 && r.reversals == 0, "the reads came back while the disk was slow: {why}");
+    // The source at weight 0 for a minute served no reads, so its read latency is that of its
+    // worst moment; its writes show it well again, and the reads come back.
+    assert!(r.recovered_s.is_some(), "the disk is well again, the reads stayed away:\n{}", r.timeline);
 }
 
 #[test]

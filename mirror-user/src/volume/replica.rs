@@ -291,11 +291,6 @@ impl Replica {
         self.reads_in_flight.oldest_age(now).max(self.writes_in_flight.oldest_age(now))
     }
 
-    /// Reads and writes this replica completed (the data path's progress).
-    pub fn completed(&self) -> u64 {
-        self.stats.reads.load(Ordering::Relaxed) + self.stats.writes.load(Ordering::Relaxed)
-    }
-
     /// Counts a completed read or write of `len` bytes started at `t0`.
     pub(super) fn count(&self, write: bool, len: u64, t0: std::time::Instant) {
         let s = &self.stats;

@@ -17,7 +17,7 @@ use std::{
 
 use super::{
     engine::{Decision, Engine, EngineConfig, Mode, Override, Sample},
-    policy::{datapath_latency_us, judge, window_parts, NodeJudged},
+    policy::{datapath_latency_us, judge, window_parts, NodeJudged, Progress},
     status::{NodeStatus, ReplicaStatus, ServeStatus, WeightEvent},
 };
 use crate::{
@@ -80,8 +80,9 @@ struct NodeView {
     baseline: Baseline,
     /// Errors the router had counted at the previous tick (source only).
     errors_seen: u64,
-    /// Reads and writes the replica had completed at the previous tick.
-    completed_seen: u64,
+    /// The replica's reads and writes, as the previous ticks saw them complete.
+    reads: Progress,
+    writes: Progress,
     /// The parts of the reports of the last [`JUDGE_WINDOW`], oldest first, for judging the
     /// nodes against each other part by part ([`window_parts`]).
     recent: VecDeque<(Instant, Vec<PartReport>)>,
@@ -281,15 +282,23 @@ impl Driver {
         use std::sync::atomic::Ordering::Relaxed;
         let r = &self.router.replicas[i];
         let s = &r.stats;
-        let mean = s.read_lat_ewma_us.load(Relaxed).max(s.write_lat_ewma_us.load(Relaxed));
-        let done = r.completed();
-        let completed = done != std::mem::replace(&mut n.completed_seen, done);
-        let lat = datapath_latency_us(mean, r.oldest_in_flight(Instant::now()), completed, late);
+        let now = self.now();
+        let read = n.reads.observe(now, s.reads.load(Relaxed));
+        let wrote = n.writes.observe(now, s.writes.load(Relaxed));
+        // Each kind's mean only while that kind completes: the read mean of a replica that
+        // gets no reads is the figure of its worst moment (when the reads left it).
+        let mean = n
+            .reads
+            .fresh_mean_us(now, s.read_lat_ewma_us.load(Relaxed))
+            .max(n.writes.fresh_mean_us(now, s.write_lat_ewma_us.load(Relaxed)));
+        let lat = datapath_latency_us(mean, r.oldest_in_flight(Instant::now()), read || wrote, late);
         if lat == 0 {
+            // Nothing completed lately and nothing waits: no evidence either way.
+            n.datapath = None;
             return;
         }
         // Against a baseline of at least 50 us, learned only while the latency is normal.
-        let ratio = n.baseline.observe(self.now(), lat as f64, 50.0);
+        let ratio = n.baseline.observe(now, lat as f64, 50.0);
         n.datapath = Some(falloff(ratio, self.cfg.datapath_ratio_good, self.cfg.datapath_ratio_bad));
     }
 

@@ -9,7 +9,10 @@
 //!   critical line is crossed, while one step of health (a disk that got slower once) moves it
 //!   by its level alone;
 //! - shares move in steps with a deadband and a minimum dwell time; they rise at once (fast
-//!   attack) but fall only after the lower share was wanted for `release_hold` (slow release),
+//!   attack) but fall only after the lower share was wanted for `release_hold`, and then only to
+//!   the highest share wanted during that hold (slow release, the shape of Kubernetes' scale-down
+//!   stabilization window: a health that swings around the line does not drop the share to 0 in
+//!   one low moment and raise it again in the next),
 //!   and a reversal needs twice the deadband, so noisy health does not flap the weights;
 //! - below the critical health, missed heartbeats or data-path errors: target 100 at once;
 //! - failback only after the source is resynced and has stayed healthy for `failback_hold`, then a
@@ -41,7 +44,7 @@ pub struct EngineConfig {
     /// Minimum time between two changes (not for moves to failover).
     pub dwell: Duration,
     /// Fast attack, slow release: the target's share is lowered only after the lower share has
-    /// been wanted continuously for this long.
+    /// been wanted continuously for this long, and then to the highest share wanted meanwhile.
     pub release_hold: Duration,
     /// No heartbeat from the source for this long: failover.
     pub heartbeat_timeout: Duration,
@@ -147,6 +150,8 @@ pub struct Engine {
     pin_until: Option<Duration>,
     /// Since when a lower share has been wanted without interruption.
     release_since: Option<Duration>,
+    /// The highest share wanted since `release_since`: what a release lowers the share to.
+    release_max: u8,
     /// The normal share at the last tick (0 unless reads are balanced).
     floor: u8,
 }
@@ -166,6 +171,7 @@ impl Engine {
             ramp_start: None,
             pin_until: None,
             release_since: None,
+            release_max: 0,
             floor: 0,
         }
     }
@@ -358,19 +364,30 @@ impl Engine {
         } else {
             i16::from(self.cfg.deadband)
         };
-        if diff >= 0 {
+        let want = if diff >= 0 {
             self.release_since = None;
+            want
         } else {
+            if self.release_since.is_none() {
+                self.release_max = want;
+            }
             let since = *self.release_since.get_or_insert(now);
+            self.release_max = self.release_max.max(want);
             if now.saturating_sub(since) < self.cfg.release_hold {
                 return self.unchanged("holding before release");
             }
-        }
+            self.release_max
+        };
+        let diff = i16::from(want) - i16::from(self.weight);
         let dwell_ok = self.last_change.is_none_or(|t| now.saturating_sub(t) >= self.cfg.dwell);
         // Moves toward the target are never held by dwell when large (>= 50 points).
         let urgent = diff >= 50;
         if diff == 0 || diff.abs() < needed || !(dwell_ok || urgent) {
             return self.unchanged("within deadband");
+        }
+        if diff < 0 {
+            // Released: a further release is held afresh.
+            self.release_since = None;
         }
         let mode = if want > floor { Mode::Predictive } else { Mode::Normal };
         self.set(
@@ -482,18 +499,33 @@ mod tests {
         let mut e = Engine::new(EngineConfig::default());
         // Health wobbles around 72 +- 8 every 300 ms for a minute.
         let w = run(&mut e, (0..600).map(|i| (i * 100, sample(if (i / 3) % 2 == 0 { 64.0 } else { 80.0 }))));
-        let mut reversals = 0;
-        let mut dir = 0i32;
-        for p in w.windows(2) {
-            let d = (i32::from(p[1]) - i32::from(p[0])).signum();
-            if d != 0 {
-                if dir != 0 && d != dir {
-                    reversals += 1;
-                }
-                dir = d;
-            }
-        }
+        let reversals = reversals(w.iter().copied());
         assert!(reversals <= 1, "{reversals} reversals: {w:?}");
+    }
+
+    /// Scenario (d) as CI saw it fail: the health swings 100 / 65 every 2 s; a deeper dip once
+    /// raised the share to 80; the release waited its 5 s and then took the share of the instant
+    /// (0, a high moment), and the next low moment raised it again: two reversals. The release
+    /// goes to the highest share wanted during its hold, so the share settles where the swing
+    /// keeps wanting it.
+    #[test]
+    fn a_release_goes_to_the_highest_share_wanted_during_the_hold() {
+        let mut e = Engine::new(EngineConfig::default());
+        run(&mut e, (0..20).map(|i| (i * 100, sample(100.0))));
+        // A dip deep enough for a share of 80.
+        let w = run(&mut e, (0..10).map(|i| (2000 + i * 100, sample(40.0))));
+        let high = *w.last().unwrap();
+        assert!(high >= 70, "{w:?}");
+        // Then the swing, for a minute.
+        let w = run(
+            &mut e,
+            (0..600).map(|i| (3000 + i * 100, sample(if (i / 20) % 2 == 0 { 100.0 } else { 65.0 }))),
+        );
+        let all: Vec<u8> = std::iter::once(high).chain(w.iter().copied()).collect();
+        let n = reversals(all.iter().copied());
+        assert!(n <= 1, "{n} reversals: {all:?}");
+        let low = *w.iter().min().unwrap();
+        assert!(low > 0, "the swing keeps wanting a share; a release to 0 at a high moment: {all:?}");
     }
 
     #[test]

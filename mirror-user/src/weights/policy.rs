@@ -85,6 +85,41 @@ pub fn judge(source: &NodeJudged, target: Option<&NodeJudged>) -> f64 {
     }
 }
 
+/// How long a kind of request's mean latency (reads, or writes) stands for the replica after
+/// the last completion of that kind: a replica that gets no reads (at weight 0, or steered away
+/// from) keeps the read mean of its worst moment, and that old figure must not hold the replica
+/// down once its writes show it well again.
+pub const DATAPATH_FRESH: Duration = Duration::from_secs(2);
+
+/// The progress of one kind of request on a replica, as the weighting loop saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Completions counted at the last look.
+    count: u64,
+    /// When the count last advanced.
+    advanced_at: Option<Duration>,
+}
+
+impl Progress {
+    /// Looks at the completion count at `now`; true when it advanced since the last look.
+    pub fn observe(&mut self, now: Duration, count: u64) -> bool {
+        let advanced = count != std::mem::replace(&mut self.count, count);
+        if advanced {
+            self.advanced_at = Some(now);
+        }
+        advanced
+    }
+
+    /// `mean_us` when a request of this kind completed within [`DATAPATH_FRESH`] of `now`, else
+    /// 0 (no evidence).
+    pub fn fresh_mean_us(&self, now: Duration, mean_us: u64) -> u64 {
+        match self.advanced_at {
+            Some(t) if now.saturating_sub(t) <= DATAPATH_FRESH => mean_us,
+            _ => 0,
+        }
+    }
+}
+
 /// The latency a replica's data path shows at one tick of the weighting loop, microseconds:
 /// the mean of its completions (`mean_us`), or, when it completed nothing since the last tick
 /// while requests wait there, the age of the oldest of them (`oldest`) if that is longer. A
@@ -337,6 +372,22 @@ mod tests {
         // age is shared, not the replica's.
         assert_eq!(datapath_latency_us(800, Some(ms(300)), false, ms(250)), 50_000);
         assert_eq!(datapath_latency_us(800, Some(ms(300)), false, ms(400)), 800);
+    }
+
+    #[test]
+    fn a_kinds_mean_stands_only_while_that_kind_completes() {
+        let s = Duration::from_secs;
+        let mut reads = Progress::default();
+        assert_eq!(reads.fresh_mean_us(s(0), 900), 0, "nothing completed yet");
+        assert!(reads.observe(s(1), 10));
+        assert_eq!(reads.fresh_mean_us(s(1), 900), 900);
+        // No read completes for a while (the replica gets none): the mean it froze at fades.
+        assert!(!reads.observe(s(2), 10));
+        assert_eq!(reads.fresh_mean_us(s(3), 900), 900, "within DATAPATH_FRESH");
+        assert!(!reads.observe(s(4), 10));
+        assert_eq!(reads.fresh_mean_us(s(4), 900), 0, "stale");
+        assert!(reads.observe(s(5), 11));
+        assert_eq!(reads.fresh_mean_us(s(5), 80), 80);
     }
 
     #[test]

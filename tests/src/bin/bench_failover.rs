@@ -74,6 +74,7 @@ fn main() -> Result<()> {
     let (mut shift, mut shift_seed) = (Vec::new(), Vec::new());
     let (mut rev_a, mut rev_a_seed) = (Vec::new(), Vec::new());
     let (mut failover, mut failback) = (Vec::new(), Vec::new());
+    let mut recovery = Vec::new();
     let mut failed_ios = 0u64;
     let mut identical = true;
     for round in 0..a.rounds {
@@ -81,14 +82,19 @@ fn main() -> Result<()> {
         for seed in order {
             let r = scenario::scenario_a(&opts(&a, seed), a.throttle_iops)?;
             eprintln!(
-                "round {round} (a) {}: shift {} s, reversals {}, min weight after {}, fio errors {}",
+                "round {round} (a) {}: shift {} s, reversals {}, min weight after {}, back to 0 {} s after \
+                 the lift, fio errors {}",
                 if seed { "seed" } else { "adaptive" },
                 fmt(r.shift_s),
                 r.reversals,
                 r.min_after,
+                fmt(r.recovered_s),
                 r.failed_ios
             );
             failed_ios += r.failed_ios;
+            if !seed {
+                recovery.push(r.recovered_s);
+            }
             if seed {
                 shift_seed.push(r.shift_s);
                 rev_a_seed.push(f64::from(r.reversals));
@@ -183,6 +189,7 @@ fn main() -> Result<()> {
         osc[1],
         ratio(Some(f64::from(osc[0])), Some(f64::from(osc[1])))
     );
+    println!("{:<44} {:>10}", "(a) seconds from the lift to target 0", fmt(med(&recovery)));
     println!("{:<44} {:>10.3}", "(b) seconds until target = 100 after SIGKILL", median(failover.clone()));
     println!("{:<44} {:>10.1}", "(c) seconds from restart to failback done", median(failback.clone()));
     println!("{:<44} {:>10}", "(b,c) failed I/Os (fio, all scenarios)", failed_ios);
@@ -204,6 +211,7 @@ fn main() -> Result<()> {
     let json = serde_json::json!({
         "predictive_shift_s": s,
         "reversals_under_degradation": ra,
+        "recovery_s": med(&recovery),
         "failover_s": median(failover.clone()),
         "failed_ios": failed_ios,
         "replicas_identical": identical,
@@ -225,7 +233,7 @@ fn main() -> Result<()> {
         "throttle_iops": a.throttle_iops,
         "samples": {
             "predictive_shift_s": shift, "seed_predictive_shift_s": shift_seed,
-            "failover_s": failover, "failback_s": failback,
+            "failover_s": failover, "failback_s": failback, "recovery_s": recovery,
         },
     });
     if let Some(d) = a.out.parent() {
