@@ -1,7 +1,8 @@
 //! A stalling replica must not show in the application's read tail: the remote target frozen
 //! for 200 ms every 2 s (SIGSTOP / SIGCONT) under fio's 4 KiB random reads through NBD, half of
 //! them weighted to it. Reads there that pass the target's high percentile are hedged to the
-//! source within a 5% budget; fio's read p99.9 stays well under the stall.
+//! source within a 5% budget; fio's read p99.9 stays under the healthy phase's plus half the
+//! stall.
 
 use std::time::Duration;
 
@@ -57,10 +58,15 @@ fn reads_complete_well_under_a_replica_stall_with_few_hedges() {
     // The budget: 5% of reads, plus the burst of 100 saved up.
     let reads = (r.read_ios + h.read_ios) as f64;
     assert!(s.hedges_sent as f64 <= 0.05 * reads + 100.0, "{} hedges for {reads} reads", s.hedges_sent);
-    let p999 = pct(r, "99.900000");
+    // Unhedged, the stall itself is the tail (p99.9 at about 200 ms). Hedged, the tail is the
+    // machine's own (the healthy phase's p99.9, measured in the same run: on a loaded machine it
+    // is tens of milliseconds by itself) plus less than half the stall.
+    let (p999, healthy_p999) = (pct(r, "99.900000"), pct(h, "99.900000"));
+    let bar = healthy_p999 + STALL.as_secs_f64() * 1000.0 / 2.0;
     assert!(
-        p999 < STALL.as_secs_f64() * 1000.0 / 2.0,
-        "read p99.9 {p999:.1} ms is not well under the {STALL:?} stall\n{}",
+        p999 < bar,
+        "read p99.9 {p999:.1} ms: not under the healthy phase's {healthy_p999:.1} ms plus half the \
+         {STALL:?} stall\n{}",
         m.serve_log()
     );
 }
