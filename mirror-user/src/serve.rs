@@ -27,6 +27,7 @@ use crate::{
         Clock, MonotonicClock,
     },
     telemetry::bpf,
+    volume::lease::StandbyView,
     volume::open::OpenVolume,
     volume::{open::VolumeConfig, BlockDev},
     weights::driver::{Driver, DriverConfig},
@@ -92,6 +93,26 @@ pub enum ServeError {
     Fenced(String),
 }
 
+/// Binds the control socket and answers it with `control` from a task of its own; false when
+/// it could not be bound (logged: `mirror serve` runs on without it).
+async fn serve_control(control: std::sync::Arc<Control>, socket: &std::path::Path) -> bool {
+    match crate::control::bind(socket).await {
+        Ok(listener) => {
+            let socket = socket.to_path_buf();
+            tokio::spawn(async move {
+                if let Err(e) = crate::control::serve(control, listener).await {
+                    tracing::warn!(socket = %socket.display(), "control socket failed: {e}");
+                }
+            });
+            true
+        }
+        Err(e) => {
+            tracing::warn!(socket = %socket.display(), "control socket unavailable: {e}");
+            false
+        }
+    }
+}
+
 /// Serves the volume until the future of `stop_signal` resolves, then stops in the order of the
 /// module docs. `stop_signal` is called once, right before the frontends bind (the handlers it
 /// installs must be in place before any readiness line is printed).
@@ -106,6 +127,19 @@ where
     F: Future<Output = ()>,
 {
     let Endpoints { nbd, nbd_unix, export, ctl_socket, metrics, pin_dir, frontend, ublk, nbd_tls } = ep;
+    // A standby waits for the lease inside `open`, for as long as the active router lives; its
+    // control socket answers meanwhile (`ctl status`: what it waits on), and serves the router
+    // once it holds the lease.
+    let mut volume = volume;
+    let standby = volume.lease.as_mut().filter(|l| l.standby).map(|l| {
+        let view = StandbyView::new(&volume.name, l.holder.clone(), l.ttl);
+        l.standby_view = Some(view.clone());
+        Control::standing_by(view)
+    });
+    let early = match &standby {
+        Some(control) => Some(serve_control(control.clone(), &ctl_socket).await),
+        None => None,
+    };
     let vol = crate::volume::open::open(&volume).await.map_err(ServeError::Open)?;
     let driver = Driver::start(vol.router.clone(), driver, volume.node_health.clone());
     mirror_weights_in_bpf(&driver, &pin_dir.join(format!("weights-{}", volume.name)));
@@ -118,17 +152,13 @@ where
         None => None,
     };
     let (handover_tx, mut handover_rx) = tokio::sync::mpsc::channel::<HandoverAsk>(1);
-    let control = Control::with_handover(driver.clone(), handover_tx);
-    // Bound here, before the readiness lines: `mirror ctl` right after them finds it.
-    match crate::control::bind(&ctl_socket).await {
-        Ok(listener) => {
-            tokio::spawn(async move {
-                if let Err(e) = crate::control::serve(control, listener).await {
-                    tracing::warn!(socket = %ctl_socket.display(), "control socket failed: {e}");
-                }
-            });
+    match (standby, early) {
+        // The standby's socket, bound before the wait, serves the router from here.
+        (Some(control), Some(true)) => control.serve_now(driver.clone(), Some(handover_tx)),
+        // Bound here, before the readiness lines: `mirror ctl` right after them finds it.
+        _ => {
+            serve_control(Control::with_handover(driver.clone(), handover_tx), &ctl_socket).await;
         }
-        Err(e) => tracing::warn!(socket = %ctl_socket.display(), "control socket unavailable: {e}"),
     }
     let opts = NbdOptions {
         export_name: export,

@@ -336,6 +336,7 @@ fn leased_config(
             force: false,
             backend: LeaseBackend::Embedded,
             standby: false,
+            standby_view: None,
         }),
     }
 }
@@ -538,6 +539,25 @@ fn ctl(dir: &Path, node: &str, args: &[&str]) -> std::process::Output {
         .expect("mirror ctl")
 }
 
+/// `ctl status` on a standby that waits: its lease in standby mode, the active router it waits
+/// on (holder, epoch, a lease with time left), as JSON and as a line; anything but status is
+/// refused naming the active router.
+fn assert_standing_by(dir: &Path, node: &str, active: &str, epoch: u64) {
+    let st = ctl_status(dir, node);
+    assert_eq!(st["lease"]["mode"], "standby", "{st}");
+    assert!(st["lease"]["holder"].as_str().unwrap().starts_with(&format!("{node}/")), "{st}");
+    assert!(st["active"]["holder"].as_str().unwrap().starts_with(active), "{st}");
+    assert_eq!(st["active"]["epoch"].as_u64(), Some(epoch), "{st}");
+    assert!(st["active"]["time_left_ms"].as_u64().unwrap() > 0, "the active router renews: {st}");
+    let line = ctl(dir, node, &["status"]);
+    let text = String::from_utf8_lossy(&line.stdout);
+    println!("{node} standing by: {text}");
+    assert!(line.status.success() && text.contains("standby router") && text.contains(active), "{text}");
+    let no = ctl(dir, node, &["failover"]);
+    let err = String::from_utf8_lossy(&no.stderr);
+    assert!(!no.status.success() && err.contains("is a standby") && err.contains(active), "{err}");
+}
+
 /// Planned handover (etcd): `mirror ctl handover` on the active router A is refused while no
 /// standby is announced (A serves on); with B standing by (its own replica, t, named as its
 /// source), A shifts reads, quiesces, flushes, hands the lease to B and exits 0 naming B and the
@@ -574,6 +594,7 @@ fn etcd_planned_handover_moves_the_volume_to_the_standby_with_roles_swapped() {
         assert!(Instant::now() < deadline, "B never stood by: {}", log(&dir.0, "nodeB"));
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert_standing_by(&dir.0, "nodeB", "nodeA/", epoch_a);
     // The workload: one known pattern per 64 KiB block of [4M, 12M), each write a new qemu-io
     // connection to the router that serves now (a client that reconnects): refused or cut off
     // by A mid-handover, the same write is re-issued to B once B serves.

@@ -6,7 +6,8 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Result;
 
 use crate::{
-    control::{request, Request, WeightsReply},
+    control::{request, Reply, Request, WeightsReply},
+    volume::lease::StandbyStatus,
     volume::replica::ReplicaState,
     weights::status::{ReplicaStatus, ServeStatus},
 };
@@ -95,14 +96,18 @@ impl CtlArgs {
         };
         match self.cmd {
             CtlCmd::Status { watch: true, interval } => return watch(socket, interval, json).await,
-            CtlCmd::Status { watch: false, .. } => {
-                let st = request(socket, &Request::Status).await?.into_status()?;
-                if json {
-                    crate::outln!("{}", serde_json::to_string_pretty(&sorted(&st)?)?);
-                } else {
-                    crate::out!("{}", status_table(&st));
+            CtlCmd::Status { watch: false, .. } => match request(socket, &Request::Status).await? {
+                Reply::Standby(sb) if json => crate::outln!("{}", serde_json::to_string_pretty(&sb)?),
+                Reply::Standby(sb) => crate::outln!("{}", standby_line(&sb)),
+                r => {
+                    let st = r.into_status()?;
+                    if json {
+                        crate::outln!("{}", serde_json::to_string_pretty(&sorted(&st)?)?);
+                    } else {
+                        crate::out!("{}", status_table(&st));
+                    }
                 }
-            }
+            },
             CtlCmd::Weights { cmd: WeightsCmd::Set { target, for_ } } => {
                 let req = Request::WeightsSet { for_s: for_.map(|d| d.as_secs_f64()), target: target.into() };
                 weights(req).await?;
@@ -179,8 +184,17 @@ async fn watch(socket: &std::path::Path, interval: Duration, json: bool) -> Resu
             () = &mut stop => break,
             _ = ticker.tick() => {}
         }
-        let st = request(socket, &Request::Status).await.and_then(super::super::control::Reply::into_status);
+        let reply = request(socket, &Request::Status).await;
         let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        if let Ok(Reply::Standby(sb)) = &reply {
+            match (terminal, json) {
+                (_, true) => crate::outln!("{}", serde_json::to_string(sb)?),
+                (true, false) => crate::out!("{CLEAR}{now}  {}\n", standby_line(sb)),
+                (false, false) => crate::outln!("{now} {}", standby_line(sb)),
+            }
+            continue;
+        }
+        let st = reply.and_then(Reply::into_status);
         match (&st, terminal, json) {
             (Ok(st), true, _) => crate::out!("{}", watch_screen(st, &now.to_string(), interval)),
             (Ok(st), false, true) => crate::outln!("{}", sorted(st)?),
@@ -193,6 +207,29 @@ async fn watch(socket: &std::path::Path, interval: Duration, json: bool) -> Resu
         crate::outln!();
     }
     Ok(())
+}
+
+/// A standby router's status as a line: what it waits on.
+pub fn standby_line(sb: &StandbyStatus) -> String {
+    let active = match &sb.active {
+        Some(a) if a.handed_to_me => format!("{} is handing the lease to it (epoch {})", a.holder, a.epoch),
+        Some(a) if a.time_left_ms > 0 => format!(
+            "active router {} at epoch {}, its lease runs {:.1} s more without a renewal",
+            a.holder,
+            a.epoch,
+            a.time_left_ms as f64 / 1000.0
+        ),
+        Some(a) => format!("the lease of {} (epoch {}) expired: taking over", a.holder, a.epoch),
+        None => "nobody holds the lease: taking it".into(),
+    };
+    format!(
+        "volume {}: standby router {} ({} lease store, TTL {:.1} s), waiting {:.1} s; {active}",
+        sb.volume,
+        sb.lease.holder,
+        sb.lease.store,
+        sb.lease.ttl_ms as f64 / 1000.0,
+        sb.waiting_ms as f64 / 1000.0
+    )
 }
 
 /// The status as the JSON document `--json` prints: its keys sorted at every level, as they

@@ -480,6 +480,7 @@ impl ServeArgs {
             force: self.force,
             backend,
             standby: self.standby,
+            standby_view: None,
         }))
     }
 }

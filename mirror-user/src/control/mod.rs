@@ -8,7 +8,8 @@
 //! runs the planned handover and answers `{"handover":{"epoch":N,"paused_ms":M,"steps":[..],
 //! "successor":".."},"ok":true}` once the lease has left (or refuses, serving on).
 //!
-//! Replies ([`Reply`]): `{"ok":true,"status":{..}}` to `status` (a [`ServeStatus`]),
+//! Replies ([`Reply`]): `{"ok":true,"status":{..}}` to `status` (a [`ServeStatus`]; on a standby
+//! still waiting for the lease, `{"ok":true,"standby":{..}}`, a [`StandbyStatus`]),
 //! `{"mode":"Pinned","ok":true,"reason":"..","target":N}` to the others (the decision they led to),
 //! `{"error":"..","ok":false}` when refused. Both sides use these types; the JSON text is only
 //! made and read at the socket.
@@ -26,10 +27,13 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::weights::{
-    driver::Driver,
-    engine::{Decision, Mode, Override},
-    status::ServeStatus,
+use crate::{
+    volume::lease::{StandbyStatus, StandbyView},
+    weights::{
+        driver::Driver,
+        engine::{Decision, Mode, Override},
+        status::ServeStatus,
+    },
 };
 
 /// Default path of the control socket.
@@ -104,6 +108,8 @@ pub enum Reply {
     Status(Box<ServeStatus>),
     Weights(WeightsReply),
     Handover(HandoverReply),
+    /// The status of a standby router waiting for the lease (it serves nothing yet).
+    Standby(Box<StandbyStatus>),
     /// Refused, with why.
     Error(String),
 }
@@ -122,6 +128,8 @@ struct WireReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    standby: Option<Box<StandbyStatus>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     status: Option<Box<ServeStatus>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     target: Option<u8>,
@@ -135,6 +143,7 @@ impl From<Reply> for WireReply {
             mode: None,
             ok: true,
             reason: None,
+            standby: None,
             status: None,
             target: None,
         };
@@ -144,6 +153,7 @@ impl From<Reply> for WireReply {
                 WireReply { mode: Some(w.mode), reason: Some(w.reason), target: Some(w.target), ..none }
             }
             Reply::Handover(h) => WireReply { handover: Some(h), ..none },
+            Reply::Standby(s) => WireReply { standby: Some(s), ..none },
             Reply::Error(e) => WireReply { error: Some(e), ok: false, ..none },
         }
     }
@@ -159,6 +169,7 @@ impl TryFrom<WireReply> for Reply {
             }
             WireReply { status: Some(s), .. } => Ok(Reply::Status(s)),
             WireReply { handover: Some(h), .. } => Ok(Reply::Handover(h)),
+            WireReply { standby: Some(s), .. } => Ok(Reply::Standby(s)),
             WireReply { mode: Some(mode), reason: Some(reason), target: Some(target), .. } => {
                 Ok(Reply::Weights(WeightsReply { target, mode, reason }))
             }
@@ -212,26 +223,69 @@ impl Reply {
     }
 }
 
-/// What the control socket drives: the weighting loop.
+/// What the control socket drives: the weighting loop, once the router serves; before that (a
+/// standby waiting for the lease), the standby's view.
 #[derive(Debug)]
 pub struct Control {
-    pub driver: Arc<Driver>,
+    serving: std::sync::OnceLock<Serving>,
+    standby: Option<StandbyView>,
+}
+
+#[derive(Debug)]
+struct Serving {
+    driver: Arc<Driver>,
     /// Where handover requests go (the serve loop); `None`: this router cannot hand over.
-    pub handover: Option<tokio::sync::mpsc::Sender<HandoverAsk>>,
+    handover: Option<tokio::sync::mpsc::Sender<HandoverAsk>>,
 }
 
 impl Control {
     pub fn new(driver: Arc<Driver>) -> Arc<Control> {
-        Arc::new(Control { driver, handover: None })
+        let c = Control { serving: std::sync::OnceLock::new(), standby: None };
+        c.serve_now(driver, None);
+        Arc::new(c)
     }
 
     /// With handovers going to the serve loop.
     pub fn with_handover(driver: Arc<Driver>, tx: tokio::sync::mpsc::Sender<HandoverAsk>) -> Arc<Control> {
-        Arc::new(Control { driver, handover: Some(tx) })
+        let c = Control { serving: std::sync::OnceLock::new(), standby: None };
+        c.serve_now(driver, Some(tx));
+        Arc::new(c)
+    }
+
+    /// A standby's control socket while it waits for the lease: `status` answers its view
+    /// ([`Reply::Standby`]), everything else is refused until [`Self::serve_now`].
+    pub fn standing_by(view: StandbyView) -> Arc<Control> {
+        Arc::new(Control { serving: std::sync::OnceLock::new(), standby: Some(view) })
+    }
+
+    /// The router serves from here: requests drive `driver` (a second call changes nothing).
+    pub fn serve_now(&self, driver: Arc<Driver>, handover: Option<tokio::sync::mpsc::Sender<HandoverAsk>>) {
+        let _ = self.serving.set(Serving { driver, handover });
     }
 
     /// Handles one request.
     pub async fn handle(self: &Arc<Self>, req: &Request) -> Reply {
+        let Some(serving) = self.serving.get() else {
+            return match (req, &self.standby) {
+                (Request::Status, Some(v)) => Reply::Standby(Box::new(v.status(std::time::Instant::now()))),
+                (_, Some(v)) => {
+                    let st = v.status(std::time::Instant::now());
+                    let active = st.active.map_or_else(|| "nobody yet".to_string(), |a| a.holder.to_string());
+                    Reply::Error(format!(
+                        "this router is a standby for volume {} (the active router: {active}): it serves \
+                         nothing until it holds the lease; ask the active router",
+                        st.volume
+                    ))
+                }
+                (_, None) => Reply::Error("the router is starting".into()),
+            };
+        };
+        serving.handle(req).await
+    }
+}
+
+impl Serving {
+    async fn handle(&self, req: &Request) -> Reply {
         let reply = |r: Result<Decision, String>| match r {
             Ok(d) => Reply::Weights(d.into()),
             Err(e) => Reply::Error(e),
@@ -444,5 +498,24 @@ mod tests {
         assert_eq!(reply(r#"{"ok":false}"#).unwrap(), Reply::Error("request failed".into()));
         assert!(reply(r#"{"ok":true}"#).is_err());
         assert!(reply(r#"{"ok":true,"target":1,"mode":"Sideways","reason":""}"#).is_err());
+    }
+
+    /// A standby waiting for the lease answers `status` with what it waits on, and refuses the
+    /// rest naming the active router.
+    #[tokio::test]
+    async fn a_standby_answers_status_with_its_view_and_refuses_the_rest() {
+        use crate::lease::{Epoch, Holder, LeaseMode};
+        let view = StandbyView::new("v", Holder::new("nodeB", "1"), Duration::from_secs(2));
+        let ctl = Control::standing_by(view);
+        let Reply::Standby(st) = ctl.handle(&Request::Status).await else { panic!("not a standby reply") };
+        assert_eq!((st.volume.as_str(), st.lease.mode, st.lease.epoch), ("v", LeaseMode::Standby, Epoch(0)));
+        assert_eq!((st.lease.ttl_ms, st.active.clone()), (2000, None));
+        let line = encode_reply(&Reply::Standby(st.clone()));
+        assert!(line.starts_with(r#"{"ok":true,"standby":{"active":null,"lease":{"epoch":0,"#), "{line}");
+        assert_eq!(serde_json::from_str::<Reply>(&line).unwrap(), Reply::Standby(st));
+        let Reply::Error(e) = ctl.handle(&Request::Failover).await else {
+            panic!("a standby took a command")
+        };
+        assert!(e.contains("is a standby for volume v"), "{e}");
     }
 }

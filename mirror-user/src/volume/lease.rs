@@ -10,7 +10,12 @@
 //! to the router's `LeaseLine` (status, the safe window its writes are checked against) and fence
 //! the router when it is lost.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
 
 use super::{
     error::ReplicaError,
@@ -26,7 +31,8 @@ use crate::{
         replica::{Authority, Claim, ClaimRefused, ReplicaLease, ReplicaLeaseError, ReplicaLeaseView},
         take::{ReplicaSeen, StoreKind},
         tenure::{Tenure, TenureConfig},
-        Clock, Epoch, Held, Holder, LeaseError, LeaseMode, LeaseStore, MonotonicClock, ReplicaId,
+        Clock, Epoch, Held, Holder, LeaseError, LeaseMode, LeaseRecord, LeaseState, LeaseStore,
+        MonotonicClock, ReplicaId,
     },
     replication::protocol::{code, Message},
     storage::{StorageError, Volume},
@@ -162,6 +168,110 @@ pub struct LeaseOptions {
     /// Wait for the lease (etcd): announce this router as a standby and take over when the
     /// holder's lease expires or is handed to it.
     pub standby: bool,
+    /// Where a standby shows what it waits on while it waits (`ctl status` on the standby).
+    pub standby_view: Option<StandbyView>,
+}
+
+/// A standby router's status while it waits for the lease: what `mirror ctl status` answers on
+/// the standby's node before it serves anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandbyStatus {
+    pub volume: String,
+    /// This router's lease, in standby mode (the same shape as an active router's `lease`).
+    pub lease: LeaseStatus,
+    /// The router holding the lease now (`null`: nobody holds it, a takeover is under way).
+    pub active: Option<ActiveSeen>,
+    /// How long this router has been standing by, milliseconds.
+    pub waiting_ms: u64,
+}
+
+/// The active router as a standby last read it from the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveSeen {
+    pub holder: Holder,
+    pub epoch: Epoch,
+    /// How long its lease runs without another renewal, milliseconds (0: expired: the standby
+    /// takes over).
+    pub time_left_ms: u64,
+    /// The lease was handed to this router (a planned handover under way).
+    pub handed_to_me: bool,
+}
+
+#[derive(Debug)]
+struct Seen {
+    since: Instant,
+    /// The store's record at `at` and its time left then.
+    record: Option<(LeaseRecord, Duration)>,
+    at: Instant,
+    last_epoch: Epoch,
+    reason: String,
+}
+
+/// Shared between a standby's wait ([`take`]) and its control socket.
+#[derive(Debug, Clone)]
+pub struct StandbyView {
+    volume: String,
+    me: Holder,
+    store: &'static str,
+    ttl: Duration,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl StandbyView {
+    pub fn new(volume: &str, me: Holder, ttl: Duration) -> StandbyView {
+        let now = Instant::now();
+        StandbyView {
+            volume: volume.into(),
+            me,
+            store: "etcd",
+            ttl,
+            seen: Arc::new(Mutex::new(Seen {
+                since: now,
+                record: None,
+                at: now,
+                last_epoch: Epoch(0),
+                reason: "standing by: connecting to the lease store".into(),
+            })),
+        }
+    }
+
+    /// What the store said at `clock_now` (the standby's lease clock).
+    fn saw(&self, state: &LeaseState, clock_now: Duration, reason: String) {
+        let mut s = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.record = state.record.clone().map(|r| {
+            let left = r.time_left(clock_now);
+            (r, left)
+        });
+        s.at = Instant::now();
+        s.last_epoch = state.last_epoch;
+        s.reason = reason;
+    }
+
+    /// The status at `now`.
+    pub fn status(&self, now: Instant) -> StandbyStatus {
+        let s = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ms = |d: Duration| d.as_millis().try_into().unwrap_or(u64::MAX);
+        let active = s.record.as_ref().map(|(r, left)| ActiveSeen {
+            holder: r.holder.clone(),
+            epoch: r.epoch,
+            time_left_ms: ms(left.saturating_sub(now.saturating_duration_since(s.at))),
+            handed_to_me: r.handed_to.as_ref() == Some(&self.me),
+        });
+        StandbyStatus {
+            volume: self.volume.clone(),
+            lease: LeaseStatus {
+                store: self.store.into(),
+                mode: LeaseMode::Standby,
+                holder: self.me.clone(),
+                epoch: active.as_ref().map_or(s.last_epoch, |a| a.epoch),
+                ttl_ms: ms(self.ttl),
+                time_left_ms: 0,
+                reason: s.reason.clone(),
+            },
+            active,
+            waiting_ms: ms(now.saturating_duration_since(s.since)),
+        }
+    }
 }
 
 /// The embedded store over the router's two replicas.
@@ -385,6 +495,15 @@ async fn stand_by(
     tracing::info!(holder = %o.holder, "lease: standing by (etcd); taking over when the holder's lease expires");
     loop {
         let state = store.current().await?;
+        if let Some(v) = &o.standby_view {
+            let why = match &state.record {
+                Some(r) if r.holder != o.holder && r.live(clock.now()) => {
+                    format!("standing by: {} holds the lease at epoch {}", r.holder, r.epoch)
+                }
+                _ => "standing by: the lease is free, taking it".into(),
+            };
+            v.saw(&state, clock.now(), why);
+        }
         let waiting_on = state.record.filter(|r| r.holder != o.holder && r.live(clock.now()));
         match waiting_on {
             Some(r) => {
