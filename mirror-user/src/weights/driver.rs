@@ -17,7 +17,7 @@ use std::{
 
 use super::{
     engine::{Decision, Engine, EngineConfig, Mode, Override, Sample},
-    policy::{datapath_latency_us, judge, window_parts, NodeJudged, Progress},
+    policy::{datapath_latency_us, judge, window_parts, DatapathWindow, NodeJudged, Progress},
     status::{NodeStatus, ReplicaStatus, ServeStatus, WeightEvent},
 };
 use crate::{
@@ -56,8 +56,8 @@ impl Default for DriverConfig {
         DriverConfig {
             engine: EngineConfig::default(),
             tick: Duration::from_millis(100),
-            datapath_ratio_good: 4.0,
-            datapath_ratio_bad: 40.0,
+            datapath_ratio_good: 2.0,
+            datapath_ratio_bad: 20.0,
             initial_pin: None,
         }
     }
@@ -75,6 +75,8 @@ struct NodeView {
     unreachable: bool,
     /// Data-path score from the router's latency figures, 0..=100.
     datapath: Option<f64>,
+    /// The data-path scores of the last ticks, for judging the nodes against each other.
+    datapath_recent: DatapathWindow,
     /// Baseline of the data-path latency, microseconds (learned only while healthy, anchored:
     /// see [`crate::health::baseline`]).
     baseline: Baseline,
@@ -257,7 +259,7 @@ impl Driver {
                 best: &windows[i].0,
                 worst: &windows[i].1,
                 margin: margin(i),
-                datapath: v.nodes[i].datapath,
+                datapath: v.nodes[i].datapath_recent.mean(),
             };
             let source_relative = source_health.map(|h| {
                 let t = target_health.map(|t| judged(1, t));
@@ -295,11 +297,13 @@ impl Driver {
         if lat == 0 {
             // Nothing completed lately and nothing waits: no evidence either way.
             n.datapath = None;
+            n.datapath_recent.push(now, None);
             return;
         }
         // Against a baseline of at least 50 us, learned only while the latency is normal.
         let ratio = n.baseline.observe(now, lat as f64, 50.0);
         n.datapath = Some(falloff(ratio, self.cfg.datapath_ratio_good, self.cfg.datapath_ratio_bad));
+        n.datapath_recent.push(now, n.datapath);
     }
 
     /// Where the weights go after every tick, besides the router.

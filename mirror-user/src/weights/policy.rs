@@ -9,7 +9,8 @@ use crate::health::{monitor::PartReport, score::composite};
 
 /// A node as the router judges it: its health report's parts over a short recent window, as
 /// the best and the worst score each part had in it (empty for a node that sends none), with the
-/// margin they are composed with, its score, and its data-path score.
+/// margin they are composed with, its score, and its data-path score (averaged over
+/// [`DATAPATH_WINDOW`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NodeJudged<'a> {
     pub score: f64,
@@ -37,6 +38,38 @@ pub fn window_parts<'a>(
         }
     }
     (best, worst)
+}
+
+/// How far back a node's data-path score is averaged for judging it against the other's
+/// (five ticks): a burst of slow completions on one replica of a loaded machine (the other has
+/// its burst a moment before or after) is averaged down, while a slow disk, slow at every tick,
+/// counts in full after half a second.
+pub const DATAPATH_WINDOW: Duration = Duration::from_millis(500);
+
+/// A node's data-path scores of the last [`DATAPATH_WINDOW`].
+#[derive(Debug, Clone, Default)]
+pub struct DatapathWindow {
+    scores: std::collections::VecDeque<(Duration, f64)>,
+}
+
+impl DatapathWindow {
+    /// Adds the score of `now` (`None`: no evidence; the window empties) and drops what fell
+    /// out.
+    pub fn push(&mut self, now: Duration, score: Option<f64>) {
+        match score {
+            Some(x) => self.scores.push_back((now, x)),
+            None => self.scores.clear(),
+        }
+        while self.scores.front().is_some_and(|(t, _)| now.saturating_sub(*t) > DATAPATH_WINDOW) {
+            self.scores.pop_front();
+        }
+    }
+
+    /// The mean score over the window (`None`: no evidence in it).
+    pub fn mean(&self) -> Option<f64> {
+        let n = self.scores.len();
+        (n > 0).then(|| self.scores.iter().map(|&(_, x)| x).sum::<f64>() / n as f64)
+    }
 }
 
 /// `own` as far as it is worse than `other`: `100 - max(0, other - own)`.
@@ -283,6 +316,36 @@ mod tests {
 
     fn node(score: f64, parts: &[PartReport], datapath: Option<f64>) -> NodeJudged<'_> {
         NodeJudged { score, best: parts, worst: parts, margin: 15.0, datapath }
+    }
+
+    /// Bursts of slow completions on one replica, then on the other (a loaded machine), average
+    /// out; a data path slow at every tick counts in full.
+    #[test]
+    fn the_data_path_is_judged_by_its_mean_over_the_window() {
+        let ms = Duration::from_millis;
+        let (mut s, mut t) = (DatapathWindow::default(), DatapathWindow::default());
+        let judged = |s: &DatapathWindow, t: &DatapathWindow| {
+            judge(&node(100.0, &[], s.mean()), Some(&node(100.0, &[], t.mean())))
+        };
+        // Alternating one-tick bursts.
+        for k in 0..20u64 {
+            let burst = k % 2 == 0;
+            s.push(ms(k * 100), Some(if burst { 40.0 } else { 100.0 }));
+            t.push(ms(k * 100), Some(if burst { 100.0 } else { 40.0 }));
+            if k >= 5 {
+                assert!(judged(&s, &t) >= 88.0, "tick {k}: {}", judged(&s, &t));
+            }
+        }
+        // The source slow at every tick.
+        for k in 20..30u64 {
+            s.push(ms(k * 100), Some(25.0));
+            t.push(ms(k * 100), Some(90.0));
+        }
+        assert_eq!(judged(&s, &t), 35.0);
+        // No evidence: no data-path part.
+        s.push(ms(3000), None);
+        assert_eq!(s.mean(), None);
+        assert_eq!(judged(&s, &t), 100.0);
     }
 
     #[test]
