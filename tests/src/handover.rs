@@ -47,6 +47,13 @@ impl Pair {
     /// Starts everything with `bin`, a `ttl` such as `2s` and replica files of `size` bytes
     /// (zeros); returns once A serves and B stands by.
     pub fn start(tag: &str, bin: &Path, ttl: &str, size: u64) -> Result<Pair> {
+        let mut p = Pair::start_active(tag, bin, ttl, size)?;
+        p.start_standby()?;
+        Ok(p)
+    }
+
+    /// [`Pair::start`] without B: etcd, the replicas and A serving.
+    pub fn start_active(tag: &str, bin: &Path, ttl: &str, size: u64) -> Result<Pair> {
         let dir = TempDir::create(tag)?;
         let secret = secret_file(&dir.0);
         let etcd = Etcd::start(1)?;
@@ -85,6 +92,12 @@ impl Pair {
             .with_context(|| format!("router A: {}", p.log(0)))?;
         crate::proc::drain(out);
         p.routers[0] = Some(Kill(child));
+        Ok(p)
+    }
+
+    /// Starts B `--standby` and waits until it stands by.
+    pub fn start_standby(&mut self) -> Result<()> {
+        let p = self;
         let mut b = p.serve(1, &["--standby"]);
         let mut child = b.stdout(Stdio::piped()).spawn().context("spawn router B")?;
         let out = BufReader::new(child.stdout.take().context("B's stdout")?);
@@ -100,7 +113,7 @@ impl Pair {
         });
         p.routers[1] = Some(Kill(child));
         p.wait_log(1, "standing by", Duration::from_secs(20))?;
-        Ok(p)
+        Ok(())
     }
 
     /// `mirror serve` for router `i` (its own replica first), with `extra` flags.

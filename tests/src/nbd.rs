@@ -435,6 +435,19 @@ pub fn lost(log: &WriterLog, base: u64, files: &[&Path]) -> Result<Vec<(usize, u
     Ok(out)
 }
 
+/// Acknowledged writes that do not read back intact through `client` (a router serving the
+/// volume): their sequence numbers.
+pub fn lost_through(client: &mut NbdClient, log: &WriterLog, base: u64) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for w in log.acked() {
+        let b = client.read(base + w.seq * BLOCK as u64, BLOCK as u32)?;
+        if carried(&b) != Some((w.seq, w.conn)) {
+            out.push(w.seq);
+        }
+    }
+    Ok(out)
+}
+
 /// Of the requests `which` selects, those whose block is on one of `files`: (file index, seq).
 pub fn landed(
     log: &WriterLog,
