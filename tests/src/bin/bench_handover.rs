@@ -52,6 +52,19 @@ struct Args {
     /// Seconds the writer runs before and after each event.
     #[arg(long, default_value_t = 1.0)]
     settle_s: f64,
+    /// Keep the routers' logs (RUST_LOG=info, timestamped) of every scenario in this directory.
+    #[arg(long, value_name = "DIR")]
+    logs: Option<PathBuf>,
+}
+
+/// Copies the routers' logs to `--logs DIR` as `SCENARIO-ROUND-NODE.log`.
+fn keep_logs(a: &Args, p: &Pair, scenario: &str, round: u64) -> Result<()> {
+    let Some(d) = &a.logs else { return Ok(()) };
+    std::fs::create_dir_all(d)?;
+    for (i, node) in mirror_tests::handover::NODES.iter().enumerate() {
+        std::fs::write(d.join(format!("{scenario}-{round}-{node}.log")), p.log(i))?;
+    }
+    Ok(())
 }
 
 const SIZE: u64 = 64 << 20;
@@ -112,6 +125,7 @@ fn planned(a: &Args, round: u64) -> Result<Planned> {
     let first_b = log.first_ack_after(t0, 1);
     let rel = |t: Option<Instant>| t.map_or(f64::NAN, |t| secs(t.saturating_duration_since(t0)));
     let (lost, identical) = check(&mut p, &log)?;
+    keep_logs(a, &p, "planned", round)?;
     Ok(Planned {
         pause_s: secs(gap),
         held_ms: h["paused_ms"].as_f64().unwrap_or(f64::NAN),
@@ -148,6 +162,7 @@ fn crash(a: &Args, round: u64) -> Result<Crash> {
     let log = w.stop()?;
     let first_b = log.first_ack_after(killed, 1).context("no write acknowledged by B")?;
     let (lost, identical) = check(&mut p, &log)?;
+    keep_logs(a, &p, "crash", round)?;
     Ok(Crash {
         takeover_s: secs(first_b - killed),
         serving_s: secs(serving - killed),
@@ -168,6 +183,7 @@ struct Frozen {
     in_doubt: usize,
     takeover_s: f64,
     fenced_exit: bool,
+    acked: usize,
     lost: usize,
     identical: bool,
 }
@@ -205,9 +221,11 @@ fn frozen(a: &Args, round: u64) -> Result<Frozen> {
             .count(),
         takeover_s: secs(serving - stopped),
         fenced_exit,
+        acked: log.acked().count(),
         ..Frozen::default()
     };
     let (lost, identical) = check(&mut p, &log)?;
+    keep_logs(a, &p, "frozen", round)?;
     Ok(Frozen { lost, identical, ..r })
 }
 
@@ -249,8 +267,16 @@ fn main() -> Result<()> {
                     let r = frozen(&a, round)?;
                     eprintln!(
                         "round {round} frozen: B serving {:.3} s after SIGSTOP; {} writes sent to the frozen router, {} landed, \
-                         {} acknowledged, {} in doubt (sent before the freeze); fenced exit {}, lost {}, identical {}",
-                        r.takeover_s, r.sent_frozen, r.landed, r.acked_by_fenced, r.in_doubt, r.fenced_exit, r.lost, r.identical
+                         {} acknowledged, {} in doubt (sent before the freeze); fenced exit {}; {} acked, lost {}, identical {}",
+                        r.takeover_s,
+                        r.sent_frozen,
+                        r.landed,
+                        r.acked_by_fenced,
+                        r.in_doubt,
+                        r.fenced_exit,
+                        r.acked,
+                        r.lost,
+                        r.identical
                     );
                     fr.push(r);
                 }
@@ -304,7 +330,15 @@ fn main() -> Result<()> {
         format!("of {}", fr.iter().map(|r| r.sent_frozen).sum::<usize>()),
         "0"
     );
-    println!("{:<50} {:>8} {:>14} {:>12}", "acked_writes_lost (all scenarios)", lost, "", "0");
+    let acked: usize =
+        pl.iter().map(|r| r.acked).chain(cr.iter().map(|r| r.acked)).chain(fr.iter().map(|r| r.acked)).sum();
+    println!(
+        "{:<50} {:>8} {:>14} {:>12}",
+        "acked_writes_lost (all scenarios)",
+        lost,
+        format!("of {acked}"),
+        "0"
+    );
     println!("{:<50} {:>8} {:>14} {:>12}", "replicas identical (all scenarios)", identical, "", "true");
     let json = serde_json::json!({
         "planned_pause_s": median(pause.clone()),
@@ -312,7 +346,9 @@ fn main() -> Result<()> {
         "lease_ttl_s": ttl,
         "stale_writes_landed": stale,
         "acked_writes_lost": lost,
+        "acked_writes": acked,
         "replicas_identical": identical,
+        "fenced_router_stopped": fr.iter().all(|r| r.fenced_exit),
         "targets": {
             "planned_pause_s": 1.0, "crash_takeover_s": ttl + 1.0,
             "stale_writes_landed": 0, "acked_writes_lost": 0,
@@ -330,7 +366,7 @@ fn main() -> Result<()> {
         })).collect::<Vec<_>>(),
         "frozen": fr.iter().map(|r| serde_json::json!({
             "sent_while_frozen": r.sent_frozen, "landed": r.landed, "acked_by_fenced": r.acked_by_fenced,
-            "in_doubt": r.in_doubt, "b_serving_s": r.takeover_s, "fenced_exit": r.fenced_exit,
+            "in_doubt": r.in_doubt, "b_serving_s": r.takeover_s, "fenced_exit": r.fenced_exit, "acked": r.acked,
             "lost": r.lost, "identical": r.identical,
         })).collect::<Vec<_>>(),
     });
