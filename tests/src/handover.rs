@@ -59,7 +59,10 @@ impl Pair {
         let etcd = Etcd::start(1)?;
         let replica = |name: &str| -> Result<Replica> {
             let path = dir.0.join(name);
-            std::fs::write(&path, vec![0u8; usize::try_from(size)?])?;
+            // Written and synced: the first flush of a run must not be the file's creation.
+            let f = File::create(&path)?;
+            std::io::Write::write_all(&mut &f, &vec![0u8; usize::try_from(size)?])?;
+            f.sync_all()?;
             let args = vec![
                 "replica".into(),
                 "--listen".into(),
