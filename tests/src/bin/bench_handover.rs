@@ -179,6 +179,10 @@ struct Frozen {
     sent_frozen: usize,
     landed: usize,
     acked_by_fenced: usize,
+    /// Of those sent when frozen: refused by A with an NBD error once it ran again (it read them
+    /// and answered), and cut off (the connection closed without a reply).
+    refused: usize,
+    cut_off: usize,
     /// Sent to A before the freeze and never answered: may or may not be on the replicas.
     in_doubt: usize,
     takeover_s: f64,
@@ -214,6 +218,8 @@ fn frozen(a: &Args, round: u64) -> Result<Frozen> {
         sent_frozen: log.writes.iter().filter(|x| after(x)).count(),
         landed: stale.len(),
         acked_by_fenced: log.writes.iter().filter(|x| after(x) && x.acked.is_some()).count(),
+        refused: log.writes.iter().filter(|x| after(x) && x.error.is_some_and(|e| e != u32::MAX)).count(),
+        cut_off: log.writes.iter().filter(|x| after(x) && x.error == Some(u32::MAX)).count(),
         in_doubt: log
             .writes
             .iter()
@@ -266,10 +272,12 @@ fn main() -> Result<()> {
                 _ => {
                     let r = frozen(&a, round)?;
                     eprintln!(
-                        "round {round} frozen: B serving {:.3} s after SIGSTOP; {} writes sent to the frozen router, {} landed, \
-                         {} acknowledged, {} in doubt (sent before the freeze); fenced exit {}; {} acked, lost {}, identical {}",
+                        "round {round} frozen: B serving {:.3} s after SIGSTOP; {} writes sent to the frozen router ({} refused by it, {} cut off), \
+                         {} landed, {} acknowledged, {} in doubt (sent before the freeze); fenced exit {}; {} acked, lost {}, identical {}",
                         r.takeover_s,
                         r.sent_frozen,
+                        r.refused,
+                        r.cut_off,
                         r.landed,
                         r.acked_by_fenced,
                         r.in_doubt,
@@ -365,7 +373,7 @@ fn main() -> Result<()> {
             "lost": r.lost, "identical": r.identical,
         })).collect::<Vec<_>>(),
         "frozen": fr.iter().map(|r| serde_json::json!({
-            "sent_while_frozen": r.sent_frozen, "landed": r.landed, "acked_by_fenced": r.acked_by_fenced,
+            "sent_while_frozen": r.sent_frozen, "refused": r.refused, "cut_off": r.cut_off, "landed": r.landed, "acked_by_fenced": r.acked_by_fenced,
             "in_doubt": r.in_doubt, "b_serving_s": r.takeover_s, "fenced_exit": r.fenced_exit, "acked": r.acked,
             "lost": r.lost, "identical": r.identical,
         })).collect::<Vec<_>>(),
