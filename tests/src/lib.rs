@@ -7,6 +7,8 @@
 //! - [`blockdev`]: loop devices and `dd`;
 //! - [`cgroup`]: I/O throttles and memory limits, and commands started inside a cgroup;
 //! - [`net`]: free ports and a veth link to a peer that never answers;
+//! - [`nbd`]: a small NBD client and a writer of numbered blocks that reconnects to the next router;
+//! - [`handover`]: etcd, two replicas, an active and a standby router, for the handover tests and bench;
 //! - [`netns`]: a node in a network namespace of its own, its link black-holed or shaped;
 //! - [`proc`]: the processes under test (`mirror daemon`, `mirror replica`, the CLI) and the
 //!   guards that stop them;
@@ -26,6 +28,8 @@ pub mod env;
 pub mod etcd;
 pub mod flood;
 pub mod fs;
+pub mod handover;
+pub mod nbd;
 pub mod net;
 pub mod netns;
 pub mod proc;

@@ -21,6 +21,8 @@ use mirror_tests::{
     env::{mirror_bin, skip, which},
     etcd::{self, Etcd},
     fs::{secret_file, TempDir},
+    handover::Pair,
+    nbd::{landed, lost, lost_through, NbdClient, Writer, WriterLog, WriterOpts, BLOCK},
     proc::{drain, spawn_until, Kill, Replica},
 };
 
@@ -492,16 +494,21 @@ async fn a_router_over_tls_is_fenced_when_its_remote_replicas_epoch_is_raised() 
     }
 }
 
-fn etcd_or_skip(test: &str) -> Option<Etcd> {
+/// Whether qemu-io and etcd are here (a loud skip when not).
+fn etcd_tools(test: &str) -> bool {
     if which("qemu-io").is_none() {
         skip(test, "NBD", "qemu-io is not installed (cargo xtask setup)");
-        return None;
+        return false;
     }
     if etcd::binary().is_none() {
         skip(test, "ETCD", "etcd is not installed (Debian etcd-server; `cargo xtask setup` installs it)");
-        return None;
+        return false;
     }
-    Some(Etcd::start(1).expect("start etcd"))
+    true
+}
+
+fn etcd_or_skip(test: &str) -> Option<Etcd> {
+    etcd_tools(test).then(|| Etcd::start(1).expect("start etcd"))
 }
 
 /// etcd mode: a second router is refused naming the holder, as in the embedded mode.
@@ -531,29 +538,66 @@ fn etcd_a_standby_takes_over_from_a_frozen_router_which_is_then_fenced() {
     frozen_router_fenced_with("lease-etcd-standby", &["--lease-store", &url], &["--standby"], "2s");
 }
 
-fn ctl(dir: &Path, node: &str, args: &[&str]) -> std::process::Output {
-    Command::new(mirror_bin())
-        .args(["ctl", "--socket", &dir.join(format!("{node}.sock")).display().to_string()])
-        .args(args)
-        .output()
-        .expect("mirror ctl")
+/// The handover fixture (`mirror_tests::handover`) with 64 MiB replicas and a 2 s TTL.
+fn pair(tag: &str, standby: bool) -> Pair {
+    let bin = mirror_bin();
+    let p =
+        if standby { Pair::start(tag, &bin, "2s", SIZE) } else { Pair::start_active(tag, &bin, "2s", SIZE) };
+    p.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+const SIZE: u64 = 64 * MIB;
+
+/// The reconnecting writer (`mirror_tests::nbd::Writer`) over both routers' addresses, from
+/// byte `base`, `depth` writes in flight at most.
+fn writer(p: &Pair, base: u64, depth: usize) -> Writer {
+    let mut o = WriterOpts::new(p.nbd.to_vec(), base, (SIZE - base) / BLOCK as u64);
+    o.depth = depth;
+    Writer::start(o)
+}
+
+/// Every acknowledged block reads back through B's NBD export.
+fn verify_through_b(p: &Pair, log: &WriterLog, base: u64) {
+    let mut c =
+        NbdClient::connect(&p.nbd[1], Duration::from_secs(5), Duration::from_secs(30)).expect("connect to B");
+    let lost = lost_through(&mut c, log, base).expect("read through B");
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged blocks do not read back through B: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+}
+
+/// Every acknowledged block intact on both replica files, and the files byte-identical (B
+/// stopped first: its final flush).
+fn verify_files(p: &mut Pair, log: &WriterLog, base: u64) {
+    p.stop(1, Duration::from_secs(15)).expect("B stops on SIGTERM");
+    let files = p.files();
+    let lost = lost(log, base, &[&files[0], &files[1]]).unwrap();
+    assert!(
+        lost.is_empty(),
+        "acknowledged blocks missing on a replica (file, seq): {:?}",
+        &lost[..lost.len().min(10)]
+    );
+    assert!(p.identical().unwrap(), "the replicas differ");
 }
 
 /// `ctl status` on a standby that waits: its lease in standby mode, the active router it waits
 /// on (holder, epoch, a lease with time left), as JSON and as a line; anything but status is
 /// refused naming the active router.
-fn assert_standing_by(dir: &Path, node: &str, active: &str, epoch: u64) {
-    let st = ctl_status(dir, node);
+fn assert_standing_by(p: &Pair, node: &str, active: &str, epoch: u64) {
+    let st = p.status(1).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(st["lease"]["mode"], "standby", "{st}");
     assert!(st["lease"]["holder"].as_str().unwrap().starts_with(&format!("{node}/")), "{st}");
     assert!(st["active"]["holder"].as_str().unwrap().starts_with(active), "{st}");
     assert_eq!(st["active"]["epoch"].as_u64(), Some(epoch), "{st}");
     assert!(st["active"]["time_left_ms"].as_u64().unwrap() > 0, "the active router renews: {st}");
-    let line = ctl(dir, node, &["status"]);
+    let line = p.ctl(1, &["status"]).unwrap();
     let text = String::from_utf8_lossy(&line.stdout);
     println!("{node} standing by: {text}");
     assert!(line.status.success() && text.contains("standby router") && text.contains(active), "{text}");
-    let no = ctl(dir, node, &["failover"]);
+    let no = p.ctl(1, &["failover"]).unwrap();
     let err = String::from_utf8_lossy(&no.stderr);
     assert!(!no.status.success() && err.contains("is a standby") && err.contains(active), "{err}");
 }
@@ -563,54 +607,32 @@ fn assert_standing_by(dir: &Path, node: &str, active: &str, epoch: u64) {
 /// source), A shifts reads, quiesces, flushes, hands the lease to B and exits 0 naming B and the
 /// epoch; B serves at a higher epoch with roles swapped (source t, target s: the old source is
 /// its replica), what A acknowledged reads back through B, and the replica files are
-/// byte-identical after B's writes.
+/// byte-identical after B's writes. The workload is the reconnecting writer: one numbered block
+/// per write, to A and, once A hands over, to B.
 #[test]
 fn etcd_planned_handover_moves_the_volume_to_the_standby_with_roles_swapped() {
     let tag = "lease_fencing::etcd_planned_handover_moves_the_volume_to_the_standby_with_roles_swapped";
-    let Some(e) = etcd_or_skip(tag) else {
+    if !etcd_tools(tag) {
         return;
-    };
-    let url = e.url();
-    let store = ["--lease-store", url.as_str()];
-    let dir = TempDir::new("lease-handover");
-    secret_file(&dir.0);
-    let (s, t) = replicas(&dir.0);
-    let (mut a, nbd_a) = started(&dir.0, "nodeA", &mut serve_with(&dir.0, &s, &t, "nodeA", "2s", &store));
+    }
+    let mut p = pair("lease-handover", false);
+    let nbd_a = p.nbd[0].clone();
     let w = qemu_io(&nbd_a, &["write -P 0x5a 0 1M".into(), "write -P 0x6b 3M 512k".into()]);
     assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
     // No standby yet: refused, clearly, and A serves on.
-    let no = ctl(&dir.0, "nodeA", &["handover"]);
+    let no = p.ctl(0, &["handover"]).unwrap();
     let err = String::from_utf8_lossy(&no.stderr);
     assert!(!no.status.success() && err.contains("no standby router is announced"), "{err}");
     let w = qemu_io(&nbd_a, &["write -P 0x7c 1M 1M".into()]);
     assert!(w.status.success(), "A serves on after the refusal: {}", String::from_utf8_lossy(&w.stderr));
-    let epoch_a = ctl_status(&dir.0, "nodeA")["lease"]["epoch"].as_u64().unwrap();
+    let epoch_a = p.status(0).unwrap()["lease"]["epoch"].as_u64().unwrap();
     // B stands by with its own replica as the source.
-    let mut c = serve_with(&dir.0, &t, &s, "nodeB", "2s", &["--lease-store", &url, "--standby"]);
-    c.stdout(Stdio::piped());
-    let mut b = Kill(c.spawn().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log(&dir.0, "nodeB").contains("standing by") {
-        assert!(Instant::now() < deadline, "B never stood by: {}", log(&dir.0, "nodeB"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_standing_by(&dir.0, "nodeB", "nodeA/", epoch_a);
-    // The workload: one known pattern per 64 KiB block of [4M, 12M), each write a new qemu-io
-    // connection to the router that serves now (a client that reconnects): refused or cut off
-    // by A mid-handover, the same write is re-issued to B once B serves.
-    let target = std::sync::Arc::new(std::sync::Mutex::new(nbd_a.clone()));
-    let writer = reconnecting_writer(target.clone());
+    p.start_standby().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_standing_by(&p, "nodeB", "nodeA/", epoch_a);
+    let writer = writer(&p, 4 * MIB, 1);
     std::thread::sleep(Duration::from_millis(500));
     let started_at = Instant::now();
-    let out = ctl(&dir.0, "nodeA", &["--json", "handover"]);
-    assert!(
-        out.status.success(),
-        "handover: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        log(&dir.0, "nodeA")
-    );
-    let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let h = p.handover().unwrap_or_else(|e| panic!("{e:#}"));
     assert!(h["successor"].as_str().unwrap().starts_with("nodeB/"), "{h}");
     let epoch = h["epoch"].as_u64().unwrap();
     assert!(epoch > epoch_a, "{h}");
@@ -620,47 +642,34 @@ fn etcd_planned_handover_moves_the_volume_to_the_standby_with_roles_swapped() {
         h["paused_ms"]
     );
     // A stops by itself, 0, naming its successor and the epoch.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(st) = a.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "A did not stop: {}", log(&dir.0, "nodeA"));
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let la = log(&dir.0, "nodeA");
+    let status = p.wait_exit(0, Duration::from_secs(15)).unwrap_or_else(|e| panic!("{e:#}"));
+    let la = p.log(0);
     assert!(status.success(), "A exited {status}: {la}");
     assert!(la.contains("handed over to nodeB/") && la.contains(&format!("(epoch {epoch})")), "{la}");
     // B serves, active, roles swapped.
-    let stdout = b.0.stdout.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-    let nbd_b = loop {
-        let l = lines.next().expect("B exited before serving").unwrap();
-        if let Some(x) = l.strip_prefix("nbd listening on ") {
-            break x.to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    *target.lock().unwrap() = nbd_b.clone();
+    p.wait_b_serving(Duration::from_secs(15)).unwrap_or_else(|e| panic!("{e:#}"));
     println!("B serving {:.2} s after the handover began", started_at.elapsed().as_secs_f64());
-    let acked = writer.join().expect("the workload");
-    let gap = acked.windows(2).map(|w| w[1].2 - w[0].2).max().unwrap_or_default();
-    let across = acked.iter().filter(|(_, _, at)| *at < started_at).count();
+    std::thread::sleep(Duration::from_millis(500));
+    let log = writer.stop().unwrap_or_else(|e| panic!("{e:#}"));
+    let (gap, _) = log.longest_gap().unwrap();
+    let by = |i: usize| log.acked().filter(|w| w.addr == i).count();
     println!(
-        "workload: {} writes acknowledged ({across} before the handover), longest gap {:.2} s",
-        acked.len(),
+        "workload: {} writes acknowledged ({} by A, {} by B), longest gap {:.2} s",
+        log.acked().count(),
+        by(0),
+        by(1),
         gap.as_secs_f64()
     );
-    assert!(across > 0 && across < acked.len(), "the workload did not span the handover");
-    verify_acked(&nbd_b, &acked);
-    let st = ctl_status(&dir.0, "nodeB");
+    assert!(by(0) > 0 && by(1) > 0, "the workload did not span the handover");
+    verify_through_b(&p, &log, 4 * MIB);
+    let st = p.status(1).unwrap();
     assert_eq!(st["lease"]["mode"], "active", "{st}");
     assert!(st["lease"]["epoch"].as_u64().unwrap() >= epoch, "{st}");
     let reps = st["replicas"].as_array().unwrap();
     // B's source is t (A's target), its target s: the old source serves as the new one's replica.
-    assert!(reps[0].to_string().contains(&t.addr) && reps[1].to_string().contains(&s.addr), "{st}");
+    assert!(reps[0].to_string().contains(&p.t.addr) && reps[1].to_string().contains(&p.s.addr), "{st}");
     let r = qemu_io(
-        &nbd_b,
+        &p.nbd[1],
         &[
             "read -P 0x5a 0 1M".into(),
             "read -P 0x7c 1M 1M".into(),
@@ -671,116 +680,84 @@ fn etcd_planned_handover_moves_the_volume_to_the_standby_with_roles_swapped() {
     );
     let said = String::from_utf8_lossy(&r.stdout);
     assert!(r.status.success() && !said.contains("Pattern verification failed"), "{said}");
-    signal(b.0.id(), "-TERM");
-    let _ = b.0.wait();
-    let (fs, ft) = (std::fs::read(dir.0.join("s.img")).unwrap(), std::fs::read(dir.0.join("t.img")).unwrap());
-    assert!(fs == ft, "the replicas differ after the handover");
+    verify_files(&mut p, &log, 4 * MIB);
+    let fs = std::fs::read(&p.files()[0]).unwrap();
     assert!(fs[2 * MIB as usize..3 * MIB as usize].iter().all(|&x| x == 0x8d));
 }
 
-/// A write acknowledged by the workload: block, pattern, when.
-type Acked = (u64, u8, Instant);
-
-/// The workload: one known pattern per 64 KiB block of [4M, 12M), each write (and its flush) a
-/// new qemu-io connection to the router in `target` (a client that reconnects): a write refused
-/// or cut off is re-issued, to whatever `target` says then, until acknowledged.
-fn reconnecting_writer(
-    target: std::sync::Arc<std::sync::Mutex<String>>,
-) -> std::thread::JoinHandle<Vec<Acked>> {
-    std::thread::spawn(move || {
-        let mut acked = Vec::new();
-        for k in 0..128u64 {
-            let pattern = (k % 200 + 1) as u8;
-            let cmd = format!("write -P {pattern} {} 64k", 4 * MIB + k * 65536);
-            let give_up = Instant::now() + Duration::from_secs(30);
-            loop {
-                let to = target.lock().unwrap().clone();
-                let o = qemu_io(&to, &[cmd.clone(), "flush".into()]);
-                if o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("error") {
-                    acked.push((k, pattern, Instant::now()));
-                    break;
-                }
-                assert!(Instant::now() < give_up, "write {k} never acknowledged");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        acked
-    })
+/// Planned handover under a pipelined reconnecting writer (up to 8 writes in flight, so some
+/// are in flight when A quiesces: those are held, then refused, never acknowledged): every
+/// write the client saw acknowledged, by A or by B, is intact on both replica files, the files
+/// are byte-identical, and the writer went on through B. (The check itself is checked: the
+/// acknowledged blocks are found by the same digest test that finds stale ones.)
+#[test]
+fn etcd_planned_handover_under_a_reconnecting_writer_loses_no_acknowledged_write() {
+    let tag = "lease_fencing::etcd_planned_handover_under_a_reconnecting_writer_loses_no_acknowledged_write";
+    if !etcd_tools(tag) {
+        return;
+    }
+    let mut p = pair("lease-handover-writer", true);
+    let writer = writer(&p, 0, 8);
+    std::thread::sleep(Duration::from_millis(500));
+    let h = p.handover().unwrap_or_else(|e| panic!("{e:#}"));
+    let status = p.wait_exit(0, Duration::from_secs(15)).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(status.success(), "A exited {status}: {}", p.log(0));
+    p.wait_b_serving(Duration::from_secs(15)).unwrap_or_else(|e| panic!("{e:#}"));
+    std::thread::sleep(Duration::from_millis(500));
+    let log = writer.stop().unwrap_or_else(|e| panic!("{e:#}"));
+    let by = |i: usize| log.acked().filter(|w| w.addr == i).count();
+    let refused = log.writes.iter().filter(|w| w.error.is_some()).count();
+    println!(
+        "handover (writes held {} ms): {} writes sent, {} acknowledged by A, {} by B, {refused} refused or cut off; {} connections",
+        h["paused_ms"],
+        log.writes.len(),
+        by(0),
+        by(1),
+        log.connects.len()
+    );
+    assert!(by(0) > 0 && by(1) > 0, "the writer did not go on through B: {:?}", log.connects);
+    assert!(log.connects.iter().any(|(_, a)| *a == 1), "the writer never connected to B");
+    p.wait_in_sync(1, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}"));
+    verify_through_b(&p, &log, 0);
+    verify_files(&mut p, &log, 0);
+    let files = p.files();
+    let found = landed(&log, 0, &[&files[0], &files[1]], |w| w.acked.is_some()).unwrap();
+    assert_eq!(
+        found.len(),
+        2 * log.acked().count(),
+        "the digest check finds every acknowledged block on both files"
+    );
 }
 
-/// Every acknowledged block reads back with its pattern through `nbd`.
-fn verify_acked(nbd: &str, acked: &[Acked]) {
-    let verify: Vec<String> =
-        acked.iter().map(|(k, p, _)| format!("read -P {p} {} 64k", 4 * MIB + k * 65536)).collect();
-    let v = qemu_io(nbd, &verify);
-    let said = String::from_utf8_lossy(&v.stdout);
-    assert!(v.status.success() && !said.contains("Pattern verification failed"), "verify: {said}");
-}
-
-/// etcd mode: the active router SIGKILLed under the reconnecting workload; the standby takes over
-/// once A's lease expires, every write acknowledged (before the kill, through A, and after, through
-/// B) reads back through B, and once B reports both replicas in sync and stops the files are
-/// byte-identical.
+/// etcd mode: the active router SIGKILLed under the reconnecting writer; the standby takes over
+/// once A's lease expires, every write acknowledged (before the kill, through A, and after,
+/// through B) reads back through B, and once B reports both replicas in sync and stops, every
+/// acknowledged block is on both files and the files are byte-identical.
 #[test]
 fn etcd_sigkill_of_the_active_router_under_a_workload_loses_no_acknowledged_write() {
     let tag = "lease_fencing::etcd_sigkill_of_the_active_router_under_a_workload_loses_no_acknowledged_write";
-    let Some(e) = etcd_or_skip(tag) else {
+    if !etcd_tools(tag) {
         return;
-    };
-    let url = e.url();
-    let dir = TempDir::new("lease-sigkill");
-    secret_file(&dir.0);
-    let (s, t) = replicas(&dir.0);
-    let store = ["--lease-store", url.as_str()];
-    let (mut a, nbd_a) = started(&dir.0, "nodeA", &mut serve_with(&dir.0, &s, &t, "nodeA", "2s", &store));
-    let mut c = serve_with(&dir.0, &t, &s, "nodeB", "2s", &["--lease-store", &url, "--standby"]);
-    c.stdout(Stdio::piped());
-    let mut b = Kill(c.spawn().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log(&dir.0, "nodeB").contains("standing by") {
-        assert!(Instant::now() < deadline, "B never stood by: {}", log(&dir.0, "nodeB"));
-        std::thread::sleep(Duration::from_millis(50));
     }
-    let target = std::sync::Arc::new(std::sync::Mutex::new(nbd_a.clone()));
-    let writer = reconnecting_writer(target.clone());
+    let mut p = pair("lease-sigkill", true);
+    let writer = writer(&p, 0, 1);
     std::thread::sleep(Duration::from_millis(700));
-    signal(a.0.id(), "-KILL");
+    p.signal(0, libc::SIGKILL).unwrap();
     let killed = Instant::now();
-    let _ = a.0.wait();
-    let stdout = b.0.stdout.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-    let nbd_b = loop {
-        let l = lines.next().expect("B exited before serving").unwrap();
-        if let Some(x) = l.strip_prefix("nbd listening on ") {
-            break x.to_string();
-        }
-    };
-    let serving_after = killed.elapsed();
-    std::thread::spawn(move || lines.for_each(drop));
-    *target.lock().unwrap() = nbd_b.clone();
-    let acked = writer.join().expect("the workload");
-    let first_after = acked.iter().map(|(_, _, at)| *at).find(|at| *at > killed);
-    let before = acked.iter().filter(|(_, _, at)| *at < killed).count();
+    p.wait_exit(0, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{e:#}"));
+    let serving = p.wait_b_serving(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}"));
+    std::thread::sleep(Duration::from_millis(500));
+    let log = writer.stop().unwrap_or_else(|e| panic!("{e:#}"));
+    let first_b = log.first_ack_after(killed, 1);
+    let before = log.acked().filter(|w| w.acked.is_some_and(|t| t < killed)).count();
     println!(
-        "SIGKILL (TTL 2 s): B serving {:.2} s after, the next write acknowledged {:.2} s after (one in flight at the kill may be A's); {} writes acknowledged, {before} before the kill",
-        serving_after.as_secs_f64(),
-        first_after.map_or(f64::NAN, |t| (t - killed).as_secs_f64()),
-        acked.len()
+        "SIGKILL (TTL 2 s): B serving {:.2} s after, the first write acknowledged by B {:.2} s after; {} writes acknowledged, {before} before the kill",
+        (serving - killed).as_secs_f64(),
+        first_b.map_or(f64::NAN, |t| (t - killed).as_secs_f64()),
+        log.acked().count()
     );
-    assert!(before > 0 && before < acked.len(), "the workload did not span the kill");
-    verify_acked(&nbd_b, &acked);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = ctl_status(&dir.0, "nodeB");
-        let reps = st["replicas"].as_array().unwrap();
-        if reps.iter().all(|r| r.to_string().contains("\"in-sync\"")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "B's replicas never both in sync: {st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    signal(b.0.id(), "-TERM");
-    let _ = b.0.wait();
-    let (fs, ft) = (std::fs::read(dir.0.join("s.img")).unwrap(), std::fs::read(dir.0.join("t.img")).unwrap());
-    assert!(fs == ft, "the replicas differ after the takeover");
+    assert!(before > 0 && first_b.is_some(), "the workload did not span the kill");
+    verify_through_b(&p, &log, 0);
+    p.wait_in_sync(1, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}"));
+    verify_files(&mut p, &log, 0);
 }

@@ -50,11 +50,12 @@ enum Cmd {
     /// Run a benchmark: `resync` (sync/resync vs rsync), `nbd` (router + NBD vs nbdkit and
     /// qemu-nbd), `tls` (TLS vs plaintext on the replication and NBD links), `ebpf` (overhead of the telemetry programs), `failover` (issue 7's scenarios,
     /// adaptive policy vs the seed formula), `ublk` (in the VM: vs md raid1, rublk, loop) or
-    /// `sick-node` (issue 15: frozen target, black-holed link, stalling replica).
+    /// `sick-node` (issue 15: frozen target, black-holed link, stalling replica) or `handover`
+    /// (issue 14: planned handover pause, SIGKILL takeover, stale writes of a fenced router).
     /// Prints a table of ratios and writes target/bench/<name>.json. Arguments after `--` go to
     /// the benchmark driver.
     Bench {
-        /// Which benchmark: resync, nbd, tls, ebpf, failover, ublk, sick-node.
+        /// Which benchmark: resync, nbd, tls, ebpf, failover, ublk, sick-node, handover.
         name: String,
         /// ebpf: how to alternate without / with the programs: `windows` (one fio run, the
         /// programs detached and attached every window) or `runs` (a fio run per side, the
@@ -261,14 +262,15 @@ fn demo(phase_seconds: u64) -> Result<()> {
 }
 
 /// Benchmarks available to `cargo xtask bench`.
-const BENCHES: &[&str] = &["resync", "nbd", "tls", "ebpf", "failover", "ublk", "sick-node"];
+const BENCHES: &[&str] = &["resync", "nbd", "tls", "ebpf", "failover", "ublk", "sick-node", "handover"];
 
 fn bench_other(name: &str, args: &[String]) -> Result<()> {
     match name {
-        "resync" | "nbd" | "tls" | "failover" | "sick-node" => {
+        "resync" | "nbd" | "tls" | "failover" | "sick-node" | "handover" => {
             let need = match name {
                 "resync" => "rsync",
                 "nbd" => "nbdkit",
+                "handover" => "etcd",
                 _ => "fio",
             };
             if util::which(need).is_none() {
