@@ -36,8 +36,8 @@ async fn router(e: &Etcd, vol: &str, name: &str, clock: MonotonicClock) -> Store
 /// Both replicas reachable, with these accepted epochs.
 fn replicas(a: u64, b: u64) -> Vec<ReplicaSeen> {
     vec![
-        ReplicaSeen { id: ReplicaId("a".into()), accepted: Some(Epoch(a)) },
-        ReplicaSeen { id: ReplicaId("b".into()), accepted: Some(Epoch(b)) },
+        ReplicaSeen { id: ReplicaId("a".into()), uuid: None, accepted: Some(Epoch(a)) },
+        ReplicaSeen { id: ReplicaId("b".into()), uuid: None, accepted: Some(Epoch(b)) },
     ]
 }
 

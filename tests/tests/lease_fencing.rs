@@ -41,12 +41,20 @@ fn replicas(dir: &Path) -> (Replica, Replica) {
 /// `mirror serve` over the two remote replicas as `node`, with `extra` flags (the lease store,
 /// `--standby`), its log in `DIR/NODE.log`.
 fn serve_with(dir: &Path, s: &Replica, t: &Replica, node: &str, ttl: &str, extra: &[&str]) -> Command {
+    let mut c = serve_synced(dir, s, t, node, ttl, extra);
+    c.arg("--assume-clean");
+    c
+}
+
+/// As [`serve_with`], without `--assume-clean`: the first router syncs the fresh replicas (so
+/// both carry a consistent generation, as replicas that may serve alone must).
+fn serve_synced(dir: &Path, s: &Replica, t: &Replica, node: &str, ttl: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(mirror_bin());
     c.args(["serve"]).args(extra);
     c.args(["--volume", "v", "--source", &format!("remote:{}", s.addr)])
         .args(["--target", &format!("remote:{}", t.addr)])
         .args(["--secret-file", &dir.join("secret").display().to_string()])
-        .args(["--lease-holder", node, "--lease-ttl", ttl, "--assume-clean"])
+        .args(["--lease-holder", node, "--lease-ttl", ttl])
         .args(["--ctl-socket", &dir.join(format!("{node}.sock")).display().to_string()])
         .args(["--nbd", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
@@ -760,4 +768,196 @@ fn etcd_sigkill_of_the_active_router_under_a_workload_loses_no_acknowledged_writ
     verify_through_b(&p, &log, 0);
     p.wait_in_sync(1, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}"));
     verify_files(&mut p, &log, 0);
+}
+
+/// The first `nbd listening on` address `b` prints within `limit` (`None`: it did not serve by
+/// then, or exited); the rest of its stdout is drained.
+fn serving_within(lines: &std::sync::mpsc::Receiver<String>, limit: Duration) -> Option<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match lines.recv_timeout(left) {
+            Ok(l) => {
+                if let Some(x) = l.strip_prefix("nbd listening on ") {
+                    return Some(x.to_string());
+                }
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A standby B (`t` named first, `s` second) spawned with its stdout lines on a channel; waits
+/// until it stands by.
+fn standby(dir: &Path, s: &Replica, t: &Replica, url: &str) -> (Kill, std::sync::mpsc::Receiver<String>) {
+    let mut c = serve_synced(dir, t, s, "nodeB", "2s", &["--lease-store", url, "--standby"]);
+    c.stdout(Stdio::piped());
+    let mut b = Kill(c.spawn().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = b.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log(dir, "nodeB").contains("standing by") {
+        assert!(Instant::now() < deadline, "B never stood by: {}", log(dir, "nodeB"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (b, rx)
+}
+
+/// Waits until the router of `node` reports both replicas in sync.
+fn both_in_sync(dir: &Path, node: &str) {
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let st = ctl_status(dir, node);
+        if st["replicas"].as_array().unwrap().iter().all(|r| r["state"] == "in-sync") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{node}'s replicas never both in sync: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes `(offset, len, pattern)` through `nbd`, each its own qemu-io with a flush; all must be
+/// acknowledged.
+fn write_all(nbd: &str, writes: &[(u64, u64, u8)]) {
+    for (o, l, p) in writes {
+        let w = qemu_io(nbd, &[format!("write -P {p} {o} {l}"), "flush".into()]);
+        assert!(w.status.success(), "write {p} at {o}: {}", String::from_utf8_lossy(&w.stderr));
+    }
+}
+
+/// Every write of `writes` reads back with its pattern through `nbd`.
+fn read_back(nbd: &str, writes: &[(u64, u64, u8)]) {
+    let cmds: Vec<String> = writes.iter().map(|(o, l, p)| format!("read -P {p} {o} {l}")).collect();
+    let r = qemu_io(nbd, &cmds);
+    let said = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success() && !said.contains("Pattern verification failed"), "read back: {said}");
+}
+
+/// Node death (etcd): A active on s (its node's replica) and t, B standing by naming t first.
+/// A's router and s's replica are SIGKILLed at once; B takes over by itself, without `--force`,
+/// with the one replica it reaches (etcd holds no mark: nothing was acknowledged with one replica),
+/// records in etcd that t alone is current before its first write, serves, and every write A
+/// acknowledged reads back through B.
+#[test]
+fn etcd_node_death_the_standby_takes_over_with_the_replica_it_reaches() {
+    let tag = "lease_fencing::etcd_node_death_the_standby_takes_over_with_the_replica_it_reaches";
+    let Some(e) = etcd_or_skip(tag) else {
+        return;
+    };
+    let url = e.url();
+    let dir = TempDir::new("lease-node-death");
+    secret_file(&dir.0);
+    let (mut s, t) = replicas(&dir.0);
+    let store = ["--lease-store", url.as_str()];
+    let (mut a, nbd_a) = started(&dir.0, "nodeA", &mut serve_synced(&dir.0, &s, &t, "nodeA", "2s", &store));
+    both_in_sync(&dir.0, "nodeA");
+    let (mut b, lines) = standby(&dir.0, &s, &t, &url);
+    let acked =
+        [(0, MIB, 0x11u8), (3 * MIB, 512 * 1024, 0x22), (9 * MIB, 2 * MIB, 0x33), (15 * MIB, 4096, 0x44)];
+    write_all(&nbd_a, &acked);
+    // Node A dies: its router and its replica at once.
+    signal(a.0.id(), "-KILL");
+    s.kill();
+    let killed = Instant::now();
+    let _ = a.0.wait();
+    let nbd_b = serving_within(&lines, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("B did not take over: {}", log(&dir.0, "nodeB")));
+    println!("node death (TTL 2 s): B serving {:.2} s after the kill", killed.elapsed().as_secs_f64());
+    let lb = log(&dir.0, "nodeB");
+    assert!(lb.contains("etcd decided"), "B took the lease on etcd's word, not --force: {lb}");
+    assert!(lb.contains("alone holds every acknowledged write"), "B marked t current before writing: {lb}");
+    read_back(&nbd_b, &acked);
+    let more = [(5 * MIB, MIB, 0x55u8)];
+    write_all(&nbd_b, &more);
+    read_back(&nbd_b, &more);
+    let st = ctl_status(&dir.0, "nodeB");
+    assert_eq!(st["lease"]["mode"], "active", "{st}");
+    let reps = st["replicas"].as_array().unwrap();
+    assert!(reps[0]["state"] == "in-sync" && reps[1]["state"] == "failed", "{st}");
+    signal(b.0.id(), "-TERM");
+    let _ = b.0.wait();
+}
+
+/// The refusal (etcd): t's replica dies first, A writes on s alone (etcd marks s as the one with
+/// every acknowledged write, before A acknowledges any); then A's router and s die, and t comes
+/// back. B must not take over with t alone: it stands by, naming the reason, and serves nothing.
+/// Once s is back, B takes over with both, resyncs t from s, nothing acknowledged is lost, and the
+/// mark is cleared once both are in sync.
+#[test]
+fn etcd_no_takeover_with_the_replica_that_missed_acknowledged_writes() {
+    let tag = "lease_fencing::etcd_no_takeover_with_the_replica_that_missed_acknowledged_writes";
+    let Some(e) = etcd_or_skip(tag) else {
+        return;
+    };
+    let url = e.url();
+    let dir = TempDir::new("lease-no-takeover");
+    secret_file(&dir.0);
+    let (mut s, mut t) = replicas(&dir.0);
+    let store = ["--lease-store", url.as_str()];
+    let (mut a, nbd_a) = started(&dir.0, "nodeA", &mut serve_synced(&dir.0, &s, &t, "nodeA", "2s", &store));
+    both_in_sync(&dir.0, "nodeA");
+    let (mut b, lines) = standby(&dir.0, &s, &t, &url);
+    let before = [(0, MIB, 0x61u8), (8 * MIB, MIB, 0x62)];
+    write_all(&nbd_a, &before);
+    t.kill();
+    // Acknowledged with s alone.
+    let degraded = [(2 * MIB, MIB, 0x63u8), (8 * MIB, 4096, 0x64), (12 * MIB, 3 * MIB, 0x65)];
+    write_all(&nbd_a, &degraded);
+    let la = log(&dir.0, "nodeA");
+    assert!(la.contains("alone holds every acknowledged write"), "A marked s current: {la}");
+    signal(a.0.id(), "-KILL");
+    s.kill();
+    let _ = a.0.wait();
+    t.restart();
+    // A's lease runs out after its TTL; B then campaigns and must refuse t alone.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log(&dir.0, "nodeB").contains("not taking over") {
+        assert!(
+            Instant::now() < deadline,
+            "B never said why it does not take over: {}",
+            log(&dir.0, "nodeB")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        serving_within(&lines, Duration::from_secs(5)).is_none(),
+        "B served with t alone: {}",
+        log(&dir.0, "nodeB")
+    );
+    let lb = log(&dir.0, "nodeB");
+    assert!(lb.contains("alone holds every acknowledged write") && lb.contains("--force"), "{lb}");
+    let st = ctl_status(&dir.0, "nodeB");
+    assert_eq!(st["lease"]["mode"], "standby", "{st}");
+    assert!(st["lease"]["reason"].as_str().unwrap().contains("not taking over"), "{st}");
+    println!("B standing by: {}", st["lease"]["reason"]);
+    // s returns: B takes over with both.
+    s.restart();
+    let nbd_b = serving_within(&lines, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("B did not take over once s was back: {}", log(&dir.0, "nodeB")));
+    // What was acknowledged, the degraded overwrite of 8M's first block included (t has the
+    // older 0x62 there).
+    let acked = [
+        (0, MIB, 0x61u8),
+        (8 * MIB, 4096, 0x64),
+        (8 * MIB + 4096, MIB - 4096, 0x62),
+        (2 * MIB, MIB, 0x63),
+        (12 * MIB, 3 * MIB, 0x65),
+    ];
+    read_back(&nbd_b, &acked);
+    both_in_sync(&dir.0, "nodeB");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log(&dir.0, "nodeB").contains("mark cleared") {
+        assert!(Instant::now() < deadline, "B never cleared the mark: {}", log(&dir.0, "nodeB"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    read_back(&nbd_b, &acked);
+    signal(b.0.id(), "-TERM");
+    let _ = b.0.wait();
+    let (fs, ft) = (std::fs::read(dir.0.join("s.img")).unwrap(), std::fs::read(dir.0.join("t.img")).unwrap());
+    assert!(fs == ft, "the replicas differ after the resync");
 }

@@ -13,7 +13,8 @@
 //!   it then: the operator's call).
 //! - **Release / hand over**: release on both, naming the successor for a handover; the successor
 //!   then takes it like any other (epoch + 1).
-//! - **Outdated replicas**: nothing to record here: the replica a degraded holder keeps writing to
+//! - **Which replica is current**: nothing to record here ([`LeaseStore::mark_current`] is a
+//!   no-op): the replica a degraded holder keeps writing to
 //!   tracks the blocks the other one misses (the dirty bitmap and generations), and nobody takes
 //!   over automatically in this mode.
 //!
@@ -26,8 +27,8 @@ use std::time::Duration;
 use super::{
     replica::{Authority, Claim, ClaimRefused, ReplicaLease, ReplicaLeaseError, ReplicaLeaseView},
     take::ReplicaSeen,
-    Clock, Epoch, Held, Holder, LeaseError, LeaseRecord, LeaseState, LeaseStore, Renewal, ReplicaId,
-    Takeover,
+    Clock, CurrentMark, Epoch, Held, Holder, LeaseError, LeaseRecord, LeaseState, LeaseStore, Renewal,
+    ReplicaId, Takeover,
 };
 
 /// The embedded store for one volume and one router, over the volume's two replicas.
@@ -54,10 +55,14 @@ impl<R: ReplicaLease, C: Clock> EmbeddedLeaseStore<R, C> {
         let [a, b] = &self.replicas;
         let (ra, rb) = tokio::join!(a.read_lease(), b.read_lease());
         let now = self.clock.now();
-        let views = [(a.id(), ra), (b.id(), rb)];
+        let views = [(a, ra), (b, rb)];
         let seen = views
             .iter()
-            .map(|(id, r)| ReplicaSeen { id: (*id).clone(), accepted: r.as_ref().ok().map(|v| v.accepted) })
+            .map(|(rep, r)| ReplicaSeen {
+                id: rep.id().clone(),
+                uuid: rep.uuid(),
+                accepted: r.as_ref().ok().map(|v| v.accepted),
+            })
             .collect();
         let ok: Vec<&ReplicaLeaseView> = views.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
         (merge(&self.volume, now, &ok), seen)
@@ -109,7 +114,7 @@ fn merge(volume: &str, now: Duration, views: &[&ReplicaLeaseView]) -> LeaseState
                 handed_to: v.handed_to.clone(),
             }
         });
-    LeaseState { record, last_epoch, outdated: None, revision: 0 }
+    LeaseState { record, last_epoch, current: None, revision: 0 }
 }
 
 impl<R: ReplicaLease, C: Clock> LeaseStore for EmbeddedLeaseStore<R, C> {
@@ -242,11 +247,11 @@ impl<R: ReplicaLease, C: Clock> LeaseStore for EmbeddedLeaseStore<R, C> {
         }
     }
 
-    async fn mark_outdated(&self, _held: &Held, _replica: &ReplicaId) -> Result<(), LeaseError> {
+    async fn mark_current(&self, _held: &Held, _mark: CurrentMark) -> Result<(), LeaseError> {
         Ok(())
     }
 
-    async fn clear_outdated(&self, _held: &Held) -> Result<(), LeaseError> {
+    async fn clear_current(&self, _held: &Held) -> Result<(), LeaseError> {
         Ok(())
     }
 

@@ -5,8 +5,12 @@
 //! - `holder`: the active router (`{"holder","epoch","ttl_ms"}`), attached to the holder's etcd
 //!   lease, so etcd deletes it when the lease expires or is revoked. A key that exists is a live
 //!   lease; its time left is the etcd lease's.
-//! - `epoch`: the counter (`{"epoch","outdated"}`), never leased: the last epoch issued and the
-//!   replica the holder wrote without. Every change of holder is one transaction that requires the
+//! - `epoch`: the counter (`{"epoch","current"}`), never leased: the last epoch issued and, while
+//!   a holder writes with one replica only, which replica holds every acknowledged write
+//!   ([`CurrentMark`], by metadata uuid; absent: both do). Carried over by every campaign and
+//!   handover, so it outlives the holder that set it; cleared by the holder after the resync. (An
+//!   `outdated` field of earlier builds, which named the replica written without, is not read:
+//!   no router ever wrote it and nothing was deployed with it.) Every change of holder is one transaction that requires the
 //!   counter unchanged since it was read (`mod_revision`) and raises it, so epochs only grow, and
 //!   two campaigners cannot both win.
 //! - `standby/<holder>`: a standby's announcement, attached to the standby's own etcd lease.
@@ -35,7 +39,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use super::{
-    Clock, Epoch, Held, Holder, LeaseError, LeaseRecord, LeaseState, LeaseStore, Renewal, ReplicaId, Takeover,
+    Clock, CurrentMark, Epoch, Held, Holder, LeaseError, LeaseRecord, LeaseState, LeaseStore, Renewal,
+    Takeover,
 };
 
 /// Where and how to reach etcd.
@@ -89,7 +94,8 @@ struct HolderValue {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct EpochValue {
     epoch: Epoch,
-    outdated: Option<ReplicaId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    current: Option<CurrentMark>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -430,7 +436,7 @@ impl<C: Clock> EtcdLeaseStore<C> {
             None => (None, None),
         };
         let state =
-            LeaseState { record, last_epoch: counter.epoch, outdated: counter.outdated, revision: mod_rev };
+            LeaseState { record, last_epoch: counter.epoch, current: counter.current, revision: mod_rev };
         Ok((state, lease, revision))
     }
 
@@ -439,28 +445,38 @@ impl<C: Clock> EtcdLeaseStore<C> {
             .unwrap_or_default()
     }
 
-    fn epoch_value(epoch: Epoch, outdated: Option<&ReplicaId>) -> String {
-        serde_json::to_string(&EpochValue { epoch, outdated: outdated.cloned() }).unwrap_or_default()
+    fn epoch_value(epoch: Epoch, current: Option<CurrentMark>) -> String {
+        serde_json::to_string(&EpochValue { epoch, current }).unwrap_or_default()
     }
 
-    /// Sets the counter's `outdated` while `held` is the holder.
-    async fn set_outdated(&self, held: &Held, replica: Option<&ReplicaId>) -> Result<(), LeaseError> {
-        let (state, _, _) = self.read().await?;
-        let (hk, ek) = (self.key("holder"), self.key("epoch"));
-        let txn = Txn::new()
-            .when([
-                Compare::lease(hk, CompareOp::Equal, held.token),
-                Compare::mod_revision(ek.clone(), CompareOp::Equal, state.revision),
-            ])
-            .and_then([TxnOp::put(ek, Self::epoch_value(state.last_epoch, replica), None)]);
-        if self.txn("mark outdated", txn).await?.succeeded() {
-            return Ok(());
-        }
-        Err(LeaseError::Lost {
+    /// Sets the counter's `current` while `held` is the holder. Idempotent: a mark already in
+    /// place is not written again (which also settles an earlier attempt whose answer was lost).
+    async fn set_current(&self, held: &Held, mark: Option<CurrentMark>) -> Result<(), LeaseError> {
+        let lost = || LeaseError::Lost {
             volume: self.volume.clone(),
             epoch: held.epoch,
             reason: "the holder key is no longer on this router's etcd lease".into(),
-        })
+        };
+        for _ in 0..3 {
+            let (state, lease, _) = self.read().await?;
+            if lease != Some(held.token) {
+                return Err(lost());
+            }
+            if state.current == mark {
+                return Ok(());
+            }
+            let (hk, ek) = (self.key("holder"), self.key("epoch"));
+            let txn = Txn::new()
+                .when([
+                    Compare::lease(hk, CompareOp::Equal, held.token),
+                    Compare::mod_revision(ek.clone(), CompareOp::Equal, state.revision),
+                ])
+                .and_then([TxnOp::put(ek, Self::epoch_value(state.last_epoch, mark), None)]);
+            if self.txn("mark current replica", txn).await?.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(LeaseError::Changed { volume: self.volume.clone() })
     }
 }
 
@@ -532,7 +548,7 @@ impl<C: Clock> LeaseStore for EtcdLeaseStore<C> {
                     self.holder_value(&self.me, how.epoch, ttl),
                     Some(PutOptions::new().with_lease(id)),
                 ),
-                TxnOp::put(ek, Self::epoch_value(how.epoch, seen.outdated.as_ref()), None),
+                TxnOp::put(ek, Self::epoch_value(how.epoch, seen.current), None),
                 TxnOp::delete(self.standby_key(&self.me), None),
             ]);
         if self.txn("campaign", txn).await?.succeeded() {
@@ -568,12 +584,12 @@ impl<C: Clock> LeaseStore for EtcdLeaseStore<C> {
         }
     }
 
-    async fn mark_outdated(&self, held: &Held, replica: &ReplicaId) -> Result<(), LeaseError> {
-        self.set_outdated(held, Some(replica)).await
+    async fn mark_current(&self, held: &Held, mark: CurrentMark) -> Result<(), LeaseError> {
+        self.set_current(held, Some(mark)).await
     }
 
-    async fn clear_outdated(&self, held: &Held) -> Result<(), LeaseError> {
-        self.set_outdated(held, None).await
+    async fn clear_current(&self, held: &Held) -> Result<(), LeaseError> {
+        self.set_current(held, None).await
     }
 
     async fn hand_over(&self, held: &Held, to: &Holder) -> Result<Epoch, LeaseError> {
@@ -606,7 +622,7 @@ impl<C: Clock> LeaseStore for EtcdLeaseStore<C> {
                     self.holder_value(to, epoch, held.ttl),
                     Some(PutOptions::new().with_lease(standby.lease)),
                 ),
-                TxnOp::put(ek, Self::epoch_value(epoch, state.outdated.as_ref()), None),
+                TxnOp::put(ek, Self::epoch_value(epoch, state.current), None),
                 TxnOp::delete(sk, None),
             ]);
         if !self.txn("hand over", txn).await?.succeeded() {

@@ -80,7 +80,9 @@ impl fmt::Display for Holder {
     }
 }
 
-/// A replica of a volume, as the lease knows it (the node name or address the router uses).
+/// A replica of a volume as this router names it (the address it reaches it at), for messages and
+/// logs. Two routers may name the same replica differently (loopback on its own node, the node's
+/// address on the other), so the marks in a store never use it: they use [`ReplicaUuid`].
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ReplicaId(pub String);
@@ -88,6 +90,45 @@ pub struct ReplicaId(pub String);
 impl fmt::Display for ReplicaId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+/// A replica's identity for every router: the random `uuid` of its metadata (`storage::meta`),
+/// delivered in `VolumeInfo` at connect. It is made once, when the metadata is created, and never
+/// copied to the peer; metadata made anew is a new replica (it holds none of the old writes).
+/// Serialised as 32 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ReplicaUuid(#[serde(with = "crate::storage::status::hex::bytes16")] pub [u8; 16]);
+
+impl fmt::Display for ReplicaUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a holder recorded in the store before it acknowledged a write with one replica only
+/// ([`LeaseStore::mark_current`]): which replica holds every acknowledged write. No mark: both
+/// do, as far as the store knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CurrentMark {
+    /// This replica alone holds every acknowledged write (the holder writes without the other).
+    Only(ReplicaUuid),
+    /// Neither does by itself: the holder wrote to a replica that was still being resynced (it
+    /// lacks some of what the other holds, and the other lacks the new writes).
+    Neither,
+}
+
+impl fmt::Display for CurrentMark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CurrentMark::Only(u) => write!(f, "replica {u} alone holds every acknowledged write"),
+            CurrentMark::Neither => f.write_str("no single replica holds every acknowledged write"),
+        }
     }
 }
 
@@ -119,12 +160,13 @@ impl LeaseRecord {
 }
 
 /// What a store knows about a volume's lease: the record if anyone holds it, the last epoch the
-/// store issued, and the replica the last holder wrote without (it may lack acknowledged writes).
+/// store issued, and which replica holds every acknowledged write when a holder wrote with one
+/// only (`None`: both do, or the store keeps no marks: embedded).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LeaseState {
     pub record: Option<LeaseRecord>,
     pub last_epoch: Epoch,
-    pub outdated: Option<ReplicaId>,
+    pub current: Option<CurrentMark>,
     /// The store's version of this state (etcd: the revision of the read), for compare-and-set.
     pub revision: i64,
 }
@@ -202,10 +244,11 @@ pub enum LeaseError {
     #[error("volume {volume}: no replica reachable")]
     NoReplica { volume: String },
     #[error(
-        "volume {volume}: replica {replica} is outdated (the last holder wrote without it) and is the only \
-         one reachable: no automatic takeover; --force accepts losing those writes"
+        "volume {volume}: replica {kept} is the only one reachable, and the store says {mark} (a holder \
+         wrote with one replica only): no automatic takeover with {kept}; bring the other replica back, or \
+         --force accepts losing the writes {kept} lacks"
     )]
-    Outdated { volume: String, replica: ReplicaId },
+    NotCurrent { volume: String, kept: ReplicaId, mark: CurrentMark },
     #[error("volume {volume}: the lease (epoch {epoch}) is lost: {reason}")]
     Lost { volume: String, epoch: Epoch, reason: String },
     #[error("volume {volume}: the lease changed while it was being taken (someone else campaigned)")]
@@ -290,14 +333,16 @@ pub trait LeaseStore: Send + Sync {
     ) -> impl Future<Output = Result<Held, LeaseError>> + Send;
     /// Renews the held lease.
     fn renew(&self, held: &Held) -> impl Future<Output = Result<Renewal, LeaseError>> + Send;
-    /// Records, before the first write acknowledged without it, that `replica` misses writes.
-    fn mark_outdated(
+    /// Records, durably and while `held` is the holder, which replica holds every acknowledged
+    /// write, before the first write acknowledged with one replica only (a no-op where the store
+    /// keeps no marks: embedded).
+    fn mark_current(
         &self,
         held: &Held,
-        replica: &ReplicaId,
+        mark: CurrentMark,
     ) -> impl Future<Output = Result<(), LeaseError>> + Send;
-    /// Clears the mark once the replica is resynced.
-    fn clear_outdated(&self, held: &Held) -> impl Future<Output = Result<(), LeaseError>> + Send;
+    /// Clears the mark once both replicas hold every acknowledged write again (after the resync).
+    fn clear_current(&self, held: &Held) -> impl Future<Output = Result<(), LeaseError>> + Send;
     /// Hands the lease to the standby `to`; returns the epoch `to` now holds (greater than ours).
     /// The caller has stopped writing and flushed both replicas.
     fn hand_over(&self, held: &Held, to: &Holder) -> impl Future<Output = Result<Epoch, LeaseError>> + Send;

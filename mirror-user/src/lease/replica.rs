@@ -256,6 +256,10 @@ impl ReplicaLeaseError {
 /// [`ReplicaLeaseTable`]'s rule applied at the replica, persisted there before the answer.
 pub trait ReplicaLease: Send + Sync {
     fn id(&self) -> &ReplicaId;
+    /// The replica's metadata uuid, when this router knows it (it connected at least once).
+    fn uuid(&self) -> Option<super::ReplicaUuid> {
+        None
+    }
     /// The replica's lease record and accepted epoch.
     fn read_lease(&self) -> impl Future<Output = Result<ReplicaLeaseView, ReplicaLeaseError>> + Send;
     /// Raises the accepted epoch to `claim.epoch` and records the holder ([`ReplicaLeaseTable::claim`]).

@@ -7,9 +7,13 @@
 //!   - embedded mode: the operator said `--force` (with two nodes and no third party, a router that
 //!     cannot see the other replica cannot tell a dead peer router from a partitioned one, so it
 //!     never decides that alone);
-//!   - etcd mode: the one it reaches is not marked outdated (etcd is the third party: the old holder
-//!     could only have written without this replica after recording so in etcd, see
-//!     [`super::LeaseStore::mark_outdated`]), or `--force`.
+//!   - etcd mode: the store holds no mark, or marks the one it reaches (by its metadata uuid) as
+//!     the one that holds every acknowledged write ([`may_go_alone`]), or `--force`. etcd is the
+//!     third party: a holder acknowledges no write with one replica only before it recorded in
+//!     etcd which one that is ([`super::LeaseStore::mark_current`]), so no mark means both replicas
+//!     hold every acknowledged write. The mark names the replica that *has* the writes, not the
+//!     one that misses them: a holder writing alone may never have known the other's uuid (it
+//!     took over while that one was unreachable).
 //!
 //! A live lease of another holder is never overridden, not even with `--force`: live means the
 //! holder renewed it within the TTL, so it is not gone. Its expiry is the wait.
@@ -21,7 +25,7 @@
 
 use std::time::Duration;
 
-use super::{Epoch, Holder, LeaseError, LeaseState, ReplicaId, Takeover};
+use super::{CurrentMark, Epoch, Holder, LeaseError, LeaseState, ReplicaId, ReplicaUuid, Takeover};
 
 /// Which store decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +37,10 @@ pub enum StoreKind {
 /// What a router saw of one replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaSeen {
+    /// How this router names it (messages).
     pub id: ReplicaId,
+    /// Its metadata uuid, when known (every router knows it of a replica it reached).
+    pub uuid: Option<ReplicaUuid>,
     /// The replica's accepted epoch, None when it did not answer.
     pub accepted: Option<Epoch>,
 }
@@ -64,6 +71,22 @@ pub enum TakeDecision {
 /// The smallest epoch above all that were seen.
 pub fn next_epoch(seen: impl IntoIterator<Item = Epoch>) -> Epoch {
     seen.into_iter().max().unwrap_or_default().next()
+}
+
+/// May a router go on with replica `kept` alone (`kept_uuid`: its metadata uuid), given the
+/// store's `mark`? Yes when there is no mark (both hold every acknowledged write), or the mark says
+/// `kept` alone does; otherwise the refusal names the mark.
+pub fn may_go_alone(
+    volume: &str,
+    kept: &ReplicaId,
+    kept_uuid: Option<ReplicaUuid>,
+    mark: Option<CurrentMark>,
+) -> Result<(), LeaseError> {
+    match mark {
+        None => Ok(()),
+        Some(CurrentMark::Only(u)) if Some(u) == kept_uuid => Ok(()),
+        Some(mark) => Err(LeaseError::NotCurrent { volume: volume.into(), kept: kept.clone(), mark }),
+    }
 }
 
 /// Decides whether `me` may take the lease now.
@@ -103,18 +126,17 @@ pub fn decide(i: &TakeInput<'_>) -> TakeDecision {
             reason: format!("{why}; both replicas reachable; epoch {epoch}"),
         },
         (_, [gone]) => {
-            let kept = &reachable[0].id;
-            let outdated = i.state.outdated.as_ref() == Some(kept);
-            let allowed = match i.kind {
-                StoreKind::Embedded => i.force,
-                StoreKind::Etcd => i.force || !outdated,
-            };
-            if !allowed {
-                return TakeDecision::Refuse(if outdated {
-                    LeaseError::Outdated { volume, replica: kept.clone() }
-                } else {
-                    LeaseError::NeedForce { volume, unreachable: gone.id.clone() }
-                });
+            let kept = reachable[0];
+            if !i.force {
+                let verdict = match i.kind {
+                    StoreKind::Embedded => {
+                        Err(LeaseError::NeedForce { volume: volume.clone(), unreachable: gone.id.clone() })
+                    }
+                    StoreKind::Etcd => may_go_alone(&volume, &kept.id, kept.uuid, i.state.current),
+                };
+                if let Err(refusal) = verdict {
+                    return TakeDecision::Refuse(refusal);
+                }
             }
             let how = if i.force { "forced by the operator" } else { "etcd decided" };
             TakeDecision::Take {
@@ -155,10 +177,15 @@ mod tests {
         }
     }
 
+    const UA: ReplicaUuid = ReplicaUuid([0xa; 16]);
+    const UB: ReplicaUuid = ReplicaUuid([0xb; 16]);
+
+    /// Replicas `a` and `b` with their epochs (None: unreachable). The uuid of an unreachable one
+    /// is unknown, as for a router that never reached it.
     fn seen(a: Option<u64>, b: Option<u64>) -> Vec<ReplicaSeen> {
         vec![
-            ReplicaSeen { id: ReplicaId("a".into()), accepted: a.map(Epoch) },
-            ReplicaSeen { id: ReplicaId("b".into()), accepted: b.map(Epoch) },
+            ReplicaSeen { id: ReplicaId("a".into()), uuid: a.map(|_| UA), accepted: a.map(Epoch) },
+            ReplicaSeen { id: ReplicaId("b".into()), uuid: b.map(|_| UB), accepted: b.map(Epoch) },
         ]
     }
 
@@ -288,8 +315,9 @@ mod tests {
     }
 
     #[test]
-    fn one_replica_unreachable_etcd_takes_unless_the_kept_one_is_outdated() {
+    fn one_replica_unreachable_etcd_takes_without_a_mark_or_when_the_kept_one_is_marked_current() {
         let free = LeaseState { last_epoch: Epoch(9), ..Default::default() };
+        // No mark: both replicas hold every acknowledged write; etcd decides.
         let TakeDecision::Take { how, reason } =
             run(StoreKind::Etcd, false, &free, &seen(None, Some(9)), 0.0)
         else {
@@ -297,21 +325,62 @@ mod tests {
         };
         assert_eq!(how, Takeover { epoch: Epoch(10), without: Some(ReplicaId("a".into())) });
         assert!(reason.contains("etcd decided"), "{reason}");
-        let outdated = LeaseState { outdated: Some(ReplicaId("b".into())), ..free.clone() };
-        match run(StoreKind::Etcd, false, &outdated, &seen(None, Some(9)), 0.0) {
-            TakeDecision::Refuse(LeaseError::Outdated { replica, .. }) => assert_eq!(replica.0, "b"),
+        // The holder wrote with `a` alone (marked by uuid): `b` alone is refused, naming the mark.
+        let a_current = LeaseState { current: Some(CurrentMark::Only(UA)), ..free.clone() };
+        match run(StoreKind::Etcd, false, &a_current, &seen(None, Some(9)), 0.0) {
+            TakeDecision::Refuse(e @ LeaseError::NotCurrent { .. }) => {
+                let LeaseError::NotCurrent { ref kept, mark, .. } = e else { unreachable!() };
+                assert_eq!((kept.0.as_str(), mark), ("b", CurrentMark::Only(UA)));
+                let m = e.to_string();
+                assert!(m.contains(&UA.to_string()) && m.contains("--force"), "{m}");
+            }
             d => panic!("{d:?}"),
         }
+        // ... unless forced; and `a` alone is taken (it has every acknowledged write).
         assert!(matches!(
-            run(StoreKind::Etcd, true, &outdated, &seen(None, Some(9)), 0.0),
+            run(StoreKind::Etcd, true, &a_current, &seen(None, Some(9)), 0.0),
             TakeDecision::Take { .. }
         ));
-        // The other one outdated and the kept one current: fine.
-        let other_outdated = LeaseState { outdated: Some(ReplicaId("a".into())), ..free };
         assert!(matches!(
-            run(StoreKind::Etcd, false, &other_outdated, &seen(None, Some(9)), 0.0),
-            TakeDecision::Take { .. }
+            run(StoreKind::Etcd, false, &a_current, &seen(Some(9), None), 0.0),
+            TakeDecision::Take { how: Takeover { without: Some(ReplicaId(ref g)), .. }, .. } if g == "b"
         ));
+        // Both reachable: the mark does not matter (the metadata decides the resync).
+        assert!(matches!(
+            run(StoreKind::Etcd, false, &a_current, &seen(Some(9), Some(9)), 0.0),
+            TakeDecision::Take { how: Takeover { without: None, .. }, .. }
+        ));
+        // Written to a replica being resynced: neither alone will do.
+        let neither = LeaseState { current: Some(CurrentMark::Neither), ..free.clone() };
+        for one in [seen(None, Some(9)), seen(Some(9), None)] {
+            assert!(matches!(
+                run(StoreKind::Etcd, false, &neither, &one, 0.0),
+                TakeDecision::Refuse(LeaseError::NotCurrent { mark: CurrentMark::Neither, .. })
+            ));
+        }
+        // A kept replica whose uuid this router does not know cannot match a mark.
+        let unknown = [
+            ReplicaSeen { id: ReplicaId("a".into()), uuid: None, accepted: Some(Epoch(9)) },
+            ReplicaSeen { id: ReplicaId("b".into()), uuid: None, accepted: None },
+        ];
+        assert!(matches!(
+            run(StoreKind::Etcd, false, &a_current, &unknown, 0.0),
+            TakeDecision::Refuse(LeaseError::NotCurrent { .. })
+        ));
+        // The embedded mode keeps no marks and still needs --force.
+        assert!(matches!(
+            run(StoreKind::Embedded, false, &free, &seen(None, Some(9)), 0.0),
+            TakeDecision::Refuse(LeaseError::NeedForce { .. })
+        ));
+    }
+
+    #[test]
+    fn marks_are_by_uuid_and_serialise_as_hex() {
+        let m = CurrentMark::Only(ReplicaUuid([0x01, 0xab, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff]));
+        let v = serde_json::to_value(m).unwrap();
+        assert_eq!(v, serde_json::json!({"only": format!("01ab{}ff", "0".repeat(26))}));
+        assert_eq!(serde_json::from_value::<CurrentMark>(v).unwrap(), m);
+        assert_eq!(serde_json::to_value(CurrentMark::Neither).unwrap(), "neither");
     }
 
     #[test]

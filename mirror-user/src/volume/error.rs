@@ -46,6 +46,13 @@ pub enum ReplicaError {
     /// The blocking task running a local operation did not finish (it panicked).
     #[error("local replica task: {0}")]
     Task(String),
+    /// A write would be acknowledged with this replica alone, but the lease store could not
+    /// record first that it alone holds every acknowledged write (`volume::mark`): not
+    /// acknowledged (the application gets `EIO`).
+    #[error(
+        "not acknowledged with the {role} replica alone: recording that in the lease store failed: {why}"
+    )]
+    Unmarked { role: &'static str, why: String },
 }
 
 impl ReplicaError {
@@ -76,6 +83,9 @@ impl ReplicaError {
     /// The error a frontend reports: the errno when a disk failed (ENOSPC stays ENOSPC for the
     /// NBD client and the ublk completion), else an `EIO`-class error with the text.
     pub fn to_io(&self) -> std::io::Error {
+        if let ReplicaError::Unmarked { .. } = self {
+            return std::io::Error::from_raw_os_error(libc::EIO);
+        }
         match self.errno() {
             Some(n) => std::io::Error::from_raw_os_error(n),
             None => std::io::Error::other(self.to_string()),

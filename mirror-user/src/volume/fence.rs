@@ -62,6 +62,9 @@ pub struct LeaseLine {
     in_flight: AtomicU64,
     /// The last write out while held wakes the quiesce.
     drained: tokio::sync::Notify,
+    /// Which replica holds every acknowledged write, recorded in the lease store before a write
+    /// is acknowledged with one replica only (`volume::mark`; etcd only).
+    pub mark: super::mark::DegradedMark,
 }
 
 /// A write past the quiesce gate ([`LeaseLine::enter_write`]); dropping it ends it.
@@ -86,6 +89,7 @@ impl Default for LeaseLine {
             held_tx: tokio::sync::watch::Sender::new(false),
             in_flight: AtomicU64::new(0),
             drained: tokio::sync::Notify::new(),
+            mark: super::mark::DegradedMark::default(),
         }
     }
 }

@@ -29,10 +29,10 @@ use crate::{
         embedded::EmbeddedLeaseStore,
         etcd::{EtcdConfig, EtcdLeaseStore},
         replica::{Authority, Claim, ClaimRefused, ReplicaLease, ReplicaLeaseError, ReplicaLeaseView},
-        take::{ReplicaSeen, StoreKind},
+        take::{may_go_alone, ReplicaSeen, StoreKind},
         tenure::{Tenure, TenureConfig},
         Clock, Epoch, Held, Holder, LeaseError, LeaseMode, LeaseRecord, LeaseState, LeaseStore,
-        MonotonicClock, ReplicaId,
+        MonotonicClock, ReplicaId, ReplicaUuid,
     },
     replication::protocol::{code, Message},
     storage::{StorageError, Volume},
@@ -102,6 +102,10 @@ fn replica_error(e: ReplicaError) -> ReplicaLeaseError {
 impl ReplicaLease for LeaseReplica {
     fn id(&self) -> &ReplicaId {
         &self.id
+    }
+
+    fn uuid(&self) -> Option<ReplicaUuid> {
+        self.replica.uuid()
     }
 
     async fn read_lease(&self) -> Result<ReplicaLeaseView, ReplicaLeaseError> {
@@ -363,6 +367,23 @@ impl Keeper {
         Ok(epoch)
     }
 
+    /// May this router go on with replica `kept` alone? In the etcd mode the store's verdict
+    /// ([`may_go_alone`]: no mark, or `kept` is marked as holding every acknowledged write), read
+    /// now (this router holds the lease: nobody else changes the mark). The embedded mode keeps
+    /// no marks: `NeedForce`.
+    pub async fn vouches_alone(&self, kept: &Replica, gone: &Replica) -> Result<(), LeaseError> {
+        match self {
+            Keeper::Embedded(k) => Err(LeaseError::NeedForce {
+                volume: k.held.volume.clone(),
+                unreachable: ReplicaId(gone.addr().into()),
+            }),
+            Keeper::Etcd(k) => {
+                let state = k.store.current().await?;
+                may_go_alone(&k.held.volume, &ReplicaId(kept.addr().into()), kept.uuid(), state.current)
+            }
+        }
+    }
+
     /// Gives the lease up (a clean stop, after the final flush): the next router takes it at once.
     pub async fn release(&self) {
         match self {
@@ -382,36 +403,36 @@ pub struct KeeperOf<S> {
     stop: tokio::sync::watch::Sender<bool>,
 }
 
-/// What the router saw of its replicas' epochs (for `take::decide`).
+/// What the router saw of its replicas: their accepted epochs and metadata uuids (for
+/// `take::decide`). A remote replica whose connections broke (a standby that waited while it
+/// went away and came back) is reconnected first.
 async fn seen(replicas: &[LeaseReplica; 2]) -> Vec<ReplicaSeen> {
+    let reconnect = |r: &LeaseReplica| {
+        let r = r.replica.clone();
+        async move {
+            if !r.is_local() && r.connection_broken() {
+                if let Err(e) = r.connect().await {
+                    tracing::debug!(replica = r.role, "lease: reconnecting before the campaign: {e}");
+                }
+            }
+        }
+    };
+    tokio::join!(reconnect(&replicas[0]), reconnect(&replicas[1]));
     let (a, b) = tokio::join!(replicas[0].read_lease(), replicas[1].read_lease());
     [(&replicas[0], a), (&replicas[1], b)]
         .into_iter()
-        .map(|(r, v)| ReplicaSeen { id: r.id().clone(), accepted: v.ok().map(|v| v.accepted) })
+        .map(|(r, v)| ReplicaSeen {
+            id: r.id().clone(),
+            uuid: r.uuid(),
+            accepted: v.ok().map(|v| v.accepted),
+        })
         .collect()
 }
 
-/// What the router saw of its replicas, for a take by `kind`. In the etcd mode a take without one
-/// replica would be safe only if degraded writes were recorded in etcd first (`mark_outdated`),
-/// which the router does not do yet: until then it needs `--force` there too.
-async fn checked_seen<S: LeaseStore>(
-    store: &S,
-    kind: StoreKind,
-    force: bool,
-    replicas: &[LeaseReplica; 2],
-) -> Result<Vec<ReplicaSeen>, LeaseError> {
-    let seen = seen(replicas).await;
-    if kind == StoreKind::Etcd && !force {
-        if let Some(gone) = seen.iter().find(|r| r.accepted.is_none()) {
-            return Err(LeaseError::NeedForce {
-                volume: store.volume().into(),
-                unreachable: gone.id.clone(),
-            });
-        }
-    }
-    Ok(seen)
-}
-
+/// Reads the replicas, decides and campaigns. With one replica unreachable the decision is
+/// `take::decide`'s: the embedded mode needs `--force`; the etcd mode takes it when etcd holds no
+/// mark or marks the reachable replica as the one with every acknowledged write (`volume::mark`
+/// records it before any write is acknowledged with one replica).
 async fn acquire_checked<S: LeaseStore>(
     store: &S,
     kind: StoreKind,
@@ -419,7 +440,7 @@ async fn acquire_checked<S: LeaseStore>(
     replicas: &[LeaseReplica; 2],
     clock: &MonotonicClock,
 ) -> Result<Held, LeaseError> {
-    acquire(store, kind, force, &checked_seen(store, kind, force, replicas).await?, clock).await
+    acquire(store, kind, force, &seen(replicas).await, clock).await
 }
 
 /// Reads the store and the replicas and takes the lease. A live lease is refused naming its
@@ -477,7 +498,10 @@ pub async fn take(router: &Arc<Router>, volume: &str, o: &LeaseOptions) -> Resul
             };
             claim_at_replicas(&reps, &held, volume).await?;
             attach(router, volume, &held).await?;
-            Ok(Keeper::Etcd(KeeperOf::start(store, held, "etcd", clock, router)))
+            let keeper = KeeperOf::start(store, held, "etcd", clock, router);
+            // Before the first write: a write acknowledged with one replica is recorded in etcd first.
+            router.lease.mark.install(keeper.clone());
+            Ok(Keeper::Etcd(keeper))
         }
     }
 }
@@ -522,6 +546,26 @@ async fn stand_by(
                 }
                 Err(e @ (LeaseError::Changed { .. } | LeaseError::EpochTooLow { .. })) => {
                     tracing::info!("lease: campaign lost ({e}); standing by again");
+                }
+                // Not with the replicas reachable now: stand by until that changes (a replica
+                // returns), saying why; the operator's `--force` is the other way out.
+                Err(
+                    e @ (LeaseError::NotCurrent { .. }
+                    | LeaseError::NoReplica { .. }
+                    | LeaseError::NeedForce { .. }),
+                ) => {
+                    tracing::warn!("lease: standby not taking over: {e}; standing by");
+                    if let Some(v) = &o.standby_view {
+                        v.saw(
+                            &store.current().await.unwrap_or_default(),
+                            clock.now(),
+                            format!("standing by, not taking over: {e}"),
+                        );
+                    }
+                    let _ = store.wait_change(None, o.ttl).await;
+                    if let Err(e) = store.renew_standby().await {
+                        tracing::warn!("lease: keeping the standby announcement alive: {e}");
+                    }
                 }
                 Err(e) => return Err(e),
             },
@@ -580,6 +624,16 @@ async fn attach(router: &Arc<Router>, volume: &str, held: &Held) -> Result<(), L
         }
     }
     Ok(())
+}
+
+impl<S: LeaseStore + std::fmt::Debug + 'static> super::mark::MarkStore for KeeperOf<S> {
+    fn mark(&self, mark: crate::lease::CurrentMark) -> super::mark::MarkFuture<'_> {
+        Box::pin(self.store.mark_current(&self.held, mark))
+    }
+
+    fn clear(&self) -> super::mark::MarkFuture<'_> {
+        Box::pin(self.store.clear_current(&self.held))
+    }
 }
 
 impl<S: LeaseStore + 'static> KeeperOf<S> {

@@ -15,6 +15,7 @@ pub mod inflight;
 pub mod inline;
 pub mod lease;
 pub mod local;
+pub mod mark;
 pub mod open;
 pub mod remote;
 pub mod replica;

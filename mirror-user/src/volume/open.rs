@@ -278,6 +278,12 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
         },
     );
     let lease = match &cfg.lease {
+        Some(l) if matches!(l.backend, super::lease::LeaseBackend::Etcd(_)) => {
+            // etcd decides a take without one replica (`lease::take`: no mark, or the reachable
+            // one marked as holding every acknowledged write), unless the operator forces it.
+            let o = super::lease::LeaseOptions { force: l.force || cfg.allow_degraded, ..l.clone() };
+            Some(super::lease::take(&router, &cfg.name, &o).await?)
+        }
         Some(l) => {
             // Without one replica the lease is taken on the rule of starting degraded (the
             // operator's `--degraded` / `--force`, or a survivor that knows the other is behind);
@@ -298,17 +304,44 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
         }
         None => None,
     };
-    reconcile(&router, missing, cfg).await?;
+    if lease.is_some() && missing.is_none() {
+        // A standby took the lease long after it connected: a replica may have gone since.
+        missing = gone_since(&router).await;
+    }
+    reconcile(&router, missing, cfg, lease.as_ref()).await?;
     anyhow::ensure!(cfg.lease.is_none() || lease.is_some(), "volume {}: the lease was not taken", cfg.name);
+    // Started in sync: a mark a previous holder left in the lease store is stale now.
+    router.clear_mark_if_in_sync().await;
     router.spawn_supervisor();
     Ok(OpenVolume { router, local_servers, lease })
 }
 
-/// Brings the router's view of the replicas in line with their metadata before any I/O.
+/// A remote replica whose connections broke since they were made, and that cannot be reached
+/// again now (the first such; both gone is for `reconcile` to refuse).
+async fn gone_since(router: &Router) -> Option<(usize, String)> {
+    for (i, r) in router.replicas.iter().enumerate() {
+        if r.is_local() || !r.connection_broken() {
+            continue;
+        }
+        match r.connect().await {
+            Ok(_) => {}
+            Err(e) if e.is_unreachable() => return Some((i, format!("{} replica {e}", r.role))),
+            Err(e) => return Some((i, format!("{} replica: {e}", r.role))),
+        }
+    }
+    None
+}
+
+/// Brings the router's view of the replicas in line with their metadata before any I/O. Without
+/// one replica, the survivor serves alone only if its metadata is consistent and there is
+/// evidence that it holds every acknowledged write: it tracks (it knows the other is behind), the
+/// operator said so (`--degraded`, `--force`), or, in the etcd mode, the lease store's verdict
+/// (no mark, or the survivor is the one marked current: [`super::lease::Keeper::vouches_alone`]).
 async fn reconcile(
     router: &Router,
     missing: Option<(usize, String)>,
     cfg: &VolumeConfig,
+    lease: Option<&super::lease::Keeper>,
 ) -> anyhow::Result<()> {
     let role = |i: usize| router.replicas[i].role;
     let standing = |st: Result<VolumeStatus, ReplicaError>, i: usize| -> anyhow::Result<Standing> {
@@ -325,7 +358,20 @@ async fn reconcile(
             role(s),
             role(i)
         );
-        if !survivor.tracking && !cfg.allow_degraded {
+        let forced = cfg.allow_degraded || cfg.lease.as_ref().is_some_and(|l| l.force);
+        let etcd = matches!(lease, Some(super::lease::Keeper::Etcd(_)));
+        if etcd && !forced {
+            // etcd's word, not the survivor's tracking: a survivor that tracks may still lack
+            // writes the other took later (marked in etcd).
+            let verdict = match lease {
+                Some(k) => k.vouches_alone(&router.replicas[s], &router.replicas[i]).await,
+                None => Ok(()),
+            };
+            if let Err(e) = verdict {
+                anyhow::bail!("{why}, and {e}");
+            }
+            tracing::info!("{why}: the lease store vouches for the {} replica alone", role(s));
+        } else if !survivor.tracking && !cfg.allow_degraded {
             anyhow::bail!(
                 "{why}. The {} replica's metadata does not show the {} as behind, so the {} may hold \
                  writes the {} lacks (made through another router). Bring it back, or start with \

@@ -45,6 +45,8 @@ struct Conn {
 /// Connections to one volume on a replica server.
 pub struct RemotePool {
     pub addr: String,
+    /// The replica's metadata uuid, from the Welcome (`VolumeInfo`).
+    pub uuid: [u8; 16],
     /// The data connections, then one for the lease (the last): a replica server handles a
     /// connection's requests in order, so a renewal sent behind pipelined writes to a slow disk
     /// would wait for all of them, and the holder's safe window would close on a healthy router.
@@ -94,18 +96,18 @@ impl RemotePool {
             .client_for(&peer)
             .map_err(|source| refused(ClientError::Tls { addr: peer.addr.clone(), source }))?;
         let mut conns = Vec::new();
-        let mut size = 0;
+        let (mut size, mut uuid) = (0, [0; 16]);
         // `n` for data, one more for the lease.
         for i in 0..=n.max(1) {
-            let (conn, sz, node) =
+            let (conn, info, node) =
                 connect_one(transport, tls.as_ref(), &peer, volume, secret, attach).await?;
             if let (0, Some(node)) = (i, node) {
                 tracing::info!(peer = %peer.addr, %node, volume, "remote replica connected over TLS");
             }
-            size = sz;
+            (size, uuid) = (info.size, info.uuid);
             conns.push(conn);
         }
-        Ok((RemotePool { addr: addr.into(), conns, next: AtomicUsize::new(0) }, size))
+        Ok((RemotePool { addr: addr.into(), uuid, conns, next: AtomicUsize::new(0) }, size))
     }
 
     /// Attaches every connection at `a` (the pool was connected before the lease was taken).
@@ -331,6 +333,11 @@ impl RemoteReplica {
         }
     }
 
+    /// The replica's metadata uuid as its last connection reported it (`None`: never connected).
+    pub fn uuid(&self) -> Option<[u8; 16]> {
+        self.pool.read().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(|p| p.uuid)
+    }
+
     /// (Re)connects; returns the size of the volume.
     pub async fn connect(&self) -> Result<u64, ReplicaError> {
         let attach = self.attached.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
@@ -394,7 +401,7 @@ async fn connect_one(
     volume: &str,
     secret: &[u8],
     attach: Option<&Attachment>,
-) -> Result<(Conn, u64, Option<String>), ReplicaError> {
+) -> Result<(Conn, VolumeInfo, Option<String>), ReplicaError> {
     let a = peer.addr.as_str();
     let refused = |source| ReplicaError::Refused { addr: a.into(), source };
     let unreachable = |source| ReplicaError::Unreachable {
@@ -427,7 +434,7 @@ async fn connect_one(
             .await
             .map_err(within(PROTOCOL_HANDSHAKE_TIMEOUT))??;
             let (r, w) = io.into_split();
-            Ok((spawn_conn(r, w), info.size, None))
+            Ok((spawn_conn(r, w), info, None))
         }
         Some(c) => {
             let tls_err = |source| refused(ClientError::Tls { addr: a.into(), source });
@@ -441,7 +448,7 @@ async fn connect_one(
             .await
             .map_err(within(PROTOCOL_HANDSHAKE_TIMEOUT))??;
             let (r, w) = tokio::io::split(io);
-            Ok((spawn_conn(r, w), info.size, Some(id.node)))
+            Ok((spawn_conn(r, w), info, Some(id.node)))
         }
     }
 }

@@ -15,7 +15,7 @@ use super::{
     error::ReplicaError, inflight::InFlight, inline::ewma, local::LocalReplica, remote::RemoteReplica,
 };
 use crate::{
-    lease::{Epoch, Holder},
+    lease::{Epoch, Holder, ReplicaUuid},
     replication::rate::SyncRate,
     storage::{EpochGuard, JobKind, VolumeStatus},
 };
@@ -204,6 +204,15 @@ impl Replica {
     /// Sets `s`; returns the state before.
     pub fn swap_state(&self, s: ReplicaState) -> ReplicaState {
         self.state.swap(s)
+    }
+
+    /// The replica's metadata uuid: its identity for every router (a local one's header; a
+    /// remote one's as its last connection reported it, `None` if it was never reached).
+    pub fn uuid(&self) -> Option<ReplicaUuid> {
+        match &self.location {
+            Location::Local(l) => Some(ReplicaUuid(l.volume().info().uuid)),
+            Location::Remote(r) => r.uuid().map(ReplicaUuid),
+        }
     }
 
     /// Address peers reach this replica at.

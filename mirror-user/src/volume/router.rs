@@ -31,6 +31,7 @@ use super::{
     BlockDev,
 };
 use crate::{
+    lease::CurrentMark,
     replication::{protocol::MAX_IO, rate::SyncRate},
     storage::JobState,
 };
@@ -266,9 +267,39 @@ impl Router {
             tracing::error!(replica = r.role, "both replicas failed: {why}");
             return Err(Unabsorbed::NoSurvivor);
         }
+        // The lease store first (etcd: which replica holds every acknowledged write), then the
+        // survivor's own record.
+        self.ensure_alone(Self::other(i)).await.map_err(Unabsorbed::Recording)?;
         s.mark_degraded(offset, len).await.map_err(Unabsorbed::Recording)?;
         self.degraded_marked.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Before anything is acknowledged by replica `i` alone: the lease store records that `i`
+    /// holds every acknowledged write (or, `i` still being resynced, that neither replica alone
+    /// does), once per degraded episode (`volume::mark`). A no-op without a store that keeps marks
+    /// (embedded lease, no lease).
+    async fn ensure_alone(&self, i: usize) -> Result<(), ReplicaError> {
+        if !self.lease.mark.needed() {
+            return Ok(());
+        }
+        let s = &self.replicas[i];
+        let unmarked = |why: String| ReplicaError::Unmarked { role: s.role, why };
+        let want = if s.state() == ReplicaState::InSync {
+            CurrentMark::Only(s.uuid().ok_or_else(|| unmarked("its metadata uuid is not known".into()))?)
+        } else {
+            CurrentMark::Neither
+        };
+        self.lease.mark.ensure(want).await.map_err(|e| unmarked(e.to_string()))
+    }
+
+    /// Clears the lease store's mark when both replicas are in sync (after a resync, or at a start
+    /// that found them in sync); best effort.
+    pub async fn clear_mark_if_in_sync(&self) {
+        let in_sync = || self.replicas.iter().all(|r| r.state() == ReplicaState::InSync);
+        if self.lease.mark.needed() && in_sync() {
+            self.lease.mark.clear_if(in_sync).await;
+        }
     }
 
     /// True while both replicas are in sync and nothing is being recorded: then writes need
@@ -404,10 +435,14 @@ impl Router {
             return Err(fenced_error(why));
         }
         let mut ok = 0;
+        let mut acked_by = None;
         let mut failure = None;
         for (i, r) in [a, b].into_iter().flatten() {
             match r {
-                Ok(()) => ok += 1,
+                Ok(()) => {
+                    ok += 1;
+                    acked_by = Some(i);
+                }
                 Err(e) => {
                     match self.fail_replica(i, &e, offset, len).await {
                         // Absorbed by the survivor, or no survivor: then `ok == 0` below.
@@ -424,6 +459,10 @@ impl Router {
         if ok == 0 {
             // Every replica failed the request: the application gets the failure's errno.
             return Err(failure.map_or_else(|| eio("write failed"), |e| e.to_io()));
+        }
+        if let (1, Some(i)) = (ok, acked_by) {
+            // Acknowledged by one replica only: the lease store knows first (once per episode).
+            self.ensure_alone(i).await.map_err(|e| e.to_io())?;
         }
         if live.len() == 1 && !tracked_before {
             // A replica is down and the survivor may not be tracking yet: record this range.
@@ -604,6 +643,7 @@ impl Router {
                             r.set_state(ReplicaState::InSync);
                             self.degraded_marked.store(false, Ordering::Release);
                             tracing::info!(replica = r.role, "replica resynced and back in service");
+                            self.clear_mark_if_in_sync().await;
                         }
                         JobState::Done | JobState::UpToDate => {
                             // The job ended with tracking still on: writes kept re-dirtying
