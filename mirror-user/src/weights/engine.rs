@@ -44,7 +44,9 @@ pub struct EngineConfig {
     /// Minimum time between two changes (not for moves to failover).
     pub dwell: Duration,
     /// Fast attack, slow release: the target's share is lowered only after the lower share has
-    /// been wanted continuously for this long, and then to the highest share wanted meanwhile.
+    /// been wanted continuously for this long, and then to the highest share wanted meanwhile
+    /// (15 s: a health swinging around the line for a minute keeps one direction; 5 s released
+    /// at a high moment of the swing and rose again at the next low one).
     pub release_hold: Duration,
     /// No heartbeat from the source for this long: failover.
     pub heartbeat_timeout: Duration,
@@ -65,7 +67,7 @@ impl Default for EngineConfig {
             horizon: Duration::from_secs(2),
             deadband: 10,
             dwell: Duration::from_millis(500),
-            release_hold: Duration::from_secs(5),
+            release_hold: Duration::from_secs(15),
             heartbeat_timeout: Duration::from_millis(300),
             failback_hold: Duration::from_secs(10),
             ramp: Duration::from_secs(30),
