@@ -615,6 +615,105 @@ fn a_router_killed_mid_write_leaves_intent_and_the_next_start_resyncs_it() {
     assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")), "replicas differ");
 }
 
+/// A router killed (with its target node) during random writes spread over a whole 1 GiB sparse
+/// volume, most extents cold when first written: every write the source applied had its
+/// extent's intent durable first (group commit), so the next start resyncs all of them and the
+/// replicas end byte-identical.
+#[test]
+fn a_router_killed_during_writes_over_many_cold_extents_resyncs_them_all() {
+    const T: &str = "serve::a_router_killed_during_writes_over_many_cold_extents_resyncs_them_all";
+    if which("fio").is_none() {
+        return skip(T, "NBD", "fio is not installed (cargo xtask setup)");
+    }
+    let dir = TempDir::new("serve-intent-burst");
+    let secret = secret_file(&dir.0);
+    let sec = secret.display().to_string();
+    for f in ["s.img", "t.img"] {
+        std::fs::File::create(dir.0.join(f)).unwrap().set_len(1 << 30).unwrap();
+    }
+    let mut t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
+    let source_listen = free_addr();
+    let (src, tgt) = (format!("local:{}", dir.0.join("s.img").display()), format!("remote:{}", t.addr));
+    let args = |first: bool| -> Vec<String> {
+        [
+            "--volume",
+            "v",
+            "--source",
+            &src,
+            "--target",
+            &tgt,
+            "--secret-file",
+            &sec,
+            "--source-listen",
+            &source_listen,
+            // The router must die before it notices the frozen target.
+            "--write-deadline-floor",
+            "10s",
+            "--write-deadline-cap",
+            "10s",
+            "--target-weight",
+            "100",
+        ]
+        .iter()
+        .map(std::string::ToString::to_string)
+        // Two sparse files, both all zeros: identical without an initial sync.
+        .chain(first.then(|| "--assume-clean".to_string()))
+        .collect()
+    };
+    let srv = serve(&argv(&args(true)));
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=burst",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=1g",
+            "--time_based",
+            "--runtime=120",
+            "--norandommap",
+            "--randrepeat=0",
+        ])
+        .arg(format!("--uri=nbd://{}/", srv.nbd))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fio");
+    // Writes spread over the volume's 256 extents for a while (each intent recorded before its
+    // first write), then the target freezes with writes in flight and the router dies with it.
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let (dirty, _) = source_bits(&source_listen, &sec);
+        if dirty >= 128 * 4 * MIB {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fio wrote to only {} MiB of extents in 60 s", dirty >> 20);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(t.child.id(), "-STOP");
+    std::thread::sleep(Duration::from_millis(500));
+    drop(srv); // SIGKILL
+    t.kill(); // SIGKILL of the stopped target: the writes buffered for it are never applied
+    let _ = fio.kill();
+    let _ = fio.wait();
+    assert_ne!(
+        file_digest(&dir.0.join("s.img")),
+        file_digest(&dir.0.join("t.img")),
+        "the test did not make the replicas differ"
+    );
+    let (dirty, tracking) = source_bits_offline(&dir.0.join("s.img"), &secret);
+    assert!(
+        dirty >= 128 * 4 * MIB && !tracking,
+        "write intent on the source: {dirty} bytes, tracking {tracking}"
+    );
+
+    t.restart();
+    let srv = serve(&argv(&args(false)));
+    wait_clean(&source_listen, &sec, "resync of every extent with write intent");
+    drop(srv);
+    assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")), "replicas differ");
+}
+
 /// The source's metadata while no router runs: served briefly by a replica process.
 fn source_bits_offline(path: &std::path::Path, secret: &std::path::Path) -> (u64, bool) {
     let r = Replica::start(path, secret, None, &[]);

@@ -382,6 +382,48 @@ impl VolumeMeta {
         self.mark_dirty(offset, len)
     }
 
+    /// [`Self::mark_intent`] for many ranges at once, with one durable write: every changed
+    /// bitmap page is written, then the file is synced once (the activity log's group commit).
+    /// Returns whether any bit was newly set.
+    pub fn mark_intents(&self, ranges: &[(u64, u64)]) -> Result<bool, MetaError> {
+        let mut st = self.lock();
+        let bs = u64::from(st.hdr.block_size);
+        let per_page = PAGE / 8;
+        let mut pages: Vec<usize> = Vec::new();
+        for &(offset, len) in ranges {
+            let r = bit_range(offset, len, bs, self.nbits);
+            if r.is_empty() {
+                continue;
+            }
+            // A word at a time (a 4 MiB extent at 4 KiB blocks is 16 words).
+            for w in (r.start / 64) as usize..r.end.div_ceil(64) as usize {
+                let lo = (w as u64 * 64).max(r.start);
+                let hi = (w as u64 * 64 + 64).min(r.end);
+                let m = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << (lo % 64) };
+                st.mem[w] |= m;
+                if st.disk[w] & m != m {
+                    st.disk[w] |= m;
+                    if pages.last() != Some(&(w / per_page)) {
+                        pages.push(w / per_page);
+                    }
+                }
+            }
+        }
+        if pages.is_empty() {
+            return Ok(false);
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        for page in pages {
+            let lo = page * per_page;
+            let hi = ((page + 1) * per_page).min(st.disk.len());
+            let bytes: Vec<u8> = st.disk[lo..hi].iter().flat_map(|w| w.to_le_bytes()).collect();
+            self.file.write_all_at(&bytes, BITMAP_OFF + (lo * 8) as u64).map_err(|e| self.io(e))?;
+        }
+        self.file.sync_data().map_err(|e| self.io(e))?;
+        Ok(true)
+    }
+
     /// Drops the write intent of `[offset, offset+len)` once the router has flushed both
     /// replicas after its last write there: clears the range's bits in memory and on disk,
     /// durably. Not while tracking (degraded or syncing), when the bits are the record of what
@@ -684,6 +726,26 @@ mod tests {
         assert_eq!(m.merge_bitmap(&peer.bitmap_bytes()).unwrap(), 3, "bit 0 was set already");
         assert_eq!(m.dirty_bits(), 4);
         assert!(!m.is_clean(4096 * 12, 1) && m.is_clean(4096 * 13, 4096));
+    }
+
+    #[test]
+    fn intents_of_many_ranges_are_one_durable_write() {
+        let t = tmp("intents");
+        // 1 GiB at 4 KiB blocks: 32 KiB of bitmap, eight pages.
+        let m = VolumeMeta::open(&t.0, 1 << 30, 4096).unwrap();
+        let far = (1u64 << 30) - (4 << 20);
+        assert!(m.mark_intents(&[(0, 4 << 20), (far, 4 << 20), (8 << 20, 4096)]).unwrap());
+        assert!(!m.mark_intents(&[(0, 4096)]).unwrap(), "already set");
+        assert!(!m.mark_intents(&[]).unwrap());
+        // Bits 4158..4162: across a word boundary, partial words on both sides.
+        let odd = (16 << 20) + 4096 * 62;
+        assert!(m.mark_intents(&[(odd, 4096 * 4)]).unwrap());
+        drop(m);
+        let m = VolumeMeta::open(&t.0, 1 << 30, 4096).unwrap();
+        assert_eq!(m.dirty_bits(), 1024 + 1024 + 1 + 4, "every range durable, pages far apart too");
+        assert!(m.is_clean(odd - 4096, 4096) && !m.is_clean(odd, 4096));
+        assert!(!m.is_clean(odd + 4096 * 3, 4096) && m.is_clean(odd + 4096 * 4, 4096));
+        assert!(!m.header().tracking, "intent is not degraded tracking");
     }
 
     #[test]

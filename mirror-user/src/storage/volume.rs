@@ -346,6 +346,16 @@ impl Volume {
         Ok(())
     }
 
+    /// The router's write intent of many ranges, with one durable metadata write (see
+    /// `VolumeMeta::mark_intents`).
+    pub fn mark_intents(&self, ranges: &[(u64, u64)]) -> Result<(), StorageError> {
+        for &(offset, len) in ranges {
+            self.check_range(offset, len)?;
+        }
+        self.meta.mark_intents(ranges)?;
+        Ok(())
+    }
+
     /// Drops the router's write intent of a range: true when cleared, false when kept because
     /// the volume is tracking (its bits then record what the peer lacks).
     pub fn clear_intent(&self, offset: u64, len: u64) -> Result<bool, StorageError> {

@@ -23,6 +23,27 @@ use std::{
 /// Extent size (log2): 4 MiB.
 pub const EXTENT_SHIFT: u32 = 22;
 
+/// The group commit of intents: runs of cold extents waiting for the next metadata write, and
+/// the batch numbers. A writer queues its cold runs and gets the number of the open batch (its
+/// ticket); the next holder of [`ActivityLog::marking`] takes the whole queue as one batch
+/// (closing it: later writers join the next) and records it with one durable write; a writer
+/// whose ticket is at most [`Self::durable`] has its intent recorded and may write.
+#[derive(Debug)]
+struct Queue {
+    runs: Vec<Range<usize>>,
+    /// The batch queued runs join.
+    open: u64,
+    /// Every batch up to this one is durable.
+    durable: u64,
+}
+
+/// One batch of cold runs to record with one metadata write (see [`ActivityLog::take_batch`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub id: u64,
+    pub runs: Vec<Range<usize>>,
+}
+
 /// Which extents carry a recorded intent, and when each was last written.
 #[derive(Debug)]
 pub struct ActivityLog {
@@ -39,6 +60,7 @@ pub struct ActivityLog {
     /// Held while an intent is recorded or dropped, so a write never relies on an intent that
     /// is being dropped.
     pub marking: tokio::sync::Mutex<()>,
+    queue: std::sync::Mutex<Queue>,
     /// An extent not written for this long is dropped: longer than a write may be in flight
     /// (the router fails a replica whose write takes more than its 5 s write timeout).
     pub cold_after: Duration,
@@ -53,6 +75,7 @@ impl ActivityLog {
             size,
             hot: (0..n).map(|_| AtomicU64::new(0)).collect(),
             marking: tokio::sync::Mutex::new(()),
+            queue: std::sync::Mutex::new(Queue { runs: Vec::new(), open: 1, durable: 0 }),
             cold_after,
         }
     }
@@ -119,6 +142,60 @@ impl ActivityLog {
             }
         }
         runs
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues the cold runs of a write for the next batch; returns its ticket (see [`Queue`]).
+    pub fn enqueue(&self, runs: Vec<Range<usize>>) -> u64 {
+        let mut q = self.queue();
+        q.runs.extend(runs);
+        q.open
+    }
+
+    /// Whether the batch of `ticket` (and every earlier one) is durable.
+    pub fn covered(&self, ticket: u64) -> bool {
+        self.queue().durable >= ticket
+    }
+
+    /// Closes the open batch and takes its runs (coalesced, extents already hot left out) to
+    /// record with one metadata write, holding [`Self::marking`]; then [`Self::committed`] or,
+    /// if the write failed, [`Self::requeue`].
+    pub fn take_batch(&self) -> Batch {
+        let mut q = self.queue();
+        let id = q.open;
+        q.open += 1;
+        let mut extents: Vec<usize> =
+            q.runs.drain(..).flatten().filter(|&e| self.hot[e].load(Ordering::Acquire) == 0).collect();
+        drop(q);
+        extents.sort_unstable();
+        extents.dedup();
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        for e in extents {
+            match runs.last_mut() {
+                Some(r) if r.end == e => r.end = e + 1,
+                _ => runs.push(e..e + 1),
+            }
+        }
+        Batch { id, runs }
+    }
+
+    /// The batch is durable: its extents are hot (written now), and every ticket up to its id
+    /// is covered.
+    pub fn committed(&self, batch: &Batch, now: Instant) {
+        for r in &batch.runs {
+            self.set_hot(r.clone(), now);
+        }
+        let mut q = self.queue();
+        q.durable = q.durable.max(batch.id);
+    }
+
+    /// The batch's metadata write failed: its runs go back to the queue, so that the writers
+    /// waiting on it (not covered) record them again with the next batch.
+    pub fn requeue(&self, batch: Batch) {
+        self.queue().runs.extend(batch.runs);
     }
 
     /// The intent of extents `e` is recorded: hot, written now.
@@ -218,6 +295,54 @@ mod tests {
         al.set_hot(1..3, t);
         assert_eq!(al.take_all(), vec![1..3]);
         assert_eq!(al.hot_count(), 0);
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // runs of extents, not vectors of numbers
+    fn writers_queued_during_a_commit_share_the_next_one() {
+        let t0 = Instant::now();
+        let al = ActivityLog::new(64 * MIB, Duration::from_secs(10));
+        // Writer A: cold extent 0; it leads batch 1.
+        let a = al.enqueue(al.cold_runs(0, 4096));
+        let first = al.take_batch();
+        assert_eq!(first, Batch { id: 1, runs: vec![0..1] });
+        // While batch 1 is being synced, B, C and D need extents 5, 3 and 4 (and D also 0,
+        // which batch 1 is recording): they all join batch 2.
+        let b = al.enqueue(al.cold_runs(5 * 4 * MIB, 4096));
+        let c = al.enqueue(al.cold_runs(3 * 4 * MIB, 4096));
+        let d = al.enqueue(al.cold_runs(0, 5 * 4 * MIB));
+        assert_eq!((a, b, c, d), (1, 2, 2, 2));
+        assert!(!al.covered(a), "no write before its batch is durable");
+        al.committed(&first, t0);
+        assert!(al.covered(a) && !al.covered(b) && !al.covered(c) && !al.covered(d));
+        assert!(al.touch_if_hot(0, 4096));
+        // B takes the lock next and records every extent queued meanwhile in one batch
+        // (coalesced; extent 0, hot since batch 1, left out).
+        let second = al.take_batch();
+        assert_eq!(second, Batch { id: 2, runs: vec![1..6] });
+        al.committed(&second, t0);
+        assert!(al.covered(c) && al.covered(d), "C and D find their batch durable: no sync of their own");
+        assert!(al.touch_if_hot(0, 24 * MIB));
+        assert_eq!(al.take_batch().runs, Vec::<Range<usize>>::new(), "nothing left to record");
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // runs of extents, not vectors of numbers
+    fn a_failed_batch_is_recorded_again_before_its_writers_go() {
+        let t0 = Instant::now();
+        let al = ActivityLog::new(64 * MIB, Duration::from_secs(10));
+        let a = al.enqueue(vec![2..3]);
+        let b = al.enqueue(vec![7..9]);
+        let failed = al.take_batch();
+        assert_eq!(failed.runs, vec![2..3, 7..9]);
+        al.requeue(failed);
+        assert!(!al.covered(a) && !al.covered(b));
+        let c = al.enqueue(vec![4..5]);
+        let retry = al.take_batch();
+        assert_eq!(retry.runs, vec![2..3, 4..5, 7..9], "the failed runs go with the next batch");
+        al.committed(&retry, t0);
+        assert!(al.covered(a) && al.covered(b) && al.covered(c));
+        assert_eq!(al.hot_count(), 4);
     }
 
     #[test]

@@ -207,6 +207,10 @@ impl LocalReplica {
         self.blocking(move |v| v.mark_intent(offset, len)).await
     }
 
+    pub async fn mark_intents(&self, ranges: Vec<(u64, u64)>) -> Result<(), ReplicaError> {
+        self.blocking(move |v| v.mark_intents(&ranges)).await
+    }
+
     pub async fn clear_intent(&self, offset: u64, len: u64) -> Result<bool, ReplicaError> {
         self.blocking(move |v| v.clear_intent(offset, len)).await
     }

@@ -349,6 +349,22 @@ impl Replica {
         }
     }
 
+    /// The router's write intent of many ranges, durable when it returns: one metadata sync on
+    /// a local replica; a remote one is asked range by range (the protocol has one range per
+    /// request).
+    pub async fn mark_intents(&self, ranges: Vec<(u64, u64)>) -> Result<(), ReplicaError> {
+        let _admitted = self.admit()?;
+        match &self.location {
+            Location::Local(l) => l.mark_intents(ranges).await,
+            Location::Remote(r) => {
+                for (offset, len) in ranges {
+                    r.mark_intent(offset, len).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Drops the router's write intent of a range; `Ok(false)` when the replica is tracking (its
     /// bits then record what the peer lacks and stay).
     pub async fn clear_intent(&self, offset: u64, len: u64) -> Result<bool, ReplicaError> {

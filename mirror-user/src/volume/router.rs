@@ -310,31 +310,44 @@ impl Router {
     }
 
     /// Makes sure the write intent of `[offset, offset+len)` is recorded on the source before a
-    /// write there is issued (lock-free when its extents are hot). A source that cannot record
-    /// it has failed: the target takes over and records the range.
+    /// write there is issued (lock-free when its extents are hot). Group commit: the write's
+    /// cold extents join the open batch; whoever next holds `marking` records the whole batch
+    /// with one metadata write, so writes arriving while a sync is in flight share the next one.
+    /// A write proceeds only once its batch is durable. A source that cannot record it has
+    /// failed: the target takes over and records the range.
     async fn record_intent(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
-        if self.al.touch_if_hot(offset, len) {
-            return Ok(());
-        }
-        let _marking = self.al.marking.lock().await;
-        for run in self.al.cold_runs(offset, len) {
-            let (o, l) = self.al.byte_range(run.clone());
-            if let Err(e) = self.replicas[0].mark_intent(o, l).await {
-                if e.is_fenced() {
-                    self.lease.fence(format!("the source replica refused the write intent: {e}"));
-                    return Err(e);
-                }
-                let why = format!("recording write intent: {e}");
-                return match self.fail_replica(0, &why, offset, len).await {
-                    Ok(()) => Ok(()),
-                    Err(Unabsorbed::NoSurvivor) => Err(e),
-                    Err(Unabsorbed::Recording(e2)) => Err(e2),
-                };
+        loop {
+            if self.al.touch_if_hot(offset, len) {
+                return Ok(());
             }
-            self.al.set_hot(run, Instant::now());
+            let ticket = self.al.enqueue(self.al.cold_runs(offset, len));
+            let marking = self.al.marking.lock().await;
+            if !self.al.covered(ticket) {
+                let batch = self.al.take_batch();
+                let ranges: Vec<(u64, u64)> =
+                    batch.runs.iter().map(|r| self.al.byte_range(r.clone())).collect();
+                let res =
+                    if ranges.is_empty() { Ok(()) } else { self.replicas[0].mark_intents(ranges).await };
+                match res {
+                    Ok(()) => self.al.committed(&batch, Instant::now()),
+                    Err(e) => {
+                        self.al.requeue(batch);
+                        if e.is_fenced() {
+                            self.lease.fence(format!("the source replica refused the write intent: {e}"));
+                            return Err(e);
+                        }
+                        let why = format!("recording write intent: {e}");
+                        return match self.fail_replica(0, &why, offset, len).await {
+                            Ok(()) => Ok(()),
+                            Err(Unabsorbed::NoSurvivor) => Err(e),
+                            Err(Unabsorbed::Recording(e2)) => Err(e2),
+                        };
+                    }
+                }
+            }
+            drop(marking);
+            // Covered: hot now, unless dropped meanwhile (then recorded again).
         }
-        self.al.touch_if_hot(offset, len);
-        Ok(())
     }
 
     /// Drops the intent of extents idle for [`INTENT_IDLE`] (or twice the hard write timeout):

@@ -11,6 +11,11 @@
 //! With `--baseline-bin PATH` (the `mirror` binary of another commit), its two configurations
 //! join the rotation as base-2local and base-remote, and the JSON gains ours / baseline ratios:
 //! an A/B of two builds in one run, alternating, on the same files and the same machine load.
+//! Then the large-volume case: the local + remote topology on sparse files of `--large-size`
+//! (256 GiB) against sparse files of `--size`, 4 KiB random writes at QD32 over the whole
+//! volume, alternating, each sample on fresh files (every extent cold at the start): the cost of
+//! recording write intent as writes spread over many extents (`randwrite_large_vs_small`,
+//! `randwrite_large_iops`). `--only large` runs just that case.
 //! Writes target/bench/nbd.json.
 
 use std::{
@@ -64,6 +69,18 @@ struct Args {
     /// (suffixes K, M, G).
     #[arg(long = "throttle", value_name = "BYTES", default_value = "8M", value_parser = mirror::parse_size)]
     throttle_bps: u64,
+    /// Size of the large sparse volume of the large-volume case (suffixes K, M, G).
+    #[arg(long = "large-size", default_value = "256G", value_parser = mirror::parse_size)]
+    large_size: u64,
+    /// Run only this case.
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Only {
+    /// The large-volume random-write case.
+    Large,
 }
 
 /// A running NBD server to measure: its processes and URI.
@@ -171,6 +188,78 @@ fn throttled_run(a: &Args, loops: &[LoopDev; 2], weight: u8, cgroup: &IoCgroup) 
     fio(&srv.uri, Job { name: "randread", rw: "randread", bs: "4k", depth: 32 }, a.runtime, a.size)
 }
 
+/// Random-write IOPS of the local + remote topology on fresh sparse files of `size` bytes
+/// (every extent cold at the start; the files and their metadata removed after).
+fn fresh_randwrite(a: &Args, size: u64, tag: &str) -> Result<f64> {
+    let files = [a.dir.join(format!("{tag}-src.img")), a.dir.join(format!("{tag}-tgt.img"))];
+    for f in &files {
+        std::fs::File::create(f)?.set_len(size)?;
+    }
+    let r = (|| {
+        let (k, addr) = replica(a, &a.mirror, &files[1])?;
+        let srv = serve_ours(
+            a,
+            &a.mirror,
+            "large",
+            &format!("local:{}", files[0].display()),
+            &format!("remote:{addr}"),
+            50,
+            vec![k],
+        )?;
+        fio(&srv.uri, Job { name: "randwrite", rw: "randwrite", bs: "4k", depth: 32 }, a.runtime, size)
+    })();
+    for f in &files {
+        let _ = std::fs::remove_file(mirror::storage::default_meta_path(f));
+        let _ = std::fs::remove_file(f);
+    }
+    r
+}
+
+/// The large-volume case: `--large-size` against `--size`, alternating, fresh files each.
+fn large_case(a: &Args, json: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let mut s = Samples::default();
+    let (small, large) = ("small", "large");
+    for round in 0..a.rounds {
+        let order = if round % 2 == 0 { [small, large] } else { [large, small] };
+        for which in order {
+            let size = if which == large { a.large_size } else { a.size };
+            let v = fresh_randwrite(a, size, which)?;
+            eprintln!("  round {round} {which:<6} {:>8} MiB randwrite {v:>10.1} IOPS", size >> 20);
+            s.push(which, "randwrite", v);
+        }
+    }
+    let ratio = s.ratio(large, small, "randwrite");
+    println!(
+        "\nlarge volume: randwrite {} MiB {:.1} IOPS, {} MiB {:.1} IOPS (medians of {} rounds x {} s)",
+        a.large_size >> 20,
+        s.median(large, "randwrite"),
+        a.size >> 20,
+        s.median(small, "randwrite"),
+        a.rounds,
+        a.runtime
+    );
+    println!(
+        "randwrite_large_vs_small = {:.3} (per round {:.3}..{:.3}; target >= 0.8)",
+        ratio.median, ratio.min, ratio.max
+    );
+    json.insert("randwrite_large_vs_small".into(), serde_json::json!(ratio.median));
+    json.insert("randwrite_large_vs_small_spread".into(), ratio.to_json());
+    json.insert("randwrite_large_iops".into(), serde_json::json!(s.median(large, "randwrite")));
+    json.insert("randwrite_small_iops".into(), serde_json::json!(s.median(small, "randwrite")));
+    json.insert("large_size".into(), serde_json::json!(a.large_size));
+    json.insert("large_runs".into(), s.to_json());
+    Ok(())
+}
+
+fn write_json(a: &Args, json: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    if let Some(p) = a.out.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&serde_json::Value::Object(json))?)?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     for tool in ["fio", "nbdkit", "qemu-nbd", "losetup"] {
@@ -186,6 +275,13 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.dir)?;
     std::fs::write(a.dir.join("secret"), "bench-secret-0123456789abcdef")?;
+    if a.only == Some(Only::Large) {
+        let mut json = serde_json::Map::new();
+        large_case(&a, &mut json)?;
+        write_json(&a, json)?;
+        let _ = std::fs::remove_dir_all(&a.dir);
+        return Ok(());
+    }
     let files: Vec<PathBuf> =
         ["a.img", "b.img", "c.img", "d.img", "e.img", "f.img"].iter().map(|f| a.dir.join(f)).collect();
     eprintln!("bench nbd: preparing {} MiB files", a.size >> 20);
@@ -331,11 +427,11 @@ fn main() -> Result<()> {
     json.insert("throttle".into(), serde_json::json!(throttle_note));
     json.insert("runs".into(), results.to_json());
     json.insert("throttled_runs".into(), serde_json::json!({"one": throttled.0, "two": throttled.1}));
-    if let Some(p) = a.out.parent() {
-        std::fs::create_dir_all(p)?;
+    for f in &files {
+        let _ = std::fs::remove_file(f);
     }
-    std::fs::write(&a.out, serde_json::to_string_pretty(&serde_json::Value::Object(json))?)?;
-    println!("wrote {}", a.out.display());
+    large_case(&a, &mut json)?;
+    write_json(&a, json)?;
     let _ = std::fs::remove_dir_all(&a.dir);
     Ok(())
 }
