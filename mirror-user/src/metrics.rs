@@ -17,6 +17,7 @@ use prometheus_client::{
 
 use crate::{
     lease::LeaseMode,
+    volume::lease::{StandbyStatus, StandbyView},
     volume::replica::{ReplicaSnapshot, ReplicaState},
     weights::{driver::Driver, status::ServeStatus},
 };
@@ -170,20 +171,97 @@ pub fn encode_status(st: &ServeStatus) -> String {
     out
 }
 
+/// A standby's metrics while it waits for the lease: its lease mode (`standby`), the epoch of the
+/// active router it waits on, and how long it has waited.
+pub fn encode_standby(st: &StandbyStatus) -> String {
+    let mut reg = Registry::with_prefix("mirror");
+    let lease_mode = Family::<ModeLabel, Gauge>::default();
+    reg.register(
+        "lease_mode",
+        "Lease mode of this router: active, standby, fenced (1 = current)",
+        lease_mode.clone(),
+    );
+    for each in LeaseMode::ALL {
+        lease_mode
+            .get_or_create(&ModeLabel { mode: each.as_str().into() })
+            .set(i64::from(st.lease.mode == each));
+    }
+    let lease_epoch = Gauge::<i64>::default();
+    reg.register(
+        "lease_epoch",
+        "Fencing epoch of the active router this standby waits on",
+        lease_epoch.clone(),
+    );
+    lease_epoch.set(i64::try_from(st.lease.epoch.0).unwrap_or(i64::MAX));
+    let lease_left = GaugeF::default();
+    reg.register(
+        "lease_time_left_seconds",
+        "Time this router may still acknowledge writes without another renewal (0 on a standby)",
+        lease_left.clone(),
+    );
+    let active_left = GaugeF::default();
+    reg.register(
+        "lease_active_time_left_seconds",
+        "How long the active router's lease runs without a renewal, as the standby last read it",
+        active_left.clone(),
+    );
+    active_left.set(st.active.as_ref().map_or(0.0, |a| a.time_left_ms as f64 / 1e3));
+    let waiting = GaugeF::default();
+    reg.register("standby_waiting_seconds", "How long this router has stood by", waiting.clone());
+    waiting.set(st.waiting_ms as f64 / 1e3);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+/// What the metrics endpoint reports: the serving router's status, or, before it serves (a
+/// standby waiting for the lease), the standby's.
+#[derive(Debug)]
+pub struct MetricsSource {
+    driver: std::sync::OnceLock<Arc<Driver>>,
+    standby: Option<StandbyView>,
+}
+
+impl MetricsSource {
+    pub fn serving(driver: Arc<Driver>) -> Arc<MetricsSource> {
+        let m = MetricsSource { driver: std::sync::OnceLock::new(), standby: None };
+        let _ = m.driver.set(driver);
+        Arc::new(m)
+    }
+
+    pub fn standing_by(view: StandbyView) -> Arc<MetricsSource> {
+        Arc::new(MetricsSource { driver: std::sync::OnceLock::new(), standby: Some(view) })
+    }
+
+    /// The router serves from here (a second call changes nothing).
+    pub fn serve_now(&self, driver: Arc<Driver>) {
+        let _ = self.driver.set(driver);
+    }
+
+    async fn encode(&self) -> String {
+        match (self.driver.get(), &self.standby) {
+            (Some(d), _) => encode_status(&d.status().await),
+            (None, Some(v)) => encode_standby(&v.status(std::time::Instant::now())),
+            (None, None) => "# EOF\n".into(),
+        }
+    }
+}
+
 /// Serves `GET /metrics` on `addr` until the task is dropped; returns the bound address.
-pub async fn serve(driver: Arc<Driver>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+pub async fn serve(source: Arc<MetricsSource>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            let d = driver.clone();
+            let d = source.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let d = d.clone();
                     async move {
                         let resp = if req.uri().path() == "/metrics" {
-                            let body = encode_status(&d.status().await);
+                            let body = d.encode().await;
                             Response::builder()
                                 .header(
                                     "content-type",
@@ -268,5 +346,26 @@ mod tests {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
         assert!(!text.contains("mirror_node_health{replica=\"target\"}"), "no score yet, no sample:\n{text}");
+    }
+
+    #[test]
+    fn a_standby_shows_its_mode_and_what_it_waits_on() {
+        let view = crate::volume::lease::StandbyView::new(
+            "v",
+            Holder::new("nodeB", "1"),
+            std::time::Duration::from_secs(2),
+        );
+        let text = super::encode_standby(&view.status(std::time::Instant::now()));
+        for want in [
+            "mirror_lease_mode{mode=\"standby\"} 1",
+            "mirror_lease_mode{mode=\"active\"} 0",
+            "mirror_lease_epoch 0",
+            "mirror_lease_time_left_seconds 0.0",
+            "mirror_lease_active_time_left_seconds 0.0",
+            "mirror_standby_waiting_seconds",
+            "# EOF",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
     }
 }

@@ -26,6 +26,7 @@ use crate::{
         handover::{Action, ActiveEvent, ActiveHandover, ActiveState},
         Clock, MonotonicClock,
     },
+    metrics::MetricsSource,
     telemetry::bpf,
     volume::lease::StandbyView,
     volume::open::OpenVolume,
@@ -134,25 +135,38 @@ where
     let standby = volume.lease.as_mut().filter(|l| l.standby).map(|l| {
         let view = StandbyView::new(&volume.name, l.holder.clone(), l.ttl);
         l.standby_view = Some(view.clone());
-        Control::standing_by(view)
+        (Control::standing_by(view.clone()), MetricsSource::standing_by(view))
     });
     let early = match &standby {
-        Some(control) => Some(serve_control(control.clone(), &ctl_socket).await),
+        Some((control, _)) => Some(serve_control(control.clone(), &ctl_socket).await),
         None => None,
+    };
+    let early_metrics = match (&standby, metrics) {
+        (Some((_, source)), Some(addr)) => Some(
+            crate::metrics::serve(source.clone(), addr)
+                .await
+                .map_err(|source| ServeError::Metrics { addr, source })?,
+        ),
+        _ => None,
     };
     let vol = crate::volume::open::open(&volume).await.map_err(ServeError::Open)?;
     let driver = Driver::start(vol.router.clone(), driver, volume.node_health.clone());
     mirror_weights_in_bpf(&driver, &pin_dir.join(format!("weights-{}", volume.name)));
-    let metrics_addr = match metrics {
-        Some(addr) => Some(
-            crate::metrics::serve(driver.clone(), addr)
+    let metrics_addr = match (&standby, early_metrics, metrics) {
+        // The standby's endpoint, bound before the wait, reports the router from here.
+        (Some((_, source)), Some(bound), _) => {
+            source.serve_now(driver.clone());
+            Some(bound)
+        }
+        (_, _, Some(addr)) => Some(
+            crate::metrics::serve(MetricsSource::serving(driver.clone()), addr)
                 .await
                 .map_err(|source| ServeError::Metrics { addr, source })?,
         ),
-        None => None,
+        _ => None,
     };
     let (handover_tx, mut handover_rx) = tokio::sync::mpsc::channel::<HandoverAsk>(1);
-    match (standby, early) {
+    match (standby.map(|(control, _)| control), early) {
         // The standby's socket, bound before the wait, serves the router from here.
         (Some(control), Some(true)) => control.serve_now(driver.clone(), Some(handover_tx)),
         // Bound here, before the readiness lines: `mirror ctl` right after them finds it.

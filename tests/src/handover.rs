@@ -100,8 +100,13 @@ impl Pair {
 
     /// Starts B `--standby` and waits until it stands by.
     pub fn start_standby(&mut self) -> Result<()> {
+        self.start_standby_with(&[])
+    }
+
+    /// [`Self::start_standby`] with `extra` flags for B.
+    pub fn start_standby_with(&mut self, extra: &[&str]) -> Result<()> {
         let p = self;
-        let mut b = p.serve(1, &["--standby"]);
+        let mut b = p.serve(1, &[&["--standby"], extra].concat());
         let mut child = b.stdout(Stdio::piped()).spawn().context("spawn router B")?;
         let out = BufReader::new(child.stdout.take().context("B's stdout")?);
         let (tx, rx) = mpsc::channel();

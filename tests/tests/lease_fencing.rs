@@ -635,8 +635,14 @@ fn etcd_planned_handover_moves_the_volume_to_the_standby_with_roles_swapped() {
     assert!(w.status.success(), "A serves on after the refusal: {}", String::from_utf8_lossy(&w.stderr));
     let epoch_a = p.status(0).unwrap()["lease"]["epoch"].as_u64().unwrap();
     // B stands by with its own replica as the source.
-    p.start_standby().unwrap_or_else(|e| panic!("{e:#}"));
+    let metrics_b = mirror_tests::net::free_addr();
+    p.start_standby_with(&["--metrics", &metrics_b]).unwrap_or_else(|e| panic!("{e:#}"));
     assert_standing_by(&p, "nodeB", "nodeA/", epoch_a);
+    let m = mirror_tests::net::http_get(&metrics_b, "/metrics").unwrap();
+    assert!(
+        m.contains("mirror_lease_mode{mode=\"standby\"} 1") && m.contains("mirror_standby_waiting_seconds"),
+        "{m}"
+    );
     let writer = writer(&p, 4 * MIB, 1);
     std::thread::sleep(Duration::from_millis(500));
     let started_at = Instant::now();
@@ -672,6 +678,8 @@ fn etcd_planned_handover_moves_the_volume_to_the_standby_with_roles_swapped() {
     verify_through_b(&p, &log, 4 * MIB);
     let st = p.status(1).unwrap();
     assert_eq!(st["lease"]["mode"], "active", "{st}");
+    let m = mirror_tests::net::http_get(&metrics_b, "/metrics").unwrap();
+    assert!(m.contains("mirror_lease_mode{mode=\"active\"} 1") && m.contains("mirror_read_weight"), "{m}");
     assert!(st["lease"]["epoch"].as_u64().unwrap() >= epoch, "{st}");
     let reps = st["replicas"].as_array().unwrap();
     // B's source is t (A's target), its target s: the old source serves as the new one's replica.
