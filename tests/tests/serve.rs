@@ -554,30 +554,9 @@ fn a_router_killed_mid_write_leaves_intent_and_the_next_start_resyncs_it() {
     sync_ok(&s0.addr, &t.addr, &secret, &[]);
     drop(s0);
     std::thread::sleep(Duration::from_millis(200));
-    let (src, tgt) = (format!("local:{}", dir.0.join("s.img").display()), format!("remote:{}", t.addr));
-    let args = |weight: &str| -> Vec<String> {
-        [
-            "--volume",
-            "v",
-            "--source",
-            &src,
-            "--target",
-            &tgt,
-            "--secret-file",
-            &sec,
-            "--source-listen",
-            &source_listen,
-            // The router must die before it notices the frozen target (its write deadline
-            // would fail the target and record the write as degraded instead of as intent).
-            "--write-deadline-floor",
-            "10s",
-            "--write-deadline-cap",
-            "10s",
-        ]
-        .iter()
-        .map(std::string::ToString::to_string)
-        .chain(["--target-weight".into(), weight.into()])
-        .collect()
+    let target = t.addr.clone(); // kept across its restart
+    let args = |weight: &str| {
+        killed_router_args(&dir.0, &target, &sec, &source_listen, &["--target-weight", weight])
     };
 
     let srv = serve(&argv(&args("0")));
@@ -596,12 +575,7 @@ fn a_router_killed_mid_write_leaves_intent_and_the_next_start_resyncs_it() {
     t.kill(); // SIGKILL of the stopped target: the buffered write is never applied
     let _ = pending.kill();
     let _ = pending.wait();
-    assert_ne!(
-        file_digest(&dir.0.join("s.img")),
-        file_digest(&dir.0.join("t.img")),
-        "the test did not make the replicas differ"
-    );
-    let (dirty, tracking) = source_bits_offline(&dir.0.join("s.img"), &secret);
+    let (dirty, tracking) = differing_with_intent(&dir.0, &secret);
     assert!(dirty > 0 && !tracking, "no write intent on the source: {dirty} bytes, tracking {tracking}");
 
     t.restart();
@@ -633,32 +607,17 @@ fn a_router_killed_during_writes_over_many_cold_extents_resyncs_them_all() {
     }
     let mut t = Replica::start(&dir.0.join("t.img"), &secret, None, &[]);
     let source_listen = free_addr();
-    let (src, tgt) = (format!("local:{}", dir.0.join("s.img").display()), format!("remote:{}", t.addr));
-    let args = |first: bool| -> Vec<String> {
-        [
-            "--volume",
-            "v",
-            "--source",
-            &src,
-            "--target",
-            &tgt,
-            "--secret-file",
-            &sec,
-            "--source-listen",
-            &source_listen,
-            // The router must die before it notices the frozen target.
-            "--write-deadline-floor",
-            "10s",
-            "--write-deadline-cap",
-            "10s",
-            "--target-weight",
-            "100",
-        ]
-        .iter()
-        .map(std::string::ToString::to_string)
+    let target = t.addr.clone(); // kept across its restart
+    let args = |first: bool| {
         // Two sparse files, both all zeros: identical without an initial sync.
-        .chain(first.then(|| "--assume-clean".to_string()))
-        .collect()
+        let clean: &[&str] = if first { &["--assume-clean"] } else { &[] };
+        killed_router_args(
+            &dir.0,
+            &target,
+            &sec,
+            &source_listen,
+            &[&["--target-weight", "100"], clean].concat(),
+        )
     };
     let srv = serve(&argv(&args(true)));
     let mut fio = Command::new("fio")
@@ -696,12 +655,7 @@ fn a_router_killed_during_writes_over_many_cold_extents_resyncs_them_all() {
     t.kill(); // SIGKILL of the stopped target: the writes buffered for it are never applied
     let _ = fio.kill();
     let _ = fio.wait();
-    assert_ne!(
-        file_digest(&dir.0.join("s.img")),
-        file_digest(&dir.0.join("t.img")),
-        "the test did not make the replicas differ"
-    );
-    let (dirty, tracking) = source_bits_offline(&dir.0.join("s.img"), &secret);
+    let (dirty, tracking) = differing_with_intent(&dir.0, &secret);
     assert!(
         dirty >= 128 * 4 * MIB && !tracking,
         "write intent on the source: {dirty} bytes, tracking {tracking}"
@@ -712,6 +666,49 @@ fn a_router_killed_during_writes_over_many_cold_extents_resyncs_them_all() {
     wait_clean(&source_listen, &sec, "resync of every extent with write intent");
     drop(srv);
     assert_eq!(file_digest(&dir.0.join("s.img")), file_digest(&dir.0.join("t.img")), "replicas differ");
+}
+
+/// `mirror serve` arguments of the router-kill tests: the local source `DIR/s.img` (its replica
+/// server on `source_listen`), the remote target at `target`, then `extra`. The write deadline is
+/// longer than the tests: the router must die before it notices the frozen target (its deadline
+/// would fail the target and record the write as degraded instead of as intent).
+fn killed_router_args(
+    dir: &std::path::Path,
+    target: &str,
+    sec: &str,
+    source_listen: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let src = format!("local:{}", dir.join("s.img").display());
+    let tgt = format!("remote:{target}");
+    [
+        "--volume",
+        "v",
+        "--source",
+        &src,
+        "--target",
+        &tgt,
+        "--secret-file",
+        sec,
+        "--source-listen",
+        source_listen,
+        "--write-deadline-floor",
+        "10s",
+        "--write-deadline-cap",
+        "10s",
+    ]
+    .iter()
+    .chain(extra)
+    .map(std::string::ToString::to_string)
+    .collect()
+}
+
+/// After a router-kill: the replica files differ (the test did what it meant to); returns the
+/// source's offline metadata (bytes with write intent, tracking).
+fn differing_with_intent(dir: &std::path::Path, secret: &std::path::Path) -> (u64, bool) {
+    let (s, t) = (file_digest(&dir.join("s.img")), file_digest(&dir.join("t.img")));
+    assert_ne!(s, t, "the test did not make the replicas differ");
+    source_bits_offline(&dir.join("s.img"), secret)
 }
 
 /// The source's metadata while no router runs: served briefly by a replica process.
