@@ -45,8 +45,10 @@ pub struct EngineConfig {
     pub dwell: Duration,
     /// Fast attack, slow release: the target's share is lowered only after the lower share has
     /// been wanted continuously for this long, and then to the highest share wanted meanwhile
-    /// (15 s: a health swinging around the line for a minute keeps one direction; 5 s released
-    /// at a high moment of the swing and rose again at the next low one).
+    /// (30 s: a health swinging around the line keeps one direction; with 5 s a release came at
+    /// a high moment of the swing and the next low one raised the share again, with 15 s the
+    /// highest share wanted still differed from one window to the next, 30 or 60, as the trend
+    /// caught an edge of the swing or not). Kubernetes' scale-down stabilization window is 300 s.
     pub release_hold: Duration,
     /// No heartbeat from the source for this long: failover.
     pub heartbeat_timeout: Duration,
@@ -67,7 +69,7 @@ impl Default for EngineConfig {
             horizon: Duration::from_secs(2),
             deadband: 10,
             dwell: Duration::from_millis(500),
-            release_hold: Duration::from_secs(15),
+            release_hold: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_millis(300),
             failback_hold: Duration::from_secs(10),
             ramp: Duration::from_secs(30),
