@@ -336,15 +336,34 @@ impl VolumeMeta {
             return Ok(());
         }
         let per_page = PAGE / 8;
-        let first_page = words.start / per_page;
-        let last_page = (words.end - 1) / per_page;
-        for page in first_page..=last_page {
-            let lo = page * per_page;
-            let hi = ((page + 1) * per_page).min(st.disk.len());
-            let bytes: Vec<u8> = st.disk[lo..hi].iter().flat_map(|w| w.to_le_bytes()).collect();
-            self.file.write_all_at(&bytes, BITMAP_OFF + (lo * 8) as u64).map_err(|e| self.io(e))?;
+        for page in words.start / per_page..=(words.end - 1) / per_page {
+            self.write_page(st, page)?;
         }
         self.file.sync_data().map_err(|e| self.io(e))
+    }
+
+    /// Writes bitmap page `page` as it stands on disk in `st` (not synced).
+    fn write_page(&self, st: &State, page: usize) -> Result<(), MetaError> {
+        let per_page = PAGE / 8;
+        let lo = page * per_page;
+        let hi = ((page + 1) * per_page).min(st.disk.len());
+        let bytes: Vec<u8> = st.disk[lo..hi].iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.file.write_all_at(&bytes, BITMAP_OFF + (lo * 8) as u64).map_err(|e| self.io(e))
+    }
+
+    /// Sets the bits `r` in memory and in `st.disk`, a word at a time (a 4 MiB extent at 4 KiB
+    /// blocks is 16 words); calls `changed` with each word whose disk value changed.
+    fn set_range(st: &mut State, r: std::ops::Range<u64>, mut changed: impl FnMut(usize)) {
+        for w in (r.start / 64) as usize..r.end.div_ceil(64) as usize {
+            let lo = (w as u64 * 64).max(r.start);
+            let hi = (w as u64 * 64 + 64).min(r.end);
+            let m = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << (lo % 64) };
+            st.mem[w] |= m;
+            if st.disk[w] & m != m {
+                st.disk[w] |= m;
+                changed(w);
+            }
+        }
     }
 
     /// Sets the range's bits in memory and on disk (persisting what changed). Caller holds the lock.
@@ -352,14 +371,7 @@ impl VolumeMeta {
         let bs = u64::from(st.hdr.block_size);
         let r = bit_range(offset, len, bs, self.nbits);
         let mut changed = false;
-        for bit in r.clone() {
-            let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
-            st.mem[w] |= m;
-            if st.disk[w] & m == 0 {
-                st.disk[w] |= m;
-                changed = true;
-            }
-        }
+        Self::set_range(st, r.clone(), |_| changed = true);
         if changed {
             let words = (r.start / 64) as usize..(r.end.div_ceil(64)) as usize;
             self.persist_words(st, words)?;
@@ -395,19 +407,11 @@ impl VolumeMeta {
             if r.is_empty() {
                 continue;
             }
-            // A word at a time (a 4 MiB extent at 4 KiB blocks is 16 words).
-            for w in (r.start / 64) as usize..r.end.div_ceil(64) as usize {
-                let lo = (w as u64 * 64).max(r.start);
-                let hi = (w as u64 * 64 + 64).min(r.end);
-                let m = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << (lo % 64) };
-                st.mem[w] |= m;
-                if st.disk[w] & m != m {
-                    st.disk[w] |= m;
-                    if pages.last() != Some(&(w / per_page)) {
-                        pages.push(w / per_page);
-                    }
+            Self::set_range(&mut st, r, |w| {
+                if pages.last() != Some(&(w / per_page)) {
+                    pages.push(w / per_page);
                 }
-            }
+            });
         }
         if pages.is_empty() {
             return Ok(false);
@@ -415,10 +419,7 @@ impl VolumeMeta {
         pages.sort_unstable();
         pages.dedup();
         for page in pages {
-            let lo = page * per_page;
-            let hi = ((page + 1) * per_page).min(st.disk.len());
-            let bytes: Vec<u8> = st.disk[lo..hi].iter().flat_map(|w| w.to_le_bytes()).collect();
-            self.file.write_all_at(&bytes, BITMAP_OFF + (lo * 8) as u64).map_err(|e| self.io(e))?;
+            self.write_page(&st, page)?;
         }
         self.file.sync_data().map_err(|e| self.io(e))?;
         Ok(true)
