@@ -21,7 +21,10 @@ use std::{
     fs::{File, OpenOptions},
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
 };
 
 use crate::lease::{replica::PersistedLease, Epoch, Holder};
@@ -204,6 +207,10 @@ pub struct VolumeMeta {
     file: File,
     nbits: u64,
     state: Mutex<State>,
+    /// `hdr.tracking` as of the last header change, stored under the state lock: writes that
+    /// find it clear skip the lock (a write while in sync must not wait behind a metadata sync
+    /// in flight, such as the activity log's group commit).
+    tracking: AtomicBool,
 }
 
 impl std::fmt::Debug for VolumeMeta {
@@ -286,6 +293,7 @@ impl VolumeMeta {
             path: path.to_path_buf(),
             file,
             nbits,
+            tracking: AtomicBool::new(hdr.tracking),
             state: Mutex::new(State { hdr: hdr.clone(), mem: disk.clone(), disk, inflight: 0 }),
         };
         if !exists {
@@ -309,7 +317,7 @@ impl VolumeMeta {
 
     /// Whether writes are being recorded (degraded or syncing), without copying the header.
     pub fn tracking(&self) -> bool {
-        self.lock().hdr.tracking
+        self.tracking.load(Ordering::Acquire)
     }
 
     pub fn header(&self) -> MetaHeader {
@@ -317,6 +325,7 @@ impl VolumeMeta {
     }
 
     fn write_header(&self, st: &mut State) -> Result<(), MetaError> {
+        self.tracking.store(st.hdr.tracking, Ordering::Release);
         st.hdr.seq += 1;
         let slot = (st.hdr.seq % 2) * SLOT;
         self.file.write_all_at(&st.hdr.encode(), slot).map_err(|e| self.io(e))?;
@@ -484,6 +493,11 @@ impl VolumeMeta {
     /// Before applying a write: while tracking, records its range durably and counts it in
     /// flight. Returns whether the write is tracked (then [`Self::end_write`] must follow).
     pub fn begin_write(&self, offset: u64, len: u64) -> Result<bool, MetaError> {
+        // Linearized at the flag's store: a write that finds it clear is one that took the lock
+        // just before tracking began (it is not recorded either way; the router records it).
+        if !self.tracking.load(Ordering::Acquire) {
+            return Ok(false);
+        }
         let mut st = self.lock();
         if !st.hdr.tracking {
             return Ok(false);
