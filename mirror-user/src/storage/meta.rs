@@ -16,13 +16,23 @@
 //! In memory there are two bitmaps: `disk` mirrors the file, `mem` is what is still to be sent.
 //! A sync takes a window's bits out of `mem`, sends the blocks, flushes the peer, then clears in
 //! `disk` only the bits that no write has set again in `mem` meanwhile.
+//!
+//! Bitmap pages are written by group commit: a change to `disk` (under the state lock, briefly)
+//! stages its page for the open batch; the caller then waits until that batch is durable. One
+//! writer at a time (the I/O lock) closes the open batch, writes its pages and syncs the file
+//! once, outside the state lock: every change staged while a sync is in flight shares the next
+//! one (md's write-intent bitmap batches its bit updates the same way). A caller whose bits were
+//! already set by another, not yet durable, waits for the same batch: nobody applies a write
+//! before the bits covering it are on disk. The bitmap area is written with zeroes when the file
+//! is created, so a sync never allocates (a sync into a hole costs a journal commit: 9x here).
 
 use std::{
+    collections::BTreeMap,
     fs::{File, OpenOptions},
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Mutex,
     },
 };
@@ -199,6 +209,29 @@ struct State {
     mem: Vec<u64>,
     /// Tracked writes between [`VolumeMeta::begin_write`] and [`VolumeMeta::end_write`].
     inflight: u64,
+    /// Bitmap pages changed in `disk` and not yet durable, with the batch each goes with.
+    unsynced: BTreeMap<usize, u64>,
+    /// The batch changes staged now go with.
+    open: u64,
+    /// Every batch up to this one is durable.
+    durable: u64,
+}
+
+impl State {
+    /// Stages bitmap page `page` (changed in `disk`) for the open batch.
+    fn stage(&mut self, page: usize) {
+        self.unsynced.insert(page, self.open);
+    }
+
+    /// The batch to wait for before relying on the disk bits of `words`: the latest one a page
+    /// of theirs is staged with or being written in (`None`: durable already).
+    fn ticket(&self, words: std::ops::Range<usize>) -> Option<u64> {
+        if words.is_empty() {
+            return None;
+        }
+        let per_page = PAGE / 8;
+        self.unsynced.range(words.start / per_page..=(words.end - 1) / per_page).map(|(_, b)| *b).max()
+    }
 }
 
 /// The metadata of one volume.
@@ -207,6 +240,11 @@ pub struct VolumeMeta {
     file: File,
     nbits: u64,
     state: Mutex<State>,
+    /// Held by the one caller writing a batch of bitmap pages and syncing them (see the module
+    /// doc); taken before the state lock, never while holding it.
+    io: Mutex<()>,
+    /// Bitmap batches written and synced (each one `fdatasync`).
+    syncs: AtomicU64,
     /// `hdr.tracking` as of the last header change, stored under the state lock: writes that
     /// find it clear skip the lock (a write while in sync must not wait behind a metadata sync
     /// in flight, such as the activity log's group commit).
@@ -294,9 +332,27 @@ impl VolumeMeta {
             file,
             nbits,
             tracking: AtomicBool::new(hdr.tracking),
-            state: Mutex::new(State { hdr: hdr.clone(), mem: disk.clone(), disk, inflight: 0 }),
+            state: Mutex::new(State {
+                hdr: hdr.clone(),
+                mem: disk.clone(),
+                disk,
+                inflight: 0,
+                unsynced: BTreeMap::new(),
+                open: 1,
+                durable: 0,
+            }),
+            io: Mutex::new(()),
+            syncs: AtomicU64::new(0),
         };
         if !exists {
+            // Real zeroes, not a hole: a sync of a bitmap page must not allocate.
+            let zero = vec![0u8; 1 << 20];
+            let mut off = 0usize;
+            while off < bitmap_bytes {
+                let n = zero.len().min(bitmap_bytes - off);
+                meta.file.write_all_at(&zero[..n], BITMAP_OFF + off as u64).map_err(io)?;
+                off += n;
+            }
             meta.update(|_| {})?;
         }
         Ok(meta)
@@ -313,6 +369,11 @@ impl VolumeMeta {
     /// Number of bitmap bits (blocks).
     pub fn nbits(&self) -> u64 {
         self.nbits
+    }
+
+    /// Bitmap batches written so far (each one metadata sync).
+    pub fn bitmap_syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// Whether writes are being recorded (degraded or syncing), without copying the header.
@@ -340,24 +401,71 @@ impl VolumeMeta {
         Ok(st.hdr.clone())
     }
 
-    fn persist_words(&self, st: &State, words: std::ops::Range<usize>) -> Result<(), MetaError> {
+    /// Stages the pages of `words` (changed in `disk`) and returns the batch that makes them
+    /// durable, for [`Self::persist`] once the state lock is dropped.
+    fn stage_words(st: &mut State, words: std::ops::Range<usize>) -> Option<u64> {
         if words.is_empty() {
-            return Ok(());
+            return None;
         }
         let per_page = PAGE / 8;
         for page in words.start / per_page..=(words.end - 1) / per_page {
-            self.write_page(st, page)?;
+            st.stage(page);
         }
-        self.file.sync_data().map_err(|e| self.io(e))
+        st.ticket(words)
     }
 
-    /// Writes bitmap page `page` as it stands on disk in `st` (not synced).
-    fn write_page(&self, st: &State, page: usize) -> Result<(), MetaError> {
-        let per_page = PAGE / 8;
-        let lo = page * per_page;
-        let hi = ((page + 1) * per_page).min(st.disk.len());
-        let bytes: Vec<u8> = st.disk[lo..hi].iter().flat_map(|w| w.to_le_bytes()).collect();
-        self.file.write_all_at(&bytes, BITMAP_OFF + (lo * 8) as u64).map_err(|e| self.io(e))
+    /// Waits until batch `ticket` is durable: writes it if nobody else has (the group commit of
+    /// the module doc). Takes the I/O lock, then the state lock only to close the batch and copy
+    /// its pages; the writes and the sync run with neither the state lock held nor a writer of
+    /// hot data waiting. A failed batch's pages go with the next one.
+    fn persist(&self, ticket: Option<u64>) -> Result<(), MetaError> {
+        let Some(ticket) = ticket else { return Ok(()) };
+        let _io = self.io.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (id, pages) = {
+            let mut st = self.lock();
+            if st.durable >= ticket {
+                return Ok(());
+            }
+            let id = st.open;
+            st.open += 1;
+            let per_page = PAGE / 8;
+            let pages: Vec<(usize, Vec<u8>)> = st
+                .unsynced
+                .iter()
+                .filter(|(_, b)| **b == id)
+                .map(|(&page, _)| {
+                    let lo = page * per_page;
+                    let hi = ((page + 1) * per_page).min(st.disk.len());
+                    (page, st.disk[lo..hi].iter().flat_map(|w| w.to_le_bytes()).collect())
+                })
+                .collect();
+            (id, pages)
+        };
+        let res = pages
+            .iter()
+            .try_for_each(|(page, bytes)| self.file.write_all_at(bytes, BITMAP_OFF + (page * PAGE) as u64))
+            .and_then(|()| self.file.sync_data());
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        match res {
+            Ok(()) => {
+                st.durable = st.durable.max(id);
+                for (page, _) in &pages {
+                    if st.unsynced.get(page) == Some(&id) {
+                        st.unsynced.remove(page);
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                for (page, _) in &pages {
+                    if st.unsynced.get(page) == Some(&id) {
+                        st.stage(*page);
+                    }
+                }
+                Err(self.io(e))
+            }
+        }
     }
 
     /// Sets the bits `r` in memory and in `st.disk`, a word at a time (a 4 MiB extent at 4 KiB
@@ -375,24 +483,37 @@ impl VolumeMeta {
         }
     }
 
-    /// Sets the range's bits in memory and on disk (persisting what changed). Caller holds the lock.
-    fn set_bits(&self, st: &mut State, offset: u64, len: u64) -> Result<bool, MetaError> {
+    /// Sets the range's bits in memory and in `disk`, staging what changed. Caller holds the
+    /// lock; returns whether a bit changed and the batch to [`Self::persist`] (also when the
+    /// bits were set already by a caller whose batch is not durable yet).
+    fn set_bits(&self, st: &mut State, offset: u64, len: u64) -> (bool, Option<u64>) {
         let bs = u64::from(st.hdr.block_size);
         let r = bit_range(offset, len, bs, self.nbits);
+        let per_page = PAGE / 8;
         let mut changed = false;
-        Self::set_range(st, r.clone(), |_| changed = true);
-        if changed {
-            let words = (r.start / 64) as usize..(r.end.div_ceil(64)) as usize;
-            self.persist_words(st, words)?;
+        let mut staged = Vec::new();
+        Self::set_range(st, r.clone(), |w| {
+            changed = true;
+            if staged.last() != Some(&(w / per_page)) {
+                staged.push(w / per_page);
+            }
+        });
+        for page in staged {
+            st.stage(page);
         }
-        Ok(changed)
+        let words = (r.start / 64) as usize..(r.end.div_ceil(64)) as usize;
+        (changed, st.ticket(words))
     }
 
     /// Records `[offset, offset+len)` as not on the peer: set in memory and durably on disk before
     /// returning (write intent). Returns whether any bit was newly set on disk.
     pub fn mark_dirty(&self, offset: u64, len: u64) -> Result<bool, MetaError> {
-        let mut st = self.lock();
-        self.set_bits(&mut st, offset, len)
+        let (changed, ticket) = {
+            let mut st = self.lock();
+            self.set_bits(&mut st, offset, len)
+        };
+        self.persist(ticket)?;
+        Ok(changed)
     }
 
     /// The router's write intent (activity log): records `[offset, offset+len)` durably as
@@ -407,31 +528,19 @@ impl VolumeMeta {
     /// bitmap page is written, then the file is synced once (the activity log's group commit).
     /// Returns whether any bit was newly set.
     pub fn mark_intents(&self, ranges: &[(u64, u64)]) -> Result<bool, MetaError> {
-        let mut st = self.lock();
-        let bs = u64::from(st.hdr.block_size);
-        let per_page = PAGE / 8;
-        let mut pages: Vec<usize> = Vec::new();
-        for &(offset, len) in ranges {
-            let r = bit_range(offset, len, bs, self.nbits);
-            if r.is_empty() {
-                continue;
+        let (changed, ticket) = {
+            let mut st = self.lock();
+            let mut changed = false;
+            let mut ticket = None;
+            for &(offset, len) in ranges {
+                let (c, t) = self.set_bits(&mut st, offset, len);
+                changed |= c;
+                ticket = ticket.max(t);
             }
-            Self::set_range(&mut st, r, |w| {
-                if pages.last() != Some(&(w / per_page)) {
-                    pages.push(w / per_page);
-                }
-            });
-        }
-        if pages.is_empty() {
-            return Ok(false);
-        }
-        pages.sort_unstable();
-        pages.dedup();
-        for page in pages {
-            self.write_page(&st, page)?;
-        }
-        self.file.sync_data().map_err(|e| self.io(e))?;
-        Ok(true)
+            (changed, ticket)
+        };
+        self.persist(ticket)?;
+        Ok(changed)
     }
 
     /// Drops the write intent of `[offset, offset+len)` once the router has flushed both
@@ -439,25 +548,37 @@ impl VolumeMeta {
     /// durably. Not while tracking (degraded or syncing), when the bits are the record of what
     /// the peer lacks: returns false then and clears nothing.
     pub fn clear_intent(&self, offset: u64, len: u64) -> Result<bool, MetaError> {
-        let mut st = self.lock();
-        if st.hdr.tracking {
-            return Ok(false);
-        }
-        let bs = u64::from(st.hdr.block_size);
-        let r = bit_range(offset, len, bs, self.nbits);
-        let mut changed = false;
-        for bit in r.clone() {
-            let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
-            st.mem[w] &= !m;
-            if st.disk[w] & m != 0 {
-                st.disk[w] &= !m;
-                changed = true;
+        self.clear_intents(&[(offset, len)])
+    }
+
+    /// [`Self::clear_intent`] of many ranges with one durable write (the activity log drops or
+    /// evicts extents in batches).
+    pub fn clear_intents(&self, ranges: &[(u64, u64)]) -> Result<bool, MetaError> {
+        let ticket = {
+            let mut st = self.lock();
+            if st.hdr.tracking {
+                return Ok(false);
             }
-        }
-        if changed {
-            let words = (r.start / 64) as usize..(r.end.div_ceil(64)) as usize;
-            self.persist_words(&st, words)?;
-        }
+            let bs = u64::from(st.hdr.block_size);
+            let mut ticket = None;
+            for &(offset, len) in ranges {
+                let r = bit_range(offset, len, bs, self.nbits);
+                let mut changed = false;
+                for bit in r.clone() {
+                    let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
+                    st.mem[w] &= !m;
+                    if st.disk[w] & m != 0 {
+                        st.disk[w] &= !m;
+                        changed = true;
+                    }
+                }
+                let words = (r.start / 64) as usize..(r.end.div_ceil(64)) as usize;
+                let t = if changed { Self::stage_words(&mut st, words) } else { st.ticket(words) };
+                ticket = ticket.max(t);
+            }
+            ticket
+        };
+        self.persist(ticket)?;
         Ok(true)
     }
 
@@ -465,6 +586,12 @@ impl VolumeMeta {
     /// blocks the peer recorded as possibly differing (its write intent) are resent too.
     /// Returns how many bits were newly set.
     pub fn merge_bitmap(&self, bytes: &[u8]) -> Result<u64, MetaError> {
+        let (newly, ticket) = self.merge_bits(bytes);
+        self.persist(ticket)?;
+        Ok(newly)
+    }
+
+    fn merge_bits(&self, bytes: &[u8]) -> (u64, Option<u64>) {
         let mut st = self.lock();
         let mut newly = 0u64;
         let (mut lo, mut hi) = (usize::MAX, 0usize);
@@ -484,10 +611,7 @@ impl VolumeMeta {
                 hi = hi.max(w + 1);
             }
         }
-        if lo < hi {
-            self.persist_words(&st, lo..hi)?;
-        }
-        Ok(newly)
+        (newly, if lo < hi { Self::stage_words(&mut st, lo..hi) } else { None })
     }
 
     /// Before applying a write: while tracking, records its range durably and counts it in
@@ -498,21 +622,28 @@ impl VolumeMeta {
         if !self.tracking.load(Ordering::Acquire) {
             return Ok(false);
         }
-        let mut st = self.lock();
-        if !st.hdr.tracking {
-            return Ok(false);
-        }
-        self.set_bits(&mut st, offset, len)?;
-        st.inflight += 1;
-        Ok(true)
+        let ticket = {
+            let mut st = self.lock();
+            if !st.hdr.tracking {
+                return Ok(false);
+            }
+            st.inflight += 1;
+            self.set_bits(&mut st, offset, len).1
+        };
+        // Counted in flight already: `end_write` follows even when this fails.
+        self.persist(ticket).map(|()| true)
     }
 
     /// After a tracked write was applied (or failed): sets its bits again, because a sync may
     /// have taken them, read the old data and committed them while the write was in flight.
     pub fn end_write(&self, offset: u64, len: u64) -> Result<(), MetaError> {
-        let mut st = self.lock();
-        st.inflight = st.inflight.saturating_sub(1);
-        self.set_bits(&mut st, offset, len).map(|_| ())
+        let ticket = {
+            let mut st = self.lock();
+            let ticket = self.set_bits(&mut st, offset, len).1;
+            st.inflight = st.inflight.saturating_sub(1);
+            ticket
+        };
+        self.persist(ticket)
     }
 
     /// Marks the whole volume dirty (full sync), durably.
@@ -524,11 +655,14 @@ impl VolumeMeta {
 
     /// Clears both bitmaps (a discarded replica starts over), durably.
     pub fn clear_all(&self) -> Result<(), MetaError> {
-        let mut st = self.lock();
-        st.disk.iter_mut().for_each(|w| *w = 0);
-        st.mem.iter_mut().for_each(|w| *w = 0);
-        let n = st.disk.len();
-        self.persist_words(&st, 0..n)
+        let ticket = {
+            let mut st = self.lock();
+            st.disk.iter_mut().for_each(|w| *w = 0);
+            st.mem.iter_mut().for_each(|w| *w = 0);
+            let n = st.disk.len();
+            Self::stage_words(&mut st, 0..n)
+        };
+        self.persist(ticket)
     }
 
     /// Takes the still-to-send bits of `[start, start+count)` out of the in-memory bitmap and
@@ -560,6 +694,11 @@ impl VolumeMeta {
     /// After the peer flushed a taken window: clears on disk the taken bits that were not set
     /// again in memory by a write since [`Self::take`], durably.
     pub fn commit(&self, start: u64, bits: &[bool]) -> Result<(), MetaError> {
+        let ticket = self.clear_taken(start, bits);
+        self.persist(ticket)
+    }
+
+    fn clear_taken(&self, start: u64, bits: &[bool]) -> Option<u64> {
         let mut st = self.lock();
         let mut lo = usize::MAX;
         let mut hi = 0usize;
@@ -576,9 +715,10 @@ impl VolumeMeta {
             }
         }
         if lo < hi {
-            self.persist_words(&st, lo..hi)?;
+            Self::stage_words(&mut st, lo..hi)
+        } else {
+            None
         }
-        Ok(())
     }
 
     /// Leaves tracking mode if, atomically with respect to [`Self::mark_dirty`], nothing is dirty
@@ -761,6 +901,84 @@ mod tests {
         assert!(m.is_clean(odd - 4096, 4096) && !m.is_clean(odd, 4096));
         assert!(!m.is_clean(odd + 4096 * 3, 4096) && m.is_clean(odd + 4096 * 4, 4096));
         assert!(!m.header().tracking, "intent is not degraded tracking");
+    }
+
+    /// Waits (bounded) until `n` bitmap pages are staged and not yet durable.
+    fn wait_staged(m: &VolumeMeta, n: usize) {
+        let t0 = std::time::Instant::now();
+        while m.lock().unsynced.len() < n {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(20), "writers never staged");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn writers_staged_while_a_sync_is_in_flight_share_one() {
+        let t = tmp("group");
+        // 1 GiB at 4 KiB blocks: eight bitmap pages; one writer per page.
+        let m = std::sync::Arc::new(VolumeMeta::open(&t.0, 1 << 30, 4096).unwrap());
+        m.update(|h| h.tracking = true).unwrap();
+        let before = m.bitmap_syncs();
+        // A batch in flight: the I/O lock held, as a writer syncing holds it.
+        let io = m.io.lock().unwrap();
+        let writers: Vec<_> = (0..8u64)
+            .map(|i| {
+                let m = m.clone();
+                std::thread::spawn(move || m.begin_write(i * (128 << 20), 4096).unwrap())
+            })
+            .collect();
+        wait_staged(&m, 8);
+        assert_eq!(m.bitmap_syncs(), before, "nothing synced while the batch before is in flight");
+        drop(io);
+        for w in writers {
+            assert!(w.join().unwrap(), "tracked");
+        }
+        assert_eq!(m.bitmap_syncs(), before + 1, "eight writers, eight pages, one sync");
+        drop(m);
+        let m = VolumeMeta::open(&t.0, 1 << 30, 4096).unwrap();
+        assert_eq!(m.dirty_bits(), 8, "every writer's bit durable");
+    }
+
+    #[test]
+    fn a_writer_whose_bits_another_set_waits_for_their_batch() {
+        let t = tmp("samebits");
+        let m = std::sync::Arc::new(VolumeMeta::open(&t.0, 1 << 20, 4096).unwrap());
+        m.update(|h| h.tracking = true).unwrap();
+        let io = m.io.lock().unwrap();
+        let a = {
+            let m = m.clone();
+            std::thread::spawn(move || m.mark_dirty(0, 4096).unwrap())
+        };
+        wait_staged(&m, 1);
+        // B writes the same block: its bit is set in memory already, not yet on disk.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let tracked = m.begin_write(0, 4096).unwrap();
+                tx.send(()).unwrap();
+                tracked
+            })
+        };
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300)).is_err(),
+            "B went on before the bit covering its write was durable"
+        );
+        drop(io);
+        assert!(a.join().unwrap(), "A set the bit");
+        assert!(b.join().unwrap());
+        assert_eq!(m.lock().unsynced.len(), 0);
+    }
+
+    #[test]
+    fn a_new_bitmap_is_written_not_a_hole() {
+        let t = tmp("zeroed");
+        let m = VolumeMeta::open(&t.0, 1 << 30, 4096).unwrap();
+        drop(m);
+        let md = std::fs::metadata(&t.0).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        // The header slot written so far + 32 KiB of bitmap, all allocated.
+        assert!(md.blocks() * 512 >= SLOT + 32768, "{} bytes allocated", md.blocks() * 512);
     }
 
     #[test]
