@@ -290,6 +290,7 @@ pub struct ServeFile {
     pub write_deadline_cap: Option<Duration>,
     #[serde(default, deserialize_with = "de::duration")]
     pub write_timeout: Option<Duration>,
+    pub al_extents: Option<usize>,
     pub ctl_socket: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
     #[serde(default, deserialize_with = "de::value_enum")]

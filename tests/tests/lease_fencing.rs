@@ -339,6 +339,7 @@ fn leased_config(
         allow_degraded: false,
         assume_clean: true,
         write_deadline: Default::default(),
+        al_extents: mirror::volume::activity::DEFAULT_AL_EXTENTS,
         transport,
         lease: Some(LeaseOptions {
             holder: Holder::new("nodeA", "1"),

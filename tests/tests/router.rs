@@ -200,6 +200,7 @@ async fn local_io_uring_replica_with_a_remote_peer_fails_over_and_resyncs() {
         conns: 2,
         rate: Default::default(),
         write_deadline: Default::default(),
+        al_extents: mirror::volume::activity::DEFAULT_AL_EXTENTS,
         node_health: mirror::health::monitor::NodeHealth::new(),
         allow_degraded: false,
         // Both files hold the same bytes; their fresh metadata was never synced.

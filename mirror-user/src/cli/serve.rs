@@ -84,6 +84,13 @@ pub struct ServeArgs {
     /// one answers) [default: 30s].
     #[arg(long, value_parser = crate::parse_duration)]
     pub write_timeout: Option<Duration>,
+    /// The most 4 MiB extents kept with write intent (DRBD's al-extents): a router that dies
+    /// costs the next start a digest pass over about these (65536: 256 GiB). Writes spread over
+    /// more extents evict the least recently written (at most every 2 s), each eviction a flush
+    /// of both replicas; a larger number saves flushes and costs a longer pass after a crash
+    /// [default: 65536].
+    #[arg(long)]
+    pub al_extents: Option<usize>,
     /// Start even when a replica cannot be reached and the other's metadata does not show it
     /// as behind: the operator vouches that the missing replica holds no newer writes. The
     /// survivor records every write; the missing replica is resynced when it returns (one
@@ -174,6 +181,8 @@ pub struct ServeSettings {
     pub conns: usize,
     /// When a write stops waiting for a lagging replica.
     pub write_deadline: DeadlineConfig,
+    /// The bound of the activity log's hot set (`--al-extents`).
+    pub al_extents: usize,
     pub driver: DriverConfig,
     pub endpoints: Endpoints,
     pub monitor: MonitorSettings,
@@ -329,6 +338,9 @@ impl ServeArgs {
             ..d
         };
         write_deadline.validate()?;
+        let al_extents =
+            self.al_extents.or(file.al_extents).unwrap_or(crate::volume::activity::DEFAULT_AL_EXTENTS);
+        anyhow::ensure!(al_extents >= 8, "--al-extents: at least 8 extents (given {al_extents})");
         let listen = |flag: &Option<String>, key: &Option<String>| {
             flag.clone().or(key.clone()).unwrap_or_else(|| DEFAULT_LOCAL_LISTEN.into())
         };
@@ -382,6 +394,7 @@ impl ServeArgs {
             ],
             conns,
             write_deadline,
+            al_extents,
             endpoints,
             monitor,
             score: file.health.clone().unwrap_or_default(),
@@ -438,6 +451,7 @@ impl ServeArgs {
             conns: s.conns,
             rate: SyncRate::default(),
             write_deadline: s.write_deadline,
+            al_extents: s.al_extents,
             node_health,
             allow_degraded: self.degraded || self.force,
             assume_clean: self.assume_clean,

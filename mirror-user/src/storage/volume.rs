@@ -363,6 +363,14 @@ impl Volume {
         Ok(self.meta.clear_intent(offset, len)?)
     }
 
+    /// [`Volume::clear_intent`] of many ranges, with one metadata sync.
+    pub fn clear_intents(&self, ranges: &[(u64, u64)]) -> Result<bool, StorageError> {
+        for &(offset, len) in ranges {
+            self.check_range(offset, len)?;
+        }
+        Ok(self.meta.clear_intents(ranges)?)
+    }
+
     /// One digest per `grain` bytes of each extent `(offset, len)`, in order (bounded work:
     /// at most `MAX_DIGESTS`).
     pub fn digests(&self, grain: u32, extents: &[(u64, u32)]) -> Result<Vec<Digest>, StorageError> {

@@ -14,7 +14,7 @@
 
 use std::{os::fd::RawFd, time::Instant};
 
-use super::{local::LocalReplica, replica::Replica};
+use super::{activity::Busy, local::LocalReplica, replica::Replica};
 
 /// What a request does, for [`BlockDev::fast_path`](super::BlockDev::fast_path).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +43,8 @@ pub struct FastPlan<'a> {
     left: u8,
     failed: bool,
     t0: Instant,
+    /// A write's extents, busy in the activity log until the plan is dropped (completed).
+    busy: Option<Busy<'a>>,
 }
 
 impl<'a> FastPlan<'a> {
@@ -74,7 +76,22 @@ impl<'a> FastPlan<'a> {
                 left += 1;
             }
         }
-        (left > 0).then(|| FastPlan { op, offset, len, legs: out, left, failed: false, t0: Instant::now() })
+        (left > 0).then(|| FastPlan {
+            op,
+            offset,
+            len,
+            legs: out,
+            left,
+            failed: false,
+            t0: Instant::now(),
+            busy: None,
+        })
+    }
+
+    /// The plan holds a write's extents busy until it is dropped (see `volume::activity`).
+    pub fn holding(mut self, busy: Busy<'a>) -> Self {
+        self.busy = Some(busy);
+        self
     }
 
     pub fn op(&self) -> FastOp {

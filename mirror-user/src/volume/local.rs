@@ -215,6 +215,10 @@ impl LocalReplica {
         self.blocking(move |v| v.clear_intent(offset, len)).await
     }
 
+    pub async fn clear_intents(&self, ranges: Vec<(u64, u64)>) -> Result<bool, ReplicaError> {
+        self.blocking(move |v| v.clear_intents(&ranges)).await
+    }
+
     pub fn status(&self) -> VolumeStatus {
         self.vol.status()
     }

@@ -69,6 +69,8 @@ pub struct VolumeConfig {
     pub rate: SyncRate,
     /// When a write stops waiting for a lagging replica (`volume::deadline`).
     pub write_deadline: super::deadline::DeadlineConfig,
+    /// The bound of the activity log's hot set (`--al-extents`, `volume::activity`).
+    pub al_extents: usize,
     /// This node's health, sent by the embedded servers of local replicas.
     pub node_health: Arc<crate::health::monitor::NodeHealth>,
     /// Start from one replica when the other cannot be reached, although the reachable one's
@@ -274,6 +276,7 @@ pub async fn open(cfg: &VolumeConfig) -> anyhow::Result<OpenVolume> {
             secret: cfg.secret.clone(),
             rate: cfg.rate,
             write_deadline: cfg.write_deadline,
+            al_extents: cfg.al_extents,
             ..Default::default()
         },
     );

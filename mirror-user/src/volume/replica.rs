@@ -350,17 +350,15 @@ impl Replica {
     }
 
     /// The router's write intent of many ranges, durable when it returns: one metadata sync on
-    /// a local replica; a remote one is asked range by range (the protocol has one range per
-    /// request).
+    /// a local replica; a remote one is asked for every range at once, over the connections of
+    /// its pool (one range per request), and its metadata's group commit syncs the ranges that
+    /// arrive together once.
     pub async fn mark_intents(&self, ranges: Vec<(u64, u64)>) -> Result<(), ReplicaError> {
         let _admitted = self.admit()?;
         match &self.location {
             Location::Local(l) => l.mark_intents(ranges).await,
             Location::Remote(r) => {
-                for (offset, len) in ranges {
-                    r.mark_intent(offset, len).await?;
-                }
-                Ok(())
+                try_join_all(ranges.into_iter().map(|(offset, len)| r.mark_intent(offset, len))).await
             }
         }
     }
@@ -372,6 +370,30 @@ impl Replica {
         match &self.location {
             Location::Local(l) => l.clear_intent(offset, len).await,
             Location::Remote(r) => r.clear_intent(offset, len).await,
+        }
+    }
+
+    /// [`Replica::clear_intent`] of many ranges: one metadata sync on a local replica; a remote
+    /// one is asked for every range at once (see [`Replica::mark_intents`]). `Ok(false)` when a
+    /// range was kept (tracking).
+    pub async fn clear_intents(&self, ranges: Vec<(u64, u64)>) -> Result<bool, ReplicaError> {
+        let _admitted = self.admit()?;
+        match &self.location {
+            Location::Local(l) => l.clear_intents(ranges).await,
+            Location::Remote(r) => {
+                let kept = std::sync::atomic::AtomicBool::new(false);
+                try_join_all(ranges.into_iter().map(|(offset, len)| {
+                    let kept = &kept;
+                    async move {
+                        if !r.clear_intent(offset, len).await? {
+                            kept.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok::<(), ReplicaError>(())
+                    }
+                }))
+                .await?;
+                Ok(!kept.load(std::sync::atomic::Ordering::Relaxed))
+            }
         }
     }
 
@@ -441,6 +463,36 @@ impl Replica {
             write_latency_us: l(&s.write_lat_ewma_us),
         }
     }
+}
+
+/// Runs every future concurrently until all are done; the first error in order, if any (every
+/// request still completes: none is abandoned half sent).
+async fn try_join_all<E>(
+    futs: impl IntoIterator<Item = impl std::future::Future<Output = Result<(), E>>>,
+) -> Result<(), E> {
+    let mut futs: Vec<_> = futs.into_iter().map(|f| Some(Box::pin(f))).collect();
+    let mut results: Vec<Option<Result<(), E>>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, r) in futs.iter_mut().zip(results.iter_mut()) {
+            if let Some(fut) = f {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *r = Some(v);
+                        *f = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use std::{
 };
 
 use super::{
-    activity::ActivityLog,
+    activity::{ActivityLog, Busy},
     deadline::{DeadlineConfig, LatencyEstimate},
     error::ReplicaError,
     fast::{FastOp, FastPlan},
@@ -72,6 +72,8 @@ pub struct RouterConfig {
     pub rate: SyncRate,
     /// How often the supervisor checks replicas.
     pub supervise_every: Duration,
+    /// The most extents with write intent recorded (`--al-extents`, see `volume::activity`).
+    pub al_extents: usize,
 }
 
 impl Default for RouterConfig {
@@ -84,6 +86,7 @@ impl Default for RouterConfig {
             secret: Vec::new(),
             rate: SyncRate::default(),
             supervise_every: Duration::from_millis(250),
+            al_extents: super::activity::DEFAULT_AL_EXTENTS,
         }
     }
 }
@@ -206,6 +209,7 @@ impl Router {
         cfg: RouterConfig,
     ) -> Arc<Router> {
         let idle = INTENT_IDLE.max(cfg.write_deadline.hard.saturating_mul(2));
+        let al_extents = cfg.al_extents;
         Arc::new(Router {
             replicas: [Arc::new(source), Arc::new(target)],
             size,
@@ -214,7 +218,7 @@ impl Router {
             cfg,
             degraded_marked: AtomicBool::new(false),
             membership: tokio::sync::RwLock::new(()),
-            al: ActivityLog::new(size, idle),
+            al: ActivityLog::new(size, idle, al_extents),
             latency: Default::default(),
             failed: Default::default(),
             read_hist: Default::default(),
@@ -313,12 +317,13 @@ impl Router {
     /// write there is issued (lock-free when its extents are hot). Group commit: the write's
     /// cold extents join the open batch; whoever next holds `marking` records the whole batch
     /// with one metadata write, so writes arriving while a sync is in flight share the next one.
-    /// A write proceeds only once its batch is durable. A source that cannot record it has
-    /// failed: the target takes over and records the range.
-    async fn record_intent(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
+    /// A write proceeds only once its batch is durable, holding its extents busy (the guard
+    /// returned) until both replicas answered. A source that cannot record it has failed: the
+    /// target takes over and records the range (`None`: nothing to hold).
+    async fn record_intent(&self, offset: u64, len: u64) -> Result<Option<Busy<'_>>, ReplicaError> {
         loop {
-            if self.al.touch_if_hot(offset, len) {
-                return Ok(());
+            if let Some(busy) = self.al.touch_if_hot(offset, len) {
+                return Ok(Some(busy));
             }
             let ticket = self.al.enqueue(self.al.cold_runs(offset, len));
             let marking = self.al.marking.lock().await;
@@ -338,7 +343,7 @@ impl Router {
                         }
                         let why = format!("recording write intent: {e}");
                         return match self.fail_replica(0, &why, offset, len).await {
-                            Ok(()) => Ok(()),
+                            Ok(()) => Ok(None),
                             Err(Unabsorbed::NoSurvivor) => Err(e),
                             Err(Unabsorbed::Recording(e2)) => Err(e2),
                         };
@@ -359,14 +364,19 @@ impl Router {
         if !self.intent_needed() {
             return;
         }
-        let Ok(_marking) = self.al.marking.try_lock() else { return };
-        let idle = self.al.take_cold(Instant::now());
-        if idle.is_empty() {
+        let mut runs = self.al.take_cold(Instant::now());
+        // Above the bound (`--al-extents`): the least recently written go too.
+        runs.extend(self.al.take_victims(self.al.over_limit(Instant::now())));
+        if runs.is_empty() {
             return;
         }
-        self.drop_intents(idle).await;
+        self.drop_intents(runs).await;
     }
 
+    /// Drops the intent of extents taken out of the log (no write in flight there): both
+    /// replicas flushed, so every write they saw is durable on both; then, holding `marking`,
+    /// the bits of those not recorded again meanwhile cleared with one metadata write. No lock
+    /// is held across the flush: writes to other extents, cold or hot, go on.
     async fn drop_intents(&self, runs: Vec<std::ops::Range<usize>>) {
         let (a, b) = tokio::join!(self.replicas[0].flush(), self.replicas[1].flush());
         if a.is_err() || b.is_err() {
@@ -376,10 +386,24 @@ impl Router {
             }
             return;
         }
-        for run in runs {
-            let (o, l) = self.al.byte_range(run.clone());
-            if let Err(e) = self.replicas[0].clear_intent(o, l).await {
-                tracing::debug!("dropping write intent of {o}+{l}: {e}; kept");
+        let _marking = self.al.marking.lock().await;
+        let still: Vec<std::ops::Range<usize>> = runs
+            .into_iter()
+            .flat_map(|run| run.filter(|&e| self.al.is_cold(e)).map(|e| e..e + 1))
+            .fold(Vec::new(), |mut acc: Vec<std::ops::Range<usize>>, r| {
+                match acc.last_mut() {
+                    Some(last) if last.end == r.start => last.end = r.end,
+                    _ => acc.push(r),
+                }
+                acc
+            });
+        if still.is_empty() {
+            return;
+        }
+        let ranges: Vec<(u64, u64)> = still.iter().map(|r| self.al.byte_range(r.clone())).collect();
+        if let Err(e) = self.replicas[0].clear_intents(ranges).await {
+            tracing::debug!("dropping the write intent of {} runs: {e}; kept", still.len());
+            for run in still {
                 self.al.set_hot(run, Instant::now());
             }
         }
@@ -391,7 +415,6 @@ impl Router {
         if !self.intent_needed() {
             return;
         }
-        let _marking = self.al.marking.lock().await;
         let all = self.al.take_all();
         if !all.is_empty() {
             self.drop_intents(all).await;
@@ -416,12 +439,14 @@ impl Router {
         };
         self.lease.admit()?;
         let _membership = self.membership.read().await;
-        if kind != Mirrored::Flush && self.intent_needed() {
+        let _busy = if kind != Mirrored::Flush && self.intent_needed() {
             self.record_intent(offset, len).await.map_err(|e| match self.lease.fenced() {
                 Some(why) => fenced_error(why),
                 None => e.to_io(),
-            })?;
-        }
+            })?
+        } else {
+            None
+        };
         // Read before the write is issued: only a survivor that was already tracking when this
         // write began has recorded it.
         let tracked_before = self.degraded_marked.load(Ordering::Acquire);
@@ -740,12 +765,12 @@ impl BlockDev for Router {
             FastOp::Write if self.replicas.iter().any(|r| r.attachment().is_some()) => return None,
             FastOp::Write => {
                 let ok = !self.degraded_marked.load(Ordering::Acquire)
-                    && self.replicas.iter().all(|r| r.is_local_uring() && r.state() == ReplicaState::InSync)
-                    && self.al.touch_if_hot(offset, u64::from(len));
+                    && self.replicas.iter().all(|r| r.is_local_uring() && r.state() == ReplicaState::InSync);
                 if !ok {
                     return None;
                 }
-                [Some(&**s), Some(&**t)]
+                let busy = self.al.touch_if_hot(offset, u64::from(len))?;
+                return FastPlan::new(op, offset, len, [Some(&**s), Some(&**t)]).map(|p| p.holding(busy));
             }
         };
         FastPlan::new(op, offset, len, replicas)
