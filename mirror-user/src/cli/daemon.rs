@@ -37,8 +37,10 @@ pub struct DaemonArgs {
     /// Print each interval as one JSON object (a line) instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Turn on the kernel's BPF run-time statistics and write each program's run_time_ns and
-    /// run_cnt as JSON to this file on exit (used by `cargo xtask bench ebpf`).
+    /// Turn on the kernel's BPF run-time statistics and write each program's run_time_ns,
+    /// run_cnt and recursion_misses (runs the kernel skipped because another BPF program was
+    /// running on that CPU: events not counted) as JSON to this file on exit (used by `cargo
+    /// xtask bench ebpf` and the block-statistics tests).
     #[arg(long)]
     pub bpf_stats_out: Option<PathBuf>,
     /// SIGUSR1 detaches the programs (maps and pins stay), SIGUSR2 attaches them again; each
@@ -185,7 +187,8 @@ impl DaemonArgs {
     }
 }
 
-/// `--bpf-stats-out`: `{"PROGRAM":{"run_time_ns":N,"run_cnt":N},...}`, in the programs' order.
+/// `--bpf-stats-out`: `{"PROGRAM":{"run_time_ns":N,"run_cnt":N,"recursion_misses":N},...}`, in
+/// the programs' order.
 struct ProgramStatsJson<'a>(&'a [bpf::ProgramStats]);
 
 impl Serialize for ProgramStatsJson<'_> {
@@ -194,10 +197,16 @@ impl Serialize for ProgramStatsJson<'_> {
         struct Counts {
             run_time_ns: u64,
             run_cnt: u64,
+            recursion_misses: u64,
         }
         let mut m = s.serialize_map(Some(self.0.len()))?;
         for p in self.0 {
-            m.serialize_entry(p.name, &Counts { run_time_ns: p.run_time_ns, run_cnt: p.run_cnt })?;
+            let c = Counts {
+                run_time_ns: p.run_time_ns,
+                run_cnt: p.run_cnt,
+                recursion_misses: p.recursion_misses,
+            };
+            m.serialize_entry(p.name, &c)?;
         }
         m.end()
     }
@@ -216,12 +225,12 @@ mod tests {
     #[test]
     fn program_stats_are_json_in_the_programs_order() {
         let stats = [
-            ProgramStats { name: "sched_switch_info", run_time_ns: 900, run_cnt: 10 },
-            ProgramStats { name: "blk_rq_done", run_time_ns: 50, run_cnt: 2 },
+            ProgramStats { name: "sched_switch_info", run_time_ns: 900, run_cnt: 10, recursion_misses: 0 },
+            ProgramStats { name: "blk_rq_done", run_time_ns: 50, run_cnt: 2, recursion_misses: 1 },
         ];
         assert_eq!(
             serde_json::to_string(&super::ProgramStatsJson(&stats)).unwrap(),
-            r#"{"sched_switch_info":{"run_time_ns":900,"run_cnt":10},"blk_rq_done":{"run_time_ns":50,"run_cnt":2}}"#
+            r#"{"sched_switch_info":{"run_time_ns":900,"run_cnt":10,"recursion_misses":0},"blk_rq_done":{"run_time_ns":50,"run_cnt":2,"recursion_misses":1}}"#
         );
     }
 }

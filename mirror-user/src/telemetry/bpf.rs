@@ -193,6 +193,38 @@ pub struct ProgramStats {
     pub name: &'static str,
     pub run_time_ns: u64,
     pub run_cnt: u64,
+    /// Runs the kernel skipped since load because a BPF program was already running on that
+    /// CPU (a completion interrupting another run): events not counted (always kept, whether
+    /// run-time statistics are on or not).
+    pub recursion_misses: u64,
+}
+
+/// `bpf_prog_info.recursion_misses` of the program behind `fd` (aya's `ProgramInfo` does not
+/// expose it).
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+    use std::os::fd::AsRawFd;
+    // SAFETY: both are C structs (a union) of integers: all zeroes is a valid value of each.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
+    attr.info.info = (&raw mut info) as u64;
+    // SAFETY: BPF_OBJ_GET_INFO_BY_FD reads `attr` (its size passed) and writes at most
+    // `info_len` bytes to `info`; both live on this stack frame for the whole call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &raw mut attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.recursion_misses)
 }
 
 /// Turns on the kernel's per-program run-time accounting for as long as the returned fd lives.
@@ -478,7 +510,7 @@ impl Probe {
         }
     }
 
-    /// The kernel's run-time statistics of each attached program.
+    /// The kernel's run-time statistics of each attached program, and its recursion misses.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         let mut seen = Vec::new();
         TRACEPOINTS
@@ -491,15 +523,23 @@ impl Probe {
                 first
             })
             .filter_map(|&(_, kind, name, _, _)| {
+                use std::os::fd::AsFd;
                 let prog = self.ebpf.program(name)?;
-                let info = match kind {
-                    Kind::TracePoint => <&TracePoint>::try_from(prog).ok()?.info().ok()?,
-                    Kind::BtfTracePoint => <&BtfTracePoint>::try_from(prog).ok()?.info().ok()?,
+                let (info, misses) = match kind {
+                    Kind::TracePoint => {
+                        let p = <&TracePoint>::try_from(prog).ok()?;
+                        (p.info().ok()?, recursion_misses(p.fd().ok()?.as_fd()).ok()?)
+                    }
+                    Kind::BtfTracePoint => {
+                        let p = <&BtfTracePoint>::try_from(prog).ok()?;
+                        (p.info().ok()?, recursion_misses(p.fd().ok()?.as_fd()).ok()?)
+                    }
                 };
                 Some(ProgramStats {
                     name,
                     run_time_ns: info.run_time().as_nanos() as u64,
                     run_cnt: info.run_count(),
+                    recursion_misses: misses,
                 })
             })
             .collect()

@@ -14,7 +14,13 @@
 
 use std::{os::fd::RawFd, time::Instant};
 
-use super::{activity::Busy, local::LocalReplica, replica::Replica};
+use super::{
+    activity::Busy,
+    fence::{LeaseLine, WriteTicket},
+    local::LocalReplica,
+    replica::Replica,
+};
+use crate::storage::EpochGuard;
 
 /// What a request does, for [`BlockDev::fast_path`](super::BlockDev::fast_path).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +51,18 @@ pub struct FastPlan<'a> {
     t0: Instant,
     /// A write's extents, busy in the activity log until the plan is dropped (completed).
     busy: Option<Busy<'a>>,
+    /// A write under a lease (see [`FastPlan::under_lease`]).
+    lease: Option<LeaseHold<'a>>,
+}
+
+/// What a write under a lease holds, as the slow path's `mirrored` does: its ticket in the
+/// router's write count (a handover waits for it), each local replica's epoch gate (a new
+/// epoch's claim waits for it), and the lease line, checked again before the acknowledgement.
+#[derive(Debug)]
+struct LeaseHold<'a> {
+    line: &'a LeaseLine,
+    _ticket: WriteTicket<'a>,
+    _gates: [Option<EpochGuard>; 2],
 }
 
 impl<'a> FastPlan<'a> {
@@ -85,6 +103,7 @@ impl<'a> FastPlan<'a> {
             failed: false,
             t0: Instant::now(),
             busy: None,
+            lease: None,
         })
     }
 
@@ -92,6 +111,25 @@ impl<'a> FastPlan<'a> {
     pub fn holding(mut self, busy: Busy<'a>) -> Self {
         self.busy = Some(busy);
         self
+    }
+
+    /// A write of a router holding a lease: takes a write ticket and every leg's epoch gate and
+    /// checks the lease, as `mirrored` does before issuing a write; `None` (take the slow path,
+    /// which waits or answers fenced) when a handover holds writes, a replica refuses the
+    /// epoch or the lease is not safe. [`FastPlan::failed`] checks the lease again once the legs
+    /// are in: a plan whose lease lapsed meanwhile is redone through the slow path, which
+    /// refuses it, so no write is acknowledged outside the lease's safe window.
+    pub fn under_lease(mut self, line: &'a LeaseLine) -> Option<Self> {
+        let ticket = line.try_enter_write()?;
+        let mut gates = [None, None];
+        for (gate, leg) in gates.iter_mut().zip(&self.legs) {
+            if let Some(leg) = leg {
+                *gate = Some(leg.replica.admit().ok()??);
+            }
+        }
+        line.admit().ok()?;
+        self.lease = Some(LeaseHold { line, _ticket: ticket, _gates: gates });
+        Some(self)
     }
 
     pub fn op(&self) -> FastOp {
@@ -198,6 +236,6 @@ impl<'a> FastPlan<'a> {
 
     /// True when a leg failed (or the plan was failed): redo the request through the slow path.
     pub fn failed(&self) -> bool {
-        self.failed
+        self.failed || self.lease.as_ref().is_some_and(|l| l.line.admit().is_err())
     }
 }

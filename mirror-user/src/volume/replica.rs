@@ -185,8 +185,9 @@ impl Replica {
         self.attached.get()
     }
 
-    /// A local mutation's pass through the epoch gate (remote ones are checked by the server).
-    fn admit(&self) -> Result<Option<EpochGuard>, ReplicaError> {
+    /// A local mutation's pass through the epoch gate (remote ones are checked by the server);
+    /// the fast path holds it across its own write, as the slow path does.
+    pub(crate) fn admit(&self) -> Result<Option<EpochGuard>, ReplicaError> {
         match &self.location {
             Location::Local(l) => Ok(Some(l.volume().lease().enter(self.attached.get().map(|a| a.epoch))?)),
             Location::Remote(_) => Ok(None),

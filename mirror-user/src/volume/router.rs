@@ -761,8 +761,6 @@ impl BlockDev for Router {
                 one[i] = Some(&*self.replicas[i]);
                 one
             }
-            // Under a lease, writes take the slow path: it holds the epoch gate and the tenure check.
-            FastOp::Write if self.replicas.iter().any(|r| r.attachment().is_some()) => return None,
             FastOp::Write => {
                 let ok = !self.degraded_marked.load(Ordering::Acquire)
                     && self.replicas.iter().all(|r| r.is_local_uring() && r.state() == ReplicaState::InSync);
@@ -770,7 +768,14 @@ impl BlockDev for Router {
                     return None;
                 }
                 let busy = self.al.touch_if_hot(offset, u64::from(len))?;
-                return FastPlan::new(op, offset, len, [Some(&**s), Some(&**t)]).map(|p| p.holding(busy));
+                let plan = FastPlan::new(op, offset, len, [Some(&**s), Some(&**t)])?.holding(busy);
+                // Under a lease: the write ticket, the epoch gates and the tenure check, as the
+                // slow path takes them (`FastPlan::under_lease`).
+                return if self.replicas.iter().any(|r| r.attachment().is_some()) {
+                    plan.under_lease(&self.lease)
+                } else {
+                    Some(plan)
+                };
             }
         };
         FastPlan::new(op, offset, len, replicas)

@@ -91,6 +91,11 @@ struct Args {
     /// An extra argument for `mirror serve` (ours-2local), repeatable: `--serve-arg=--ublk-queues=2`.
     #[arg(long = "serve-arg", allow_hyphen_values = true)]
     serve_args: Vec<String>,
+    /// Create the data files sparse (of `--size`, nothing written) instead of writing zeroes
+    /// over them: a volume larger than the VM's memory, every extent cold (issue 18's large
+    /// volume; for write jobs: reads of holes cost nothing).
+    #[arg(long)]
+    sparse: bool,
     /// Where the data files go (set in `main`).
     #[arg(skip)]
     data: PathBuf,
@@ -118,6 +123,10 @@ const DEVICES: &[&str] = &["ours-2local", "ours-1replica", "md-raid1", "rublk", 
 /// A data file (written, not sparse: every config starts from allocated pages).
 fn data_file(a: &Args, name: &str) -> Result<PathBuf> {
     let p = a.data.join(name);
+    if a.sparse {
+        std::fs::File::create(&p)?.set_len(a.size)?;
+        return Ok(p);
+    }
     run(Command::new("dd").args([
         "if=/dev/zero",
         &format!("of={}", p.display()),
