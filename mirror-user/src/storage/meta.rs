@@ -468,19 +468,40 @@ impl VolumeMeta {
         }
     }
 
-    /// Sets the bits `r` in memory and in `st.disk`, a word at a time (a 4 MiB extent at 4 KiB
-    /// blocks is 16 words); calls `changed` with each word whose disk value changed.
-    fn set_range(st: &mut State, r: std::ops::Range<u64>, mut changed: impl FnMut(usize)) {
-        for w in (r.start / 64) as usize..r.end.div_ceil(64) as usize {
+    /// The words of bit range `r`, each with the mask of its bits in `r` (a 4 MiB extent at 4
+    /// KiB blocks is 16 words).
+    fn words_of(r: std::ops::Range<u64>) -> impl Iterator<Item = (usize, u64)> {
+        ((r.start / 64) as usize..r.end.div_ceil(64) as usize).map(move |w| {
             let lo = (w as u64 * 64).max(r.start);
             let hi = (w as u64 * 64 + 64).min(r.end);
-            let m = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << (lo % 64) };
+            (w, if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << (lo % 64) })
+        })
+    }
+
+    /// Sets the bits `r` in memory and in `st.disk`, a word at a time; calls `changed` with each
+    /// word whose disk value changed.
+    fn set_range(st: &mut State, r: std::ops::Range<u64>, mut changed: impl FnMut(usize)) {
+        for (w, m) in Self::words_of(r) {
             st.mem[w] |= m;
             if st.disk[w] & m != m {
                 st.disk[w] |= m;
                 changed(w);
             }
         }
+    }
+
+    /// Clears the bits `r` in memory and in `st.disk`, a word at a time; true when a disk bit
+    /// was set.
+    fn clear_range(st: &mut State, r: std::ops::Range<u64>) -> bool {
+        let mut changed = false;
+        for (w, m) in Self::words_of(r) {
+            st.mem[w] &= !m;
+            if st.disk[w] & m != 0 {
+                st.disk[w] &= !m;
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// Sets the range's bits in memory and in `disk`, staging what changed. Caller holds the
@@ -563,15 +584,7 @@ impl VolumeMeta {
             let mut ticket = None;
             for &(offset, len) in ranges {
                 let r = bit_range(offset, len, bs, self.nbits);
-                let mut changed = false;
-                for bit in r.clone() {
-                    let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
-                    st.mem[w] &= !m;
-                    if st.disk[w] & m != 0 {
-                        st.disk[w] &= !m;
-                        changed = true;
-                    }
-                }
+                let changed = Self::clear_range(&mut st, r.clone());
                 let words = (r.start / 64) as usize..(r.end.div_ceil(64)) as usize;
                 let t = if changed { Self::stage_words(&mut st, words) } else { st.ticket(words) };
                 ticket = ticket.max(t);

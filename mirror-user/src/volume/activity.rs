@@ -251,16 +251,13 @@ impl ActivityLog {
 
     /// Runs of extents of the range without an intent (to record, holding [`Self::marking`]).
     pub fn cold_runs(&self, offset: u64, len: u64) -> Vec<Range<usize>> {
-        let mut runs: Vec<Range<usize>> = Vec::new();
-        for e in self.extents(offset, len) {
-            if self.hot[e].load(Ordering::Acquire) == 0 {
-                match runs.last_mut() {
-                    Some(r) if r.end == e => r.end = e + 1,
-                    _ => runs.push(e..e + 1),
-                }
-            }
-        }
-        runs
+        runs_of(self.extents(offset, len).filter(|&e| self.hot[e].load(Ordering::Acquire) == 0))
+    }
+
+    /// Of extents taken out of the log, the runs still cold (not recorded again meanwhile):
+    /// whose bits may be cleared, holding [`Self::marking`].
+    pub fn still_cold(&self, taken: Vec<Range<usize>>) -> Vec<Range<usize>> {
+        runs_of(taken.into_iter().flatten().filter(|&e| self.is_cold(e)))
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -360,7 +357,7 @@ impl ActivityLog {
     }
 }
 
-/// Sorted extent numbers as runs.
+/// Extent numbers as runs: each joins the run before it when it follows that run's end.
 fn runs_of(sorted: impl IntoIterator<Item = usize>) -> Vec<Range<usize>> {
     let mut runs: Vec<Range<usize>> = Vec::new();
     for e in sorted {

@@ -182,28 +182,26 @@ impl LeaseLine {
         Ok(())
     }
 
-    /// Waits while writes are held (a handover quiesces them), then counts this one in flight
-    /// until the ticket drops. A held write is never answered if the handover completes: its
-    /// client's connection closes and the client re-issues it to the new router.
     /// [`Self::enter_write`] without waiting: `None` while a handover holds writes (the fast
     /// path then hands the write to the slow path, which waits).
     pub fn try_enter_write(&self) -> Option<WriteTicket<'_>> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         if self.held.load(Ordering::SeqCst) {
+            // Held: back out (the quiesce may be waiting for this count).
             self.leave_write();
             return None;
         }
         Some(WriteTicket(self))
     }
 
+    /// Waits while writes are held (a handover quiesces them), then counts this one in flight
+    /// until the ticket drops. A held write is never answered if the handover completes: its
+    /// client's connection closes and the client re-issues it to the new router.
     pub async fn enter_write(&self) -> WriteTicket<'_> {
         loop {
-            self.in_flight.fetch_add(1, Ordering::SeqCst);
-            if !self.held.load(Ordering::SeqCst) {
-                return WriteTicket(self);
+            if let Some(ticket) = self.try_enter_write() {
+                return ticket;
             }
-            // Held: back out (the quiesce may be waiting for this count) and wait for the end.
-            self.leave_write();
             let mut rx = self.held_tx.subscribe();
             let _ = rx.wait_for(|h| !*h).await;
         }

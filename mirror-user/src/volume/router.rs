@@ -387,16 +387,7 @@ impl Router {
             return;
         }
         let _marking = self.al.marking.lock().await;
-        let still: Vec<std::ops::Range<usize>> = runs
-            .into_iter()
-            .flat_map(|run| run.filter(|&e| self.al.is_cold(e)).map(|e| e..e + 1))
-            .fold(Vec::new(), |mut acc: Vec<std::ops::Range<usize>>, r| {
-                match acc.last_mut() {
-                    Some(last) if last.end == r.start => last.end = r.end,
-                    _ => acc.push(r),
-                }
-                acc
-            });
+        let still = self.al.still_cold(runs);
         if still.is_empty() {
             return;
         }
